@@ -1,0 +1,640 @@
+//! The native Rust client: raw QUIC or WebTransport, the handshake, pipelined
+//! requests, datagram pings and the stream of pushed events.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tutti::client::ClientError> {
+//! use tutti::client::{Client, ClientConfig, Trust};
+//! use tutti::transport::TransportKind;
+//! let config = ClientConfig::new(
+//!     "127.0.0.1:4433".parse().unwrap(),
+//!     TransportKind::Quic,
+//!     Trust::Pinned(vec![[0u8; 32]]), // from GET /cert-hash or `tutti cert`
+//!     "TOKEN",
+//! );
+//! let client = Client::connect(config).await?;
+//! println!("hello {}", client.welcome().user_id);
+//! let echoed = client.echo(b"hi".to_vec(), false).await?;
+//! # Ok(()) }
+//! ```
+
+mod tls;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use tls::{Trust, parse_pin};
+
+use crate::protocol::v1::{
+    self, ClientFrame, Datagram, Push, PushStreamHeader, ServerFrame, StreamKind, client_frame,
+    datagram, request, response, server_frame,
+};
+use crate::protocol::{
+    ALPN_NATIVE, CloseCode, FrameDecoder, PROTOCOL_VERSION, WEBTRANSPORT_PATH, encode_frame,
+};
+use crate::transport::{RecvStream, SendStream, Session, TransportKind};
+
+/// Pushed events that wait for the application; past this the client stops reading
+/// its push streams and the server sees a slow consumer.
+const EVENT_QUEUE: usize = 16 * 1024;
+
+/// How to reach and authenticate to a server.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The server's UDP address.
+    pub addr: SocketAddr,
+    /// Raw QUIC or WebTransport.
+    pub transport: TransportKind,
+    /// The TLS server name (checked only with [`Trust::Roots`]).
+    pub server_name: String,
+    /// How the server certificate is trusted.
+    pub trust: Trust,
+    /// The JWT sent in `Hello`.
+    pub token: String,
+    /// Offsets to resume from, sent in `Hello`.
+    pub resume: HashMap<String, u64>,
+    /// The largest frame accepted from the server.
+    pub max_frame_size: usize,
+    /// Bound on connecting, the handshake and each request.
+    pub timeout: Duration,
+    /// QUIC keep-alive interval (keeps an idle session open).
+    pub keep_alive: Duration,
+}
+
+impl ClientConfig {
+    /// A config with defaults for everything but the essentials.
+    pub fn new(
+        addr: SocketAddr,
+        transport: TransportKind,
+        trust: Trust,
+        token: impl Into<String>,
+    ) -> Self {
+        Self {
+            addr,
+            transport,
+            server_name: "localhost".into(),
+            trust,
+            token: token.into(),
+            resume: HashMap::new(),
+            max_frame_size: 16 << 20,
+            timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How the server closed the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// The close code, from the `Close` frame or the QUIC application close.
+    pub code: Option<u32>,
+    /// Its name, when the server sent a `Close` frame.
+    pub name: String,
+    /// The reason.
+    pub message: String,
+}
+
+impl Closed {
+    /// The typed close code, if known.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        self.code.and_then(CloseCode::from_u32)
+    }
+}
+
+/// Client errors.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The connection could not be set up.
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// The session is closed (or was refused at the handshake).
+    #[error("session closed: {0:?}")]
+    Closed(Closed),
+    /// The server answered the request with an error.
+    #[error("server error {}: {}", .0.name, .0.message)]
+    Server(v1::Error),
+    /// No answer within the configured timeout.
+    #[error("timed out")]
+    Timeout,
+    /// The server sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The close code when the session was closed with one.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            ClientError::Closed(c) => c.close_code(),
+            _ => None,
+        }
+    }
+}
+
+/// Something the server sent that is not a response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A push on the stream of `kind`.
+    Push(StreamKind, Push),
+    /// An error about a frame (`FRAME_TOO_LARGE`, ...), not tied to a request.
+    FrameError(v1::Error),
+}
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<response::Body, ClientError>>>>;
+
+struct Shared {
+    session: Session,
+    pending: Pending,
+    pings: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    closed: watch::Sender<Option<Closed>>,
+    epoch: Instant,
+}
+
+impl Shared {
+    fn close_with(&self, closed: Closed) {
+        self.closed.send_if_modified(|c| {
+            if c.is_none() {
+                *c = Some(closed.clone());
+                true
+            } else {
+                false
+            }
+        });
+        let waiters: Vec<_> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for (_, tx) in waiters {
+            let _ = tx.send(Err(ClientError::Closed(closed.clone())));
+        }
+    }
+
+    fn closed_error(&self) -> ClientError {
+        ClientError::Closed(self.closed.borrow().clone().unwrap_or(Closed {
+            code: None,
+            name: String::new(),
+            message: "session closed".into(),
+        }))
+    }
+}
+
+/// A connected, authenticated session.
+pub struct Client {
+    shared: Arc<Shared>,
+    welcome: v1::Welcome,
+    control: tokio::sync::Mutex<SendStream>,
+    events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    next_id: AtomicU64,
+    timeout: Duration,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("session_id", &self.welcome.session_id)
+            .field("user", &self.welcome.user_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.shared
+            .session
+            .close(CloseCode::Normal as u32, "client dropped");
+    }
+}
+
+/// Opens a transport session without the Tutti handshake (tests use it to act as a
+/// client that never says Hello).
+pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientError> {
+    let bind: SocketAddr = if config.addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let connect = async {
+        match config.transport {
+            TransportKind::Quic => {
+                let tls = tls::client_config(&config.trust, ALPN_NATIVE);
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                let mut qc = quinn::ClientConfig::new(Arc::new(crypto));
+                let mut transport = quinn::TransportConfig::default();
+                transport.keep_alive_interval(Some(config.keep_alive));
+                qc.transport_config(Arc::new(transport));
+                let endpoint = quinn::Endpoint::client(bind)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                let conn = endpoint
+                    .connect_with(qc, config.addr, &config.server_name)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?
+                    .await
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                Ok(Session::Quic(conn))
+            }
+            TransportKind::WebTransport => {
+                let builder = wtransport::ClientConfig::builder().with_bind_address(bind);
+                let wc = match &config.trust {
+                    Trust::Pinned(pins) => builder
+                        .with_server_certificate_hashes(
+                            pins.iter().map(|p| wtransport::tls::Sha256Digest::new(*p)),
+                        )
+                        .keep_alive_interval(Some(config.keep_alive))
+                        .build(),
+                    Trust::Roots(_) => builder
+                        .with_custom_tls(tls::client_config(
+                            &config.trust,
+                            crate::protocol::ALPN_H3,
+                        ))
+                        .keep_alive_interval(Some(config.keep_alive))
+                        .build(),
+                };
+                let endpoint = wtransport::Endpoint::client(wc)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                // The URL carries the address itself; with pins no name is checked.
+                let conn = endpoint
+                    .connect(format!("https://{}{WEBTRANSPORT_PATH}", config.addr))
+                    .await
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                Ok(Session::WebTransport(conn))
+            }
+        }
+    };
+    tokio::time::timeout(config.timeout, connect)
+        .await
+        .map_err(|_| ClientError::Timeout)?
+}
+
+impl Client {
+    /// Connects, sends `Hello` and waits for `Welcome`. A refused session is
+    /// [`ClientError::Closed`] with the server's close code.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        let session = connect_transport(&config).await?;
+        let hello = ClientFrame {
+            kind: Some(client_frame::Kind::Hello(v1::Hello {
+                token: config.token.clone(),
+                client: Some(v1::ClientInfo {
+                    name: "tutti-rust".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    transport: config.transport.as_str().into(),
+                }),
+                resume: config.resume.clone(),
+                protocol_version: PROTOCOL_VERSION,
+            })),
+        };
+        let handshake = async {
+            let (mut send, mut recv) = session
+                .open_bi()
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
+            let mut buf = BytesMut::new();
+            encode_frame(&hello, &mut buf);
+            send.write_all(&buf)
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
+            let mut decoder = FrameDecoder::new(config.max_frame_size);
+            let first = read_frame(&mut recv, &mut decoder).await;
+            Ok::<_, ClientError>((send, recv, decoder, first))
+        };
+        let (send, recv, decoder, first) = tokio::time::timeout(config.timeout, handshake)
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        let welcome = match first {
+            Some(Ok(ServerFrame {
+                kind: Some(server_frame::Kind::Welcome(w)),
+            })) => w,
+            Some(Ok(ServerFrame {
+                kind: Some(server_frame::Kind::Close(c)),
+            })) => {
+                session.close(CloseCode::Normal as u32, "");
+                return Err(ClientError::Closed(Closed {
+                    code: Some(c.code),
+                    name: c.name,
+                    message: c.message,
+                }));
+            }
+            Some(Ok(other)) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                )));
+            }
+            Some(Err(e)) => return Err(ClientError::Protocol(e)),
+            None => {
+                let info = session.closed().await;
+                return Err(ClientError::Closed(Closed {
+                    code: info.code,
+                    name: info
+                        .code
+                        .and_then(CloseCode::from_u32)
+                        .map(|c| c.name().to_owned())
+                        .unwrap_or_default(),
+                    message: info.reason,
+                }));
+            }
+        };
+
+        let (closed, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            session: session.clone(),
+            pending: Mutex::new(HashMap::new()),
+            pings: Mutex::new(HashMap::new()),
+            closed,
+            epoch: Instant::now(),
+        });
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let tasks = vec![
+            tokio::spawn(control_reader(
+                shared.clone(),
+                recv,
+                decoder,
+                events_tx.clone(),
+            )),
+            tokio::spawn(push_acceptor(
+                shared.clone(),
+                events_tx,
+                config.max_frame_size,
+            )),
+            tokio::spawn(datagram_reader(shared.clone())),
+        ];
+        Ok(Self {
+            shared,
+            welcome,
+            control: tokio::sync::Mutex::new(send),
+            events: tokio::sync::Mutex::new(events_rx),
+            next_id: AtomicU64::new(1),
+            timeout: config.timeout,
+            tasks,
+        })
+    }
+
+    /// The server's `Welcome`.
+    pub fn welcome(&self) -> &v1::Welcome {
+        &self.welcome
+    }
+
+    /// Which transport carries the session.
+    pub fn transport(&self) -> TransportKind {
+        self.shared.session.kind()
+    }
+
+    /// Sends a request and waits for its response.
+    pub async fn request(&self, body: request::Body) -> Result<response::Body, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        if self.shared.closed.borrow().is_some() {
+            self.forget(id);
+            return Err(self.shared.closed_error());
+        }
+        let frame = ClientFrame {
+            kind: Some(client_frame::Kind::Request(v1::Request {
+                id,
+                body: Some(body),
+            })),
+        };
+        if let Err(e) = self.send_frame(&frame).await {
+            self.forget(id);
+            return Err(e);
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(self.shared.closed_error()),
+            Err(_) => {
+                self.forget(id);
+                Err(ClientError::Timeout)
+            }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// Diagnostics: the server returns `payload` (and pushes it when `push`).
+    pub async fn echo(&self, payload: Vec<u8>, push: bool) -> Result<Bytes, ClientError> {
+        match self
+            .request(request::Body::Echo(v1::EchoRequest {
+                payload: payload.into(),
+                push,
+            }))
+            .await?
+        {
+            response::Body::Echo(e) => Ok(e.payload),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Sends a datagram ping and waits for the pong; returns the round trip.
+    /// Datagrams may be lost: this times out after the configured timeout.
+    pub async fn ping_datagram(&self) -> Result<Duration, ClientError> {
+        static NONCE: AtomicU64 = AtomicU64::new(1);
+        let nonce = NONCE.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .pings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(nonce, tx);
+        let sent = Instant::now();
+        let dgram = Datagram {
+            kind: Some(datagram::Kind::Ping(v1::DatagramPing {
+                nonce,
+                sent_at_us: self.shared.epoch.elapsed().as_micros() as u64,
+            })),
+        };
+        let result = async {
+            self.shared
+                .session
+                .send_datagram(dgram.encode_to_vec().into())
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            tokio::time::timeout(self.timeout, rx)
+                .await
+                .map_err(|_| ClientError::Timeout)?
+                .map_err(|_| self.shared.closed_error())
+        }
+        .await;
+        self.shared
+            .pings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&nonce);
+        result.map(|()| sent.elapsed())
+    }
+
+    /// The next pushed event or frame error; `None` once the session is closed and
+    /// every event was read.
+    pub async fn next_event(&self) -> Option<Event> {
+        self.events.lock().await.recv().await
+    }
+
+    /// Writes raw bytes on the control stream. For tests of the server's handling of
+    /// bad input; a well-behaved application never needs it.
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.control
+            .lock()
+            .await
+            .write_all(bytes)
+            .await
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    async fn send_frame(&self, frame: &ClientFrame) -> Result<(), ClientError> {
+        let mut buf = BytesMut::new();
+        encode_frame(frame, &mut buf);
+        self.send_raw(&buf).await
+    }
+
+    /// Waits until the session is closed and returns how.
+    pub async fn closed(&self) -> Closed {
+        let mut rx = self.shared.closed.subscribe();
+        let got = rx.wait_for(|c| c.is_some()).await.map(|c| c.clone());
+        match got {
+            Ok(Some(c)) => c,
+            _ => {
+                let info = self.shared.session.closed().await;
+                closed_from_transport(info)
+            }
+        }
+    }
+
+    /// Closes the session normally.
+    pub fn close(&self) {
+        self.shared
+            .session
+            .close(CloseCode::Normal as u32, "client closed");
+    }
+}
+
+fn closed_from_transport(info: crate::transport::CloseInfo) -> Closed {
+    Closed {
+        code: info.code,
+        name: info
+            .code
+            .and_then(CloseCode::from_u32)
+            .map(|c| c.name().to_owned())
+            .unwrap_or_default(),
+        message: info.reason,
+    }
+}
+
+/// Reads one frame; `None` when the stream ends or fails first.
+async fn read_frame<M: Message + Default>(
+    recv: &mut RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Option<Result<M, String>> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match decoder.decode::<M>() {
+            Ok(Some(m)) => return Some(Ok(m)),
+            Ok(None) => {}
+            Err(e) => return Some(Err(e.to_string())),
+        }
+        match recv.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => decoder.extend(&buf[..n]),
+        }
+    }
+}
+
+async fn control_reader(
+    shared: Arc<Shared>,
+    mut recv: RecvStream,
+    mut decoder: FrameDecoder,
+    events: mpsc::Sender<Event>,
+) {
+    while let Some(frame) = read_frame::<ServerFrame>(&mut recv, &mut decoder).await {
+        let Ok(frame) = frame else { break };
+        match frame.kind {
+            Some(server_frame::Kind::Response(r)) => {
+                let tx = shared
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&r.id);
+                if let Some(tx) = tx {
+                    let result = match r.body {
+                        Some(response::Body::Error(e)) => Err(ClientError::Server(e)),
+                        Some(body) => Ok(body),
+                        None => Err(ClientError::Protocol("empty response".into())),
+                    };
+                    let _ = tx.send(result);
+                }
+            }
+            Some(server_frame::Kind::Error(e)) => {
+                let _ = events.send(Event::FrameError(e)).await;
+            }
+            Some(server_frame::Kind::Close(c)) => {
+                shared.close_with(Closed {
+                    code: Some(c.code),
+                    name: c.name,
+                    message: c.message,
+                });
+                // The server waits for us to close once we have read its Close.
+                shared.session.close(CloseCode::Normal as u32, "");
+                return;
+            }
+            Some(server_frame::Kind::Pong(_)) | Some(server_frame::Kind::Welcome(_)) | None => {}
+        }
+    }
+    let info = shared.session.closed().await;
+    shared.close_with(closed_from_transport(info));
+}
+
+async fn push_acceptor(shared: Arc<Shared>, events: mpsc::Sender<Event>, max_frame: usize) {
+    while let Ok(mut recv) = shared.session.accept_uni().await {
+        let events = events.clone();
+        tokio::spawn(async move {
+            let mut decoder = FrameDecoder::new(max_frame);
+            let kind = match read_frame::<PushStreamHeader>(&mut recv, &mut decoder).await {
+                Some(Ok(h)) => StreamKind::try_from(h.kind).unwrap_or(StreamKind::Unspecified),
+                _ => return,
+            };
+            while let Some(Ok(push)) = read_frame::<Push>(&mut recv, &mut decoder).await {
+                if events.send(Event::Push(kind, push)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn datagram_reader(shared: Arc<Shared>) {
+    while let Ok(data) = shared.session.read_datagram().await {
+        let Ok(Datagram {
+            kind: Some(datagram::Kind::Pong(p)),
+        }) = Datagram::decode(data)
+        else {
+            continue;
+        };
+        let tx = shared
+            .pings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&p.nonce);
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Typed configuration: defaults < TOML file < environment < command-line flags.
+//!
+//! The file is optional; every key has a safe default. The environment and the flags
+//! are applied by the command line (`clap` reads `TUTTI_*` variables for each flag), so
+//! this module only knows defaults, the file, and a set of overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The UDP address serving WebTransport and raw QUIC.
+    pub listen: SocketAddr,
+    /// The TCP address of the HTTP side port (health, metrics, server API, web page).
+    pub http: SocketAddr,
+    /// Where the database and the development secret live.
+    pub data_dir: PathBuf,
+    /// The static files served at `/` (the built web client).
+    pub web_dir: PathBuf,
+    /// This node's id; defaults to a random one persisted in the data directory.
+    pub node_id: Option<String>,
+    /// Certificates.
+    pub tls: TlsConfig,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Per-connection limits.
+    pub limits: LimitsConfig,
+    /// Timeouts.
+    pub timeouts: TimeoutsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4433".parse().expect("valid literal"),
+            http: "127.0.0.1:8080".parse().expect("valid literal"),
+            data_dir: PathBuf::from("data"),
+            web_dir: PathBuf::from("web/dist"),
+            node_id: None,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+        }
+    }
+}
+
+/// Certificate settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// A PEM certificate chain. With `key`, replaces the generated development certificate.
+    pub cert: Option<PathBuf>,
+    /// The PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// Where generated certificates are kept.
+    pub cert_dir: PathBuf,
+    /// Validity of a generated certificate. Browsers accept pinned certificates valid
+    /// for at most 14 days.
+    #[serde(with = "duration_str")]
+    pub validity: Duration,
+    /// A generated certificate is replaced when less than this is left of it.
+    #[serde(with = "duration_str")]
+    pub rotate_before: Duration,
+    /// How often the generated certificate's age is checked.
+    #[serde(with = "duration_str")]
+    pub check_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            cert_dir: PathBuf::from("certs"),
+            validity: Duration::from_secs(13 * 24 * 3600),
+            rotate_before: Duration::from_secs(3 * 24 * 3600),
+            check_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Token settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The HS256 secret. Without it the server runs in development mode: a secret is
+    /// generated in the data directory and `POST /api/dev/token` mints tokens.
+    pub jwt_secret: Option<String>,
+    /// Clock skew tolerated on `exp`.
+    #[serde(with = "duration_str")]
+    pub leeway: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            leeway: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Per-connection limits, announced to clients in `Welcome.limits`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The largest frame accepted or sent, in bytes.
+    pub max_frame_size: usize,
+    /// The largest datagram accepted, in bytes (browsers can send about 1,200).
+    pub max_datagram_size: usize,
+    /// Requests one session may have waiting for their response.
+    pub max_inflight_requests: usize,
+    /// Frames waiting to be written on one push stream; past this the client is a
+    /// slow consumer and is disconnected with `SLOW_CONSUMER`.
+    pub push_queue_frames: usize,
+    /// Responses waiting to be written on the control stream; when full the server
+    /// stops reading requests until the client reads.
+    pub control_queue_frames: usize,
+    /// Sessions this node accepts at once; past this new ones get `OVERLOADED`.
+    pub max_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_size: 64 * 1024,
+            max_datagram_size: 1200,
+            max_inflight_requests: 64,
+            push_queue_frames: 4096,
+            control_queue_frames: 256,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// Timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// Time allowed from connection to `Hello`.
+    #[serde(with = "duration_str")]
+    pub handshake: Duration,
+    /// A connection with no packet for this long is dead.
+    #[serde(with = "duration_str")]
+    pub idle: Duration,
+    /// QUIC keep-alive interval, also announced as the client heartbeat.
+    #[serde(with = "duration_str")]
+    pub heartbeat: Duration,
+    /// How long shutdown waits for sessions to close.
+    #[serde(with = "duration_str")]
+    pub drain: Duration,
+    /// After a `Close` frame, how long the server waits for the client to close first
+    /// (so the frame is read) before it closes the connection itself.
+    #[serde(with = "duration_str")]
+    pub close_linger: Duration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            idle: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            drain: Duration::from_secs(10),
+            close_linger: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Values that override the file: from the environment or from flags.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen` / `TUTTI_LISTEN`.
+    pub listen: Option<SocketAddr>,
+    /// `--http` / `TUTTI_HTTP`.
+    pub http: Option<SocketAddr>,
+    /// `--data-dir` / `TUTTI_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--web-dir` / `TUTTI_WEB_DIR`.
+    pub web_dir: Option<PathBuf>,
+    /// `--cert` / `TUTTI_CERT`.
+    pub cert: Option<PathBuf>,
+    /// `--key` / `TUTTI_KEY`.
+    pub key: Option<PathBuf>,
+    /// `--cert-dir` / `TUTTI_CERT_DIR`.
+    pub cert_dir: Option<PathBuf>,
+    /// `TUTTI_JWT_SECRET`.
+    pub jwt_secret: Option<String>,
+    /// `--node-id` / `TUTTI_NODE_ID`.
+    pub node_id: Option<String>,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Parses a TOML document over the defaults.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Defaults, then `file` if given, then `overrides`; validated.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::from_toml(&text, path)?
+            }
+            None => Self::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies overrides over the current values.
+    pub fn apply(&mut self, o: Overrides) {
+        if let Some(v) = o.listen {
+            self.listen = v;
+        }
+        if let Some(v) = o.http {
+            self.http = v;
+        }
+        if let Some(v) = o.data_dir {
+            self.data_dir = v;
+        }
+        if let Some(v) = o.web_dir {
+            self.web_dir = v;
+        }
+        if let Some(v) = o.cert {
+            self.tls.cert = Some(v);
+        }
+        if let Some(v) = o.key {
+            self.tls.key = Some(v);
+        }
+        if let Some(v) = o.cert_dir {
+            self.tls.cert_dir = v;
+        }
+        if let Some(v) = o.jwt_secret {
+            self.auth.jwt_secret = Some(v);
+        }
+        if let Some(v) = o.node_id {
+            self.node_id = Some(v);
+        }
+    }
+
+    /// Checks values that would make the server misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls.cert and tls.key go together");
+        }
+        if self.tls.validity > Duration::from_secs(14 * 24 * 3600) {
+            return bad("tls.validity over 14 days: browsers refuse pinned certificates that long");
+        }
+        if self.tls.rotate_before >= self.tls.validity {
+            return bad("tls.rotate_before must be shorter than tls.validity");
+        }
+        if self.limits.max_frame_size < 1024 || self.limits.max_frame_size > 16 << 20 {
+            return bad("limits.max_frame_size must be between 1 KiB and 16 MiB");
+        }
+        if self.limits.max_inflight_requests == 0
+            || self.limits.push_queue_frames == 0
+            || self.limits.control_queue_frames == 0
+            || self.limits.max_connections == 0
+        {
+            return bad("limits must be positive");
+        }
+        if let Some(secret) = &self.auth.jwt_secret
+            && secret.len() < 32
+        {
+            return bad("auth.jwt_secret must be at least 32 bytes");
+        }
+        if self.timeouts.heartbeat >= self.timeouts.idle {
+            return bad("timeouts.heartbeat must be shorter than timeouts.idle");
+        }
+        Ok(())
+    }
+}
+
+/// Durations written the human way in TOML: `"10s"`, `"500ms"`, `"13days"`.
+mod duration_str {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let mut c = Config::from_toml(
+            "listen = \"127.0.0.1:5000\"\nhttp = \"127.0.0.1:5001\"\n[timeouts]\nhandshake = \"250ms\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.timeouts.handshake, Duration::from_millis(250));
+        assert_eq!(
+            c.timeouts.idle,
+            Duration::from_secs(30),
+            "unset keys keep defaults"
+        );
+        c.apply(Overrides {
+            listen: Some("127.0.0.1:6000".parse().unwrap()),
+            ..Default::default()
+        });
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.http.port(), 5001);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(matches!(
+            Config::from_toml("lisen = \"x\"", Path::new("t.toml")),
+            Err(ConfigError::Parse { .. })
+        ));
+        let mut c = Config::default();
+        c.tls.validity = Duration::from_secs(15 * 24 * 3600);
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid(_))));
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some("short".into());
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,509 @@
+//! The per-connection task: handshake and authentication, request dispatch on the
+//! control stream, bounded push queues on unidirectional streams, datagrams, and the
+//! typed close.
+//!
+//! The gateway works on [`Session`]s and never sees which transport carries them.
+
+mod push;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use push::{PushQueues, SlowConsumer};
+
+use crate::auth::{Auth, Claims};
+use crate::config::{LimitsConfig, TimeoutsConfig};
+use crate::metrics::Metrics;
+use crate::protocol::v1::{
+    self, ClientFrame, Datagram, ServerFrame, StreamKind, client_frame, datagram, request,
+    response, server_frame,
+};
+use crate::protocol::{CloseCode, ErrorCode, FrameDecoder, FrameError, PROTOCOL_VERSION};
+use crate::transport::{Accepted, RecvStream, SendStream, Session};
+use crate::util::unix_millis;
+
+/// Bytes read from a stream at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What the gateway needs from the rest of the server.
+#[derive(Debug)]
+pub struct GatewayConfig {
+    /// Limits announced to and enforced on clients.
+    pub limits: LimitsConfig,
+    /// Timeouts.
+    pub timeouts: TimeoutsConfig,
+    /// This node's id, sent in `Welcome`.
+    pub node_id: String,
+}
+
+/// Accepts sessions and runs one task per session.
+#[derive(Debug)]
+pub struct Gateway {
+    config: GatewayConfig,
+    auth: Auth,
+    metrics: Arc<Metrics>,
+    active: AtomicUsize,
+    next_session: AtomicU64,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Why a session ends.
+enum End {
+    /// The server closes it with this code.
+    Close(CloseCode, String),
+    /// The peer closed it or the connection died: nothing to tell.
+    Gone,
+}
+
+impl Gateway {
+    /// A gateway; sessions are told to go away when `stop` fires.
+    pub fn new(config: GatewayConfig, auth: Auth, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            auth,
+            metrics,
+            active: AtomicUsize::new(0),
+            next_session: AtomicU64::new(1),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Starts the task of a new session.
+    pub fn accept(self: &Arc<Self>, accepted: Accepted) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "session",
+            id,
+            transport = %accepted.session.kind(),
+            peer = %accepted.session.remote_address()
+        );
+        self.tasks
+            .spawn(self.clone().run(accepted, id).instrument(span));
+    }
+
+    /// Sessions open now (handshake completed or in progress).
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Tells every session to go away (`GOING_AWAY`) and waits up to `within` for
+    /// them to close. Returns whether all closed in time.
+    pub async fn drain(&self, within: Duration) -> bool {
+        self.stop.cancel();
+        self.tasks.close();
+        tokio::time::timeout(within, self.tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    async fn run(self: Arc<Self>, accepted: Accepted, id: u64) {
+        let _guard = ActiveGuard::new(&self.active);
+        let session = accepted.session;
+        if self.active() > self.config.limits.max_connections {
+            self.metrics.closed_with(CloseCode::Overloaded);
+            session.close(CloseCode::Overloaded as u32, "too many sessions");
+            return;
+        }
+        let deadline =
+            tokio::time::Instant::from_std(accepted.started + self.config.timeouts.handshake);
+        let hello = tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.read_hello(&session)) => r,
+            _ = self.stop.cancelled() => {
+                self.metrics.closed_with(CloseCode::GoingAway);
+                session.close(CloseCode::GoingAway as u32, "server shutting down");
+                return;
+            }
+        };
+        let (send, recv, decoder, claims) = match hello {
+            Err(_elapsed) => {
+                tracing::debug!("no Hello in time");
+                self.metrics.closed_with(CloseCode::HandshakeTimeout);
+                session.close(CloseCode::HandshakeTimeout as u32, "no Hello in time");
+                return;
+            }
+            Ok(Err(HelloFailure::Gone)) => return,
+            Ok(Err(HelloFailure::Refused(send, code, message))) => {
+                tracing::debug!(%code, message, "session refused");
+                let (tx, rx) = mpsc::channel(1);
+                let writer = tokio::spawn(write_control(send, rx));
+                self.close(&session, &tx, writer, code, message).await;
+                return;
+            }
+            Ok(Ok(ok)) => ok,
+        };
+
+        let kind = session.kind();
+        let session_id = format!("{}-{id}", self.config.node_id);
+        let welcome = v1::Welcome {
+            session_id: session_id.clone(),
+            user_id: claims.sub.clone(),
+            node_id: self.config.node_id.clone(),
+            limits: Some(v1::Limits {
+                max_frame_size: self.config.limits.max_frame_size as u32,
+                max_datagram_size: self.config.limits.max_datagram_size as u32,
+                max_inflight_requests: self.config.limits.max_inflight_requests as u32,
+            }),
+            heartbeat_interval_ms: self.config.timeouts.heartbeat.as_millis() as u32,
+            idle_timeout_ms: self.config.timeouts.idle.as_millis() as u32,
+            server_time_ms: unix_millis(),
+            protocol_version: PROTOCOL_VERSION,
+        };
+        let (control_tx, control_rx) = mpsc::channel(self.config.limits.control_queue_frames);
+        let writer = tokio::spawn(write_control(send, control_rx));
+        if control_tx
+            .send(frame(server_frame::Kind::Welcome(welcome)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        self.metrics
+            .session_opened(kind, accepted.started.elapsed());
+        tracing::debug!(user = %claims.sub, session_id, "session open");
+
+        let conn = Arc::new(Connection {
+            session: session.clone(),
+            user: claims.sub,
+            pushes: PushQueues::new(session.clone(), self.config.limits.push_queue_frames),
+        });
+        let datagrams = tokio::spawn(datagram_loop(
+            conn.clone(),
+            self.config.limits.max_datagram_size,
+        ));
+        let end = self.serve(&conn, recv, decoder, &control_tx).await;
+        datagrams.abort();
+        match end {
+            End::Close(code, message) => {
+                self.close(&session, &control_tx, writer, code, message)
+                    .await
+            }
+            End::Gone => writer.abort(),
+        }
+        conn.pushes.abort();
+        self.metrics.session_ended(kind);
+    }
+
+    /// Reads the control stream and answers requests until the session ends.
+    async fn serve(
+        &self,
+        conn: &Arc<Connection>,
+        mut recv: RecvStream,
+        mut decoder: FrameDecoder,
+        control: &mpsc::Sender<ServerFrame>,
+    ) -> End {
+        let max_inflight = self.config.limits.max_inflight_requests;
+        let mut inflight = FuturesUnordered::new();
+        let mut inflight_ids = HashSet::new();
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            // Frames already buffered are handled before reading more.
+            loop {
+                let incoming = match decoder.decode::<ClientFrame>() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.metrics.frame_rejected();
+                        if e.is_fatal() {
+                            return End::Close(CloseCode::ProtocolError, e.to_string());
+                        }
+                        let code = match e {
+                            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                            _ => ErrorCode::FrameMalformed,
+                        };
+                        let err = v1::Error::new(code, e.to_string());
+                        if control
+                            .send(frame(server_frame::Kind::Error(err)))
+                            .await
+                            .is_err()
+                        {
+                            return End::Gone;
+                        }
+                        continue;
+                    }
+                };
+                let reply = match incoming.kind {
+                    Some(client_frame::Kind::Request(req)) => {
+                        if req.id == 0 || inflight_ids.contains(&req.id) {
+                            Some(error_response(
+                                req.id,
+                                ErrorCode::BadRequestId,
+                                "request id is 0 or already in flight",
+                            ))
+                        } else if inflight.len() >= max_inflight {
+                            Some(error_response(
+                                req.id,
+                                ErrorCode::TooManyInflight,
+                                format!("at most {max_inflight} requests in flight"),
+                            ))
+                        } else {
+                            inflight_ids.insert(req.id);
+                            inflight.push(handle_request(conn.clone(), req));
+                            None
+                        }
+                    }
+                    Some(client_frame::Kind::Ping(p)) => {
+                        Some(frame(server_frame::Kind::Pong(v1::Pong {
+                            nonce: p.nonce,
+                            server_time_ms: unix_millis(),
+                        })))
+                    }
+                    Some(client_frame::Kind::Hello(_)) => Some(frame(server_frame::Kind::Error(
+                        v1::Error::new(ErrorCode::UnexpectedFrame, "the session has already begun"),
+                    ))),
+                    None => Some(frame(server_frame::Kind::Error(v1::Error::new(
+                        ErrorCode::UnexpectedFrame,
+                        "empty or unknown frame",
+                    )))),
+                };
+                if let Some(reply) = reply
+                    && control.send(reply).await.is_err()
+                {
+                    return End::Gone;
+                }
+            }
+
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    return End::Close(CloseCode::GoingAway, "server shutting down".into());
+                }
+                _ = conn.pushes.slow() => {
+                    return End::Close(CloseCode::SlowConsumer, "push queue full: reconnect and resume".into());
+                }
+                Some((id, reply)) = inflight.next(), if !inflight.is_empty() => {
+                    inflight_ids.remove(&id);
+                    if control.send(reply).await.is_err() {
+                        return End::Gone;
+                    }
+                }
+                read = recv.read(&mut buf) => match read {
+                    Ok(0) => return End::Close(CloseCode::Normal, "control stream finished".into()),
+                    Ok(n) => decoder.extend(&buf[..n]),
+                    Err(_) => return End::Gone,
+                },
+            }
+        }
+    }
+
+    /// Reads the first frame of the first bidirectional stream; it must be a `Hello`
+    /// with a valid token.
+    async fn read_hello(
+        &self,
+        session: &Session,
+    ) -> Result<(SendStream, RecvStream, FrameDecoder, Claims), HelloFailure> {
+        let (send, mut recv) = session.accept_bi().await.map_err(|_| HelloFailure::Gone)?;
+        let mut decoder = FrameDecoder::new(self.config.limits.max_frame_size);
+        let mut buf = vec![0u8; READ_CHUNK];
+        let first = loop {
+            match decoder.decode::<ClientFrame>() {
+                Ok(Some(f)) => break f,
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(HelloFailure::Refused(
+                        send,
+                        CloseCode::ProtocolError,
+                        format!("first frame: {e}"),
+                    ));
+                }
+            }
+            match recv.read(&mut buf).await {
+                Ok(0) | Err(_) => return Err(HelloFailure::Gone),
+                Ok(n) => decoder.extend(&buf[..n]),
+            }
+        };
+        let Some(client_frame::Kind::Hello(hello)) = first.kind else {
+            return Err(HelloFailure::Refused(
+                send,
+                CloseCode::ProtocolError,
+                "the first frame must be Hello".into(),
+            ));
+        };
+        if hello.protocol_version > PROTOCOL_VERSION {
+            return Err(HelloFailure::Refused(
+                send,
+                CloseCode::UnsupportedVersion,
+                format!("this server speaks protocol version {PROTOCOL_VERSION}"),
+            ));
+        }
+        match self.auth.verify(&hello.token) {
+            Ok(claims) => Ok((send, recv, decoder, claims)),
+            Err(e) => Err(HelloFailure::Refused(send, e.close_code(), e.to_string())),
+        }
+    }
+
+    /// Sends a `Close` frame, lets the client read it (it closes on reading it), then
+    /// closes the connection with the same code. Bounded by `close_linger`.
+    async fn close(
+        &self,
+        session: &Session,
+        control: &mpsc::Sender<ServerFrame>,
+        mut writer: tokio::task::JoinHandle<()>,
+        code: CloseCode,
+        message: String,
+    ) {
+        if code != CloseCode::Normal {
+            self.metrics.closed_with(code);
+        }
+        let linger = self.config.timeouts.close_linger;
+        let close = frame(server_frame::Kind::Close(v1::Close::new(code, &message)));
+        let _ = tokio::time::timeout(linger, async {
+            if control.send(close).await.is_ok() {
+                // The writer ends once the Close frame is written and the stream
+                // finished; the client closes the session when it has read it.
+                let _ = (&mut writer).await;
+                session.closed().await;
+            }
+        })
+        .await;
+        writer.abort();
+        session.close(code as u32, &message);
+    }
+}
+
+/// Counts a session while it runs.
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl<'a> ActiveGuard<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum HelloFailure {
+    /// The peer went away.
+    Gone,
+    /// Refuse with a close code, telling the client on the control stream.
+    Refused(SendStream, CloseCode, String),
+}
+
+/// One authenticated session, as seen by request handlers.
+struct Connection {
+    session: Session,
+    user: String,
+    pushes: PushQueues,
+}
+
+fn frame(kind: server_frame::Kind) -> ServerFrame {
+    ServerFrame { kind: Some(kind) }
+}
+
+fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    frame(server_frame::Kind::Response(v1::Response {
+        id,
+        body: Some(response::Body::Error(v1::Error::new(code, message))),
+    }))
+}
+
+/// Answers one request. Returns the request id with the response frame.
+async fn handle_request(conn: Arc<Connection>, req: v1::Request) -> (u64, ServerFrame) {
+    let id = req.id;
+    let body = match req.body {
+        Some(request::Body::Echo(echo)) => {
+            if echo.push {
+                let push = v1::Push {
+                    stream: String::new(),
+                    offset: 0,
+                    event: Some(v1::push::Event::Echo(v1::EchoEvent {
+                        payload: echo.payload.clone(),
+                    })),
+                };
+                // A full queue marks the session slow; the serve loop closes it.
+                let _ = conn.pushes.push(StreamKind::System, push);
+            }
+            response::Body::Echo(v1::EchoResponse {
+                payload: echo.payload,
+                server_time_ms: unix_millis(),
+            })
+        }
+        None => {
+            tracing::trace!(user = %conn.user, "unknown request");
+            return (
+                id,
+                error_response(
+                    id,
+                    ErrorCode::UnknownRequest,
+                    "unknown or empty request body",
+                ),
+            );
+        }
+    };
+    (
+        id,
+        frame(server_frame::Kind::Response(v1::Response {
+            id,
+            body: Some(body),
+        })),
+    )
+}
+
+/// Answers datagram pings until the session ends.
+async fn datagram_loop(conn: Arc<Connection>, max_size: usize) {
+    let mut out = BytesMut::new();
+    while let Ok(data) = conn.session.read_datagram().await {
+        if data.len() > max_size {
+            continue;
+        }
+        let Ok(dgram) = Datagram::decode(data) else {
+            continue;
+        };
+        if let Some(datagram::Kind::Ping(p)) = dgram.kind {
+            let pong = Datagram {
+                kind: Some(datagram::Kind::Pong(v1::DatagramPong {
+                    nonce: p.nonce,
+                    sent_at_us: p.sent_at_us,
+                    server_time_ms: unix_millis(),
+                })),
+            };
+            out.clear();
+            pong.encode(&mut out).expect("BytesMut grows");
+            let _ = conn.session.send_datagram(Bytes::copy_from_slice(&out));
+        }
+    }
+}
+
+/// Writes control frames in order, several per write when they queue up. Finishes
+/// the stream after a `Close` frame or when every sender is gone.
+async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<ServerFrame>) {
+    let mut buf = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        let mut last_is_close = matches!(first.kind, Some(server_frame::Kind::Close(_)));
+        crate::protocol::encode_frame(&first, &mut buf);
+        while !last_is_close && buf.len() < READ_CHUNK {
+            match rx.try_recv() {
+                Ok(f) => {
+                    last_is_close = matches!(f.kind, Some(server_frame::Kind::Close(_)));
+                    crate::protocol::encode_frame(&f, &mut buf);
+                }
+                Err(_) => break,
+            }
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+        if last_is_close {
+            break;
+        }
+    }
+    let _ = send.shutdown().await;
+}

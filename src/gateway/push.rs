@@ -1,0 +1,95 @@
+//! Bounded push queues: one unidirectional stream per kind, opened on first use, each
+//! written by its own task so that a stalled kind never blocks another.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::encode_frame;
+use crate::protocol::v1::{Push, PushStreamHeader, StreamKind};
+use crate::transport::Session;
+
+/// The client does not read its pushes fast enough: its queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("push queue full")]
+pub struct SlowConsumer;
+
+/// The queue of one kind and the task that writes it.
+type KindQueue = (mpsc::Sender<Push>, JoinHandle<()>);
+
+/// A session's push queues.
+#[derive(Debug)]
+pub struct PushQueues {
+    session: Session,
+    capacity: usize,
+    kinds: Mutex<HashMap<i32, KindQueue>>,
+    slow: CancellationToken,
+}
+
+impl PushQueues {
+    /// Queues of `capacity` frames per kind for `session`.
+    pub fn new(session: Session, capacity: usize) -> Self {
+        Self {
+            session,
+            capacity,
+            kinds: Mutex::new(HashMap::new()),
+            slow: CancellationToken::new(),
+        }
+    }
+
+    /// Queues `push` on the stream of `kind`. Never waits: when the queue is full the
+    /// session is marked slow (see [`slow`](Self::slow)) and the push is refused.
+    pub fn push(&self, kind: StreamKind, push: Push) -> Result<(), SlowConsumer> {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let (tx, _) = kinds.entry(kind as i32).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(self.capacity);
+            let task = tokio::spawn(write_pushes(self.session.clone(), kind, rx));
+            (tx, task)
+        });
+        tx.try_send(push).map_err(|_| {
+            self.slow.cancel();
+            SlowConsumer
+        })
+    }
+
+    /// Completes when a queue overflowed.
+    pub async fn slow(&self) {
+        self.slow.cancelled().await
+    }
+
+    /// Stops every writer.
+    pub fn abort(&self) {
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, task) in kinds.values() {
+            task.abort();
+        }
+    }
+}
+
+async fn write_pushes(session: Session, kind: StreamKind, mut rx: mpsc::Receiver<Push>) {
+    let Ok(mut stream) = session.open_uni().await else {
+        return;
+    };
+    let mut buf = BytesMut::new();
+    encode_frame(&PushStreamHeader { kind: kind as i32 }, &mut buf);
+    while let Some(first) = rx.recv().await {
+        encode_frame(&first, &mut buf);
+        // Coalesce what queued up meanwhile into one write.
+        while buf.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(p) => encode_frame(&p, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if stream.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,164 @@
+//! The HTTP side port: health, readiness, Prometheus metrics, the certificate pin,
+//! the development token endpoint, and the static web client.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower_http::services::ServeDir;
+
+use crate::auth::Auth;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::tls::CertStore;
+
+/// Lifetime of tokens minted by the development endpoint.
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What the HTTP handlers read.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    /// Token minting (development mode only).
+    pub auth: Auth,
+    /// The certificate whose pin is published.
+    pub certs: Arc<CertStore>,
+    /// Rendered at `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Checked by `/readyz`.
+    pub store: Store,
+    /// Set once the QUIC endpoint accepts; cleared when draining.
+    pub ready: Arc<AtomicBool>,
+    /// The WebTransport URL clients should use.
+    pub webtransport_url: String,
+    /// The raw QUIC address.
+    pub quic_addr: SocketAddr,
+    /// This node's id.
+    pub node_id: String,
+    /// The built web client.
+    pub web_dir: PathBuf,
+}
+
+/// The router of the side port.
+pub fn router(state: HttpState) -> Router {
+    let web = ServeDir::new(&state.web_dir).fallback(get(no_web_client).with_state(state.clone()));
+    let mut router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/cert-hash", get(cert_hash))
+        .route("/api/info", get(info))
+        // Unknown API paths are 404 whatever the method (not the static files' 405).
+        .route(
+            "/api/{*rest}",
+            any(|| async { (StatusCode::NOT_FOUND, "no such endpoint\n") }),
+        );
+    // The endpoint does not exist at all with a configured (production) secret.
+    if state.auth.is_development() {
+        router = router.route("/api/dev/token", post(dev_token));
+    }
+    router.fallback_service(web).with_state(state)
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    if s.ready.load(Ordering::Acquire) && s.store.is_healthy() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// One certificate pin, in the shape of WebTransport's `serverCertificateHashes`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CertHash {
+    /// Always `sha-256`.
+    pub algorithm: String,
+    /// Lowercase hex of the SHA-256 of the certificate's DER.
+    pub value: String,
+}
+
+/// The body of `GET /cert-hash`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CertHashes {
+    /// The pins to accept, newest first.
+    pub hashes: Vec<CertHash>,
+}
+
+async fn cert_hash(State(s): State<HttpState>) -> Response {
+    let body = CertHashes {
+        hashes: vec![CertHash {
+            algorithm: "sha-256".into(),
+            value: s.certs.pin_hex(),
+        }],
+    };
+    // Pins change on rotation: clients must not cache them.
+    ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
+}
+
+/// The body of `GET /api/info`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Info {
+    /// The WebTransport URL.
+    pub webtransport: String,
+    /// The raw QUIC address (ALPN `tutti/1`).
+    pub quic: String,
+    /// This node's id.
+    pub node_id: String,
+    /// Whether `POST /api/dev/token` exists.
+    pub dev_mode: bool,
+}
+
+async fn info(State(s): State<HttpState>) -> Json<Info> {
+    Json(Info {
+        webtransport: s.webtransport_url.clone(),
+        quic: s.quic_addr.to_string(),
+        node_id: s.node_id.clone(),
+        dev_mode: s.auth.is_development(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct DevTokenRequest {
+    user: String,
+}
+
+#[derive(Debug, Serialize)]
+struct DevTokenResponse {
+    token: String,
+}
+
+async fn dev_token(State(s): State<HttpState>, Json(req): Json<DevTokenRequest>) -> Response {
+    match s.auth.mint(req.user.trim(), DEV_TOKEN_TTL, &[]) {
+        Ok(token) => Json(DevTokenResponse { token }).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+async fn no_web_client(State(s): State<HttpState>) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!(
+            "The web client is not built in {}. Build it with: npm --prefix web ci && npm --prefix web run build\n",
+            s.web_dir.display()
+        ),
+    )
+        .into_response()
+}

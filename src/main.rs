@@ -1,0 +1,133 @@
+//! The `tutti` command: `serve`, `token`, `cert`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tutti::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "tutti",
+    version,
+    about = "A real-time server over QUIC and WebTransport"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (embedded storage, development certificates unless configured).
+    Serve(ServeArgs),
+    /// Mint a token signed with this server's secret.
+    Token(TokenArgs),
+    /// Print the SHA-256 pin of the current certificate.
+    Cert(CommonArgs),
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// A TOML configuration file.
+    #[arg(long, env = "TUTTI_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the database and the development secret live [default: ./data].
+    #[arg(long, env = "TUTTI_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Where generated certificates are kept [default: ./certs].
+    #[arg(long, env = "TUTTI_CERT_DIR")]
+    cert_dir: Option<PathBuf>,
+    /// A PEM certificate chain (with --key) instead of the generated one.
+    #[arg(long, env = "TUTTI_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The PEM private key of --cert.
+    #[arg(long, env = "TUTTI_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// UDP address for WebTransport and raw QUIC [default: 127.0.0.1:4433].
+    #[arg(long, env = "TUTTI_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// TCP address of the HTTP side port [default: 127.0.0.1:8080].
+    #[arg(long, env = "TUTTI_HTTP")]
+    http: Option<std::net::SocketAddr>,
+    /// The built web client served at / [default: ./web/dist].
+    #[arg(long, env = "TUTTI_WEB_DIR")]
+    web_dir: Option<PathBuf>,
+    /// This node's id [default: generated once and kept in the database].
+    #[arg(long, env = "TUTTI_NODE_ID")]
+    node_id: Option<String>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The user id (the token's `sub`).
+    #[arg(long)]
+    user: String,
+    /// How long the token is valid, e.g. 1h, 30m, 7days.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// A role to grant, e.g. metrics (repeatable).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+}
+
+fn load(common: &CommonArgs, mut overrides: Overrides) -> anyhow::Result<Config> {
+    overrides.data_dir = common.data_dir.clone();
+    overrides.cert_dir = common.cert_dir.clone();
+    overrides.cert = common.cert.clone();
+    overrides.key = common.key.clone();
+    // Secrets come from the file or the environment, never from a flag (flags show in `ps`).
+    overrides.jwt_secret = std::env::var("TUTTI_JWT_SECRET").ok();
+    Ok(Config::load(common.config.as_deref(), overrides)?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("TUTTI_LOG")
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let config = load(
+                &args.common,
+                Overrides {
+                    listen: args.listen,
+                    http: args.http,
+                    web_dir: args.web_dir.clone(),
+                    node_id: args.node_id.clone(),
+                    ..Default::default()
+                },
+            )?;
+            tokio::runtime::Runtime::new()?.block_on(tutti::server::serve_until_signal(config))
+        }
+        Command::Token(args) => {
+            let config = load(&args.common, Overrides::default())?;
+            let auth = tutti::auth::Auth::from_config(
+                config.auth.jwt_secret.as_deref(),
+                &config.data_dir,
+                config.auth.leeway,
+            )
+            .context("loading the token secret")?;
+            println!("{}", auth.mint(&args.user, args.ttl, &args.roles)?);
+            Ok(())
+        }
+        Command::Cert(common) => {
+            let config = load(&common, Overrides::default())?;
+            let certs = tutti::tls::CertStore::from_config(&config.tls)?;
+            println!("{}", certs.pin_hex());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The wire protocol without I/O: generated protobuf types, the length-prefixed frame
+//! codec, and the stable error and close codes.
+//!
+//! Nothing here touches a socket; the gateway and the client feed it bytes.
+
+mod codec;
+mod codes;
+
+pub use codec::{FrameDecoder, FrameError, decode_frame, encode_frame};
+pub use codes::{CloseCode, ErrorCode};
+
+/// Protobuf messages generated from `proto/tutti/v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/tutti.v1.rs"));
+}
+
+/// The ALPN of raw QUIC sessions.
+pub const ALPN_NATIVE: &[u8] = b"tutti/1";
+/// The ALPN of HTTP/3, which carries WebTransport sessions.
+pub const ALPN_H3: &[u8] = b"h3";
+/// The path of WebTransport sessions.
+pub const WEBTRANSPORT_PATH: &str = "/tutti";
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+impl v1::Error {
+    /// Builds a wire error from a code and a human-readable message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code: code as u32,
+            name: code.name().to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// The typed code, if this build knows it.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_u32(self.code)
+    }
+}
+
+impl v1::Close {
+    /// Builds a close frame from a close code and a human-readable message.
+    pub fn new(code: CloseCode, message: impl Into<String>) -> Self {
+        Self {
+            code: code as u32,
+            name: code.name().to_owned(),
+            message: message.into(),
+        }
+    }
+}

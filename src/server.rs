@@ -1,0 +1,279 @@
+//! Assembles a node: database, certificates, the UDP endpoint with its gateway, the
+//! HTTP side port, and the orderly shutdown of all of them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::gateway::{Gateway, GatewayConfig};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::tls::CertStore;
+use crate::transport::ServerEndpoint;
+use crate::transport::endpoint::EndpointSettings;
+
+/// A running node. Dropping it without [`shutdown`](Self::shutdown) aborts it.
+#[derive(Debug)]
+pub struct RunningServer {
+    quic_addr: SocketAddr,
+    http_addr: SocketAddr,
+    config: Config,
+    auth: Auth,
+    certs: Arc<CertStore>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    gateway: Arc<Gateway>,
+    endpoint: ServerEndpoint,
+    ready: Arc<AtomicBool>,
+    stop_accepting: CancellationToken,
+    stop_background: CancellationToken,
+    tasks: TaskTracker,
+    http_task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a node with `config`. Returns once both ports accept.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    // ring is the only rustls provider in the build; make it the process default so
+    // code that builds a rustls config without naming one finds it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let store = Store::open(&config.data_dir)
+        .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
+    let node_id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| store.node_id().to_owned());
+    let auth = Auth::from_config(
+        config.auth.jwt_secret.as_deref(),
+        &config.data_dir,
+        config.auth.leeway,
+    )
+    .context("loading the token secret")?;
+    let certs = Arc::new(CertStore::from_config(&config.tls).context("loading certificates")?);
+    let metrics = Arc::new(Metrics::default());
+
+    let endpoint = ServerEndpoint::bind(
+        config.listen,
+        &certs,
+        EndpointSettings {
+            idle_timeout: config.timeouts.idle,
+            keep_alive: config.timeouts.heartbeat,
+            handshake_timeout: config.timeouts.handshake,
+        },
+    )
+    .with_context(|| format!("binding UDP {}", config.listen))?;
+    let quic_addr = endpoint.local_addr()?;
+    let gateway = Gateway::new(
+        GatewayConfig {
+            limits: config.limits.clone(),
+            timeouts: config.timeouts.clone(),
+            node_id: node_id.clone(),
+        },
+        auth.clone(),
+        metrics.clone(),
+    );
+
+    let tasks = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let stop_background = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+
+    {
+        let endpoint = endpoint.clone();
+        let gateway = gateway.clone();
+        let handshakes = TaskTracker::new();
+        let stop = stop_accepting.clone();
+        tasks.spawn(async move {
+            endpoint
+                .run(handshakes, stop, move |accepted| gateway.accept(accepted))
+                .await
+        });
+    }
+    tasks.spawn(
+        certs
+            .clone()
+            .rotation_task(config.tls.check_interval, stop_background.clone()),
+    );
+
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("binding TCP {}", config.http))?;
+    let http_addr = listener.local_addr()?;
+    let router = crate::http::router(crate::http::HttpState {
+        auth: auth.clone(),
+        certs: certs.clone(),
+        metrics: metrics.clone(),
+        store: store.clone(),
+        ready: ready.clone(),
+        webtransport_url: webtransport_url(quic_addr),
+        quic_addr,
+        node_id,
+        web_dir: config.web_dir.clone(),
+    });
+    let http_stop = stop_background.clone();
+    let http_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+
+    ready.store(true, Ordering::Release);
+    Ok(RunningServer {
+        quic_addr,
+        http_addr,
+        config,
+        auth,
+        certs,
+        store,
+        metrics,
+        gateway,
+        endpoint,
+        ready,
+        stop_accepting,
+        stop_background,
+        tasks,
+        http_task,
+    })
+}
+
+/// The WebTransport URL of a UDP address.
+pub fn webtransport_url(addr: SocketAddr) -> String {
+    format!("https://{addr}{}", crate::protocol::WEBTRANSPORT_PATH)
+}
+
+impl RunningServer {
+    /// The UDP address of both transports.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The HTTP side port.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The WebTransport URL.
+    pub fn webtransport_url(&self) -> String {
+        webtransport_url(self.quic_addr)
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Token verification and minting.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// The certificate store (pin, rotation).
+    pub fn certs(&self) -> &Arc<CertStore> {
+        &self.certs
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The database.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Sessions open now.
+    pub fn sessions(&self) -> usize {
+        self.gateway.active()
+    }
+
+    /// Graceful shutdown: stop accepting, tell every session `GOING_AWAY`, wait up to
+    /// `timeouts.drain` for them to close, close the endpoint, stop the HTTP port and
+    /// close the database.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.ready.store(false, Ordering::Release);
+        self.stop_accepting.cancel();
+        let drained = self.gateway.drain(self.config.timeouts.drain).await;
+        if !drained {
+            tracing::warn!(
+                left = self.gateway.active(),
+                "drain timed out; closing the remaining sessions"
+            );
+        }
+        self.endpoint.close(self.config.timeouts.close_linger).await;
+        self.stop_background.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        let _ = self.http_task.await;
+        // The last handle to the database goes here; redb flushes and closes on drop.
+        let Self { store, .. } = self;
+        drop(store);
+        Ok(())
+    }
+}
+
+/// Runs a node until SIGINT or SIGTERM, printing where everything is, then shuts it
+/// down gracefully. This is `tutti serve`.
+pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
+    let server = start(config).await?;
+    let c = server.config();
+    let http = server.http_addr();
+    let certs = match server.certs().dir() {
+        Some(dir) => format!(
+            "{} (generated, sha-256 pin {})",
+            dir.display(),
+            server.certs().pin_hex()
+        ),
+        None => format!(
+            "{} (sha-256 pin {})",
+            c.tls
+                .cert
+                .as_deref()
+                .unwrap_or(std::path::Path::new("?"))
+                .display(),
+            server.certs().pin_hex()
+        ),
+    };
+    println!(
+        "tutti {} serving node {}",
+        env!("CARGO_PKG_VERSION"),
+        server.store().node_id()
+    );
+    println!("  page:         http://{http}/");
+    println!("  webtransport: {}", server.webtransport_url());
+    println!("  raw quic:     {} (ALPN tutti/1)", server.quic_addr());
+    println!("  metrics:      http://{http}/metrics");
+    println!("  data:         {}", c.data_dir.display());
+    println!("  certificates: {certs}");
+    if server.auth().is_development() {
+        println!(
+            "  mode:         development (generated secret; mint a token with `tutti token --user NAME`)"
+        );
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

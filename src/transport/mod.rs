@@ -1,0 +1,45 @@
+//! QUIC transports behind one [`Session`] type: raw QUIC (quinn, ALPN `tutti/1`) and
+//! WebTransport over HTTP/3 (wtransport, ALPN `h3`). The gateway and the client see
+//! only [`Session`] and boxed byte streams, never a quinn or wtransport type.
+
+pub mod endpoint;
+mod session;
+
+pub use endpoint::{Accepted, ServerEndpoint};
+pub use session::{CloseInfo, RecvStream, SendStream, Session, SessionError};
+
+/// Which transport carries a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// Raw QUIC with ALPN `tutti/1`.
+    Quic,
+    /// WebTransport over HTTP/3.
+    WebTransport,
+}
+
+impl TransportKind {
+    /// `"quic"` or `"webtransport"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Quic => "quic",
+            TransportKind::WebTransport => "webtransport",
+        }
+    }
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "quic" => Ok(TransportKind::Quic),
+            "webtransport" | "wt" => Ok(TransportKind::WebTransport),
+            _ => Err(format!("unknown transport {s:?} (quic or webtransport)")),
+        }
+    }
+}

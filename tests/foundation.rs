@@ -1,0 +1,326 @@
+//! The foundation through the real server: handshake and auth, pipelined requests,
+//! datagrams, push streams, bad frames, the handshake timeout, graceful shutdown,
+//! certificate rotation and the HTTP side port. Every session case runs over raw
+//! QUIC and over WebTransport.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{TestServer, test_config};
+use tutti::auth::{Auth, Claims, SecretSource, unix_now};
+use tutti::client::{Client, ClientError, Event, Trust, connect_transport};
+use tutti::protocol::v1::{self, StreamKind, push};
+use tutti::protocol::{CloseCode, ErrorCode};
+use tutti::transport::TransportKind;
+
+both_transports!(
+    handshake_welcomes_a_valid_token,
+    missing_token_is_refused,
+    expired_token_is_refused,
+    forged_token_is_refused,
+    pipelined_requests_are_answered_by_id,
+    datagram_ping_round_trip,
+    push_arrives_on_its_stream,
+    oversize_frame_is_answered_and_the_session_goes_on,
+    garbage_frame_is_answered_and_the_session_goes_on,
+    second_hello_is_an_unexpected_frame,
+    silent_client_is_closed_after_the_handshake_timeout,
+    graceful_shutdown_tells_clients_to_reconnect,
+    rotated_certificate_is_served_without_restart,
+);
+
+async fn handshake_welcomes_a_valid_token(t: TransportKind) {
+    let s = TestServer::start().await;
+    let c = s.connect(t, "alice").await;
+    let w = c.welcome();
+    assert_eq!(w.user_id, "alice");
+    assert_eq!(w.node_id, s.server().store().node_id());
+    assert!(w.session_id.starts_with(&w.node_id));
+    let limits = w.limits.as_ref().unwrap();
+    assert_eq!(
+        limits.max_frame_size as usize,
+        s.server().config().limits.max_frame_size
+    );
+    assert!(w.heartbeat_interval_ms > 0 && w.heartbeat_interval_ms < w.idle_timeout_ms);
+    assert_eq!(c.transport(), t);
+    assert_eq!(s.server().metrics().active(t), 1);
+}
+
+async fn refused_with(t: TransportKind, token: &str, code: CloseCode) {
+    let s = TestServer::start().await;
+    let err = Client::connect(s.client_config(t, token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.close_code(), Some(code), "{err:?}");
+    // The server is still there for well-behaved clients.
+    let ok = s.connect(t, "bob").await;
+    assert_eq!(ok.welcome().user_id, "bob");
+}
+
+async fn missing_token_is_refused(t: TransportKind) {
+    refused_with(t, "", CloseCode::TokenMissing).await;
+}
+
+async fn expired_token_is_refused(t: TransportKind) {
+    let s = TestServer::start().await;
+    let expired = s
+        .server()
+        .auth()
+        .sign(&Claims {
+            sub: "alice".into(),
+            exp: unix_now() - 3600,
+            iat: unix_now() - 7200,
+            roles: vec![],
+        })
+        .unwrap();
+    let err = Client::connect(s.client_config(t, &expired))
+        .await
+        .unwrap_err();
+    assert_eq!(err.close_code(), Some(CloseCode::TokenExpired), "{err:?}");
+}
+
+async fn forged_token_is_refused(t: TransportKind) {
+    let other = Auth::new(&[42; 32], SecretSource::Configured, Duration::ZERO);
+    let forged = other.mint("alice", Duration::from_secs(60), &[]).unwrap();
+    refused_with(t, &forged, CloseCode::Unauthorized).await;
+    refused_with(t, "not-a-jwt", CloseCode::Unauthorized).await;
+}
+
+async fn pipelined_requests_are_answered_by_id(t: TransportKind) {
+    let s = TestServer::start().await;
+    let c = s.connect(t, "alice").await;
+    // Both requests are written before either answer is read.
+    let (a, b) = tokio::join!(
+        c.echo(b"first".to_vec(), false),
+        c.echo(b"second".to_vec(), false)
+    );
+    assert_eq!(&a.unwrap()[..], b"first");
+    assert_eq!(&b.unwrap()[..], b"second");
+    // Many at once, each matched to its own answer.
+    let many =
+        futures_util::future::join_all((0..50u32).map(|i| c.echo(i.to_be_bytes().to_vec(), false)))
+            .await;
+    for (i, r) in many.into_iter().enumerate() {
+        assert_eq!(&r.unwrap()[..], &(i as u32).to_be_bytes());
+    }
+}
+
+async fn datagram_ping_round_trip(t: TransportKind) {
+    let s = TestServer::start().await;
+    let c = s.connect(t, "alice").await;
+    // A datagram may be lost even on loopback; a few tries bound the test.
+    let mut rtt = None;
+    for _ in 0..5 {
+        if let Ok(d) = c.ping_datagram().await {
+            rtt = Some(d);
+            break;
+        }
+    }
+    assert!(rtt.is_some(), "no datagram pong in 5 tries");
+}
+
+async fn push_arrives_on_its_stream(t: TransportKind) {
+    let s = TestServer::start().await;
+    let c = s.connect(t, "alice").await;
+    c.echo(b"pushed".to_vec(), true).await.unwrap();
+    match c.next_event().await {
+        Some(Event::Push(StreamKind::System, p)) => match p.event {
+            Some(push::Event::Echo(e)) => assert_eq!(&e.payload[..], b"pushed"),
+            other => panic!("unexpected push {other:?}"),
+        },
+        other => panic!("unexpected event {other:?}"),
+    }
+}
+
+fn frame_error(e: Option<Event>) -> v1::Error {
+    match e {
+        Some(Event::FrameError(e)) => e,
+        other => panic!("expected a frame error, got {other:?}"),
+    }
+}
+
+async fn oversize_frame_is_answered_and_the_session_goes_on(t: TransportKind) {
+    let s = TestServer::start().await;
+    let c = s.connect(t, "alice").await;
+    let bystander = s.connect(t, "bob").await;
+    let max = s.server().config().limits.max_frame_size;
+    let mut raw = Vec::new();
+    prost::encoding::encode_varint((max * 4) as u64, &mut raw);
+    raw.extend(std::iter::repeat_n(0x55u8, max * 4));
+    c.send_raw(&raw).await.unwrap();
+    let err = frame_error(c.next_event().await);
+    assert_eq!(err.error_code(), Some(ErrorCode::FrameTooLarge), "{err:?}");
+    assert_eq!(err.name, "FRAME_TOO_LARGE");
+    // The oversize body was skipped: the stream is in sync again.
+    assert_eq!(
+        &c.echo(b"still here".to_vec(), false).await.unwrap()[..],
+        b"still here"
+    );
+    assert_eq!(
+        &bystander.echo(b"me too".to_vec(), false).await.unwrap()[..],
+        b"me too"
+    );
+}
+
+async fn garbage_frame_is_answered_and_the_session_goes_on(t: TransportKind) {
+    let s = TestServer::start().await;
+    let c = s.connect(t, "alice").await;
+    let bystander = s.connect(t, "bob").await;
+    // A 4-byte frame that is not a protobuf message (field number 0).
+    c.send_raw(&[4, 0x00, 0xff, 0xff, 0xff]).await.unwrap();
+    let err = frame_error(c.next_event().await);
+    assert_eq!(err.error_code(), Some(ErrorCode::FrameMalformed), "{err:?}");
+    assert_eq!(&c.echo(b"ok".to_vec(), false).await.unwrap()[..], b"ok");
+    assert_eq!(
+        &bystander.echo(b"ok".to_vec(), false).await.unwrap()[..],
+        b"ok"
+    );
+}
+
+async fn second_hello_is_an_unexpected_frame(t: TransportKind) {
+    let s = TestServer::start().await;
+    let c = s.connect(t, "alice").await;
+    let hello = v1::ClientFrame {
+        kind: Some(v1::client_frame::Kind::Hello(v1::Hello::default())),
+    };
+    let mut buf = bytes::BytesMut::new();
+    tutti::protocol::encode_frame(&hello, &mut buf);
+    c.send_raw(&buf).await.unwrap();
+    let err = frame_error(c.next_event().await);
+    assert_eq!(err.error_code(), Some(ErrorCode::UnexpectedFrame));
+    assert_eq!(c.welcome().user_id, "alice");
+}
+
+async fn silent_client_is_closed_after_the_handshake_timeout(t: TransportKind) {
+    let s = TestServer::start_with(|c| c.timeouts.handshake = Duration::from_millis(300)).await;
+    let config = s.client_config(t, "");
+    let session = connect_transport(&config).await.unwrap();
+    // Never send Hello: the server closes the session with HANDSHAKE_TIMEOUT.
+    let info = session.closed().await;
+    assert_eq!(
+        info.code,
+        Some(CloseCode::HandshakeTimeout as u32),
+        "{info:?}"
+    );
+    // Others can still connect.
+    s.connect(t, "alice").await;
+}
+
+async fn graceful_shutdown_tells_clients_to_reconnect(t: TransportKind) {
+    let mut s = TestServer::start().await;
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    s.shutdown().await;
+    for c in [&a, &b] {
+        let closed = c.closed().await;
+        assert_eq!(
+            closed.close_code(),
+            Some(CloseCode::GoingAway),
+            "{closed:?}"
+        );
+        assert!(closed.close_code().unwrap().should_reconnect());
+    }
+    match a.echo(b"late".to_vec(), false).await {
+        Err(ClientError::Closed(_)) => {}
+        other => panic!("expected closed, got {other:?}"),
+    }
+}
+
+async fn rotated_certificate_is_served_without_restart(t: TransportKind) {
+    let s = TestServer::start().await;
+    let old_pin = s.server().certs().pin();
+    let before = s.connect(t, "alice").await;
+    s.server().certs().rotate_now().unwrap();
+    let new_pin = s.server().certs().pin();
+    assert_ne!(old_pin, new_pin);
+    // New handshakes get the new certificate: the old pin no longer matches.
+    let mut stale = s.client_config(t, &s.token("bob"));
+    stale.trust = Trust::Pinned(vec![old_pin]);
+    assert!(Client::connect(stale).await.is_err());
+    let fresh = s.connect(t, "bob").await;
+    assert_eq!(fresh.welcome().user_id, "bob");
+    // Sessions opened before the rotation carry on.
+    assert_eq!(&before.echo(b"x".to_vec(), false).await.unwrap()[..], b"x");
+    // The published pin follows.
+    let (_, body) = s.http_get("/cert-hash").await;
+    assert!(body.contains(&tutti::util::hex(&new_pin)), "{body}");
+}
+
+#[tokio::test]
+async fn http_side_port_health_readiness_metrics_and_pin() {
+    let s = TestServer::start().await;
+    assert_eq!(s.http_get("/healthz").await.0, 200);
+    assert_eq!(s.http_get("/readyz").await.0, 200);
+    let _c = s.connect(TransportKind::Quic, "alice").await;
+    let (status, metrics) = s.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("tutti_sessions_active{transport=\"quic\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tutti_handshake_seconds_count 1"),
+        "{metrics}"
+    );
+    let (status, body) = s.http_get("/cert-hash").await;
+    assert_eq!(status, 200);
+    let pins: tutti::http::CertHashes = serde_json::from_str(&body).unwrap();
+    assert_eq!(pins.hashes[0].algorithm, "sha-256");
+    assert_eq!(pins.hashes[0].value, s.server().certs().pin_hex());
+    let (_, info) = s.http_get("/api/info").await;
+    let info: tutti::http::Info = serde_json::from_str(&info).unwrap();
+    assert_eq!(info.webtransport, s.server().webtransport_url());
+    assert!(info.dev_mode);
+}
+
+#[tokio::test]
+async fn dev_token_endpoint_exists_only_in_development_mode() {
+    let dev = TestServer::start().await;
+    let (status, body) = dev.http_post("/api/dev/token", r#"{"user":"carol"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let claims = dev
+        .server()
+        .auth()
+        .verify(token["token"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(claims.sub, "carol");
+    let (status, _) = dev
+        .http_post("/api/dev/token", r#"{"user":"bad name"}"#)
+        .await;
+    assert_eq!(status, 400);
+
+    let prod = TestServer::start_with(|c| c.auth.jwt_secret = Some("p".repeat(40))).await;
+    let (status, _) = prod
+        .http_post("/api/dev/token", r#"{"user":"carol"}"#)
+        .await;
+    assert_eq!(status, 404);
+    assert!(!prod.dir.path().join("data/dev-secret").exists());
+}
+
+#[tokio::test]
+async fn secret_certificate_and_node_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = tutti::start(test_config(dir.path())).await.unwrap();
+    let token = first
+        .auth()
+        .mint("alice", Duration::from_secs(600), &[])
+        .unwrap();
+    let (pin, node) = (first.certs().pin(), first.store().node_id().to_owned());
+    first.shutdown().await.unwrap();
+
+    let second = tutti::start(test_config(dir.path())).await.unwrap();
+    assert_eq!(second.certs().pin(), pin);
+    assert_eq!(second.store().node_id(), node);
+    let config = tutti::client::ClientConfig::new(
+        second.quic_addr(),
+        TransportKind::Quic,
+        Trust::Pinned(vec![pin]),
+        token,
+    );
+    let c = Client::connect(config).await.unwrap();
+    assert_eq!(c.welcome().user_id, "alice");
+    drop(c);
+    second.shutdown().await.unwrap();
+}

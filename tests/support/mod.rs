@@ -1,0 +1,162 @@
+//! Boots the real server on ephemeral ports with a temporary data directory, and
+//! connects native clients to it over either transport.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use tutti::client::{Client, ClientConfig, Trust};
+use tutti::config::Config;
+use tutti::transport::TransportKind;
+use tutti::{RunningServer, start};
+
+/// Every end-to-end case runs over both.
+pub const TRANSPORTS: [TransportKind; 2] = [TransportKind::Quic, TransportKind::WebTransport];
+
+/// A bound on any single test, so a hang fails fast.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A server for one test.
+pub struct TestServer {
+    pub server: Option<RunningServer>,
+    pub dir: tempfile::TempDir,
+}
+
+/// The configuration tests start from: ephemeral ports, temporary directories.
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("data"),
+        web_dir: dir.join("web"),
+        ..Config::default()
+    };
+    c.tls.cert_dir = dir.join("certs");
+    c
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let server = start(config).await.expect("server starts");
+        Self {
+            server: Some(server),
+            dir,
+        }
+    }
+
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("server is running")
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.server()
+            .auth()
+            .mint(user, Duration::from_secs(3600), &[])
+            .unwrap()
+    }
+
+    pub fn client_config(&self, transport: TransportKind, token: &str) -> ClientConfig {
+        let mut c = ClientConfig::new(
+            self.server().quic_addr(),
+            transport,
+            Trust::Pinned(vec![self.server().certs().pin()]),
+            token,
+        );
+        c.timeout = Duration::from_secs(10);
+        c
+    }
+
+    pub async fn connect(&self, transport: TransportKind, user: &str) -> Client {
+        Client::connect(self.client_config(transport, &self.token(user)))
+            .await
+            .expect("client connects")
+    }
+
+    /// `GET path` on the HTTP port: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http(self.server().http_addr(), "GET", path, None).await
+    }
+
+    /// `POST path` with a JSON body on the HTTP port: (status, body).
+    pub async fn http_post(&self, path: &str, json: &str) -> (u16, String) {
+        http(self.server().http_addr(), "POST", path, Some(json)).await
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await.expect("clean shutdown");
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 client (one request per connection), enough for the side port.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = json.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text[9..12].parse().unwrap();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// Runs `$body` (an async fn taking a TransportKind) once per transport, each as its
+/// own test, bounded by [`TEST_TIMEOUT`].
+#[macro_export]
+macro_rules! both_transports {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn quic() {
+                tokio::time::timeout($crate::support::TEST_TIMEOUT, super::$name(tutti::transport::TransportKind::Quic))
+                    .await
+                    .expect("test timed out");
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn webtransport() {
+                tokio::time::timeout($crate::support::TEST_TIMEOUT, super::$name(tutti::transport::TransportKind::WebTransport))
+                    .await
+                    .expect("test timed out");
+            }
+        }
+    )*};
+}

@@ -1,0 +1,382 @@
+// Unit tests of src/client.ts against an in-memory fake of WebTransport (node web
+// streams), so the protocol logic is checked without a browser or a server.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { importBundle } from "../tools/import-ts.mjs";
+
+const m = await importBundle(`
+  export * from "./src/client";
+  export * from "./src/framing";
+  export * from "./src/gen/tutti/v1/frames_pb";
+  export { create, toBinary, fromBinary } from "@bufbuild/protobuf";
+`, "client-test");
+const {
+  TuttiClient, TuttiError, FrameDecoder, encodeFrame, encodeVarint, create, toBinary, fromBinary,
+  ClientFrameSchema, ServerFrameSchema, DatagramSchema, PushSchema, PushStreamHeaderSchema, StreamKind,
+} = m;
+
+function deferred() {
+  let resolve, reject;
+  const promise = new Promise((res, rej) => { resolve = res; reject = rej; });
+  return { promise, resolve, reject };
+}
+
+const serverFrame = (kind) => encodeFrame(toBinary(ServerFrameSchema, create(ServerFrameSchema, { kind })));
+const welcomeFrame = (extra = {}) => serverFrame({
+  case: "welcome",
+  value: { sessionId: "s-1", userId: "alice", nodeId: "node-a", protocolVersion: 1,
+    limits: { maxFrameSize: 65536, maxDatagramSize: 1200, maxInflightRequests: 64 }, ...extra },
+});
+
+/**
+ * A fake WebTransport session. `onClientFrame(frame, server)` is called for every
+ * ClientFrame the client writes on the control stream; `server.send(bytes)` writes
+ * raw bytes back (already framed), `server.sendChunked` splits them.
+ */
+class FakeWebTransport {
+  constructor({ onClientFrame = () => {}, onDatagram = () => {}, ready = Promise.resolve() } = {}) {
+    this.ready = ready;
+    this.closedD = deferred();
+    this.closed = this.closedD.promise;
+    this.closeCalls = [];
+    this.clientFrames = [];
+    this.onClientFrame = onClientFrame;
+    this.onDatagram = onDatagram;
+    let uniController;
+    this.incomingUnidirectionalStreams = new ReadableStream({ start: (c) => { uniController = c; } });
+    this.uni = uniController;
+    let dgController;
+    this.datagrams = {
+      readable: new ReadableStream({ start: (c) => { dgController = c; } }),
+      writable: new WritableStream({
+        write: (chunk) => this.onDatagram(fromBinary(DatagramSchema, chunk), this),
+      }),
+    };
+    this.dg = dgController;
+  }
+
+  async createBidirectionalStream() {
+    const decoder = new FrameDecoder(1 << 20);
+    let toClient;
+    const readable = new ReadableStream({ start: (c) => { toClient = c; } });
+    this.toClient = toClient;
+    const writable = new WritableStream({
+      write: (chunk) => {
+        for (const body of decoder.push(chunk)) {
+          const frame = fromBinary(ClientFrameSchema, body);
+          this.clientFrames.push(frame);
+          this.onClientFrame(frame, this);
+        }
+      },
+    });
+    return { readable, writable };
+  }
+
+  send(bytes) { try { this.toClient.enqueue(Uint8Array.from(bytes)); } catch {} }
+  sendChunked(bytes, size = 1) {
+    for (let i = 0; i < bytes.length; i += size) this.send(bytes.subarray(i, i + size));
+  }
+  endControl() { try { this.toClient.close(); } catch {} }
+  sendDatagram(msg) { this.dg.enqueue(toBinary(DatagramSchema, create(DatagramSchema, msg))); }
+  openPushStream(kind, pushes) {
+    const chunks = [encodeFrame(toBinary(PushStreamHeaderSchema, create(PushStreamHeaderSchema, { kind })))];
+    for (const p of pushes) chunks.push(encodeFrame(toBinary(PushSchema, create(PushSchema, p))));
+    const all = Buffer.concat(chunks);
+    this.uni.enqueue(new ReadableStream({
+      start(c) { c.enqueue(Uint8Array.from(all.subarray(0, 3))); c.enqueue(Uint8Array.from(all.subarray(3))); c.close(); },
+    }));
+  }
+  /** The server closes the session (as wtransport's close with a code). */
+  serverClose(closeCode, reason = "") {
+    try { this.toClient.error(new Error("session closed")); } catch {}
+    this.closedD.resolve({ closeCode, reason });
+  }
+  close(info) {
+    this.closeCalls.push(info);
+    try { this.toClient?.error(new Error("closed locally")); } catch {}
+    this.closedD.resolve(info ?? { closeCode: 0, reason: "" });
+  }
+}
+
+/** A server that welcomes on Hello and answers echo requests. */
+function welcomingServer(extra) {
+  return (frame, s) => {
+    if (frame.kind.case === "hello") s.send(welcomeFrame(extra));
+    if (frame.kind.case === "request") {
+      const { id, body } = frame.kind.value;
+      s.send(serverFrame({ case: "response", value: { id, body: { case: "echo", value: { payload: body.value.payload } } } }));
+    }
+  };
+}
+
+async function connected(fake, options = {}) {
+  return TuttiClient.connect({ url: "https://127.0.0.1:1/tutti", token: "tok", transport: () => fake, ...options });
+}
+
+test("connect sends Hello and resolves with the Welcome", async () => {
+  let seenOptions;
+  const fake = new FakeWebTransport({ onClientFrame: welcomingServer() });
+  const client = await TuttiClient.connect({
+    url: "https://127.0.0.1:1/tutti", token: "secret",
+    certificateHashes: ["00ff" + "11".repeat(30), new Uint8Array(32).fill(7)],
+    transport: (url, opts) => { seenOptions = { url, opts }; return fake; },
+  });
+  assert.equal(seenOptions.url, "https://127.0.0.1:1/tutti");
+  const hashes = seenOptions.opts.serverCertificateHashes;
+  assert.equal(hashes.length, 2);
+  assert.equal(hashes[0].algorithm, "sha-256");
+  assert.deepEqual([...hashes[0].value.subarray(0, 3)], [0, 255, 0x11]);
+  assert.equal(hashes[1].value[31], 7);
+  const hello = fake.clientFrames[0];
+  assert.equal(hello.kind.case, "hello");
+  assert.equal(hello.kind.value.token, "secret");
+  assert.equal(hello.kind.value.client.name, "tutti-web");
+  assert.equal(hello.kind.value.client.transport, "webtransport");
+  assert.equal(hello.kind.value.protocolVersion, 1);
+  assert.equal(client.userId, "alice");
+  assert.equal(client.welcome.sessionId, "s-1");
+  assert.equal(client.welcome.nodeId, "node-a");
+  client.close();
+  assert.equal(fake.closeCalls[0].closeCode, 0);
+  const reason = await client.closed;
+  assert.equal(reason.name, "NORMAL");
+});
+
+test("Welcome delivered one byte at a time, then coalesced with responses", async () => {
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      if (frame.kind.case === "hello") s.sendChunked(welcomeFrame(), 1);
+    },
+  });
+  const client = await connected(fake);
+  assert.equal(client.userId, "alice");
+  client.close();
+});
+
+test("responses out of order are matched by id; error responses reject", async () => {
+  const requests = [];
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      if (frame.kind.case === "hello") s.send(welcomeFrame());
+      if (frame.kind.case === "request") {
+        requests.push(frame.kind.value);
+        if (requests.length === 3) {
+          // Answer 3, 1, 2 in one chunk; 2 fails.
+          const [a, b, c] = requests;
+          const echo = (r) => serverFrame({ case: "response", value: { id: r.id, body: { case: "echo", value: { payload: r.body.value.payload } } } });
+          s.send(Buffer.concat([echo(c), echo(a), serverFrame({ case: "response", value: { id: b.id, body: { case: "error", value: { code: 105, name: "LIMIT_EXCEEDED", message: "too big" } } } })]));
+        }
+      }
+    },
+  });
+  const client = await connected(fake);
+  const p1 = client.echo("one");
+  const p2 = client.echo("two");
+  const p3 = client.echo(new Uint8Array([3]), true);
+  const [r1, r2, r3] = await Promise.allSettled([p1, p2, p3]);
+  assert.equal(new TextDecoder().decode(r1.value.payload), "one");
+  assert.deepEqual([...r3.value.payload], [3]);
+  assert.equal(r2.status, "rejected");
+  assert.ok(r2.reason instanceof TuttiError);
+  assert.equal(r2.reason.code, 105);
+  assert.equal(r2.reason.name, "LIMIT_EXCEEDED");
+  assert.equal(r2.reason.message, "too big");
+  const ids = requests.map((r) => r.id);
+  assert.equal(new Set(ids).size, 3);
+  assert.ok(ids.every((id) => id > 0n));
+  assert.equal(requests[2].body.value.push, true);
+  client.close();
+});
+
+test("a Close frame before Welcome rejects connect with a typed error", async () => {
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      s.send(serverFrame({ case: "close", value: { code: 3501, name: "UNAUTHORIZED", message: "bad signature" } }));
+      setTimeout(() => s.serverClose(3501, "UNAUTHORIZED"), 5);
+    },
+  });
+  await assert.rejects(connected(fake), (e) => {
+    assert.ok(e instanceof TuttiError);
+    assert.equal(e.code, 3501);
+    assert.equal(e.name, "UNAUTHORIZED");
+    assert.equal(e.message, "bad signature");
+    assert.equal(e.reconnect, false);
+    return true;
+  });
+});
+
+test("an Error frame before Welcome rejects connect", async () => {
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => s.send(serverFrame({ case: "error", value: { code: 202, name: "UNEXPECTED_FRAME", message: "no" } })),
+  });
+  await assert.rejects(connected(fake), { name: "UNEXPECTED_FRAME", code: 202 });
+});
+
+test("the session closing before Welcome (no frame) rejects with its close code", async () => {
+  const fake = new FakeWebTransport({ onClientFrame: (frame, s) => s.serverClose(3501, "token rejected") });
+  await assert.rejects(connected(fake), (e) => {
+    assert.ok(e instanceof TuttiError);
+    assert.equal(e.code, 3501);
+    assert.equal(e.name, "UNAUTHORIZED");
+    assert.equal(e.message, "token rejected");
+    return true;
+  });
+});
+
+test("a Close frame read just after the session closed still wins", async () => {
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      s.closedD.resolve({ closeCode: 3000, reason: "" }); // the capsule overtakes the frame
+      setTimeout(() => {
+        s.send(serverFrame({ case: "close", value: { code: 3502, name: "TOKEN_EXPIRED", message: "expired" } }));
+        s.endControl();
+      }, 20);
+    },
+  });
+  await assert.rejects(connected(fake), { name: "TOKEN_EXPIRED", code: 3502, message: "expired" });
+});
+
+test("when the Close frame is lost, the session close code is reported", async () => {
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      s.serverClose(3000, ""); // errors the control stream: what follows is lost
+      s.send(serverFrame({ case: "close", value: { code: 3502, name: "TOKEN_EXPIRED", message: "expired" } }));
+    },
+  });
+  await assert.rejects(connected(fake), { name: "GOING_AWAY", code: 3000 });
+});
+
+test("the control stream ending before Welcome rejects", async () => {
+  const fake = new FakeWebTransport({ onClientFrame: (frame, s) => s.endControl() });
+  await assert.rejects(connected(fake), (e) => e instanceof TuttiError && e.source === "client");
+});
+
+test("a failing opening handshake rejects with CONNECT_FAILED", async () => {
+  const ready = Promise.reject(new Error("Opening handshake failed."));
+  const fake = new FakeWebTransport({ ready });
+  fake.closedD.reject(new Error("Opening handshake failed."));
+  await assert.rejects(connected(fake), { name: "CONNECT_FAILED", message: "Opening handshake failed." });
+});
+
+test("no Welcome within the handshake timeout rejects with TIMEOUT", async () => {
+  const fake = new FakeWebTransport();
+  await assert.rejects(connected(fake, { handshakeTimeoutMs: 50 }), { name: "TIMEOUT" });
+  assert.equal(fake.closeCalls.length, 1);
+});
+
+test("a frame above the limit is a protocol error", async () => {
+  const fake = new FakeWebTransport({ onClientFrame: (frame, s) => s.send(encodeVarint(5000)) });
+  await assert.rejects(connected(fake, { maxFrameSize: 4096 }), { name: "PROTOCOL_ERROR" });
+  assert.equal(fake.closeCalls[0].closeCode, 3503);
+});
+
+test("pushes arrive with their stream kind; early ones wait for a listener", async () => {
+  const fake = new FakeWebTransport({ onClientFrame: welcomingServer() });
+  const client = await connected(fake);
+  fake.openPushStream(StreamKind.SYSTEM, [
+    { stream: "", offset: 0n, event: { case: "echo", value: { payload: new Uint8Array([1]) } } },
+    { stream: "", offset: 0n, event: { case: "echo", value: { payload: new Uint8Array([2]) } } },
+  ]);
+  await new Promise((r) => setTimeout(r, 20));
+  const got = [];
+  const done = deferred();
+  client.onPush((push, kind) => {
+    got.push([kind, push.event.value.payload[0]]);
+    if (got.length === 3) done.resolve();
+  });
+  fake.openPushStream(StreamKind.CHAT, [
+    { stream: "room/1", offset: 7n, event: { case: "echo", value: { payload: new Uint8Array([3]) } } },
+  ]);
+  await done.promise;
+  assert.deepEqual(got, [[StreamKind.SYSTEM, 1], [StreamKind.SYSTEM, 2], [StreamKind.CHAT, 3]]);
+  client.close();
+});
+
+test("pingDatagram measures a round trip and retries a lost ping", async () => {
+  let pings = 0;
+  const fake = new FakeWebTransport({
+    onClientFrame: welcomingServer(),
+    onDatagram: (dg, s) => {
+      assert.equal(dg.kind.case, "ping");
+      if (++pings === 1) return; // lost
+      s.sendDatagram({ kind: { case: "pong", value: { nonce: dg.kind.value.nonce, sentAtUs: dg.kind.value.sentAtUs, serverTimeMs: 1n } } });
+    },
+  });
+  const client = await connected(fake);
+  const rtt = await client.pingDatagram({ timeoutMs: 50 });
+  assert.equal(typeof rtt, "number");
+  assert.ok(rtt >= 0 && rtt < 1000, `rtt ${rtt}`);
+  assert.equal(pings, 2);
+  client.close();
+});
+
+test("control ping is answered by a Pong", async () => {
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      welcomingServer()(frame, s);
+      if (frame.kind.case === "ping") s.send(serverFrame({ case: "pong", value: { nonce: frame.kind.value.nonce, serverTimeMs: 5n } }));
+    },
+  });
+  const client = await connected(fake);
+  assert.equal(typeof (await client.ping()), "number");
+  client.close();
+});
+
+test("requests beyond max_inflight_requests wait for a slot", async () => {
+  const held = [];
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      if (frame.kind.case === "hello") s.send(welcomeFrame({ limits: { maxFrameSize: 65536, maxInflightRequests: 2 } }));
+      if (frame.kind.case === "request") held.push(frame.kind.value);
+    },
+  });
+  const client = await connected(fake);
+  const ps = [client.echo("a"), client.echo("b"), client.echo("c")];
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(held.length, 2, "the third request waits");
+  const answer = (r) => fake.send(serverFrame({ case: "response", value: { id: r.id, body: { case: "echo", value: { payload: r.body.value.payload } } } }));
+  answer(held[0]);
+  await ps[0];
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(held.length, 3);
+  answer(held[1]);
+  answer(held[2]);
+  const out = await Promise.all(ps);
+  assert.deepEqual(out.map((r) => new TextDecoder().decode(r.payload)), ["a", "b", "c"]);
+  client.close();
+});
+
+test("close() and a server Close reject pending requests", async () => {
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => { if (frame.kind.case === "hello") s.send(welcomeFrame()); },
+  });
+  const client = await connected(fake);
+  const pending = client.echo("never answered");
+  fake.send(serverFrame({ case: "close", value: { code: 3000, name: "GOING_AWAY", message: "draining" } }));
+  await assert.rejects(pending, { name: "GOING_AWAY", code: 3000, reconnect: true });
+  const reason = await client.closed;
+  assert.equal(reason.name, "GOING_AWAY");
+  assert.equal(client.isOpen, false);
+  await assert.rejects(client.echo("late"), { name: "GOING_AWAY" });
+
+  const fake2 = new FakeWebTransport({
+    onClientFrame: (frame, s) => { if (frame.kind.case === "hello") s.send(welcomeFrame()); },
+  });
+  const client2 = await connected(fake2);
+  const pending2 = client2.echo("never answered");
+  client2.close();
+  await assert.rejects(pending2, { name: "CLOSED" });
+});
+
+test("Error frames after Welcome go to onError and keep the session", async () => {
+  const fake = new FakeWebTransport({ onClientFrame: welcomingServer() });
+  const client = await connected(fake);
+  const seen = deferred();
+  client.onError((e) => seen.resolve(e));
+  fake.send(serverFrame({ case: "error", value: { code: 201, name: "FRAME_MALFORMED", message: "huh" } }));
+  const e = await seen.promise;
+  assert.equal(e.code, 201);
+  assert.equal(client.isOpen, true);
+  assert.equal(new TextDecoder().decode((await client.echo("still here")).payload), "still here");
+  client.close();
+});
