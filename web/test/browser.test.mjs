@@ -51,7 +51,7 @@ function cleanEnv(extra = {}) {
 }
 
 /** Starts `tutti serve` and resolves with the URLs it prints. */
-function startServer(dirs) {
+function startServer(dirs, env = {}) {
   const args = [
     "serve",
     "--listen", "127.0.0.1:0",
@@ -60,7 +60,7 @@ function startServer(dirs) {
     "--cert-dir", dirs.certs,
     "--web-dir", DIST,
   ];
-  const child = spawn(TUTTI_BIN, args, { env: cleanEnv(), stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(TUTTI_BIN, args, { env: cleanEnv(env), stdio: ["ignore", "pipe", "pipe"] });
   let output = "";
   const ready = new Promise((resolvePromise, reject) => {
     const timer = setTimeout(
@@ -107,13 +107,14 @@ function forgedJwt(sub) {
 function suite() {
   const root = mkdtempSync(join(tmpdir(), "tutti-web-e2e-"));
   const dirs = { data: join(root, "data"), certs: join(root, "certs"), browser: join(root, "browser") };
+  const prodDirs = { data: join(root, "prod-data"), certs: join(root, "prod-certs") };
   let server;
   let urls;
   let browser;
   let chromium;
 
   before(async () => {
-    for (const d of Object.values(dirs)) mkdirSync(d, { recursive: true });
+    for (const d of [...Object.values(dirs), ...Object.values(prodDirs)]) mkdirSync(d, { recursive: true });
     mkdirSync(RESULTS, { recursive: true });
     server = startServer(dirs);
     urls = await server.ready;
@@ -244,6 +245,28 @@ function suite() {
       await page.screenshot({ path: join(RESULTS, "connected-bob.png"), fullPage: true });
     } finally {
       await context.close();
+    }
+  });
+
+  test("on a production server (configured secret) the dev form says to pass #token=", async () => {
+    const prod = startServer(prodDirs, { TUTTI_JWT_SECRET: randomBytes(32).toString("hex") });
+    try {
+      const prodUrls = await prod.ready;
+      const info = await (await fetch(new URL("/api/info", prodUrls.page))).json();
+      assert.equal(info.dev_mode, false);
+      const context = await browser.newContext();
+      try {
+        const page = await context.newPage();
+        await page.goto(prodUrls.page);
+        await page.fill("#name", "mallory");
+        await page.click("#login-submit");
+        await page.waitForFunction(() => document.querySelector("#state")?.textContent === "error", null, { timeout: 10_000 });
+        assert.match(await text(page, "#error"), /production server: pass #token=/);
+      } finally {
+        await context.close();
+      }
+    } finally {
+      await stopServer(prod.child);
     }
   });
 }

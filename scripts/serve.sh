@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Starts a Tutti node on this machine: builds the web client (when npm is there) and
+# the server, then runs `tutti serve` with the embedded single-node defaults and
+# development certificates. Extra arguments go to `tutti serve`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v npm >/dev/null 2>&1; then
+  [ -d web/node_modules ] || npm --prefix web ci --no-audit --no-fund
+  npm --prefix web run build >/dev/null
+else
+  echo "npm not found: the page at / needs the web client (apt-get install nodejs npm)" >&2
+fi
+exec cargo run --release --locked --bin tutti -- serve "$@"

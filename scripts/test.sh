@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every test suite of Tutti, installing what the suites need first:
+# Rust checks and tests, then the web client's unit tests and its browser tests in
+# headless Chromium against the real server. With CI=true nothing may be skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# System packages the suites need (Debian names).
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if ((${#missing[@]})); then
+  step "installing ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo build --locked --bins
+cargo test --locked
+
+step "web client: install, build, unit and browser tests"
+npm --prefix web ci --no-audit --no-fund
+npm --prefix web run build
+TUTTI_BIN="$PWD/target/debug/tutti" npm --prefix web test
