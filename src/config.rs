@@ -32,6 +32,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Timeouts.
     pub timeouts: TimeoutsConfig,
+    /// Collaborative documents.
+    pub collab: crate::services::collab::CollabConfig,
 }
 
 impl Default for Config {
@@ -46,6 +48,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
+            collab: Default::default(),
         }
     }
 }
@@ -305,6 +308,14 @@ impl Config {
         {
             return bad("auth.jwt_secret must be at least 32 bytes");
         }
+        if self.collab.history == 0
+            || self.collab.snapshot_every == 0
+            || self.collab.cursor_rate == 0
+        {
+            return bad(
+                "collab.history, collab.snapshot_every and collab.cursor_rate must be positive",
+            );
+        }
         if self.timeouts.heartbeat >= self.timeouts.idle {
             return bad("timeouts.heartbeat must be shorter than timeouts.idle");
         }
@@ -313,11 +324,11 @@ impl Config {
 }
 
 /// Durations written the human way in TOML: `"10s"`, `"500ms"`, `"13days"`.
-mod duration_str {
+pub(crate) mod duration_str {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s).map_err(serde::de::Error::custom)
     }

@@ -18,6 +18,8 @@ pub struct Metrics {
     sessions_closed: Vec<AtomicU64>,
     frames_rejected: AtomicU64,
     handshake_us: Mutex<Histogram<u64>>,
+    /// Collaboration counters.
+    pub collab: crate::services::collab::CollabCounters,
 }
 
 impl Default for Metrics {
@@ -31,6 +33,7 @@ impl Default for Metrics {
             handshake_us: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
             ),
+            collab: Default::default(),
         }
     }
 }
@@ -115,6 +118,34 @@ impl Metrics {
             "tutti_frames_rejected_total {}",
             self.frames_rejected.load(Relaxed)
         );
+        for (name, help, v) in [
+            (
+                "tutti_collab_operations_applied_total",
+                "Document operations applied.",
+                &self.collab.applied,
+            ),
+            (
+                "tutti_collab_operations_transformed_total",
+                "Operations transformed against concurrent ones.",
+                &self.collab.transformed,
+            ),
+            (
+                "tutti_collab_operations_rejected_total",
+                "Operations refused (malformed, not allowed, too large).",
+                &self.collab.rejected,
+            ),
+            (
+                "tutti_collab_resyncs_total",
+                "Operations answered with RESYNC_REQUIRED.",
+                &self.collab.resyncs,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
         let h = self
             .handshake_us
             .lock()

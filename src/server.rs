@@ -12,8 +12,10 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::gateway::{Gateway, GatewayConfig};
+use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::services::{ServiceDeps, Services};
+use crate::store::{Store, Writer};
 use crate::tls::CertStore;
 use crate::transport::ServerEndpoint;
 use crate::transport::endpoint::EndpointSettings;
@@ -29,6 +31,8 @@ pub struct RunningServer {
     store: Store,
     metrics: Arc<Metrics>,
     gateway: Arc<Gateway>,
+    services: Arc<Services>,
+    writer_thread: std::thread::JoinHandle<()>,
     endpoint: ServerEndpoint,
     ready: Arc<AtomicBool>,
     stop_accepting: CancellationToken,
@@ -69,6 +73,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )
     .with_context(|| format!("binding UDP {}", config.listen))?;
     let quic_addr = endpoint.local_addr()?;
+    let (writer, writer_thread) = Writer::spawn(store.db().clone(), None);
+    let services = Arc::new(
+        Services::open(
+            ServiceDeps {
+                store: store.clone(),
+                writer,
+                hub: Arc::new(Hub::default()),
+                metrics: metrics.clone(),
+            },
+            config.collab.clone(),
+        )
+        .context("opening the services")?,
+    );
     let gateway = Gateway::new(
         GatewayConfig {
             limits: config.limits.clone(),
@@ -77,6 +94,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         },
         auth.clone(),
         metrics.clone(),
+        services.clone(),
     );
 
     let tasks = TaskTracker::new();
@@ -135,6 +153,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         store,
         metrics,
         gateway,
+        services,
+        writer_thread,
         endpoint,
         ready,
         stop_accepting,
@@ -190,6 +210,11 @@ impl RunningServer {
         &self.store
     }
 
+    /// The services.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
     /// Sessions open now.
     pub fn sessions(&self) -> usize {
         self.gateway.active()
@@ -213,8 +238,18 @@ impl RunningServer {
         self.tasks.close();
         self.tasks.wait().await;
         let _ = self.http_task.await;
-        // The last handle to the database goes here; redb flushes and closes on drop.
-        let Self { store, .. } = self;
+        // Every write handle goes with the services; the writer thread then commits
+        // what is queued and stops. The last database handle goes after it.
+        let Self {
+            store,
+            gateway,
+            services,
+            writer_thread,
+            ..
+        } = self;
+        drop(gateway);
+        drop(services);
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
         drop(store);
         Ok(())
     }

@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod collab;
 mod tls;
 
 use std::collections::HashMap;
@@ -146,6 +147,8 @@ pub enum Event {
     Push(StreamKind, Push),
     /// An error about a frame (`FRAME_TOO_LARGE`, ...), not tied to a request.
     FrameError(v1::Error),
+    /// A datagram from the server other than a pong (a cursor move, ...).
+    Datagram(datagram::Kind),
 }
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<response::Body, ClientError>>>>;
@@ -365,10 +368,10 @@ impl Client {
             )),
             tokio::spawn(push_acceptor(
                 shared.clone(),
-                events_tx,
+                events_tx.clone(),
                 config.max_frame_size,
             )),
-            tokio::spawn(datagram_reader(shared.clone())),
+            tokio::spawn(datagram_reader(shared.clone(), events_tx.clone())),
         ];
         Ok(Self {
             shared,
@@ -487,6 +490,15 @@ impl Client {
     /// every event was read.
     pub async fn next_event(&self) -> Option<Event> {
         self.events.lock().await.recv().await
+    }
+
+    /// Sends a datagram (may be lost), such as a cursor move.
+    pub fn send_datagram(&self, kind: datagram::Kind) -> Result<(), ClientError> {
+        let d = Datagram { kind: Some(kind) };
+        self.shared
+            .session
+            .send_datagram(d.encode_to_vec().into())
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Writes raw bytes on the control stream. For tests of the server's handling of
@@ -620,13 +632,18 @@ async fn push_acceptor(shared: Arc<Shared>, events: mpsc::Sender<Event>, max_fra
     }
 }
 
-async fn datagram_reader(shared: Arc<Shared>) {
+async fn datagram_reader(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
     while let Ok(data) = shared.session.read_datagram().await {
-        let Ok(Datagram {
-            kind: Some(datagram::Kind::Pong(p)),
-        }) = Datagram::decode(data)
-        else {
-            continue;
+        let p = match Datagram::decode(data) {
+            Ok(Datagram {
+                kind: Some(datagram::Kind::Pong(p)),
+            }) => p,
+            Ok(Datagram { kind: Some(other) }) => {
+                // Datagrams may be dropped: never wait for a full queue here.
+                let _ = events.try_send(Event::Datagram(other));
+                continue;
+            }
+            _ => continue,
         };
         let tx = shared
             .pings

@@ -25,12 +25,14 @@ pub use push::{PushQueues, SlowConsumer};
 
 use crate::auth::{Auth, Claims};
 use crate::config::{LimitsConfig, TimeoutsConfig};
+use crate::hub::{SlowConsumer as Slow, Subscriber};
 use crate::metrics::Metrics;
 use crate::protocol::v1::{
     self, ClientFrame, Datagram, ServerFrame, StreamKind, client_frame, datagram, request,
     response, server_frame,
 };
 use crate::protocol::{CloseCode, ErrorCode, FrameDecoder, FrameError, PROTOCOL_VERSION};
+use crate::services::{ServiceError, Services, SessionCtx};
 use crate::transport::{Accepted, RecvStream, SendStream, Session};
 use crate::util::unix_millis;
 
@@ -54,6 +56,7 @@ pub struct Gateway {
     config: GatewayConfig,
     auth: Auth,
     metrics: Arc<Metrics>,
+    services: Arc<Services>,
     active: AtomicUsize,
     next_session: AtomicU64,
     stop: CancellationToken,
@@ -70,11 +73,17 @@ enum End {
 
 impl Gateway {
     /// A gateway; sessions are told to go away when `stop` fires.
-    pub fn new(config: GatewayConfig, auth: Auth, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        config: GatewayConfig,
+        auth: Auth,
+        metrics: Arc<Metrics>,
+        services: Arc<Services>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             auth,
             metrics,
+            services,
             active: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
             stop: CancellationToken::new(),
@@ -177,15 +186,23 @@ impl Gateway {
 
         let conn = Arc::new(Connection {
             session: session.clone(),
+            session_id,
             user: claims.sub,
             pushes: PushQueues::new(session.clone(), self.config.limits.push_queue_frames),
         });
+        let ctx = SessionCtx {
+            subscriber: conn.clone(),
+            roles: claims.roles.into(),
+        };
         let datagrams = tokio::spawn(datagram_loop(
             conn.clone(),
+            ctx.clone(),
+            self.services.clone(),
             self.config.limits.max_datagram_size,
         ));
-        let end = self.serve(&conn, recv, decoder, &control_tx).await;
+        let end = self.serve(&conn, &ctx, recv, decoder, &control_tx).await;
         datagrams.abort();
+        self.services.disconnected(&ctx).await;
         match end {
             End::Close(code, message) => {
                 self.close(&session, &control_tx, writer, code, message)
@@ -201,6 +218,7 @@ impl Gateway {
     async fn serve(
         &self,
         conn: &Arc<Connection>,
+        ctx: &SessionCtx,
         mut recv: RecvStream,
         mut decoder: FrameDecoder,
         control: &mpsc::Sender<ServerFrame>,
@@ -251,7 +269,12 @@ impl Gateway {
                             ))
                         } else {
                             inflight_ids.insert(req.id);
-                            inflight.push(handle_request(conn.clone(), req));
+                            inflight.push(handle_request(
+                                conn.clone(),
+                                ctx.clone(),
+                                self.services.clone(),
+                                req,
+                            ));
                             None
                         }
                     }
@@ -396,11 +419,32 @@ enum HelloFailure {
     Refused(SendStream, CloseCode, String),
 }
 
-/// One authenticated session, as seen by request handlers.
+/// One authenticated session, as seen by request handlers and services.
+#[derive(Debug)]
 struct Connection {
     session: Session,
+    session_id: String,
     user: String,
     pushes: PushQueues,
+}
+
+impl Subscriber for Connection {
+    fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    fn user_id(&self) -> &str {
+        &self.user
+    }
+
+    fn push(&self, kind: StreamKind, push: v1::Push) -> Result<(), Slow> {
+        self.pushes.push(kind, push)
+    }
+
+    fn datagram(&self, data: Bytes) {
+        // Datagrams may be lost anyway; one that does not fit is dropped.
+        let _ = self.session.send_datagram(data);
+    }
 }
 
 fn frame(kind: server_frame::Kind) -> ServerFrame {
@@ -414,8 +458,20 @@ fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> Serve
     }))
 }
 
+fn service_error(id: u64, e: ServiceError) -> ServerFrame {
+    frame(server_frame::Kind::Response(v1::Response {
+        id,
+        body: Some(response::Body::Error(e.into_wire())),
+    }))
+}
+
 /// Answers one request. Returns the request id with the response frame.
-async fn handle_request(conn: Arc<Connection>, req: v1::Request) -> (u64, ServerFrame) {
+async fn handle_request(
+    conn: Arc<Connection>,
+    ctx: SessionCtx,
+    services: Arc<Services>,
+    req: v1::Request,
+) -> (u64, ServerFrame) {
     let id = req.id;
     let body = match req.body {
         Some(request::Body::Echo(echo)) => {
@@ -435,6 +491,16 @@ async fn handle_request(conn: Arc<Connection>, req: v1::Request) -> (u64, Server
                 server_time_ms: unix_millis(),
             })
         }
+        Some(body) => match services.handle(&ctx, body).await {
+            Some(Ok(body)) => body,
+            Some(Err(e)) => return (id, service_error(id, e)),
+            None => {
+                return (
+                    id,
+                    error_response(id, ErrorCode::UnknownRequest, "unknown request"),
+                );
+            }
+        },
         None => {
             tracing::trace!(user = %conn.user, "unknown request");
             return (
@@ -457,7 +523,12 @@ async fn handle_request(conn: Arc<Connection>, req: v1::Request) -> (u64, Server
 }
 
 /// Answers datagram pings until the session ends.
-async fn datagram_loop(conn: Arc<Connection>, max_size: usize) {
+async fn datagram_loop(
+    conn: Arc<Connection>,
+    ctx: SessionCtx,
+    services: Arc<Services>,
+    max_size: usize,
+) {
     let mut out = BytesMut::new();
     while let Ok(data) = conn.session.read_datagram().await {
         if data.len() > max_size {
@@ -466,17 +537,21 @@ async fn datagram_loop(conn: Arc<Connection>, max_size: usize) {
         let Ok(dgram) = Datagram::decode(data) else {
             continue;
         };
-        if let Some(datagram::Kind::Ping(p)) = dgram.kind {
-            let pong = Datagram {
-                kind: Some(datagram::Kind::Pong(v1::DatagramPong {
-                    nonce: p.nonce,
-                    sent_at_us: p.sent_at_us,
-                    server_time_ms: unix_millis(),
-                })),
-            };
-            out.clear();
-            pong.encode(&mut out).expect("BytesMut grows");
-            let _ = conn.session.send_datagram(Bytes::copy_from_slice(&out));
+        match dgram.kind {
+            Some(datagram::Kind::Ping(p)) => {
+                let pong = Datagram {
+                    kind: Some(datagram::Kind::Pong(v1::DatagramPong {
+                        nonce: p.nonce,
+                        sent_at_us: p.sent_at_us,
+                        server_time_ms: unix_millis(),
+                    })),
+                };
+                out.clear();
+                pong.encode(&mut out).expect("BytesMut grows");
+                let _ = conn.session.send_datagram(Bytes::copy_from_slice(&out));
+            }
+            Some(other) => services.datagram(&ctx, other),
+            None => {}
         }
     }
 }

@@ -14,10 +14,7 @@ use crate::protocol::encode_frame;
 use crate::protocol::v1::{Push, PushStreamHeader, StreamKind};
 use crate::transport::Session;
 
-/// The client does not read its pushes fast enough: its queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("push queue full")]
-pub struct SlowConsumer;
+pub use crate::hub::SlowConsumer;
 
 /// The queue of one kind and the task that writes it.
 type KindQueue = (mpsc::Sender<Push>, JoinHandle<()>);

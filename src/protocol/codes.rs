@@ -56,6 +56,11 @@ codes! {
         RateLimited = 106 => "RATE_LIMITED",
         /// The request conflicts with the current state.
         Conflict = 107 => "CONFLICT",
+        /// An operation's base revision is older than the history the server keeps;
+        /// the error carries the current snapshot.
+        ResyncRequired = 108 => "RESYNC_REQUIRED",
+        /// An operation does not fit the document (its base length differs).
+        InvalidOperation = 109 => "INVALID_OPERATION",
         /// A frame was longer than `Limits.max_frame_size`; it was skipped unread.
         FrameTooLarge = 200 => "FRAME_TOO_LARGE",
         /// A frame did not decode as the expected protobuf message; it was skipped.
@@ -123,6 +128,8 @@ mod tests {
             (ErrorCode::LimitExceeded, 105, "LIMIT_EXCEEDED"),
             (ErrorCode::RateLimited, 106, "RATE_LIMITED"),
             (ErrorCode::Conflict, 107, "CONFLICT"),
+            (ErrorCode::ResyncRequired, 108, "RESYNC_REQUIRED"),
+            (ErrorCode::InvalidOperation, 109, "INVALID_OPERATION"),
             (ErrorCode::FrameTooLarge, 200, "FRAME_TOO_LARGE"),
             (ErrorCode::FrameMalformed, 201, "FRAME_MALFORMED"),
             (ErrorCode::UnexpectedFrame, 202, "UNEXPECTED_FRAME"),

@@ -31,6 +31,7 @@ impl v1::Error {
             code: code as u32,
             name: code.name().to_owned(),
             message: message.into(),
+            detail: None,
         }
     }
 

@@ -4,6 +4,9 @@
 //! module opens the file, checks the schema version and hands out the database.
 
 pub mod cache;
+mod writer;
+
+pub use writer::{CommitObserver, Writer};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,9 +42,12 @@ pub enum StoreError {
         /// The version this build knows.
         supported: u64,
     },
-    /// The database file is damaged.
-    #[error("database metadata is corrupt: {0}")]
+    /// Stored data does not decode.
+    #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A group-committed write failed (the message says why).
+    #[error("write failed: {0}")]
+    Write(String),
     /// redb failed.
     #[error(transparent)]
     Db(#[from] redb::Error),

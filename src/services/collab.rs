@@ -1,0 +1,884 @@
+//! Collaborative text documents: the server is the single authority per document
+//! (the ot.js model). A client submits an operation with the revision it was made
+//! on; the server transforms it against every operation since, applies it, commits
+//! operation and revision to redb, acknowledges, and broadcasts it in revision order
+//! on the COLLAB push stream. Cursors travel as datagrams and settle reliably.
+//!
+//! Storage (all keyed by document id):
+//! - `collab_docs`: owner and access list;
+//! - `collab_snapshots`: the text at some revision, rewritten every
+//!   `snapshot_every` operations;
+//! - `collab_ops`: the operation log since `history` operations before the snapshot
+//!   (older entries are compacted away when a snapshot is written);
+//! - `collab_clients`: the last `(seq, revision)` applied per editing client, so a
+//!   resent operation is acknowledged again instead of applied twice, across restarts.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx};
+use crate::ot::{Authority, Component, OtError, TextOperation};
+use crate::protocol::ErrorCode;
+use crate::protocol::v1::{self, DocRole, StreamKind, push};
+use crate::store::StoreError;
+
+const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_docs");
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_snapshots");
+const OPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("collab_ops");
+const CLIENTS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("collab_clients");
+
+/// Collaboration settings (`[collab]` in the configuration file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollabConfig {
+    /// Operations kept (in memory and in the log) for transforming late operations
+    /// and for catching up reconnecting clients. Older base revisions get
+    /// `RESYNC_REQUIRED`.
+    pub history: usize,
+    /// A snapshot is written every this many operations.
+    pub snapshot_every: u64,
+    /// The largest document, in characters.
+    pub max_doc_chars: usize,
+    /// The longest client id, in bytes.
+    pub max_client_id: usize,
+    /// A cursor that has not moved for this long is sent again reliably.
+    #[serde(with = "crate::config::duration_str")]
+    pub cursor_settle: Duration,
+    /// Cursor datagrams relayed per session and document per second at most; moves
+    /// in between are coalesced (the latest one settles reliably).
+    pub cursor_rate: u32,
+}
+
+impl Default for CollabConfig {
+    fn default() -> Self {
+        Self {
+            history: 1000,
+            snapshot_every: 100,
+            max_doc_chars: 1 << 20,
+            max_client_id: 64,
+            cursor_settle: Duration::from_millis(300),
+            cursor_rate: 20,
+        }
+    }
+}
+
+/// Owner and access list of a document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DocMeta {
+    owner: String,
+    /// user → role (`DocRole` number).
+    acl: BTreeMap<String, i32>,
+}
+
+impl DocMeta {
+    fn role_of(&self, user: &str) -> DocRole {
+        if user == self.owner {
+            return DocRole::Owner;
+        }
+        self.acl
+            .get(user)
+            .and_then(|r| DocRole::try_from(*r).ok())
+            .unwrap_or(DocRole::Unspecified)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    revision: u64,
+    text: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredOp {
+    op: TextOperation,
+    user: String,
+    client_id: String,
+    seq: u64,
+}
+
+/// One loaded document.
+#[derive(Debug)]
+struct DocState {
+    id: String,
+    meta: DocMeta,
+    authority: Authority,
+    /// The last `history` operations as pushed, for catch-up.
+    log: VecDeque<v1::DocOperation>,
+    /// client id → (last seq, its revision).
+    clients: HashMap<String, (u64, u64)>,
+    /// Revision of the last snapshot written.
+    snapshot_revision: u64,
+    /// Sessions that have the document open: session id → user.
+    present: BTreeMap<String, String>,
+    /// An in-memory change could not be committed: this copy is stale.
+    broken: bool,
+}
+
+#[derive(Debug)]
+struct DocHandle {
+    state: tokio::sync::Mutex<DocState>,
+}
+
+#[derive(Debug)]
+struct CursorState {
+    cursor: v1::DocCursor,
+    last_relay: Option<Instant>,
+    last_move: Instant,
+    settled: bool,
+}
+
+/// Counters of the collaboration service, shown at `/metrics`.
+#[derive(Debug, Default)]
+pub struct CollabCounters {
+    /// Operations applied.
+    pub applied: std::sync::atomic::AtomicU64,
+    /// Operations that had to be transformed against concurrent ones.
+    pub transformed: std::sync::atomic::AtomicU64,
+    /// Operations refused (malformed, not allowed, too large).
+    pub rejected: std::sync::atomic::AtomicU64,
+    /// Operations answered with `RESYNC_REQUIRED`.
+    pub resyncs: std::sync::atomic::AtomicU64,
+}
+
+/// The collaboration service.
+#[derive(Debug)]
+pub struct CollabService {
+    deps: ServiceDeps,
+    config: CollabConfig,
+    /// Every loaded document, so there is never more than one copy of one.
+    loaded: Mutex<HashMap<String, Weak<DocHandle>>>,
+    /// Recently used documents stay loaded.
+    hot: crate::store::cache::Cache<String, Arc<DocHandle>>,
+    /// session id → documents it has open.
+    sessions: Mutex<HashMap<String, HashMap<String, Arc<DocHandle>>>>,
+    /// (document, session) → its cursor.
+    cursors: Mutex<HashMap<(String, String), CursorState>>,
+}
+
+fn topic(doc_id: &str) -> String {
+    format!("doc/{doc_id}")
+}
+
+fn not_found() -> ServiceError {
+    ServiceError::new(ErrorCode::NotFound, "no such document")
+}
+
+fn validate_doc_id(id: &str) -> ServiceResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::bad_request(
+            "document ids are 1-128 of A-Z a-z 0-9 - _ .",
+        ))
+    }
+}
+
+/// The wire form of an operation.
+pub fn op_to_wire(op: &TextOperation) -> v1::TextOp {
+    use v1::op_component::Kind;
+    v1::TextOp {
+        components: op
+            .components()
+            .iter()
+            .map(|c| v1::OpComponent {
+                kind: Some(match c {
+                    Component::Retain(n) => Kind::Retain(*n as u64),
+                    Component::Insert(s) => Kind::Insert(s.clone()),
+                    Component::Delete(n) => Kind::Delete(*n as u64),
+                }),
+            })
+            .collect(),
+    }
+}
+
+/// An operation from its wire form; malformed ones are `Err`.
+pub fn op_from_wire(op: Option<v1::TextOp>) -> Result<TextOperation, OtError> {
+    use v1::op_component::Kind;
+    let comps = op
+        .unwrap_or_default()
+        .components
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| match c.kind {
+            Some(Kind::Retain(n)) => Ok(Component::Retain(n as usize)),
+            Some(Kind::Insert(s)) => Ok(Component::Insert(s)),
+            Some(Kind::Delete(n)) => Ok(Component::Delete(n as usize)),
+            None => Err(OtError::InvalidComponent {
+                index: i,
+                found: "an empty component".into(),
+            }),
+        });
+    let comps: Vec<Component> = comps.collect::<Result<_, _>>()?;
+    TextOperation::from_components(comps)
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data serializes")
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl CollabService {
+    /// Opens the service (creating its tables) and starts the cursor settle task.
+    pub fn open(deps: ServiceDeps, config: CollabConfig) -> Result<Arc<Self>, StoreError> {
+        let mut txn = deps.store.db().begin_write()?;
+        txn.set_quick_repair(true);
+        txn.open_table(DOCS)?;
+        txn.open_table(SNAPSHOTS)?;
+        txn.open_table(OPS)?;
+        txn.open_table(CLIENTS)?;
+        txn.commit()?;
+        let service = Arc::new(Self {
+            deps,
+            hot: crate::store::cache::CacheSpec::new(10_000, Duration::from_secs(600))
+                .build("docs"),
+            config,
+            loaded: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            cursors: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(settle_cursors(Arc::downgrade(&service)));
+        Ok(service)
+    }
+
+    /// Creates a document owned by the caller.
+    pub async fn create(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::DocCreateRequest,
+    ) -> ServiceResult<v1::DocCreateResponse> {
+        let id = if req.doc_id.is_empty() {
+            crate::util::random_hex(8)
+        } else {
+            req.doc_id
+        };
+        validate_doc_id(&id)?;
+        if req.text.chars().count() > self.config.max_doc_chars {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "documents hold at most {} characters",
+                    self.config.max_doc_chars
+                ),
+            ));
+        }
+        let meta = DocMeta {
+            owner: ctx.user_id().to_owned(),
+            acl: BTreeMap::new(),
+        };
+        let (meta_bytes, snap_bytes) = (
+            json(&meta),
+            json(&StoredSnapshot {
+                revision: 0,
+                text: req.text,
+            }),
+        );
+        let exists = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = exists.clone();
+        let doc_id = id.clone();
+        self.deps
+            .writer
+            .write(move |txn| {
+                let mut docs = txn.open_table(DOCS)?;
+                if docs.get(doc_id.as_str())?.is_some() {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(());
+                }
+                flag.store(false, std::sync::atomic::Ordering::Relaxed);
+                docs.insert(doc_id.as_str(), meta_bytes.as_slice())?;
+                txn.open_table(SNAPSHOTS)?
+                    .insert(doc_id.as_str(), snap_bytes.as_slice())?;
+                Ok(())
+            })
+            .await?;
+        if exists.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ServiceError::new(
+                ErrorCode::Conflict,
+                "the document id is taken",
+            ));
+        }
+        Ok(v1::DocCreateResponse {
+            doc_id: id,
+            revision: 0,
+        })
+    }
+
+    /// Grants or revokes access. Owner only.
+    pub async fn share(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::DocShareRequest,
+    ) -> ServiceResult<v1::DocShareResponse> {
+        validate_doc_id(&req.doc_id)?;
+        crate::auth::validate_user_id(&req.user_id).map_err(ServiceError::bad_request)?;
+        let role =
+            DocRole::try_from(req.role).map_err(|_| ServiceError::bad_request("unknown role"))?;
+        if role == DocRole::Owner {
+            return Err(ServiceError::bad_request("a document has one owner"));
+        }
+        let handle = self.load(&req.doc_id)?.ok_or_else(not_found)?;
+        let mut d = handle.state.lock().await;
+        match d.meta.role_of(ctx.user_id()) {
+            DocRole::Owner => {}
+            DocRole::Unspecified => return Err(not_found()),
+            _ => {
+                return Err(ServiceError::new(
+                    ErrorCode::PermissionDenied,
+                    "only the owner shares a document",
+                ));
+            }
+        }
+        if req.user_id == d.meta.owner {
+            return Err(ServiceError::bad_request("the owner's role cannot change"));
+        }
+        let mut meta = d.meta.clone();
+        if role == DocRole::Unspecified {
+            meta.acl.remove(&req.user_id);
+        } else {
+            meta.acl.insert(req.user_id.clone(), role as i32);
+        }
+        let bytes = json(&meta);
+        let id = d.id.clone();
+        self.deps
+            .writer
+            .write(move |txn| {
+                txn.open_table(DOCS)?
+                    .insert(id.as_str(), bytes.as_slice())?;
+                Ok(())
+            })
+            .await?;
+        d.meta = meta;
+        Ok(v1::DocShareResponse {})
+    }
+
+    /// Opens a document for the session: snapshot or catch-up, who is here, and
+    /// from now on its operations and presence on the COLLAB stream.
+    pub async fn open_doc(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::DocOpenRequest,
+    ) -> ServiceResult<v1::DocOpenResponse> {
+        validate_doc_id(&req.doc_id)?;
+        let handle = self.load(&req.doc_id)?.ok_or_else(not_found)?;
+        let mut d = handle.state.lock().await;
+        let role = d.meta.role_of(ctx.user_id());
+        if role == DocRole::Unspecified {
+            return Err(not_found());
+        }
+        let revision = d.authority.revision();
+        let state = match req.known_revision {
+            Some(k) if k > revision => {
+                return Err(ServiceError::bad_request(format!(
+                    "known_revision {k} is ahead of the document ({revision})"
+                )));
+            }
+            Some(k) if revision - k <= d.log.len() as u64 => {
+                let skip = d.log.len() - (revision - k) as usize;
+                v1::doc_open_response::State::CatchUp(v1::DocCatchUp {
+                    operations: d.log.iter().skip(skip).cloned().collect(),
+                })
+            }
+            _ => v1::doc_open_response::State::Snapshot(d.authority.doc().to_owned()),
+        };
+        let participants = {
+            let cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            d.present
+                .iter()
+                .filter(|(s, _)| s.as_str() != ctx.session_id())
+                .map(|(s, u)| v1::DocParticipant {
+                    user_id: u.clone(),
+                    session_id: s.clone(),
+                    cursor: cursors
+                        .get(&(d.id.clone(), s.clone()))
+                        .map(|c| c.cursor.clone()),
+                })
+                .collect()
+        };
+        // Subscribing under the document lock: every operation after `revision` is
+        // published under the same lock, so none is missed.
+        let t = topic(&d.id);
+        self.deps.hub.subscribe(&t, ctx.subscriber.clone());
+        let newly = d
+            .present
+            .insert(ctx.session_id().to_owned(), ctx.user_id().to_owned())
+            .is_none();
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ctx.session_id().to_owned())
+            .or_default()
+            .insert(d.id.clone(), handle.clone());
+        if newly {
+            self.publish_presence(&d.id, ctx, true);
+        }
+        Ok(v1::DocOpenResponse {
+            doc_id: d.id.clone(),
+            revision,
+            role: role as i32,
+            state: Some(state),
+            participants,
+        })
+    }
+
+    /// Stops sending the document's events to the session.
+    pub async fn close_doc(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::DocCloseRequest,
+    ) -> ServiceResult<v1::DocCloseResponse> {
+        let handle = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(ctx.session_id())
+            .and_then(|docs| docs.remove(&req.doc_id));
+        if let Some(handle) = handle {
+            self.leave(ctx, &handle).await;
+        }
+        Ok(v1::DocCloseResponse {})
+    }
+
+    /// The session ended: it leaves every document it had open.
+    pub async fn disconnected(&self, ctx: &SessionCtx) {
+        let docs = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ctx.session_id())
+            .unwrap_or_default();
+        for handle in docs.values() {
+            self.leave(ctx, handle).await;
+        }
+    }
+
+    async fn leave(&self, ctx: &SessionCtx, handle: &Arc<DocHandle>) {
+        let mut d = handle.state.lock().await;
+        self.deps.hub.unsubscribe(&topic(&d.id), ctx.session_id());
+        self.cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(d.id.clone(), ctx.session_id().to_owned()));
+        if d.present.remove(ctx.session_id()).is_some() {
+            self.publish_presence(&d.id, ctx, false);
+        }
+    }
+
+    fn publish_presence(&self, doc_id: &str, ctx: &SessionCtx, joined: bool) {
+        let push = v1::Push {
+            stream: String::new(),
+            offset: 0,
+            event: Some(push::Event::DocPresence(v1::DocPresence {
+                doc_id: doc_id.to_owned(),
+                user_id: ctx.user_id().to_owned(),
+                session_id: ctx.session_id().to_owned(),
+                joined,
+            })),
+        };
+        for s in self.deps.hub.subscribers(&topic(doc_id)) {
+            if s.session_id() != ctx.session_id() {
+                let _ = s.push(StreamKind::Collab, push.clone());
+            }
+        }
+    }
+
+    fn reject(&self, e: ServiceError) -> ServiceError {
+        self.counters()
+            .rejected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        e
+    }
+
+    fn counters(&self) -> &CollabCounters {
+        &self.deps.metrics.collab
+    }
+
+    /// Applies an operation: transform, commit, acknowledge, broadcast.
+    pub async fn submit(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::DocSubmitRequest,
+    ) -> ServiceResult<v1::DocSubmitResponse> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let handle = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(ctx.session_id())
+            .and_then(|docs| docs.get(&req.doc_id).cloned());
+        let Some(handle) = handle else {
+            // Whether it exists or not, the session has not opened it.
+            return Err(self.reject(ServiceError::new(
+                ErrorCode::NotFound,
+                "open the document before submitting to it",
+            )));
+        };
+        if req.client_id.is_empty()
+            || req.client_id.len() > self.config.max_client_id
+            || req.seq == 0
+        {
+            return Err(self.reject(ServiceError::bad_request(format!(
+                "client_id must be 1-{} bytes and seq positive",
+                self.config.max_client_id
+            ))));
+        }
+        let op = op_from_wire(req.op).map_err(|e| {
+            self.reject(ServiceError::new(
+                ErrorCode::InvalidOperation,
+                e.to_string(),
+            ))
+        })?;
+        let mut d = handle.state.lock().await;
+        if d.broken {
+            return Err(ServiceError::new(
+                ErrorCode::Internal,
+                "the document was reloaded; open it again",
+            ));
+        }
+        match d.meta.role_of(ctx.user_id()) {
+            DocRole::Owner | DocRole::Editor => {}
+            DocRole::Viewer => {
+                return Err(self.reject(ServiceError::new(
+                    ErrorCode::PermissionDenied,
+                    "viewers cannot edit",
+                )));
+            }
+            _ => return Err(self.reject(not_found())),
+        }
+        if let Some(&(seq, revision)) = d.clients.get(&req.client_id) {
+            if req.seq == seq {
+                return Ok(v1::DocSubmitResponse {
+                    revision,
+                    duplicate: true,
+                });
+            }
+            if req.seq < seq {
+                return Err(self.reject(ServiceError::new(
+                    ErrorCode::Conflict,
+                    format!("seq {} is older than the last applied ({seq})", req.seq),
+                )));
+            }
+        }
+        let inserted: usize = op
+            .components()
+            .iter()
+            .map(|c| match c {
+                Component::Insert(s) => s.chars().count(),
+                _ => 0,
+            })
+            .sum();
+        if d.authority.doc_len() + inserted > self.config.max_doc_chars {
+            return Err(self.reject(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "documents hold at most {} characters",
+                    self.config.max_doc_chars
+                ),
+            )));
+        }
+        let applied = match d.authority.receive(req.base_revision, op, None) {
+            Ok(a) => a,
+            Err(OtError::TooOld { .. }) => {
+                self.counters().resyncs.fetch_add(1, Relaxed);
+                let mut e = ServiceError::new(
+                    ErrorCode::ResyncRequired,
+                    "the base revision is older than the kept history",
+                );
+                e.detail = Some(v1::error::Detail::Resync(v1::DocSnapshot {
+                    doc_id: d.id.clone(),
+                    revision: d.authority.revision(),
+                    text: d.authority.doc().to_owned(),
+                }));
+                return Err(e);
+            }
+            Err(e @ OtError::FutureRevision { .. }) => {
+                return Err(self.reject(ServiceError::bad_request(e.to_string())));
+            }
+            Err(e) => {
+                return Err(self.reject(ServiceError::new(
+                    ErrorCode::InvalidOperation,
+                    e.to_string(),
+                )));
+            }
+        };
+        let revision = applied.revision;
+
+        // Persist: the operation, the client's seq, and a snapshot when due.
+        let stored = json(&StoredOp {
+            op: applied.op.clone(),
+            user: ctx.user_id().to_owned(),
+            client_id: req.client_id.clone(),
+            seq: req.seq,
+        });
+        let snapshot = (revision - d.snapshot_revision >= self.config.snapshot_every).then(|| {
+            json(&StoredSnapshot {
+                revision,
+                text: d.authority.doc().to_owned(),
+            })
+        });
+        let history = self.config.history as u64;
+        let snapshot_taken = snapshot.is_some();
+        let (id, client_id, seq) = (d.id.clone(), req.client_id.clone(), req.seq);
+        let write = self
+            .deps
+            .writer
+            .write(move |txn| {
+                let mut ops = txn.open_table(OPS)?;
+                ops.insert((id.as_str(), revision), stored.as_slice())?;
+                txn.open_table(CLIENTS)?
+                    .insert((id.as_str(), client_id.as_str()), (seq, revision))?;
+                if let Some(snap) = &snapshot {
+                    txn.open_table(SNAPSHOTS)?
+                        .insert(id.as_str(), snap.as_slice())?;
+                    // Keep `history` operations before the snapshot for catch-up.
+                    let keep_from = revision.saturating_sub(history) + 1;
+                    ops.retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = write {
+            // Memory is ahead of the disk now: retire this copy.
+            d.broken = true;
+            self.forget(&d.id);
+            return Err(ServiceError::internal(e));
+        }
+        if snapshot_taken {
+            d.snapshot_revision = revision;
+        }
+        d.clients.insert(req.client_id.clone(), (req.seq, revision));
+        self.counters().applied.fetch_add(1, Relaxed);
+        if applied.concurrent > 0 {
+            self.counters().transformed.fetch_add(1, Relaxed);
+        }
+        let event = v1::DocOperation {
+            doc_id: d.id.clone(),
+            revision,
+            op: Some(op_to_wire(&applied.op)),
+            user_id: ctx.user_id().to_owned(),
+            client_id: req.client_id,
+            seq: req.seq,
+        };
+        d.log.push_back(event.clone());
+        while d.log.len() > self.config.history {
+            d.log.pop_front();
+        }
+        // Published under the document lock: pushes go out in revision order.
+        let t = topic(&d.id);
+        self.deps.hub.publish(
+            &t,
+            StreamKind::Collab,
+            &v1::Push {
+                stream: t.clone(),
+                offset: revision,
+                event: Some(push::Event::DocOperation(event)),
+            },
+        );
+        Ok(v1::DocSubmitResponse {
+            revision,
+            duplicate: false,
+        })
+    }
+
+    /// A cursor datagram: relayed to the others in the document (at most
+    /// `cursor_rate` per second; the latest position always settles reliably).
+    pub fn cursor(&self, ctx: &SessionCtx, mut c: v1::DocCursor) {
+        let open = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(ctx.session_id())
+            .is_some_and(|docs| docs.contains_key(&c.doc_id));
+        if !open {
+            return;
+        }
+        c.user_id = ctx.user_id().to_owned();
+        c.session_id = ctx.session_id().to_owned();
+        let now = Instant::now();
+        let min_gap = Duration::from_secs(1) / self.config.cursor_rate.max(1);
+        let relay = {
+            let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let state = cursors
+                .entry((c.doc_id.clone(), c.session_id.clone()))
+                .or_insert_with(|| CursorState {
+                    cursor: c.clone(),
+                    last_relay: None,
+                    last_move: now,
+                    settled: true,
+                });
+            state.cursor = c.clone();
+            state.last_move = now;
+            state.settled = false;
+            let due = state.last_relay.is_none_or(|t| now - t >= min_gap);
+            if due {
+                state.last_relay = Some(now);
+            }
+            due
+        };
+        if relay {
+            let data = Bytes::from(
+                v1::Datagram {
+                    kind: Some(v1::datagram::Kind::Cursor(c.clone())),
+                }
+                .encode_to_vec(),
+            );
+            self.deps
+                .hub
+                .datagram(&topic(&c.doc_id), &c.session_id, &data);
+        }
+    }
+
+    /// Sends, reliably, every cursor that stopped moving and was not sent so yet.
+    fn settle(&self) {
+        let now = Instant::now();
+        let due: Vec<v1::DocCursor> = {
+            let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            cursors
+                .values_mut()
+                .filter(|s| !s.settled && now - s.last_move >= self.config.cursor_settle)
+                .map(|s| {
+                    s.settled = true;
+                    s.cursor.clone()
+                })
+                .collect()
+        };
+        for c in due {
+            let push = v1::Push {
+                stream: String::new(),
+                offset: 0,
+                event: Some(push::Event::DocCursor(c.clone())),
+            };
+            for s in self.deps.hub.subscribers(&topic(&c.doc_id)) {
+                if s.session_id() != c.session_id {
+                    let _ = s.push(StreamKind::Collab, push.clone());
+                }
+            }
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        let hot = self.hot.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move { hot.invalidate(&id).await });
+    }
+
+    /// The loaded document, loading it from redb if needed. `None`: no such document.
+    fn load(&self, id: &str) -> ServiceResult<Option<Arc<DocHandle>>> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
+            return Ok(Some(h));
+        }
+        let Some(state) = self.read_doc(id)? else {
+            return Ok(None);
+        };
+        let handle = Arc::new(DocHandle {
+            state: tokio::sync::Mutex::new(state),
+        });
+        loaded.retain(|_, w| w.strong_count() > 0);
+        loaded.insert(id.to_owned(), Arc::downgrade(&handle));
+        let hot = self.hot.clone();
+        let (key, value) = (id.to_owned(), handle.clone());
+        tokio::spawn(async move { hot.insert(key, value).await });
+        Ok(Some(handle))
+    }
+
+    fn read_doc(&self, id: &str) -> Result<Option<DocState>, StoreError> {
+        let txn = self.deps.store.db().begin_read()?;
+        let Some(meta) = txn.open_table(DOCS)?.get(id)? else {
+            return Ok(None);
+        };
+        let meta: DocMeta = serde_json::from_slice(meta.value()).map_err(corrupt)?;
+        let snap: StoredSnapshot = match txn.open_table(SNAPSHOTS)?.get(id)? {
+            Some(s) => serde_json::from_slice(s.value()).map_err(corrupt)?,
+            None => return Err(corrupt(format!("document {id} has no snapshot"))),
+        };
+        // The log holds up to `history` operations before the snapshot and every
+        // one after it. Replay those after it; keep the last `history` for catch-up.
+        let mut text = snap.text;
+        let mut revision = snap.revision;
+        let mut history = VecDeque::new();
+        let mut log = VecDeque::new();
+        let ops = txn.open_table(OPS)?;
+        for entry in ops.range((id, 0)..=(id, u64::MAX))? {
+            let (key, value) = entry?;
+            let rev = key.value().1;
+            let stored: StoredOp = serde_json::from_slice(value.value()).map_err(corrupt)?;
+            if rev > revision {
+                if rev != revision + 1 {
+                    return Err(corrupt(format!(
+                        "document {id}: revision {rev} after {revision}"
+                    )));
+                }
+                text = stored.op.apply(&text).map_err(corrupt)?;
+                revision = rev;
+            }
+            log.push_back(v1::DocOperation {
+                doc_id: id.to_owned(),
+                revision: rev,
+                op: Some(op_to_wire(&stored.op)),
+                user_id: stored.user,
+                client_id: stored.client_id,
+                seq: stored.seq,
+            });
+            history.push_back(stored.op);
+            if history.len() > self.config.history {
+                history.pop_front();
+                log.pop_front();
+            }
+        }
+        let mut clients = HashMap::new();
+        for entry in txn.open_table(CLIENTS)?.range((id, "")..)? {
+            let (key, value) = entry?;
+            let (doc, client) = key.value();
+            if doc != id {
+                break;
+            }
+            clients.insert(client.to_owned(), value.value());
+        }
+        let authority = Authority::at_revision(text, revision)
+            .with_max_history(self.config.history)
+            .with_history(history)
+            .map_err(corrupt)?;
+        Ok(Some(DocState {
+            id: id.to_owned(),
+            meta,
+            authority,
+            log,
+            clients,
+            snapshot_revision: snap.revision,
+            present: BTreeMap::new(),
+            broken: false,
+        }))
+    }
+}
+
+async fn settle_cursors(service: Weak<CollabService>) {
+    let period = match service.upgrade() {
+        Some(s) => (s.config.cursor_settle / 2).max(Duration::from_millis(10)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        match service.upgrade() {
+            Some(s) => s.settle(),
+            None => return,
+        }
+    }
+}

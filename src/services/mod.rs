@@ -1,0 +1,144 @@
+//! Domain services. They know users, sessions (as [`Subscriber`]s) and protocol
+//! messages, never a QUIC or WebTransport type; each owns its redb tables.
+
+pub mod collab;
+
+use std::sync::Arc;
+
+use crate::hub::{Hub, Subscriber};
+use crate::metrics::Metrics;
+use crate::protocol::ErrorCode;
+use crate::protocol::v1::{self, request, response};
+use crate::store::{Store, Writer};
+
+/// A failed request: a typed code, a message, and optional details.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceError {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+    /// Machine-readable details.
+    pub detail: Option<v1::error::Detail>,
+}
+
+impl ServiceError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    /// `BAD_REQUEST`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    /// `INTERNAL`, logging the cause.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(%cause, "internal error");
+        Self::new(ErrorCode::Internal, "internal error")
+    }
+
+    /// The wire form.
+    pub fn into_wire(self) -> v1::Error {
+        let mut e = v1::Error::new(self.code, self.message);
+        e.detail = self.detail;
+        e
+    }
+}
+
+impl From<crate::store::StoreError> for ServiceError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::internal(e)
+    }
+}
+
+/// The result of a request handler.
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// The authenticated session a request comes from.
+#[derive(Debug, Clone)]
+pub struct SessionCtx {
+    /// The session, for pushes and subscriptions.
+    pub subscriber: Arc<dyn Subscriber>,
+    /// Roles from the token.
+    pub roles: Arc<[String]>,
+}
+
+impl SessionCtx {
+    /// The user.
+    pub fn user_id(&self) -> &str {
+        self.subscriber.user_id()
+    }
+
+    /// The session id.
+    pub fn session_id(&self) -> &str {
+        self.subscriber.session_id()
+    }
+}
+
+/// Everything a service may need from the node.
+#[derive(Debug, Clone)]
+pub struct ServiceDeps {
+    /// The database.
+    pub store: Store,
+    /// Group-commit writes.
+    pub writer: Writer,
+    /// Local fan-out.
+    pub hub: Arc<Hub>,
+    /// Counters and histograms.
+    pub metrics: Arc<Metrics>,
+}
+
+/// All services of a node.
+#[derive(Debug)]
+pub struct Services {
+    /// Collaborative documents.
+    pub collab: Arc<collab::CollabService>,
+}
+
+impl Services {
+    /// Opens every service over `deps`.
+    pub fn open(
+        deps: ServiceDeps,
+        collab: collab::CollabConfig,
+    ) -> Result<Self, crate::store::StoreError> {
+        Ok(Self {
+            collab: collab::CollabService::open(deps, collab)?,
+        })
+    }
+
+    /// Answers a feature request. `None` means the body is not a feature request.
+    pub async fn handle(
+        &self,
+        ctx: &SessionCtx,
+        body: request::Body,
+    ) -> Option<ServiceResult<response::Body>> {
+        use request::Body as Rq;
+        use response::Body as Rs;
+        Some(match body {
+            Rq::DocCreate(r) => self.collab.create(ctx, r).await.map(Rs::DocCreate),
+            Rq::DocShare(r) => self.collab.share(ctx, r).await.map(Rs::DocShare),
+            Rq::DocOpen(r) => self.collab.open_doc(ctx, r).await.map(Rs::DocOpen),
+            Rq::DocClose(r) => self.collab.close_doc(ctx, r).await.map(Rs::DocClose),
+            Rq::DocSubmit(r) => self.collab.submit(ctx, r).await.map(Rs::DocSubmit),
+            Rq::Echo(_) => return None,
+        })
+    }
+
+    /// A datagram from a session (already decoded).
+    pub fn datagram(&self, ctx: &SessionCtx, dgram: v1::datagram::Kind) {
+        if let v1::datagram::Kind::Cursor(c) = dgram {
+            self.collab.cursor(ctx, c);
+        }
+    }
+
+    /// The session ended.
+    pub async fn disconnected(&self, ctx: &SessionCtx) {
+        self.collab.disconnected(ctx).await;
+    }
+}

@@ -1,0 +1,522 @@
+//! Collaborative editing through the real server: concurrent typing by clients on
+//! mixed transports converging with the server and with the stored copy after a
+//! restart; resends applied once; viewers refused; resync; presence and cursors.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use support::{TestServer, test_config};
+use tutti::client::collab::Document;
+use tutti::client::{Client, ClientError, Event};
+use tutti::ot::TextOperation;
+use tutti::protocol::ErrorCode;
+use tutti::protocol::v1::{self, DocRole, StreamKind, doc_open_response, push, request, response};
+use tutti::transport::TransportKind;
+
+async fn create(c: &Client, doc_id: &str, text: &str) {
+    match c
+        .request(request::Body::DocCreate(v1::DocCreateRequest {
+            doc_id: doc_id.into(),
+            text: text.into(),
+        }))
+        .await
+        .unwrap()
+    {
+        response::Body::DocCreate(r) => assert_eq!(r.doc_id, doc_id),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn share(c: &Client, doc_id: &str, user: &str, role: DocRole) {
+    c.request(request::Body::DocShare(v1::DocShareRequest {
+        doc_id: doc_id.into(),
+        user_id: user.into(),
+        role: role as i32,
+    }))
+    .await
+    .unwrap();
+}
+
+async fn open(
+    c: &Client,
+    doc_id: &str,
+    known: Option<u64>,
+) -> Result<v1::DocOpenResponse, ClientError> {
+    match c
+        .request(request::Body::DocOpen(v1::DocOpenRequest {
+            doc_id: doc_id.into(),
+            known_revision: known,
+        }))
+        .await?
+    {
+        response::Body::DocOpen(r) => Ok(r),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn submit(
+    c: &Client,
+    req: v1::DocSubmitRequest,
+) -> Result<v1::DocSubmitResponse, ClientError> {
+    match c.request(request::Body::DocSubmit(req)).await? {
+        response::Body::DocSubmit(r) => Ok(r),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn server_error(r: Result<impl std::fmt::Debug, ClientError>) -> v1::Error {
+    match r {
+        Err(ClientError::Server(e)) => e,
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+/// A tiny deterministic generator (no randomness in tests without a seed).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const SNIPPETS: &[&str] = &["a", "é", "🎉", "👩‍👩‍👧", "e\u{301}", "漢字", " ", "xyz", "\n"];
+
+fn random_edit(rng: &mut Rng, text: &str) -> TextOperation {
+    let len = text.chars().count();
+    let pos = rng.below(len + 1);
+    if len > 0 && rng.below(3) == 0 {
+        let n = 1 + rng.below((len - pos.min(len - 1)).min(3));
+        let pos = pos.min(len - n);
+        TextOperation::new()
+            .retain(pos)
+            .delete(n)
+            .retain(len - pos - n)
+    } else {
+        let s = SNIPPETS[rng.below(SNIPPETS.len())];
+        TextOperation::new().retain(pos).insert(s).retain(len - pos)
+    }
+}
+
+/// Types `edits` random edits while applying what the others type, until every
+/// local edit is acknowledged.
+/// Returns the last request sent.
+async fn type_concurrently(
+    client: &Client,
+    doc: &mut Document,
+    edits: usize,
+    seed: u64,
+) -> v1::DocSubmitRequest {
+    let mut rng = Rng(seed);
+    let mut last = None;
+    let mut left = edits;
+    let mut inflight = FuturesUnordered::new();
+    // Keystrokes at a typing rate (a fast typist's 1,000 per second), so edits and
+    // other people's operations interleave; correctness does not depend on it.
+    let mut keys = tokio::time::interval(Duration::from_millis(1));
+    keys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if left == 0 && inflight.is_empty() && doc.is_synchronized() {
+            return last.expect("at least one edit was sent");
+        }
+        tokio::select! {
+            ev = client.next_event() => match ev {
+                Some(Event::Push(StreamKind::Collab, p)) => {
+                    if let Some(push::Event::DocOperation(op)) = p.event
+                        && let Some(req) = doc.on_operation(op).unwrap()
+                    {
+                        last = Some(req.clone());
+                        inflight.push(submit(client, req));
+                    }
+                }
+                Some(_) => {}
+                None => panic!("session closed"),
+            },
+            Some(r) = inflight.next(), if !inflight.is_empty() => {
+                r.unwrap();
+            }
+            _ = keys.tick(), if left > 0 => {
+                left -= 1;
+                let op = random_edit(&mut rng, doc.text());
+                if let Some(req) = doc.edit(op).unwrap() {
+                    last = Some(req.clone());
+                    inflight.push(submit(client, req));
+                }
+            }
+        }
+    }
+}
+
+/// Applies pushed operations until the document reaches `revision`.
+async fn follow_until(client: &Client, doc: &mut Document, revision: u64) {
+    while doc.revision() < revision {
+        match client.next_event().await {
+            Some(Event::Push(_, p)) => {
+                if let Some(push::Event::DocOperation(op)) = p.event {
+                    assert!(doc.on_operation(op).unwrap().is_none());
+                }
+            }
+            Some(_) => {}
+            None => panic!("session closed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_editors_on_mixed_transports_converge_and_survive_a_restart() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = tutti::start(test_config(dir.path())).await.unwrap();
+        let s = support::TestServer {
+            server: Some(server),
+            dir,
+        };
+        let alice = s.connect(TransportKind::Quic, "alice").await;
+        create(&alice, "notes", "héllo 🌍").await;
+        for u in ["bob", "carol"] {
+            share(&alice, "notes", u, DocRole::Editor).await;
+        }
+        share(&alice, "notes", "dave", DocRole::Viewer).await;
+        let bob = s.connect(TransportKind::WebTransport, "bob").await;
+        let carol = s.connect(TransportKind::Quic, "carol").await;
+        let clients = [(&alice, "alice-1"), (&bob, "bob-1"), (&carol, "carol-1")];
+        let mut docs = Vec::new();
+        for (c, id) in clients {
+            docs.push(Document::from_open(id, open(c, "notes", None).await.unwrap()).unwrap());
+        }
+        let [da, db, dc] = &mut docs[..] else {
+            unreachable!()
+        };
+        let (last_a, _, last_c) = tokio::join!(
+            type_concurrently(&alice, da, 150, 1),
+            type_concurrently(&bob, db, 150, 2),
+            type_concurrently(&carol, dc, 150, 3),
+        );
+        // Everyone has had every own edit acknowledged; fetch the server's copy.
+        let check = s.connect(TransportKind::Quic, "alice").await;
+        let truth = open(&check, "notes", None).await.unwrap();
+        let Some(doc_open_response::State::Snapshot(text)) = truth.state else {
+            panic!()
+        };
+        // Edits made while one is in flight are composed: at most one revision each.
+        assert!(
+            truth.revision >= 30 && truth.revision <= 450,
+            "{}",
+            truth.revision
+        );
+        for (doc, (c, _)) in docs.iter_mut().zip(clients) {
+            follow_until(c, doc, truth.revision).await;
+            assert_eq!(doc.text(), text, "client {} diverged", doc.client_id());
+        }
+        let metrics = s.http_get("/metrics").await.1;
+        assert!(
+            metrics.contains(&format!(
+                "tutti_collab_operations_applied_total {}",
+                truth.revision
+            )),
+            "{metrics}"
+        );
+        assert!(
+            !metrics.contains("tutti_collab_operations_transformed_total 0\n"),
+            "concurrent edits were transformed"
+        );
+
+        // A resend of an applied operation is acknowledged again, not applied.
+        let ack = submit(&alice, last_a.clone()).await.unwrap();
+        assert!(ack.duplicate);
+        assert!(ack.revision <= truth.revision);
+        assert_eq!(
+            open(&check, "notes", None).await.unwrap().revision,
+            truth.revision
+        );
+
+        // A viewer is refused.
+        let dave = s.connect(TransportKind::WebTransport, "dave").await;
+        let dave_doc =
+            Document::from_open("dave-1", open(&dave, "notes", None).await.unwrap()).unwrap();
+        assert_eq!(dave_doc.role(), DocRole::Viewer);
+        let refused = submit(
+            &dave,
+            v1::DocSubmitRequest {
+                doc_id: "notes".into(),
+                base_revision: truth.revision,
+                op: Some(tutti::services::collab::op_to_wire(
+                    &TextOperation::new()
+                        .retain(text.chars().count())
+                        .insert("!"),
+                )),
+                client_id: "dave-1".into(),
+                seq: 1,
+            },
+        )
+        .await;
+        assert_eq!(
+            server_error(refused).error_code(),
+            Some(ErrorCode::PermissionDenied)
+        );
+
+        // Someone the document was not shared with cannot learn it exists.
+        let eve = s.connect(TransportKind::Quic, "eve").await;
+        let hidden = server_error(open(&eve, "notes", None).await);
+        let missing = server_error(open(&eve, "no-such-doc", None).await);
+        assert_eq!(hidden.error_code(), Some(ErrorCode::NotFound));
+        assert_eq!(hidden.message, missing.message);
+
+        // Restart on the same data directory: the same text at the same revision.
+        drop((alice, bob, carol, check, dave, eve));
+        let mut s = s;
+        s.shutdown().await;
+        let server = tutti::start(test_config(s.dir.path())).await.unwrap();
+        let s = support::TestServer {
+            server: Some(server),
+            dir: s.dir,
+        };
+        let reader = s.connect(TransportKind::WebTransport, "carol").await;
+        let reopened = open(&reader, "notes", None).await.unwrap();
+        assert_eq!(reopened.revision, truth.revision);
+        assert_eq!(
+            reopened.state,
+            Some(doc_open_response::State::Snapshot(text.clone()))
+        );
+        // The resend is still recognised after the restart.
+        let again = last_c;
+        assert!(submit(&reader, again).await.unwrap().duplicate);
+    })
+    .await
+    .expect("test timed out");
+}
+
+both_transports!(
+    reconnect_catches_up_and_resends_once,
+    stale_base_revision_gets_a_resync_snapshot,
+    presence_and_cursors_reach_the_others,
+    malformed_operations_are_refused_with_codes,
+);
+
+async fn reconnect_catches_up_and_resends_once(t: TransportKind) {
+    let s = TestServer::start().await;
+    let alice = s.connect(t, "alice").await;
+    create(&alice, "d", "abc").await;
+    share(&alice, "d", "bob", DocRole::Editor).await;
+    let bob = s.connect(t, "bob").await;
+    let mut doc = Document::from_open("bob-phone", open(&bob, "d", None).await.unwrap()).unwrap();
+    // Bob's edit is sent, but the session drops before he sees the acknowledgement.
+    let req = doc
+        .edit(TextOperation::new().retain(3).insert("!"))
+        .unwrap()
+        .unwrap();
+    submit(&bob, req).await.unwrap();
+    drop(bob);
+    // Alice edits meanwhile.
+    let mut adoc = Document::from_open("alice-1", open(&alice, "d", None).await.unwrap()).unwrap();
+    follow_until(&alice, &mut adoc, 1).await;
+    let req = adoc
+        .edit(TextOperation::new().insert(">").retain(4))
+        .unwrap()
+        .unwrap();
+    submit(&alice, req).await.unwrap();
+
+    // Bob reconnects with his last revision: he receives what he missed, his own
+    // operation among it, and has nothing left to resend.
+    let bob = s.connect(t, "bob").await;
+    let caught = open(&bob, "d", Some(doc.revision())).await.unwrap();
+    assert!(matches!(
+        caught.state,
+        Some(doc_open_response::State::CatchUp(_))
+    ));
+    let resend = doc.catch_up(caught).unwrap();
+    assert!(resend.is_none(), "the operation was applied once already");
+    assert_eq!(doc.text(), ">abc!");
+    assert_eq!(doc.revision(), 2);
+
+    // An operation sent twice (the reply lost) is applied once.
+    let req = doc
+        .edit(TextOperation::new().retain(5).insert("?"))
+        .unwrap()
+        .unwrap();
+    let first = submit(&bob, req.clone()).await.unwrap();
+    let second = submit(&bob, req).await.unwrap();
+    assert_eq!((first.duplicate, second.duplicate), (false, true));
+    assert_eq!(first.revision, second.revision);
+    let fresh = open(&alice, "d", None).await.unwrap();
+    assert_eq!(
+        fresh.state,
+        Some(doc_open_response::State::Snapshot(">abc!?".into()))
+    );
+}
+
+async fn stale_base_revision_gets_a_resync_snapshot(t: TransportKind) {
+    let s = TestServer::start_with(|c| c.collab.history = 3).await;
+    let alice = s.connect(t, "alice").await;
+    create(&alice, "d", "").await;
+    let mut doc = Document::from_open("a", open(&alice, "d", None).await.unwrap()).unwrap();
+    for i in 0..5 {
+        let len = doc.text().chars().count();
+        let req = doc
+            .edit(TextOperation::new().retain(len).insert("x"))
+            .unwrap()
+            .unwrap();
+        submit(&alice, req).await.unwrap();
+        follow_until(&alice, &mut doc, i + 1).await;
+    }
+    let stale = v1::DocSubmitRequest {
+        doc_id: "d".into(),
+        base_revision: 0,
+        op: Some(tutti::services::collab::op_to_wire(
+            &TextOperation::new().insert("y"),
+        )),
+        client_id: "old".into(),
+        seq: 1,
+    };
+    let err = server_error(submit(&alice, stale).await);
+    assert_eq!(err.error_code(), Some(ErrorCode::ResyncRequired));
+    match err.detail {
+        Some(v1::error::Detail::Resync(snap)) => {
+            assert_eq!((snap.revision, snap.text.as_str()), (5, "xxxxx"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Too far behind for a catch-up: reopening gives the snapshot.
+    let reopened = open(&alice, "d", Some(1)).await.unwrap();
+    assert!(matches!(
+        reopened.state,
+        Some(doc_open_response::State::Snapshot(_))
+    ));
+    assert!(
+        s.http_get("/metrics")
+            .await
+            .1
+            .contains("tutti_collab_resyncs_total 1")
+    );
+}
+
+async fn presence_and_cursors_reach_the_others(t: TransportKind) {
+    let s = TestServer::start_with(|c| c.collab.cursor_settle = Duration::from_millis(50)).await;
+    let alice = s.connect(t, "alice").await;
+    create(&alice, "d", "hello").await;
+    share(&alice, "d", "bob", DocRole::Editor).await;
+    open(&alice, "d", None).await.unwrap();
+    let bob = s.connect(t, "bob").await;
+    let opened = open(&bob, "d", None).await.unwrap();
+    assert_eq!(opened.participants.len(), 1);
+    assert_eq!(opened.participants[0].user_id, "alice");
+
+    let mut seen = HashMap::new();
+    // Alice sees Bob join, then his cursor (a datagram, then reliably once it stops).
+    bob.send_datagram(v1::datagram::Kind::Cursor(v1::DocCursor {
+        doc_id: "d".into(),
+        revision: 0,
+        anchor: 1,
+        head: 3,
+        ..Default::default()
+    }))
+    .unwrap();
+    while !(seen.contains_key("joined") && seen.contains_key("settled")) {
+        match alice.next_event().await.expect("open session") {
+            Event::Push(StreamKind::Collab, p) => match p.event {
+                Some(push::Event::DocPresence(pr)) if pr.joined && pr.user_id == "bob" => {
+                    seen.insert("joined", ());
+                }
+                Some(push::Event::DocCursor(c)) => {
+                    assert_eq!((c.user_id.as_str(), c.anchor, c.head), ("bob", 1, 3));
+                    seen.insert("settled", ());
+                }
+                _ => {}
+            },
+            Event::Datagram(v1::datagram::Kind::Cursor(c)) => {
+                assert_eq!(c.user_id, "bob");
+            }
+            _ => {}
+        }
+    }
+    // Bob's session ends: Alice sees him leave.
+    drop(bob);
+    loop {
+        if let Some(Event::Push(_, p)) = alice.next_event().await
+            && let Some(push::Event::DocPresence(pr)) = p.event
+            && !pr.joined
+        {
+            assert_eq!(pr.user_id, "bob");
+            break;
+        }
+    }
+}
+
+async fn malformed_operations_are_refused_with_codes(t: TransportKind) {
+    let s = TestServer::start().await;
+    let alice = s.connect(t, "alice").await;
+    create(&alice, "d", "abc").await;
+    // Not opened in this session.
+    let req = |op: Option<v1::TextOp>, seq| v1::DocSubmitRequest {
+        doc_id: "d".into(),
+        base_revision: 0,
+        op,
+        client_id: "c".into(),
+        seq,
+    };
+    let op = tutti::services::collab::op_to_wire(&TextOperation::new().retain(3).insert("x"));
+    assert_eq!(
+        server_error(submit(&alice, req(Some(op.clone()), 1)).await).error_code(),
+        Some(ErrorCode::NotFound)
+    );
+    open(&alice, "d", None).await.unwrap();
+    // Wrong length for the document.
+    let long = tutti::services::collab::op_to_wire(&TextOperation::new().retain(10));
+    assert_eq!(
+        server_error(submit(&alice, req(Some(long), 1)).await).error_code(),
+        Some(ErrorCode::InvalidOperation)
+    );
+    // An empty component.
+    let empty = v1::TextOp {
+        components: vec![v1::OpComponent { kind: None }],
+    };
+    assert_eq!(
+        server_error(submit(&alice, req(Some(empty), 1)).await).error_code(),
+        Some(ErrorCode::InvalidOperation)
+    );
+    // seq 0 and a base revision from the future.
+    assert_eq!(
+        server_error(submit(&alice, req(Some(op.clone()), 0)).await).error_code(),
+        Some(ErrorCode::BadRequest)
+    );
+    let mut future = req(Some(op), 1);
+    future.base_revision = 99;
+    assert_eq!(
+        server_error(submit(&alice, future).await).error_code(),
+        Some(ErrorCode::BadRequest)
+    );
+    // Bad ids.
+    let bad = server_error(
+        alice
+            .request(request::Body::DocCreate(v1::DocCreateRequest {
+                doc_id: "no spaces".into(),
+                text: String::new(),
+            }))
+            .await,
+    );
+    assert_eq!(bad.error_code(), Some(ErrorCode::BadRequest));
+    let taken = server_error(
+        alice
+            .request(request::Body::DocCreate(v1::DocCreateRequest {
+                doc_id: "d".into(),
+                text: String::new(),
+            }))
+            .await,
+    );
+    assert_eq!(taken.error_code(), Some(ErrorCode::Conflict));
+    assert!(
+        s.http_get("/metrics")
+            .await
+            .1
+            .contains("tutti_collab_operations_rejected_total 5")
+    );
+}
