@@ -34,6 +34,8 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     /// Collaborative documents.
     pub collab: crate::services::collab::CollabConfig,
+    /// Chat limits.
+    pub chat: crate::services::chat::ChatConfig,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             collab: Default::default(),
+            chat: Default::default(),
         }
     }
 }

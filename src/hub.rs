@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 
 use crate::protocol::v1::{Push, StreamKind};
 
@@ -26,6 +27,9 @@ pub trait Subscriber: Send + Sync + std::fmt::Debug {
     /// Queues a push on the stream of `kind`. Never waits; a full queue marks the
     /// session as a slow consumer, which the gateway then disconnects.
     fn push(&self, kind: StreamKind, push: Push) -> Result<(), SlowConsumer>;
+    /// Queues a push, waiting (a bounded time) for room: for bulk sends such as
+    /// a catch-up after a reconnect.
+    fn push_wait(&self, kind: StreamKind, push: Push) -> BoxFuture<'_, Result<(), SlowConsumer>>;
     /// Sends a datagram (may be lost).
     fn datagram(&self, data: Bytes);
 }
@@ -108,6 +112,13 @@ mod tests {
         fn push(&self, _: StreamKind, push: Push) -> Result<(), SlowConsumer> {
             self.got.lock().unwrap().push(push);
             Ok(())
+        }
+        fn push_wait(
+            &self,
+            kind: StreamKind,
+            push: Push,
+        ) -> BoxFuture<'_, Result<(), SlowConsumer>> {
+            Box::pin(std::future::ready(self.push(kind, push)))
         }
         fn datagram(&self, _: Bytes) {
             *self.dgrams.lock().unwrap() += 1;

@@ -82,7 +82,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 hub: Arc::new(Hub::default()),
                 metrics: metrics.clone(),
             },
-            config.collab.clone(),
+            &config,
         )
         .context("opening the services")?,
     );

@@ -36,6 +36,10 @@ use crate::services::{ServiceError, Services, SessionCtx};
 use crate::transport::{Accepted, RecvStream, SendStream, Session};
 use crate::util::unix_millis;
 
+/// How long a bulk push (a catch-up) waits for room in a client's queue before the
+/// client counts as a slow consumer.
+const PUSH_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Bytes read from a stream at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -137,7 +141,7 @@ impl Gateway {
                 return;
             }
         };
-        let (send, recv, decoder, claims) = match hello {
+        let (send, recv, decoder, claims, resume) = match hello {
             Err(_elapsed) => {
                 tracing::debug!("no Hello in time");
                 self.metrics.closed_with(CloseCode::HandshakeTimeout);
@@ -194,6 +198,11 @@ impl Gateway {
             subscriber: conn.clone(),
             roles: claims.roles.into(),
         };
+        // What the client missed, then live events; runs beside the requests.
+        let catch_up = {
+            let (services, ctx) = (self.services.clone(), ctx.clone());
+            tokio::spawn(async move { services.connected(&ctx, &resume).await })
+        };
         let datagrams = tokio::spawn(datagram_loop(
             conn.clone(),
             ctx.clone(),
@@ -202,6 +211,8 @@ impl Gateway {
         ));
         let end = self.serve(&conn, &ctx, recv, decoder, &control_tx).await;
         datagrams.abort();
+        catch_up.abort();
+        let _ = catch_up.await;
         self.services.disconnected(&ctx).await;
         match end {
             End::Close(code, message) => {
@@ -326,7 +337,7 @@ impl Gateway {
     async fn read_hello(
         &self,
         session: &Session,
-    ) -> Result<(SendStream, RecvStream, FrameDecoder, Claims), HelloFailure> {
+    ) -> Result<(SendStream, RecvStream, FrameDecoder, Claims, Resume), HelloFailure> {
         let (send, mut recv) = session.accept_bi().await.map_err(|_| HelloFailure::Gone)?;
         let mut decoder = FrameDecoder::new(self.config.limits.max_frame_size);
         let mut buf = vec![0u8; READ_CHUNK];
@@ -362,7 +373,7 @@ impl Gateway {
             ));
         }
         match self.auth.verify(&hello.token) {
-            Ok(claims) => Ok((send, recv, decoder, claims)),
+            Ok(claims) => Ok((send, recv, decoder, claims, hello.resume)),
             Err(e) => Err(HelloFailure::Refused(send, e.close_code(), e.to_string())),
         }
     }
@@ -412,6 +423,9 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
+/// `Hello.resume`: stream name → last offset the client has.
+type Resume = std::collections::HashMap<String, u64>;
+
 enum HelloFailure {
     /// The peer went away.
     Gone,
@@ -439,6 +453,14 @@ impl Subscriber for Connection {
 
     fn push(&self, kind: StreamKind, push: v1::Push) -> Result<(), Slow> {
         self.pushes.push(kind, push)
+    }
+
+    fn push_wait(
+        &self,
+        kind: StreamKind,
+        push: v1::Push,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), Slow>> {
+        Box::pin(self.pushes.push_wait(kind, push, PUSH_PATIENCE))
     }
 
     fn datagram(&self, data: Bytes) {

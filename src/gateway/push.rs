@@ -42,16 +42,39 @@ impl PushQueues {
     /// Queues `push` on the stream of `kind`. Never waits: when the queue is full the
     /// session is marked slow (see [`slow`](Self::slow)) and the push is refused.
     pub fn push(&self, kind: StreamKind, push: Push) -> Result<(), SlowConsumer> {
+        self.sender(kind).try_send(push).map_err(|_| {
+            self.slow.cancel();
+            SlowConsumer
+        })
+    }
+
+    /// Queues `push`, waiting up to `patience` for room in the queue (for bulk
+    /// sends such as a catch-up after a reconnect). A queue still full then marks
+    /// the session slow.
+    pub async fn push_wait(
+        &self,
+        kind: StreamKind,
+        push: Push,
+        patience: std::time::Duration,
+    ) -> Result<(), SlowConsumer> {
+        let tx = self.sender(kind);
+        match tokio::time::timeout(patience, tx.send(push)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => {
+                self.slow.cancel();
+                Err(SlowConsumer)
+            }
+        }
+    }
+
+    fn sender(&self, kind: StreamKind) -> mpsc::Sender<Push> {
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         let (tx, _) = kinds.entry(kind as i32).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(self.capacity);
             let task = tokio::spawn(write_pushes(self.session.clone(), kind, rx));
             (tx, task)
         });
-        tx.try_send(push).map_err(|_| {
-            self.slow.cancel();
-            SlowConsumer
-        })
+        tx.clone()
     }
 
     /// Completes when a queue overflowed.

@@ -1,6 +1,7 @@
 //! Domain services. They know users, sessions (as [`Subscriber`]s) and protocol
 //! messages, never a QUIC or WebTransport type; each owns its redb tables.
 
+pub mod chat;
 pub mod collab;
 
 use std::sync::Arc;
@@ -57,6 +58,11 @@ impl From<crate::store::StoreError> for ServiceError {
     }
 }
 
+/// The topic every session of a user is subscribed to.
+pub fn user_topic(user: &str) -> String {
+    format!("user/{user}")
+}
+
 /// The result of a request handler.
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
@@ -97,6 +103,9 @@ pub struct ServiceDeps {
 /// All services of a node.
 #[derive(Debug)]
 pub struct Services {
+    hub: Arc<Hub>,
+    /// Rooms and messages.
+    pub chat: Arc<chat::ChatService>,
     /// Collaborative documents.
     pub collab: Arc<collab::CollabService>,
 }
@@ -105,11 +114,24 @@ impl Services {
     /// Opens every service over `deps`.
     pub fn open(
         deps: ServiceDeps,
-        collab: collab::CollabConfig,
+        config: &crate::config::Config,
     ) -> Result<Self, crate::store::StoreError> {
         Ok(Self {
-            collab: collab::CollabService::open(deps, collab)?,
+            hub: deps.hub.clone(),
+            chat: chat::ChatService::open(deps.clone(), config.chat.clone())?,
+            collab: collab::CollabService::open(deps, config.collab.clone())?,
         })
+    }
+
+    /// A session completed its handshake; `resume` is its `Hello.resume`.
+    pub async fn connected(
+        &self,
+        ctx: &SessionCtx,
+        resume: &std::collections::HashMap<String, u64>,
+    ) {
+        self.hub
+            .subscribe(&user_topic(ctx.user_id()), ctx.subscriber.clone());
+        self.chat.connected(ctx, resume).await;
     }
 
     /// Answers a feature request. `None` means the body is not a feature request.
@@ -121,6 +143,14 @@ impl Services {
         use request::Body as Rq;
         use response::Body as Rs;
         Some(match body {
+            Rq::RoomCreate(r) => self.chat.create(ctx, r).await.map(Rs::RoomCreate),
+            Rq::RoomAdd(r) => self.chat.add(ctx, r).await.map(Rs::RoomAdd),
+            Rq::RoomRemove(r) => self.chat.remove(ctx, r).await.map(Rs::RoomRemove),
+            Rq::RoomLeave(r) => self.chat.leave(ctx, r).await.map(Rs::RoomLeave),
+            Rq::RoomList(_) => self.chat.list(ctx).await.map(Rs::RoomList),
+            Rq::ChatSend(r) => self.chat.send(ctx, r).await.map(Rs::ChatSend),
+            Rq::ChatHistory(r) => self.chat.history(ctx, r).await.map(Rs::ChatHistory),
+            Rq::ChatMarkRead(r) => self.chat.mark_read(ctx, r).await.map(Rs::ChatMarkRead),
             Rq::DocCreate(r) => self.collab.create(ctx, r).await.map(Rs::DocCreate),
             Rq::DocShare(r) => self.collab.share(ctx, r).await.map(Rs::DocShare),
             Rq::DocOpen(r) => self.collab.open_doc(ctx, r).await.map(Rs::DocOpen),
@@ -132,13 +162,18 @@ impl Services {
 
     /// A datagram from a session (already decoded).
     pub fn datagram(&self, ctx: &SessionCtx, dgram: v1::datagram::Kind) {
-        if let v1::datagram::Kind::Cursor(c) = dgram {
-            self.collab.cursor(ctx, c);
+        match dgram {
+            v1::datagram::Kind::Cursor(c) => self.collab.cursor(ctx, c),
+            v1::datagram::Kind::Typing(t) => self.chat.typing(ctx, t),
+            _ => {}
         }
     }
 
     /// The session ended.
     pub async fn disconnected(&self, ctx: &SessionCtx) {
+        self.hub
+            .unsubscribe(&user_topic(ctx.user_id()), ctx.session_id());
+        self.chat.disconnected(ctx);
         self.collab.disconnected(ctx).await;
     }
 }

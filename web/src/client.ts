@@ -34,6 +34,7 @@ import { DEFAULT_MAX_FRAME_SIZE, FrameDecoder, FrameError, encodeFrame } from ".
 
 export { StreamKind };
 export type { EchoResponse, Push, Response, Welcome };
+export * from "./ot"; // operational transformation (TextOperation, OtClient, UTF-16 helpers)
 
 /** Sent in Hello.client.version. */
 export const CLIENT_VERSION = "0.1.0";

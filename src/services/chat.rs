@@ -1,0 +1,913 @@
+//! Chat: rooms with participants and admins, messages with a per-room offset,
+//! cursor-paginated history, read marks with exact unread counts, read receipts,
+//! typing indicators, and recovery by offset.
+//!
+//! Ordering and recovery: a room's messages are committed and published under the
+//! room's lock, and a session subscribes to a room (after sending what it missed)
+//! under the same lock. So a reconnecting client receives every message after its
+//! resume offset exactly once and in order, then the live ones.
+//!
+//! Unread counts: a user's unread count in a room is the number of messages after
+//! their read mark. Sending a message moves the sender's mark to it (you have read
+//! what you answer), so counts stay exact with one stored number per user and room.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx};
+use crate::hub::Subscriber;
+use crate::protocol::ErrorCode;
+use crate::protocol::v1::{self, StreamKind, push, room_event};
+use crate::store::StoreError;
+use crate::util::unix_millis;
+
+const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("chat_rooms");
+const OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("chat_room_offsets");
+const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chat_messages");
+const USER_ROOMS: TableDefinition<(&str, &str), u8> = TableDefinition::new("chat_user_rooms");
+const READ_MARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("chat_read_marks");
+
+/// Chat limits (`[chat]` in the configuration file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// The largest message text, in bytes.
+    pub max_message_bytes: usize,
+    /// Rooms one user may be in.
+    pub max_rooms_per_user: usize,
+    /// Participants one room may have.
+    pub max_participants: usize,
+    /// The largest history page.
+    pub max_history_page: u32,
+    /// Typing indicators one session may send per second.
+    pub typing_per_second: u32,
+    /// The longest room name, in bytes.
+    pub max_room_name: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4096,
+            max_rooms_per_user: 1000,
+            max_participants: 1000,
+            max_history_page: 100,
+            typing_per_second: 5,
+            max_room_name: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RoomMeta {
+    name: String,
+    admins: BTreeSet<String>,
+    participants: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredMessage {
+    sender: String,
+    text: String,
+    sent_at_ms: u64,
+    system: bool,
+}
+
+#[derive(Debug)]
+struct RoomState {
+    id: String,
+    meta: RoomMeta,
+    last_offset: u64,
+    last_message: Option<v1::ChatMessage>,
+}
+
+impl RoomState {
+    fn wire(&self) -> v1::Room {
+        v1::Room {
+            room_id: self.id.clone(),
+            name: self.meta.name.clone(),
+            admins: self.meta.admins.iter().cloned().collect(),
+            participants: self.meta.participants.iter().cloned().collect(),
+            last_offset: self.last_offset,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RoomHandle {
+    state: tokio::sync::Mutex<RoomState>,
+}
+
+/// Who sends a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender<'a> {
+    /// A participant.
+    User(&'a str),
+    /// A backend, through the server API.
+    System,
+}
+
+/// The chat service.
+#[derive(Debug)]
+pub struct ChatService {
+    deps: ServiceDeps,
+    config: ChatConfig,
+    loaded: Mutex<HashMap<String, Weak<RoomHandle>>>,
+    hot: crate::store::cache::Cache<String, Arc<RoomHandle>>,
+    read_marks: crate::store::cache::Cache<(String, String), u64>,
+    /// session → rooms it is subscribed to.
+    subscribed: Mutex<HashMap<String, HashSet<String>>>,
+    /// session → (window start, typing indicators in it).
+    typing: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+fn topic(room: &str) -> String {
+    format!("room/{room}")
+}
+
+/// The resume key of a room's stream in `Hello.resume`.
+pub fn resume_key(room: &str) -> String {
+    topic(room)
+}
+
+fn not_found() -> ServiceError {
+    ServiceError::new(ErrorCode::NotFound, "no such room")
+}
+
+fn validate_room_id(id: &str) -> ServiceResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::bad_request(
+            "room ids are 1-128 of A-Z a-z 0-9 - _ .",
+        ))
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data serializes")
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn message_wire(room: &str, offset: u64, m: StoredMessage) -> v1::ChatMessage {
+    v1::ChatMessage {
+        room_id: room.to_owned(),
+        offset,
+        message_id: format!("{room}:{offset}"),
+        sender_id: m.sender,
+        text: m.text,
+        sent_at_ms: m.sent_at_ms,
+        system: m.system,
+    }
+}
+
+fn message_push(m: &v1::ChatMessage) -> v1::Push {
+    v1::Push {
+        stream: topic(&m.room_id),
+        offset: m.offset,
+        event: Some(push::Event::ChatMessage(m.clone())),
+    }
+}
+
+impl ChatService {
+    /// Opens the service, creating its tables.
+    pub fn open(deps: ServiceDeps, config: ChatConfig) -> Result<Arc<Self>, StoreError> {
+        let mut txn = deps.store.db().begin_write()?;
+        txn.set_quick_repair(true);
+        txn.open_table(ROOMS)?;
+        txn.open_table(OFFSETS)?;
+        txn.open_table(MESSAGES)?;
+        txn.open_table(USER_ROOMS)?;
+        txn.open_table(READ_MARKS)?;
+        txn.commit()?;
+        Ok(Arc::new(Self {
+            deps,
+            config,
+            loaded: Mutex::new(HashMap::new()),
+            hot: crate::store::cache::CacheSpec::new(100_000, Duration::from_secs(600))
+                .build("rooms"),
+            read_marks: crate::store::cache::CacheSpec::new(1_000_000, Duration::from_secs(600))
+                .build("read_marks"),
+            subscribed: Mutex::new(HashMap::new()),
+            typing: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    // ---- sessions -------------------------------------------------------------
+
+    /// A session opened: it gets what it missed in the rooms named in `resume`
+    /// (in order), then every room's live messages.
+    pub async fn connected(&self, ctx: &SessionCtx, resume: &HashMap<String, u64>) {
+        let rooms = match self.user_rooms(ctx.user_id()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "listing rooms at connect");
+                return;
+            }
+        };
+        for room_id in rooms {
+            let Ok(Some(handle)) = self.load(&room_id) else {
+                continue;
+            };
+            let room = handle.state.lock().await;
+            if !room.meta.participants.contains(ctx.user_id()) {
+                continue;
+            }
+            if let Some(&from) = resume.get(&topic(&room_id))
+                && from < room.last_offset
+                && self
+                    .catch_up(ctx, &room_id, from, room.last_offset)
+                    .await
+                    .is_err()
+            {
+                return; // A slow consumer: the gateway closes the session.
+            }
+            self.subscribe(ctx.subscriber.clone(), &room_id);
+        }
+    }
+
+    /// Pushes the messages (from, to] of a room, waiting for queue room.
+    async fn catch_up(&self, ctx: &SessionCtx, room: &str, from: u64, to: u64) -> Result<(), ()> {
+        const CHUNK: u64 = 256;
+        let mut next = from + 1;
+        while next <= to {
+            let end = (next + CHUNK - 1).min(to);
+            let messages = self.read_messages(room, next, end).map_err(|e| {
+                tracing::error!(error = %e, "reading messages for a catch-up");
+            })?;
+            for m in messages {
+                ctx.subscriber
+                    .push_wait(StreamKind::Chat, message_push(&m))
+                    .await
+                    .map_err(|_| ())?;
+            }
+            next = end + 1;
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self, sub: Arc<dyn Subscriber>, room: &str) {
+        self.subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(sub.session_id().to_owned())
+            .or_default()
+            .insert(room.to_owned());
+        self.deps.hub.subscribe(&topic(room), sub);
+    }
+
+    fn unsubscribe(&self, session: &str, room: &str) {
+        if let Some(rooms) = self
+            .subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(session)
+        {
+            rooms.remove(room);
+        }
+        self.deps.hub.unsubscribe(&topic(room), session);
+    }
+
+    /// A session ended.
+    pub fn disconnected(&self, ctx: &SessionCtx) {
+        let rooms = self
+            .subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ctx.session_id())
+            .unwrap_or_default();
+        for room in rooms {
+            self.deps.hub.unsubscribe(&topic(&room), ctx.session_id());
+        }
+        self.typing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ctx.session_id());
+    }
+
+    fn sessions_of(&self, user: &str) -> Vec<Arc<dyn Subscriber>> {
+        self.deps.hub.subscribers(&super::user_topic(user))
+    }
+
+    fn room_event(&self, kind: room_event::Kind, room: &RoomState, user: &str) -> v1::Push {
+        v1::Push {
+            stream: String::new(),
+            offset: 0,
+            event: Some(push::Event::RoomEvent(v1::RoomEvent {
+                kind: kind as i32,
+                room_id: room.id.clone(),
+                user_id: user.to_owned(),
+                room: Some(room.wire()),
+            })),
+        }
+    }
+
+    // ---- rooms ----------------------------------------------------------------
+
+    fn user_rooms(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let txn = self.deps.store.db().begin_read()?;
+        let table = txn.open_table(USER_ROOMS)?;
+        let mut rooms = Vec::new();
+        for entry in table.range((user, "")..)? {
+            let (key, _) = entry?;
+            let (u, room) = key.value();
+            if u != user {
+                break;
+            }
+            rooms.push(room.to_owned());
+        }
+        Ok(rooms)
+    }
+
+    fn check_room_count(&self, user: &str) -> ServiceResult<()> {
+        if self.user_rooms(user)?.len() >= self.config.max_rooms_per_user {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{user} is in {} rooms already",
+                    self.config.max_rooms_per_user
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates a room with the caller as admin.
+    pub async fn create(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::RoomCreateRequest,
+    ) -> ServiceResult<v1::RoomCreateResponse> {
+        let id = if req.room_id.is_empty() {
+            crate::util::random_hex(8)
+        } else {
+            req.room_id
+        };
+        validate_room_id(&id)?;
+        if req.name.len() > self.config.max_room_name {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                "room name too long",
+            ));
+        }
+        let mut participants = BTreeSet::new();
+        participants.insert(ctx.user_id().to_owned());
+        for p in req.participants {
+            crate::auth::validate_user_id(&p).map_err(ServiceError::bad_request)?;
+            participants.insert(p);
+        }
+        if participants.len() > self.config.max_participants {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "rooms hold at most {} participants",
+                    self.config.max_participants
+                ),
+            ));
+        }
+        for p in &participants {
+            self.check_room_count(p)?;
+        }
+        let meta = RoomMeta {
+            name: req.name,
+            admins: BTreeSet::from([ctx.user_id().to_owned()]),
+            participants,
+        };
+        let bytes = json(&meta);
+        let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, room_id, members) = (
+            taken.clone(),
+            id.clone(),
+            meta.participants.iter().cloned().collect::<Vec<_>>(),
+        );
+        self.deps
+            .writer
+            .write(move |txn| {
+                let mut rooms = txn.open_table(ROOMS)?;
+                let exists = rooms.get(room_id.as_str())?.is_some();
+                flag.store(exists, std::sync::atomic::Ordering::Relaxed);
+                if exists {
+                    return Ok(());
+                }
+                rooms.insert(room_id.as_str(), bytes.as_slice())?;
+                txn.open_table(OFFSETS)?.insert(room_id.as_str(), 0)?;
+                let mut user_rooms = txn.open_table(USER_ROOMS)?;
+                for m in &members {
+                    user_rooms.insert((m.as_str(), room_id.as_str()), 0)?;
+                }
+                Ok(())
+            })
+            .await?;
+        if taken.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ServiceError::new(
+                ErrorCode::Conflict,
+                "the room id is taken",
+            ));
+        }
+        let handle = self
+            .load(&id)?
+            .ok_or_else(|| ServiceError::internal("room vanished"))?;
+        let room = handle.state.lock().await;
+        let event = self.room_event(room_event::Kind::Created, &room, ctx.user_id());
+        for user in &room.meta.participants {
+            for s in self.sessions_of(user) {
+                self.subscribe(s.clone(), &room.id);
+                let _ = s.push(StreamKind::Chat, event.clone());
+            }
+        }
+        Ok(v1::RoomCreateResponse {
+            room: Some(room.wire()),
+        })
+    }
+
+    /// The room, if it exists and `user` is in it; `NOT_FOUND` otherwise (the same
+    /// answer either way, so that outsiders cannot learn which rooms exist).
+    fn room_for(&self, room_id: &str) -> ServiceResult<Arc<RoomHandle>> {
+        validate_room_id(room_id)?;
+        self.load(room_id)?.ok_or_else(not_found)
+    }
+
+    async fn write_meta(
+        &self,
+        room: &RoomState,
+        meta: &RoomMeta,
+        add: Option<&str>,
+        remove: Option<&str>,
+    ) -> ServiceResult<()> {
+        let bytes = json(meta);
+        let id = room.id.clone();
+        let (add, remove) = (add.map(str::to_owned), remove.map(str::to_owned));
+        self.deps
+            .writer
+            .write(move |txn| {
+                txn.open_table(ROOMS)?
+                    .insert(id.as_str(), bytes.as_slice())?;
+                let mut user_rooms = txn.open_table(USER_ROOMS)?;
+                if let Some(u) = &add {
+                    user_rooms.insert((u.as_str(), id.as_str()), 0)?;
+                }
+                if let Some(u) = &remove {
+                    user_rooms.remove((u.as_str(), id.as_str()))?;
+                    txn.open_table(READ_MARKS)?
+                        .remove((u.as_str(), id.as_str()))?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Adds a participant (admins only).
+    pub async fn add(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::RoomAddRequest,
+    ) -> ServiceResult<v1::RoomAddResponse> {
+        crate::auth::validate_user_id(&req.user_id).map_err(ServiceError::bad_request)?;
+        let handle = self.room_for(&req.room_id)?;
+        let mut room = handle.state.lock().await;
+        self.require_admin(&room, ctx.user_id())?;
+        let mut meta = room.meta.clone();
+        let new = meta.participants.insert(req.user_id.clone());
+        if new {
+            if meta.participants.len() > self.config.max_participants {
+                return Err(ServiceError::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "rooms hold at most {} participants",
+                        self.config.max_participants
+                    ),
+                ));
+            }
+            self.check_room_count(&req.user_id)?;
+        }
+        if req.admin {
+            meta.admins.insert(req.user_id.clone());
+        }
+        self.write_meta(&room, &meta, new.then_some(req.user_id.as_str()), None)
+            .await?;
+        room.meta = meta;
+        if new {
+            for s in self.sessions_of(&req.user_id) {
+                self.subscribe(s, &room.id);
+            }
+            let event = self.room_event(room_event::Kind::Added, &room, &req.user_id);
+            self.deps
+                .hub
+                .publish(&topic(&room.id), StreamKind::Chat, &event);
+        }
+        Ok(v1::RoomAddResponse {
+            room: Some(room.wire()),
+        })
+    }
+
+    fn require_admin(&self, room: &RoomState, user: &str) -> ServiceResult<()> {
+        if !room.meta.participants.contains(user) {
+            return Err(not_found());
+        }
+        if !room.meta.admins.contains(user) {
+            return Err(ServiceError::new(
+                ErrorCode::PermissionDenied,
+                "only room admins may do this",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes a participant (admins only).
+    pub async fn remove(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::RoomRemoveRequest,
+    ) -> ServiceResult<v1::RoomRemoveResponse> {
+        let handle = self.room_for(&req.room_id)?;
+        let mut room = handle.state.lock().await;
+        self.require_admin(&room, ctx.user_id())?;
+        self.drop_participant(&mut room, &req.user_id, room_event::Kind::Removed)
+            .await?;
+        Ok(v1::RoomRemoveResponse {})
+    }
+
+    /// Leaves a room.
+    pub async fn leave(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::RoomLeaveRequest,
+    ) -> ServiceResult<v1::RoomLeaveResponse> {
+        let handle = self.room_for(&req.room_id)?;
+        let mut room = handle.state.lock().await;
+        if !room.meta.participants.contains(ctx.user_id()) {
+            return Err(not_found());
+        }
+        self.drop_participant(&mut room, ctx.user_id(), room_event::Kind::Left)
+            .await?;
+        Ok(v1::RoomLeaveResponse {})
+    }
+
+    async fn drop_participant(
+        &self,
+        room: &mut RoomState,
+        user: &str,
+        kind: room_event::Kind,
+    ) -> ServiceResult<()> {
+        let mut meta = room.meta.clone();
+        if !meta.participants.remove(user) {
+            return Err(ServiceError::new(ErrorCode::NotFound, "not a participant"));
+        }
+        meta.admins.remove(user);
+        // A room with participants keeps an admin.
+        if meta.admins.is_empty()
+            && let Some(first) = meta.participants.iter().next().cloned()
+        {
+            meta.admins.insert(first);
+        }
+        self.write_meta(room, &meta, None, Some(user)).await?;
+        room.meta = meta;
+        let event = self.room_event(kind, room, user);
+        // The one who goes hears it too, then stops hearing the room.
+        self.deps
+            .hub
+            .publish(&topic(&room.id), StreamKind::Chat, &event);
+        for s in self.sessions_of(user) {
+            self.unsubscribe(s.session_id(), &room.id);
+        }
+        self.read_marks
+            .invalidate(&(user.to_owned(), room.id.clone()))
+            .await;
+        Ok(())
+    }
+
+    // ---- messages ---------------------------------------------------------------
+
+    /// Sends a message from a participant.
+    pub async fn send(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::ChatSendRequest,
+    ) -> ServiceResult<v1::ChatSendResponse> {
+        let message = self
+            .post(&req.room_id, Sender::User(ctx.user_id()), req.text)
+            .await?;
+        Ok(v1::ChatSendResponse {
+            message: Some(message),
+        })
+    }
+
+    /// Commits a message and publishes it. Used by participants and by the server
+    /// API (as the system sender).
+    pub async fn post(
+        &self,
+        room_id: &str,
+        sender: Sender<'_>,
+        text: String,
+    ) -> ServiceResult<v1::ChatMessage> {
+        if text.is_empty() {
+            return Err(ServiceError::bad_request("empty message"));
+        }
+        if text.len() > self.config.max_message_bytes {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "messages hold at most {} bytes",
+                    self.config.max_message_bytes
+                ),
+            ));
+        }
+        let handle = self.room_for(room_id)?;
+        let mut room = handle.state.lock().await;
+        let sender_id = match sender {
+            Sender::User(u) => {
+                if !room.meta.participants.contains(u) {
+                    return Err(not_found());
+                }
+                u.to_owned()
+            }
+            Sender::System => String::new(),
+        };
+        let offset = room.last_offset + 1;
+        let stored = StoredMessage {
+            sender: sender_id.clone(),
+            text,
+            sent_at_ms: unix_millis(),
+            system: sender == Sender::System,
+        };
+        let bytes = json(&stored);
+        let id = room.id.clone();
+        let mark_for = (sender != Sender::System).then(|| sender_id.clone());
+        self.deps
+            .writer
+            .write(move |txn| {
+                txn.open_table(MESSAGES)?
+                    .insert((id.as_str(), offset), bytes.as_slice())?;
+                txn.open_table(OFFSETS)?.insert(id.as_str(), offset)?;
+                if let Some(u) = &mark_for {
+                    txn.open_table(READ_MARKS)?
+                        .insert((u.as_str(), id.as_str()), offset)?;
+                }
+                Ok(())
+            })
+            .await?;
+        room.last_offset = offset;
+        let message = message_wire(&room.id, offset, stored);
+        room.last_message = Some(message.clone());
+        if sender != Sender::System {
+            self.read_marks
+                .insert((sender_id, room.id.clone()), offset)
+                .await;
+        }
+        // Published under the room lock: in offset order, after any catch-up.
+        self.deps
+            .hub
+            .publish(&topic(&room.id), StreamKind::Chat, &message_push(&message));
+        Ok(message)
+    }
+
+    fn read_messages(
+        &self,
+        room: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<v1::ChatMessage>, StoreError> {
+        let txn = self.deps.store.db().begin_read()?;
+        let table = txn.open_table(MESSAGES)?;
+        let mut out = Vec::new();
+        for entry in table.range((room, from)..=(room, to))? {
+            let (key, value) = entry?;
+            let m: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
+            out.push(message_wire(room, key.value().1, m));
+        }
+        Ok(out)
+    }
+
+    /// A page of history before an offset.
+    pub async fn history(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::ChatHistoryRequest,
+    ) -> ServiceResult<v1::ChatHistoryResponse> {
+        let handle = self.room_for(&req.room_id)?;
+        let last = {
+            let room = handle.state.lock().await;
+            if !room.meta.participants.contains(ctx.user_id()) {
+                return Err(not_found());
+            }
+            room.last_offset
+        };
+        let limit = match req.limit {
+            0 => self.config.max_history_page,
+            n => n.min(self.config.max_history_page),
+        } as u64;
+        let before = if req.before_offset == 0 {
+            last + 1
+        } else {
+            req.before_offset.min(last + 1)
+        };
+        if before <= 1 {
+            return Ok(v1::ChatHistoryResponse {
+                messages: vec![],
+                more: false,
+            });
+        }
+        let from = before.saturating_sub(limit).max(1);
+        let messages = self.read_messages(&req.room_id, from, before - 1)?;
+        Ok(v1::ChatHistoryResponse {
+            messages,
+            more: from > 1,
+        })
+    }
+
+    fn read_mark_stored(&self, user: &str, room: &str) -> Result<u64, StoreError> {
+        let txn = self.deps.store.db().begin_read()?;
+        Ok(txn
+            .open_table(READ_MARKS)?
+            .get((user, room))?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    async fn read_mark(&self, user: &str, room: &str) -> ServiceResult<u64> {
+        let key = (user.to_owned(), room.to_owned());
+        if let Some(v) = self.read_marks.get(&key).await {
+            return Ok(v);
+        }
+        let v = self.read_mark_stored(user, room)?;
+        self.read_marks.insert(key, v).await;
+        Ok(v)
+    }
+
+    /// Moves the caller's read mark forward.
+    pub async fn mark_read(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::ChatMarkReadRequest,
+    ) -> ServiceResult<v1::ChatMarkReadResponse> {
+        let handle = self.room_for(&req.room_id)?;
+        let room = handle.state.lock().await;
+        let user = ctx.user_id();
+        if !room.meta.participants.contains(user) {
+            return Err(not_found());
+        }
+        let current = self.read_mark(user, &room.id).await?;
+        let target = req.offset.min(room.last_offset);
+        if target > current {
+            let (u, id) = (user.to_owned(), room.id.clone());
+            self.deps
+                .writer
+                .write(move |txn| {
+                    txn.open_table(READ_MARKS)?
+                        .insert((u.as_str(), id.as_str()), target)?;
+                    Ok(())
+                })
+                .await?;
+            self.read_marks
+                .insert((user.to_owned(), room.id.clone()), target)
+                .await;
+            let receipt = v1::Push {
+                stream: String::new(),
+                offset: 0,
+                event: Some(push::Event::ChatReadReceipt(v1::ChatReadReceipt {
+                    room_id: room.id.clone(),
+                    user_id: user.to_owned(),
+                    offset: target,
+                })),
+            };
+            self.deps
+                .hub
+                .publish(&topic(&room.id), StreamKind::Chat, &receipt);
+        }
+        let mark = target.max(current);
+        Ok(v1::ChatMarkReadResponse {
+            read_offset: mark,
+            unread: room.last_offset - mark,
+        })
+    }
+
+    /// The caller's rooms with their last message and unread count.
+    pub async fn list(&self, ctx: &SessionCtx) -> ServiceResult<v1::RoomListResponse> {
+        let mut rooms = Vec::new();
+        for id in self.user_rooms(ctx.user_id())? {
+            let Some(handle) = self.load(&id)? else {
+                continue;
+            };
+            let room = handle.state.lock().await;
+            if !room.meta.participants.contains(ctx.user_id()) {
+                continue;
+            }
+            let mark = self.read_mark(ctx.user_id(), &id).await?;
+            rooms.push(v1::RoomSummary {
+                room: Some(room.wire()),
+                last_message: room.last_message.clone(),
+                unread: room.last_offset.saturating_sub(mark),
+                read_offset: mark,
+            });
+        }
+        Ok(v1::RoomListResponse { rooms })
+    }
+
+    /// A room's participants (server API).
+    pub async fn participants(&self, room_id: &str) -> ServiceResult<Vec<String>> {
+        let handle = self.room_for(room_id)?;
+        let room = handle.state.lock().await;
+        Ok(room.meta.participants.iter().cloned().collect())
+    }
+
+    /// A typing indicator (datagram): relayed to the room's other sessions, at most
+    /// `typing_per_second` per session.
+    pub fn typing(&self, ctx: &SessionCtx, mut t: v1::ChatTyping) {
+        let subscribed = self
+            .subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(ctx.session_id())
+            .is_some_and(|rooms| rooms.contains(&t.room_id));
+        if !subscribed {
+            return;
+        }
+        {
+            let mut typing = self.typing.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let (start, count) = typing
+                .entry(ctx.session_id().to_owned())
+                .or_insert((now, 0));
+            if now - *start >= Duration::from_secs(1) {
+                *start = now;
+                *count = 0;
+            }
+            if *count >= self.config.typing_per_second {
+                return;
+            }
+            *count += 1;
+        }
+        t.user_id = ctx.user_id().to_owned();
+        let data = Bytes::from(
+            v1::Datagram {
+                kind: Some(v1::datagram::Kind::Typing(t.clone())),
+            }
+            .encode_to_vec(),
+        );
+        self.deps
+            .hub
+            .datagram(&topic(&t.room_id), ctx.session_id(), &data);
+    }
+
+    // ---- loading ----------------------------------------------------------------
+
+    fn load(&self, id: &str) -> ServiceResult<Option<Arc<RoomHandle>>> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
+            return Ok(Some(h));
+        }
+        let Some(state) = self.read_room(id)? else {
+            return Ok(None);
+        };
+        let handle = Arc::new(RoomHandle {
+            state: tokio::sync::Mutex::new(state),
+        });
+        loaded.retain(|_, w| w.strong_count() > 0);
+        loaded.insert(id.to_owned(), Arc::downgrade(&handle));
+        let hot = self.hot.clone();
+        let (key, value) = (id.to_owned(), handle.clone());
+        tokio::spawn(async move { hot.insert(key, value).await });
+        Ok(Some(handle))
+    }
+
+    fn read_room(&self, id: &str) -> Result<Option<RoomState>, StoreError> {
+        let txn = self.deps.store.db().begin_read()?;
+        let Some(meta) = txn.open_table(ROOMS)?.get(id)? else {
+            return Ok(None);
+        };
+        let meta: RoomMeta = serde_json::from_slice(meta.value()).map_err(corrupt)?;
+        let last_offset = txn
+            .open_table(OFFSETS)?
+            .get(id)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        let last_message = match txn.open_table(MESSAGES)?.get((id, last_offset))? {
+            Some(v) => {
+                let m: StoredMessage = serde_json::from_slice(v.value()).map_err(corrupt)?;
+                Some(message_wire(id, last_offset, m))
+            }
+            None => None,
+        };
+        Ok(Some(RoomState {
+            id: id.to_owned(),
+            meta,
+            last_offset,
+            last_message,
+        }))
+    }
+}

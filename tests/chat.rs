@@ -1,0 +1,563 @@
+//! Chat through the real server: rooms and admins, live delivery to every device,
+//! history pages, read marks and unread counts (exact, durable), typing, the
+//! limits, permissions, and recovery by offset after a dropped connection and
+//! after the server process is killed with SIGKILL.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use support::TestServer;
+use tutti::client::{Client, ClientError, Event, Trust};
+use tutti::protocol::ErrorCode;
+use tutti::protocol::v1::{self, StreamKind, push, request, response, room_event};
+use tutti::transport::TransportKind;
+
+async fn req(c: &Client, body: request::Body) -> Result<response::Body, ClientError> {
+    c.request(body).await
+}
+
+async fn create_room(c: &Client, id: &str, others: &[&str]) -> v1::Room {
+    match req(
+        c,
+        request::Body::RoomCreate(v1::RoomCreateRequest {
+            room_id: id.into(),
+            name: format!("room {id}"),
+            participants: others.iter().map(|s| s.to_string()).collect(),
+        }),
+    )
+    .await
+    .unwrap()
+    {
+        response::Body::RoomCreate(r) => r.room.unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn send(c: &Client, room: &str, text: &str) -> Result<v1::ChatMessage, ClientError> {
+    match req(
+        c,
+        request::Body::ChatSend(v1::ChatSendRequest {
+            room_id: room.into(),
+            text: text.into(),
+        }),
+    )
+    .await?
+    {
+        response::Body::ChatSend(r) => Ok(r.message.unwrap()),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn history(
+    c: &Client,
+    room: &str,
+    before: u64,
+    limit: u32,
+) -> Result<v1::ChatHistoryResponse, ClientError> {
+    match req(
+        c,
+        request::Body::ChatHistory(v1::ChatHistoryRequest {
+            room_id: room.into(),
+            before_offset: before,
+            limit,
+        }),
+    )
+    .await?
+    {
+        response::Body::ChatHistory(r) => Ok(r),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn mark_read(
+    c: &Client,
+    room: &str,
+    offset: u64,
+) -> Result<v1::ChatMarkReadResponse, ClientError> {
+    match req(
+        c,
+        request::Body::ChatMarkRead(v1::ChatMarkReadRequest {
+            room_id: room.into(),
+            offset,
+        }),
+    )
+    .await?
+    {
+        response::Body::ChatMarkRead(r) => Ok(r),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn list(c: &Client) -> HashMap<String, v1::RoomSummary> {
+    match req(c, request::Body::RoomList(v1::RoomListRequest {}))
+        .await
+        .unwrap()
+    {
+        response::Body::RoomList(r) => r
+            .rooms
+            .into_iter()
+            .map(|s| (s.room.as_ref().unwrap().room_id.clone(), s))
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Server(e)) => e.error_code().expect("a known code"),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+/// The next chat message pushed to `c` (skipping other events).
+async fn next_message(c: &Client) -> v1::ChatMessage {
+    loop {
+        match c.next_event().await.expect("session open") {
+            Event::Push(StreamKind::Chat, p) => {
+                if let Some(push::Event::ChatMessage(m)) = p.event {
+                    assert_eq!(p.stream, format!("room/{}", m.room_id));
+                    assert_eq!(p.offset, m.offset);
+                    return m;
+                }
+            }
+            _ => continue,
+        }
+    }
+}
+
+both_transports!(
+    every_device_of_every_participant_receives_messages,
+    history_pages_are_stable_while_messages_arrive,
+    read_marks_and_unread_counts_are_exact,
+    outsiders_cannot_see_or_touch_a_room,
+    admins_manage_participants,
+    limits_refuse_and_store_nothing,
+    typing_reaches_participants_only,
+    reconnect_resumes_exactly_the_missed_messages,
+);
+
+async fn every_device_of_every_participant_receives_messages(t: TransportKind) {
+    let s = TestServer::start().await;
+    let phone = s.connect(t, "alice").await;
+    let laptop = s.connect(t, "alice").await;
+    let bob = s.connect(t, "bob").await;
+    create_room(&phone, "r", &["bob"]).await;
+    let m1 = send(&phone, "r", "hi bob").await.unwrap();
+    assert_eq!((m1.offset, m1.sender_id.as_str()), (1, "alice"));
+    assert_eq!(m1.message_id, "r:1");
+    for c in [&phone, &laptop, &bob] {
+        assert_eq!(next_message(c).await, m1);
+    }
+    // One of Alice's devices goes away; the other still gets everything.
+    drop(phone);
+    let m2 = send(&bob, "r", "hi alice 👋").await.unwrap();
+    assert_eq!(m2.offset, 2);
+    assert_eq!(next_message(&laptop).await, m2);
+    assert_eq!(next_message(&bob).await, m2);
+}
+
+async fn history_pages_are_stable_while_messages_arrive(t: TransportKind) {
+    let s = TestServer::start_with(|c| c.chat.max_history_page = 4).await;
+    let a = s.connect(t, "alice").await;
+    create_room(&a, "r", &[]).await;
+    for i in 1..=10 {
+        send(&a, "r", &format!("m{i}")).await.unwrap();
+    }
+    let newest = history(&a, "r", 0, 3).await.unwrap();
+    let offsets: Vec<u64> = newest.messages.iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, [8, 9, 10]);
+    assert!(newest.more);
+    // New messages arrive between pages: the next page is unaffected.
+    send(&a, "r", "late").await.unwrap();
+    let older = history(&a, "r", 8, 100).await.unwrap();
+    let offsets: Vec<u64> = older.messages.iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, [4, 5, 6, 7], "limit capped at max_history_page");
+    let oldest = history(&a, "r", 2, 10).await.unwrap();
+    assert_eq!(oldest.messages.len(), 1);
+    assert!(!oldest.more);
+    assert!(history(&a, "r", 1, 10).await.unwrap().messages.is_empty());
+}
+
+async fn read_marks_and_unread_counts_are_exact(t: TransportKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::test_config(dir.path());
+    let mut s = TestServer {
+        server: Some(tutti::start(config.clone()).await.unwrap()),
+        dir,
+    };
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    create_room(&a, "r", &["bob"]).await;
+    for i in 0..5 {
+        send(&a, "r", &format!("{i}")).await.unwrap();
+    }
+    assert_eq!(list(&b).await["r"].unread, 5);
+    assert_eq!(list(&a).await["r"].unread, 0, "sending marks read");
+    let r = mark_read(&b, "r", 3).await.unwrap();
+    assert_eq!((r.read_offset, r.unread), (3, 2));
+    // Marking again, or behind the mark, changes nothing.
+    assert_eq!(mark_read(&b, "r", 3).await.unwrap().unread, 2);
+    assert_eq!(mark_read(&b, "r", 1).await.unwrap().read_offset, 3);
+    // Beyond the last message: capped.
+    assert_eq!(mark_read(&b, "r", 99).await.unwrap().read_offset, 5);
+    // Alice got read receipts for 3 then 5, once each.
+    let mut receipts = Vec::new();
+    while receipts.len() < 2 {
+        if let Some(Event::Push(_, p)) = a.next_event().await
+            && let Some(push::Event::ChatReadReceipt(r)) = p.event
+        {
+            receipts.push((r.user_id, r.offset));
+        }
+    }
+    assert_eq!(receipts, [("bob".to_string(), 3), ("bob".to_string(), 5)]);
+    send(&a, "r", "one more").await.unwrap();
+    let summary = &list(&b).await["r"];
+    assert_eq!((summary.unread, summary.read_offset), (1, 5));
+    assert_eq!(summary.last_message.as_ref().unwrap().text, "one more");
+    // After a restart the counts are the same.
+    drop((a, b));
+    s.shutdown().await;
+    s.server = Some(tutti::start(config).await.unwrap());
+    let b = s.connect(t, "bob").await;
+    let summary = &list(&b).await["r"];
+    assert_eq!((summary.unread, summary.read_offset), (1, 5));
+    let a = s.connect(t, "alice").await;
+    assert_eq!(list(&a).await["r"].unread, 0);
+}
+
+async fn outsiders_cannot_see_or_touch_a_room(t: TransportKind) {
+    let s = TestServer::start().await;
+    let a = s.connect(t, "alice").await;
+    let eve = s.connect(t, "eve").await;
+    create_room(&a, "secret", &[]).await;
+    send(&a, "secret", "psst").await.unwrap();
+    // Every answer is the same as for a room that does not exist.
+    for room in ["secret", "nothing-here"] {
+        assert_eq!(code(send(&eve, room, "hello?").await), ErrorCode::NotFound);
+        assert_eq!(code(history(&eve, room, 0, 10).await), ErrorCode::NotFound);
+        assert_eq!(code(mark_read(&eve, room, 1).await), ErrorCode::NotFound);
+        let add = req(
+            &eve,
+            request::Body::RoomAdd(v1::RoomAddRequest {
+                room_id: room.into(),
+                user_id: "eve".into(),
+                admin: true,
+            }),
+        )
+        .await;
+        assert_eq!(code(add), ErrorCode::NotFound);
+    }
+    assert!(list(&eve).await.is_empty());
+    // Nothing was pushed to Eve.
+    send(&a, "secret", "still secret").await.unwrap();
+    eve.echo(b"sync".to_vec(), true).await.unwrap();
+    match eve.next_event().await {
+        Some(Event::Push(StreamKind::System, _)) => {}
+        other => panic!("eve saw {other:?}"),
+    }
+    assert_eq!(
+        history(&a, "secret", 0, 10).await.unwrap().messages.len(),
+        2
+    );
+}
+
+async fn admins_manage_participants(t: TransportKind) {
+    let s = TestServer::start().await;
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    create_room(&a, "r", &["bob"]).await;
+    // Bob is not an admin.
+    let r = req(
+        &b,
+        request::Body::RoomAdd(v1::RoomAddRequest {
+            room_id: "r".into(),
+            user_id: "carol".into(),
+            admin: false,
+        }),
+    )
+    .await;
+    assert_eq!(code(r), ErrorCode::PermissionDenied);
+    let r = req(
+        &b,
+        request::Body::RoomRemove(v1::RoomRemoveRequest {
+            room_id: "r".into(),
+            user_id: "alice".into(),
+        }),
+    )
+    .await;
+    assert_eq!(code(r), ErrorCode::PermissionDenied);
+    // Alice adds Carol, who is online: she hears the room from then on.
+    let carol = s.connect(t, "carol").await;
+    req(
+        &a,
+        request::Body::RoomAdd(v1::RoomAddRequest {
+            room_id: "r".into(),
+            user_id: "carol".into(),
+            admin: false,
+        }),
+    )
+    .await
+    .unwrap();
+    let m = send(&a, "r", "welcome carol").await.unwrap();
+    assert_eq!(next_message(&carol).await, m);
+    // Alice removes Bob: he is told, then hears nothing more and cannot send.
+    req(
+        &a,
+        request::Body::RoomRemove(v1::RoomRemoveRequest {
+            room_id: "r".into(),
+            user_id: "bob".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    loop {
+        if let Some(Event::Push(_, p)) = b.next_event().await
+            && let Some(push::Event::RoomEvent(e)) = p.event
+            && e.kind == room_event::Kind::Removed as i32
+        {
+            assert_eq!(e.user_id, "bob");
+            break;
+        }
+    }
+    assert_eq!(code(send(&b, "r", "let me in").await), ErrorCode::NotFound);
+    assert!(!list(&b).await.contains_key("r"));
+    // Carol leaves.
+    req(
+        &carol,
+        request::Body::RoomLeave(v1::RoomLeaveRequest {
+            room_id: "r".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let room = list(&a).await["r"].room.clone().unwrap();
+    assert_eq!(room.participants, ["alice"]);
+}
+
+async fn limits_refuse_and_store_nothing(t: TransportKind) {
+    let s = TestServer::start_with(|c| {
+        c.chat.max_message_bytes = 16;
+        c.chat.max_participants = 3;
+        c.chat.max_rooms_per_user = 2;
+    })
+    .await;
+    let a = s.connect(t, "alice").await;
+    create_room(&a, "r", &["bob"]).await;
+    assert_eq!(
+        code(send(&a, "r", &"x".repeat(17)).await),
+        ErrorCode::LimitExceeded
+    );
+    assert_eq!(code(send(&a, "r", "").await), ErrorCode::BadRequest);
+    assert!(
+        history(&a, "r", 0, 10).await.unwrap().messages.is_empty(),
+        "nothing stored"
+    );
+    let too_many = req(
+        &a,
+        request::Body::RoomCreate(v1::RoomCreateRequest {
+            room_id: "big".into(),
+            name: String::new(),
+            participants: vec!["b".into(), "c".into(), "d".into()],
+        }),
+    )
+    .await;
+    assert_eq!(code(too_many), ErrorCode::LimitExceeded);
+    create_room(&a, "second", &[]).await;
+    let third = req(
+        &a,
+        request::Body::RoomCreate(v1::RoomCreateRequest {
+            room_id: "third".into(),
+            name: String::new(),
+            participants: vec![],
+        }),
+    )
+    .await;
+    assert_eq!(code(third), ErrorCode::LimitExceeded);
+    assert_eq!(list(&a).await.len(), 2);
+    let bad = req(
+        &a,
+        request::Body::RoomCreate(v1::RoomCreateRequest {
+            room_id: "bad id!".into(),
+            name: String::new(),
+            participants: vec![],
+        }),
+    )
+    .await;
+    assert_eq!(code(bad), ErrorCode::BadRequest);
+}
+
+async fn typing_reaches_participants_only(t: TransportKind) {
+    let s = TestServer::start_with(|c| c.chat.typing_per_second = 2).await;
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    let eve = s.connect(t, "eve").await;
+    create_room(&a, "r", &["bob"]).await;
+    // Make sure Bob's session is subscribed (his connect-time subscription or the
+    // create event) before typing.
+    let m = send(&a, "r", "x").await.unwrap();
+    assert_eq!(next_message(&b).await, m);
+    for _ in 0..5 {
+        a.send_datagram(v1::datagram::Kind::Typing(v1::ChatTyping {
+            room_id: "r".into(),
+            user_id: "spoofed".into(),
+            typing: true,
+        }))
+        .unwrap();
+    }
+    eve.send_datagram(v1::datagram::Kind::Typing(v1::ChatTyping {
+        room_id: "r".into(),
+        user_id: String::new(),
+        typing: true,
+    }))
+    .unwrap();
+    // Datagrams may be lost: Bob gets at least one and at most the rate limit, all
+    // from Alice (the server sets the user id), none from Eve.
+    let mut got = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, b.next_event()).await {
+        if let Event::Datagram(v1::datagram::Kind::Typing(t)) = ev {
+            assert_eq!(t.user_id, "alice");
+            got += 1;
+        }
+        if got == 2 {
+            break;
+        }
+    }
+    assert!((1..=2).contains(&got), "{got}");
+}
+
+async fn reconnect_resumes_exactly_the_missed_messages(t: TransportKind) {
+    let s = TestServer::start().await;
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    create_room(&a, "r", &["bob"]).await;
+    create_room(&a, "quiet", &["bob"]).await;
+    for i in 1..=3 {
+        send(&a, "r", &format!("seen {i}")).await.unwrap();
+    }
+    let mut last = 0;
+    while last < 3 {
+        last = next_message(&b).await.offset;
+    }
+    // Bob's connection drops; messages arrive meanwhile.
+    drop(b);
+    for i in 4..=8 {
+        send(&a, "r", &format!("missed {i}")).await.unwrap();
+    }
+    let mut config = s.client_config(t, &s.token("bob"));
+    config.resume = HashMap::from([("room/r".to_string(), 3), ("room/quiet".to_string(), 0)]);
+    let b = Client::connect(config).await.unwrap();
+    let live = async {
+        // Sent while Bob may still be catching up: it must come after the missed ones.
+        send(&a, "r", "live 9").await.unwrap()
+    };
+    let (live, got) = tokio::join!(live, async {
+        let mut got = Vec::new();
+        while got.len() < 6 {
+            got.push(next_message(&b).await);
+        }
+        got
+    });
+    let offsets: Vec<u64> = got.iter().map(|m| m.offset).collect();
+    assert_eq!(
+        offsets,
+        [4, 5, 6, 7, 8, 9],
+        "exactly the missed ones, in order, then live"
+    );
+    assert_eq!(got[5], live);
+    // Nothing twice afterwards.
+    b.echo(b"sync".to_vec(), true).await.unwrap();
+    loop {
+        match b.next_event().await.unwrap() {
+            Event::Push(StreamKind::System, _) => break,
+            Event::Push(StreamKind::Chat, p) => {
+                assert!(
+                    !matches!(p.event, Some(push::Event::ChatMessage(_))),
+                    "duplicate {p:?}"
+                )
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The server process is killed with SIGKILL; everything acknowledged before is
+/// there after a restart on the same data directory, and a client resumes from its
+/// offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let certs = dir.path().join("certs");
+        let spawn = || {
+            let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tutti"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--cert-dir")
+                .arg(&certs)
+                .env_remove("TUTTI_JWT_SECRET")
+                .env("TUTTI_LOG", "warn")
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            (child, stdout)
+        };
+        async fn quic_addr(stdout: tokio::process::ChildStdout) -> std::net::SocketAddr {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line.trim().strip_prefix("raw quic:") {
+                    return rest.split_whitespace().next().unwrap().parse().unwrap();
+                }
+            }
+            panic!("the server printed no address");
+        }
+        let (mut child, stdout) = spawn();
+        let addr = quic_addr(stdout).await;
+        let auth = tutti::auth::Auth::from_config(None, &data, Duration::from_secs(5)).unwrap();
+        let tls = tutti::config::TlsConfig {
+            cert_dir: certs.clone(),
+            ..Default::default()
+        };
+        let pin = tutti::tls::CertStore::from_config(&tls).unwrap().pin();
+        let connect = |addr, user: &str, resume: HashMap<String, u64>| {
+            let mut c = tutti::client::ClientConfig::new(
+                addr,
+                TransportKind::Quic,
+                Trust::Pinned(vec![pin]),
+                auth.mint(user, Duration::from_secs(600), &[]).unwrap(),
+            );
+            c.resume = resume;
+            Client::connect(c)
+        };
+        let a = connect(addr, "alice", HashMap::new()).await.unwrap();
+        create_room(&a, "r", &["bob"]).await;
+        let mut acked = Vec::new();
+        for i in 1..=20 {
+            acked.push(send(&a, "r", &format!("durable {i}")).await.unwrap());
+        }
+        child.kill().await.unwrap(); // SIGKILL: no shutdown, no flush
+        drop(a);
+
+        let (_child, stdout) = spawn();
+        let addr = quic_addr(stdout).await;
+        let b = connect(addr, "bob", HashMap::from([("room/r".to_string(), 5)]))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 15 {
+            got.push(next_message(&b).await);
+        }
+        assert_eq!(got, acked[5..]);
+        assert_eq!(history(&b, "r", 0, 100).await.unwrap().messages, acked);
+        assert_eq!(list(&b).await["r"].unread, 20);
+    })
+    .await
+    .expect("test timed out");
+}
