@@ -16,6 +16,47 @@ use crate::protocol::CloseCode;
 /// The file, in the data directory, that holds the development secret.
 pub const DEV_SECRET_FILE: &str = "dev-secret";
 
+/// The file, in the data directory, that holds the development API key.
+pub const DEV_API_KEY_FILE: &str = "dev-api-key";
+
+/// The key backends present to the server API (`Authorization: Bearer KEY`).
+#[derive(Clone)]
+pub struct ApiKey {
+    digest: [u8; 32],
+    source: SecretSource,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiKey {
+    /// The configured key, or the development key of `data_dir` (created on first use).
+    pub fn from_config(configured: Option<&str>, data_dir: &Path) -> std::io::Result<Self> {
+        let (key, source) = match configured {
+            Some(k) => (k.to_owned(), SecretSource::Configured),
+            None => (
+                load_or_create_secret(&data_dir.join(DEV_API_KEY_FILE))?,
+                SecretSource::Development,
+            ),
+        };
+        Ok(Self {
+            digest: crate::tls::sha256(key.as_bytes()),
+            source,
+        })
+    }
+
+    /// Whether `presented` is the key. Compares digests, so the time taken says
+    /// nothing about the key.
+    pub fn verify(&self, presented: &str) -> bool {
+        crate::tls::sha256(presented.as_bytes()) == self.digest
+    }
+}
+
 /// The longest user id accepted.
 pub const MAX_USER_ID_LEN: usize = 128;
 
@@ -176,7 +217,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// Reads the secret at `path`, or writes a new random one there (mode 0600).
-fn load_or_create_secret(path: &Path) -> std::io::Result<String> {
+pub(crate) fn load_or_create_secret(path: &Path) -> std::io::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(s) if s.trim().len() >= 32 => return Ok(s.trim().to_owned()),
         Ok(_) => {

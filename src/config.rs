@@ -36,6 +36,22 @@ pub struct Config {
     pub collab: crate::services::collab::CollabConfig,
     /// Chat limits.
     pub chat: crate::services::chat::ChatConfig,
+    /// Notifications.
+    pub notify: crate::services::notify::NotifyConfig,
+    /// Presence.
+    pub presence: crate::services::presence::PresenceConfig,
+    /// The server API for backends.
+    pub api: ApiConfig,
+}
+
+/// The server API (HTTP, for backends).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The API key backends send as `Authorization: Bearer KEY`. Without it, a key
+    /// is generated in the data directory (`dev-api-key`), as the development secret
+    /// is. `TUTTI_API_KEY` sets it too.
+    pub key: Option<String>,
 }
 
 impl Default for Config {
@@ -52,6 +68,9 @@ impl Default for Config {
             timeouts: TimeoutsConfig::default(),
             collab: Default::default(),
             chat: Default::default(),
+            notify: Default::default(),
+            presence: Default::default(),
+            api: Default::default(),
         }
     }
 }
@@ -200,6 +219,8 @@ pub struct Overrides {
     pub jwt_secret: Option<String>,
     /// `--node-id` / `TUTTI_NODE_ID`.
     pub node_id: Option<String>,
+    /// `TUTTI_API_KEY`.
+    pub api_key: Option<String>,
 }
 
 /// A configuration that cannot be used.
@@ -282,6 +303,9 @@ impl Config {
         if let Some(v) = o.node_id {
             self.node_id = Some(v);
         }
+        if let Some(v) = o.api_key {
+            self.api.key = Some(v);
+        }
     }
 
     /// Checks values that would make the server misbehave.
@@ -318,6 +342,11 @@ impl Config {
             return bad(
                 "collab.history, collab.snapshot_every and collab.cursor_rate must be positive",
             );
+        }
+        if let Some(key) = &self.api.key
+            && key.len() < 32
+        {
+            return bad("api.key must be at least 32 bytes");
         }
         if self.timeouts.heartbeat >= self.timeouts.idle {
             return bad("timeouts.heartbeat must be shorter than timeouts.idle");

@@ -44,6 +44,8 @@ pub struct HttpState {
     pub node_id: String,
     /// The built web client.
     pub web_dir: PathBuf,
+    /// The server API.
+    pub api: crate::api::ApiState,
 }
 
 /// The router of the side port.
@@ -64,7 +66,8 @@ pub fn router(state: HttpState) -> Router {
     if state.auth.is_development() {
         router = router.route("/api/dev/token", post(dev_token));
     }
-    router.fallback_service(web).with_state(state)
+    let api = crate::api::router(state.api.clone());
+    router.fallback_service(web).with_state(state).merge(api)
 }
 
 async fn readyz(State(s): State<HttpState>) -> Response {

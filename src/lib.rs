@@ -5,6 +5,7 @@
 //! Dependencies point one way: `transport` -> `gateway` -> services -> `store`.
 //! `protocol` depends on nothing of ours and does no I/O.
 
+pub mod api;
 pub mod auth;
 pub mod client;
 pub mod config;

@@ -87,6 +87,7 @@ fn load(common: &CommonArgs, mut overrides: Overrides) -> anyhow::Result<Config>
     overrides.key = common.key.clone();
     // Secrets come from the file or the environment, never from a flag (flags show in `ps`).
     overrides.jwt_secret = std::env::var("TUTTI_JWT_SECRET").ok();
+    overrides.api_key = std::env::var("TUTTI_API_KEY").ok();
     Ok(Config::load(common.config.as_deref(), overrides)?)
 }
 

@@ -133,6 +133,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         quic_addr,
         node_id,
         web_dir: config.web_dir.clone(),
+        api: crate::api::ApiState {
+            key: crate::auth::ApiKey::from_config(config.api.key.as_deref(), &config.data_dir)
+                .context("loading the API key")?,
+            services: services.clone(),
+        },
     });
     let http_stop = stop_background.clone();
     let http_task = tokio::spawn(async move {
@@ -277,21 +282,26 @@ pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
             server.certs().pin_hex()
         ),
     };
-    println!(
-        "tutti {} serving node {}",
+    // Printing must not fail the server when nobody reads stdout any more.
+    let mut banner = format!(
+        "tutti {} serving node {}\n",
         env!("CARGO_PKG_VERSION"),
         server.store().node_id()
     );
-    println!("  page:         http://{http}/");
-    println!("  webtransport: {}", server.webtransport_url());
-    println!("  raw quic:     {} (ALPN tutti/1)", server.quic_addr());
-    println!("  metrics:      http://{http}/metrics");
-    println!("  data:         {}", c.data_dir.display());
-    println!("  certificates: {certs}");
+    banner += &format!("  page:         http://{http}/\n");
+    banner += &format!("  webtransport: {}\n", server.webtransport_url());
+    banner += &format!("  raw quic:     {} (ALPN tutti/1)\n", server.quic_addr());
+    banner += &format!("  metrics:      http://{http}/metrics\n");
+    banner += &format!("  server api:   http://{http}/api/v1 (docs/API.md)\n");
+    banner += &format!("  data:         {}\n", c.data_dir.display());
+    banner += &format!("  certificates: {certs}\n");
     if server.auth().is_development() {
-        println!(
-            "  mode:         development (generated secret; mint a token with `tutti token --user NAME`)"
-        );
+        banner += "  mode:         development (generated secret; mint a token with `tutti token --user NAME`)\n";
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
     }
     shutdown_signal().await;
     tracing::info!("shutting down");

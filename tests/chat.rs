@@ -253,9 +253,13 @@ async fn outsiders_cannot_see_or_touch_a_room(t: TransportKind) {
     // Nothing was pushed to Eve.
     send(&a, "secret", "still secret").await.unwrap();
     eve.echo(b"sync".to_vec(), true).await.unwrap();
-    match eve.next_event().await {
-        Some(Event::Push(StreamKind::System, _)) => {}
-        other => panic!("eve saw {other:?}"),
+    loop {
+        match eve.next_event().await {
+            Some(Event::Push(StreamKind::System, _)) => break,
+            Some(Event::Push(StreamKind::Chat, p)) => panic!("eve saw {p:?}"),
+            Some(_) => {}
+            None => panic!("session closed"),
+        }
     }
     assert_eq!(
         history(&a, "secret", 0, 10).await.unwrap().messages.len(),
@@ -398,34 +402,38 @@ async fn typing_reaches_participants_only(t: TransportKind) {
     // create event) before typing.
     let m = send(&a, "r", "x").await.unwrap();
     assert_eq!(next_message(&b).await, m);
-    for _ in 0..5 {
-        a.send_datagram(v1::datagram::Kind::Typing(v1::ChatTyping {
-            room_id: "r".into(),
-            user_id: "spoofed".into(),
-            typing: true,
-        }))
-        .unwrap();
-    }
+    let typing = v1::datagram::Kind::Typing(v1::ChatTyping {
+        room_id: "r".into(),
+        user_id: "spoofed".into(),
+        typing: true,
+    });
     eve.send_datagram(v1::datagram::Kind::Typing(v1::ChatTyping {
         room_id: "r".into(),
         user_id: String::new(),
         typing: true,
     }))
     .unwrap();
-    // Datagrams may be lost: Bob gets at least one and at most the rate limit, all
-    // from Alice (the server sets the user id), none from Eve.
+    // Datagrams may be lost: bursts of 5, a few times if need be. Bob gets at most
+    // the rate limit (2 a second) per burst, all from Alice (the server sets the
+    // user id), none from Eve.
     let mut got = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, b.next_event()).await {
-        if let Event::Datagram(v1::datagram::Kind::Typing(t)) = ev {
-            assert_eq!(t.user_id, "alice");
-            got += 1;
+    for _ in 0..3 {
+        for _ in 0..5 {
+            a.send_datagram(typing.clone()).unwrap();
         }
-        if got == 2 {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(900);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, b.next_event()).await {
+            if let Event::Datagram(v1::datagram::Kind::Typing(t)) = ev {
+                assert_eq!(t.user_id, "alice");
+                got += 1;
+            }
+        }
+        assert!(got <= 2, "rate limit exceeded: {got}");
+        if got > 0 {
             break;
         }
     }
-    assert!((1..=2).contains(&got), "{got}");
+    assert!(got >= 1, "no typing indicator arrived in 3 bursts");
 }
 
 async fn reconnect_resumes_exactly_the_missed_messages(t: TransportKind) {
@@ -513,6 +521,8 @@ async fn acknowledged_messages_survive_sigkill() {
             let mut lines = tokio::io::BufReader::new(stdout).lines();
             while let Some(line) = lines.next_line().await.unwrap() {
                 if let Some(rest) = line.trim().strip_prefix("raw quic:") {
+                    // Keep draining the server's output.
+                    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
                     return rest.split_whitespace().next().unwrap().parse().unwrap();
                 }
             }

@@ -198,11 +198,13 @@ impl Gateway {
             subscriber: conn.clone(),
             roles: claims.roles.into(),
         };
-        // What the client missed, then live events; runs beside the requests.
-        let catch_up = {
-            let (services, ctx) = (self.services.clone(), ctx.clone());
-            tokio::spawn(async move { services.connected(&ctx, &resume).await })
-        };
+        // What the client missed, then live events. Requests are read only after
+        // this, so a response proves the session's subscriptions are in place.
+        tokio::select! {
+            _ = self.services.connected(&ctx, &resume) => {}
+            _ = conn.pushes.slow() => {}
+            _ = session.closed() => {}
+        }
         let datagrams = tokio::spawn(datagram_loop(
             conn.clone(),
             ctx.clone(),
@@ -211,8 +213,6 @@ impl Gateway {
         ));
         let end = self.serve(&conn, &ctx, recv, decoder, &control_tx).await;
         datagrams.abort();
-        catch_up.abort();
-        let _ = catch_up.await;
         self.services.disconnected(&ctx).await;
         match end {
             End::Close(code, message) => {

@@ -818,6 +818,21 @@ impl ChatService {
         Ok(v1::RoomListResponse { rooms })
     }
 
+    /// Everyone who shares a room with `user` (`user` excluded).
+    pub async fn co_participants(&self, user: &str) -> ServiceResult<BTreeSet<String>> {
+        let mut out = BTreeSet::new();
+        for id in self.user_rooms(user)? {
+            if let Some(handle) = self.load(&id)? {
+                let room = handle.state.lock().await;
+                if room.meta.participants.contains(user) {
+                    out.extend(room.meta.participants.iter().cloned());
+                }
+            }
+        }
+        out.remove(user);
+        Ok(out)
+    }
+
     /// A room's participants (server API).
     pub async fn participants(&self, room_id: &str) -> ServiceResult<Vec<String>> {
         let handle = self.room_for(room_id)?;

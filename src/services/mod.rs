@@ -3,6 +3,8 @@
 
 pub mod chat;
 pub mod collab;
+pub mod notify;
+pub mod presence;
 
 use std::sync::Arc;
 
@@ -58,6 +60,15 @@ impl From<crate::store::StoreError> for ServiceError {
     }
 }
 
+macro_rules! internal_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for ServiceError {
+            fn from(e: $t) -> Self { Self::internal(e) }
+        }
+    )*};
+}
+internal_from!(redb::TransactionError, redb::TableError, redb::StorageError);
+
 /// The topic every session of a user is subscribed to.
 pub fn user_topic(user: &str) -> String {
     format!("user/{user}")
@@ -108,6 +119,10 @@ pub struct Services {
     pub chat: Arc<chat::ChatService>,
     /// Collaborative documents.
     pub collab: Arc<collab::CollabService>,
+    /// Notifications.
+    pub notify: Arc<notify::NotifyService>,
+    /// Presence and contacts.
+    pub presence: Arc<presence::PresenceService>,
 }
 
 impl Services {
@@ -116,9 +131,16 @@ impl Services {
         deps: ServiceDeps,
         config: &crate::config::Config,
     ) -> Result<Self, crate::store::StoreError> {
+        let chat = chat::ChatService::open(deps.clone(), config.chat.clone())?;
         Ok(Self {
             hub: deps.hub.clone(),
-            chat: chat::ChatService::open(deps.clone(), config.chat.clone())?,
+            presence: presence::PresenceService::open(
+                deps.clone(),
+                config.presence.clone(),
+                chat.clone(),
+            )?,
+            notify: notify::NotifyService::open(deps.clone(), config.notify.clone())?,
+            chat,
             collab: collab::CollabService::open(deps, config.collab.clone())?,
         })
     }
@@ -131,6 +153,8 @@ impl Services {
     ) {
         self.hub
             .subscribe(&user_topic(ctx.user_id()), ctx.subscriber.clone());
+        self.presence.connected(ctx).await;
+        self.notify.connected(ctx, resume).await;
         self.chat.connected(ctx, resume).await;
     }
 
@@ -151,6 +175,35 @@ impl Services {
             Rq::ChatSend(r) => self.chat.send(ctx, r).await.map(Rs::ChatSend),
             Rq::ChatHistory(r) => self.chat.history(ctx, r).await.map(Rs::ChatHistory),
             Rq::ChatMarkRead(r) => self.chat.mark_read(ctx, r).await.map(Rs::ChatMarkRead),
+            Rq::NotifyList(r) => self.notify.list(ctx, r).await.map(Rs::NotifyList),
+            Rq::NotifyMarkRead(r) => self.notify.mark_read(ctx, r).await.map(Rs::NotifyMarkRead),
+            Rq::NotifyMarkAllRead(_) => self
+                .notify
+                .mark_all_read(ctx)
+                .await
+                .map(Rs::NotifyMarkAllRead),
+            Rq::PresenceSet(r) => self.presence.set(ctx, r).await.map(Rs::PresenceSet),
+            Rq::PresenceGet(r) => self.presence.get(ctx, r).await.map(Rs::PresenceGet),
+            Rq::ContactRequest(r) => self
+                .presence
+                .contact_request(ctx, r)
+                .await
+                .map(Rs::ContactRequest),
+            Rq::ContactAccept(r) => self
+                .presence
+                .contact_accept(ctx, r)
+                .await
+                .map(Rs::ContactAccept),
+            Rq::ContactRemove(r) => self
+                .presence
+                .contact_remove(ctx, r)
+                .await
+                .map(Rs::ContactRemove),
+            Rq::ContactList(r) => self
+                .presence
+                .contact_list(ctx, r)
+                .await
+                .map(Rs::ContactList),
             Rq::DocCreate(r) => self.collab.create(ctx, r).await.map(Rs::DocCreate),
             Rq::DocShare(r) => self.collab.share(ctx, r).await.map(Rs::DocShare),
             Rq::DocOpen(r) => self.collab.open_doc(ctx, r).await.map(Rs::DocOpen),
@@ -174,6 +227,8 @@ impl Services {
         self.hub
             .unsubscribe(&user_topic(ctx.user_id()), ctx.session_id());
         self.chat.disconnected(ctx);
+        self.notify.disconnected(ctx);
+        self.presence.disconnected(ctx).await;
         self.collab.disconnected(ctx).await;
     }
 }

@@ -88,6 +88,26 @@ impl TestServer {
         http(self.server().http_addr(), "POST", path, Some(json)).await
     }
 
+    /// The server API key (the generated development key).
+    pub fn api_key(&self) -> String {
+        std::fs::read_to_string(self.server().config().data_dir.join("dev-api-key"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// A server API call with the API key.
+    pub async fn api(&self, method: &str, path: &str, json: Option<&str>) -> (u16, String) {
+        http_with(
+            self.server().http_addr(),
+            method,
+            path,
+            json,
+            Some(&self.api_key()),
+        )
+        .await
+    }
+
     pub async fn shutdown(&mut self) {
         if let Some(s) = self.server.take() {
             s.shutdown().await.expect("clean shutdown");
@@ -102,11 +122,25 @@ pub async fn http(
     path: &str,
     json: Option<&str>,
 ) -> (u16, String) {
+    http_with(addr, method, path, json, None).await
+}
+
+/// [`http`] with an `Authorization: Bearer` header.
+pub async fn http_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+    bearer: Option<&str>,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = json.unwrap_or("");
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        bearer
+            .map(|k| format!("Authorization: Bearer {k}\r\n"))
+            .unwrap_or_default(),
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();

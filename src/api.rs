@@ -1,0 +1,287 @@
+//! The server API for backends, on the HTTP side port under `/api/v1`, authenticated
+//! with the API key (`Authorization: Bearer KEY`). Same validation, limits and
+//! error codes as the protocol; errors are JSON `{"code", "name", "message"}`.
+//! docs/API.md has request and response examples.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::ApiKey;
+use crate::protocol::ErrorCode;
+use crate::protocol::v1;
+use crate::services::chat::Sender;
+use crate::services::notify::NewNotification;
+use crate::services::{ServiceError, Services};
+
+/// What the API handlers need.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The key backends must present.
+    pub key: ApiKey,
+    /// The services.
+    pub services: Arc<Services>,
+}
+
+/// The routes of `/api/v1`.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/notifications", post(create_notification))
+        .route("/api/v1/rooms/{room_id}/messages", post(post_message))
+        .route("/api/v1/rooms/{room_id}/participants", get(participants))
+        .route("/api/v1/presence/{user_id}", get(presence))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ))
+        .with_state(state)
+}
+
+/// An error answer: the protocol's code and name, and an HTTP status.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    /// The protocol error code (docs/PROTOCOL.md).
+    pub code: u32,
+    /// Its name.
+    pub name: String,
+    /// For people.
+    pub message: String,
+}
+
+struct Failure(StatusCode, ApiError);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::InvalidOperation => StatusCode::BAD_REQUEST,
+        ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::LimitExceeded => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<ServiceError> for Failure {
+    fn from(e: ServiceError) -> Self {
+        Failure(
+            status_of(e.code),
+            ApiError {
+                code: e.code as u32,
+                name: e.code.name().into(),
+                message: e.message,
+            },
+        )
+    }
+}
+
+/// Refuses requests without the API key (401, before any handler runs).
+async fn require_key(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(k) if state.key.verify(k.trim()) => next.run(request).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(ApiError {
+                code: crate::protocol::CloseCode::Unauthorized as u32,
+                name: "UNAUTHORIZED".into(),
+                message: "missing or wrong API key".into(),
+            }),
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /api/v1/notifications` body.
+#[derive(Debug, Deserialize)]
+pub struct NotificationRequest {
+    /// Who gets it.
+    pub user_id: String,
+    /// The notification.
+    #[serde(flatten)]
+    pub notification: NewNotification,
+}
+
+/// A notification as JSON.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NotificationJson {
+    /// `"<user_id>:<offset>"`.
+    pub notification_id: String,
+    /// The user's offset.
+    pub offset: u64,
+    /// Kind.
+    pub kind: String,
+    /// Title.
+    pub title: String,
+    /// Body.
+    pub body: String,
+    /// JSON data (as a string).
+    pub data: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+async fn create_notification(
+    State(s): State<ApiState>,
+    body: Result<Json<NotificationRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return Failure::from(ServiceError::bad_request(e.body_text())).into_response(),
+    };
+    match s
+        .services
+        .notify
+        .create(&req.user_id, req.notification)
+        .await
+    {
+        Ok(n) => (
+            StatusCode::CREATED,
+            Json(NotificationJson {
+                notification_id: n.notification_id,
+                offset: n.offset,
+                kind: n.kind,
+                title: n.title,
+                body: n.body,
+                data: n.data,
+                created_at_ms: n.created_at_ms,
+            }),
+        )
+            .into_response(),
+        Err(e) => Failure::from(e).into_response(),
+    }
+}
+
+/// `POST /api/v1/rooms/{room_id}/messages` body.
+#[derive(Debug, Deserialize)]
+pub struct MessageRequest {
+    /// The text.
+    pub text: String,
+}
+
+/// A chat message as JSON.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MessageJson {
+    /// The room.
+    pub room_id: String,
+    /// Its offset in the room.
+    pub offset: u64,
+    /// `"<room_id>:<offset>"`.
+    pub message_id: String,
+    /// Empty for system messages.
+    pub sender_id: String,
+    /// The text.
+    pub text: String,
+    /// Milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// Sent through this API.
+    pub system: bool,
+}
+
+impl From<v1::ChatMessage> for MessageJson {
+    fn from(m: v1::ChatMessage) -> Self {
+        Self {
+            room_id: m.room_id,
+            offset: m.offset,
+            message_id: m.message_id,
+            sender_id: m.sender_id,
+            text: m.text,
+            sent_at_ms: m.sent_at_ms,
+            system: m.system,
+        }
+    }
+}
+
+async fn post_message(
+    State(s): State<ApiState>,
+    Path(room_id): Path<String>,
+    body: Result<Json<MessageRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return Failure::from(ServiceError::bad_request(e.body_text())).into_response(),
+    };
+    match s
+        .services
+        .chat
+        .post(&room_id, Sender::System, req.text)
+        .await
+    {
+        Ok(m) => (StatusCode::CREATED, Json(MessageJson::from(m))).into_response(),
+        Err(e) => Failure::from(e).into_response(),
+    }
+}
+
+/// `GET /api/v1/rooms/{room_id}/participants` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ParticipantsJson {
+    /// The room.
+    pub room_id: String,
+    /// Its participants.
+    pub participants: Vec<String>,
+}
+
+async fn participants(State(s): State<ApiState>, Path(room_id): Path<String>) -> Response {
+    match s.services.chat.participants(&room_id).await {
+        Ok(p) => Json(ParticipantsJson {
+            room_id,
+            participants: p,
+        })
+        .into_response(),
+        Err(e) => Failure::from(e).into_response(),
+    }
+}
+
+/// `GET /api/v1/presence/{user_id}` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PresenceJson {
+    /// The user.
+    pub user_id: String,
+    /// `online`, `away`, `do_not_disturb` or `offline`.
+    pub status: String,
+    /// When the last device left (0: online now or never seen).
+    pub last_seen_ms: u64,
+}
+
+async fn presence(State(s): State<ApiState>, Path(user_id): Path<String>) -> Response {
+    if let Err(e) = crate::auth::validate_user_id(&user_id) {
+        return Failure::from(ServiceError::bad_request(e)).into_response();
+    }
+    match s.services.presence.presence_of(&user_id).await {
+        Ok(p) => {
+            let status = match v1::PresenceStatus::try_from(p.status) {
+                Ok(v1::PresenceStatus::Online) => "online",
+                Ok(v1::PresenceStatus::Away) => "away",
+                Ok(v1::PresenceStatus::DoNotDisturb) => "do_not_disturb",
+                _ => "offline",
+            };
+            Json(PresenceJson {
+                user_id,
+                status: status.into(),
+                last_seen_ms: p.last_seen_ms,
+            })
+            .into_response()
+        }
+        Err(e) => Failure::from(e).into_response(),
+    }
+}

@@ -1,0 +1,446 @@
+//! Notifications: created by backends (server API) or by services, persisted with a
+//! per-user offset, pushed live to every device of the user, paginated by cursor,
+//! marked read by id or all at once, with an exact unread count.
+//!
+//! The unread count is one stored number per user, changed only under the user's
+//! lock and only by notifications that really change state: marking an already
+//! read notification, an unknown id, or someone else's id changes nothing.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use redb::{ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx};
+use crate::protocol::ErrorCode;
+use crate::protocol::v1::{self, StreamKind, push};
+use crate::store::StoreError;
+use crate::util::unix_millis;
+
+const NOTES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("notify_notes");
+/// user → (last offset, unread count).
+const STATE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("notify_state");
+
+/// The resume key of a user's notifications in `Hello.resume`.
+pub const RESUME_KEY: &str = "notifications";
+
+/// Lock stripes: a user's writes are serialized on one of these.
+const STRIPES: usize = 64;
+
+/// Notification limits (`[notify]` in the configuration file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// The largest page.
+    pub max_page: u32,
+    /// The longest `kind`, in bytes.
+    pub max_kind: usize,
+    /// The longest title, in bytes.
+    pub max_title: usize,
+    /// The longest body, in bytes.
+    pub max_body: usize,
+    /// The largest `data` JSON document, in bytes.
+    pub max_data: usize,
+    /// Ids in one mark-read request at most.
+    pub max_mark_ids: usize,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            max_page: 100,
+            max_kind: 64,
+            max_title: 256,
+            max_body: 4096,
+            max_data: 16 * 1024,
+            max_mark_ids: 1000,
+        }
+    }
+}
+
+/// A notification to create.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NewNotification {
+    /// What kind ("mention", ...); 1-64 bytes.
+    pub kind: String,
+    /// The title.
+    #[serde(default)]
+    pub title: String,
+    /// The body.
+    #[serde(default)]
+    pub body: String,
+    /// Application data as a JSON document (or empty).
+    #[serde(default)]
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredNote {
+    kind: String,
+    title: String,
+    body: String,
+    data: String,
+    created_at_ms: u64,
+    read: bool,
+}
+
+fn wire(user: &str, offset: u64, n: StoredNote) -> v1::Notification {
+    v1::Notification {
+        notification_id: format!("{user}:{offset}"),
+        offset,
+        kind: n.kind,
+        title: n.title,
+        body: n.body,
+        data: n.data,
+        created_at_ms: n.created_at_ms,
+        read: n.read,
+    }
+}
+
+fn topic(user: &str) -> String {
+    format!("notify/{user}")
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// The notification service.
+#[derive(Debug)]
+pub struct NotifyService {
+    deps: ServiceDeps,
+    config: NotifyConfig,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    state: crate::store::cache::Cache<String, (u64, u64)>,
+}
+
+impl NotifyService {
+    /// Opens the service, creating its tables.
+    pub fn open(deps: ServiceDeps, config: NotifyConfig) -> Result<Arc<Self>, StoreError> {
+        let mut txn = deps.store.db().begin_write()?;
+        txn.set_quick_repair(true);
+        txn.open_table(NOTES)?;
+        txn.open_table(STATE)?;
+        txn.commit()?;
+        Ok(Arc::new(Self {
+            deps,
+            config,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            state: crate::store::cache::CacheSpec::new(
+                1_000_000,
+                std::time::Duration::from_secs(600),
+            )
+            .build("notify_state"),
+        }))
+    }
+
+    fn stripe(&self, user: &str) -> &tokio::sync::Mutex<()> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        user.hash(&mut h);
+        &self.stripes[(h.finish() as usize) % STRIPES]
+    }
+
+    /// (last offset, unread) of a user; call under the user's stripe.
+    async fn user_state(&self, user: &str) -> Result<(u64, u64), StoreError> {
+        if let Some(s) = self.state.get(user).await {
+            return Ok(s);
+        }
+        let txn = self.deps.store.db().begin_read()?;
+        let s = txn
+            .open_table(STATE)?
+            .get(user)?
+            .map(|v| v.value())
+            .unwrap_or((0, 0));
+        self.state.insert(user.to_owned(), s).await;
+        Ok(s)
+    }
+
+    fn validate(&self, n: &NewNotification) -> ServiceResult<()> {
+        let c = &self.config;
+        if n.kind.is_empty() || n.kind.len() > c.max_kind {
+            return Err(ServiceError::bad_request(format!(
+                "kind must be 1-{} bytes",
+                c.max_kind
+            )));
+        }
+        if n.title.len() > c.max_title || n.body.len() > c.max_body || n.data.len() > c.max_data {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "title, body and data hold at most {}, {} and {} bytes",
+                    c.max_title, c.max_body, c.max_data
+                ),
+            ));
+        }
+        if !n.data.is_empty() && serde_json::from_str::<serde::de::IgnoredAny>(&n.data).is_err() {
+            return Err(ServiceError::bad_request("data must be a JSON document"));
+        }
+        Ok(())
+    }
+
+    /// Creates a notification for `user`: committed, then pushed to their devices.
+    pub async fn create(&self, user: &str, n: NewNotification) -> ServiceResult<v1::Notification> {
+        crate::auth::validate_user_id(user).map_err(ServiceError::bad_request)?;
+        self.validate(&n)?;
+        let _guard = self.stripe(user).lock().await;
+        let (last, unread) = self.user_state(user).await?;
+        let offset = last + 1;
+        let stored = StoredNote {
+            kind: n.kind,
+            title: n.title,
+            body: n.body,
+            data: n.data,
+            created_at_ms: unix_millis(),
+            read: false,
+        };
+        let bytes = serde_json::to_vec(&stored).expect("plain data");
+        let u = user.to_owned();
+        self.deps
+            .writer
+            .write(move |txn| {
+                txn.open_table(NOTES)?
+                    .insert((u.as_str(), offset), bytes.as_slice())?;
+                txn.open_table(STATE)?
+                    .insert(u.as_str(), (offset, unread + 1))?;
+                Ok(())
+            })
+            .await?;
+        self.state
+            .insert(user.to_owned(), (offset, unread + 1))
+            .await;
+        let note = wire(user, offset, stored);
+        // Published under the user's lock: in offset order, after any catch-up.
+        self.deps.hub.publish(
+            &topic(user),
+            StreamKind::Notifications,
+            &v1::Push {
+                stream: RESUME_KEY.into(),
+                offset,
+                event: Some(push::Event::Notification(note.clone())),
+            },
+        );
+        Ok(note)
+    }
+
+    /// A session opened: it gets the notifications after its resume offset (if
+    /// given), in order, then the live ones.
+    pub async fn connected(&self, ctx: &SessionCtx, resume: &HashMap<String, u64>) {
+        let user = ctx.user_id();
+        let _guard = self.stripe(user).lock().await;
+        if let Some(&from) = resume.get(RESUME_KEY) {
+            let Ok((last, _)) = self.user_state(user).await else {
+                return;
+            };
+            let mut next = from + 1;
+            while next <= last {
+                let end = (next + 255).min(last);
+                let Ok(notes) = self.read_range(user, next, end) else {
+                    return;
+                };
+                for note in notes {
+                    let offset = note.offset;
+                    let push = v1::Push {
+                        stream: RESUME_KEY.into(),
+                        offset,
+                        event: Some(push::Event::Notification(note)),
+                    };
+                    if ctx
+                        .subscriber
+                        .push_wait(StreamKind::Notifications, push)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                next = end + 1;
+            }
+        }
+        self.deps
+            .hub
+            .subscribe(&topic(user), ctx.subscriber.clone());
+    }
+
+    /// A session ended.
+    pub fn disconnected(&self, ctx: &SessionCtx) {
+        self.deps
+            .hub
+            .unsubscribe(&topic(ctx.user_id()), ctx.session_id());
+    }
+
+    fn read_range(
+        &self,
+        user: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<v1::Notification>, StoreError> {
+        let txn = self.deps.store.db().begin_read()?;
+        let table = txn.open_table(NOTES)?;
+        let mut out = Vec::new();
+        for entry in table.range((user, from)..=(user, to))? {
+            let (key, value) = entry?;
+            let n: StoredNote = serde_json::from_slice(value.value()).map_err(corrupt)?;
+            out.push(wire(user, key.value().1, n));
+        }
+        Ok(out)
+    }
+
+    /// A page of the caller's notifications.
+    pub async fn list(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::NotifyListRequest,
+    ) -> ServiceResult<v1::NotifyListResponse> {
+        let user = ctx.user_id();
+        let (last, unread) = {
+            let _guard = self.stripe(user).lock().await;
+            self.user_state(user).await?
+        };
+        let limit = match req.limit {
+            0 => self.config.max_page,
+            n => n.min(self.config.max_page),
+        } as u64;
+        let before = if req.before_offset == 0 {
+            last + 1
+        } else {
+            req.before_offset.min(last + 1)
+        };
+        if before <= 1 {
+            return Ok(v1::NotifyListResponse {
+                notifications: vec![],
+                more: false,
+                unread,
+            });
+        }
+        let from = before.saturating_sub(limit).max(1);
+        Ok(v1::NotifyListResponse {
+            notifications: self.read_range(user, from, before - 1)?,
+            more: from > 1,
+            unread,
+        })
+    }
+
+    /// Marks some of the caller's notifications read.
+    pub async fn mark_read(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::NotifyMarkReadRequest,
+    ) -> ServiceResult<v1::NotifyMarkReadResponse> {
+        if req.notification_ids.len() > self.config.max_mark_ids {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!("at most {} ids at once", self.config.max_mark_ids),
+            ));
+        }
+        let user = ctx.user_id();
+        // Only the caller's own ids count; others' and malformed ones are ignored.
+        let mut offsets: Vec<u64> = req
+            .notification_ids
+            .iter()
+            .filter_map(|id| id.rsplit_once(':'))
+            .filter(|(u, _)| *u == user)
+            .filter_map(|(_, o)| o.parse().ok())
+            .collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        self.mark(user, Some(offsets)).await
+    }
+
+    /// Marks every notification of the caller read.
+    pub async fn mark_all_read(
+        &self,
+        ctx: &SessionCtx,
+    ) -> ServiceResult<v1::NotifyMarkReadResponse> {
+        self.mark(ctx.user_id(), None).await
+    }
+
+    /// Marks `offsets` (or every unread one) read; returns how many changed.
+    async fn mark(
+        &self,
+        user: &str,
+        offsets: Option<Vec<u64>>,
+    ) -> ServiceResult<v1::NotifyMarkReadResponse> {
+        let _guard = self.stripe(user).lock().await;
+        let (last, unread) = self.user_state(user).await?;
+        let all = offsets.is_none();
+        // Read the notes that change.
+        let mut changed: Vec<(u64, StoredNote)> = Vec::new();
+        {
+            let txn = self.deps.store.db().begin_read()?;
+            let table = txn.open_table(NOTES)?;
+            match &offsets {
+                Some(offsets) => {
+                    for &o in offsets.iter().filter(|&&o| o >= 1 && o <= last) {
+                        if let Some(v) = table.get((user, o))? {
+                            let n: StoredNote =
+                                serde_json::from_slice(v.value()).map_err(corrupt)?;
+                            if !n.read {
+                                changed.push((o, n));
+                            }
+                        }
+                    }
+                }
+                None if unread > 0 => {
+                    for entry in table.range((user, 1)..=(user, last))? {
+                        let (k, v) = entry?;
+                        let n: StoredNote = serde_json::from_slice(v.value()).map_err(corrupt)?;
+                        if !n.read {
+                            changed.push((k.value().1, n));
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        let marked = changed.len() as u64;
+        let new_unread = unread.saturating_sub(marked);
+        if marked > 0 {
+            let rows: Vec<(u64, Vec<u8>)> = changed
+                .iter()
+                .map(|(o, n)| {
+                    let mut n = n.clone();
+                    n.read = true;
+                    (*o, serde_json::to_vec(&n).expect("plain data"))
+                })
+                .collect();
+            let u = user.to_owned();
+            self.deps
+                .writer
+                .write(move |txn| {
+                    let mut notes = txn.open_table(NOTES)?;
+                    for (o, bytes) in &rows {
+                        notes.insert((u.as_str(), *o), bytes.as_slice())?;
+                    }
+                    txn.open_table(STATE)?
+                        .insert(u.as_str(), (last, new_unread))?;
+                    Ok(())
+                })
+                .await?;
+            self.state.insert(user.to_owned(), (last, new_unread)).await;
+            let event = v1::NotificationsRead {
+                notification_ids: if all {
+                    vec![]
+                } else {
+                    changed.iter().map(|(o, _)| format!("{user}:{o}")).collect()
+                },
+                all,
+                unread: new_unread,
+            };
+            self.deps.hub.publish(
+                &topic(user),
+                StreamKind::Notifications,
+                &v1::Push {
+                    stream: String::new(),
+                    offset: 0,
+                    event: Some(push::Event::NotificationsRead(event)),
+                },
+            );
+        }
+        Ok(v1::NotifyMarkReadResponse {
+            marked: marked as u32,
+            unread: new_unread,
+        })
+    }
+}

@@ -1,0 +1,278 @@
+//! Notifications and the server API through the real server: created by a backend
+//! over HTTP with the API key, pushed live to every device, paginated, marked read
+//! with an exact unread count (already-read and someone else's ids change nothing),
+//! recovered by offset after a reconnect; and the room endpoints of the server API.
+
+mod support;
+
+use std::collections::HashMap;
+
+use support::TestServer;
+use tutti::client::{Client, ClientError, Event};
+use tutti::protocol::ErrorCode;
+use tutti::protocol::v1::{self, StreamKind, push, request, response};
+use tutti::transport::TransportKind;
+
+async fn notify(s: &TestServer, user: &str, title: &str) -> tutti::api::NotificationJson {
+    let body = serde_json::json!({"user_id": user, "kind": "mention", "title": title, "body": "b", "data": "{\"k\":1}"});
+    let (status, text) = s
+        .api("POST", "/api/v1/notifications", Some(&body.to_string()))
+        .await;
+    assert_eq!(status, 201, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn list(c: &Client, before: u64, limit: u32) -> v1::NotifyListResponse {
+    match c
+        .request(request::Body::NotifyList(v1::NotifyListRequest {
+            before_offset: before,
+            limit,
+        }))
+        .await
+        .unwrap()
+    {
+        response::Body::NotifyList(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn mark(c: &Client, ids: &[&str]) -> v1::NotifyMarkReadResponse {
+    match c
+        .request(request::Body::NotifyMarkRead(v1::NotifyMarkReadRequest {
+            notification_ids: ids.iter().map(|s| s.to_string()).collect(),
+        }))
+        .await
+        .unwrap()
+    {
+        response::Body::NotifyMarkRead(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn next_notification(c: &Client) -> v1::Notification {
+    loop {
+        if let Some(Event::Push(StreamKind::Notifications, p)) = c.next_event().await
+            && let Some(push::Event::Notification(n)) = p.event
+        {
+            assert_eq!((p.stream.as_str(), p.offset), ("notifications", n.offset));
+            return n;
+        }
+    }
+}
+
+both_transports!(
+    notifications_reach_every_device_and_count_exactly,
+    reconnect_resumes_the_missed_notifications,
+    server_api_posts_to_rooms_and_lists_participants,
+);
+
+async fn notifications_reach_every_device_and_count_exactly(t: TransportKind) {
+    let s = TestServer::start().await;
+    let phone = s.connect(t, "alice").await;
+    let laptop = s.connect(t, "alice").await;
+    let bob = s.connect(t, "bob").await;
+    // Each session subscribes as it connects; a sync round trip makes sure.
+    for c in [&phone, &laptop, &bob] {
+        list(c, 0, 1).await;
+    }
+    let n1 = notify(&s, "alice", "one").await;
+    assert_eq!((n1.offset, n1.notification_id.as_str()), (1, "alice:1"));
+    for c in [&phone, &laptop] {
+        let got = next_notification(c).await;
+        assert_eq!(
+            (got.title.as_str(), got.data.as_str(), got.read),
+            ("one", "{\"k\":1}", false)
+        );
+    }
+    for i in 2..=5 {
+        notify(&s, "alice", &format!("n{i}")).await;
+    }
+    let b1 = notify(&s, "bob", "for bob").await;
+    let page = list(&phone, 0, 2).await;
+    assert_eq!(page.unread, 5);
+    assert_eq!(
+        page.notifications
+            .iter()
+            .map(|n| n.offset)
+            .collect::<Vec<_>>(),
+        [4, 5]
+    );
+    assert!(page.more);
+    assert_eq!(list(&phone, 4, 100).await.notifications.len(), 3);
+
+    // Marking: exact counts; double marks and someone else's ids change nothing.
+    let r = mark(&phone, &["alice:1", "alice:2"]).await;
+    assert_eq!((r.marked, r.unread), (2, 3));
+    let r = mark(&phone, &["alice:1", "alice:2"]).await;
+    assert_eq!((r.marked, r.unread), (0, 3));
+    let r = mark(&phone, &[&b1.notification_id, "alice:99", "garbage", ""]).await;
+    assert_eq!((r.marked, r.unread), (0, 3));
+    assert_eq!(list(&bob, 0, 10).await.unread, 1, "Bob's stays unread");
+    // The other device hears about it.
+    loop {
+        if let Some(Event::Push(_, p)) = laptop.next_event().await
+            && let Some(push::Event::NotificationsRead(r)) = p.event
+        {
+            assert_eq!(r.notification_ids, ["alice:1", "alice:2"]);
+            assert_eq!(r.unread, 3);
+            break;
+        }
+    }
+    let all = match laptop
+        .request(request::Body::NotifyMarkAllRead(
+            v1::NotifyMarkAllReadRequest {},
+        ))
+        .await
+        .unwrap()
+    {
+        response::Body::NotifyMarkAllRead(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((all.marked, all.unread), (3, 0));
+    assert!(
+        list(&phone, 0, 10)
+            .await
+            .notifications
+            .iter()
+            .all(|n| n.read)
+    );
+
+    // Bad input over HTTP: typed errors, nothing stored.
+    let (status, text) = s
+        .api(
+            "POST",
+            "/api/v1/notifications",
+            Some(r#"{"user_id":"alice","kind":""}"#),
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    let err: tutti::api::ApiError = serde_json::from_str(&text).unwrap();
+    assert_eq!(err.name, "BAD_REQUEST");
+    let big = serde_json::json!({"user_id": "alice", "kind": "k", "body": "x".repeat(5000)});
+    assert_eq!(
+        s.api("POST", "/api/v1/notifications", Some(&big.to_string()))
+            .await
+            .0,
+        413
+    );
+    let bad_data = serde_json::json!({"user_id": "alice", "kind": "k", "data": "{not json"});
+    assert_eq!(
+        s.api("POST", "/api/v1/notifications", Some(&bad_data.to_string()))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        s.api("POST", "/api/v1/notifications", Some("nope")).await.0,
+        400
+    );
+    let (status, _) = support::http_with(
+        s.server().http_addr(),
+        "POST",
+        "/api/v1/notifications",
+        Some(r#"{"user_id":"alice","kind":"k"}"#),
+        Some("wrong-key"),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        list(&phone, 0, 100).await.notifications.len(),
+        5,
+        "nothing stored"
+    );
+}
+
+async fn reconnect_resumes_the_missed_notifications(t: TransportKind) {
+    let s = TestServer::start().await;
+    let c = s.connect(t, "alice").await;
+    list(&c, 0, 1).await;
+    notify(&s, "alice", "seen").await;
+    assert_eq!(next_notification(&c).await.offset, 1);
+    drop(c);
+    for i in 2..=4 {
+        notify(&s, "alice", &format!("missed {i}")).await;
+    }
+    let mut config = s.client_config(t, &s.token("alice"));
+    config.resume = HashMap::from([("notifications".to_string(), 1)]);
+    let c = Client::connect(config).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(next_notification(&c).await.offset);
+    }
+    assert_eq!(got, [2, 3, 4]);
+    notify(&s, "alice", "live").await;
+    assert_eq!(next_notification(&c).await.offset, 5);
+}
+
+async fn server_api_posts_to_rooms_and_lists_participants(t: TransportKind) {
+    let s = TestServer::start().await;
+    let a = s.connect(t, "alice").await;
+    a.request(request::Body::RoomCreate(v1::RoomCreateRequest {
+        room_id: "ops".into(),
+        name: "ops".into(),
+        participants: vec!["bob".into()],
+    }))
+    .await
+    .unwrap();
+    let (status, text) = s
+        .api(
+            "POST",
+            "/api/v1/rooms/ops/messages",
+            Some(r#"{"text":"deploy done"}"#),
+        )
+        .await;
+    assert_eq!(status, 201, "{text}");
+    let m: tutti::api::MessageJson = serde_json::from_str(&text).unwrap();
+    assert!(m.system);
+    assert_eq!((m.offset, m.sender_id.as_str()), (1, ""));
+    loop {
+        if let Some(Event::Push(StreamKind::Chat, p)) = a.next_event().await
+            && let Some(push::Event::ChatMessage(got)) = p.event
+        {
+            assert_eq!((got.text.as_str(), got.system), ("deploy done", true));
+            break;
+        }
+    }
+    let (status, text) = s.api("GET", "/api/v1/rooms/ops/participants", None).await;
+    assert_eq!(status, 200);
+    let p: tutti::api::ParticipantsJson = serde_json::from_str(&text).unwrap();
+    assert_eq!(p.participants, ["alice", "bob"]);
+    // Same validation and codes as the protocol.
+    let (status, text) = s
+        .api(
+            "POST",
+            "/api/v1/rooms/nope/messages",
+            Some(r#"{"text":"x"}"#),
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<tutti::api::ApiError>(&text)
+            .unwrap()
+            .code,
+        ErrorCode::NotFound as u32
+    );
+    let long = serde_json::json!({"text": "x".repeat(5000)});
+    assert_eq!(
+        s.api(
+            "POST",
+            "/api/v1/rooms/ops/messages",
+            Some(&long.to_string())
+        )
+        .await
+        .0,
+        413
+    );
+    assert_eq!(
+        support::http(
+            s.server().http_addr(),
+            "GET",
+            "/api/v1/rooms/ops/participants",
+            None
+        )
+        .await
+        .0,
+        401
+    );
+    let _: Option<ClientError> = None;
+}
