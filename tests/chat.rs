@@ -516,20 +516,32 @@ async fn acknowledged_messages_survive_sigkill() {
             let stdout = child.stdout.take().unwrap();
             (child, stdout)
         };
-        async fn quic_addr(stdout: tokio::process::ChildStdout) -> std::net::SocketAddr {
+        /// (UDP address, HTTP address) from the server's banner.
+        async fn addrs(
+            stdout: tokio::process::ChildStdout,
+        ) -> (std::net::SocketAddr, std::net::SocketAddr) {
             use tokio::io::AsyncBufReadExt;
             let mut lines = tokio::io::BufReader::new(stdout).lines();
+            let mut http = None;
             while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line.trim().strip_prefix("page:") {
+                    let url = rest
+                        .trim()
+                        .trim_start_matches("http://")
+                        .trim_end_matches('/');
+                    http = Some(url.parse().unwrap());
+                }
                 if let Some(rest) = line.trim().strip_prefix("raw quic:") {
                     // Keep draining the server's output.
                     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                    return rest.split_whitespace().next().unwrap().parse().unwrap();
+                    let quic = rest.split_whitespace().next().unwrap().parse().unwrap();
+                    return (quic, http.expect("page line first"));
                 }
             }
             panic!("the server printed no address");
         }
         let (mut child, stdout) = spawn();
-        let addr = quic_addr(stdout).await;
+        let (addr, http) = addrs(stdout).await;
         let auth = tutti::auth::Auth::from_config(None, &data, Duration::from_secs(5)).unwrap();
         let tls = tutti::config::TlsConfig {
             cert_dir: certs.clone(),
@@ -552,19 +564,45 @@ async fn acknowledged_messages_survive_sigkill() {
         for i in 1..=20 {
             acked.push(send(&a, "r", &format!("durable {i}")).await.unwrap());
         }
+        let key = std::fs::read_to_string(data.join("dev-api-key")).unwrap();
+        for i in 1..=3 {
+            let body = format!(r#"{{"user_id":"bob","kind":"k","title":"n{i}"}}"#);
+            let (status, _) = support::http_with(
+                http,
+                "POST",
+                "/api/v1/notifications",
+                Some(&body),
+                Some(key.trim()),
+            )
+            .await;
+            assert_eq!(status, 201);
+        }
         child.kill().await.unwrap(); // SIGKILL: no shutdown, no flush
         drop(a);
 
         let (_child, stdout) = spawn();
-        let addr = quic_addr(stdout).await;
-        let b = connect(addr, "bob", HashMap::from([("room/r".to_string(), 5)]))
-            .await
-            .unwrap();
+        let (addr, _) = addrs(stdout).await;
+        let resume = HashMap::from([("room/r".to_string(), 5), ("notifications".to_string(), 1)]);
+        let b = connect(addr, "bob", resume).await.unwrap();
         let mut got = Vec::new();
-        while got.len() < 15 {
-            got.push(next_message(&b).await);
+        let mut notes = Vec::new();
+        while got.len() < 15 || notes.len() < 2 {
+            match b.next_event().await.expect("session open") {
+                Event::Push(StreamKind::Chat, p) => {
+                    if let Some(push::Event::ChatMessage(m)) = p.event {
+                        got.push(m);
+                    }
+                }
+                Event::Push(StreamKind::Notifications, p) => {
+                    if let Some(push::Event::Notification(n)) = p.event {
+                        notes.push(n.title);
+                    }
+                }
+                _ => {}
+            }
         }
         assert_eq!(got, acked[5..]);
+        assert_eq!(notes, ["n2", "n3"]);
         assert_eq!(history(&b, "r", 0, 100).await.unwrap().messages, acked);
         assert_eq!(list(&b).await["r"].unread, 20);
     })

@@ -49,6 +49,13 @@ async fn mark(c: &Client, ids: &[&str]) -> v1::NotifyMarkReadResponse {
     }
 }
 
+fn server_code(r: Result<response::Body, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Server(e)) => e.error_code().unwrap(),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
 async fn next_notification(c: &Client) -> v1::Notification {
     loop {
         if let Some(Event::Push(StreamKind::Notifications, p)) = c.next_event().await
@@ -105,8 +112,26 @@ async fn notifications_reach_every_device_and_count_exactly(t: TransportKind) {
     assert_eq!((r.marked, r.unread), (2, 3));
     let r = mark(&phone, &["alice:1", "alice:2"]).await;
     assert_eq!((r.marked, r.unread), (0, 3));
-    let r = mark(&phone, &[&b1.notification_id, "alice:99", "garbage", ""]).await;
-    assert_eq!((r.marked, r.unread), (0, 3));
+    let r = mark(&phone, &["alice:99"]).await;
+    assert_eq!(
+        (r.marked, r.unread),
+        (0, 3),
+        "an unknown id changes nothing"
+    );
+    // Someone else's id, or a malformed one: a typed error, and nothing changes.
+    let others = phone
+        .request(request::Body::NotifyMarkRead(v1::NotifyMarkReadRequest {
+            notification_ids: vec!["alice:3".into(), b1.notification_id.clone()],
+        }))
+        .await;
+    assert_eq!(server_code(others), ErrorCode::PermissionDenied);
+    let garbage = phone
+        .request(request::Body::NotifyMarkRead(v1::NotifyMarkReadRequest {
+            notification_ids: vec!["garbage".into()],
+        }))
+        .await;
+    assert_eq!(server_code(garbage), ErrorCode::BadRequest);
+    assert_eq!(list(&phone, 0, 10).await.unread, 3);
     assert_eq!(list(&bob, 0, 10).await.unread, 1, "Bob's stays unread");
     // The other device hears about it.
     loop {
@@ -274,5 +299,4 @@ async fn server_api_posts_to_rooms_and_lists_participants(t: TransportKind) {
         .0,
         401
     );
-    let _: Option<ClientError> = None;
 }

@@ -335,14 +335,28 @@ impl NotifyService {
             ));
         }
         let user = ctx.user_id();
-        // Only the caller's own ids count; others' and malformed ones are ignored.
-        let mut offsets: Vec<u64> = req
-            .notification_ids
-            .iter()
-            .filter_map(|id| id.rsplit_once(':'))
-            .filter(|(u, _)| *u == user)
-            .filter_map(|(_, o)| o.parse().ok())
-            .collect();
+        // Someone else's id refuses the whole request (nothing changes); unknown
+        // and already read ids of the caller's own change nothing.
+        let mut offsets = Vec::with_capacity(req.notification_ids.len());
+        for id in &req.notification_ids {
+            let Some((owner, offset)) = id.rsplit_once(':') else {
+                return Err(ServiceError::bad_request(format!(
+                    "{id:?} is not a notification id"
+                )));
+            };
+            let Ok(offset) = offset.parse::<u64>() else {
+                return Err(ServiceError::bad_request(format!(
+                    "{id:?} is not a notification id"
+                )));
+            };
+            if owner != user {
+                return Err(ServiceError::new(
+                    ErrorCode::PermissionDenied,
+                    "notifications can be marked only by the user they belong to",
+                ));
+            }
+            offsets.push(offset);
+        }
         offsets.sort_unstable();
         offsets.dedup();
         self.mark(user, Some(offsets)).await
