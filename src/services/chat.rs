@@ -12,7 +12,7 @@
 //! what you answer), so counts stay exact with one stored number per user and room.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -118,8 +118,7 @@ pub enum Sender<'a> {
 pub struct ChatService {
     deps: ServiceDeps,
     config: ChatConfig,
-    loaded: Mutex<HashMap<String, Weak<RoomHandle>>>,
-    hot: crate::store::cache::Cache<String, Arc<RoomHandle>>,
+    rooms: crate::store::registry::Registry<RoomHandle>,
     read_marks: crate::store::cache::Cache<(String, String), u64>,
     /// session → rooms it is subscribed to.
     subscribed: Mutex<HashMap<String, HashSet<String>>>,
@@ -197,9 +196,11 @@ impl ChatService {
         Ok(Arc::new(Self {
             deps,
             config,
-            loaded: Mutex::new(HashMap::new()),
-            hot: crate::store::cache::CacheSpec::new(100_000, Duration::from_secs(600))
-                .build("rooms"),
+            rooms: crate::store::registry::Registry::new(
+                "rooms",
+                100_000,
+                Duration::from_secs(600),
+            ),
             read_marks: crate::store::cache::CacheSpec::new(1_000_000, Duration::from_secs(600))
                 .build("read_marks"),
             subscribed: Mutex::new(HashMap::new()),
@@ -707,26 +708,19 @@ impl ChatService {
             }
             room.last_offset
         };
-        let limit = match req.limit {
-            0 => self.config.max_history_page,
-            n => n.min(self.config.max_history_page),
-        } as u64;
-        let before = if req.before_offset == 0 {
-            last + 1
-        } else {
-            req.before_offset.min(last + 1)
+        let page = super::Page::before(
+            req.before_offset,
+            req.limit,
+            self.config.max_history_page,
+            last,
+        );
+        let messages = match page {
+            Some(p) => self.read_messages(&req.room_id, p.from, p.to)?,
+            None => vec![],
         };
-        if before <= 1 {
-            return Ok(v1::ChatHistoryResponse {
-                messages: vec![],
-                more: false,
-            });
-        }
-        let from = before.saturating_sub(limit).max(1);
-        let messages = self.read_messages(&req.room_id, from, before - 1)?;
         Ok(v1::ChatHistoryResponse {
             messages,
-            more: from > 1,
+            more: page.is_some_and(|p| p.more()),
         })
     }
 
@@ -882,22 +876,13 @@ impl ChatService {
     // ---- loading ----------------------------------------------------------------
 
     fn load(&self, id: &str) -> ServiceResult<Option<Arc<RoomHandle>>> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
-            return Ok(Some(h));
-        }
-        let Some(state) = self.read_room(id)? else {
-            return Ok(None);
-        };
-        let handle = Arc::new(RoomHandle {
-            state: tokio::sync::Mutex::new(state),
-        });
-        loaded.retain(|_, w| w.strong_count() > 0);
-        loaded.insert(id.to_owned(), Arc::downgrade(&handle));
-        let hot = self.hot.clone();
-        let (key, value) = (id.to_owned(), handle.clone());
-        tokio::spawn(async move { hot.insert(key, value).await });
-        Ok(Some(handle))
+        Ok(self.rooms.get_or_load(id, || {
+            self.read_room(id).map(|state| {
+                state.map(|state| RoomHandle {
+                    state: tokio::sync::Mutex::new(state),
+                })
+            })
+        })?)
     }
 
     fn read_room(&self, id: &str) -> Result<Option<RoomState>, StoreError> {

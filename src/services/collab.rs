@@ -151,10 +151,8 @@ pub struct CollabCounters {
 pub struct CollabService {
     deps: ServiceDeps,
     config: CollabConfig,
-    /// Every loaded document, so there is never more than one copy of one.
-    loaded: Mutex<HashMap<String, Weak<DocHandle>>>,
-    /// Recently used documents stay loaded.
-    hot: crate::store::cache::Cache<String, Arc<DocHandle>>,
+    /// Loaded documents: never more than one copy of one.
+    docs: crate::store::registry::Registry<DocHandle>,
     /// session id → documents it has open.
     sessions: Mutex<HashMap<String, HashMap<String, Arc<DocHandle>>>>,
     /// (document, session) → its cursor.
@@ -243,10 +241,8 @@ impl CollabService {
         txn.commit()?;
         let service = Arc::new(Self {
             deps,
-            hot: crate::store::cache::CacheSpec::new(10_000, Duration::from_secs(600))
-                .build("docs"),
+            docs: crate::store::registry::Registry::new("docs", 10_000, Duration::from_secs(600)),
             config,
-            loaded: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             cursors: Mutex::new(HashMap::new()),
         });
@@ -652,7 +648,7 @@ impl CollabService {
         if let Err(e) = write {
             // Memory is ahead of the disk now: retire this copy.
             d.broken = true;
-            self.forget(&d.id);
+            self.docs.forget(&d.id);
             return Err(ServiceError::internal(e));
         }
         if snapshot_taken {
@@ -768,34 +764,15 @@ impl CollabService {
         }
     }
 
-    fn forget(&self, id: &str) {
-        self.loaded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        let hot = self.hot.clone();
-        let id = id.to_owned();
-        tokio::spawn(async move { hot.invalidate(&id).await });
-    }
-
     /// The loaded document, loading it from redb if needed. `None`: no such document.
     fn load(&self, id: &str) -> ServiceResult<Option<Arc<DocHandle>>> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
-            return Ok(Some(h));
-        }
-        let Some(state) = self.read_doc(id)? else {
-            return Ok(None);
-        };
-        let handle = Arc::new(DocHandle {
-            state: tokio::sync::Mutex::new(state),
-        });
-        loaded.retain(|_, w| w.strong_count() > 0);
-        loaded.insert(id.to_owned(), Arc::downgrade(&handle));
-        let hot = self.hot.clone();
-        let (key, value) = (id.to_owned(), handle.clone());
-        tokio::spawn(async move { hot.insert(key, value).await });
-        Ok(Some(handle))
+        Ok(self.docs.get_or_load(id, || {
+            self.read_doc(id).map(|state| {
+                state.map(|state| DocHandle {
+                    state: tokio::sync::Mutex::new(state),
+                })
+            })
+        })?)
     }
 
     fn read_doc(&self, id: &str) -> Result<Option<DocState>, StoreError> {

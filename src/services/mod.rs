@@ -16,6 +16,7 @@ use crate::store::{Store, Writer};
 
 /// A failed request: a typed code, a message, and optional details.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct ServiceError {
     /// The stable code.
     pub code: ErrorCode,
@@ -72,6 +73,38 @@ internal_from!(redb::TransactionError, redb::TableError, redb::StorageError);
 /// The topic every session of a user is subscribed to.
 pub fn user_topic(user: &str) -> String {
     format!("user/{user}")
+}
+
+/// A page of a stream numbered by offset (1, 2, ... `last`), read backwards with a
+/// cursor: stable while new entries arrive, unlike skip/limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// The first offset of the page.
+    pub from: u64,
+    /// The last offset of the page.
+    pub to: u64,
+}
+
+impl Page {
+    /// The page of at most `limit` entries (0 or more than `max`: `max`) before
+    /// `before` (0: after the newest). `None` when it would be empty.
+    pub fn before(before: u64, limit: u32, max: u32, last: u64) -> Option<Page> {
+        let limit = u64::from(if limit == 0 { max } else { limit.min(max) });
+        let end = if before == 0 {
+            last + 1
+        } else {
+            before.min(last + 1)
+        };
+        (end > 1 && limit > 0).then(|| Page {
+            from: end.saturating_sub(limit).max(1),
+            to: end - 1,
+        })
+    }
+
+    /// Whether older entries exist.
+    pub fn more(&self) -> bool {
+        self.from > 1
+    }
 }
 
 /// The result of a request handler.
@@ -230,5 +263,30 @@ impl Services {
         self.notify.disconnected(ctx);
         self.presence.disconnected(ctx).await;
         self.collab.disconnected(ctx).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Page;
+
+    #[test]
+    fn pages_walk_back_by_offset() {
+        assert_eq!(Page::before(0, 3, 100, 10), Some(Page { from: 8, to: 10 }));
+        assert_eq!(Page::before(8, 0, 4, 10), Some(Page { from: 4, to: 7 }));
+        assert_eq!(
+            Page::before(8, 50, 4, 10),
+            Some(Page { from: 4, to: 7 }),
+            "capped"
+        );
+        assert_eq!(Page::before(2, 10, 100, 10), Some(Page { from: 1, to: 1 }));
+        assert!(!Page::before(2, 10, 100, 10).unwrap().more());
+        assert_eq!(Page::before(1, 10, 100, 10), None);
+        assert_eq!(Page::before(0, 10, 100, 0), None, "empty stream");
+        assert_eq!(
+            Page::before(99, 2, 100, 10),
+            Some(Page { from: 9, to: 10 }),
+            "clamped"
+        );
     }
 }

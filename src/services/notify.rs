@@ -298,26 +298,13 @@ impl NotifyService {
             let _guard = self.stripe(user).lock().await;
             self.user_state(user).await?
         };
-        let limit = match req.limit {
-            0 => self.config.max_page,
-            n => n.min(self.config.max_page),
-        } as u64;
-        let before = if req.before_offset == 0 {
-            last + 1
-        } else {
-            req.before_offset.min(last + 1)
-        };
-        if before <= 1 {
-            return Ok(v1::NotifyListResponse {
-                notifications: vec![],
-                more: false,
-                unread,
-            });
-        }
-        let from = before.saturating_sub(limit).max(1);
+        let page = super::Page::before(req.before_offset, req.limit, self.config.max_page, last);
         Ok(v1::NotifyListResponse {
-            notifications: self.read_range(user, from, before - 1)?,
-            more: from > 1,
+            notifications: match page {
+                Some(p) => self.read_range(user, p.from, p.to)?,
+                None => vec![],
+            },
+            more: page.is_some_and(|p| p.more()),
             unread,
         })
     }

@@ -4,6 +4,7 @@
 //! module opens the file, checks the schema version and hands out the database.
 
 pub mod cache;
+pub mod registry;
 mod writer;
 
 pub use writer::{CommitObserver, Writer};

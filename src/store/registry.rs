@@ -1,0 +1,86 @@
+//! One copy of each loaded entity (a room, a document): every caller gets the same
+//! `Arc` while anyone holds it, so all changes to an entity go through one lock.
+//! Recently used entities stay loaded (a moka cache holds them); the weak index
+//! makes sure an entity evicted from the cache but still in use is never loaded twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use super::cache::{Cache, CacheSpec};
+
+/// Loaded entities by id.
+pub struct Registry<T> {
+    loaded: Mutex<HashMap<String, Weak<T>>>,
+    hot: Cache<String, Arc<T>>,
+}
+
+impl<T> std::fmt::Debug for Registry<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + Sync + 'static> Registry<T> {
+    /// A registry keeping up to `capacity` unused entities loaded for `idle`.
+    pub fn new(name: &str, capacity: u64, idle: Duration) -> Self {
+        Self {
+            loaded: Mutex::new(HashMap::new()),
+            hot: CacheSpec::new(capacity, idle).build(name),
+        }
+    }
+
+    /// The loaded entity, or `load()`'s (`None`: no such entity).
+    pub fn get_or_load<E>(
+        &self,
+        id: &str,
+        load: impl FnOnce() -> Result<Option<T>, E>,
+    ) -> Result<Option<Arc<T>>, E> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
+            return Ok(Some(h));
+        }
+        let Some(value) = load()? else {
+            return Ok(None);
+        };
+        let handle = Arc::new(value);
+        loaded.retain(|_, w| w.strong_count() > 0);
+        loaded.insert(id.to_owned(), Arc::downgrade(&handle));
+        let hot = self.hot.clone();
+        let (key, value) = (id.to_owned(), handle.clone());
+        tokio::spawn(async move { hot.insert(key, value).await });
+        Ok(Some(handle))
+    }
+
+    /// Drops an entity (its in-memory copy is stale): the next caller loads it anew.
+    pub fn forget(&self, id: &str) {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        let hot = self.hot.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move { hot.invalidate(&id).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_copy_while_in_use() {
+        let r: Registry<u32> = Registry::new("t", 10, Duration::from_secs(60));
+        let a = r.get_or_load::<()>("x", || Ok(Some(1))).unwrap().unwrap();
+        let b = r
+            .get_or_load::<()>("x", || panic!("loaded twice"))
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(r.get_or_load::<()>("y", || Ok(None)).unwrap().is_none());
+        r.forget("x");
+        drop((a, b));
+        let c = r.get_or_load::<()>("x", || Ok(Some(2))).unwrap().unwrap();
+        assert_eq!(*c, 2);
+    }
+}
