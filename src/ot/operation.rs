@@ -79,6 +79,21 @@ fn piece(c: Option<&Component>) -> Option<Piece<'_>> {
     })
 }
 
+/// What is left of a retain or delete of `n` after `used` of it: the rest, or the
+/// next piece when it is used up.
+fn shorten<'a>(
+    kind: fn(usize) -> Piece<'a>,
+    n: usize,
+    used: usize,
+    rest: &mut impl Iterator<Item = &'a Component>,
+) -> Option<Piece<'a>> {
+    if n > used {
+        Some(kind(n - used))
+    } else {
+        piece(rest.next())
+    }
+}
+
 /// Splits `s` after `n` chars; if `s` is shorter, the second part is empty.
 pub(crate) fn split_chars(s: &str, n: usize) -> (&str, &str) {
     match s.char_indices().nth(n) {
@@ -321,16 +336,8 @@ impl TextOperation {
                 (Some(Piece::Retain(a)), Some(Piece::Retain(b))) => {
                     let m = a.min(b);
                     out.add_retain(m);
-                    p1 = if a > m {
-                        Some(Piece::Retain(a - m))
-                    } else {
-                        piece(i1.next())
-                    };
-                    p2 = if b > m {
-                        Some(Piece::Retain(b - m))
-                    } else {
-                        piece(i2.next())
-                    };
+                    p1 = shorten(Piece::Retain, a, m, &mut i1);
+                    p2 = shorten(Piece::Retain, b, m, &mut i2);
                 }
                 (Some(Piece::Insert(s, len)), Some(Piece::Delete(n))) => {
                     // Text inserted by the first and deleted by the second
@@ -341,11 +348,7 @@ impl TextOperation {
                     } else {
                         piece(i1.next())
                     };
-                    p2 = if n > m {
-                        Some(Piece::Delete(n - m))
-                    } else {
-                        piece(i2.next())
-                    };
+                    p2 = shorten(Piece::Delete, n, m, &mut i2);
                 }
                 (Some(Piece::Insert(s, len)), Some(Piece::Retain(n))) => {
                     let m = len.min(n);
@@ -356,25 +359,13 @@ impl TextOperation {
                     } else {
                         piece(i1.next())
                     };
-                    p2 = if n > m {
-                        Some(Piece::Retain(n - m))
-                    } else {
-                        piece(i2.next())
-                    };
+                    p2 = shorten(Piece::Retain, n, m, &mut i2);
                 }
                 (Some(Piece::Retain(a)), Some(Piece::Delete(n))) => {
                     let m = a.min(n);
                     out.add_delete(m);
-                    p1 = if a > m {
-                        Some(Piece::Retain(a - m))
-                    } else {
-                        piece(i1.next())
-                    };
-                    p2 = if n > m {
-                        Some(Piece::Delete(n - m))
-                    } else {
-                        piece(i2.next())
-                    };
+                    p1 = shorten(Piece::Retain, a, m, &mut i1);
+                    p2 = shorten(Piece::Delete, n, m, &mut i2);
                 }
             }
         }
@@ -433,58 +424,26 @@ impl TextOperation {
                     let m = x.min(y);
                     a_prime.add_retain(m);
                     b_prime.add_retain(m);
-                    p1 = if x > m {
-                        Some(Piece::Retain(x - m))
-                    } else {
-                        piece(i1.next())
-                    };
-                    p2 = if y > m {
-                        Some(Piece::Retain(y - m))
-                    } else {
-                        piece(i2.next())
-                    };
+                    p1 = shorten(Piece::Retain, x, m, &mut i1);
+                    p2 = shorten(Piece::Retain, y, m, &mut i2);
                 }
                 (Some(Piece::Delete(x)), Some(Piece::Delete(y))) => {
                     // Both delete the same text: neither needs to any more.
                     let m = x.min(y);
-                    p1 = if x > m {
-                        Some(Piece::Delete(x - m))
-                    } else {
-                        piece(i1.next())
-                    };
-                    p2 = if y > m {
-                        Some(Piece::Delete(y - m))
-                    } else {
-                        piece(i2.next())
-                    };
+                    p1 = shorten(Piece::Delete, x, m, &mut i1);
+                    p2 = shorten(Piece::Delete, y, m, &mut i2);
                 }
                 (Some(Piece::Delete(x)), Some(Piece::Retain(y))) => {
                     let m = x.min(y);
                     a_prime.add_delete(m);
-                    p1 = if x > m {
-                        Some(Piece::Delete(x - m))
-                    } else {
-                        piece(i1.next())
-                    };
-                    p2 = if y > m {
-                        Some(Piece::Retain(y - m))
-                    } else {
-                        piece(i2.next())
-                    };
+                    p1 = shorten(Piece::Delete, x, m, &mut i1);
+                    p2 = shorten(Piece::Retain, y, m, &mut i2);
                 }
                 (Some(Piece::Retain(x)), Some(Piece::Delete(y))) => {
                     let m = x.min(y);
                     b_prime.add_delete(m);
-                    p1 = if x > m {
-                        Some(Piece::Retain(x - m))
-                    } else {
-                        piece(i1.next())
-                    };
-                    p2 = if y > m {
-                        Some(Piece::Delete(y - m))
-                    } else {
-                        piece(i2.next())
-                    };
+                    p1 = shorten(Piece::Retain, x, m, &mut i1);
+                    p2 = shorten(Piece::Delete, y, m, &mut i2);
                 }
             }
         }
