@@ -26,6 +26,8 @@ pub struct ApiState {
     pub key: ApiKey,
     /// The services.
     pub services: Arc<Services>,
+    /// Served at `/api/v1/stats`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The routes of `/api/v1`.
@@ -35,6 +37,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rooms/{room_id}/messages", post(post_message))
         .route("/api/v1/rooms/{room_id}/participants", get(participants))
         .route("/api/v1/presence/{user_id}", get(presence))
+        .route("/api/v1/stats", get(stats))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_key,
@@ -284,4 +287,9 @@ async fn presence(State(s): State<ApiState>, Path(user_id): Path<String>) -> Res
         }
         Err(e) => Failure::from(e).into_response(),
     }
+}
+
+/// `GET /api/v1/stats`: p50/p90/p99/p99.9/max of every latency histogram, in ms.
+async fn stats(State(s): State<ApiState>) -> Response {
+    Json(s.metrics.stats()).into_response()
 }

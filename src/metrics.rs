@@ -1,14 +1,131 @@
-//! Counters, gauges and latency histograms, rendered as Prometheus text.
+//! Counters, gauges and latency histograms (HDR), rendered as Prometheus text and
+//! as JSON percentiles.
+//!
+//! Recording never takes a global lock: each [`Latency`] histogram is split in
+//! shards and a thread records into its own shard (an uncontended lock); reads
+//! merge the shards.
 
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use serde::Serialize;
 
-use crate::protocol::CloseCode;
+use crate::protocol::{CloseCode, ErrorCode};
 use crate::transport::TransportKind;
+
+/// Shards per histogram: more than the threads that record at once.
+const SHARDS: usize = 16;
+/// The largest value recorded, in microseconds (one hour).
+const MAX_US: u64 = 3_600_000_000;
+
+thread_local! {
+    static SHARD: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Relaxed) % SHARDS
+    };
+}
+
+/// A latency histogram in microseconds, 3 significant digits, 1 µs to 1 h.
+#[derive(Debug)]
+pub struct Latency {
+    shards: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Histogram::new_with_bounds(1, MAX_US, 3).expect("valid bounds"))
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Latency {
+    /// Records one duration.
+    pub fn record(&self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, MAX_US);
+        let shard = SHARD.with(|s| *s);
+        if let Ok(mut h) = self.shards[shard].lock() {
+            h.saturating_record(us);
+        }
+    }
+
+    /// All shards merged.
+    pub fn snapshot(&self) -> Histogram<u64> {
+        let mut all = Histogram::new_with_bounds(1, MAX_US, 3).expect("valid bounds");
+        for s in &self.shards {
+            let h = s.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = all.add(&*h);
+        }
+        all
+    }
+}
+
+/// Percentiles of one histogram, in milliseconds (as served by `/api/v1/stats`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Percentiles {
+    /// Values recorded.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// The largest value.
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    /// The percentiles of `h` (microsecond values).
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let ms = |v: u64| v as f64 / 1000.0;
+        Self {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p90_ms: ms(h.value_at_quantile(0.9)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// Names of the request types, as recorded (`request` label).
+pub const REQUEST_TYPES: &[&str] = &[
+    "echo",
+    "room_create",
+    "room_add",
+    "room_remove",
+    "room_leave",
+    "room_list",
+    "chat_send",
+    "chat_history",
+    "chat_mark_read",
+    "notify_list",
+    "notify_mark_read",
+    "notify_mark_all_read",
+    "presence_set",
+    "presence_get",
+    "contact_request",
+    "contact_accept",
+    "contact_remove",
+    "contact_list",
+    "doc_create",
+    "doc_share",
+    "doc_open",
+    "doc_close",
+    "doc_submit",
+    "unknown",
+];
 
 /// The server's metrics.
 #[derive(Debug)]
@@ -17,7 +134,19 @@ pub struct Metrics {
     sessions_active: [AtomicI64; 2],
     sessions_closed: Vec<AtomicU64>,
     frames_rejected: AtomicU64,
-    handshake_us: Mutex<Histogram<u64>>,
+    errors: Vec<AtomicU64>,
+    /// Time from the first packet to `Welcome`.
+    pub handshake: Latency,
+    /// Server processing time per request type (index in [`REQUEST_TYPES`]).
+    requests: Vec<Latency>,
+    /// From an event's publication to its being written to a subscriber's stream.
+    pub fanout: Latency,
+    /// One group commit (fsync included).
+    pub commit: Latency,
+    /// QUIC round-trip time estimates, sampled per session.
+    pub rtt: Latency,
+    /// Writes committed (summed over group commits).
+    pub writes_committed: AtomicU64,
     /// Collaboration counters.
     pub collab: crate::services::collab::CollabCounters,
 }
@@ -29,10 +158,13 @@ impl Default for Metrics {
             sessions_active: Default::default(),
             sessions_closed: CloseCode::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             frames_rejected: AtomicU64::new(0),
-            // 1 µs to 1 hour, 3 significant digits.
-            handshake_us: Mutex::new(
-                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
-            ),
+            errors: ErrorCode::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            handshake: Latency::default(),
+            requests: REQUEST_TYPES.iter().map(|_| Latency::default()).collect(),
+            fanout: Latency::default(),
+            commit: Latency::default(),
+            rtt: Latency::default(),
+            writes_committed: AtomicU64::new(0),
             collab: Default::default(),
         }
     }
@@ -47,15 +179,37 @@ fn idx(t: TransportKind) -> usize {
 
 const TRANSPORTS: [TransportKind; 2] = [TransportKind::Quic, TransportKind::WebTransport];
 
+fn summary(out: &mut String, name: &str, help: &str, series: &[(String, Histogram<u64>)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+    for (labels, h) in series {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for q in [0.5, 0.9, 0.99, 0.999] {
+            let _ = writeln!(
+                out,
+                "{name}{{{labels}{sep}quantile=\"{q}\"}} {}",
+                h.value_at_quantile(q) as f64 / 1e6
+            );
+        }
+        let sum: f64 = h
+            .iter_recorded()
+            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+            .sum();
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", sum / 1e6);
+        let _ = writeln!(out, "{name}_count{braces} {}", h.len());
+    }
+}
+
 impl Metrics {
     /// A session completed its handshake after `took`.
     pub fn session_opened(&self, t: TransportKind, took: Duration) {
         self.sessions_accepted[idx(t)].fetch_add(1, Relaxed);
         self.sessions_active[idx(t)].fetch_add(1, Relaxed);
-        let us = (took.as_micros() as u64).clamp(1, 3_600_000_000);
-        if let Ok(mut h) = self.handshake_us.lock() {
-            h.saturating_record(us);
-        }
+        self.handshake.record(took);
     }
 
     /// A session that had completed its handshake ended.
@@ -75,9 +229,52 @@ impl Metrics {
         self.frames_rejected.fetch_add(1, Relaxed);
     }
 
+    /// An error was answered with `code`.
+    pub fn error(&self, code: ErrorCode) {
+        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
+            self.errors[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A request of type `name` (one of [`REQUEST_TYPES`]) took `d` to handle.
+    pub fn request(&self, name: &str, d: Duration) {
+        let i = REQUEST_TYPES
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or(REQUEST_TYPES.len() - 1);
+        self.requests[i].record(d);
+    }
+
+    /// A group commit of `writes` took `d`.
+    pub fn committed(&self, writes: usize, d: Duration) {
+        self.writes_committed.fetch_add(writes as u64, Relaxed);
+        self.commit.record(d);
+    }
+
     /// Sessions open now over `t`.
     pub fn active(&self, t: TransportKind) -> i64 {
         self.sessions_active[idx(t)].load(Relaxed)
+    }
+
+    /// Percentiles of every histogram with data: `handshake`, `fanout`, `commit`,
+    /// `rtt`, and `request.<type>`.
+    pub fn stats(&self) -> std::collections::BTreeMap<String, Percentiles> {
+        let mut out = std::collections::BTreeMap::new();
+        for (name, l) in [
+            ("handshake", &self.handshake),
+            ("fanout", &self.fanout),
+            ("commit", &self.commit),
+            ("rtt", &self.rtt),
+        ] {
+            out.insert(name.to_owned(), Percentiles::of(&l.snapshot()));
+        }
+        for (name, l) in REQUEST_TYPES.iter().zip(&self.requests) {
+            let h = l.snapshot();
+            if !h.is_empty() {
+                out.insert(format!("request.{name}"), Percentiles::of(&h));
+            }
+        }
+        out
     }
 
     /// Prometheus text exposition format.
@@ -112,11 +309,25 @@ impl Metrics {
                 self.sessions_closed[i].load(Relaxed)
             );
         }
+        out.push_str("# HELP tutti_errors_total Errors answered, by code.\n# TYPE tutti_errors_total counter\n");
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tutti_errors_total{{code=\"{}\"}} {}",
+                code.name(),
+                self.errors[i].load(Relaxed)
+            );
+        }
         out.push_str("# HELP tutti_frames_rejected_total Frames answered with a frame error.\n# TYPE tutti_frames_rejected_total counter\n");
         let _ = writeln!(
             out,
             "tutti_frames_rejected_total {}",
             self.frames_rejected.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tutti_writes_committed_total Writes made durable.\n# TYPE tutti_writes_committed_total counter\ntutti_writes_committed_total {}",
+            self.writes_committed.load(Relaxed)
         );
         for (name, help, v) in [
             (
@@ -146,25 +357,42 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
-        let h = self
-            .handshake_us
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_else(|e| e.into_inner().clone());
-        out.push_str("# HELP tutti_handshake_seconds Time from connection to Welcome.\n# TYPE tutti_handshake_seconds summary\n");
-        for q in [0.5, 0.9, 0.99, 0.999] {
-            let _ = writeln!(
-                out,
-                "tutti_handshake_seconds{{quantile=\"{q}\"}} {}",
-                h.value_at_quantile(q) as f64 / 1e6
-            );
-        }
-        let sum: f64 = h
-            .iter_recorded()
-            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-            .sum();
-        let _ = writeln!(out, "tutti_handshake_seconds_sum {}", sum / 1e6);
-        let _ = writeln!(out, "tutti_handshake_seconds_count {}", h.len());
+        summary(
+            &mut out,
+            "tutti_handshake_seconds",
+            "Time from connection to Welcome.",
+            &[(String::new(), self.handshake.snapshot())],
+        );
+        summary(
+            &mut out,
+            "tutti_fanout_seconds",
+            "From publication to a subscriber's stream.",
+            &[(String::new(), self.fanout.snapshot())],
+        );
+        summary(
+            &mut out,
+            "tutti_commit_seconds",
+            "One group commit, fsync included.",
+            &[(String::new(), self.commit.snapshot())],
+        );
+        summary(
+            &mut out,
+            "tutti_rtt_seconds",
+            "QUIC round-trip time samples.",
+            &[(String::new(), self.rtt.snapshot())],
+        );
+        let requests: Vec<(String, Histogram<u64>)> = REQUEST_TYPES
+            .iter()
+            .zip(&self.requests)
+            .map(|(n, l)| (format!("request=\"{n}\""), l.snapshot()))
+            .filter(|(_, h)| !h.is_empty())
+            .collect();
+        summary(
+            &mut out,
+            "tutti_request_seconds",
+            "Server processing time per request type.",
+            &requests,
+        );
         out
     }
 }
@@ -180,11 +408,40 @@ mod tests {
         m.session_opened(TransportKind::WebTransport, Duration::from_millis(5));
         m.session_ended(TransportKind::Quic);
         m.closed_with(CloseCode::GoingAway);
+        m.error(ErrorCode::NotFound);
+        m.request("chat_send", Duration::from_millis(2));
         let text = m.render();
         assert!(text.contains("tutti_sessions_accepted_total{transport=\"quic\"} 1"));
         assert!(text.contains("tutti_sessions_active{transport=\"quic\"} 0"));
         assert!(text.contains("tutti_sessions_active{transport=\"webtransport\"} 1"));
         assert!(text.contains("tutti_sessions_closed_total{code=\"GOING_AWAY\"} 1"));
+        assert!(text.contains("tutti_errors_total{code=\"NOT_FOUND\"} 1"));
         assert!(text.contains("tutti_handshake_seconds_count 2"));
+        assert!(text.contains("tutti_request_seconds_count{request=\"chat_send\"} 1"));
+        assert!(
+            text.contains("tutti_request_seconds{request=\"chat_send\",quantile=\"0.99\"} 0.002")
+        );
+    }
+
+    #[test]
+    fn shards_merge_on_read() {
+        let l = std::sync::Arc::new(Latency::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    for i in 1..=1000 {
+                        l.record(Duration::from_micros(i));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let p = Percentiles::of(&l.snapshot());
+        assert_eq!(p.count, 4000);
+        assert!((p.p50_ms - 0.5).abs() < 0.01, "{p:?}");
+        assert!((p.max_ms - 1.0).abs() < 0.01, "{p:?}");
     }
 }

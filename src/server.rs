@@ -73,7 +73,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )
     .with_context(|| format!("binding UDP {}", config.listen))?;
     let quic_addr = endpoint.local_addr()?;
-    let (writer, writer_thread) = Writer::spawn(store.db().clone(), None);
+    let commits = metrics.clone();
+    let (writer, writer_thread) = Writer::spawn(
+        store.db().clone(),
+        Some(Arc::new(move |writes, took| {
+            commits.committed(writes, took)
+        })),
+    );
     let services = Arc::new(
         Services::open(
             ServiceDeps {
@@ -137,6 +143,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             key: crate::auth::ApiKey::from_config(config.api.key.as_deref(), &config.data_dir)
                 .context("loading the API key")?,
             services: services.clone(),
+            metrics: metrics.clone(),
         },
     });
     let http_stop = stop_background.clone();

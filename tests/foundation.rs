@@ -252,8 +252,18 @@ async fn http_side_port_health_readiness_metrics_and_pin() {
     let s = TestServer::start().await;
     assert_eq!(s.http_get("/healthz").await.0, 200);
     assert_eq!(s.http_get("/readyz").await.0, 200);
-    let _c = s.connect(TransportKind::Quic, "alice").await;
+    let c = s.connect(TransportKind::Quic, "alice").await;
+    c.echo(b"x".to_vec(), true).await.unwrap();
+    assert!(matches!(c.next_event().await, Some(Event::Push(..))));
     let (status, metrics) = s.http_get("/metrics").await;
+    assert!(
+        metrics.contains("tutti_request_seconds_count{request=\"echo\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tutti_fanout_seconds_count 1"),
+        "{metrics}"
+    );
     assert_eq!(status, 200);
     assert!(
         metrics.contains("tutti_sessions_active{transport=\"quic\"} 1"),
@@ -272,6 +282,15 @@ async fn http_side_port_health_readiness_metrics_and_pin() {
     let info: tutti::http::Info = serde_json::from_str(&info).unwrap();
     assert_eq!(info.webtransport, s.server().webtransport_url());
     assert!(info.dev_mode);
+    // Percentiles as JSON for the server API (with the API key).
+    assert_eq!(s.http_get("/api/v1/stats").await.0, 401);
+    let (status, stats) = s.api("GET", "/api/v1/stats", None).await;
+    assert_eq!(status, 200);
+    let stats: std::collections::BTreeMap<String, tutti::metrics::Percentiles> =
+        serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["request.echo"].count, 1);
+    assert_eq!(stats["handshake"].count, 1);
+    assert!(stats["request.echo"].p99_ms <= stats["request.echo"].max_ms);
 }
 
 #[tokio::test]

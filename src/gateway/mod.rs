@@ -40,6 +40,9 @@ use crate::util::unix_millis;
 /// client counts as a slow consumer.
 const PUSH_PATIENCE: Duration = Duration::from_secs(5);
 
+/// How often a session's QUIC round-trip estimate is sampled into the histogram.
+const RTT_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
 /// Bytes read from a stream at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -192,7 +195,11 @@ impl Gateway {
             session: session.clone(),
             session_id,
             user: claims.sub,
-            pushes: PushQueues::new(session.clone(), self.config.limits.push_queue_frames),
+            pushes: PushQueues::new(
+                session.clone(),
+                self.config.limits.push_queue_frames,
+                self.metrics.clone(),
+            ),
         });
         let ctx = SessionCtx {
             subscriber: conn.clone(),
@@ -238,6 +245,7 @@ impl Gateway {
         let mut inflight = FuturesUnordered::new();
         let mut inflight_ids = HashSet::new();
         let mut buf = vec![0u8; READ_CHUNK];
+        let mut rtt_sample = tokio::time::interval(RTT_SAMPLE_EVERY);
         loop {
             // Frames already buffered are handled before reading more.
             loop {
@@ -253,6 +261,7 @@ impl Gateway {
                             FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
                             _ => ErrorCode::FrameMalformed,
                         };
+                        self.metrics.error(code);
                         let err = v1::Error::new(code, e.to_string());
                         if control
                             .send(frame(server_frame::Kind::Error(err)))
@@ -284,6 +293,7 @@ impl Gateway {
                                 conn.clone(),
                                 ctx.clone(),
                                 self.services.clone(),
+                                self.metrics.clone(),
                                 req,
                             ));
                             None
@@ -313,6 +323,9 @@ impl Gateway {
             tokio::select! {
                 _ = self.stop.cancelled() => {
                     return End::Close(CloseCode::GoingAway, "server shutting down".into());
+                }
+                _ = rtt_sample.tick() => {
+                    self.metrics.rtt.record(conn.session.rtt());
                 }
                 _ = conn.pushes.slow() => {
                     return End::Close(CloseCode::SlowConsumer, "push queue full: reconnect and resume".into());
@@ -489,6 +502,29 @@ fn service_error(id: u64, e: ServiceError) -> ServerFrame {
 
 /// Answers one request. Returns the request id with the response frame.
 async fn handle_request(
+    conn: Arc<Connection>,
+    ctx: SessionCtx,
+    services: Arc<Services>,
+    metrics: Arc<Metrics>,
+    req: v1::Request,
+) -> (u64, ServerFrame) {
+    let started = std::time::Instant::now();
+    let name = req.body.as_ref().map_or("unknown", |b| b.name());
+    let (id, reply) = answer(conn, ctx, services, req).await;
+    metrics.request(name, started.elapsed());
+    if let Some(server_frame::Kind::Response(v1::Response {
+        body: Some(response::Body::Error(e)),
+        ..
+    })) = &reply.kind
+        && let Some(code) = e.error_code()
+    {
+        metrics.error(code);
+    }
+    (id, reply)
+}
+
+/// The answer to one request.
+async fn answer(
     conn: Arc<Connection>,
     ctx: SessionCtx,
     services: Arc<Services>,

@@ -2,7 +2,8 @@
 //! written by its own task so that a stalled kind never blocks another.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -10,14 +11,18 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::protocol::encode_frame;
 use crate::protocol::v1::{Push, PushStreamHeader, StreamKind};
 use crate::transport::Session;
 
 pub use crate::hub::SlowConsumer;
 
+/// A push and when it was queued (for the fan-out latency).
+type Queued = (Push, Instant);
+
 /// The queue of one kind and the task that writes it.
-type KindQueue = (mpsc::Sender<Push>, JoinHandle<()>);
+type KindQueue = (mpsc::Sender<Queued>, JoinHandle<()>);
 
 /// A session's push queues.
 #[derive(Debug)]
@@ -26,26 +31,30 @@ pub struct PushQueues {
     capacity: usize,
     kinds: Mutex<HashMap<i32, KindQueue>>,
     slow: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl PushQueues {
     /// Queues of `capacity` frames per kind for `session`.
-    pub fn new(session: Session, capacity: usize) -> Self {
+    pub fn new(session: Session, capacity: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             session,
             capacity,
             kinds: Mutex::new(HashMap::new()),
             slow: CancellationToken::new(),
+            metrics,
         }
     }
 
     /// Queues `push` on the stream of `kind`. Never waits: when the queue is full the
     /// session is marked slow (see [`slow`](Self::slow)) and the push is refused.
     pub fn push(&self, kind: StreamKind, push: Push) -> Result<(), SlowConsumer> {
-        self.sender(kind).try_send(push).map_err(|_| {
-            self.slow.cancel();
-            SlowConsumer
-        })
+        self.sender(kind)
+            .try_send((push, Instant::now()))
+            .map_err(|_| {
+                self.slow.cancel();
+                SlowConsumer
+            })
     }
 
     /// Queues `push`, waiting up to `patience` for room in the queue (for bulk
@@ -58,7 +67,7 @@ impl PushQueues {
         patience: std::time::Duration,
     ) -> Result<(), SlowConsumer> {
         let tx = self.sender(kind);
-        match tokio::time::timeout(patience, tx.send(push)).await {
+        match tokio::time::timeout(patience, tx.send((push, Instant::now()))).await {
             Ok(Ok(())) => Ok(()),
             _ => {
                 self.slow.cancel();
@@ -67,11 +76,16 @@ impl PushQueues {
         }
     }
 
-    fn sender(&self, kind: StreamKind) -> mpsc::Sender<Push> {
+    fn sender(&self, kind: StreamKind) -> mpsc::Sender<Queued> {
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         let (tx, _) = kinds.entry(kind as i32).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(self.capacity);
-            let task = tokio::spawn(write_pushes(self.session.clone(), kind, rx));
+            let task = tokio::spawn(write_pushes(
+                self.session.clone(),
+                kind,
+                rx,
+                self.metrics.clone(),
+            ));
             (tx, task)
         });
         tx.clone()
@@ -91,23 +105,37 @@ impl PushQueues {
     }
 }
 
-async fn write_pushes(session: Session, kind: StreamKind, mut rx: mpsc::Receiver<Push>) {
+async fn write_pushes(
+    session: Session,
+    kind: StreamKind,
+    mut rx: mpsc::Receiver<Queued>,
+    metrics: Arc<Metrics>,
+) {
     let Ok(mut stream) = session.open_uni().await else {
         return;
     };
     let mut buf = BytesMut::new();
     encode_frame(&PushStreamHeader { kind: kind as i32 }, &mut buf);
-    while let Some(first) = rx.recv().await {
+    let mut queued_at = Vec::new();
+    while let Some((first, at)) = rx.recv().await {
         encode_frame(&first, &mut buf);
+        queued_at.push(at);
         // Coalesce what queued up meanwhile into one write.
         while buf.len() < 64 * 1024 {
             match rx.try_recv() {
-                Ok(p) => encode_frame(&p, &mut buf),
+                Ok((p, at)) => {
+                    encode_frame(&p, &mut buf);
+                    queued_at.push(at);
+                }
                 Err(_) => break,
             }
         }
         if stream.write_all(&buf).await.is_err() {
             return;
+        }
+        let now = Instant::now();
+        for at in queued_at.drain(..) {
+            metrics.fanout.record(now - at);
         }
         buf.clear();
     }

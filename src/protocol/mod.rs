@@ -51,3 +51,35 @@ impl v1::Close {
         }
     }
 }
+
+impl v1::request::Body {
+    /// The request type's name, as used in metrics (`chat_send`, ...).
+    pub fn name(&self) -> &'static str {
+        use v1::request::Body as B;
+        match self {
+            B::Echo(_) => "echo",
+            B::RoomCreate(_) => "room_create",
+            B::RoomAdd(_) => "room_add",
+            B::RoomRemove(_) => "room_remove",
+            B::RoomLeave(_) => "room_leave",
+            B::RoomList(_) => "room_list",
+            B::ChatSend(_) => "chat_send",
+            B::ChatHistory(_) => "chat_history",
+            B::ChatMarkRead(_) => "chat_mark_read",
+            B::NotifyList(_) => "notify_list",
+            B::NotifyMarkRead(_) => "notify_mark_read",
+            B::NotifyMarkAllRead(_) => "notify_mark_all_read",
+            B::PresenceSet(_) => "presence_set",
+            B::PresenceGet(_) => "presence_get",
+            B::ContactRequest(_) => "contact_request",
+            B::ContactAccept(_) => "contact_accept",
+            B::ContactRemove(_) => "contact_remove",
+            B::ContactList(_) => "contact_list",
+            B::DocCreate(_) => "doc_create",
+            B::DocShare(_) => "doc_share",
+            B::DocOpen(_) => "doc_open",
+            B::DocClose(_) => "doc_close",
+            B::DocSubmit(_) => "doc_submit",
+        }
+    }
+}
