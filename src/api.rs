@@ -89,6 +89,20 @@ impl From<ServiceError> for Failure {
     }
 }
 
+/// A JSON body whose rejection is the API's `BAD_REQUEST` error.
+struct ApiJson<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = Failure;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Failure> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| ApiJson(v))
+            .map_err(|e| Failure::from(ServiceError::bad_request(e.body_text())))
+    }
+}
+
 /// Refuses requests without the API key (401, before any handler runs).
 async fn require_key(
     State(state): State<ApiState>,
@@ -146,12 +160,8 @@ pub struct NotificationJson {
 
 async fn create_notification(
     State(s): State<ApiState>,
-    body: Result<Json<NotificationRequest>, axum::extract::rejection::JsonRejection>,
+    ApiJson(req): ApiJson<NotificationRequest>,
 ) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return Failure::from(ServiceError::bad_request(e.body_text())).into_response(),
-    };
     match s
         .services
         .notify
@@ -218,12 +228,8 @@ impl From<v1::ChatMessage> for MessageJson {
 async fn post_message(
     State(s): State<ApiState>,
     Path(room_id): Path<String>,
-    body: Result<Json<MessageRequest>, axum::extract::rejection::JsonRejection>,
+    ApiJson(req): ApiJson<MessageRequest>,
 ) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return Failure::from(ServiceError::bad_request(e.body_text())).into_response(),
-    };
     match s
         .services
         .chat

@@ -25,6 +25,7 @@ use crate::hub::Subscriber;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push, room_event};
 use crate::store::StoreError;
+use crate::store::registry::Loaded;
 use crate::util::unix_millis;
 
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("chat_rooms");
@@ -99,11 +100,6 @@ impl RoomState {
     }
 }
 
-#[derive(Debug)]
-struct RoomHandle {
-    state: tokio::sync::Mutex<RoomState>,
-}
-
 /// Who sends a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sender<'a> {
@@ -118,7 +114,7 @@ pub enum Sender<'a> {
 pub struct ChatService {
     deps: ServiceDeps,
     config: ChatConfig,
-    rooms: crate::store::registry::Registry<RoomHandle>,
+    rooms: crate::store::registry::Registry<RoomState>,
     read_marks: crate::store::cache::Cache<(String, String), u64>,
     /// session → rooms it is subscribed to.
     subscribed: Mutex<HashMap<String, HashSet<String>>>,
@@ -224,7 +220,7 @@ impl ChatService {
             let Ok(Some(handle)) = self.load(&room_id) else {
                 continue;
             };
-            let room = handle.state.lock().await;
+            let room = handle.lock().await;
             if !room.meta.participants.contains(ctx.user_id()) {
                 continue;
             }
@@ -422,7 +418,7 @@ impl ChatService {
         let handle = self
             .load(&id)?
             .ok_or_else(|| ServiceError::internal("room vanished"))?;
-        let room = handle.state.lock().await;
+        let room = handle.lock().await;
         let event = self.room_event(room_event::Kind::Created, &room, ctx.user_id());
         for user in &room.meta.participants {
             for s in self.sessions_of(user) {
@@ -437,7 +433,7 @@ impl ChatService {
 
     /// The room, if it exists and `user` is in it; `NOT_FOUND` otherwise (the same
     /// answer either way, so that outsiders cannot learn which rooms exist).
-    fn room_for(&self, room_id: &str) -> ServiceResult<Arc<RoomHandle>> {
+    fn room_for(&self, room_id: &str) -> ServiceResult<Loaded<RoomState>> {
         validate_room_id(room_id)?;
         self.load(room_id)?.ok_or_else(not_found)
     }
@@ -480,7 +476,7 @@ impl ChatService {
     ) -> ServiceResult<v1::RoomAddResponse> {
         crate::auth::validate_user_id(&req.user_id).map_err(ServiceError::bad_request)?;
         let handle = self.room_for(&req.room_id)?;
-        let mut room = handle.state.lock().await;
+        let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
         let mut meta = room.meta.clone();
         let new = meta.participants.insert(req.user_id.clone());
@@ -536,7 +532,7 @@ impl ChatService {
         req: v1::RoomRemoveRequest,
     ) -> ServiceResult<v1::RoomRemoveResponse> {
         let handle = self.room_for(&req.room_id)?;
-        let mut room = handle.state.lock().await;
+        let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
         self.drop_participant(&mut room, &req.user_id, room_event::Kind::Removed)
             .await?;
@@ -550,7 +546,7 @@ impl ChatService {
         req: v1::RoomLeaveRequest,
     ) -> ServiceResult<v1::RoomLeaveResponse> {
         let handle = self.room_for(&req.room_id)?;
-        let mut room = handle.state.lock().await;
+        let mut room = handle.lock().await;
         if !room.meta.participants.contains(ctx.user_id()) {
             return Err(not_found());
         }
@@ -629,7 +625,7 @@ impl ChatService {
             ));
         }
         let handle = self.room_for(room_id)?;
-        let mut room = handle.state.lock().await;
+        let mut room = handle.lock().await;
         let sender_id = match sender {
             Sender::User(u) => {
                 if !room.meta.participants.contains(u) {
@@ -702,7 +698,7 @@ impl ChatService {
     ) -> ServiceResult<v1::ChatHistoryResponse> {
         let handle = self.room_for(&req.room_id)?;
         let last = {
-            let room = handle.state.lock().await;
+            let room = handle.lock().await;
             if !room.meta.participants.contains(ctx.user_id()) {
                 return Err(not_found());
             }
@@ -750,7 +746,7 @@ impl ChatService {
         req: v1::ChatMarkReadRequest,
     ) -> ServiceResult<v1::ChatMarkReadResponse> {
         let handle = self.room_for(&req.room_id)?;
-        let room = handle.state.lock().await;
+        let room = handle.lock().await;
         let user = ctx.user_id();
         if !room.meta.participants.contains(user) {
             return Err(not_found());
@@ -797,7 +793,7 @@ impl ChatService {
             let Some(handle) = self.load(&id)? else {
                 continue;
             };
-            let room = handle.state.lock().await;
+            let room = handle.lock().await;
             if !room.meta.participants.contains(ctx.user_id()) {
                 continue;
             }
@@ -817,7 +813,7 @@ impl ChatService {
         let mut out = BTreeSet::new();
         for id in self.user_rooms(user)? {
             if let Some(handle) = self.load(&id)? {
-                let room = handle.state.lock().await;
+                let room = handle.lock().await;
                 if room.meta.participants.contains(user) {
                     out.extend(room.meta.participants.iter().cloned());
                 }
@@ -830,7 +826,7 @@ impl ChatService {
     /// A room's participants (server API).
     pub async fn participants(&self, room_id: &str) -> ServiceResult<Vec<String>> {
         let handle = self.room_for(room_id)?;
-        let room = handle.state.lock().await;
+        let room = handle.lock().await;
         Ok(room.meta.participants.iter().cloned().collect())
     }
 
@@ -875,14 +871,8 @@ impl ChatService {
 
     // ---- loading ----------------------------------------------------------------
 
-    fn load(&self, id: &str) -> ServiceResult<Option<Arc<RoomHandle>>> {
-        Ok(self.rooms.get_or_load(id, || {
-            self.read_room(id).map(|state| {
-                state.map(|state| RoomHandle {
-                    state: tokio::sync::Mutex::new(state),
-                })
-            })
-        })?)
+    fn load(&self, id: &str) -> ServiceResult<Option<Loaded<RoomState>>> {
+        Ok(self.rooms.get_or_load(id, || self.read_room(id))?)
     }
 
     fn read_room(&self, id: &str) -> Result<Option<RoomState>, StoreError> {

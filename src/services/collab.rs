@@ -27,6 +27,7 @@ use crate::ot::{Authority, Component, OtError, TextOperation};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, DocRole, StreamKind, push};
 use crate::store::StoreError;
+use crate::store::registry::Loaded;
 
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_docs");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_snapshots");
@@ -121,11 +122,6 @@ struct DocState {
 }
 
 #[derive(Debug)]
-struct DocHandle {
-    state: tokio::sync::Mutex<DocState>,
-}
-
-#[derive(Debug)]
 struct CursorState {
     cursor: v1::DocCursor,
     last_relay: Option<Instant>,
@@ -152,9 +148,9 @@ pub struct CollabService {
     deps: ServiceDeps,
     config: CollabConfig,
     /// Loaded documents: never more than one copy of one.
-    docs: crate::store::registry::Registry<DocHandle>,
+    docs: crate::store::registry::Registry<DocState>,
     /// session id → documents it has open.
-    sessions: Mutex<HashMap<String, HashMap<String, Arc<DocHandle>>>>,
+    sessions: Mutex<HashMap<String, HashMap<String, Loaded<DocState>>>>,
     /// (document, session) → its cursor.
     cursors: Mutex<HashMap<(String, String), CursorState>>,
 }
@@ -326,7 +322,7 @@ impl CollabService {
             return Err(ServiceError::bad_request("a document has one owner"));
         }
         let handle = self.load(&req.doc_id)?.ok_or_else(not_found)?;
-        let mut d = handle.state.lock().await;
+        let mut d = handle.lock().await;
         match d.meta.role_of(ctx.user_id()) {
             DocRole::Owner => {}
             DocRole::Unspecified => return Err(not_found()),
@@ -369,7 +365,7 @@ impl CollabService {
     ) -> ServiceResult<v1::DocOpenResponse> {
         validate_doc_id(&req.doc_id)?;
         let handle = self.load(&req.doc_id)?.ok_or_else(not_found)?;
-        let mut d = handle.state.lock().await;
+        let mut d = handle.lock().await;
         let role = d.meta.role_of(ctx.user_id());
         if role == DocRole::Unspecified {
             return Err(not_found());
@@ -460,8 +456,8 @@ impl CollabService {
         }
     }
 
-    async fn leave(&self, ctx: &SessionCtx, handle: &Arc<DocHandle>) {
-        let mut d = handle.state.lock().await;
+    async fn leave(&self, ctx: &SessionCtx, handle: &Loaded<DocState>) {
+        let mut d = handle.lock().await;
         self.deps.hub.unsubscribe(&topic(&d.id), ctx.session_id());
         self.cursors
             .lock()
@@ -536,7 +532,7 @@ impl CollabService {
                 e.to_string(),
             ))
         })?;
-        let mut d = handle.state.lock().await;
+        let mut d = handle.lock().await;
         if d.broken {
             return Err(ServiceError::new(
                 ErrorCode::Internal,
@@ -765,14 +761,8 @@ impl CollabService {
     }
 
     /// The loaded document, loading it from redb if needed. `None`: no such document.
-    fn load(&self, id: &str) -> ServiceResult<Option<Arc<DocHandle>>> {
-        Ok(self.docs.get_or_load(id, || {
-            self.read_doc(id).map(|state| {
-                state.map(|state| DocHandle {
-                    state: tokio::sync::Mutex::new(state),
-                })
-            })
-        })?)
+    fn load(&self, id: &str) -> ServiceResult<Option<Loaded<DocState>>> {
+        Ok(self.docs.get_or_load(id, || self.read_doc(id))?)
     }
 
     fn read_doc(&self, id: &str) -> Result<Option<DocState>, StoreError> {

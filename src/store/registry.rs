@@ -1,5 +1,6 @@
 //! One copy of each loaded entity (a room, a document): every caller gets the same
-//! `Arc` while anyone holds it, so all changes to an entity go through one lock.
+//! `Arc<Mutex<T>>` while anyone holds it, so all changes to an entity go through
+//! one lock.
 //! Recently used entities stay loaded (a moka cache holds them); the weak index
 //! makes sure an entity evicted from the cache but still in use is never loaded twice.
 
@@ -9,10 +10,13 @@ use std::time::Duration;
 
 use super::cache::{Cache, CacheSpec};
 
+/// A loaded entity behind its lock.
+pub type Loaded<T> = Arc<tokio::sync::Mutex<T>>;
+
 /// Loaded entities by id.
 pub struct Registry<T> {
-    loaded: Mutex<HashMap<String, Weak<T>>>,
-    hot: Cache<String, Arc<T>>,
+    loaded: Mutex<HashMap<String, Weak<tokio::sync::Mutex<T>>>>,
+    hot: Cache<String, Loaded<T>>,
 }
 
 impl<T> std::fmt::Debug for Registry<T> {
@@ -35,7 +39,7 @@ impl<T: Send + Sync + 'static> Registry<T> {
         &self,
         id: &str,
         load: impl FnOnce() -> Result<Option<T>, E>,
-    ) -> Result<Option<Arc<T>>, E> {
+    ) -> Result<Option<Loaded<T>>, E> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
             return Ok(Some(h));
@@ -43,7 +47,7 @@ impl<T: Send + Sync + 'static> Registry<T> {
         let Some(value) = load()? else {
             return Ok(None);
         };
-        let handle = Arc::new(value);
+        let handle = Arc::new(tokio::sync::Mutex::new(value));
         loaded.retain(|_, w| w.strong_count() > 0);
         loaded.insert(id.to_owned(), Arc::downgrade(&handle));
         let hot = self.hot.clone();
@@ -81,6 +85,6 @@ mod tests {
         r.forget("x");
         drop((a, b));
         let c = r.get_or_load::<()>("x", || Ok(Some(2))).unwrap().unwrap();
-        assert_eq!(*c, 2);
+        assert_eq!(*c.lock().await, 2);
     }
 }
