@@ -20,7 +20,7 @@ use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx};
+use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt, json, validate_id};
 use crate::hub::Subscriber;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push, room_event};
@@ -133,29 +133,6 @@ pub fn resume_key(room: &str) -> String {
 
 fn not_found() -> ServiceError {
     ServiceError::new(ErrorCode::NotFound, "no such room")
-}
-
-fn validate_room_id(id: &str) -> ServiceResult<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ServiceError::bad_request(
-            "room ids are 1-128 of A-Z a-z 0-9 - _ .",
-        ))
-    }
-}
-
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("plain data serializes")
-}
-
-fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(e.to_string())
 }
 
 fn message_wire(room: &str, offset: u64, m: StoredMessage) -> v1::ChatMessage {
@@ -354,7 +331,7 @@ impl ChatService {
         } else {
             req.room_id
         };
-        validate_room_id(&id)?;
+        validate_id("room", &id)?;
         if req.name.len() > self.config.max_room_name {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
@@ -434,7 +411,7 @@ impl ChatService {
     /// The room, if it exists and `user` is in it; `NOT_FOUND` otherwise (the same
     /// answer either way, so that outsiders cannot learn which rooms exist).
     fn room_for(&self, room_id: &str) -> ServiceResult<Loaded<RoomState>> {
-        validate_room_id(room_id)?;
+        validate_id("room", room_id)?;
         self.load(room_id)?.ok_or_else(not_found)
     }
 

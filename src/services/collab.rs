@@ -22,7 +22,7 @@ use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx};
+use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt, json, validate_id};
 use crate::ot::{Authority, Component, OtError, TextOperation};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, DocRole, StreamKind, push};
@@ -163,21 +163,6 @@ fn not_found() -> ServiceError {
     ServiceError::new(ErrorCode::NotFound, "no such document")
 }
 
-fn validate_doc_id(id: &str) -> ServiceResult<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ServiceError::bad_request(
-            "document ids are 1-128 of A-Z a-z 0-9 - _ .",
-        ))
-    }
-}
-
 /// The wire form of an operation.
 pub fn op_to_wire(op: &TextOperation) -> v1::TextOp {
     use v1::op_component::Kind;
@@ -217,14 +202,6 @@ pub fn op_from_wire(op: Option<v1::TextOp>) -> Result<TextOperation, OtError> {
     TextOperation::from_components(comps)
 }
 
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("plain data serializes")
-}
-
-fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
 impl CollabService {
     /// Opens the service (creating its tables) and starts the cursor settle task.
     pub fn open(deps: ServiceDeps, config: CollabConfig) -> Result<Arc<Self>, StoreError> {
@@ -257,7 +234,7 @@ impl CollabService {
         } else {
             req.doc_id
         };
-        validate_doc_id(&id)?;
+        validate_id("document", &id)?;
         if req.text.chars().count() > self.config.max_doc_chars {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
@@ -314,7 +291,7 @@ impl CollabService {
         ctx: &SessionCtx,
         req: v1::DocShareRequest,
     ) -> ServiceResult<v1::DocShareResponse> {
-        validate_doc_id(&req.doc_id)?;
+        validate_id("document", &req.doc_id)?;
         crate::auth::validate_user_id(&req.user_id).map_err(ServiceError::bad_request)?;
         let role =
             DocRole::try_from(req.role).map_err(|_| ServiceError::bad_request("unknown role"))?;
@@ -363,7 +340,7 @@ impl CollabService {
         ctx: &SessionCtx,
         req: v1::DocOpenRequest,
     ) -> ServiceResult<v1::DocOpenResponse> {
-        validate_doc_id(&req.doc_id)?;
+        validate_id("document", &req.doc_id)?;
         let handle = self.load(&req.doc_id)?.ok_or_else(not_found)?;
         let mut d = handle.lock().await;
         let role = d.meta.role_of(ctx.user_id());

@@ -70,6 +70,32 @@ macro_rules! internal_from {
 }
 internal_from!(redb::TransactionError, redb::TableError, redb::StorageError);
 
+/// Checks a room or document id: 1-128 of `A-Z a-z 0-9 - _ .`.
+fn validate_id(what: &str, id: &str) -> ServiceResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::bad_request(format!(
+            "{what} ids are 1-128 of A-Z a-z 0-9 - _ ."
+        )))
+    }
+}
+
+/// A stored record's bytes.
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data serializes")
+}
+
+/// Stored data that does not decode.
+fn corrupt(e: impl std::fmt::Display) -> crate::store::StoreError {
+    crate::store::StoreError::Corrupt(e.to_string())
+}
+
 /// The topic every session of a user is subscribed to.
 pub fn user_topic(user: &str) -> String {
     format!("user/{user}")

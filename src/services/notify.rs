@@ -13,7 +13,7 @@ use std::sync::Arc;
 use redb::{ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx};
+use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push};
 use crate::store::StoreError;
@@ -101,10 +101,6 @@ fn wire(user: &str, offset: u64, n: StoredNote) -> v1::Notification {
 
 fn topic(user: &str) -> String {
     format!("notify/{user}")
-}
-
-fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(e.to_string())
 }
 
 /// The notification service.
