@@ -38,6 +38,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rooms/{room_id}/participants", get(participants))
         .route("/api/v1/presence/{user_id}", get(presence))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/events", post(track_events))
+        .route("/api/v1/analytics/series", get(analytics_series))
+        .route("/api/v1/analytics/top", get(analytics_top))
+        .route("/api/v1/analytics/users", get(analytics_users))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_key,
@@ -66,7 +70,9 @@ impl IntoResponse for Failure {
 
 fn status_of(code: ErrorCode) -> StatusCode {
     match code {
-        ErrorCode::BadRequest | ErrorCode::InvalidOperation => StatusCode::BAD_REQUEST,
+        ErrorCode::BadRequest | ErrorCode::InvalidOperation | ErrorCode::UnknownEventType => {
+            StatusCode::BAD_REQUEST
+        }
         ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::Conflict => StatusCode::CONFLICT,
@@ -298,4 +304,134 @@ async fn presence(State(s): State<ApiState>, Path(user_id): Path<String>) -> Res
 /// `GET /api/v1/stats`: p50/p90/p99/p99.9/max of every latency histogram, in ms.
 async fn stats(State(s): State<ApiState>) -> Response {
     Json(s.metrics.stats()).into_response()
+}
+
+/// `POST /api/v1/events` body.
+#[derive(Debug, Deserialize)]
+pub struct EventsRequest {
+    /// The events (each may name its `user`).
+    pub events: Vec<crate::services::analytics::NewEvent>,
+}
+
+/// `POST /api/v1/events` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventsResponse {
+    /// Occurrences counted.
+    pub accepted: u64,
+}
+
+async fn track_events(State(s): State<ApiState>, ApiJson(req): ApiJson<EventsRequest>) -> Response {
+    match s.services.analytics.track(None, None, &req.events) {
+        Ok(accepted) => Json(EventsResponse { accepted }).into_response(),
+        Err(e) => Failure::from(e).into_response(),
+    }
+}
+
+/// `GET /api/v1/analytics/series` query.
+#[derive(Debug, Deserialize)]
+pub struct SeriesQuery {
+    /// The event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `key=value`, optional.
+    #[serde(default)]
+    pub dimension: String,
+    /// How far back, e.g. `15m`.
+    #[serde(with = "crate::config::duration_str")]
+    pub duration: std::time::Duration,
+    /// Point width, e.g. `1m` (default: the bucket width).
+    #[serde(default, with = "crate::config::duration_str::option")]
+    pub resolution: Option<std::time::Duration>,
+}
+
+async fn analytics_series(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<SeriesQuery>,
+) -> Response {
+    let resolution = q.resolution.map_or(0, |d| d.as_millis() as u64);
+    match s
+        .services
+        .analytics
+        .series(
+            &q.kind,
+            &q.dimension,
+            q.duration.as_millis() as u64,
+            resolution,
+        )
+        .await
+    {
+        Ok(series) => Json(series).into_response(),
+        Err(e) => Failure::from(e).into_response(),
+    }
+}
+
+/// `GET /api/v1/analytics/top` and `/users` query.
+#[derive(Debug, Deserialize)]
+pub struct WindowQuery {
+    /// How far back, e.g. `1h`.
+    #[serde(with = "crate::config::duration_str")]
+    pub window: std::time::Duration,
+    /// At most this many types (top only; default 10, at most 100).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// An event type and its count.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TypeCount {
+    /// The event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Occurrences in the window.
+    pub count: u64,
+}
+
+async fn analytics_top(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<WindowQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(10).clamp(1, 100);
+    match s
+        .services
+        .analytics
+        .top(q.window.as_millis() as u64, limit)
+        .await
+    {
+        Ok(types) => Json(
+            types
+                .into_iter()
+                .map(|(kind, count)| TypeCount { kind, count })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => Failure::from(e).into_response(),
+    }
+}
+
+/// `GET /api/v1/analytics/users` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UsersJson {
+    /// Estimated distinct users (HyperLogLog, about 3% standard error).
+    pub estimate: u64,
+    /// The window covered, ms.
+    pub window_ms: u64,
+}
+
+async fn analytics_users(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<WindowQuery>,
+) -> Response {
+    match s
+        .services
+        .analytics
+        .distinct_users(q.window.as_millis() as u64)
+        .await
+    {
+        Ok((estimate, window_ms)) => Json(UsersJson {
+            estimate,
+            window_ms,
+        })
+        .into_response(),
+        Err(e) => Failure::from(e).into_response(),
+    }
 }

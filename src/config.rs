@@ -42,6 +42,12 @@ pub struct Config {
     pub presence: crate::services::presence::PresenceConfig,
     /// The server API for backends.
     pub api: ApiConfig,
+    /// Analytics and metrics streaming.
+    pub analytics: crate::services::analytics::AnalyticsConfig,
+    /// The clock analytics buckets are counted by; tests set a manual one. Not read
+    /// from configuration files.
+    #[serde(skip)]
+    pub clock: crate::clock::Clock,
 }
 
 /// The server API (HTTP, for backends).
@@ -71,6 +77,8 @@ impl Default for Config {
             notify: Default::default(),
             presence: Default::default(),
             api: Default::default(),
+            analytics: Default::default(),
+            clock: Default::default(),
         }
     }
 }
@@ -351,6 +359,20 @@ impl Config {
         if self.timeouts.heartbeat >= self.timeouts.idle {
             return bad("timeouts.heartbeat must be shorter than timeouts.idle");
         }
+        let a = &self.analytics;
+        let bucket = a.bucket.as_millis();
+        if !(1_000..=60_000).contains(&bucket) || 60_000 % bucket != 0 {
+            return bad("analytics.bucket must be 1s-60s and divide a minute");
+        }
+        if a.window < a.bucket || a.window > Duration::from_secs(86_400) {
+            return bad("analytics.window must be between analytics.bucket and 24h");
+        }
+        if a.minute_retention < a.window || a.hour_retention < a.minute_retention {
+            return bad("analytics retention: window <= minute_retention <= hour_retention");
+        }
+        if a.flush_interval < Duration::from_millis(100) {
+            return bad("analytics.flush_interval must be at least 100ms");
+        }
         Ok(())
     }
 }
@@ -363,6 +385,20 @@ pub(crate) mod duration_str {
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// An optional duration.
+    pub(crate) mod option {
+        use serde::{Deserialize, Deserializer};
+        use std::time::Duration;
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+                .transpose()
+        }
     }
 }
 

@@ -67,7 +67,13 @@ pub fn router(state: HttpState) -> Router {
         router = router.route("/api/dev/token", post(dev_token));
     }
     let api = crate::api::router(state.api.clone());
-    router.fallback_service(web).with_state(state).merge(api)
+    // The dashboard page; its script and styles come from the web directory.
+    let dashboard = tower_http::services::ServeFile::new(state.web_dir.join("dashboard.html"));
+    router
+        .route_service("/dashboard", dashboard)
+        .fallback_service(web)
+        .with_state(state)
+        .merge(api)
 }
 
 async fn readyz(State(s): State<HttpState>) -> Response {
@@ -141,6 +147,9 @@ async fn info(State(s): State<HttpState>) -> Json<Info> {
 #[derive(Debug, Deserialize)]
 struct DevTokenRequest {
     user: String,
+    /// Roles to grant (`metrics` for the dashboard).
+    #[serde(default)]
+    roles: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -149,7 +158,7 @@ struct DevTokenResponse {
 }
 
 async fn dev_token(State(s): State<HttpState>, Json(req): Json<DevTokenRequest>) -> Response {
-    match s.auth.mint(req.user.trim(), DEV_TOKEN_TTL, &[]) {
+    match s.auth.mint(req.user.trim(), DEV_TOKEN_TTL, &req.roles) {
         Ok(token) => Json(DevTokenResponse { token }).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }

@@ -1,4 +1,4 @@
-//! The `tutti` command: `serve`, `token`, `cert`.
+//! The `tutti` command: `serve`, `token`, `cert`, `track`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,6 +26,33 @@ enum Command {
     Token(TokenArgs),
     /// Print the SHA-256 pin of the current certificate.
     Cert(CommonArgs),
+    /// Track analytics events as a native client (raw QUIC or WebTransport).
+    Track(TrackArgs),
+}
+
+#[derive(Args)]
+struct TrackArgs {
+    /// The server's UDP address.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    quic: std::net::SocketAddr,
+    /// The certificate's SHA-256 pin, hex (as `tutti cert` or GET /cert-hash give it).
+    #[arg(long)]
+    pin: String,
+    /// A token (as `tutti token` gives it).
+    #[arg(long, env = "TUTTI_TOKEN")]
+    token: String,
+    /// The event type (repeatable: one event per type).
+    #[arg(long = "type", required = true)]
+    types: Vec<String>,
+    /// Occurrences of each event.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// A dimension `key=value` added to each event (repeatable).
+    #[arg(long = "dimension")]
+    dimensions: Vec<String>,
+    /// Connect over WebTransport instead of raw QUIC.
+    #[arg(long)]
+    webtransport: bool,
 }
 
 #[derive(Args)]
@@ -124,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", auth.mint(&args.user, args.ttl, &args.roles)?);
             Ok(())
         }
+        Command::Track(args) => tokio::runtime::Runtime::new()?.block_on(track(args)),
         Command::Cert(common) => {
             let config = load(&common, Overrides::default())?;
             let certs = tutti::tls::CertStore::from_config(&config.tls)?;
@@ -131,4 +159,39 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn track(args: TrackArgs) -> anyhow::Result<()> {
+    use tutti::client::{Client, ClientConfig, Trust, parse_pin};
+    use tutti::protocol::v1::AnalyticsEvent;
+    use tutti::transport::TransportKind;
+
+    let pin = parse_pin(&args.pin).map_err(anyhow::Error::msg)?;
+    let mut dimensions = std::collections::HashMap::new();
+    for d in &args.dimensions {
+        let (k, v) = d
+            .split_once('=')
+            .with_context(|| format!("--dimension {d}: expected key=value"))?;
+        dimensions.insert(k.to_owned(), v.to_owned());
+    }
+    let transport = if args.webtransport {
+        TransportKind::WebTransport
+    } else {
+        TransportKind::Quic
+    };
+    let config = ClientConfig::new(args.quic, transport, Trust::Pinned(vec![pin]), args.token);
+    let client = Client::connect(config).await?;
+    let events = args
+        .types
+        .iter()
+        .map(|t| AnalyticsEvent {
+            r#type: t.clone(),
+            dimensions: dimensions.clone(),
+            count: args.count,
+        })
+        .collect();
+    let accepted = client.track(events).await?;
+    client.close();
+    println!("{accepted}");
+    Ok(())
 }

@@ -7,7 +7,7 @@
 
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -46,9 +46,21 @@ impl Default for Latency {
     }
 }
 
+/// Whether latency histograms record; see [`set_latency_recording`].
+static RECORDING: AtomicBool = AtomicBool::new(true);
+
+/// Turns the recording of every latency histogram in the process on or off. On by
+/// default; `benches/fanout.rs` turns it off to measure what recording costs.
+pub fn set_latency_recording(on: bool) {
+    RECORDING.store(on, Relaxed);
+}
+
 impl Latency {
     /// Records one duration.
     pub fn record(&self, d: Duration) {
+        if !RECORDING.load(Relaxed) {
+            return;
+        }
         let us = (d.as_micros() as u64).clamp(1, MAX_US);
         let shard = SHARD.with(|s| *s);
         if let Ok(mut h) = self.shards[shard].lock() {
@@ -124,6 +136,12 @@ pub const REQUEST_TYPES: &[&str] = &[
     "doc_open",
     "doc_close",
     "doc_submit",
+    "analytics_track",
+    "analytics_series",
+    "analytics_top",
+    "analytics_distinct_users",
+    "metrics_subscribe",
+    "metrics_unsubscribe",
     "unknown",
 ];
 
@@ -149,7 +167,46 @@ pub struct Metrics {
     pub writes_committed: AtomicU64,
     /// Collaboration counters.
     pub collab: crate::services::collab::CollabCounters,
+    /// QUIC connections open now (in the handshake or in a session).
+    pub connections_open: AtomicI64,
+    /// Streams opened (control streams accepted, push streams opened).
+    pub streams_opened: AtomicU64,
+    /// UDP payload bytes received, summed over connections (sampled every few
+    /// seconds and at the end of each connection).
+    pub bytes_in: AtomicU64,
+    /// UDP payload bytes sent, as `bytes_in`.
+    pub bytes_out: AtomicU64,
+    /// Datagrams handed to QUIC.
+    pub datagrams_sent: AtomicU64,
+    /// Datagrams not sent (too large or unsupported by the peer).
+    pub datagrams_dropped: AtomicU64,
 }
+
+/// Counters and gauges by the names metrics streaming uses (see docs/OPERATIONS.md).
+pub const VALUE_NAMES: &[&str] = &[
+    "connections",
+    "sessions.quic",
+    "sessions.webtransport",
+    "sessions.accepted",
+    "streams.opened",
+    "bytes.in",
+    "bytes.out",
+    "datagrams.sent",
+    "datagrams.dropped",
+    "slow_consumers",
+    "errors",
+    "frames.rejected",
+    "writes.committed",
+];
+
+/// The fixed histograms by the names metrics streaming uses; request types follow
+/// as `latency.request.<type>`.
+const LATENCY_NAMES: &[&str] = &[
+    "latency.handshake",
+    "latency.fanout",
+    "latency.commit",
+    "latency.rtt",
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -166,6 +223,12 @@ impl Default for Metrics {
             rtt: Latency::default(),
             writes_committed: AtomicU64::new(0),
             collab: Default::default(),
+            connections_open: AtomicI64::new(0),
+            streams_opened: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            datagrams_sent: AtomicU64::new(0),
+            datagrams_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -256,6 +319,84 @@ impl Metrics {
         self.sessions_active[idx(t)].load(Relaxed)
     }
 
+    /// The counter or gauge called `name` (one of [`VALUE_NAMES`]).
+    pub fn value(&self, name: &str) -> Option<f64> {
+        let closed = |code: CloseCode| {
+            CloseCode::ALL
+                .iter()
+                .position(|c| *c == code)
+                .map_or(0, |i| self.sessions_closed[i].load(Relaxed))
+        };
+        let v = match name {
+            "connections" => self.connections_open.load(Relaxed) as f64,
+            "sessions.quic" => self.active(TransportKind::Quic) as f64,
+            "sessions.webtransport" => self.active(TransportKind::WebTransport) as f64,
+            "sessions.accepted" => self
+                .sessions_accepted
+                .iter()
+                .map(|a| a.load(Relaxed))
+                .sum::<u64>() as f64,
+            "streams.opened" => self.streams_opened.load(Relaxed) as f64,
+            "bytes.in" => self.bytes_in.load(Relaxed) as f64,
+            "bytes.out" => self.bytes_out.load(Relaxed) as f64,
+            "datagrams.sent" => self.datagrams_sent.load(Relaxed) as f64,
+            "datagrams.dropped" => self.datagrams_dropped.load(Relaxed) as f64,
+            "slow_consumers" => closed(CloseCode::SlowConsumer) as f64,
+            "errors" => self.errors.iter().map(|a| a.load(Relaxed)).sum::<u64>() as f64,
+            "frames.rejected" => self.frames_rejected.load(Relaxed) as f64,
+            "writes.committed" => self.writes_committed.load(Relaxed) as f64,
+            _ => return None,
+        };
+        Some(v)
+    }
+
+    /// Every histogram's streaming name: `latency.handshake`, `latency.fanout`,
+    /// `latency.commit`, `latency.rtt`, then `latency.request.<type>`.
+    pub fn latency_names() -> Vec<String> {
+        LATENCY_NAMES
+            .iter()
+            .map(|n| (*n).to_owned())
+            .chain(REQUEST_TYPES.iter().map(|t| format!("latency.request.{t}")))
+            .collect()
+    }
+
+    /// The histogram called `name` (see [`latency_names`](Self::latency_names)).
+    pub fn latency(&self, name: &str) -> Option<&Latency> {
+        match name {
+            "latency.handshake" => Some(&self.handshake),
+            "latency.fanout" => Some(&self.fanout),
+            "latency.commit" => Some(&self.commit),
+            "latency.rtt" => Some(&self.rtt),
+            _ => {
+                let t = name.strip_prefix("latency.request.")?;
+                let i = REQUEST_TYPES.iter().position(|n| *n == t)?;
+                Some(&self.requests[i])
+            }
+        }
+    }
+
+    /// A connection was accepted (before its handshake); the guard counts it closed
+    /// when dropped.
+    pub fn connection(self: &std::sync::Arc<Self>) -> ConnectionGuard {
+        self.connections_open.fetch_add(1, Relaxed);
+        ConnectionGuard(self.clone())
+    }
+
+    /// Adds a connection's transfer since its last sample.
+    pub fn transferred(&self, bytes_in: u64, bytes_out: u64) {
+        self.bytes_in.fetch_add(bytes_in, Relaxed);
+        self.bytes_out.fetch_add(bytes_out, Relaxed);
+    }
+
+    /// Counts a datagram sent (`true`) or dropped.
+    pub fn datagram(&self, sent: bool) {
+        if sent {
+            self.datagrams_sent.fetch_add(1, Relaxed);
+        } else {
+            self.datagrams_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
     /// Percentiles of every histogram with data: `handshake`, `fanout`, `commit`,
     /// `rtt`, and `request.<type>`.
     pub fn stats(&self) -> std::collections::BTreeMap<String, Percentiles> {
@@ -324,6 +465,49 @@ impl Metrics {
             "tutti_frames_rejected_total {}",
             self.frames_rejected.load(Relaxed)
         );
+        for (name, kind, help, v) in [
+            (
+                "tutti_connections_open",
+                "gauge",
+                "QUIC connections open (handshaking or in a session).",
+                self.connections_open.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_streams_opened_total",
+                "counter",
+                "Streams opened: control streams accepted and push streams opened.",
+                self.streams_opened.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_received_bytes_total",
+                "counter",
+                "UDP payload bytes received (sampled every 5 s per connection and at its end).",
+                self.bytes_in.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_sent_bytes_total",
+                "counter",
+                "UDP payload bytes sent (sampled every 5 s per connection and at its end).",
+                self.bytes_out.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_datagrams_sent_total",
+                "counter",
+                "QUIC datagrams sent.",
+                self.datagrams_sent.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_datagrams_dropped_total",
+                "counter",
+                "QUIC datagrams not sent (too large or unsupported by the peer).",
+                self.datagrams_dropped.load(Relaxed) as f64,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP tutti_writes_committed_total Writes made durable.\n# TYPE tutti_writes_committed_total counter\ntutti_writes_committed_total {}",
@@ -394,6 +578,16 @@ impl Metrics {
             &requests,
         );
         out
+    }
+}
+
+/// Counts a connection open until dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard(std::sync::Arc<Metrics>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Relaxed);
     }
 }
 

@@ -260,6 +260,7 @@ impl RunningServer {
             ..
         } = self;
         drop(gateway);
+        services.analytics.shutdown().await;
         drop(services);
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
         drop(store);

@@ -449,6 +449,21 @@ impl Client {
         }
     }
 
+    /// Tracks analytics events for this session's user; returns the occurrences
+    /// the server counted. Server errors (`RATE_LIMITED`, `LIMIT_EXCEEDED`, ...)
+    /// come back as [`ClientError::Server`].
+    pub async fn track(&self, events: Vec<v1::AnalyticsEvent>) -> Result<u64, ClientError> {
+        match self
+            .request(request::Body::AnalyticsTrack(v1::AnalyticsTrackRequest {
+                events,
+            }))
+            .await?
+        {
+            response::Body::AnalyticsTrack(r) => Ok(r.accepted),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
     /// Sends a datagram ping and waits for the pong; returns the round trip.
     /// Datagrams may be lost: this times out after the configured timeout.
     pub async fn ping_datagram(&self) -> Result<Duration, ClientError> {

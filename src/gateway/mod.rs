@@ -128,6 +128,7 @@ impl Gateway {
 
     async fn run(self: Arc<Self>, accepted: Accepted, id: u64) {
         let _guard = ActiveGuard::new(&self.active);
+        let _connection = self.metrics.connection();
         let session = accepted.session;
         if self.active() > self.config.limits.max_connections {
             self.metrics.closed_with(CloseCode::Overloaded);
@@ -200,6 +201,8 @@ impl Gateway {
                 self.config.limits.push_queue_frames,
                 self.metrics.clone(),
             ),
+            metrics: self.metrics.clone(),
+            reported: Default::default(),
         });
         let ctx = SessionCtx {
             subscriber: conn.clone(),
@@ -229,6 +232,7 @@ impl Gateway {
             End::Gone => writer.abort(),
         }
         conn.pushes.abort();
+        conn.report_transfer();
         self.metrics.session_ended(kind);
     }
 
@@ -326,6 +330,7 @@ impl Gateway {
                 }
                 _ = rtt_sample.tick() => {
                     self.metrics.rtt.record(conn.session.rtt());
+                    conn.report_transfer();
                 }
                 _ = conn.pushes.slow() => {
                     return End::Close(CloseCode::SlowConsumer, "push queue full: reconnect and resume".into());
@@ -352,6 +357,7 @@ impl Gateway {
         session: &Session,
     ) -> Result<(SendStream, RecvStream, FrameDecoder, Claims, Resume), HelloFailure> {
         let (send, mut recv) = session.accept_bi().await.map_err(|_| HelloFailure::Gone)?;
+        self.metrics.streams_opened.fetch_add(1, Ordering::Relaxed);
         let mut decoder = FrameDecoder::new(self.config.limits.max_frame_size);
         let mut buf = vec![0u8; READ_CHUNK];
         let first = loop {
@@ -453,6 +459,26 @@ struct Connection {
     session_id: String,
     user: String,
     pushes: PushQueues,
+    metrics: Arc<Metrics>,
+    /// UDP bytes (in, out) already added to the metrics.
+    reported: std::sync::Mutex<(u64, u64)>,
+}
+
+impl Connection {
+    /// Adds the bytes moved since the last report to the metrics.
+    fn report_transfer(&self) {
+        let (rx, tx) = self.session.transferred();
+        let mut last = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        self.metrics
+            .transferred(rx.saturating_sub(last.0), tx.saturating_sub(last.1));
+        *last = (rx, tx);
+    }
+
+    /// Sends a datagram, counting it as sent or dropped.
+    fn send_datagram(&self, data: Bytes) {
+        self.metrics
+            .datagram(self.session.send_datagram(data).is_ok());
+    }
 }
 
 impl Subscriber for Connection {
@@ -478,7 +504,7 @@ impl Subscriber for Connection {
 
     fn datagram(&self, data: Bytes) {
         // Datagrams may be lost anyway; one that does not fit is dropped.
-        let _ = self.session.send_datagram(data);
+        self.send_datagram(data);
     }
 }
 
@@ -606,7 +632,7 @@ async fn datagram_loop(
                 };
                 out.clear();
                 pong.encode(&mut out).expect("BytesMut grows");
-                let _ = conn.session.send_datagram(Bytes::copy_from_slice(&out));
+                conn.send_datagram(Bytes::copy_from_slice(&out));
             }
             Some(other) => services.datagram(&ctx, other),
             None => {}

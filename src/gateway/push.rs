@@ -114,6 +114,9 @@ async fn write_pushes(
     let Ok(mut stream) = session.open_uni().await else {
         return;
     };
+    metrics
+        .streams_opened
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut buf = BytesMut::new();
     encode_frame(&PushStreamHeader { kind: kind as i32 }, &mut buf);
     let mut queued_at = Vec::new();

@@ -61,6 +61,8 @@ codes! {
         ResyncRequired = 108 => "RESYNC_REQUIRED",
         /// An operation does not fit the document (its base length differs).
         InvalidOperation = 109 => "INVALID_OPERATION",
+        /// An analytics event type that this server is not configured to accept.
+        UnknownEventType = 110 => "UNKNOWN_EVENT_TYPE",
         /// A frame was longer than `Limits.max_frame_size`; it was skipped unread.
         FrameTooLarge = 200 => "FRAME_TOO_LARGE",
         /// A frame did not decode as the expected protobuf message; it was skipped.
@@ -130,6 +132,7 @@ mod tests {
             (ErrorCode::Conflict, 107, "CONFLICT"),
             (ErrorCode::ResyncRequired, 108, "RESYNC_REQUIRED"),
             (ErrorCode::InvalidOperation, 109, "INVALID_OPERATION"),
+            (ErrorCode::UnknownEventType, 110, "UNKNOWN_EVENT_TYPE"),
             (ErrorCode::FrameTooLarge, 200, "FRAME_TOO_LARGE"),
             (ErrorCode::FrameMalformed, 201, "FRAME_MALFORMED"),
             (ErrorCode::UnexpectedFrame, 202, "UNEXPECTED_FRAME"),

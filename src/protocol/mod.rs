@@ -80,6 +80,12 @@ impl v1::request::Body {
             B::DocOpen(_) => "doc_open",
             B::DocClose(_) => "doc_close",
             B::DocSubmit(_) => "doc_submit",
+            B::AnalyticsTrack(_) => "analytics_track",
+            B::AnalyticsSeries(_) => "analytics_series",
+            B::AnalyticsTop(_) => "analytics_top",
+            B::AnalyticsDistinctUsers(_) => "analytics_distinct_users",
+            B::MetricsSubscribe(_) => "metrics_subscribe",
+            B::MetricsUnsubscribe(_) => "metrics_unsubscribe",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Domain services. They know users, sessions (as [`Subscriber`]s) and protocol
 //! messages, never a QUIC or WebTransport type; each owns its redb tables.
 
+pub mod analytics;
 pub mod chat;
 pub mod collab;
 pub mod notify;
@@ -174,6 +175,8 @@ pub struct ServiceDeps {
 #[derive(Debug)]
 pub struct Services {
     hub: Arc<Hub>,
+    /// Analytics and metrics streaming.
+    pub analytics: Arc<analytics::AnalyticsService>,
     /// Rooms and messages.
     pub chat: Arc<chat::ChatService>,
     /// Collaborative documents.
@@ -193,6 +196,11 @@ impl Services {
         let chat = chat::ChatService::open(deps.clone(), config.chat.clone())?;
         Ok(Self {
             hub: deps.hub.clone(),
+            analytics: analytics::AnalyticsService::open(
+                deps.clone(),
+                config.analytics.clone(),
+                config.clock.clone(),
+            )?,
             presence: presence::PresenceService::open(
                 deps.clone(),
                 config.presence.clone(),
@@ -268,6 +276,12 @@ impl Services {
             Rq::DocOpen(r) => self.collab.open_doc(ctx, r).await.map(Rs::DocOpen),
             Rq::DocClose(r) => self.collab.close_doc(ctx, r).await.map(Rs::DocClose),
             Rq::DocSubmit(r) => self.collab.submit(ctx, r).await.map(Rs::DocSubmit),
+            r @ (Rq::AnalyticsTrack(_)
+            | Rq::AnalyticsSeries(_)
+            | Rq::AnalyticsTop(_)
+            | Rq::AnalyticsDistinctUsers(_)
+            | Rq::MetricsSubscribe(_)
+            | Rq::MetricsUnsubscribe(_)) => self.analytics.handle(ctx, r).await,
             Rq::Echo(_) => return None,
         })
     }
@@ -287,6 +301,7 @@ impl Services {
             .unsubscribe(&user_topic(ctx.user_id()), ctx.session_id());
         self.chat.disconnected(ctx);
         self.notify.disconnected(ctx);
+        self.analytics.disconnected(ctx);
         self.presence.disconnected(ctx).await;
         self.collab.disconnected(ctx).await;
     }

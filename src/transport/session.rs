@@ -233,6 +233,15 @@ impl Session {
         }
     }
 
+    /// UDP payload bytes (received, sent) over the connection so far.
+    pub fn transferred(&self) -> (u64, u64) {
+        let stats = match self {
+            Session::Quic(c) => c.stats(),
+            Session::WebTransport(c) => c.quic_connection().stats(),
+        };
+        (stats.udp_rx.bytes, stats.udp_tx.bytes)
+    }
+
     /// The current round-trip time estimate.
     pub fn rtt(&self) -> Duration {
         match self {
