@@ -29,11 +29,27 @@ import type {
   ServerFrame,
   Welcome,
 } from "./gen/tutti/v1/frames_pb";
+import type {
+  AnalyticsEvent,
+  AnalyticsTrackResponse,
+  LatencySummary,
+  MetricValue,
+  MetricsSubscribeResponse,
+  MetricsUpdate,
+} from "./gen/tutti/v1/analytics_pb";
 import { closeCodeName, errorCodeName, shouldReconnect } from "./codes";
 import { DEFAULT_MAX_FRAME_SIZE, FrameDecoder, FrameError, encodeFrame } from "./framing";
 
 export { StreamKind };
 export type { EchoResponse, Push, Response, Welcome };
+export type {
+  AnalyticsEvent,
+  AnalyticsTrackResponse,
+  LatencySummary,
+  MetricValue,
+  MetricsSubscribeResponse,
+  MetricsUpdate,
+};
 export * from "./ot"; // operational transformation (TextOperation, OtClient, UTF-16 helpers)
 
 /** Sent in Hello.client.version. */
@@ -118,8 +134,23 @@ export interface ConnectOptions {
 }
 
 export type RequestBody = MessageInitShape<typeof RequestSchema>["body"];
+/** The names of the request bodies ("echo", "chatSend", "metricsSubscribe", ...). */
+export type RequestCase = NonNullable<RequestBody>["case"] & string;
+/** The answer body of a request case (a Response body of the same name). */
+export type Answer<C extends RequestCase> = Extract<Response["body"], { case: C }>["value"];
 export type PushListener = (push: Push, kind: StreamKind) => void;
+export type MetricsListener = (update: MetricsUpdate) => void;
 export type ErrorListener = (error: TuttiError) => void;
+
+/** What to stream with `subscribeMetrics` (MetricsSubscribeRequest). */
+export interface MetricsSubscription {
+  /** Event types whose counts to stream; "*" for every type (default ["*"]). */
+  eventTypes?: string[];
+  /** Metric names or prefixes ("latency.*"), or "*" for all (default ["*"]). */
+  metrics?: string[];
+  /** Update interval in ms; 0 or absent: the server's default. */
+  intervalMs?: number;
+}
 
 /** Fetches `/cert-hash` from the server's HTTP port: the hashes to pin, newest first. */
 export async function fetchCertificateHashes(
@@ -371,6 +402,61 @@ export class TuttiClient {
     return response;
   }
 
+  /**
+   * Sends a request and resolves with the body of its answer, checked to be the
+   * answer of the same kind: `await client.call({ case: "analyticsTop", value: {} })`
+   * resolves with an AnalyticsTopResponse.
+   */
+  async call<C extends RequestCase>(body: Extract<RequestBody, { case: C }>): Promise<Answer<C>> {
+    const wanted: string = (body as { case: C }).case;
+    const response = await this.request(body);
+    if (response.body.case !== wanted) {
+      throw TuttiError.local(
+        "PROTOCOL_ERROR",
+        `${wanted} answered with ${response.body.case ?? "an empty response"}`,
+      );
+    }
+    return response.body.value as Answer<C>;
+  }
+
+  /**
+   * Subscribes this session to metrics updates (needs a token with the `metrics`
+   * role; otherwise rejects with PERMISSION_DENIED). Updates arrive on the
+   * analytics push stream: listen with `onMetrics`. A second call replaces the
+   * subscription.
+   */
+  subscribeMetrics(subscription: MetricsSubscription = {}): Promise<MetricsSubscribeResponse> {
+    return this.call({
+      case: "metricsSubscribe",
+      value: {
+        eventTypes: subscription.eventTypes ?? ["*"],
+        metrics: subscription.metrics ?? ["*"],
+        intervalMs: subscription.intervalMs ?? 0,
+      },
+    });
+  }
+
+  /** Ends the metrics subscription. */
+  async unsubscribeMetrics(): Promise<void> {
+    await this.call({ case: "metricsUnsubscribe", value: {} });
+  }
+
+  /**
+   * Records analytics events for this session's user; resolves with the number of
+   * occurrences the server counted.
+   */
+  async track(
+    events: ReadonlyArray<{ type: string; count?: number; dimensions?: Record<string, string> }>,
+  ): Promise<bigint> {
+    const answer = await this.call({
+      case: "analyticsTrack",
+      value: {
+        events: events.map((e) => ({ type: e.type, count: e.count ?? 0, dimensions: e.dimensions ?? {} })),
+      },
+    });
+    return answer.accepted;
+  }
+
   /** Diagnostics: the server returns `payload` (and pushes it too if `push`). */
   async echo(payload: Uint8Array | string, push = false): Promise<EchoResponse> {
     const bytes = typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
@@ -392,6 +478,16 @@ export class TuttiClient {
     this.unheard = [];
     for (const [push, kind] of backlog) this.emitPush(push, kind);
     return () => this.pushListeners.delete(listener);
+  }
+
+  /**
+   * Calls `listener` for every MetricsUpdate pushed for this session's metrics
+   * subscription (see `subscribeMetrics`). Returns a function that removes it.
+   */
+  onMetrics(listener: MetricsListener): () => void {
+    return this.onPush((push) => {
+      if (push.event.case === "metricsUpdate") listener(push.event.value);
+    });
   }
 
   /** Calls `listener` for server Error frames that belong to no request. */

@@ -3,14 +3,9 @@
 
 import { TuttiClient, TuttiError, StreamKind, fetchCertificateHashes } from "./client";
 import type { Push } from "./client";
+import { devToken, serverInfo, webTransportUrl } from "./server-api";
 
 type State = "idle" | "connecting" | "connected" | "closed" | "error";
-
-interface ServerInfo {
-  webtransport: string;
-  node_id?: string;
-  dev_mode?: boolean;
-}
 
 const RTT_EVERY_MS = 5000;
 
@@ -64,22 +59,6 @@ function tokenFromFragment(): string | null {
   return token && token.trim() ? token.trim() : null;
 }
 
-/** The WebTransport URL: the port from /api/info, the host this page came from. */
-function webTransportUrl(info: ServerInfo): string {
-  const url = new URL(info.webtransport);
-  // Chromium resolves "localhost" to ::1 only for QUIC: use the IPv4 literal.
-  url.hostname = location.hostname === "localhost" ? "127.0.0.1" : location.hostname;
-  return url.toString();
-}
-
-async function serverInfo(): Promise<ServerInfo> {
-  const res = await fetch("/api/info", { headers: { accept: "application/json" } });
-  if (!res.ok) throw new Error(`GET /api/info: HTTP ${res.status}`);
-  const info = (await res.json()) as ServerInfo;
-  if (typeof info.webtransport !== "string") throw new Error("GET /api/info: no webtransport URL");
-  return info;
-}
-
 /** The pins for a self-signed certificate; none when the server has a public one. */
 async function certificateHashes(): Promise<Uint8Array[]> {
   try {
@@ -90,24 +69,8 @@ async function certificateHashes(): Promise<Uint8Array[]> {
   }
 }
 
-/** The body of an error answer, when it is short plain text. */
-async function shortText(res: Response): Promise<string> {
-  const text = (await res.text().catch(() => "")).trim();
-  return text.length <= 200 && !text.startsWith("<") ? text : res.statusText;
-}
-
-async function devToken(user: string): Promise<string> {
-  const res = await fetch("/api/dev/token", {
-    method: "POST",
-    headers: { "content-type": "application/json", accept: "application/json" },
-    body: JSON.stringify({ user }),
-  });
-  // No such route without development mode (404; 405 where only static files answer).
-  if (res.status === 404 || res.status === 405) throw new Error("production server: pass #token=...");
-  if (!res.ok) throw new Error(`POST /api/dev/token: HTTP ${res.status} ${await shortText(res)}`);
-  const body = (await res.json()) as { token?: string };
-  if (!body.token) throw new Error("POST /api/dev/token: no token in the answer");
-  return body.token;
+function devTokenFor(user: string): Promise<string> {
+  return devToken(user, { noDevMode: "production server: pass #token=..." });
 }
 
 function describePush(push: Push, kind: StreamKind): string {
@@ -175,7 +138,7 @@ ui.loginForm.addEventListener("submit", (event) => {
   if (!name) return;
   ui.loginSubmit.disabled = true;
   setState("connecting");
-  devToken(name)
+  devTokenFor(name)
     .then(start)
     .catch((err: unknown) => {
       ui.loginSubmit.disabled = false;

@@ -6,94 +6,19 @@
 //   CI          when set, a missing binary or browser fails instead of skipping
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, execFile } from "node:child_process";
+import { execFile } from "node:child_process";
 import { createHmac, randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 import { promisify } from "node:util";
-import { WEB_DIR } from "../tools/import-ts.mjs";
+import {
+  TUTTI_BIN, RESULTS, cleanEnv, launchBrowser, missing, startServer, stopServer, suiteOrSkip,
+} from "../tools/e2e.mjs";
 
-const TUTTI_BIN = process.env.TUTTI_BIN || resolve(WEB_DIR, "..", "target", "debug", "tutti");
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-const DIST = join(WEB_DIR, "dist");
-const RESULTS = join(WEB_DIR, "test-results");
-const STARTUP_TIMEOUT_MS = 30_000;
 const CONNECT_TIMEOUT_MS = 20_000;
 
-/** Why the suite cannot run here, or undefined. Fails instead of skipping in CI. */
-function missing() {
-  const why = [];
-  if (!existsSync(TUTTI_BIN)) why.push(`no server binary at ${TUTTI_BIN} (cargo build, or set TUTTI_BIN)`);
-  if (!existsSync(CHROMIUM)) why.push(`no browser at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM)`);
-  if (!existsSync(join(DIST, "index.html")) || !existsSync(join(DIST, "app.js"))) {
-    why.push(`no built page in ${DIST} (npm run build)`);
-  }
-  return why.length ? why.join("; ") : undefined;
-}
-
-const skipReason = missing();
-if (skipReason && process.env.CI) {
-  test("browser end-to-end prerequisites", () => assert.fail(skipReason));
-} else if (skipReason) {
-  test("browser end-to-end", { skip: skipReason }, () => {});
-} else {
-  suite();
-}
-
-/** Environment for child processes: no TUTTI_* settings leak in from the shell. */
-function cleanEnv(extra = {}) {
-  const env = {};
-  for (const [k, v] of Object.entries(process.env)) {
-    if (!k.startsWith("TUTTI_") || k === "TUTTI_LOG") env[k] = v;
-  }
-  return { ...env, ...extra };
-}
-
-/** Starts `tutti serve` and resolves with the URLs it prints. */
-function startServer(dirs, env = {}) {
-  const args = [
-    "serve",
-    "--listen", "127.0.0.1:0",
-    "--http", "127.0.0.1:0",
-    "--data-dir", dirs.data,
-    "--cert-dir", dirs.certs,
-    "--web-dir", DIST,
-  ];
-  const child = spawn(TUTTI_BIN, args, { env: cleanEnv(env), stdio: ["ignore", "pipe", "pipe"] });
-  let output = "";
-  const ready = new Promise((resolvePromise, reject) => {
-    const timer = setTimeout(
-      () => reject(new Error(`no "page:" line from the server within ${STARTUP_TIMEOUT_MS} ms; output:\n${output}`)),
-      STARTUP_TIMEOUT_MS,
-    );
-    const check = () => {
-      const page = /^\s*page:\s+(\S+)/m.exec(output);
-      const wt = /^\s*webtransport:\s+(\S+)/m.exec(output);
-      if (page && wt) {
-        clearTimeout(timer);
-        resolvePromise({ page: page[1], webtransport: wt[1] });
-      }
-    };
-    child.stdout.on("data", (d) => { output += d; check(); });
-    child.stderr.on("data", (d) => { output += d; });
-    child.on("error", (e) => { clearTimeout(timer); reject(new Error(`cannot start ${TUTTI_BIN}: ${e.message}`)); });
-    child.on("exit", (code, signal) => {
-      clearTimeout(timer);
-      reject(new Error(`the server exited (code ${code}, signal ${signal}) before it was ready; output:\n${output}`));
-    });
-  });
-  return { child, ready, output: () => output };
-}
-
-async function stopServer(child) {
-  if (!child || child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise((r) => child.once("exit", r));
-  child.kill("SIGTERM");
-  const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
-  await exited;
-  clearTimeout(timer);
-}
+suiteOrSkip("browser end-to-end", missing(["index.html", "app.js"]), suite);
 
 /** An HS256 JWT for `sub`, signed with a key the server has never seen. */
 function forgedJwt(sub) {
@@ -111,20 +36,13 @@ function suite() {
   let server;
   let urls;
   let browser;
-  let chromium;
 
   before(async () => {
     for (const d of [...Object.values(dirs), ...Object.values(prodDirs)]) mkdirSync(d, { recursive: true });
     mkdirSync(RESULTS, { recursive: true });
     server = startServer(dirs);
     urls = await server.ready;
-    ({ chromium } = await import("playwright-core"));
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      // Chromium writes to ~/.config and ~/.cache even with its own profile.
-      env: cleanEnv({ XDG_CONFIG_HOME: dirs.browser, XDG_CACHE_HOME: dirs.browser, TMPDIR: dirs.browser }),
-    });
+    browser = await launchBrowser(dirs.browser);
   });
 
   after(async () => {

@@ -380,3 +380,77 @@ test("Error frames after Welcome go to onError and keep the session", async () =
   assert.equal(new TextDecoder().decode((await client.echo("still here")).payload), "still here");
   client.close();
 });
+
+test("subscribeMetrics sends MetricsSubscribeRequest; onMetrics gets the analytics pushes", async () => {
+  let subscribe;
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      if (frame.kind.case === "hello") s.send(welcomeFrame());
+      if (frame.kind.case === "request") {
+        subscribe = frame.kind.value.body;
+        s.send(serverFrame({ case: "response", value: { id: frame.kind.value.id, body: {
+          case: "metricsSubscribe", value: { intervalMs: 1000, metrics: ["connections", "latency.fanout"] },
+        } } }));
+      }
+    },
+  });
+  const client = await connected(fake);
+  const updates = [];
+  const others = [];
+  client.onMetrics((u) => updates.push(u));
+  client.onPush((p) => others.push(p.event.case));
+  const sub = await client.subscribeMetrics({ intervalMs: 1000 });
+  assert.equal(subscribe.case, "metricsSubscribe");
+  assert.deepEqual(subscribe.value.eventTypes, ["*"]);
+  assert.deepEqual(subscribe.value.metrics, ["*"]);
+  assert.equal(subscribe.value.intervalMs, 1000);
+  assert.equal(sub.intervalMs, 1000);
+  assert.deepEqual(sub.metrics, ["connections", "latency.fanout"]);
+
+  fake.openPushStream(StreamKind.ANALYTICS, [
+    { event: { case: "metricsUpdate", value: { seq: 1n, atMs: 5000n, intervalMs: 1000,
+      events: [{ type: "signup", count: 40n }], values: [{ name: "connections", value: 2 }],
+      latencies: [{ name: "latency.fanout", count: 3n, p50: 0.5, p90: 1, p99: 2, p999: 2, max: 2 }] } } },
+    { event: { case: "echo", value: { payload: new Uint8Array([1]) } } },
+    { event: { case: "metricsUpdate", value: { seq: 2n, atMs: 6000n, intervalMs: 1000 } } },
+  ]);
+  for (let i = 0; i < 50 && updates.length < 2; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.equal(updates.length, 2);
+  assert.equal(updates[0].events[0].type, "signup");
+  assert.equal(updates[0].events[0].count, 40n);
+  assert.equal(updates[0].values[0].value, 2);
+  assert.equal(updates[0].latencies[0].p99, 2);
+  assert.equal(updates[1].seq, 2n);
+  assert.deepEqual(others, ["metricsUpdate", "echo", "metricsUpdate"]);
+  client.close();
+});
+
+test("call() checks the answer's kind; PERMISSION_DENIED rejects with its code", async () => {
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      if (frame.kind.case === "hello") s.send(welcomeFrame());
+      if (frame.kind.case !== "request") return;
+      const { id, body } = frame.kind.value;
+      const answer = body.case === "metricsSubscribe"
+        ? { case: "error", value: { code: 103, name: "PERMISSION_DENIED", message: "needs the metrics role" } }
+        : body.case === "analyticsTrack"
+          ? { case: "analyticsTrack", value: { accepted: 47n } }
+          : { case: "echo", value: {} }; // the wrong kind of answer
+      s.send(serverFrame({ case: "response", value: { id, body: answer } }));
+    },
+  });
+  const client = await connected(fake);
+  await assert.rejects(client.subscribeMetrics(), (e) => {
+    assert.ok(e instanceof TuttiError);
+    assert.equal(e.code, 103);
+    assert.equal(e.name, "PERMISSION_DENIED");
+    assert.equal(e.reconnect, false);
+    return true;
+  });
+  assert.equal(await client.track([{ type: "signup", count: 40 }, { type: "checkout", count: 7, dimensions: { plan: "pro" } }]), 47n);
+  const track = fake.clientFrames.find((f) => f.kind.value?.body?.case === "analyticsTrack").kind.value.body.value;
+  assert.deepEqual(track.events.map((e) => [e.type, e.count, { ...e.dimensions }]), [["signup", 40, {}], ["checkout", 7, { plan: "pro" }]]);
+  await assert.rejects(client.call({ case: "analyticsTop", value: { windowMs: 60000n } }), /analyticsTop answered with echo/);
+  assert.ok(client.isOpen);
+  client.close();
+});

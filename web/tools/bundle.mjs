@@ -1,0 +1,28 @@
+// Bundles the pages into dist/: the client page (index.html + app.js, served at /)
+// and the dashboard (dashboard.html + dashboard.js + dashboard.css, served at
+// /dashboard). Run from anywhere: `node tools/bundle.mjs` (npm run bundle).
+import { build } from "esbuild";
+import { copyFileSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { WEB_DIR } from "./import-ts.mjs";
+
+const dist = join(WEB_DIR, "dist");
+mkdirSync(dist, { recursive: true });
+
+const common = {
+  absWorkingDir: WEB_DIR,
+  bundle: true,
+  minify: true,
+  format: "esm",
+  target: "es2022",
+  sourcemap: true,
+  logLevel: "warning",
+};
+
+await Promise.all([
+  build({ ...common, entryPoints: ["src/main.ts"], outfile: join(dist, "app.js") }),
+  // The CSS it imports (uPlot's) goes to dist/dashboard.css.
+  build({ ...common, entryPoints: ["src/dashboard.ts"], outfile: join(dist, "dashboard.js") }),
+]);
+for (const page of ["index.html", "dashboard.html"]) copyFileSync(join(WEB_DIR, page), join(dist, page));
+console.log("bundled dist/: index.html app.js dashboard.html dashboard.js dashboard.css");
