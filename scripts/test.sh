@@ -23,12 +23,12 @@ fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "cargo test"
-cargo build --locked --bins
-cargo test --locked
+step "cargo test (the server, then the load-test smoke run against the built binary)"
+cargo build --workspace --locked --bins
+cargo test --workspace --locked
 
 step "web client: install, build, unit and browser tests"
 npm --prefix web ci --no-audit --no-fund

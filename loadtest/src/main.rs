@@ -1,0 +1,57 @@
+//! `tutti-load`: the load-test harness for Tutti. `tutti-load run SCENARIO.toml`
+//! drives a running server (`--target`) or one it starts (`--spawn`), prints a
+//! progress line and a final table with PASS/FAIL per SLO, writes JSON, `.hgrm`
+//! and SVG reports on request, and exits non-zero when an SLO fails.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tutti_load::app::{RunArgs, run};
+
+#[derive(Parser)]
+#[command(
+    name = "tutti-load",
+    version,
+    about = "Load tests for Tutti: scenarios, SLO verdicts, HDR percentiles"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario file and judge it against its SLOs.
+    Run(RunArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TUTTI_LOAD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let Command::Run(args) = cli.command;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

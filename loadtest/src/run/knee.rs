@@ -1,0 +1,100 @@
+//! The knee search: chat fan-out on one set of connections, stepping the offered
+//! rate up by `factor` until a step breaks an SLO (delivery, p99 latency, or a
+//! dropped connection), then one bisection between the last passing and the first
+//! failing rate. The knee is the highest passing rate.
+
+use super::Ctx;
+use super::chat::{Phase, World, setup};
+use crate::outcome::{Knee, KneeStep, Outcome};
+use crate::slo::percent;
+
+/// The `knee` scenario.
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let p = &ctx.scenario.chat;
+    let k = &ctx.scenario.knee;
+    let world = setup(ctx, p, "knee").await?;
+    let mut steps = Vec::new();
+    let mut best: Option<(f64, Phase)> = None;
+    let mut last = None;
+    let (mut lo, mut hi) = (None, None);
+    let mut rate = k.start_deliveries_per_sec;
+    for _ in 0..k.max_steps {
+        let (step, phase) = step(ctx, &world, rate, steps.len() + 1).await;
+        let pass = step.pass;
+        steps.push(step);
+        if pass {
+            best = Some((rate, phase));
+            lo = Some(rate);
+            rate *= k.factor;
+        } else {
+            hi = Some(rate);
+            last = Some(phase);
+            break;
+        }
+    }
+    if let (Some(l), Some(h)) = (lo, hi) {
+        // One bisection, geometric: the ladder is a ratio ladder.
+        let mid = f64::sqrt(l * h);
+        let (step, phase) = step(ctx, &world, mid, steps.len() + 1).await;
+        if step.pass {
+            best = Some((mid, phase));
+        }
+        steps.push(step);
+    }
+    let mut o = Outcome::default();
+    world.connections(&mut o);
+    let shown = best.as_ref().map(|(_, ph)| ph.clone()).or(last);
+    if let Some(ph) = shown {
+        o.messages = Some(ph.messages);
+        o.latency = ph.latency;
+        o.measured_secs = ph.measured_secs;
+        o.late = ph.late;
+    }
+    o.knee = Some(Knee {
+        deliveries_per_sec: best
+            .map(|(_, ph)| ph.messages.delivered as f64 / ph.measured_secs)
+            .unwrap_or(0.0),
+        steps,
+    });
+    world.teardown().await;
+    Ok(o)
+}
+
+/// Runs one step at `rate` deliveries per second and judges it.
+async fn step(ctx: &Ctx, world: &World, rate: f64, n: usize) -> (KneeStep, Phase) {
+    let p = &ctx.scenario.chat;
+    let k = &ctx.scenario.knee;
+    let slo = &ctx.scenario.slo;
+    let per_client = rate / (world.established().max(1) as f64 * p.room_size as f64);
+    let before = world.dropped();
+    let label = format!("knee step {n} ({rate:.0} deliveries/s)");
+    let phase = world
+        .phase(&label, per_client, k.step_warm_up, k.step_measure, p.drain)
+        .await;
+    let dropped = world.dropped() - before;
+    let m = &phase.messages;
+    let p99 = if phase.latency.is_empty() {
+        f64::INFINITY
+    } else {
+        phase.latency.value_at_quantile(0.99) as f64 / 1000.0
+    };
+    let delivered_pct = percent(m.delivered.min(m.expected), m.expected);
+    let generator_bound = phase.late.scheduled > 0
+        && percent(phase.late.late, phase.late.scheduled) > slo.late_sends_pct;
+    let pass = m.expected > 0
+        && delivered_pct > slo.message_delivery_pct
+        && p99 < slo.latency_p99_ms
+        && dropped == 0;
+    tracing::info!(rate, p99, delivered_pct, pass, generator_bound, "knee step");
+    let step = KneeStep {
+        offered_deliveries_per_sec: rate,
+        deliveries_per_sec: m.delivered as f64 / phase.measured_secs,
+        p99_ms: if p99.is_finite() { p99 } else { -1.0 },
+        lost: m.lost(),
+        dropped,
+        generator_bound,
+        backpressured_sends: phase.backpressured,
+        pass,
+    };
+    (step, phase)
+}

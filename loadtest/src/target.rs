@@ -1,0 +1,300 @@
+//! The server under test: one already running (`--target`), or a fresh `tutti serve`
+//! started on free ports with a temporary data directory and known secrets
+//! (`--spawn`), stopped (SIGTERM, then SIGKILL) when the run ends.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tutti::auth::{Auth, SecretSource};
+use tutti::client::{ClientConfig, Trust};
+use tutti::transport::TransportKind;
+
+/// Where and how to reach the server.
+#[derive(Debug)]
+pub struct Target {
+    /// The UDP address (both transports).
+    pub addr: SocketAddr,
+    /// The HTTP side port, if known.
+    pub http: Option<SocketAddr>,
+    /// The certificate pin.
+    pub pin: [u8; 32],
+    /// Mints the clients' tokens.
+    pub auth: Auth,
+    /// The server API key, if known.
+    pub api_key: Option<String>,
+    /// The transport clients use.
+    pub transport: TransportKind,
+    /// The server's process id, when it runs on this host and is known.
+    pub server_pid: Option<u32>,
+    /// Client connect and request timeout.
+    pub client_timeout: Duration,
+    spawned: Option<Spawned>,
+}
+
+#[derive(Debug)]
+struct Spawned {
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
+}
+
+/// How to find an already running server.
+#[derive(Debug, Clone)]
+pub struct Existing {
+    /// `--target`.
+    pub addr: SocketAddr,
+    /// `--pin`.
+    pub pin: Option<String>,
+    /// `--http`.
+    pub http: Option<SocketAddr>,
+    /// `--token-secret` / `TUTTI_JWT_SECRET`.
+    pub secret: String,
+    /// `--api-key` / `TUTTI_API_KEY`.
+    pub api_key: Option<String>,
+    /// `--server-pid`.
+    pub pid: Option<u32>,
+}
+
+impl Target {
+    /// Connects to an already running server.
+    pub async fn existing(e: Existing, transport: TransportKind) -> anyhow::Result<Self> {
+        let pin = match (&e.pin, e.http) {
+            (Some(p), _) => tutti::client::parse_pin(p).map_err(anyhow::Error::msg)?,
+            (None, Some(http)) => fetch_pin(http).await?,
+            (None, None) => bail!("with --target, give --pin HEX or --http ADDR (for /cert-hash)"),
+        };
+        anyhow::ensure!(
+            e.secret.len() >= 32,
+            "the token secret must be at least 32 bytes"
+        );
+        Ok(Self {
+            addr: e.addr,
+            http: e.http,
+            pin,
+            auth: Auth::new(
+                e.secret.as_bytes(),
+                SecretSource::Configured,
+                Duration::ZERO,
+            ),
+            api_key: e.api_key,
+            transport,
+            server_pid: e.pid,
+            client_timeout: Duration::from_secs(20),
+            spawned: None,
+        })
+    }
+
+    /// Starts `server_bin serve` on free loopback ports and waits for its banner.
+    pub async fn spawn(server_bin: PathBuf, transport: TransportKind) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            server_bin.is_file(),
+            "no server binary at {} (build it with `cargo build -p tutti`, or pass --server-bin)",
+            server_bin.display()
+        );
+        let dir = tempfile::Builder::new().prefix("tutti-load-").tempdir()?;
+        let secret = tutti::util::random_hex(32);
+        let api_key = tutti::util::random_hex(32);
+        let stderr = std::fs::File::create(dir.path().join("server.log"))?;
+        let mut cmd = tokio::process::Command::new(&server_bin);
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--cert-dir")
+            .arg(dir.path().join("certs"))
+            .arg("--web-dir")
+            .arg(dir.path().join("web"));
+        for v in [
+            "TUTTI_CONFIG",
+            "TUTTI_LISTEN",
+            "TUTTI_HTTP",
+            "TUTTI_CERT",
+            "TUTTI_KEY",
+            "TUTTI_NODE_ID",
+        ] {
+            cmd.env_remove(v);
+        }
+        cmd.env("TUTTI_JWT_SECRET", &secret)
+            .env("TUTTI_API_KEY", &api_key)
+            .env(
+                "TUTTI_LOG",
+                std::env::var("TUTTI_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", server_bin.display()))?;
+        let pid = child.id();
+        let stdout = child.stdout.take().context("server stdout")?;
+        let banner = tokio::time::timeout(Duration::from_secs(60), read_banner(stdout)).await;
+        let log = dir.path().join("server.log");
+        let (addr, http, pin) = match banner {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                let _ = child.kill().await;
+                bail!("{e:#}; server log:\n{}", tail(&log));
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                bail!("the server printed no banner in 60 s; log:\n{}", tail(&log));
+            }
+        };
+        Ok(Self {
+            addr,
+            http: Some(http),
+            pin,
+            auth: Auth::new(secret.as_bytes(), SecretSource::Configured, Duration::ZERO),
+            api_key: Some(api_key),
+            transport,
+            server_pid: pid,
+            client_timeout: Duration::from_secs(20),
+            spawned: Some(Spawned { child, dir }),
+        })
+    }
+
+    /// A token for `user`, valid for a day.
+    pub fn token(&self, user: &str) -> anyhow::Result<String> {
+        Ok(self.auth.mint(user, Duration::from_secs(24 * 3600), &[])?)
+    }
+
+    /// The client configuration for `user`.
+    pub fn client_config(&self, user: &str) -> anyhow::Result<ClientConfig> {
+        let mut c = ClientConfig::new(
+            self.addr,
+            self.transport,
+            Trust::Pinned(vec![self.pin]),
+            self.token(user)?,
+        );
+        c.timeout = self.client_timeout;
+        Ok(c)
+    }
+
+    /// Whether the server was started by this run.
+    pub fn is_spawned(&self) -> bool {
+        self.spawned.is_some()
+    }
+
+    /// Stops a spawned server (gracefully, then by force); nothing for `--target`.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let Some(mut s) = self.spawned.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = s.child.id() {
+            // SAFETY: kill(2) on the pid of the child we started and still hold.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(30), s.child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => {
+                tracing::warn!(%status, "the server exited uncleanly; log:\n{}", tail(&s.dir.path().join("server.log")));
+            }
+            _ => {
+                tracing::warn!("the server did not stop in 30 s; killing it");
+                let _ = s.child.kill().await;
+            }
+        }
+        drop(s.dir);
+        Ok(())
+    }
+}
+
+/// The last lines of a log file.
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Reads `tutti serve`'s banner: (UDP address, HTTP address, pin). Keeps draining
+/// stdout afterwards so the server never blocks on a full pipe.
+async fn read_banner(
+    stdout: tokio::process::ChildStdout,
+) -> anyhow::Result<(SocketAddr, SocketAddr, [u8; 32])> {
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut quic, mut http, mut pin) = (None, None, None);
+    while let Some(line) = lines.next_line().await? {
+        let (q, h, p) = parse_banner_line(&line);
+        quic = quic.or(q);
+        http = http.or(h);
+        pin = pin.or(p);
+        if let (Some(q), Some(h), Some(p)) = (quic, http, pin) {
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return Ok((q, h, p));
+        }
+    }
+    bail!("the server exited before printing its addresses")
+}
+
+/// One banner line's facts: the raw QUIC address, the HTTP address, the pin.
+pub fn parse_banner_line(line: &str) -> (Option<SocketAddr>, Option<SocketAddr>, Option<[u8; 32]>) {
+    let l = line.trim();
+    if let Some(rest) = l.strip_prefix("raw quic:") {
+        return (
+            rest.split_whitespace().next().and_then(|a| a.parse().ok()),
+            None,
+            None,
+        );
+    }
+    if let Some(rest) = l.strip_prefix("page:") {
+        let addr = rest
+            .trim()
+            .trim_start_matches("http://")
+            .trim_end_matches('/');
+        return (None, addr.parse().ok(), None);
+    }
+    if l.starts_with("certificates:")
+        && let Some(i) = l.find("pin ")
+    {
+        let hex: String = l[i + 4..]
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit())
+            .collect();
+        return (None, None, tutti::client::parse_pin(&hex).ok());
+    }
+    (None, None, None)
+}
+
+/// The newest pin from `GET /cert-hash`.
+async fn fetch_pin(http: SocketAddr) -> anyhow::Result<[u8; 32]> {
+    let (status, body) = crate::http::get(http, "/cert-hash").await?;
+    anyhow::ensure!(status == 200, "GET /cert-hash: {status} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let hex = v["hashes"][0]["value"]
+        .as_str()
+        .context("no hash in /cert-hash")?;
+    tutti::client::parse_pin(hex).map_err(anyhow::Error::msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn banner_lines_give_addresses_and_pin() {
+        let pin = "ab".repeat(32);
+        assert_eq!(
+            parse_banner_line("  raw quic:     127.0.0.1:4433 (ALPN tutti/1)").0,
+            Some("127.0.0.1:4433".parse().unwrap())
+        );
+        assert_eq!(
+            parse_banner_line("  page:         http://127.0.0.1:8080/").1,
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_banner_line(&format!(
+                "  certificates: /tmp/c (generated, sha-256 pin {pin})"
+            ))
+            .2,
+            Some([0xab; 32])
+        );
+        assert_eq!(parse_banner_line("  data: x"), (None, None, None));
+    }
+}

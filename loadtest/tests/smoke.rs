@@ -1,0 +1,142 @@
+//! Runs the built `tutti-load` binary against a server it spawns (the `tutti`
+//! binary of the same target directory; `cargo build --workspace --bins` builds
+//! both) with the smoke scenarios over raw QUIC and over WebTransport, and checks
+//! the exit status and the JSON report.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A hung run fails the test instead of hanging the suite.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `target/debug/tutti`, next to `tutti-load`.
+fn server_bin() -> PathBuf {
+    let load = Path::new(env!("CARGO_BIN_EXE_tutti-load"));
+    let bin = load.with_file_name(format!("tutti{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `tutti-load run SCENARIO --spawn ...` and returns the exit code and report.
+fn run(scenario: &str, transport: &str) -> (i32, serde_json::Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let hgrm = dir.path().join("report.hgrm");
+    let plot = dir.path().join("report.svg");
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(scenario);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tutti-load"))
+        .arg("run")
+        .arg(&scenario)
+        .arg("--spawn")
+        .arg("--server-bin")
+        .arg(server_bin())
+        .args(["--transport", transport, "--timeout", "100s"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--hgrm")
+        .arg(&hgrm)
+        .arg("--plot")
+        .arg(&plot)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("tutti-load starts");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            panic!("tutti-load ran longer than {RUN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut table = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut table).unwrap();
+    println!("{table}");
+    let report = std::fs::read_to_string(&json)
+        .map(|t| serde_json::from_str(&t).expect("the report is JSON"))
+        .unwrap_or(serde_json::Value::Null);
+    assert!(
+        std::fs::read_to_string(&hgrm)
+            .unwrap()
+            .contains("#[Max     ="),
+        "hgrm written"
+    );
+    assert!(
+        std::fs::read_to_string(&plot).unwrap().starts_with("<svg"),
+        "svg written"
+    );
+    (status.code().unwrap_or(-1), report, table)
+}
+
+/// The runs take turns: two servers and two generators at once on a small CI
+/// machine would measure the machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn check(scenario: &str, transport: &str) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, r, table) = run(scenario, transport);
+    assert_eq!(code, 0, "the smoke run must pass its SLOs:\n{table}");
+    assert_eq!(r["system"], "tutti");
+    assert_eq!(r["kind"], "chat_fanout");
+    assert_eq!(r["transport"], transport);
+    assert_eq!(r["pass"], true);
+    let c = &r["connections"];
+    let (attempted, established) = (
+        c["attempted"].as_u64().unwrap(),
+        c["established"].as_u64().unwrap(),
+    );
+    if transport == "quic" {
+        assert_eq!(attempted, established);
+    } else {
+        // See smoke-webtransport.toml: a rare refused WebTransport handshake.
+        assert!(established * 100 >= attempted * 97, "{c}");
+    }
+    assert_eq!(c["dropped"], 0);
+    let m = &r["messages"];
+    assert!(m["expected"].as_u64().unwrap() > 0);
+    assert_eq!(m["delivered"], m["expected"], "{m}");
+    assert_eq!(m["lost"], 0);
+    assert_eq!(m["duplicated"], 0);
+    assert_eq!(m["out_of_order"], 0);
+    let room = r["params"]["chat"]["room_size"].as_u64().unwrap();
+    if attempted == established {
+        assert_eq!(
+            m["expected"].as_u64().unwrap(),
+            m["sent"].as_u64().unwrap() * room,
+            "one send is room_size deliveries"
+        );
+    }
+    let lat = &r["latency_ms"];
+    assert!(lat["p50"].as_f64().unwrap() > 0.0);
+    assert!(lat["p99"].as_f64().unwrap() <= lat["max"].as_f64().unwrap());
+    assert!(r["server"]["pid"].as_u64().is_some());
+    assert!(r["server"]["cpu_secs"].as_f64().unwrap() > 0.0);
+    assert!(r["generator"]["generator_bound"].is_boolean());
+    assert!(
+        r["slo"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["pass"] == true)
+    );
+}
+
+#[test]
+fn smoke_over_quic_passes_its_slos() {
+    check("smoke.toml", "quic");
+}
+
+#[test]
+fn smoke_over_webtransport_passes_its_slos() {
+    check("smoke-webtransport.toml", "webtransport");
+}
