@@ -27,6 +27,10 @@ pub trait Subscriber: Send + Sync + std::fmt::Debug {
     /// Queues a push on the stream of `kind`. Never waits; a full queue marks the
     /// session as a slow consumer, which the gateway then disconnects.
     fn push(&self, kind: StreamKind, push: Push) -> Result<(), SlowConsumer>;
+    /// Queues a push already encoded as a length-prefixed frame (as the hub does
+    /// once per publication, so fan-out shares one encoding). Never waits, like
+    /// [`push`](Self::push).
+    fn push_frame(&self, kind: StreamKind, frame: Bytes) -> Result<(), SlowConsumer>;
     /// Queues a push, waiting (a bounded time) for room: for bulk sends such as
     /// a catch-up after a reconnect.
     fn push_wait(&self, kind: StreamKind, push: Push) -> BoxFuture<'_, Result<(), SlowConsumer>>;
@@ -73,10 +77,15 @@ impl Hub {
     }
 
     /// Pushes `push` to every session of `topic`. Returns how many were reached.
+    /// The push is encoded once and the frame shared by every subscriber.
     pub fn publish(&self, topic: &str, kind: StreamKind, push: &Push) -> usize {
         let subs = self.subscribers(topic);
+        if subs.is_empty() {
+            return 0;
+        }
+        let frame = crate::protocol::encoded_frame(push);
         subs.iter()
-            .filter(|s| s.push(kind, push.clone()).is_ok())
+            .filter(|s| s.push_frame(kind, frame.clone()).is_ok())
             .count()
     }
 
@@ -112,6 +121,13 @@ mod tests {
         fn push(&self, _: StreamKind, push: Push) -> Result<(), SlowConsumer> {
             self.got.lock().unwrap().push(push);
             Ok(())
+        }
+        fn push_frame(&self, kind: StreamKind, frame: Bytes) -> Result<(), SlowConsumer> {
+            let mut frame = bytes::BytesMut::from(&frame[..]);
+            let push = crate::protocol::decode_frame(&mut frame, usize::MAX)
+                .unwrap()
+                .unwrap();
+            self.push(kind, push)
         }
         fn push_wait(
             &self,

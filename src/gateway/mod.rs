@@ -43,8 +43,11 @@ const PUSH_PATIENCE: Duration = Duration::from_secs(5);
 /// How often a session's QUIC round-trip estimate is sampled into the histogram.
 const RTT_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
-/// Bytes read from a stream at a time.
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes read from the control stream at a time (requests are small; a large frame
+/// takes several reads). Held by every session, so kept small.
+const READ_CHUNK: usize = 2 * 1024;
+/// Control frames written in one write at most (coalesced when they queue up).
+const WRITE_COALESCE: usize = 16 * 1024;
 
 /// What the gateway needs from the rest of the server.
 #[derive(Debug)]
@@ -182,7 +185,7 @@ impl Gateway {
         let (control_tx, control_rx) = mpsc::channel(self.config.limits.control_queue_frames);
         let writer = tokio::spawn(write_control(send, control_rx));
         if control_tx
-            .send(frame(server_frame::Kind::Welcome(welcome)))
+            .send(Box::new(frame(server_frame::Kind::Welcome(welcome))))
             .await
             .is_err()
         {
@@ -243,7 +246,7 @@ impl Gateway {
         ctx: &SessionCtx,
         mut recv: RecvStream,
         mut decoder: FrameDecoder,
-        control: &mpsc::Sender<ServerFrame>,
+        control: &mpsc::Sender<Box<ServerFrame>>,
     ) -> End {
         let max_inflight = self.config.limits.max_inflight_requests;
         let mut inflight = FuturesUnordered::new();
@@ -268,7 +271,7 @@ impl Gateway {
                         self.metrics.error(code);
                         let err = v1::Error::new(code, e.to_string());
                         if control
-                            .send(frame(server_frame::Kind::Error(err)))
+                            .send(Box::new(frame(server_frame::Kind::Error(err))))
                             .await
                             .is_err()
                         {
@@ -318,7 +321,7 @@ impl Gateway {
                     )))),
                 };
                 if let Some(reply) = reply
-                    && control.send(reply).await.is_err()
+                    && control.send(Box::new(reply)).await.is_err()
                 {
                     return End::Gone;
                 }
@@ -337,7 +340,7 @@ impl Gateway {
                 }
                 Some((id, reply)) = inflight.next(), if !inflight.is_empty() => {
                     inflight_ids.remove(&id);
-                    if control.send(reply).await.is_err() {
+                    if control.send(Box::new(reply)).await.is_err() {
                         return End::Gone;
                     }
                 }
@@ -402,7 +405,7 @@ impl Gateway {
     async fn close(
         &self,
         session: &Session,
-        control: &mpsc::Sender<ServerFrame>,
+        control: &mpsc::Sender<Box<ServerFrame>>,
         mut writer: tokio::task::JoinHandle<()>,
         code: CloseCode,
         message: String,
@@ -413,7 +416,7 @@ impl Gateway {
         let linger = self.config.timeouts.close_linger;
         let close = frame(server_frame::Kind::Close(v1::Close::new(code, &message)));
         let _ = tokio::time::timeout(linger, async {
-            if control.send(close).await.is_ok() {
+            if control.send(Box::new(close)).await.is_ok() {
                 // The writer ends once the Close frame is written and the stream
                 // finished; the client closes the session when it has read it.
                 let _ = (&mut writer).await;
@@ -492,6 +495,10 @@ impl Subscriber for Connection {
 
     fn push(&self, kind: StreamKind, push: v1::Push) -> Result<(), Slow> {
         self.pushes.push(kind, push)
+    }
+
+    fn push_frame(&self, kind: StreamKind, frame: Bytes) -> Result<(), Slow> {
+        self.pushes.push_frame(kind, frame)
     }
 
     fn push_wait(
@@ -642,12 +649,12 @@ async fn datagram_loop(
 
 /// Writes control frames in order, several per write when they queue up. Finishes
 /// the stream after a `Close` frame or when every sender is gone.
-async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<ServerFrame>) {
+async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<Box<ServerFrame>>) {
     let mut buf = BytesMut::new();
     while let Some(first) = rx.recv().await {
         let mut last_is_close = matches!(first.kind, Some(server_frame::Kind::Close(_)));
         crate::protocol::encode_frame(&first, &mut buf);
-        while !last_is_close && buf.len() < READ_CHUNK {
+        while !last_is_close && buf.len() < WRITE_COALESCE {
             match rx.try_recv() {
                 Ok(f) => {
                     last_is_close = matches!(f.kind, Some(server_frame::Kind::Close(_)));

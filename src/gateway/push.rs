@@ -5,21 +5,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::protocol::encode_frame;
 use crate::protocol::v1::{Push, PushStreamHeader, StreamKind};
+use crate::protocol::{encode_frame, encoded_frame};
 use crate::transport::Session;
 
 pub use crate::hub::SlowConsumer;
 
-/// A push and when it was queued (for the fan-out latency).
-type Queued = (Push, Instant);
+/// A push, already encoded as a frame, and when it was queued (for the fan-out
+/// latency). Encoded once per publication and shared by every subscriber's queue.
+type Queued = (Bytes, Instant);
 
 /// The queue of one kind and the task that writes it.
 type KindQueue = (mpsc::Sender<Queued>, JoinHandle<()>);
@@ -49,8 +50,13 @@ impl PushQueues {
     /// Queues `push` on the stream of `kind`. Never waits: when the queue is full the
     /// session is marked slow (see [`slow`](Self::slow)) and the push is refused.
     pub fn push(&self, kind: StreamKind, push: Push) -> Result<(), SlowConsumer> {
+        self.push_frame(kind, encoded_frame(&push))
+    }
+
+    /// Queues a push already encoded with [`encoded_frame`], as [`push`](Self::push) does.
+    pub fn push_frame(&self, kind: StreamKind, frame: Bytes) -> Result<(), SlowConsumer> {
         self.sender(kind)
-            .try_send((push, Instant::now()))
+            .try_send((frame, Instant::now()))
             .map_err(|_| {
                 self.slow.cancel();
                 SlowConsumer
@@ -67,7 +73,8 @@ impl PushQueues {
         patience: std::time::Duration,
     ) -> Result<(), SlowConsumer> {
         let tx = self.sender(kind);
-        match tokio::time::timeout(patience, tx.send((push, Instant::now()))).await {
+        match tokio::time::timeout(patience, tx.send((encoded_frame(&push), Instant::now()))).await
+        {
             Ok(Ok(())) => Ok(()),
             _ => {
                 self.slow.cancel();
@@ -121,13 +128,13 @@ async fn write_pushes(
     encode_frame(&PushStreamHeader { kind: kind as i32 }, &mut buf);
     let mut queued_at = Vec::new();
     while let Some((first, at)) = rx.recv().await {
-        encode_frame(&first, &mut buf);
+        buf.extend_from_slice(&first);
         queued_at.push(at);
         // Coalesce what queued up meanwhile into one write.
         while buf.len() < 64 * 1024 {
             match rx.try_recv() {
                 Ok((p, at)) => {
-                    encode_frame(&p, &mut buf);
+                    buf.extend_from_slice(&p);
                     queued_at.push(at);
                 }
                 Err(_) => break,

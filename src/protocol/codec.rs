@@ -49,6 +49,14 @@ pub fn encode_frame<M: Message>(msg: &M, buf: &mut BytesMut) {
         .expect("BytesMut grows, so encoding cannot run out of room");
 }
 
+/// `msg` as one length-prefixed frame, in a buffer of its own (to share one
+/// encoding among many streams).
+pub fn encoded_frame<M: Message>(msg: &M) -> bytes::Bytes {
+    let mut buf = BytesMut::with_capacity(msg.encoded_len() + MAX_VARINT_LEN);
+    encode_frame(msg, &mut buf);
+    buf.freeze()
+}
+
 /// Reads the varint at the start of `buf` without consuming it.
 /// `Ok(None)`: incomplete; `Ok(Some((value, prefix_len)))` otherwise.
 fn peek_varint(buf: &[u8]) -> Result<Option<(u64, usize)>, FrameError> {

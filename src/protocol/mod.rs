@@ -6,7 +6,7 @@
 mod codec;
 mod codes;
 
-pub use codec::{FrameDecoder, FrameError, decode_frame, encode_frame};
+pub use codec::{FrameDecoder, FrameError, decode_frame, encode_frame, encoded_frame};
 pub use codes::{CloseCode, ErrorCode};
 
 /// Protobuf messages generated from `proto/tutti/v1`.

@@ -13,6 +13,9 @@ use super::Session;
 use crate::protocol::{ALPN_H3, ALPN_NATIVE, WEBTRANSPORT_PATH};
 use crate::tls::CertStore;
 
+/// Streams of each direction a client may have open at once.
+const MAX_CLIENT_STREAMS: u32 = 16;
+
 /// A session that completed its transport handshake.
 #[derive(Debug)]
 pub struct Accepted {
@@ -53,7 +56,13 @@ impl ServerEndpoint {
         let mut transport = quinn::TransportConfig::default();
         transport
             .max_idle_timeout(Some(settings.idle_timeout.try_into()?))
-            .keep_alive_interval(Some(settings.keep_alive));
+            .keep_alive_interval(Some(settings.keep_alive))
+            // quinn keeps state for every stream a peer may open (100 + 100 by
+            // default, about 8 KiB per connection). A client opens one control
+            // stream (plus, over WebTransport, the CONNECT stream and HTTP/3's three
+            // unidirectional streams); the server opens the push streams.
+            .max_concurrent_bidi_streams(MAX_CLIENT_STREAMS.into())
+            .max_concurrent_uni_streams(MAX_CLIENT_STREAMS.into());
         config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(config, addr)?;
         Ok(Self { endpoint, settings })
