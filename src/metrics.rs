@@ -36,8 +36,14 @@ thread_local! {
 /// record cost nothing.
 #[derive(Debug)]
 pub struct Latency {
-    shards: Vec<Mutex<Option<Histogram<u64>>>>,
+    shards: Vec<Shard>,
 }
+
+/// One shard, alone on its cache lines so that threads recording into neighbouring
+/// shards do not contend for the same line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Option<Histogram<u64>>>);
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_US, 3).expect("valid bounds")
@@ -46,7 +52,7 @@ fn histogram() -> Histogram<u64> {
 impl Default for Latency {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(None)).collect(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
         }
     }
 }
@@ -68,7 +74,10 @@ impl Latency {
         }
         let us = (d.as_micros() as u64).clamp(1, MAX_US);
         let shard = SHARD.with(|s| *s);
-        let mut h = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self.shards[shard]
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         h.get_or_insert_with(histogram).saturating_record(us);
     }
 
@@ -76,7 +85,7 @@ impl Latency {
     pub fn snapshot(&self) -> Histogram<u64> {
         let mut all = histogram();
         for s in &self.shards {
-            if let Some(h) = &*s.lock().unwrap_or_else(|e| e.into_inner()) {
+            if let Some(h) = &*s.0.lock().unwrap_or_else(|e| e.into_inner()) {
                 let _ = all.add(h);
             }
         }
