@@ -139,6 +139,20 @@ pub async fn connect_all(
     }
 }
 
+/// Waits up to 5 s for each receiver task to finish after the clients closed, then
+/// aborts it.
+pub async fn join_receivers(receivers: Vec<tokio::task::JoinHandle<()>>) {
+    for r in receivers {
+        let abort = r.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), r)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+}
+
 /// Marks a connection that ended: a drop unless the generator was closing.
 pub fn ended(closing: &AtomicBool, dropped: &Counter) {
     live().connected.dec();

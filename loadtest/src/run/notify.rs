@@ -13,7 +13,7 @@ use anyhow::Context;
 use tutti::client::{Client, Event};
 use tutti::protocol::v1::{StreamKind, push};
 
-use super::{Ctx, connect_all, ended};
+use super::{Ctx, connect_all, ended, join_receivers};
 use crate::http::HttpConn;
 use crate::outcome::{Messages, Outcome};
 use crate::scenario::NotifyParams;
@@ -164,15 +164,7 @@ pub async fn run_with(ctx: &Ctx, p: &NotifyParams, tag: &str) -> anyhow::Result<
         (sent.get() as f64 / post_secs.max(1e-9)).into(),
     );
     pool.close_all();
-    for r in receivers {
-        let abort = r.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(5), r)
-            .await
-            .is_err()
-        {
-            abort.abort();
-        }
-    }
+    join_receivers(receivers).await;
     Ok(o)
 }
 

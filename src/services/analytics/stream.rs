@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 
 use super::{AnalyticsService, validate_type};
 use crate::hub::Subscriber;
-use crate::metrics::{Metrics, VALUE_NAMES};
+use crate::metrics::{Metrics, Percentiles, VALUE_NAMES};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, Push, StreamKind, push};
 use crate::services::{ServiceError, ServiceResult, SessionCtx};
@@ -245,15 +245,15 @@ impl Stream {
             if now.len() > last.len() {
                 let mut interval = now.clone();
                 if interval.subtract(&*last).is_ok() {
-                    let ms = |v: u64| v as f64 / 1000.0;
+                    let p = Percentiles::of(&interval);
                     latencies.push(v1::LatencySummary {
                         name: name.clone(),
-                        count: interval.len(),
-                        p50: ms(interval.value_at_quantile(0.5)),
-                        p90: ms(interval.value_at_quantile(0.9)),
-                        p99: ms(interval.value_at_quantile(0.99)),
-                        p999: ms(interval.value_at_quantile(0.999)),
-                        max: ms(interval.max()),
+                        count: p.count,
+                        p50: p.p50_ms,
+                        p90: p.p90_ms,
+                        p99: p.p99_ms,
+                        p999: p.p999_ms,
+                        max: p.max_ms,
                     });
                 }
                 *last = now;
