@@ -473,13 +473,14 @@ impl Metrics {
                 self.errors[i].load(Relaxed)
             );
         }
-        out.push_str("# HELP tutti_frames_rejected_total Frames answered with a frame error.\n# TYPE tutti_frames_rejected_total counter\n");
-        let _ = writeln!(
-            out,
-            "tutti_frames_rejected_total {}",
-            self.frames_rejected.load(Relaxed)
-        );
+        // Every family with one unlabelled value.
         for (name, kind, help, v) in [
+            (
+                "tutti_frames_rejected_total",
+                "counter",
+                "Frames answered with a frame error.",
+                self.frames_rejected.load(Relaxed) as f64,
+            ),
             (
                 "tutti_connections_open",
                 "gauge",
@@ -516,43 +517,40 @@ impl Metrics {
                 "QUIC datagrams not sent (too large or unsupported by the peer).",
                 self.datagrams_dropped.load(Relaxed) as f64,
             ),
+            (
+                "tutti_writes_committed_total",
+                "counter",
+                "Writes made durable.",
+                self.writes_committed.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_collab_operations_applied_total",
+                "counter",
+                "Document operations applied.",
+                self.collab.applied.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_collab_operations_transformed_total",
+                "counter",
+                "Operations transformed against concurrent ones.",
+                self.collab.transformed.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_collab_operations_rejected_total",
+                "counter",
+                "Operations refused (malformed, not allowed, too large).",
+                self.collab.rejected.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_collab_resyncs_total",
+                "counter",
+                "Operations answered with RESYNC_REQUIRED.",
+                self.collab.resyncs.load(Relaxed) as f64,
+            ),
         ] {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tutti_writes_committed_total Writes made durable.\n# TYPE tutti_writes_committed_total counter\ntutti_writes_committed_total {}",
-            self.writes_committed.load(Relaxed)
-        );
-        for (name, help, v) in [
-            (
-                "tutti_collab_operations_applied_total",
-                "Document operations applied.",
-                &self.collab.applied,
-            ),
-            (
-                "tutti_collab_operations_transformed_total",
-                "Operations transformed against concurrent ones.",
-                &self.collab.transformed,
-            ),
-            (
-                "tutti_collab_operations_rejected_total",
-                "Operations refused (malformed, not allowed, too large).",
-                &self.collab.rejected,
-            ),
-            (
-                "tutti_collab_resyncs_total",
-                "Operations answered with RESYNC_REQUIRED.",
-                &self.collab.resyncs,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
             );
         }
         summary(

@@ -428,19 +428,28 @@ impl AnalyticsService {
             total += u64::from(e.count.max(1));
         }
 
+        // Each dimension's series name, built once and outside the lock.
+        let dim_series: Vec<Vec<String>> = events
+            .iter()
+            .map(|e| {
+                e.dimensions
+                    .iter()
+                    .map(|(k, v)| dimension_series(&e.kind, k, v))
+                    .collect()
+            })
+            .collect();
         let now = self.clock.now_ms();
         let mut st = self.state();
         // Caps first, so a refused batch costs no tokens.
         let mut new_types = HashSet::new();
         let mut new_dims = HashSet::new();
-        for e in events {
+        for (e, dims) in events.iter().zip(&dim_series) {
             if !st.ids.contains_key(e.kind.as_str()) {
                 new_types.insert(e.kind.as_str());
             }
-            for (k, v) in &e.dimensions {
-                let s = dimension_series(&e.kind, k, v);
+            for s in dims {
                 if !st.ids.contains_key(s.as_str()) {
-                    new_dims.insert(s);
+                    new_dims.insert(s.as_str());
                 }
             }
         }
@@ -488,13 +497,13 @@ impl AnalyticsService {
         let fine_start = now - now % bucket_ms;
         let minute = now - now % MINUTE_MS;
         let mut ids = Vec::with_capacity(1 + self.config.max_dimensions);
-        for e in events {
+        for (e, dims) in events.iter().zip(&dim_series) {
             let count = u64::from(e.count.max(1));
             let user = e.user.as_deref().or(user);
             ids.clear();
             ids.push(st.intern(&e.kind, true, now));
-            for (k, v) in &e.dimensions {
-                ids.push(st.intern(&dimension_series(&e.kind, k, v), false, now));
+            for name in dims {
+                ids.push(st.intern(name, false, now));
             }
             for id in &ids {
                 st.totals[*id as usize] += count;
