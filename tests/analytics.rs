@@ -614,6 +614,8 @@ async fn prometheus_text_parses_with_every_family_documented() {
         let bob = s.connect(TransportKind::WebTransport, "bob").await;
         alice.track(vec![event("signup", 1)]).await.unwrap();
         bob.echo(b"x".to_vec(), true).await.unwrap();
+        // The push stream is opened after the reply; wait until it arrives.
+        assert!(matches!(bob.next_event().await, Some(Event::Push(..))));
         alice.ping_datagram().await.ok();
         let (status, text) = s.http_get("/metrics").await;
         assert_eq!(status, 200);
