@@ -24,6 +24,12 @@ pub struct RunArgs {
     /// The server binary for --spawn [default: `tutti` next to this executable].
     #[arg(long)]
     pub server_bin: Option<PathBuf>,
+    /// Where --spawn creates the server's temporary directory (data, certificates,
+    /// log) [default: the system's temporary directory]. The server commits every
+    /// message with an fsync, so the disk under this directory is part of what a
+    /// run measures; see loadtest/README.md.
+    #[arg(long, requires = "spawn")]
+    pub spawn_dir: Option<PathBuf>,
     /// The UDP address of a running server.
     #[arg(long, required_unless_present = "spawn")]
     pub target: Option<SocketAddr>,
@@ -81,7 +87,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
                 .context("the executable has no directory")?
                 .join("tutti"),
         };
-        target::Target::spawn(bin, transport).await?
+        target::Target::spawn(bin, args.spawn_dir.as_deref(), transport).await?
     } else {
         target::Target::existing(
             target::Existing {
@@ -138,6 +144,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         _ => None,
     };
     let server_rss = server_pid.and_then(procstat::rss_bytes);
+    let server_latency = ctx.target.server_stats().await;
     let gen_cpu = match (gen_cpu0, procstat::cpu_secs(me)) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -164,6 +171,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         date,
         params,
         server: (server_pid, server_cpu, server_rss),
+        server_latency,
         generator_cpu_secs: gen_cpu,
         wall_secs: wall,
         generator_bound,

@@ -2,10 +2,12 @@
 //! percentile distribution in the standard `.hgrm` text format, and an SVG chart
 //! of latency by percentile on a log-scale percentile axis.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+use tutti::metrics::Percentiles;
 
 use crate::outcome::Outcome;
 use crate::slo::Verdict;
@@ -25,6 +27,8 @@ pub struct RunInfo {
     pub params: Value,
     /// The server's pid, CPU seconds used during the run and RSS at the end.
     pub server: (Option<u32>, Option<f64>, Option<u64>),
+    /// The server's own latency histograms (`/api/v1/stats`), when readable.
+    pub server_latency: Option<BTreeMap<String, Percentiles>>,
     /// The generator's CPU seconds during the run.
     pub generator_cpu_secs: Option<f64>,
     /// The whole run's wall time in seconds.
@@ -79,6 +83,7 @@ pub fn to_json(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> Value {
             "pid": info.server.0,
             "cpu_secs": info.server.1,
             "rss_bytes": info.server.2,
+            "latency_ms": info.server_latency,
         },
         "generator": {
             "cpu_secs": info.generator_cpu_secs,
@@ -266,6 +271,28 @@ pub fn table(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> String {
                 rss.map_or("?".into(), |r| format!("{:.1} MiB", r as f64 / 1048576.0))
             ),
         );
+    }
+    // Where the server's time went: a durable commit (fsync) on every chat
+    // message, and the fan-out from queued to written.
+    for (name, label) in [
+        ("commit", "server group commit"),
+        ("fanout", "server fan-out"),
+    ] {
+        if let Some(p) = info
+            .server_latency
+            .as_ref()
+            .and_then(|l| l.get(name))
+            .filter(|p| p.count > 0)
+        {
+            row(
+                &mut t,
+                label,
+                format!(
+                    "ms p50 {:.2}  p99 {:.2}  max {:.2}  ({} since start)",
+                    p.p50_ms, p.p99_ms, p.max_ms, p.count
+                ),
+            );
+        }
     }
     if let Some(r) = o.rss_per_conn {
         row(

@@ -87,14 +87,26 @@ impl Target {
         })
     }
 
-    /// Starts `server_bin serve` on free loopback ports and waits for its banner.
-    pub async fn spawn(server_bin: PathBuf, transport: TransportKind) -> anyhow::Result<Self> {
+    /// Starts `server_bin serve` on free loopback ports, with its data in a new
+    /// temporary directory (under `parent` if given), and waits for its banner.
+    pub async fn spawn(
+        server_bin: PathBuf,
+        parent: Option<&std::path::Path>,
+        transport: TransportKind,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             server_bin.is_file(),
             "no server binary at {} (build it with `cargo build -p tutti`, or pass --server-bin)",
             server_bin.display()
         );
-        let dir = tempfile::Builder::new().prefix("tutti-load-").tempdir()?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("tutti-load-");
+        let dir = match parent {
+            Some(p) => builder
+                .tempdir_in(p)
+                .with_context(|| format!("creating a directory in {}", p.display()))?,
+            None => builder.tempdir()?,
+        };
         let secret = tutti::util::random_hex(32);
         let api_key = tutti::util::random_hex(32);
         let stderr = std::fs::File::create(dir.path().join("server.log"))?;
@@ -173,6 +185,34 @@ impl Target {
         );
         c.timeout = self.client_timeout;
         Ok(c)
+    }
+
+    /// The server's own latency histograms (`GET /api/v1/stats`: group commit,
+    /// fan-out, handshake, requests), recorded since the server started. `None`
+    /// without the HTTP address and API key, or when the request fails.
+    pub async fn server_stats(
+        &self,
+    ) -> Option<std::collections::BTreeMap<String, tutti::metrics::Percentiles>> {
+        let (http, key) = (self.http?, self.api_key.as_deref()?);
+        let fetch = async {
+            let mut conn = crate::http::HttpConn::connect(http).await?;
+            let (status, body) = conn
+                .request("GET", "/api/v1/stats", None, Some(key))
+                .await?;
+            anyhow::ensure!(status == 200, "/api/v1/stats answered {status}");
+            Ok(serde_json::from_str(&body)?)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), fetch).await {
+            Ok(Ok(stats)) => Some(stats),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading the server's stats");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("reading the server's stats timed out");
+                None
+            }
+        }
     }
 
     /// Whether the server was started by this run.

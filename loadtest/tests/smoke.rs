@@ -22,6 +22,19 @@ fn server_bin() -> PathBuf {
     bin
 }
 
+/// `--spawn-dir /dev/shm` where there is such a tmpfs. The server commits every
+/// message with an fsync; on a CI machine that has just linked a few hundred MB of
+/// test binaries, an fsync to disk can wait 0.1-3 s behind their writeback, and
+/// that is the disk's latency, not the server's (`tutti-load` prints the server's
+/// group-commit percentiles beside the end-to-end ones to tell them apart).
+fn spawn_dir() -> Vec<&'static str> {
+    if Path::new("/dev/shm").is_dir() {
+        vec!["--spawn-dir", "/dev/shm"]
+    } else {
+        Vec::new()
+    }
+}
+
 /// Runs `tutti-load run SCENARIO --spawn ...` and returns the exit code and report.
 fn run(scenario: &str, transport: &str) -> (i32, serde_json::Value, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -37,6 +50,7 @@ fn run(scenario: &str, transport: &str) -> (i32, serde_json::Value, String) {
         .arg("--spawn")
         .arg("--server-bin")
         .arg(server_bin())
+        .args(spawn_dir())
         .args(["--transport", transport, "--timeout", "100s"])
         .arg("--json")
         .arg(&json)
@@ -95,12 +109,7 @@ fn check(scenario: &str, transport: &str) {
         c["attempted"].as_u64().unwrap(),
         c["established"].as_u64().unwrap(),
     );
-    if transport == "quic" {
-        assert_eq!(attempted, established);
-    } else {
-        // See smoke-webtransport.toml: a rare refused WebTransport handshake.
-        assert!(established * 100 >= attempted * 97, "{c}");
-    }
+    assert_eq!(attempted, established, "{c}");
     assert_eq!(c["dropped"], 0);
     let m = &r["messages"];
     assert!(m["expected"].as_u64().unwrap() > 0);
@@ -109,18 +118,18 @@ fn check(scenario: &str, transport: &str) {
     assert_eq!(m["duplicated"], 0);
     assert_eq!(m["out_of_order"], 0);
     let room = r["params"]["chat"]["room_size"].as_u64().unwrap();
-    if attempted == established {
-        assert_eq!(
-            m["expected"].as_u64().unwrap(),
-            m["sent"].as_u64().unwrap() * room,
-            "one send is room_size deliveries"
-        );
-    }
+    assert_eq!(
+        m["expected"].as_u64().unwrap(),
+        m["sent"].as_u64().unwrap() * room,
+        "one send is room_size deliveries"
+    );
     let lat = &r["latency_ms"];
     assert!(lat["p50"].as_f64().unwrap() > 0.0);
     assert!(lat["p99"].as_f64().unwrap() <= lat["max"].as_f64().unwrap());
     assert!(r["server"]["pid"].as_u64().is_some());
     assert!(r["server"]["cpu_secs"].as_f64().unwrap() > 0.0);
+    let commit = &r["server"]["latency_ms"]["commit"];
+    assert!(commit["count"].as_u64().unwrap() > 0, "{commit}");
     assert!(r["generator"]["generator_bound"].is_boolean());
     assert!(
         r["slo"]
