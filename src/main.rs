@@ -7,6 +7,12 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tutti::config::{Config, Overrides};
 
+// mimalloc instead of the system allocator: QUIC allocates per packet and per frame,
+// and glibc's malloc cost the server about 12% of its CPU at 10,000 deliveries/s
+// (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tutti",

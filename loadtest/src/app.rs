@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
+    /// UDP sockets (QUIC endpoints) the clients share, round-robin; 0 gives every
+    /// client its own socket.
+    #[arg(long, default_value_t = 8)]
+    pub sockets: usize,
     /// Worker threads of the generator [default: the number of CPUs].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -79,7 +83,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         (None, Some(t)) => t.parse().map_err(anyhow::Error::msg)?,
         (None, None) => TransportKind::Quic,
     };
-    let target = if args.spawn {
+    let mut target = if args.spawn {
         let bin = match &args.server_bin {
             Some(b) => b.clone(),
             None => std::env::current_exe()?
@@ -105,6 +109,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         )
         .await?
     };
+    target.share_endpoints(args.sockets)?;
     let run_id = format!("l{}", &tutti::util::random_hex(3));
     let ctx = run::Ctx {
         target,

@@ -8,9 +8,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tutti::auth::{Auth, SecretSource};
-use tutti::client::{ClientConfig, Trust};
+
+use tutti::client::{ClientConfig, ClientEndpoint, Trust};
 use tutti::transport::TransportKind;
 
 /// Where and how to reach the server.
@@ -32,6 +34,9 @@ pub struct Target {
     pub server_pid: Option<u32>,
     /// Client connect and request timeout.
     pub client_timeout: Duration,
+    /// UDP endpoints the clients share, round-robin (empty: one per client).
+    endpoints: Vec<ClientEndpoint>,
+    next_endpoint: AtomicUsize,
     spawned: Option<Spawned>,
 }
 
@@ -83,6 +88,8 @@ impl Target {
             transport,
             server_pid: e.pid,
             client_timeout: Duration::from_secs(20),
+            endpoints: Vec::new(),
+            next_endpoint: AtomicUsize::new(0),
             spawned: None,
         })
     }
@@ -166,6 +173,8 @@ impl Target {
             transport,
             server_pid: pid,
             client_timeout: Duration::from_secs(20),
+            endpoints: Vec::new(),
+            next_endpoint: AtomicUsize::new(0),
             spawned: Some(Spawned { child, dir }),
         })
     }
@@ -184,7 +193,24 @@ impl Target {
             self.token(user)?,
         );
         c.timeout = self.client_timeout;
+        if !self.endpoints.is_empty() {
+            let i = self.next_endpoint.fetch_add(1, Ordering::Relaxed);
+            c.endpoint = Some(self.endpoints[i % self.endpoints.len()].clone());
+        }
         Ok(c)
+    }
+
+    /// Makes the clients share `n` UDP endpoints (sockets), round-robin; 0 gives
+    /// each client its own, as separate devices would have. Shared endpoints
+    /// receive in batches and run one driver task each, so the generator spends
+    /// its CPU on the clients' protocol work rather than on per-socket wakeups.
+    pub fn share_endpoints(&mut self, n: usize) -> anyhow::Result<()> {
+        let config = self.client_config("endpoint")?;
+        self.endpoints = (0..n)
+            .map(|_| ClientEndpoint::bind(&config))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("binding a client endpoint: {e}"))?;
+        Ok(())
     }
 
     /// The server's own latency histograms (`GET /api/v1/stats`: group commit,

@@ -67,6 +67,9 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// QUIC keep-alive interval (keeps an idle session open).
     pub keep_alive: Duration,
+    /// A UDP endpoint to share with other connections; `None` binds a new one for
+    /// this connection. See [`ClientEndpoint`].
+    pub endpoint: Option<ClientEndpoint>,
 }
 
 impl ClientConfig {
@@ -87,7 +90,87 @@ impl ClientConfig {
             max_frame_size: 16 << 20,
             timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(5),
+            endpoint: None,
         }
+    }
+}
+
+/// A client UDP socket and its QUIC endpoint, shared by many connections.
+///
+/// By default every [`Client`] binds its own socket, as a browser tab or an app
+/// would. A program that holds many connections (a load generator, a gateway)
+/// shares a few endpoints instead: one endpoint receives the packets of all its
+/// connections in batches (`recvmmsg`, GRO) and runs one driver task, instead of a
+/// socket, a driver and a wakeup per connection. Cloning is cheap.
+#[derive(Clone)]
+pub struct ClientEndpoint {
+    kind: EndpointKind,
+}
+
+#[derive(Clone)]
+enum EndpointKind {
+    Quic(quinn::Endpoint),
+    // The WebTransport endpoint carries the TLS trust (pins or roots) and keep-alive
+    // of the config it was made from.
+    WebTransport(Arc<wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>>),
+}
+
+impl std::fmt::Debug for ClientEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            EndpointKind::Quic(_) => "quic",
+            EndpointKind::WebTransport(_) => "webtransport",
+        };
+        f.debug_struct("ClientEndpoint")
+            .field("transport", &kind)
+            .finish()
+    }
+}
+
+impl ClientEndpoint {
+    /// Binds an endpoint for connections like `config`: its transport, and for
+    /// WebTransport its trust and keep-alive (connections that share the endpoint
+    /// must have the same). The socket gets kernel buffers of up to 4 MiB.
+    pub fn bind(config: &ClientConfig) -> Result<Self, ClientError> {
+        let bind: SocketAddr = if config.addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket =
+            crate::transport::udp_socket(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+        let kind = match config.transport {
+            TransportKind::Quic => {
+                let runtime = quinn::default_runtime()
+                    .ok_or_else(|| ClientError::Connect("no Tokio runtime".into()))?;
+                let endpoint =
+                    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                        .map_err(|e| ClientError::Connect(e.to_string()))?;
+                EndpointKind::Quic(endpoint)
+            }
+            TransportKind::WebTransport => {
+                let builder = wtransport::ClientConfig::builder().with_bind_socket(socket);
+                let wc = match &config.trust {
+                    Trust::Pinned(pins) => builder
+                        .with_server_certificate_hashes(
+                            pins.iter().map(|p| wtransport::tls::Sha256Digest::new(*p)),
+                        )
+                        .keep_alive_interval(Some(config.keep_alive))
+                        .build(),
+                    Trust::Roots(_) => builder
+                        .with_custom_tls(tls::client_config(
+                            &config.trust,
+                            crate::protocol::ALPN_H3,
+                        ))
+                        .keep_alive_interval(Some(config.keep_alive))
+                        .build(),
+                };
+                let endpoint = wtransport::Endpoint::client(wc)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                EndpointKind::WebTransport(Arc::new(endpoint))
+            }
+        };
+        Ok(Self { kind })
     }
 }
 
@@ -225,14 +308,13 @@ impl Drop for Client {
 /// Opens a transport session without the Tutti handshake (tests use it to act as a
 /// client that never says Hello).
 pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientError> {
-    let bind: SocketAddr = if config.addr.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    };
     let connect = async {
-        match config.transport {
-            TransportKind::Quic => {
+        let endpoint = match &config.endpoint {
+            Some(e) => e.clone(),
+            None => ClientEndpoint::bind(config)?,
+        };
+        match (config.transport, endpoint.kind) {
+            (TransportKind::Quic, EndpointKind::Quic(endpoint)) => {
                 let tls = tls::client_config(&config.trust, ALPN_NATIVE);
                 let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -240,8 +322,6 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
                 let mut transport = quinn::TransportConfig::default();
                 transport.keep_alive_interval(Some(config.keep_alive));
                 qc.transport_config(Arc::new(transport));
-                let endpoint = quinn::Endpoint::client(bind)
-                    .map_err(|e| ClientError::Connect(e.to_string()))?;
                 let conn = endpoint
                     .connect_with(qc, config.addr, &config.server_name)
                     .map_err(|e| ClientError::Connect(e.to_string()))?
@@ -249,25 +329,7 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 Ok(Session::Quic(conn))
             }
-            TransportKind::WebTransport => {
-                let builder = wtransport::ClientConfig::builder().with_bind_address(bind);
-                let wc = match &config.trust {
-                    Trust::Pinned(pins) => builder
-                        .with_server_certificate_hashes(
-                            pins.iter().map(|p| wtransport::tls::Sha256Digest::new(*p)),
-                        )
-                        .keep_alive_interval(Some(config.keep_alive))
-                        .build(),
-                    Trust::Roots(_) => builder
-                        .with_custom_tls(tls::client_config(
-                            &config.trust,
-                            crate::protocol::ALPN_H3,
-                        ))
-                        .keep_alive_interval(Some(config.keep_alive))
-                        .build(),
-                };
-                let endpoint = wtransport::Endpoint::client(wc)
-                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+            (TransportKind::WebTransport, EndpointKind::WebTransport(endpoint)) => {
                 // The URL carries the address itself; with pins no name is checked.
                 let conn = endpoint
                     .connect(format!("https://{}{WEBTRANSPORT_PATH}", config.addr))
@@ -275,6 +337,9 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 Ok(Session::WebTransport(conn))
             }
+            (t, _) => Err(ClientError::Connect(format!(
+                "the shared endpoint is not for {t} connections"
+            ))),
         }
     };
     tokio::time::timeout(config.timeout, connect)

@@ -16,7 +16,7 @@ use crate::tls::CertStore;
 /// Streams of each direction a client may have open at once.
 const MAX_CLIENT_STREAMS: u32 = 16;
 
-/// Requested size of the UDP socket's kernel receive and send buffers. Every client
+/// Requested size of a UDP socket's kernel receive and send buffers. Every client
 /// shares the server's one socket, and Linux's default receive buffer (208 KiB)
 /// overflows under bursts of thousands of packets: dropped datagrams then cost a
 /// loss-recovery round (`RcvbufErrors` in `/proc/net/snmp`). Linux caps the size at
@@ -44,24 +44,12 @@ pub struct EndpointSettings {
 }
 
 /// Binds a UDP socket on `addr` with kernel buffers of up to [`SOCKET_BUFFER`].
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+pub(crate) fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Best effort: the kernel clamps to its maximum instead of failing.
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    // Linux reports twice the usable size (it counts its own bookkeeping).
-    let recv = socket.recv_buffer_size().unwrap_or(0) / 2;
-    let send = socket.send_buffer_size().unwrap_or(0) / 2;
-    if recv < SOCKET_BUFFER || send < SOCKET_BUFFER {
-        tracing::info!(
-            recv_kib = recv / 1024,
-            send_kib = send / 1024,
-            wanted_kib = SOCKET_BUFFER / 1024,
-            "UDP socket buffers are smaller than wanted; raise net.core.rmem_max and \
-             net.core.wmem_max (docs/OPERATIONS.md)"
-        );
-    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
@@ -95,6 +83,19 @@ impl ServerEndpoint {
             .max_concurrent_uni_streams(MAX_CLIENT_STREAMS.into());
         config.transport_config(Arc::new(transport));
         let socket = udp_socket(addr)?;
+        // Linux reports twice the usable size (it counts its own bookkeeping).
+        let sock = socket2::SockRef::from(&socket);
+        let recv = sock.recv_buffer_size().unwrap_or(0) / 2;
+        let send = sock.send_buffer_size().unwrap_or(0) / 2;
+        if recv < SOCKET_BUFFER || send < SOCKET_BUFFER {
+            tracing::info!(
+                recv_kib = recv / 1024,
+                send_kib = send / 1024,
+                wanted_kib = SOCKET_BUFFER / 1024,
+                "UDP socket buffers are smaller than wanted; raise net.core.rmem_max and \
+                 net.core.wmem_max (docs/OPERATIONS.md)"
+            );
+        }
         let runtime = quinn::default_runtime()
             .ok_or_else(|| anyhow::anyhow!("quinn needs a Tokio runtime"))?;
         let endpoint = quinn::Endpoint::new(

@@ -5,6 +5,7 @@
 pub mod endpoint;
 mod session;
 
+pub(crate) use endpoint::udp_socket;
 pub use endpoint::{Accepted, ServerEndpoint};
 pub use session::{CloseInfo, RecvStream, SendStream, Session, SessionError};
 
