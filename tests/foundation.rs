@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use support::{TestServer, test_config};
 use tutti::auth::{Auth, Claims, SecretSource, unix_now};
-use tutti::client::{Client, ClientError, Event, Trust, connect_transport};
+use tutti::client::{Client, ClientEndpoint, ClientError, Event, Trust, connect_transport};
 use tutti::protocol::v1::{self, StreamKind, push};
 use tutti::protocol::{CloseCode, ErrorCode};
 use tutti::transport::TransportKind;
@@ -28,6 +28,7 @@ both_transports!(
     silent_client_is_closed_after_the_handshake_timeout,
     graceful_shutdown_tells_clients_to_reconnect,
     rotated_certificate_is_served_without_restart,
+    clients_share_one_endpoint,
 );
 
 async fn handshake_welcomes_a_valid_token(t: TransportKind) {
@@ -104,6 +105,53 @@ async fn pipelined_requests_are_answered_by_id(t: TransportKind) {
     for (i, r) in many.into_iter().enumerate() {
         assert_eq!(&r.unwrap()[..], &(i as u32).to_be_bytes());
     }
+}
+
+async fn clients_share_one_endpoint(t: TransportKind) {
+    let s = TestServer::start().await;
+    let base = s.client_config(t, &s.token("alice"));
+    let endpoint = ClientEndpoint::bind(&base).unwrap();
+    let mut clients = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        let mut c = s.client_config(t, &s.token(user));
+        c.endpoint = Some(endpoint.clone());
+        clients.push(
+            Client::connect(c)
+                .await
+                .expect("connects on the shared endpoint"),
+        );
+    }
+    // Three sessions on one local socket, each with its own requests and pushes.
+    for (i, c) in clients.iter().enumerate() {
+        let payload = vec![i as u8; 3];
+        assert_eq!(&c.echo(payload.clone(), true).await.unwrap()[..], &payload);
+        match c.next_event().await {
+            Some(Event::Push(StreamKind::System, p)) => match p.event {
+                Some(push::Event::Echo(e)) => assert_eq!(&e.payload[..], &payload),
+                other => panic!("unexpected push {other:?}"),
+            },
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    assert_eq!(endpoint.open_connections(), 3);
+    assert_eq!(s.server().metrics().active(t), 3);
+    // One client closing leaves the others (and the endpoint) working.
+    clients.remove(0).close();
+    assert_eq!(
+        &clients[0].echo(b"on".to_vec(), false).await.unwrap()[..],
+        b"on"
+    );
+    // An endpoint is for one transport.
+    let other = match t {
+        TransportKind::Quic => TransportKind::WebTransport,
+        TransportKind::WebTransport => TransportKind::Quic,
+    };
+    let mut wrong = s.client_config(other, &s.token("dave"));
+    wrong.endpoint = Some(endpoint);
+    assert!(matches!(
+        Client::connect(wrong).await,
+        Err(ClientError::Connect(_))
+    ));
 }
 
 async fn datagram_ping_round_trip(t: TransportKind) {

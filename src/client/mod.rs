@@ -172,6 +172,14 @@ impl ClientEndpoint {
         };
         Ok(Self { kind })
     }
+
+    /// The connections open on this endpoint now.
+    pub fn open_connections(&self) -> usize {
+        match &self.kind {
+            EndpointKind::Quic(e) => e.open_connections(),
+            EndpointKind::WebTransport(e) => e.open_connections(),
+        }
+    }
 }
 
 /// How the server closed the session.
