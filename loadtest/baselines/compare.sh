@@ -5,10 +5,16 @@
 #
 # 1. builds: `cargo build --release -p tutti -p tutti-load` (repo root) and `npm ci` in
 #    loadtest/baselines/socketio;
-# 2. runs Tutti (`tutti-load run loadtest/scenarios/X.toml --spawn --json OUT`) and then
-#    Socket.IO (`node load.js --scenario-file loadtest/scenarios/X.toml --json OUT`) for
-#    X = chat-fanout, knee, idle; both read the very same TOML files;
-# 3. prints a side-by-side table with the issue's targets marked met / not met.
+# 2. runs Tutti (`tutti-load run loadtest/scenarios/X.toml --spawn --spawn-dir DIR --json OUT`)
+#    and then Socket.IO (`node load.js --scenario-file loadtest/scenarios/X.toml --json OUT`)
+#    for X = chat-fanout, knee, idle; both read the very same TOML files;
+# 3. runs Tutti's chat-fanout once more with its data on disk (DISK_DIR);
+# 4. prints a side-by-side table with the targets marked met / not met.
+#
+# Socket.IO keeps nothing; Tutti commits every chat message with an fsync. So that
+# the table compares the real-time paths, Tutti's data goes to DIR = $TUTTI_SPAWN_DIR
+# (default /dev/shm, a tmpfs, when it exists); step 3 shows what the disk adds
+# (DISK_DIR = $TUTTI_DISK_DIR, default loadtest/results/, on the repository's disk).
 #
 # --quick   shortened copies of the three scenario files (short warm-up and windows, at
 #           most 4 knee steps, at most 2,000 idle connections), for a sanity check only.
@@ -38,6 +44,10 @@ SCEN="$ROOT/loadtest/scenarios"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="$ROOT/loadtest/results/compare-$STAMP"
 TUTTI_LOAD="$ROOT/target/release/tutti-load"
+if [ -z "${TUTTI_SPAWN_DIR:-}" ]; then
+  if [ -d /dev/shm ]; then TUTTI_SPAWN_DIR=/dev/shm; else TUTTI_SPAWN_DIR="${TMPDIR:-/tmp}"; fi
+fi
+TUTTI_DISK_DIR="${TUTTI_DISK_DIR:-$ROOT/loadtest/results}"
 mkdir -p "$OUT/scenarios"
 
 log() { echo "[compare $(date -u +%H:%M:%S)] $*" >&2; }
@@ -95,14 +105,16 @@ done
 # Time limits per run (seconds): generous, but every run ends.
 limit() { case "$1" in chat-fanout) echo 900 ;; knee) echo 2400 ;; idle) echo 900 ;; esac; }
 
+# run_tutti SCENARIO [NAME DIR]: NAME names the output files, DIR holds the data.
 run_tutti() {
-  local s="$1" f="$OUT/tutti-$1.json"
-  machine "before tutti $s"
-  log "tutti-load run $s"
+  local s="$1" name="${2:-$1}" dir="${3:-$TUTTI_SPAWN_DIR}"
+  local f="$OUT/tutti-$name.json"
+  machine "before tutti $name"
+  log "tutti-load run $s (data in $dir)"
   local rc=0
-  (cd "$ROOT" && timeout --kill-after=10 "$(limit "$s")" "$TUTTI_LOAD" run "$OUT/scenarios/$s.toml" --spawn --json "$f") \
-    > "$OUT/tutti-$s.log" 2>&1 || rc=$?
-  [ "$rc" = 0 ] || log "tutti $s exited $rc (1: an SLO failed or an error; the JSON, if any, is kept), see $OUT/tutti-$s.log"
+  (cd "$ROOT" && timeout --kill-after=10 "$(limit "$s")" "$TUTTI_LOAD" run "$OUT/scenarios/$s.toml" --spawn --spawn-dir "$dir" --json "$f") \
+    > "$OUT/tutti-$name.log" 2>&1 || rc=$?
+  [ "$rc" = 0 ] || log "tutti $name exited $rc (1: an SLO failed or an error; the JSON, if any, is kept), see $OUT/tutti-$name.log"
 }
 
 run_socketio() {
@@ -116,7 +128,11 @@ run_socketio() {
 }
 
 # Tutti's three, then Socket.IO's three: each system runs alone on the machine.
-if [ "$ONLY" != socketio ]; then for s in chat-fanout knee idle; do run_tutti "$s"; sleep 2; done; fi
+if [ "$ONLY" != socketio ]; then
+  for s in chat-fanout knee idle; do run_tutti "$s"; sleep 2; done
+  mkdir -p "$TUTTI_DISK_DIR"
+  run_tutti chat-fanout chat-fanout-disk "$TUTTI_DISK_DIR"; sleep 2
+fi
 if [ "$ONLY" != tutti ]; then for s in chat-fanout knee idle; do run_socketio "$s"; sleep 2; done; fi
 machine "end"
 
@@ -126,7 +142,8 @@ const fs = require('node:fs');
 const [out, quick] = process.argv.slice(2);
 const load = (f) => { try { return JSON.parse(fs.readFileSync(`${out}/${f}`, 'utf8')); } catch { return null; } };
 const get = (o, p) => p.split('.').reduce((x, k) => (x == null ? undefined : x[k]), o);
-const T = { chat: load('tutti-chat-fanout.json'), knee: load('tutti-knee.json'), idle: load('tutti-idle.json') };
+const T = { chat: load('tutti-chat-fanout.json'), knee: load('tutti-knee.json'), idle: load('tutti-idle.json'),
+  disk: load('tutti-chat-fanout-disk.json') };
 const S = { chat: load('socketio-chat-fanout.json'), knee: load('socketio-knee.json'), idle: load('socketio-idle.json') };
 const num = (x) => (typeof x === 'number' && Number.isFinite(x) ? x : null);
 const connRate = (r) => {
@@ -140,6 +157,10 @@ const idleConns = (r) => num(get(r, 'connections.attempted'));
 const rows = [
   { name: 'p99 latency, chat fan-out (ms)', t: num(get(T.chat, 'latency_ms.p99')), s: num(get(S.chat, 'latency_ms.p99')),
     fmt: (x) => x.toFixed(3), target: 'Tutti <= Socket.IO', met: (t, s) => t <= s },
+  { name: '  Tutti with its data on disk (ms)', t: num(get(T.disk, 'latency_ms.p99')), s: null, fmt: (x) => x.toFixed(3) },
+  { name: '  Tutti group commit p99/max (ms)',
+    t: [T.chat, T.disk].map((r) => [num(get(r, 'server.latency_ms.commit.p99_ms')), num(get(r, 'server.latency_ms.commit.max_ms'))]),
+    s: null, fmt: (x) => x.map(([p, m]) => (p === null ? '-' : `${p.toFixed(1)}/${m.toFixed(0)}`)).join(' ') },
   { name: '  at deliveries/s (achieved)', t: num(get(T.chat, 'throughput.deliveries_per_sec')), s: num(get(S.chat, 'throughput.deliveries_per_sec')),
     fmt: (x) => Math.round(x).toLocaleString('en-US') },
   { name: 'knee (deliveries/s)', t: num(get(T.knee, 'knee.deliveries_per_sec')), s: num(get(S.knee, 'knee.deliveries_per_sec')),
@@ -180,6 +201,7 @@ for (const r of rows) {
 }
 lines.push('');
 lines.push(`targets met: ${met}/${total}`);
+lines.push('Tutti kept its data on tmpfs except in "data on disk"; group commit is shown for tmpfs, then disk.');
 const ramp = get(T.idle, 'params.idle.ramp_up') ?? get(S.idle, 'params.ramp_up_secs');
 if (ramp !== undefined && ramp !== null && !/^0(s|ms)?$/.test(String(ramp)) && ramp !== 0) {
   lines.push(`note: the idle scenario spreads connection starts over ramp_up = ${ramp}, so both connect rates are capped by the ramp;`,
