@@ -1,7 +1,6 @@
 //! Bounded push queues: one unidirectional stream per kind, opened on first use, each
 //! written by its own task so that a stalled kind never blocks another.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -30,7 +29,8 @@ type KindQueue = (mpsc::Sender<Queued>, JoinHandle<()>);
 pub struct PushQueues {
     session: Session,
     capacity: usize,
-    kinds: Mutex<HashMap<i32, KindQueue>>,
+    /// Indexed by `StreamKind` (a handful of small values).
+    kinds: Mutex<Vec<Option<KindQueue>>>,
     slow: CancellationToken,
     metrics: Arc<Metrics>,
 }
@@ -41,7 +41,7 @@ impl PushQueues {
         Self {
             session,
             capacity,
-            kinds: Mutex::new(HashMap::new()),
+            kinds: Mutex::new(Vec::new()),
             slow: CancellationToken::new(),
             metrics,
         }
@@ -55,9 +55,11 @@ impl PushQueues {
 
     /// Queues a push already encoded with [`encoded_frame`], as [`push`](Self::push) does.
     pub fn push_frame(&self, kind: StreamKind, frame: Bytes) -> Result<(), SlowConsumer> {
-        self.sender(kind)
-            .try_send((frame, Instant::now()))
-            .map_err(|_| {
+        // `try_send` never waits, so it runs under the lock: no sender clone (two
+        // atomic operations) per push on the fan-out path.
+        self.with_sender(kind, |tx| tx.try_send((frame, Instant::now())).is_ok())
+            .then_some(())
+            .ok_or_else(|| {
                 self.slow.cancel();
                 SlowConsumer
             })
@@ -84,8 +86,17 @@ impl PushQueues {
     }
 
     fn sender(&self, kind: StreamKind) -> mpsc::Sender<Queued> {
+        self.with_sender(kind, |tx| tx.clone())
+    }
+
+    /// Runs `f` with the queue of `kind`, opening it (and its writer) on first use.
+    fn with_sender<T>(&self, kind: StreamKind, f: impl FnOnce(&mpsc::Sender<Queued>) -> T) -> T {
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
-        let (tx, _) = kinds.entry(kind as i32).or_insert_with(|| {
+        let i = kind as usize;
+        if kinds.len() <= i {
+            kinds.resize_with(i + 1, || None);
+        }
+        let (tx, _) = kinds[i].get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(self.capacity);
             let task = tokio::spawn(write_pushes(
                 self.session.clone(),
@@ -95,7 +106,7 @@ impl PushQueues {
             ));
             (tx, task)
         });
-        tx.clone()
+        f(tx)
     }
 
     /// Completes when a queue overflowed.
@@ -106,7 +117,7 @@ impl PushQueues {
     /// Stops every writer.
     pub fn abort(&self) {
         let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, task) in kinds.values() {
+        for (_, task) in kinds.iter().flatten() {
             task.abort();
         }
     }
