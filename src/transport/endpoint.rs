@@ -82,6 +82,13 @@ impl ServerEndpoint {
             .max_concurrent_bidi_streams(MAX_CLIENT_STREAMS.into())
             .max_concurrent_uni_streams(MAX_CLIENT_STREAMS.into());
         config.transport_config(Arc::new(transport));
+        // No NEW_TOKEN frames: a token only lets a returning client's first flight
+        // exceed the 3x anti-amplification limit, which Tutti's handshakes never
+        // reach, and each costs the server a key derivation and an encryption per
+        // connection.
+        let mut tokens = quinn::ValidationTokenConfig::default();
+        tokens.sent(0);
+        config.validation_token_config(tokens);
         let socket = udp_socket(addr)?;
         // Linux reports twice the usable size (it counts its own bookkeeping).
         let sock = socket2::SockRef::from(&socket);
