@@ -147,11 +147,22 @@ async fn clients_share_one_endpoint(t: TransportKind) {
         TransportKind::WebTransport => TransportKind::Quic,
     };
     let mut wrong = s.client_config(other, &s.token("dave"));
-    wrong.endpoint = Some(endpoint);
+    wrong.endpoint = Some(endpoint.clone());
     assert!(matches!(
         Client::connect(wrong).await,
         Err(ClientError::Connect(_))
     ));
+    // Over WebTransport the endpoint holds the certificate trust: a connection
+    // that trusts another pin is refused rather than given the endpoint's trust.
+    if t == TransportKind::WebTransport {
+        let mut other_pin = s.client_config(t, &s.token("erin"));
+        other_pin.trust = Trust::Pinned(vec![[7u8; 32]]);
+        other_pin.endpoint = Some(endpoint);
+        assert!(matches!(
+            Client::connect(other_pin).await,
+            Err(ClientError::Connect(_))
+        ));
+    }
 }
 
 async fn datagram_ping_round_trip(t: TransportKind) {

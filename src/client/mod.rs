@@ -110,16 +110,19 @@ pub struct ClientEndpoint {
 #[derive(Clone)]
 enum EndpointKind {
     Quic(quinn::Endpoint),
-    // The WebTransport endpoint carries the TLS trust (pins or roots) and keep-alive
-    // of the config it was made from.
-    WebTransport(Arc<wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>>),
+    // The WebTransport endpoint carries the TLS trust (pins or roots) of the config
+    // it was made from; a connection is refused one made for other trust.
+    WebTransport(
+        Arc<wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>>,
+        Arc<Trust>,
+    ),
 }
 
 impl std::fmt::Debug for ClientEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.kind {
             EndpointKind::Quic(_) => "quic",
-            EndpointKind::WebTransport(_) => "webtransport",
+            EndpointKind::WebTransport(..) => "webtransport",
         };
         f.debug_struct("ClientEndpoint")
             .field("transport", &kind)
@@ -129,8 +132,9 @@ impl std::fmt::Debug for ClientEndpoint {
 
 impl ClientEndpoint {
     /// Binds an endpoint for connections like `config`: its transport, and for
-    /// WebTransport its trust and keep-alive (connections that share the endpoint
-    /// must have the same). The socket gets kernel buffers of up to 4 MiB.
+    /// WebTransport its certificate trust and keep-alive, which every connection on
+    /// the endpoint then uses (one with a different trust is refused). The socket
+    /// gets kernel buffers of up to 4 MiB.
     pub fn bind(config: &ClientConfig) -> Result<Self, ClientError> {
         let bind: SocketAddr = if config.addr.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -167,7 +171,7 @@ impl ClientEndpoint {
                 };
                 let endpoint = wtransport::Endpoint::client(wc)
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
-                EndpointKind::WebTransport(Arc::new(endpoint))
+                EndpointKind::WebTransport(Arc::new(endpoint), Arc::new(config.trust.clone()))
             }
         };
         Ok(Self { kind })
@@ -177,7 +181,7 @@ impl ClientEndpoint {
     pub fn open_connections(&self) -> usize {
         match &self.kind {
             EndpointKind::Quic(e) => e.open_connections(),
-            EndpointKind::WebTransport(e) => e.open_connections(),
+            EndpointKind::WebTransport(e, _) => e.open_connections(),
         }
     }
 }
@@ -337,7 +341,12 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 Ok(Session::Quic(conn))
             }
-            (TransportKind::WebTransport, EndpointKind::WebTransport(endpoint)) => {
+            (TransportKind::WebTransport, EndpointKind::WebTransport(endpoint, trust)) => {
+                if *trust != config.trust {
+                    return Err(ClientError::Connect(
+                        "the shared endpoint was made for another certificate trust".into(),
+                    ));
+                }
                 // The URL carries the address itself; with pins no name is checked.
                 let conn = endpoint
                     .connect(format!("https://{}{WEBTRANSPORT_PATH}", config.addr))

@@ -9,7 +9,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 /// How the client decides to trust the server's certificate.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trust {
     /// Accept a certificate whose DER has one of these SHA-256 hashes (see
     /// `GET /cert-hash` and `tutti cert`).
