@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tutti::auth::{Auth, SecretSource};
-
 use tutti::client::{ClientConfig, ClientEndpoint, Trust};
 use tutti::transport::TransportKind;
 

@@ -155,20 +155,16 @@ impl ClientEndpoint {
             TransportKind::WebTransport => {
                 let builder = wtransport::ClientConfig::builder().with_bind_socket(socket);
                 let wc = match &config.trust {
-                    Trust::Pinned(pins) => builder
-                        .with_server_certificate_hashes(
-                            pins.iter().map(|p| wtransport::tls::Sha256Digest::new(*p)),
-                        )
-                        .keep_alive_interval(Some(config.keep_alive))
-                        .build(),
-                    Trust::Roots(_) => builder
-                        .with_custom_tls(tls::client_config(
-                            &config.trust,
-                            crate::protocol::ALPN_H3,
-                        ))
-                        .keep_alive_interval(Some(config.keep_alive))
-                        .build(),
-                };
+                    Trust::Pinned(pins) => builder.with_server_certificate_hashes(
+                        pins.iter().map(|p| wtransport::tls::Sha256Digest::new(*p)),
+                    ),
+                    Trust::Roots(_) => builder.with_custom_tls(tls::client_config(
+                        &config.trust,
+                        crate::protocol::ALPN_H3,
+                    )),
+                }
+                .keep_alive_interval(Some(config.keep_alive))
+                .build();
                 let endpoint = wtransport::Endpoint::client(wc)
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 EndpointKind::WebTransport(Arc::new(endpoint), Arc::new(config.trust.clone()))

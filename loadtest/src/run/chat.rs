@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tutti::client::{Client, Event};
 use tutti::protocol::v1::{self, StreamKind, push, request};
 
-use super::{Ctx, Pool, Rng, connect_all, ended};
+use super::{Ctx, Pool, Rng, connect_all, ended, join_within};
 use crate::outcome::{Messages, Outcome};
 use crate::scenario::ChatParams;
 use crate::stats::{
@@ -241,15 +241,7 @@ impl World {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = stop_tx.send(true);
-        for s in senders {
-            let abort = s.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), s)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
+        join_within(senders, Duration::from_secs(2)).await;
         Phase {
             messages: Messages {
                 sent: totals.sent.get(),
@@ -269,15 +261,7 @@ impl World {
     /// Closes every connection and stops the receivers.
     pub async fn teardown(mut self) {
         self.pool.close_all();
-        for r in self.receivers {
-            let abort = r.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), r)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
+        join_within(self.receivers, Duration::from_secs(5)).await;
     }
 }
 

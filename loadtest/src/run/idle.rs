@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{Ctx, connect_all, ended};
+use super::{Ctx, connect_all, ended, join_within};
 use crate::outcome::Outcome;
 use crate::procstat;
 use crate::stats::live;
@@ -58,14 +58,6 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
         o.extra.insert("open_file_limit".into(), l.into());
     }
     pool.close_all();
-    for w in watchers {
-        let abort = w.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(5), w)
-            .await
-            .is_err()
-        {
-            abort.abort();
-        }
-    }
+    join_within(watchers, Duration::from_secs(5)).await;
     Ok(o)
 }

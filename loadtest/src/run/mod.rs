@@ -139,15 +139,12 @@ pub async fn connect_all(
     }
 }
 
-/// Waits up to 5 s for each receiver task to finish after the clients closed, then
-/// aborts it.
-pub async fn join_receivers(receivers: Vec<tokio::task::JoinHandle<()>>) {
-    for r in receivers {
-        let abort = r.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(5), r)
-            .await
-            .is_err()
-        {
+/// Waits up to `within` for each task to finish (after the clients closed or were
+/// told to stop), then aborts it.
+pub async fn join_within(tasks: Vec<tokio::task::JoinHandle<()>>, within: Duration) {
+    for t in tasks {
+        let abort = t.abort_handle();
+        if tokio::time::timeout(within, t).await.is_err() {
             abort.abort();
         }
     }

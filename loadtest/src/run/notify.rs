@@ -13,7 +13,7 @@ use anyhow::Context;
 use tutti::client::{Client, Event};
 use tutti::protocol::v1::{StreamKind, push};
 
-use super::{Ctx, connect_all, ended, join_receivers};
+use super::{Ctx, connect_all, ended, join_within};
 use crate::http::HttpConn;
 use crate::outcome::{Messages, Outcome};
 use crate::scenario::NotifyParams;
@@ -164,7 +164,7 @@ pub async fn run_with(ctx: &Ctx, p: &NotifyParams, tag: &str) -> anyhow::Result<
         (sent.get() as f64 / post_secs.max(1e-9)).into(),
     );
     pool.close_all();
-    join_receivers(receivers).await;
+    join_within(receivers, Duration::from_secs(5)).await;
     Ok(o)
 }
 

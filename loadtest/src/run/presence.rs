@@ -13,7 +13,7 @@ use std::time::Duration;
 use tutti::client::{Client, ClientError, Event};
 use tutti::protocol::v1::{self, PresenceStatus, StreamKind, push, request};
 
-use super::{Ctx, connect_all, ended, join_receivers};
+use super::{Ctx, connect_all, ended, join_within};
 use crate::outcome::{Messages, Outcome};
 use crate::scenario::PresenceParams;
 use crate::stats::{Counter, Latencies, live, now_us};
@@ -194,7 +194,7 @@ pub async fn run_with(ctx: &Ctx, p: &PresenceParams, tag: &str) -> anyhow::Resul
         (shared.established.get() as f64 / churn_secs.max(1e-9)).into(),
     );
     pool.close_all();
-    join_receivers(receivers).await;
+    join_within(receivers, Duration::from_secs(5)).await;
     Ok(o)
 }
 
