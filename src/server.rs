@@ -32,6 +32,7 @@ pub struct RunningServer {
     metrics: Arc<Metrics>,
     gateway: Arc<Gateway>,
     services: Arc<Services>,
+    writer: Writer,
     writer_thread: std::thread::JoinHandle<()>,
     endpoint: ServerEndpoint,
     ready: Arc<AtomicBool>,
@@ -84,7 +85,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         Services::open(
             ServiceDeps {
                 store: store.clone(),
-                writer,
+                writer: writer.clone(),
                 hub: Arc::new(Hub::default()),
                 metrics: metrics.clone(),
             },
@@ -166,6 +167,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         metrics,
         gateway,
         services,
+        writer,
         writer_thread,
         endpoint,
         ready,
@@ -227,6 +229,12 @@ impl RunningServer {
         &self.services
     }
 
+    /// The group-commit writer: [`Writer::hold`] pauses commits (maintenance, fault
+    /// tests), [`Writer::in_flight`] counts writes waiting for their commit.
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
     /// Sessions open now.
     pub fn sessions(&self) -> usize {
         self.gateway.active()
@@ -256,9 +264,11 @@ impl RunningServer {
             store,
             gateway,
             services,
+            writer,
             writer_thread,
             ..
         } = self;
+        drop(writer);
         drop(gateway);
         services.analytics.shutdown().await;
         drop(services);

@@ -7,7 +7,7 @@ pub mod cache;
 pub mod registry;
 mod writer;
 
-pub use writer::{CommitObserver, Writer};
+pub use writer::{CommitObserver, Hold, Writer};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -7,6 +7,7 @@
 //! its own transaction, so a bad write never takes good ones down with it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use redb::{Database, WriteTransaction};
@@ -31,6 +32,41 @@ struct Job {
 #[derive(Clone, Debug)]
 pub struct Writer {
     tx: mpsc::Sender<Job>,
+    gate: Arc<Gate>,
+}
+
+/// Holds group commits while any [`Hold`] is alive (for maintenance and fault tests).
+#[derive(Debug, Default)]
+struct Gate {
+    in_flight: AtomicUsize,
+    holds: std::sync::Mutex<usize>,
+    released: std::sync::Condvar,
+}
+
+impl Gate {
+    /// Blocks the writer thread while a hold is alive.
+    fn wait_open(&self) {
+        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        while *holds > 0 {
+            holds = self.released.wait(holds).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// While alive, the writer commits nothing: writes queue up (and their callers wait)
+/// until every hold is dropped. See [`Writer::hold`].
+#[derive(Debug)]
+#[must_use = "writes resume when the hold is dropped"]
+pub struct Hold(Arc<Gate>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut holds = self.0.holds.lock().unwrap_or_else(|e| e.into_inner());
+        *holds -= 1;
+        if *holds == 0 {
+            self.0.released.notify_all();
+        }
+    }
 }
 
 /// Called with each committed batch: its size and the time the commit took.
@@ -43,11 +79,26 @@ impl Writer {
         observer: Option<CommitObserver>,
     ) -> (Self, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let gate = Arc::new(Gate::default());
+        let thread_gate = gate.clone();
         let thread = std::thread::Builder::new()
             .name("tutti-writer".into())
-            .spawn(move || run(db, rx, observer))
+            .spawn(move || run(db, rx, observer, &thread_gate))
             .expect("spawning the writer thread");
-        (Self { tx }, thread)
+        (Self { tx, gate }, thread)
+    }
+
+    /// Stops committing until the returned [`Hold`] is dropped: new writes wait in
+    /// the queue. Lets a test put a request's commit "in flight" for as long as it
+    /// needs, and an operator pause writes.
+    pub fn hold(&self) -> Hold {
+        *self.gate.holds.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Hold(self.gate.clone())
+    }
+
+    /// Writes submitted and not yet committed or failed.
+    pub fn in_flight(&self) -> usize {
+        self.gate.in_flight.load(Ordering::Acquire)
     }
 
     /// Runs `write` in the next group commit and returns once it is durable.
@@ -56,6 +107,7 @@ impl Writer {
         F: Fn(&WriteTransaction) -> Result<(), StoreError> + Send + 'static,
     {
         let (done, rx) = oneshot::channel();
+        let _counted = InFlight::new(&self.gate.in_flight);
         self.tx
             .send(Job {
                 write: Box::new(write),
@@ -69,9 +121,31 @@ impl Writer {
     }
 }
 
-fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Job>, observer: Option<CommitObserver>) {
+/// Counts a write from submission until its result arrives (or its caller gives up).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn run(
+    db: Arc<Database>,
+    mut rx: mpsc::Receiver<Job>,
+    observer: Option<CommitObserver>,
+    gate: &Gate,
+) {
     let mut batch = Vec::with_capacity(64);
     while let Some(first) = rx.blocking_recv() {
+        gate.wait_open();
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -168,6 +242,35 @@ mod tests {
         assert!(n < 200, "group commit should batch; {n} commits");
         let txn = db.begin_read().unwrap();
         assert_eq!(txn.open_table(T).unwrap().len().unwrap(), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_keeps_writes_in_flight_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("db")).unwrap());
+        let (writer, _thread) = Writer::spawn(db.clone(), None);
+        let hold = writer.hold();
+        let w = writer.clone();
+        let write = tokio::spawn(async move {
+            w.write(|txn| {
+                txn.open_table(T)?.insert(1, 1)?;
+                Ok(())
+            })
+            .await
+        });
+        while writer.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!write.is_finished());
+        assert!(
+            db.begin_read().unwrap().open_table(T).is_err(),
+            "nothing committed while held"
+        );
+        drop(hold);
+        write.await.unwrap().unwrap();
+        assert_eq!(writer.in_flight(), 0);
+        let txn = db.begin_read().unwrap();
+        assert_eq!(txn.open_table(T).unwrap().len().unwrap(), 1);
     }
 
     #[tokio::test]
