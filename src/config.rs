@@ -153,7 +153,8 @@ pub struct LimitsConfig {
     /// slow consumer and is disconnected with `SLOW_CONSUMER`.
     pub push_queue_frames: usize,
     /// Responses waiting to be written on the control stream; when full the server
-    /// stops reading requests until the client reads.
+    /// stops reading requests until the client reads (for at most
+    /// `timeouts.slow_consumer`).
     pub control_queue_frames: usize,
     /// Sessions this node accepts at once; past this new ones get `OVERLOADED`.
     pub max_connections: usize,
@@ -192,6 +193,11 @@ pub struct TimeoutsConfig {
     /// (so the frame is read) before it closes the connection itself.
     #[serde(with = "duration_str")]
     pub close_linger: Duration,
+    /// How long a response (or a catch-up push) may wait for room in a session's
+    /// queue; a client that reads nothing for this long is closed with
+    /// `SLOW_CONSUMER`.
+    #[serde(with = "duration_str")]
+    pub slow_consumer: Duration,
 }
 
 impl Default for TimeoutsConfig {
@@ -202,6 +208,7 @@ impl Default for TimeoutsConfig {
             heartbeat: Duration::from_secs(10),
             drain: Duration::from_secs(10),
             close_linger: Duration::from_millis(500),
+            slow_consumer: Duration::from_secs(5),
         }
     }
 }

@@ -402,3 +402,424 @@ async fn secret_certificate_and_node_survive_a_restart() {
     drop(c);
     second.shutdown().await.unwrap();
 }
+
+// ---- requests finish whatever happens to their session ------------------------
+
+/// How a session ends while one of its requests waits for its commit.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    /// The client closes the connection while the commit is held.
+    Close,
+    /// The client breaks its control stream (an invalid length prefix): the server
+    /// closes the session with `PROTOCOL_ERROR` while the commit is held.
+    BrokenPrefix,
+    /// The client closes the connection just as the commit is released: the session
+    /// ends around the commit, after `n` scheduler turns.
+    CloseRacingCommit(usize),
+}
+
+const ENDINGS: [Ending; 6] = [
+    Ending::Close,
+    Ending::BrokenPrefix,
+    Ending::CloseRacingCommit(0),
+    Ending::CloseRacingCommit(1),
+    Ending::CloseRacingCommit(4),
+    Ending::CloseRacingCommit(16),
+];
+
+/// Sends `body` on `client`, waits until its write is queued behind a held writer,
+/// ends the session as `ending` says, releases the writer, and returns once the
+/// session is closed.
+async fn end_session_during_commit(
+    s: &TestServer,
+    client: Client,
+    body: v1::request::Body,
+    ending: Ending,
+) {
+    let writer = s.server().writer().clone();
+    let hold = writer.hold();
+    let client = std::sync::Arc::new(client);
+    let c = client.clone();
+    let request = tokio::spawn(async move { c.request(body).await });
+    while writer.in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    match ending {
+        Ending::Close => {
+            client.close();
+            drop(hold);
+        }
+        Ending::BrokenPrefix => {
+            client.send_raw(&[0xff; 10]).await.unwrap();
+            let closed = client.closed().await;
+            assert_eq!(closed.close_code(), Some(CloseCode::ProtocolError));
+            drop(hold);
+        }
+        Ending::CloseRacingCommit(turns) => {
+            drop(hold);
+            for _ in 0..turns {
+                tokio::task::yield_now().await;
+            }
+            client.close();
+        }
+    }
+    // The answer may or may not reach the client; the effect must not depend on it.
+    let _ = request.await.unwrap();
+}
+
+/// Waits for the next operation push of `doc` on `c`.
+async fn next_doc_op(c: &Client, doc: &str) -> v1::DocOperation {
+    loop {
+        match c.next_event().await.expect("session open") {
+            Event::Push(
+                _,
+                v1::Push {
+                    event: Some(push::Event::DocOperation(op)),
+                    ..
+                },
+            ) if op.doc_id == doc => return op,
+            _ => {}
+        }
+    }
+}
+
+async fn doc_request(c: &Client, body: v1::request::Body) -> v1::response::Body {
+    c.request(body).await.expect("request answered")
+}
+
+async fn open_doc(c: &Client, doc: &str, known: Option<u64>) -> v1::DocOpenResponse {
+    match doc_request(
+        c,
+        v1::request::Body::DocOpen(v1::DocOpenRequest {
+            doc_id: doc.into(),
+            known_revision: known,
+        }),
+    )
+    .await
+    {
+        v1::response::Body::DocOpen(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A `DocSubmit` whose session ends while its commit is in flight is applied once,
+/// reaches every editor with the document open exactly once, stays in the log for
+/// catch-up, and a resend is acknowledged as a duplicate.
+async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
+    use tutti::client::collab::Document;
+    use tutti::ot::TextOperation;
+
+    let s = TestServer::start().await;
+    let owner = s.connect(t, "ann").await;
+    doc_request(
+        &owner,
+        v1::request::Body::DocCreate(v1::DocCreateRequest {
+            doc_id: "lifecycle".into(),
+            text: "ab".into(),
+        }),
+    )
+    .await;
+    doc_request(
+        &owner,
+        v1::request::Body::DocShare(v1::DocShareRequest {
+            doc_id: "lifecycle".into(),
+            user_id: "bob".into(),
+            role: v1::DocRole::Editor as i32,
+        }),
+    )
+    .await;
+    // Two editors keep the document open throughout.
+    let editors = [s.connect(t, "bob").await, s.connect(t, "ann").await];
+    let mut revision = 0;
+    for e in &editors {
+        revision = open_doc(e, "lifecycle", None).await.revision;
+    }
+    for (i, ending) in ENDINGS.into_iter().enumerate() {
+        let author = s.connect(t, "ann").await;
+        let open = open_doc(&author, "lifecycle", None).await;
+        assert_eq!(open.revision, revision, "{ending:?}");
+        let mut doc = Document::from_open(format!("author-{i}"), open).unwrap();
+        let insert = TextOperation::new()
+            .retain(doc.text().chars().count())
+            .insert(&format!("[{i}🎵]"));
+        let submit = doc.edit(insert).unwrap().expect("sent at once");
+        end_session_during_commit(
+            &s,
+            author,
+            v1::request::Body::DocSubmit(submit.clone()),
+            ending,
+        )
+        .await;
+
+        // Every editor receives it, as the next revision.
+        for e in &editors {
+            let op = tokio::time::timeout(Duration::from_secs(10), next_doc_op(e, "lifecycle"))
+                .await
+                .unwrap_or_else(|_| panic!("{ending:?}: the operation never reached an editor"));
+            assert_eq!(op.revision, revision + 1, "{ending:?}");
+            assert_eq!(op.client_id, format!("author-{i}"));
+        }
+        // Catch-up from before it returns it as an operation, not a snapshot.
+        let reader = s.connect(t, "bob").await;
+        let caught = open_doc(&reader, "lifecycle", Some(revision)).await;
+        match caught.state {
+            Some(v1::doc_open_response::State::CatchUp(c)) => {
+                assert_eq!(c.operations.len(), 1, "{ending:?}");
+                assert_eq!(c.operations[0].revision, revision + 1);
+            }
+            other => panic!("{ending:?}: catch-up gave {other:?}"),
+        }
+        // The author reconnects and resends: a duplicate, applied once.
+        let again = s.connect(t, "ann").await;
+        open_doc(&again, "lifecycle", Some(revision)).await;
+        match doc_request(&again, v1::request::Body::DocSubmit(submit)).await {
+            v1::response::Body::DocSubmit(r) => {
+                assert!(r.duplicate, "{ending:?}: the resend was applied again");
+                assert_eq!(r.revision, revision + 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        revision += 1;
+    }
+    // Exactly once: a last edit from an editor is the next thing each editor sees.
+    let last = open_doc(&editors[0], "lifecycle", None).await;
+    assert_eq!(last.revision, revision);
+    let mut doc = Document::from_open("closer", last).unwrap();
+    let text = doc.text().to_owned();
+    let submit = doc
+        .edit(
+            TextOperation::new()
+                .retain(text.chars().count())
+                .insert("."),
+        )
+        .unwrap()
+        .unwrap();
+    doc_request(&editors[0], v1::request::Body::DocSubmit(submit)).await;
+    for e in &editors[1..] {
+        let op = next_doc_op(e, "lifecycle").await;
+        assert_eq!(op.revision, revision + 1, "no operation arrived twice");
+    }
+    let stored = open_doc(&s.connect(t, "ann").await, "lifecycle", None).await;
+    let expected: String = (0..ENDINGS.len()).map(|i| format!("[{i}🎵]")).collect();
+    assert_eq!(
+        stored.state,
+        Some(v1::doc_open_response::State::Snapshot(format!(
+            "ab{expected}."
+        )))
+    );
+}
+
+/// A `ChatSend` whose session ends while its commit is in flight is delivered to
+/// every participant once, and the room's offsets stay contiguous.
+async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
+    let s = TestServer::start().await;
+    let ann = s.connect(t, "ann").await;
+    doc_request(
+        &ann,
+        v1::request::Body::RoomCreate(v1::RoomCreateRequest {
+            room_id: "lifecycle".into(),
+            name: "lifecycle".into(),
+            participants: vec!["bob".into()],
+        }),
+    )
+    .await;
+    let bob = s.connect(t, "bob").await;
+    for (i, ending) in ENDINGS.into_iter().enumerate() {
+        let sender = s.connect(t, "ann").await;
+        end_session_during_commit(
+            &s,
+            sender,
+            v1::request::Body::ChatSend(v1::ChatSendRequest {
+                room_id: "lifecycle".into(),
+                text: format!("m{i}"),
+            }),
+            ending,
+        )
+        .await;
+        for c in [&ann, &bob] {
+            let m = tokio::time::timeout(Duration::from_secs(10), next_message(c))
+                .await
+                .unwrap_or_else(|_| panic!("{ending:?}: the message never arrived"));
+            assert_eq!(m.offset, i as u64 + 1, "{ending:?}: offsets are contiguous");
+            assert_eq!(m.text, format!("m{i}"));
+        }
+    }
+    // Nothing twice: the next message is the next offset for both.
+    doc_request(
+        &bob,
+        v1::request::Body::ChatSend(v1::ChatSendRequest {
+            room_id: "lifecycle".into(),
+            text: "last".into(),
+        }),
+    )
+    .await;
+    for c in [&ann, &bob] {
+        let m = next_message(c).await;
+        assert_eq!(m.offset, ENDINGS.len() as u64 + 1);
+    }
+}
+
+async fn next_message(c: &Client) -> v1::ChatMessage {
+    loop {
+        match c.next_event().await.expect("session open") {
+            Event::Push(
+                _,
+                v1::Push {
+                    event: Some(push::Event::ChatMessage(m)),
+                    ..
+                },
+            ) => return m,
+            _ => {}
+        }
+    }
+}
+
+both_transports!(
+    a_doc_submit_finishes_after_its_session_ends,
+    a_chat_send_finishes_after_its_session_ends,
+);
+
+// ---- a session that stops reading holds up nobody else ----------------------
+
+/// A session opened by hand: the control stream after `Welcome`, so a test can
+/// write requests and choose never to read the answers.
+async fn raw_session(
+    s: &TestServer,
+    t: TransportKind,
+    user: &str,
+) -> (tutti::transport::Session, tutti::transport::SendStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = s.client_config(t, &s.token(user));
+    let session = connect_transport(&config).await.unwrap();
+    let (mut send, mut recv) = session.open_bi().await.unwrap();
+    let hello = v1::ClientFrame {
+        kind: Some(v1::client_frame::Kind::Hello(v1::Hello {
+            token: s.token(user),
+            protocol_version: tutti::protocol::PROTOCOL_VERSION,
+            ..Default::default()
+        })),
+    };
+    let mut buf = bytes::BytesMut::new();
+    tutti::protocol::encode_frame(&hello, &mut buf);
+    send.write_all(&buf).await.unwrap();
+    let mut decoder = tutti::protocol::FrameDecoder::new(1 << 20);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(f) = decoder.decode::<v1::ServerFrame>().unwrap() {
+            assert!(matches!(f.kind, Some(v1::server_frame::Kind::Welcome(_))));
+            break;
+        }
+        let n = recv.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the server closed the control stream");
+        decoder.extend(&chunk[..n]);
+    }
+    // The receiving half stays unread from here on (it is kept alive, unread).
+    std::mem::forget(recv);
+    (session, send)
+}
+
+/// Reads and discards every push stream of `session` (so only the control stream
+/// is left unread).
+fn drain_pushes(session: tutti::transport::Session) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(mut stream) = session.accept_uni().await {
+            tokio::spawn(async move {
+                let mut sink = tokio::io::sink();
+                let _ = tokio::io::copy(&mut stream, &mut sink).await;
+            });
+        }
+    })
+}
+
+/// A participant that sends requests and never reads the answers fills its control
+/// stream; the server closes it as a slow consumer and, meanwhile, the other
+/// participant's sends in the same room are answered promptly.
+async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
+    use tokio::io::AsyncWriteExt;
+    const BOUND: Duration = Duration::from_millis(1500);
+    let s = TestServer::start_with(|c| c.timeouts.slow_consumer = Duration::from_secs(4)).await;
+    let bob = s.connect(t, "bob").await;
+    doc_request(
+        &bob,
+        v1::request::Body::RoomCreate(v1::RoomCreateRequest {
+            room_id: "stall".into(),
+            name: "stall".into(),
+            participants: vec!["ann".into()],
+        }),
+    )
+    .await;
+    let (ann, mut control) = raw_session(&s, t, "ann").await;
+    let _pushes = drain_pushes(ann.clone());
+    // Ann pipelines large sends in batches of the in-flight limit, each batch once
+    // Bob has seen the previous one, until the server stops taking them: her unread
+    // answers (about 4 KiB each) have filled the stream window and the queue.
+    let text = "x".repeat(4000);
+    let mut sent = 0u64;
+    let mut received = 0u64;
+    let mut id = 0u64;
+    'batches: for _ in 0..20 {
+        let mut buf = bytes::BytesMut::new();
+        for _ in 0..64 {
+            id += 1;
+            let req = v1::ClientFrame {
+                kind: Some(v1::client_frame::Kind::Request(v1::Request {
+                    id,
+                    body: Some(v1::request::Body::ChatSend(v1::ChatSendRequest {
+                        room_id: "stall".into(),
+                        text: text.clone(),
+                    })),
+                })),
+            };
+            tutti::protocol::encode_frame(&req, &mut buf);
+        }
+        control.write_all(&buf).await.unwrap();
+        sent += 64;
+        while received < sent {
+            match tokio::time::timeout(Duration::from_secs(1), next_message(&bob)).await {
+                Ok(_) => received += 1,
+                Err(_) => break 'batches,
+            }
+        }
+    }
+    assert!(received < sent, "the server kept reading an unread session");
+    assert!(received >= 64, "the room took Ann's first messages");
+
+    // Bob's sends in the same room go through while Ann's session is stuck.
+    for i in 0..10 {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(
+            BOUND,
+            bob.request(v1::request::Body::ChatSend(v1::ChatSendRequest {
+                room_id: "stall".into(),
+                text: format!("bob {i}"),
+            })),
+        )
+        .await;
+        assert!(
+            matches!(answer, Ok(Ok(_))),
+            "send {i} took over {BOUND:?} ({:?}): {answer:?}",
+            started.elapsed()
+        );
+        let history = tokio::time::timeout(
+            BOUND,
+            bob.request(v1::request::Body::ChatHistory(v1::ChatHistoryRequest {
+                room_id: "stall".into(),
+                before_offset: 0,
+                limit: 1,
+            })),
+        )
+        .await;
+        assert!(matches!(history, Ok(Ok(_))), "history {i}: {history:?}");
+    }
+    // Ann is closed as a slow consumer within the configured bound.
+    let closed = tokio::time::timeout(Duration::from_secs(15), ann.closed())
+        .await
+        .expect("the stuck session is closed");
+    assert_eq!(
+        closed.code,
+        Some(CloseCode::SlowConsumer as u32),
+        "{closed:?}"
+    );
+}
+
+both_transports!(a_session_that_stops_reading_does_not_stall_others);

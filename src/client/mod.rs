@@ -335,7 +335,7 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
                     .map_err(|e| ClientError::Connect(e.to_string()))?
                     .await
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
-                Ok(Session::Quic(conn))
+                Ok(Session::quic(conn))
             }
             (TransportKind::WebTransport, EndpointKind::WebTransport(endpoint, trust)) => {
                 if *trust != config.trust {
@@ -348,7 +348,7 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
                     .connect(format!("https://{}{WEBTRANSPORT_PATH}", config.addr))
                     .await
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
-                Ok(Session::WebTransport(conn))
+                Ok(Session::webtransport(conn))
             }
             (t, _) => Err(ClientError::Connect(format!(
                 "the shared endpoint is not for {t} connections"

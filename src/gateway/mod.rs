@@ -4,16 +4,14 @@
 //!
 //! The gateway works on [`Session`]s and never sees which transport carries them.
 
+pub mod control;
 mod push;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -21,24 +19,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use control::{Action, Control, HelloOutcome};
 pub use push::{PushQueues, SlowConsumer};
+
+use control::{error_code, error_response, frame};
 
 use crate::auth::{Auth, Claims};
 use crate::config::{LimitsConfig, TimeoutsConfig};
 use crate::hub::{SlowConsumer as Slow, Subscriber};
 use crate::metrics::Metrics;
 use crate::protocol::v1::{
-    self, ClientFrame, Datagram, ServerFrame, StreamKind, client_frame, datagram, request,
-    response, server_frame,
+    self, Datagram, ServerFrame, StreamKind, datagram, request, response, server_frame,
 };
-use crate::protocol::{CloseCode, ErrorCode, FrameDecoder, FrameError, PROTOCOL_VERSION};
+use crate::protocol::{CloseCode, ErrorCode, FrameDecoder, PROTOCOL_VERSION};
 use crate::services::{ServiceError, Services, SessionCtx};
 use crate::transport::{Accepted, RecvStream, SendStream, Session};
 use crate::util::unix_millis;
-
-/// How long a bulk push (a catch-up) waits for room in a client's queue before the
-/// client counts as a slow consumer.
-const PUSH_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How often a session's QUIC round-trip estimate is sampled into the histogram.
 const RTT_SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -70,7 +66,10 @@ pub struct Gateway {
     active: AtomicUsize,
     next_session: AtomicU64,
     stop: CancellationToken,
+    /// Session tasks.
     tasks: TaskTracker,
+    /// Request tasks: they outlive their session, and shutdown waits for them.
+    requests: TaskTracker,
 }
 
 /// Why a session ends.
@@ -98,6 +97,7 @@ impl Gateway {
             next_session: AtomicU64::new(1),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            requests: TaskTracker::new(),
         })
     }
 
@@ -119,14 +119,24 @@ impl Gateway {
         self.active.load(Ordering::Relaxed)
     }
 
+    /// Requests running now, on open sessions or on sessions that have ended.
+    pub fn requests_running(&self) -> usize {
+        self.requests.len()
+    }
+
     /// Tells every session to go away (`GOING_AWAY`) and waits up to `within` for
-    /// them to close. Returns whether all closed in time.
+    /// them to close and for every accepted request to finish. Returns whether all
+    /// did in time.
     pub async fn drain(&self, within: Duration) -> bool {
         self.stop.cancel();
         self.tasks.close();
-        tokio::time::timeout(within, self.tasks.wait())
-            .await
-            .is_ok()
+        self.requests.close();
+        tokio::time::timeout(within, async {
+            self.tasks.wait().await;
+            self.requests.wait().await;
+        })
+        .await
+        .is_ok()
     }
 
     async fn run(self: Arc<Self>, accepted: Accepted, id: u64) {
@@ -204,6 +214,7 @@ impl Gateway {
                 self.config.limits.push_queue_frames,
                 self.metrics.clone(),
             ),
+            patience: self.config.timeouts.slow_consumer,
             metrics: self.metrics.clone(),
             reported: Default::default(),
         });
@@ -224,106 +235,99 @@ impl Gateway {
             self.services.clone(),
             self.config.limits.max_datagram_size,
         ));
-        let end = self.serve(&conn, &ctx, recv, decoder, &control_tx).await;
+        let mut control = Control::new(decoder, self.config.limits.max_inflight_requests);
+        // Request tasks answer here; never more than `max_inflight` at once, so a
+        // task never waits to hand in its answer.
+        let (replies_tx, mut replies) =
+            mpsc::channel(self.config.limits.max_inflight_requests.max(1));
+        let end = self
+            .serve(
+                &conn,
+                &ctx,
+                recv,
+                &mut control,
+                &replies_tx,
+                &mut replies,
+                &control_tx,
+            )
+            .await;
         datagrams.abort();
-        self.services.disconnected(&ctx).await;
+        drop(replies_tx);
         match end {
             End::Close(code, message) => {
+                // Answers to requests already running go out before the Close frame,
+                // for as long as the client keeps reading (bounded).
+                let linger = self.config.timeouts.close_linger;
+                let _ = tokio::time::timeout(linger, async {
+                    while control.inflight() > 0 {
+                        let Some((id, reply)) = replies.recv().await else {
+                            break;
+                        };
+                        let Action::Send(reply) = control.completed(id, reply) else {
+                            continue;
+                        };
+                        if control_tx.send(Box::new(reply)).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+                .await;
                 self.close(&session, &control_tx, writer, code, message)
                     .await
             }
             End::Gone => writer.abort(),
         }
+        // Requests accepted on this session run to completion whatever happened to
+        // the session (they are tasks of their own); its subscriptions are removed
+        // only after the last one, so none can subscribe the ended session again.
+        while control.inflight() > 0 {
+            match replies.recv().await {
+                Some((id, reply)) => {
+                    control.completed(id, reply);
+                }
+                None => break,
+            }
+        }
+        self.services.disconnected(&ctx).await;
         conn.pushes.abort();
         conn.report_transfer();
         self.metrics.session_ended(kind);
     }
 
     /// Reads the control stream and answers requests until the session ends.
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
         conn: &Arc<Connection>,
         ctx: &SessionCtx,
         mut recv: RecvStream,
-        mut decoder: FrameDecoder,
-        control: &mpsc::Sender<Box<ServerFrame>>,
+        control: &mut Control,
+        replies_tx: &mpsc::Sender<(u64, ServerFrame)>,
+        replies: &mut mpsc::Receiver<(u64, ServerFrame)>,
+        out: &mpsc::Sender<Box<ServerFrame>>,
     ) -> End {
-        let max_inflight = self.config.limits.max_inflight_requests;
-        let mut inflight = FuturesUnordered::new();
-        let mut inflight_ids = HashSet::new();
         let mut buf = vec![0u8; READ_CHUNK];
         let mut rtt_sample = tokio::time::interval(RTT_SAMPLE_EVERY);
         loop {
             // Frames already buffered are handled before reading more.
-            loop {
-                let incoming = match decoder.decode::<ClientFrame>() {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.metrics.frame_rejected();
-                        if e.is_fatal() {
-                            return End::Close(CloseCode::ProtocolError, e.to_string());
-                        }
-                        let code = match e {
-                            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-                            _ => ErrorCode::FrameMalformed,
-                        };
-                        self.metrics.error(code);
-                        let err = v1::Error::new(code, e.to_string());
-                        if control
-                            .send(Box::new(frame(server_frame::Kind::Error(err))))
-                            .await
-                            .is_err()
+            while let Some(action) = control.poll_action(unix_millis()) {
+                match action {
+                    Action::Dispatch(req) => self.dispatch(conn, ctx, req, replies_tx),
+                    Action::Send(reply) => {
+                        if let Some(code @ (ErrorCode::FrameTooLarge | ErrorCode::FrameMalformed)) =
+                            error_code(&reply)
                         {
-                            return End::Gone;
+                            self.metrics.frame_rejected();
+                            self.metrics.error(code);
                         }
-                        continue;
-                    }
-                };
-                let reply = match incoming.kind {
-                    Some(client_frame::Kind::Request(req)) => {
-                        if req.id == 0 || inflight_ids.contains(&req.id) {
-                            Some(error_response(
-                                req.id,
-                                ErrorCode::BadRequestId,
-                                "request id is 0 or already in flight",
-                            ))
-                        } else if inflight.len() >= max_inflight {
-                            Some(error_response(
-                                req.id,
-                                ErrorCode::TooManyInflight,
-                                format!("at most {max_inflight} requests in flight"),
-                            ))
-                        } else {
-                            inflight_ids.insert(req.id);
-                            inflight.push(handle_request(
-                                conn.clone(),
-                                ctx.clone(),
-                                self.services.clone(),
-                                self.metrics.clone(),
-                                req,
-                            ));
-                            None
+                        if let Err(end) = self.send(out, reply).await {
+                            return end;
                         }
                     }
-                    Some(client_frame::Kind::Ping(p)) => {
-                        Some(frame(server_frame::Kind::Pong(v1::Pong {
-                            nonce: p.nonce,
-                            server_time_ms: unix_millis(),
-                        })))
+                    Action::Close(code, message) => {
+                        self.metrics.frame_rejected();
+                        return End::Close(code, message);
                     }
-                    Some(client_frame::Kind::Hello(_)) => Some(frame(server_frame::Kind::Error(
-                        v1::Error::new(ErrorCode::UnexpectedFrame, "the session has already begun"),
-                    ))),
-                    None => Some(frame(server_frame::Kind::Error(v1::Error::new(
-                        ErrorCode::UnexpectedFrame,
-                        "empty or unknown frame",
-                    )))),
-                };
-                if let Some(reply) = reply
-                    && control.send(Box::new(reply)).await.is_err()
-                {
-                    return End::Gone;
                 }
             }
 
@@ -338,19 +342,74 @@ impl Gateway {
                 _ = conn.pushes.slow() => {
                     return End::Close(CloseCode::SlowConsumer, "push queue full: reconnect and resume".into());
                 }
-                Some((id, reply)) = inflight.next(), if !inflight.is_empty() => {
-                    inflight_ids.remove(&id);
-                    if control.send(Box::new(reply)).await.is_err() {
-                        return End::Gone;
+                Some((id, reply)) = replies.recv() => {
+                    if let Action::Send(reply) = control.completed(id, reply)
+                        && let Err(end) = self.send(out, reply).await
+                    {
+                        return end;
                     }
                 }
                 read = recv.read(&mut buf) => match read {
-                    Ok(0) => return End::Close(CloseCode::Normal, "control stream finished".into()),
-                    Ok(n) => decoder.extend(&buf[..n]),
+                    Ok(0) => {
+                        let Action::Close(code, message) = control.finished() else {
+                            unreachable!("finishing the stream closes the session")
+                        };
+                        return End::Close(code, message);
+                    }
+                    Ok(n) => control.received(&buf[..n]),
                     Err(_) => return End::Gone,
                 },
             }
         }
+    }
+
+    /// Queues a frame on the control stream, waiting at most `slow_consumer` for
+    /// room: a client that does not read its control stream is closed, and nothing
+    /// else ever waits for it.
+    async fn send(
+        &self,
+        out: &mpsc::Sender<Box<ServerFrame>>,
+        reply: ServerFrame,
+    ) -> Result<(), End> {
+        match out
+            .send_timeout(Box::new(reply), self.config.timeouts.slow_consumer)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(End::Close(
+                CloseCode::SlowConsumer,
+                "control stream not read: reconnect and resume".into(),
+            )),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(End::Gone),
+        }
+    }
+
+    /// Runs a request as a task of its own, so that once accepted it completes
+    /// (committed, published, cached) whatever happens to its session; the answer
+    /// comes back through `replies` while the session lasts.
+    fn dispatch(
+        &self,
+        conn: &Arc<Connection>,
+        ctx: &SessionCtx,
+        req: v1::Request,
+        replies: &mpsc::Sender<(u64, ServerFrame)>,
+    ) {
+        let task = handle_request(
+            conn.clone(),
+            ctx.clone(),
+            self.services.clone(),
+            self.metrics.clone(),
+            req,
+        );
+        let replies = replies.clone();
+        self.requests.spawn(
+            async move {
+                let answer = task.await;
+                // The session may be gone; the request's effect is not.
+                let _ = replies.try_send(answer);
+            }
+            .in_current_span(),
+        );
     }
 
     /// Reads the first frame of the first bidirectional stream; it must be a `Hello`
@@ -363,37 +422,19 @@ impl Gateway {
         self.metrics.streams_opened.fetch_add(1, Ordering::Relaxed);
         let mut decoder = FrameDecoder::new(self.config.limits.max_frame_size);
         let mut buf = vec![0u8; READ_CHUNK];
-        let first = loop {
-            match decoder.decode::<ClientFrame>() {
-                Ok(Some(f)) => break f,
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(HelloFailure::Refused(
-                        send,
-                        CloseCode::ProtocolError,
-                        format!("first frame: {e}"),
-                    ));
+        let hello = loop {
+            match control::read_hello(&mut decoder) {
+                HelloOutcome::Hello(hello) => break hello,
+                HelloOutcome::Refuse(code, message) => {
+                    return Err(HelloFailure::Refused(send, code, message));
                 }
+                HelloOutcome::NeedMore => {}
             }
             match recv.read(&mut buf).await {
                 Ok(0) | Err(_) => return Err(HelloFailure::Gone),
                 Ok(n) => decoder.extend(&buf[..n]),
             }
         };
-        let Some(client_frame::Kind::Hello(hello)) = first.kind else {
-            return Err(HelloFailure::Refused(
-                send,
-                CloseCode::ProtocolError,
-                "the first frame must be Hello".into(),
-            ));
-        };
-        if hello.protocol_version > PROTOCOL_VERSION {
-            return Err(HelloFailure::Refused(
-                send,
-                CloseCode::UnsupportedVersion,
-                format!("this server speaks protocol version {PROTOCOL_VERSION}"),
-            ));
-        }
         match self.auth.verify(&hello.token) {
             Ok(claims) => Ok((send, recv, decoder, claims, hello.resume)),
             Err(e) => Err(HelloFailure::Refused(send, e.close_code(), e.to_string())),
@@ -462,6 +503,8 @@ struct Connection {
     session_id: String,
     user: String,
     pushes: PushQueues,
+    /// How long a catch-up push waits for room in a queue.
+    patience: Duration,
     metrics: Arc<Metrics>,
     /// UDP bytes (in, out) already added to the metrics.
     reported: std::sync::Mutex<(u64, u64)>,
@@ -506,24 +549,13 @@ impl Subscriber for Connection {
         kind: StreamKind,
         push: v1::Push,
     ) -> futures_util::future::BoxFuture<'_, Result<(), Slow>> {
-        Box::pin(self.pushes.push_wait(kind, push, PUSH_PATIENCE))
+        Box::pin(self.pushes.push_wait(kind, push, self.patience))
     }
 
     fn datagram(&self, data: Bytes) {
         // Datagrams may be lost anyway; one that does not fit is dropped.
         self.send_datagram(data);
     }
-}
-
-fn frame(kind: server_frame::Kind) -> ServerFrame {
-    ServerFrame { kind: Some(kind) }
-}
-
-fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
-    frame(server_frame::Kind::Response(v1::Response {
-        id,
-        body: Some(response::Body::Error(v1::Error::new(code, message))),
-    }))
 }
 
 fn service_error(id: u64, e: ServiceError) -> ServerFrame {
@@ -545,12 +577,7 @@ async fn handle_request(
     let name = req.body.as_ref().map_or("unknown", |b| b.name());
     let (id, reply) = answer(conn, ctx, services, req).await;
     metrics.request(name, started.elapsed());
-    if let Some(server_frame::Kind::Response(v1::Response {
-        body: Some(response::Body::Error(e)),
-        ..
-    })) = &reply.kind
-        && let Some(code) = e.error_code()
-    {
+    if let Some(code) = error_code(&reply) {
         metrics.error(code);
     }
     (id, reply)

@@ -29,8 +29,8 @@ type KindQueue = (mpsc::Sender<Queued>, JoinHandle<()>);
 pub struct PushQueues {
     session: Session,
     capacity: usize,
-    /// Indexed by `StreamKind` (a handful of small values).
-    kinds: Mutex<Vec<Option<KindQueue>>>,
+    /// Indexed by `StreamKind` (a handful of small values); `None` once aborted.
+    kinds: Mutex<Option<Vec<Option<KindQueue>>>>,
     slow: CancellationToken,
     metrics: Arc<Metrics>,
 }
@@ -41,7 +41,7 @@ impl PushQueues {
         Self {
             session,
             capacity,
-            kinds: Mutex::new(Vec::new()),
+            kinds: Mutex::new(Some(Vec::new())),
             slow: CancellationToken::new(),
             metrics,
         }
@@ -57,12 +57,15 @@ impl PushQueues {
     pub fn push_frame(&self, kind: StreamKind, frame: Bytes) -> Result<(), SlowConsumer> {
         // `try_send` never waits, so it runs under the lock: no sender clone (two
         // atomic operations) per push on the fan-out path.
-        self.with_sender(kind, |tx| tx.try_send((frame, Instant::now())).is_ok())
-            .then_some(())
-            .ok_or_else(|| {
+        match self.with_sender(kind, |tx| tx.try_send((frame, Instant::now())).is_ok()) {
+            Some(true) => Ok(()),
+            Some(false) => {
                 self.slow.cancel();
-                SlowConsumer
-            })
+                Err(SlowConsumer)
+            }
+            // The session has ended: nothing to deliver to.
+            None => Err(SlowConsumer),
+        }
     }
 
     /// Queues `push`, waiting up to `patience` for room in the queue (for bulk
@@ -74,7 +77,9 @@ impl PushQueues {
         push: Push,
         patience: std::time::Duration,
     ) -> Result<(), SlowConsumer> {
-        let tx = self.sender(kind);
+        let Some(tx) = self.sender(kind) else {
+            return Err(SlowConsumer);
+        };
         match tokio::time::timeout(patience, tx.send((encoded_frame(&push), Instant::now()))).await
         {
             Ok(Ok(())) => Ok(()),
@@ -85,13 +90,19 @@ impl PushQueues {
         }
     }
 
-    fn sender(&self, kind: StreamKind) -> mpsc::Sender<Queued> {
+    fn sender(&self, kind: StreamKind) -> Option<mpsc::Sender<Queued>> {
         self.with_sender(kind, |tx| tx.clone())
     }
 
     /// Runs `f` with the queue of `kind`, opening it (and its writer) on first use.
-    fn with_sender<T>(&self, kind: StreamKind, f: impl FnOnce(&mpsc::Sender<Queued>) -> T) -> T {
+    /// `None` once the queues are aborted.
+    fn with_sender<T>(
+        &self,
+        kind: StreamKind,
+        f: impl FnOnce(&mpsc::Sender<Queued>) -> T,
+    ) -> Option<T> {
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let kinds = kinds.as_mut()?;
         let i = kind as usize;
         if kinds.len() <= i {
             kinds.resize_with(i + 1, || None);
@@ -106,7 +117,7 @@ impl PushQueues {
             ));
             (tx, task)
         });
-        f(tx)
+        Some(f(tx))
     }
 
     /// Completes when a queue overflowed.
@@ -114,9 +125,14 @@ impl PushQueues {
         self.slow.cancelled().await
     }
 
-    /// Stops every writer.
+    /// Stops every writer; later pushes are refused.
     pub fn abort(&self) {
-        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let kinds = self
+            .kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
         for (_, task) in kinds.iter().flatten() {
             task.abort();
         }

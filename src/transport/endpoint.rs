@@ -166,7 +166,7 @@ async fn handshake(incoming: quinn::Incoming) -> anyhow::Result<Session> {
         .protocol
         .unwrap_or_default();
     if alpn == ALPN_NATIVE {
-        return Ok(Session::Quic(connecting.await?));
+        return Ok(Session::quic(connecting.await?));
     }
     // The only other ALPN offered is h3.
     let request =
@@ -179,5 +179,5 @@ async fn handshake(incoming: quinn::Incoming) -> anyhow::Result<Session> {
         request.not_found().await;
         anyhow::bail!("unknown WebTransport path");
     }
-    Ok(Session::WebTransport(request.accept().await?))
+    Ok(Session::webtransport(request.accept().await?))
 }

@@ -1,13 +1,15 @@
-//! QUIC transports behind one [`Session`] type: raw QUIC (quinn, ALPN `tutti/1`) and
-//! WebTransport over HTTP/3 (wtransport, ALPN `h3`). The gateway and the client see
-//! only [`Session`] and boxed byte streams, never a quinn or wtransport type.
+//! Transports behind one [`Session`] type: raw QUIC (quinn, ALPN `tutti/1`),
+//! WebTransport over HTTP/3 (wtransport, ALPN `h3`), and an in-memory pair for tests
+//! ([`memory`]). The gateway and the client see only [`Session`] and boxed byte
+//! streams, never a quinn or wtransport type.
 
 pub mod endpoint;
+pub mod memory;
 mod session;
 
 pub(crate) use endpoint::udp_socket;
 pub use endpoint::{Accepted, ServerEndpoint};
-pub use session::{CloseInfo, RecvStream, SendStream, Session, SessionError};
+pub use session::{CloseInfo, RecvStream, SendStream, Session, SessionError, Transport};
 
 /// Which transport carries a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

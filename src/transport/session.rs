@@ -1,9 +1,14 @@
-//! One session type over both transports.
+//! One session type over every transport: [`Session`] wraps a [`Transport`], which
+//! raw QUIC ([`quinn`]), WebTransport ([`wtransport`]) and the in-memory pair of
+//! [`super::memory`] implement. The gateway and the client see only [`Session`] and
+//! boxed byte streams.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::TransportKind;
@@ -12,15 +17,6 @@ use super::TransportKind;
 pub type SendStream = Box<dyn AsyncWrite + Send + Unpin>;
 /// The receiving half of a stream.
 pub type RecvStream = Box<dyn AsyncRead + Send + Unpin>;
-
-/// A session over raw QUIC or WebTransport.
-#[derive(Clone, Debug)]
-pub enum Session {
-    /// Raw QUIC.
-    Quic(quinn::Connection),
-    /// WebTransport over HTTP/3.
-    WebTransport(wtransport::Connection),
-}
 
 /// How a session ended, as seen from this side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +37,124 @@ pub enum SessionError {
     /// A datagram could not be sent (too large, or datagrams unsupported).
     #[error("datagram not sent: {0}")]
     Datagram(String),
+}
+
+/// What a session offers: bidirectional and unidirectional streams, datagrams, a
+/// typed close, and a few statistics. Object safe, so that a [`Session`] can carry
+/// any implementation.
+pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
+    /// Which transport carries this session.
+    fn kind(&self) -> TransportKind;
+    /// Waits for the peer to open a bidirectional stream.
+    fn accept_bi(&self) -> BoxFuture<'_, Result<(SendStream, RecvStream), SessionError>>;
+    /// Opens a bidirectional stream.
+    fn open_bi(&self) -> BoxFuture<'_, Result<(SendStream, RecvStream), SessionError>>;
+    /// Opens a unidirectional stream.
+    fn open_uni(&self) -> BoxFuture<'_, Result<SendStream, SessionError>>;
+    /// Waits for the peer to open a unidirectional stream.
+    fn accept_uni(&self) -> BoxFuture<'_, Result<RecvStream, SessionError>>;
+    /// Sends a datagram (unreliable, unordered).
+    fn send_datagram(&self, data: Bytes) -> Result<(), SessionError>;
+    /// Waits for the next datagram.
+    fn read_datagram(&self) -> BoxFuture<'_, Result<Bytes, SessionError>>;
+    /// The largest datagram payload the path allows now, if datagrams are supported.
+    fn max_datagram_size(&self) -> Option<usize>;
+    /// Closes the session with an application code. Unsent data is dropped.
+    fn close(&self, code: u32, reason: &str);
+    /// Waits until the session is closed, by either side or by a timeout.
+    fn closed(&self) -> BoxFuture<'_, CloseInfo>;
+    /// The peer's address.
+    fn remote_address(&self) -> SocketAddr;
+    /// Payload bytes (received, sent) over the connection so far.
+    fn transferred(&self) -> (u64, u64);
+    /// The current round-trip time estimate.
+    fn rtt(&self) -> Duration;
+}
+
+/// A session over any [`Transport`]. Cloning is cheap (one reference count).
+#[derive(Clone, Debug)]
+pub struct Session(Arc<dyn Transport>);
+
+impl Session {
+    /// A session over `transport`.
+    pub fn new(transport: impl Transport) -> Self {
+        Self(Arc::new(transport))
+    }
+
+    /// A raw QUIC session.
+    pub fn quic(connection: quinn::Connection) -> Self {
+        Self::new(QuicTransport(connection))
+    }
+
+    /// A WebTransport session.
+    pub fn webtransport(connection: wtransport::Connection) -> Self {
+        Self::new(WebTransportTransport(connection))
+    }
+
+    /// Which transport carries this session.
+    pub fn kind(&self) -> TransportKind {
+        self.0.kind()
+    }
+
+    /// Waits for the peer to open a bidirectional stream.
+    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), SessionError> {
+        self.0.accept_bi().await
+    }
+
+    /// Opens a bidirectional stream.
+    pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), SessionError> {
+        self.0.open_bi().await
+    }
+
+    /// Opens a unidirectional stream.
+    pub async fn open_uni(&self) -> Result<SendStream, SessionError> {
+        self.0.open_uni().await
+    }
+
+    /// Waits for the peer to open a unidirectional stream.
+    pub async fn accept_uni(&self) -> Result<RecvStream, SessionError> {
+        self.0.accept_uni().await
+    }
+
+    /// Sends a datagram (unreliable, unordered).
+    pub fn send_datagram(&self, data: Bytes) -> Result<(), SessionError> {
+        self.0.send_datagram(data)
+    }
+
+    /// Waits for the next datagram.
+    pub async fn read_datagram(&self) -> Result<Bytes, SessionError> {
+        self.0.read_datagram().await
+    }
+
+    /// The largest datagram payload the path allows now, if datagrams are supported.
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        self.0.max_datagram_size()
+    }
+
+    /// Closes the session with an application code. Unsent data is dropped.
+    pub fn close(&self, code: u32, reason: &str) {
+        self.0.close(code, reason)
+    }
+
+    /// Waits until the session is closed, by either side or by a timeout.
+    pub async fn closed(&self) -> CloseInfo {
+        self.0.closed().await
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.0.remote_address()
+    }
+
+    /// Payload bytes (received, sent) over the connection so far.
+    pub fn transferred(&self) -> (u64, u64) {
+        self.0.transferred()
+    }
+
+    /// The current round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        self.0.rtt()
+    }
 }
 
 fn quinn_close(e: quinn::ConnectionError) -> CloseInfo {
@@ -69,184 +183,202 @@ fn wt_close(e: wtransport::error::ConnectionError) -> CloseInfo {
     }
 }
 
-impl Session {
-    /// Which transport carries this session.
-    pub fn kind(&self) -> TransportKind {
-        match self {
-            Session::Quic(_) => TransportKind::Quic,
-            Session::WebTransport(_) => TransportKind::WebTransport,
-        }
+fn opening_failed(e: impl std::fmt::Display) -> SessionError {
+    SessionError::Closed(CloseInfo {
+        code: None,
+        reason: e.to_string(),
+    })
+}
+
+/// Raw QUIC (ALPN `tutti/1`).
+#[derive(Debug)]
+struct QuicTransport(quinn::Connection);
+
+impl Transport for QuicTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Quic
     }
 
-    /// Waits for the peer to open a bidirectional stream.
-    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), SessionError> {
-        match self {
-            Session::Quic(c) => {
-                let (s, r) = c
-                    .accept_bi()
-                    .await
-                    .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-                Ok((Box::new(s), Box::new(r)))
-            }
-            Session::WebTransport(c) => {
-                let (s, r) = c
-                    .accept_bi()
-                    .await
-                    .map_err(|e| SessionError::Closed(wt_close(e)))?;
-                Ok((Box::new(s), Box::new(r)))
-            }
-        }
+    fn accept_bi(&self) -> BoxFuture<'_, Result<(SendStream, RecvStream), SessionError>> {
+        Box::pin(async move {
+            let (s, r) = self
+                .0
+                .accept_bi()
+                .await
+                .map_err(|e| SessionError::Closed(quinn_close(e)))?;
+            Ok((Box::new(s) as SendStream, Box::new(r) as RecvStream))
+        })
     }
 
-    /// Opens a bidirectional stream.
-    pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), SessionError> {
-        match self {
-            Session::Quic(c) => {
-                let (s, r) = c
-                    .open_bi()
-                    .await
-                    .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-                Ok((Box::new(s), Box::new(r)))
-            }
-            Session::WebTransport(c) => {
-                let opening = c
-                    .open_bi()
-                    .await
-                    .map_err(|e| SessionError::Closed(wt_close(e)))?;
-                let (s, r) = opening.await.map_err(|e| {
-                    SessionError::Closed(CloseInfo {
-                        code: None,
-                        reason: e.to_string(),
-                    })
-                })?;
-                Ok((Box::new(s), Box::new(r)))
-            }
-        }
+    fn open_bi(&self) -> BoxFuture<'_, Result<(SendStream, RecvStream), SessionError>> {
+        Box::pin(async move {
+            let (s, r) = self
+                .0
+                .open_bi()
+                .await
+                .map_err(|e| SessionError::Closed(quinn_close(e)))?;
+            Ok((Box::new(s) as SendStream, Box::new(r) as RecvStream))
+        })
     }
 
-    /// Opens a unidirectional stream.
-    pub async fn open_uni(&self) -> Result<SendStream, SessionError> {
-        match self {
-            Session::Quic(c) => {
-                let s = c
-                    .open_uni()
-                    .await
-                    .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-                Ok(Box::new(s))
-            }
-            Session::WebTransport(c) => {
-                let opening = c
-                    .open_uni()
-                    .await
-                    .map_err(|e| SessionError::Closed(wt_close(e)))?;
-                let s = opening.await.map_err(|e| {
-                    SessionError::Closed(CloseInfo {
-                        code: None,
-                        reason: e.to_string(),
-                    })
-                })?;
-                Ok(Box::new(s))
-            }
-        }
+    fn open_uni(&self) -> BoxFuture<'_, Result<SendStream, SessionError>> {
+        Box::pin(async move {
+            let s = self
+                .0
+                .open_uni()
+                .await
+                .map_err(|e| SessionError::Closed(quinn_close(e)))?;
+            Ok(Box::new(s) as SendStream)
+        })
     }
 
-    /// Waits for the peer to open a unidirectional stream.
-    pub async fn accept_uni(&self) -> Result<RecvStream, SessionError> {
-        match self {
-            Session::Quic(c) => {
-                let r = c
-                    .accept_uni()
-                    .await
-                    .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-                Ok(Box::new(r))
-            }
-            Session::WebTransport(c) => {
-                let r = c
-                    .accept_uni()
-                    .await
-                    .map_err(|e| SessionError::Closed(wt_close(e)))?;
-                Ok(Box::new(r))
-            }
-        }
+    fn accept_uni(&self) -> BoxFuture<'_, Result<RecvStream, SessionError>> {
+        Box::pin(async move {
+            let r = self
+                .0
+                .accept_uni()
+                .await
+                .map_err(|e| SessionError::Closed(quinn_close(e)))?;
+            Ok(Box::new(r) as RecvStream)
+        })
     }
 
-    /// Sends a datagram (unreliable, unordered).
-    pub fn send_datagram(&self, data: Bytes) -> Result<(), SessionError> {
-        match self {
-            Session::Quic(c) => c
-                .send_datagram(data)
-                .map_err(|e| SessionError::Datagram(e.to_string())),
-            Session::WebTransport(c) => c
-                .send_datagram(data)
-                .map_err(|e| SessionError::Datagram(e.to_string())),
-        }
+    fn send_datagram(&self, data: Bytes) -> Result<(), SessionError> {
+        self.0
+            .send_datagram(data)
+            .map_err(|e| SessionError::Datagram(e.to_string()))
     }
 
-    /// Waits for the next datagram.
-    pub async fn read_datagram(&self) -> Result<Bytes, SessionError> {
-        match self {
-            Session::Quic(c) => c
+    fn read_datagram(&self) -> BoxFuture<'_, Result<Bytes, SessionError>> {
+        Box::pin(async move {
+            self.0
                 .read_datagram()
                 .await
-                .map_err(|e| SessionError::Closed(quinn_close(e))),
-            Session::WebTransport(c) => c
-                .receive_datagram()
-                .await
-                .map(|d| d.payload())
-                .map_err(|e| SessionError::Closed(wt_close(e))),
-        }
+                .map_err(|e| SessionError::Closed(quinn_close(e)))
+        })
     }
 
-    /// The largest datagram payload the path allows now, if datagrams are supported.
-    pub fn max_datagram_size(&self) -> Option<usize> {
-        match self {
-            Session::Quic(c) => c.max_datagram_size(),
-            Session::WebTransport(c) => c.max_datagram_size(),
-        }
+    fn max_datagram_size(&self) -> Option<usize> {
+        self.0.max_datagram_size()
     }
 
-    /// Closes the session with an application code. Unsent data is dropped.
-    pub fn close(&self, code: u32, reason: &str) {
-        let code = quinn::VarInt::from_u32(code);
-        match self {
-            Session::Quic(c) => c.close(code, reason.as_bytes()),
-            Session::WebTransport(c) => c.close(
-                wtransport::VarInt::from_u32(code.into_inner() as u32),
-                reason.as_bytes(),
-            ),
-        }
+    fn close(&self, code: u32, reason: &str) {
+        self.0
+            .close(quinn::VarInt::from_u32(code), reason.as_bytes())
     }
 
-    /// Waits until the session is closed, by either side or by a timeout.
-    pub async fn closed(&self) -> CloseInfo {
-        match self {
-            Session::Quic(c) => quinn_close(c.closed().await),
-            Session::WebTransport(c) => wt_close(c.closed().await),
-        }
+    fn closed(&self) -> BoxFuture<'_, CloseInfo> {
+        Box::pin(async move { quinn_close(self.0.closed().await) })
     }
 
-    /// The peer's UDP address.
-    pub fn remote_address(&self) -> SocketAddr {
-        match self {
-            Session::Quic(c) => c.remote_address(),
-            Session::WebTransport(c) => c.remote_address(),
-        }
+    fn remote_address(&self) -> SocketAddr {
+        self.0.remote_address()
     }
 
-    /// UDP payload bytes (received, sent) over the connection so far.
-    pub fn transferred(&self) -> (u64, u64) {
-        let stats = match self {
-            Session::Quic(c) => c.stats(),
-            Session::WebTransport(c) => c.quic_connection().stats(),
-        };
+    fn transferred(&self) -> (u64, u64) {
+        let stats = self.0.stats();
         (stats.udp_rx.bytes, stats.udp_tx.bytes)
     }
 
-    /// The current round-trip time estimate.
-    pub fn rtt(&self) -> Duration {
-        match self {
-            Session::Quic(c) => c.rtt(),
-            Session::WebTransport(c) => c.rtt(),
-        }
+    fn rtt(&self) -> Duration {
+        self.0.rtt()
+    }
+}
+
+/// WebTransport over HTTP/3.
+#[derive(Debug)]
+struct WebTransportTransport(wtransport::Connection);
+
+impl Transport for WebTransportTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::WebTransport
+    }
+
+    fn accept_bi(&self) -> BoxFuture<'_, Result<(SendStream, RecvStream), SessionError>> {
+        Box::pin(async move {
+            let (s, r) = self
+                .0
+                .accept_bi()
+                .await
+                .map_err(|e| SessionError::Closed(wt_close(e)))?;
+            Ok((Box::new(s) as SendStream, Box::new(r) as RecvStream))
+        })
+    }
+
+    fn open_bi(&self) -> BoxFuture<'_, Result<(SendStream, RecvStream), SessionError>> {
+        Box::pin(async move {
+            let opening = self
+                .0
+                .open_bi()
+                .await
+                .map_err(|e| SessionError::Closed(wt_close(e)))?;
+            let (s, r) = opening.await.map_err(opening_failed)?;
+            Ok((Box::new(s) as SendStream, Box::new(r) as RecvStream))
+        })
+    }
+
+    fn open_uni(&self) -> BoxFuture<'_, Result<SendStream, SessionError>> {
+        Box::pin(async move {
+            let opening = self
+                .0
+                .open_uni()
+                .await
+                .map_err(|e| SessionError::Closed(wt_close(e)))?;
+            let s = opening.await.map_err(opening_failed)?;
+            Ok(Box::new(s) as SendStream)
+        })
+    }
+
+    fn accept_uni(&self) -> BoxFuture<'_, Result<RecvStream, SessionError>> {
+        Box::pin(async move {
+            let r = self
+                .0
+                .accept_uni()
+                .await
+                .map_err(|e| SessionError::Closed(wt_close(e)))?;
+            Ok(Box::new(r) as RecvStream)
+        })
+    }
+
+    fn send_datagram(&self, data: Bytes) -> Result<(), SessionError> {
+        self.0
+            .send_datagram(data)
+            .map_err(|e| SessionError::Datagram(e.to_string()))
+    }
+
+    fn read_datagram(&self) -> BoxFuture<'_, Result<Bytes, SessionError>> {
+        Box::pin(async move {
+            self.0
+                .receive_datagram()
+                .await
+                .map(|d| d.payload())
+                .map_err(|e| SessionError::Closed(wt_close(e)))
+        })
+    }
+
+    fn max_datagram_size(&self) -> Option<usize> {
+        self.0.max_datagram_size()
+    }
+
+    fn close(&self, code: u32, reason: &str) {
+        self.0
+            .close(wtransport::VarInt::from_u32(code), reason.as_bytes())
+    }
+
+    fn closed(&self) -> BoxFuture<'_, CloseInfo> {
+        Box::pin(async move { wt_close(self.0.closed().await) })
+    }
+
+    fn remote_address(&self) -> SocketAddr {
+        self.0.remote_address()
+    }
+
+    fn transferred(&self) -> (u64, u64) {
+        let stats = self.0.quic_connection().stats();
+        (stats.udp_rx.bytes, stats.udp_tx.bytes)
+    }
+
+    fn rtt(&self) -> Duration {
+        self.0.rtt()
     }
 }
