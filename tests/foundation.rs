@@ -661,15 +661,15 @@ async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
 
 async fn next_message(c: &Client) -> v1::ChatMessage {
     loop {
-        match c.next_event().await.expect("session open") {
-            Event::Push(
-                _,
-                v1::Push {
-                    event: Some(push::Event::ChatMessage(m)),
-                    ..
-                },
-            ) => return m,
-            _ => {}
+        if let Event::Push(
+            _,
+            v1::Push {
+                event: Some(push::Event::ChatMessage(m)),
+                ..
+            },
+        ) = c.next_event().await.expect("session open")
+        {
+            return m;
         }
     }
 }
