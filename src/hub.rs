@@ -1,9 +1,13 @@
-//! Local fan-out: topics ("doc/<id>", "room/<id>", "user/<id>") to the sessions
+//! Fan-out: topics ("doc/<id>", "room/<id>", "user/<id>") to the sessions
 //! subscribed to them. Services publish protocol events; the gateway implements
 //! [`Subscriber`] for each session, so services never see a transport type.
 //!
-//! A cluster puts a broker (NATS) behind the same publish/subscribe calls; on one
-//! node the hub is the whole fan-out.
+//! The hub delivers to this node's sessions; a [`Broker`] carries publications to
+//! the other nodes of a cluster (in the manner of centrifuge's broker interface).
+//! The hub tells its broker when a topic gets its first local subscriber and loses
+//! its last one, so a node receives only the topics its sessions need; the broker
+//! hands what other nodes publish to [`Hub::deliver`]. On one node the broker is
+//! [`LocalBroker`], which carries nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -38,22 +42,77 @@ pub trait Subscriber: Send + Sync + std::fmt::Debug {
     fn datagram(&self, data: Bytes);
 }
 
+/// Carries publications between the nodes of a cluster. Calls never wait: an
+/// implementation queues what it sends and reports failures through its own
+/// channels (metrics, readiness), never to the publishing request.
+pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
+    /// This node has its first local subscriber of `topic`: start receiving it.
+    fn subscribe(&self, topic: &str);
+    /// This node's last local subscriber of `topic` left: stop receiving it.
+    fn unsubscribe(&self, topic: &str);
+    /// Carries a publication, already delivered to this node's sessions, to the
+    /// other nodes. `frame` is the push encoded once as a length-prefixed frame.
+    fn publish(&self, topic: &str, kind: StreamKind, frame: &Bytes);
+    /// Carries a datagram, already sent to this node's sessions but `except`, to the
+    /// other nodes.
+    fn datagram(&self, topic: &str, except: &str, data: &Bytes);
+    /// Whether publications go anywhere (false for a single node, which lets the
+    /// hub skip encoding a push that no local session wants).
+    fn carries(&self) -> bool {
+        true
+    }
+}
+
+/// The broker of a single node: there is nobody else to carry anything to.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalBroker;
+
+impl Broker for LocalBroker {
+    fn subscribe(&self, _topic: &str) {}
+    fn unsubscribe(&self, _topic: &str) {}
+    fn publish(&self, _topic: &str, _kind: StreamKind, _frame: &Bytes) {}
+    fn datagram(&self, _topic: &str, _except: &str, _data: &Bytes) {}
+    fn carries(&self) -> bool {
+        false
+    }
+}
+
 type Subscribers = HashMap<String, Arc<dyn Subscriber>>;
 
-/// Topic → subscribed sessions.
-#[derive(Debug, Default)]
+/// Topic → subscribed sessions, and the broker to the other nodes.
+#[derive(Debug)]
 pub struct Hub {
     topics: RwLock<HashMap<String, Subscribers>>,
+    broker: Arc<dyn Broker>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new(Arc::new(LocalBroker))
+    }
 }
 
 impl Hub {
+    /// A hub whose publications `broker` carries to other nodes.
+    pub fn new(broker: Arc<dyn Broker>) -> Self {
+        Self {
+            topics: RwLock::new(HashMap::new()),
+            broker,
+        }
+    }
+
     /// Adds `sub` to `topic` (idempotent).
     pub fn subscribe(&self, topic: &str, sub: Arc<dyn Subscriber>) {
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let first = !topics.contains_key(topic);
         topics
             .entry(topic.to_owned())
             .or_default()
             .insert(sub.session_id().to_owned(), sub);
+        if first {
+            // Under the lock, so subscribe and unsubscribe reach the broker in order.
+            self.broker.subscribe(topic);
+        }
     }
 
     /// Removes a session from `topic`.
@@ -63,6 +122,7 @@ impl Hub {
             subs.remove(session_id);
             if subs.is_empty() {
                 topics.remove(topic);
+                self.broker.unsubscribe(topic);
             }
         }
     }
@@ -76,21 +136,42 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Pushes `push` to every session of `topic`. Returns how many were reached.
-    /// The push is encoded once and the frame shared by every subscriber.
+    /// Pushes `push` to every session of `topic`, here and (through the broker) on
+    /// the other nodes. Returns how many local sessions were reached. The push is
+    /// encoded once and the frame shared by every subscriber.
     pub fn publish(&self, topic: &str, kind: StreamKind, push: &Push) -> usize {
         let subs = self.subscribers(topic);
-        if subs.is_empty() {
+        if subs.is_empty() && !self.broker.carries() {
             return 0;
         }
         let frame = crate::protocol::encoded_frame(push);
+        let reached = subs
+            .iter()
+            .filter(|s| s.push_frame(kind, frame.clone()).is_ok())
+            .count();
+        self.broker.publish(topic, kind, &frame);
+        reached
+    }
+
+    /// Pushes an encoded frame to this node's sessions of `topic` only: what the
+    /// broker calls with another node's publication. Returns how many were reached.
+    pub fn deliver(&self, topic: &str, kind: StreamKind, frame: &Bytes) -> usize {
+        let subs = self.subscribers(topic);
         subs.iter()
             .filter(|s| s.push_frame(kind, frame.clone()).is_ok())
             .count()
     }
 
-    /// Sends a datagram to every session of `topic` but `except`.
+    /// Sends a datagram to every session of `topic` but `except`, here and on the
+    /// other nodes.
     pub fn datagram(&self, topic: &str, except: &str, data: &Bytes) {
+        self.deliver_datagram(topic, except, data);
+        self.broker.datagram(topic, except, data);
+    }
+
+    /// Sends a datagram to this node's sessions of `topic` but `except` only (what
+    /// the broker calls with another node's datagram).
+    pub fn deliver_datagram(&self, topic: &str, except: &str, data: &Bytes) {
         for s in self.subscribers(topic) {
             if s.session_id() != except {
                 s.datagram(data.clone());
@@ -164,5 +245,57 @@ mod tests {
         assert_eq!(*b.dgrams.lock().unwrap(), 0, "the sender is skipped");
         hub.unsubscribe("t", "b");
         assert!(hub.subscribers("t").is_empty());
+    }
+
+    /// What a broker was asked to do.
+    #[derive(Debug, Default)]
+    struct Calls(Mutex<Vec<String>>);
+
+    impl Broker for Calls {
+        fn subscribe(&self, topic: &str) {
+            self.0.lock().unwrap().push(format!("sub {topic}"));
+        }
+        fn unsubscribe(&self, topic: &str) {
+            self.0.lock().unwrap().push(format!("unsub {topic}"));
+        }
+        fn publish(&self, topic: &str, _: StreamKind, _: &Bytes) {
+            self.0.lock().unwrap().push(format!("pub {topic}"));
+        }
+        fn datagram(&self, topic: &str, except: &str, _: &Bytes) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("dgram {topic} {except}"));
+        }
+    }
+
+    #[test]
+    fn the_broker_hears_first_and_last_subscribers_and_every_publication() {
+        let calls = Arc::new(Calls::default());
+        let hub = Hub::new(calls.clone());
+        let a = Arc::new(Rec {
+            id: "a".into(),
+            ..Default::default()
+        });
+        let b = Arc::new(Rec {
+            id: "b".into(),
+            ..Default::default()
+        });
+        hub.subscribe("t", a.clone());
+        hub.subscribe("t", b.clone());
+        hub.publish("t", StreamKind::System, &Push::default());
+        hub.publish("nobody", StreamKind::System, &Push::default());
+        hub.datagram("t", "a", &Bytes::new());
+        // Another node's publication reaches local sessions and goes nowhere else.
+        let frame = crate::protocol::encoded_frame(&Push::default());
+        assert_eq!(hub.deliver("t", StreamKind::System, &frame), 2);
+        hub.unsubscribe("t", "a");
+        hub.unsubscribe("t", "b");
+        assert_eq!(
+            *calls.0.lock().unwrap(),
+            ["sub t", "pub t", "pub nobody", "dgram t a", "unsub t"]
+        );
+        assert_eq!(a.got.lock().unwrap().len(), 2);
+        assert_eq!(*b.dgrams.lock().unwrap(), 1);
     }
 }
