@@ -365,6 +365,13 @@ impl Client {
     /// [`ClientError::Closed`] with the server's close code.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         let session = connect_transport(&config).await?;
+        Self::over(session, config).await
+    }
+
+    /// Sends `Hello` on a session that is already open (of any transport, such as
+    /// [`crate::transport::memory::pair`]) and waits for `Welcome`. `config` gives
+    /// the token, the resume offsets, the frame limit and the timeout.
+    pub async fn over(session: Session, config: ClientConfig) -> Result<Self, ClientError> {
         let hello = ClientFrame {
             kind: Some(client_frame::Kind::Hello(v1::Hello {
                 token: config.token.clone(),

@@ -700,3 +700,6 @@ async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<Box<ServerFr
     }
     let _ = send.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests;

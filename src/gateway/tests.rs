@@ -1,0 +1,293 @@
+//! The gateway driven through the in-memory transport on tokio's virtual time: no
+//! socket, no TLS, no sleeping. The services behind it are the real ones, over a
+//! database in a temporary directory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use super::{Gateway, GatewayConfig};
+use crate::auth::{Auth, SecretSource};
+use crate::client::{Client, ClientConfig, ClientError, Trust};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::protocol::v1::{self, ClientFrame, client_frame, request};
+use crate::protocol::{CloseCode, encode_frame};
+use crate::services::{ServiceDeps, Services};
+use crate::store::{Store, Writer};
+use crate::transport::memory::{PairConfig, pair};
+use crate::transport::{Accepted, Session, TransportKind};
+
+/// A gateway over real services, and a way to open sessions to it.
+struct Harness {
+    gateway: Arc<Gateway>,
+    auth: Auth,
+    writer: Writer,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let store = Store::open(&config.data_dir).unwrap();
+        let (writer, _thread) = Writer::spawn(store.db().clone(), None);
+        let metrics = Arc::new(Metrics::default());
+        let services = Arc::new(
+            Services::open(
+                ServiceDeps {
+                    store,
+                    writer: writer.clone(),
+                    hub: Arc::new(Hub::default()),
+                    metrics: metrics.clone(),
+                },
+                &config,
+            )
+            .unwrap(),
+        );
+        let auth = Auth::new(
+            b"a test secret of at least thirty-two bytes",
+            SecretSource::Configured,
+            Duration::from_secs(5),
+        );
+        let gateway = Gateway::new(
+            GatewayConfig {
+                limits: config.limits.clone(),
+                timeouts: config.timeouts.clone(),
+                node_id: "node-test".into(),
+            },
+            auth.clone(),
+            metrics,
+            services,
+        );
+        Self {
+            gateway,
+            auth,
+            writer,
+            _dir: dir,
+        }
+    }
+
+    /// A new session: the server side goes to the gateway, the client side is
+    /// returned.
+    fn session(&self, window: usize) -> Session {
+        let (client, server) = pair(PairConfig {
+            window,
+            ..PairConfig::default()
+        });
+        self.gateway.accept(Accepted {
+            session: server,
+            started: Instant::now(),
+        });
+        client
+    }
+
+    fn config(&self, user: &str) -> ClientConfig {
+        let token = self
+            .auth
+            .mint(user, Duration::from_secs(3600), &[])
+            .unwrap();
+        let mut c = ClientConfig::new(
+            "127.0.0.1:1".parse().unwrap(),
+            TransportKind::Quic,
+            Trust::Pinned(vec![]),
+            token,
+        );
+        c.timeout = Duration::from_secs(30);
+        c
+    }
+
+    async fn client(&self, user: &str) -> Client {
+        Client::over(self.session(64 * 1024), self.config(user))
+            .await
+            .unwrap()
+    }
+}
+
+fn request_frame(id: u64, body: request::Body) -> ClientFrame {
+    ClientFrame {
+        kind: Some(client_frame::Kind::Request(v1::Request {
+            id,
+            body: Some(body),
+        })),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_without_hello_is_closed_at_the_handshake_timeout() {
+    let h = Harness::new(|c| c.timeouts.handshake = Duration::from_secs(10));
+    let started = tokio::time::Instant::now();
+    let session = h.session(64 * 1024);
+    let closed = session.closed().await;
+    assert_eq!(closed.code, Some(CloseCode::HandshakeTimeout as u32));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_token_is_refused_with_its_code() {
+    let h = Harness::new(|_| {});
+    let mut config = h.config("ann");
+    config.token = "not a token".into();
+    let err = Client::over(h.session(64 * 1024), config)
+        .await
+        .unwrap_err();
+    assert_eq!(err.close_code(), Some(CloseCode::Unauthorized), "{err:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn pipelined_requests_are_answered_by_id() {
+    let h = Harness::new(|_| {});
+    let client = h.client("ann").await;
+    let echoes = (0..32u8).map(|i| client.echo(vec![i], false));
+    let answers = futures_util::future::join_all(echoes).await;
+    for (i, a) in answers.into_iter().enumerate() {
+        assert_eq!(a.unwrap().as_ref(), [i as u8]);
+    }
+}
+
+// Real time here: the writer commits on a thread of its own, which virtual time
+// would not wait for.
+#[tokio::test]
+async fn requests_beyond_the_inflight_limit_are_refused_while_others_wait() {
+    let h = Harness::new(|c| c.limits.max_inflight_requests = 2);
+    let client = Arc::new(h.client("ann").await);
+    // Writes wait behind a held writer, so the first two stay in flight.
+    let hold = h.writer.hold();
+    let create = |i: u32| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .request(request::Body::RoomCreate(v1::RoomCreateRequest {
+                    room_id: format!("r{i}"),
+                    name: String::new(),
+                    participants: vec![],
+                }))
+                .await
+        })
+    };
+    let first = [create(1), create(2)];
+    while h.writer.in_flight() < 2 {
+        tokio::task::yield_now().await;
+    }
+    match create(3).await.unwrap() {
+        Err(ClientError::Server(e)) => assert_eq!(e.name, "TOO_MANY_INFLIGHT"),
+        other => panic!("{other:?}"),
+    }
+    drop(hold);
+    for f in first {
+        f.await.unwrap().unwrap();
+    }
+}
+
+/// Opens a session by hand and says `Hello`; returns the session and both halves of
+/// its control stream.
+async fn raw_session(
+    h: &Harness,
+    window: usize,
+) -> (
+    Session,
+    crate::transport::SendStream,
+    crate::transport::RecvStream,
+) {
+    let session = h.session(window);
+    let (mut send, recv) = session.open_bi().await.unwrap();
+    let mut buf = BytesMut::new();
+    encode_frame(
+        &ClientFrame {
+            kind: Some(client_frame::Kind::Hello(v1::Hello {
+                token: h.config("ann").token,
+                protocol_version: crate::protocol::PROTOCOL_VERSION,
+                ..Default::default()
+            })),
+        },
+        &mut buf,
+    );
+    send.write_all(&buf).await.unwrap();
+    (session, send, recv)
+}
+
+/// 64 echo requests of 512 bytes, asking for a push each when `push`.
+fn echoes(push: bool) -> BytesMut {
+    let mut buf = BytesMut::new();
+    for id in 1..=64 {
+        encode_frame(
+            &request_frame(
+                id,
+                request::Body::Echo(v1::EchoRequest {
+                    payload: vec![0; 512].into(),
+                    push,
+                }),
+            ),
+            &mut buf,
+        );
+    }
+    buf
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_reads_no_answers_is_a_slow_consumer() {
+    let h = Harness::new(|c| {
+        c.timeouts.slow_consumer = Duration::from_secs(5);
+        c.limits.control_queue_frames = 4;
+    });
+    // The control stream is never read: answers fill its window, then the queue.
+    let (session, mut send, _unread) = raw_session(&h, 1024).await;
+    let requests = echoes(false);
+    // The server stops reading requests while it waits for room, and closes the
+    // stream when it gives up: the write may fail, and that is expected.
+    tokio::spawn(async move { send.write_all(&requests).await });
+    let started = tokio::time::Instant::now();
+    let closed = session.closed().await;
+    assert_eq!(
+        closed.code,
+        Some(CloseCode::SlowConsumer as u32),
+        "{closed:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_reads_no_pushes_is_a_slow_consumer() {
+    let h = Harness::new(|c| c.limits.push_queue_frames = 8);
+    // The control stream is read; the push streams are never accepted.
+    let (session, mut send, mut recv) = raw_session(&h, 1024).await;
+    tokio::spawn(async move { tokio::io::copy(&mut recv, &mut tokio::io::sink()).await });
+    let requests = echoes(true);
+    tokio::spawn(async move { send.write_all(&requests).await });
+    let closed = session.closed().await;
+    assert_eq!(
+        closed.code,
+        Some(CloseCode::SlowConsumer as u32),
+        "{closed:?}"
+    );
+}
+
+// Real time: a session's end records presence through the writer thread.
+#[tokio::test]
+async fn drain_tells_sessions_to_go_away() {
+    let h = Harness::new(|_| {});
+    let client = h.client("ann").await;
+    let drained = h.gateway.drain(Duration::from_secs(5)).await;
+    assert!(
+        drained,
+        "{} sessions, {} requests left",
+        h.gateway.active(),
+        h.gateway.requests_running()
+    );
+    assert_eq!(
+        client.closed().await.close_code(),
+        Some(CloseCode::GoingAway)
+    );
+    assert_eq!(h.gateway.active(), 0);
+}
