@@ -32,9 +32,11 @@ import type { Notification, NotificationsRead } from "./gen/tutti/v1/notify_pb";
 import { ContactState, PresenceStatus } from "./gen/tutti/v1/presence_pb";
 import type { Contact, ContactEvent, PresenceState } from "./gen/tutti/v1/presence_pb";
 import { DocRole } from "./gen/tutti/v1/collab_pb";
+import { TuttiDocument } from "./document";
 import type { DocCursor, DocOpenResponse, DocOperation, DocPresence } from "./gen/tutti/v1/collab_pb";
 
-export { ContactState, DocRole, PresenceStatus };
+export { ContactState, DocRole, PresenceStatus, TuttiDocument };
+export type { DocumentChange, RemoteParticipant } from "./document";
 export type {
   ChatMessage,
   ChatReadReceipt,
@@ -474,6 +476,14 @@ export class Tutti {
   /** Creates a document owned by the user. */
   async createDocument(docId: string, text = ""): Promise<void> {
     await this.call({ case: "docCreate", value: { docId, text } });
+  }
+
+  /**
+   * Opens a shared document: a local copy kept in step with everyone's edits, with
+   * undo of one's own edits, remote cursors, and re-opening after reconnects.
+   */
+  openDocument(docId: string): Promise<TuttiDocument> {
+    return TuttiDocument.open(this, docId);
   }
 
   /** Shares a document (owner only); `DocRole.UNSPECIFIED` revokes. */
