@@ -281,8 +281,8 @@ class App {
       const id = s.room!.roomId;
       const known = this.rooms.get(id);
       const last = s.room!.lastOffset;
-      // The list has everything up to `last`: pushes at or below it are not needed.
-      this.tutti.markSeen(`room/${id}`, last);
+      // Resume this room after reconnects (from here, if it is new to this page).
+      this.tutti.track(`room/${id}`, last);
       if (known) {
         known.summary = s;
         if (last > known.lastOffset) {

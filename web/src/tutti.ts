@@ -248,6 +248,15 @@ export class Tutti {
     if (known === undefined || offset > known) this.offsets.set(stream, offset);
   }
 
+  /**
+   * Starts tracking `stream` at `offset` if it is not tracked yet (a room first seen
+   * in the room list, say), so that a reconnect resumes it. A tracked stream keeps
+   * its offset: the pushes after it are still to be delivered.
+   */
+  track(stream: string, offset: bigint): void {
+    if (!this.offsets.has(stream)) this.offsets.set(stream, offset);
+  }
+
   /** Starts connecting (when created with `autoStart: false`). */
   start(): void {
     if (this.started) return;
@@ -346,12 +355,12 @@ export class Tutti {
 
   /**
    * One page of history, oldest first: the messages before `beforeOffset` (0: the
-   * newest ones). Pushes at or below the newest offset returned are not delivered.
+   * newest ones). The newest page starts tracking the room (see `track`).
    */
   async history(roomId: string, beforeOffset = 0n, limit = 50): Promise<{ messages: ChatMessage[]; more: boolean }> {
     const answer = await this.call({ case: "chatHistory", value: { roomId, beforeOffset, limit } });
     const newest = answer.messages[answer.messages.length - 1];
-    if (newest && beforeOffset === 0n) this.markSeen(`room/${roomId}`, newest.offset);
+    if (newest && beforeOffset === 0n) this.track(`room/${roomId}`, newest.offset);
     return { messages: answer.messages, more: answer.more };
   }
 
@@ -395,11 +404,14 @@ export class Tutti {
 
   // --------------------------------------------------------- notifications
 
-  /** One page of notifications, oldest first, with the exact unread count. */
+  /**
+   * One page of notifications, oldest first, with the exact unread count. The newest
+   * page starts tracking the notifications stream (see `track`).
+   */
   async notifications(beforeOffset = 0n, limit = 50): Promise<{ notifications: Notification[]; more: boolean; unread: bigint }> {
     const answer = await this.call({ case: "notifyList", value: { beforeOffset, limit } });
     const newest = answer.notifications[answer.notifications.length - 1];
-    if (newest && beforeOffset === 0n) this.markSeen("notifications", newest.offset);
+    if (newest && beforeOffset === 0n) this.track("notifications", newest.offset);
     return { notifications: answer.notifications, more: answer.more, unread: answer.unread };
   }
 

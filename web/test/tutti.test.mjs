@@ -259,7 +259,7 @@ test("WebTransport.draining: the client leaves and reconnects (to the next node)
   tutti.close();
 });
 
-test("markSeen: pushes at or below a page already shown are not delivered; resume starts after it", async () => {
+test("track: a first page starts tracking (pushes it holds are not repeated); a tracked stream keeps its offset", async () => {
   const server = new FakeServer();
   const clock = new VirtualClock();
   server.answer = (body) => body.case === "notifyList"
@@ -279,6 +279,12 @@ test("markSeen: pushes at or below a page already shown are not delivered; resum
   clock.advance(clock.next() - clock.now);
   await until(() => tutti.state === "connected", "connected");
   assert.deepEqual(server.hellos[1].resume, { notifications: 6n });
+  // A page fetched later (newest 5 here) leaves the tracked offset alone: pushes after
+  // 6 are still to come.
+  await tutti.notifications();
+  assert.deepEqual(tutti.resumeOffsets(), { notifications: 6n });
+  tutti.markSeen("notifications", 9n);
+  assert.deepEqual(tutti.resumeOffsets(), { notifications: 9n });
   tutti.close();
 });
 
