@@ -41,8 +41,8 @@ function suite() {
   });
 
   /** A new browser context signed in as `user` through the form; resolves when connected. */
-  async function signIn(user, { viewport } = {}) {
-    const context = await browser.newContext(viewport ? { viewport } : {});
+  async function signIn(user, options = {}) {
+    const context = await browser.newContext(options);
     opened.push(context);
     const page = await context.newPage();
     const logs = [];
@@ -249,5 +249,35 @@ function suite() {
     await waitFor(hank.page, hank.logs, () => !document.querySelector('#contact-list li[data-user="gina"]'), null, "removed on the other side");
     await gina.context.close();
     await hank.context.close();
+  });
+
+  test("narrow screen in dark mode: one column, keyboard only, every control labelled", async () => {
+    const ivan = await signIn("ivan", { viewport: { width: 390, height: 780 }, colorScheme: "dark" });
+    const { page } = ivan;
+    // Every control has an accessible name (label, aria-label or text).
+    const unnamed = await page.evaluate(() => [...document.querySelectorAll("input, select, button, textarea")]
+      .filter((e) => e.offsetParent !== null || e.closest("[hidden]") === null)
+      .filter((e) => !(e.labels?.length || e.getAttribute("aria-label") || e.textContent.trim()))
+      .map((e) => e.id || e.outerHTML.slice(0, 60)));
+    assert.deepEqual(unnamed, []);
+    assert.equal(await page.evaluate(() => getComputedStyle(document.body).backgroundColor), "rgb(18, 21, 27)", "dark colours");
+
+    // Keyboard only: tab to the room form, create a room, send a message.
+    await page.focus("#new-room-name");
+    await page.keyboard.type("Solo");
+    await page.keyboard.press("Enter");
+    await waitFor(page, ivan.logs, () => document.querySelector("#room-title")?.textContent === "Solo", null, "room open");
+    // One column: the list is hidden while the room shows, with a back button.
+    assert.equal(await page.isVisible(".side"), false);
+    assert.equal(await page.isVisible("#back"), true);
+    await page.keyboard.type("typed with the keyboard");
+    await page.keyboard.press("Enter");
+    await waitFor(page, ivan.logs, () => document.querySelector("#messages .msg-text")?.textContent === "typed with the keyboard", null, "sent");
+    await page.screenshot({ path: join(RESULTS, "app-narrow-dark.png") });
+    await page.focus("#back");
+    await page.keyboard.press("Enter");
+    assert.equal(await page.isVisible(".side"), true);
+    assert.equal(await page.isVisible("#room-view"), false);
+    await ivan.context.close();
   });
 }
