@@ -24,3 +24,14 @@ test(`the app at / is under ${BUDGET_KIB} KiB gzipped (editor included)`, () => 
   assert.ok(readFileSync(join(DIST, "app.js"), "utf8").includes("cm-editor"), "the bundle holds the editor");
   assert.ok(total < BUDGET_KIB * 1024, `${(total / 1024).toFixed(1)} KiB gzipped is over the ${BUDGET_KIB} KiB budget`);
 });
+
+test("the library builds as an ES module with type declarations", async () => {
+  const lib = await import(new URL(`file://${join(DIST, "lib", "index.js")}`).href);
+  for (const name of ["Tutti", "TuttiClient", "TuttiDocument", "TuttiError", "TextOperation", "backoffDelay", "fetchCertificateHashes"]) {
+    assert.equal(typeof lib[name], "function", name);
+  }
+  assert.equal(lib.ERROR_CODES[104], "NOT_FOUND");
+  const types = readFileSync(join(DIST, "lib", "types", "tutti.d.ts"), "utf8");
+  assert.match(types, /export declare class Tutti\b/);
+  assert.match(types, /sendMessage\(roomId: string, text: string\): Promise<ChatMessage>/);
+});

@@ -24,6 +24,15 @@ await Promise.all([
   build({ ...common, entryPoints: ["src/debug.ts"], outfile: join(dist, "debug.js") }),
   // The CSS it imports (uPlot's) goes to dist/dashboard.css.
   build({ ...common, entryPoints: ["src/dashboard.ts"], outfile: join(dist, "dashboard.js") }),
+  // The client library as an ES module for other applications' bundlers; its types
+  // come from `npm run types` (dist/lib/types).
+  build({
+    ...common,
+    minify: false,
+    entryPoints: ["src/index.ts"],
+    outfile: join(dist, "lib", "index.js"),
+    external: ["@bufbuild/protobuf", "@bufbuild/protobuf/*"],
+  }),
 ]);
 for (const page of ["index.html", "app.css", "debug.html", "dashboard.html"]) copyFileSync(join(WEB_DIR, page), join(dist, page));
-console.log("bundled dist/: index.html app.js app.css debug.html debug.js dashboard.html dashboard.js dashboard.css");
+console.log("bundled dist/: index.html app.js app.css debug.html debug.js dashboard.html dashboard.js dashboard.css lib/index.js");
