@@ -282,7 +282,7 @@ class App {
       const known = this.rooms.get(id);
       const last = s.room!.lastOffset;
       // Resume this room after reconnects (from here, if it is new to this page).
-      this.tutti.track(`room/${id}`, last);
+      this.tutti.trackStream(`room/${id}`, last);
       if (known) {
         known.summary = s;
         if (last > known.lastOffset) {

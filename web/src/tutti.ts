@@ -14,6 +14,9 @@ import { TuttiClient, TuttiError } from "./client";
 import type {
   ConnectOptions,
   Datagram,
+  MetricsSubscribeResponse,
+  MetricsSubscription,
+  MetricsUpdate,
   Push,
   RequestBody,
   RequestCase,
@@ -29,6 +32,7 @@ import type {
   RoomSummary,
 } from "./gen/tutti/v1/chat_pb";
 import type { Notification, NotificationsRead } from "./gen/tutti/v1/notify_pb";
+import type { AnalyticsSeriesResponse, AnalyticsTopResponse } from "./gen/tutti/v1/analytics_pb";
 import { ContactState, PresenceStatus } from "./gen/tutti/v1/presence_pb";
 import type { Contact, ContactEvent, PresenceState } from "./gen/tutti/v1/presence_pb";
 import { DocRole } from "./gen/tutti/v1/collab_pb";
@@ -196,6 +200,7 @@ export class Tutti {
   private readonly typingPacer = new Pacer(TYPING_PER_SECOND);
   private readonly cursorPacer = new Pacer(CURSORS_PER_SECOND);
   private readonly reopenHooks = new Set<(client: TuttiClient) => Promise<void>>();
+  private metricsSubscription?: { eventTypes: string[]; metrics: string[]; intervalMs: number };
 
   private readonly stateEvents = new Emitter<StateChange>();
   private readonly pushEvents = new Emitter<Push>();
@@ -205,6 +210,11 @@ export class Tutti {
     this.options = options;
     this.clock = options.clock ?? realClock;
     this.random = options.random ?? Math.random;
+    // Subscriptions are per session: make them again on the new one.
+    this.onReconnected(async (client) => {
+      const sub = this.metricsSubscription;
+      if (sub) await client.call({ case: "metricsSubscribe", value: sub });
+    });
     if (options.autoStart !== false) this.start();
   }
 
@@ -253,7 +263,7 @@ export class Tutti {
    * in the room list, say), so that a reconnect resumes it. A tracked stream keeps
    * its offset: the pushes after it are still to be delivered.
    */
-  track(stream: string, offset: bigint): void {
+  trackStream(stream: string, offset: bigint): void {
     if (!this.offsets.has(stream)) this.offsets.set(stream, offset);
   }
 
@@ -355,12 +365,12 @@ export class Tutti {
 
   /**
    * One page of history, oldest first: the messages before `beforeOffset` (0: the
-   * newest ones). The newest page starts tracking the room (see `track`).
+   * newest ones). The newest page starts tracking the room (see `trackStream`).
    */
   async history(roomId: string, beforeOffset = 0n, limit = 50): Promise<{ messages: ChatMessage[]; more: boolean }> {
     const answer = await this.call({ case: "chatHistory", value: { roomId, beforeOffset, limit } });
     const newest = answer.messages[answer.messages.length - 1];
-    if (newest && beforeOffset === 0n) this.track(`room/${roomId}`, newest.offset);
+    if (newest && beforeOffset === 0n) this.trackStream(`room/${roomId}`, newest.offset);
     return { messages: answer.messages, more: answer.more };
   }
 
@@ -406,12 +416,12 @@ export class Tutti {
 
   /**
    * One page of notifications, oldest first, with the exact unread count. The newest
-   * page starts tracking the notifications stream (see `track`).
+   * page starts tracking the notifications stream (see `trackStream`).
    */
   async notifications(beforeOffset = 0n, limit = 50): Promise<{ notifications: Notification[]; more: boolean; unread: bigint }> {
     const answer = await this.call({ case: "notifyList", value: { beforeOffset, limit } });
     const newest = answer.notifications[answer.notifications.length - 1];
-    if (newest && beforeOffset === 0n) this.track("notifications", newest.offset);
+    if (newest && beforeOffset === 0n) this.trackStream("notifications", newest.offset);
     return { notifications: answer.notifications, more: answer.more, unread: answer.unread };
   }
 
@@ -514,6 +524,64 @@ export class Tutti {
       .sendDatagram({ kind: { case: "cursor", value: { docId, revision, anchor: BigInt(anchor), head: BigInt(head) } } })
       .catch(() => {});
     return true;
+  }
+
+  // ---------------------------------------------------------- analytics
+
+  /** Records analytics events for the user; resolves with the occurrences counted. */
+  async track(events: ReadonlyArray<{ type: string; count?: number; dimensions?: Record<string, string> }>): Promise<bigint> {
+    const answer = await this.call({
+      case: "analyticsTrack",
+      value: { events: events.map((e) => ({ type: e.type, count: e.count ?? 0, dimensions: e.dimensions ?? {} })) },
+    });
+    return answer.accepted;
+  }
+
+  /** A time series of one event type (role `metrics`). */
+  analyticsSeries(type: string, durationMs: bigint, resolutionMs: bigint, dimension = ""): Promise<AnalyticsSeriesResponse> {
+    return this.call({ case: "analyticsSeries", value: { type, dimension, durationMs, resolutionMs } });
+  }
+
+  /** The busiest event types of the last `windowMs` (role `metrics`). */
+  async analyticsTop(windowMs: bigint, limit = 10): Promise<AnalyticsTopResponse["types"]> {
+    return (await this.call({ case: "analyticsTop", value: { windowMs, limit } })).types;
+  }
+
+  /** Estimated distinct users of the last `windowMs` (role `metrics`). */
+  async distinctUsers(windowMs: bigint): Promise<bigint> {
+    return (await this.call({ case: "analyticsDistinctUsers", value: { windowMs } })).estimate;
+  }
+
+  /**
+   * Streams metrics updates (role `metrics`); listen with `onMetrics`. The
+   * subscription is made again after every reconnect, until `unsubscribeMetrics`.
+   */
+  async subscribeMetrics(subscription: MetricsSubscription = {}): Promise<MetricsSubscribeResponse> {
+    const value = {
+      eventTypes: subscription.eventTypes ?? ["*"],
+      metrics: subscription.metrics ?? ["*"],
+      intervalMs: subscription.intervalMs ?? 0,
+    };
+    const answer = await this.call({ case: "metricsSubscribe", value });
+    this.metricsSubscription = value;
+    return answer;
+  }
+
+  /** Ends the metrics subscription. */
+  async unsubscribeMetrics(): Promise<void> {
+    this.metricsSubscription = undefined;
+    await this.call({ case: "metricsUnsubscribe", value: {} });
+  }
+
+  /** Metrics updates of the subscription. */
+  onMetrics(listener: Listener<MetricsUpdate>): () => void {
+    return this.onPush((p) => p.event.case === "metricsUpdate" && listener(p.event.value));
+  }
+
+  /** Diagnostics: the server echoes `payload` (and pushes it too with `push`). */
+  async echo(payload: string, push = false): Promise<string> {
+    const answer = await this.call({ case: "echo", value: { payload: new TextEncoder().encode(payload), push } });
+    return new TextDecoder().decode(answer.payload);
   }
 
   // ---------------------------------------------------------- internals

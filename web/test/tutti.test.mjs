@@ -54,7 +54,7 @@ class FakeServer {
   refuseWith = undefined;
   failConnects = 0;
   urls = [];
-  answer = (req) => ({ case: "roomList", value: { rooms: [] } });
+  answer = (body) => ({ case: "roomList", value: { rooms: [] } });
   factory = (url) => {
     this.urls.push(url);
     if (this.failConnects > 0) {
@@ -259,7 +259,7 @@ test("WebTransport.draining: the client leaves and reconnects (to the next node)
   tutti.close();
 });
 
-test("track: a first page starts tracking (pushes it holds are not repeated); a tracked stream keeps its offset", async () => {
+test("trackStream: a first page starts tracking (pushes it holds are not repeated); a tracked stream keeps its offset", async () => {
   const server = new FakeServer();
   const clock = new VirtualClock();
   server.answer = (body) => body.case === "notifyList"
@@ -296,5 +296,38 @@ test("typing datagrams are paced to the server's 5 per second", async () => {
   assert.deepEqual(sent, [true, false, false, false, true, false, true, true, true], "one per 200 ms");
   assert.equal(tutti.setTyping("r1", true, 11_100), false, "five in the last second already");
   assert.equal(tutti.setTyping("r1", false, 10_999), true, "stopping is always sent");
+  tutti.close();
+});
+
+test("a metrics subscription is made again on the new session after a reconnect", async () => {
+  const server = new FakeServer();
+  const clock = new VirtualClock();
+  const subscribes = [];
+  server.answer = (body, s) => {
+    if (body.case === "metricsSubscribe") {
+      subscribes.push({ session: server.sessions.indexOf(s), interval: body.value.intervalMs });
+      return { case: "metricsSubscribe", value: { intervalMs: body.value.intervalMs, metrics: [] } };
+    }
+    if (body.case === "metricsUnsubscribe") return { case: "metricsUnsubscribe", value: {} };
+    return { case: "roomList", value: { rooms: [] } };
+  };
+  const { tutti } = newTutti(server, clock);
+  const updates = [];
+  tutti.onMetrics((u) => updates.push(u.seq));
+  await tutti.subscribeMetrics({ intervalMs: 250 });
+  server.last.serverClose(3000);
+  await until(() => clock.next() !== undefined, "timer");
+  clock.advance(clock.next() - clock.now);
+  await until(() => subscribes.length === 2, "subscribed again");
+  assert.deepEqual(subscribes, [{ session: 0, interval: 250 }, { session: 1, interval: 250 }]);
+  server.last.openPushStream(StreamKind.ANALYTICS, [{ event: { case: "metricsUpdate", value: { seq: 7n } } }]);
+  await until(() => updates.length === 1, "update on the new session");
+  await tutti.unsubscribeMetrics();
+  server.last.serverClose(3000);
+  await until(() => clock.next() !== undefined, "timer");
+  clock.advance(clock.next() - clock.now);
+  await until(() => tutti.state === "connected" && server.sessions.length === 3, "third session");
+  await tutti.rooms(); // answered on the third session: its reconnect hooks have run
+  assert.equal(subscribes.length, 2, "not after unsubscribing");
   tutti.close();
 });
