@@ -168,6 +168,12 @@ class Pacer {
   }
 }
 
+/**
+ * A session must stay up this long before the backoff starts again from its first
+ * step; a server that accepts and drops clients at once meets growing delays.
+ */
+export const STABLE_SESSION_MS = 10_000;
+
 /** The server relays at most this many typing datagrams per second per session. */
 export const TYPING_PER_SECOND = 5;
 /** Cursor datagrams sent per second at most. */
@@ -646,12 +652,15 @@ export class Tutti {
           // The new session failed already: its close is handled below.
         }
       }
-      this.attempt = 0;
+      const stable = this.clock.setTimeout(() => {
+        this.attempt = 0;
+      }, STABLE_SESSION_MS);
       if (client.isOpen) {
         this.setState({ state: "connected", nodeId: client.welcome.nodeId, reconnects: this.reconnectCount });
         for (const w of this.waiters.splice(0)) w.resolve(client);
       }
       const reason = await client.closed;
+      this.clock.clearTimeout(stable);
       for (const stop of stops) stop();
       if (this.stopped) return;
       // Going away / draining: move on to the next node first.

@@ -186,7 +186,7 @@ test("refused at the handshake with a stop code: connected() rejects, no retry",
   assert.equal(server.sessions.length, 1);
 });
 
-test("network loss: backoff grows attempt by attempt, fails over down the node list, then resets", async () => {
+test("network loss: backoff grows attempt by attempt, fails over down the node list, resets after a stable session", async () => {
   const server = new FakeServer();
   const clock = new VirtualClock();
   const { tutti, states } = newTutti(server, clock, {
@@ -197,14 +197,15 @@ test("network loss: backoff grows attempt by attempt, fails over down the node l
   server.failConnects = 3;
   server.last.lose();
   const delays = [];
+  const reconnecting = (n) => until(() => states.filter((s) => s.state === "reconnecting").length === n, `reconnect attempt ${n}`);
   for (let i = 0; i < 3; i++) {
-    await until(() => clock.next() !== undefined, `timer ${i}`);
+    await reconnecting(i + 1);
     const s = states[states.length - 1];
     assert.equal(s.state, "reconnecting");
     delays.push(s.delayMs);
     clock.advance(s.delayMs);
   }
-  await until(() => clock.next() !== undefined, "timer 3");
+  await reconnecting(4);
   delays.push(states[states.length - 1].delayMs);
   clock.advance(states[states.length - 1].delayMs);
   await until(() => tutti.state === "connected", "connected after 3 failures");
@@ -214,7 +215,14 @@ test("network loss: backoff grows attempt by attempt, fails over down the node l
     "https://127.0.0.1:1/tutti", "https://127.0.0.1:2/tutti",
   ], "each failed attempt moves to the next node");
 
-  // Connected again: the next loss starts from the first ceiling.
+  // A session that ends at once does not reset the backoff: the next delay grows.
+  server.last.serverClose(3000);
+  await until(() => tutti.state === "reconnecting", "reconnecting");
+  assert.equal(states[states.length - 1].delayMs, 7992, "capped at 8 s");
+  clock.advance(7992);
+  await until(() => tutti.state === "connected", "connected");
+  // One that stayed up 10 s does: the next loss starts from the first ceiling.
+  clock.advance(10_000);
   server.last.serverClose(3000);
   await until(() => tutti.state === "reconnecting", "reconnecting");
   assert.equal(states[states.length - 1].delayMs, 999);
@@ -275,7 +283,7 @@ test("trackStream: a first page starts tracking (pushes it holds are not repeate
   await until(() => got.length === 1, "one new notification");
   assert.deepEqual(got, [6n]);
   server.last.serverClose(3000);
-  await until(() => clock.next() !== undefined, "timer");
+  await until(() => tutti.state === "reconnecting", "reconnecting");
   clock.advance(clock.next() - clock.now);
   await until(() => tutti.state === "connected", "connected");
   assert.deepEqual(server.hellos[1].resume, { notifications: 6n });
@@ -316,7 +324,7 @@ test("a metrics subscription is made again on the new session after a reconnect"
   tutti.onMetrics((u) => updates.push(u.seq));
   await tutti.subscribeMetrics({ intervalMs: 250 });
   server.last.serverClose(3000);
-  await until(() => clock.next() !== undefined, "timer");
+  await until(() => tutti.state === "reconnecting", "reconnecting");
   clock.advance(clock.next() - clock.now);
   await until(() => subscribes.length === 2, "subscribed again");
   assert.deepEqual(subscribes, [{ session: 0, interval: 250 }, { session: 1, interval: 250 }]);
@@ -324,7 +332,7 @@ test("a metrics subscription is made again on the new session after a reconnect"
   await until(() => updates.length === 1, "update on the new session");
   await tutti.unsubscribeMetrics();
   server.last.serverClose(3000);
-  await until(() => clock.next() !== undefined, "timer");
+  await until(() => tutti.state === "reconnecting", "reconnecting");
   clock.advance(clock.next() - clock.now);
   await until(() => tutti.state === "connected" && server.sessions.length === 3, "third session");
   await tutti.rooms(); // answered on the third session: its reconnect hooks have run
