@@ -296,6 +296,8 @@ class App {
     }
     const ids = new Set(list.map((s) => s.room!.roomId));
     for (const id of [...this.rooms.keys()]) if (!ids.has(id)) this.rooms.delete(id);
+    if (this.openRoom && !ids.has(this.openRoom)) this.closeRoom(); // removed or left
+    if (this.openRoom) this.renderMembers();
     this.renderRooms();
     await this.loadPresence();
   }

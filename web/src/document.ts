@@ -188,10 +188,12 @@ export class TuttiDocument {
     this.groupOpen = false;
   }
 
-  /** Whether there is an own edit to undo / redo. */
+  /** Whether there is an own edit to undo. */
   get canUndo(): boolean {
     return this.undoStack.length > 0;
   }
+
+  /** Whether there is an undone edit to redo. */
   get canRedo(): boolean {
     return this.redoStack.length > 0;
   }
