@@ -672,6 +672,11 @@ function start(token: string): void {
     certificateHashes: () => fetchCertificateHashes(location.origin).catch(() => []),
   });
   const app = new App(tutti, me);
+  // Leaving the page ends the session at once (others see the user leave after the
+  // server's grace period, not after an idle timeout).
+  addEventListener("pagehide", (e) => {
+    if (!e.persisted) tutti.close();
+  });
   (window as unknown as { tuttiApp: unknown }).tuttiApp = { tutti, app };
 }
 

@@ -226,6 +226,7 @@ function suite() {
     await waitFor(erin.page, erin.logs, statusIs, [dot(erin.page, "frank"), "online"], "frank online again");
 
     const closedAt = Date.now();
+    await frank.page.close({ runBeforeUnload: true }); // as a user closes the tab
     await frank.context.close();
     // Offline only after the grace period (presence.grace, 5 s by default).
     await waitFor(erin.page, erin.logs, statusIs, [dot(erin.page, "frank"), "offline"], "frank offline", 20_000);
