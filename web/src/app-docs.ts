@@ -4,45 +4,14 @@
 // (src/document.ts); this file maps CodeMirror's UTF-16 changes to code points.
 
 import { EditorState, StateEffect, StateField, Annotation, Prec } from "@codemirror/state";
-import type { ChangeSet, Text } from "@codemirror/state";
+import type { Text } from "@codemirror/state";
 import { Decoration, EditorView, WidgetType, keymap } from "@codemirror/view";
 import type { DecorationSet } from "@codemirror/view";
 import { defaultKeymap } from "@codemirror/commands";
-import { TextOperation, TextSelection, charLength, codePointToUtf16Offset, toWellFormed, utf16ToCodePointOffset } from "./ot";
+import { TextSelection, codePointToUtf16Offset, utf16ToCodePointOffset } from "./ot";
+import { changesToOp, opToChanges } from "./cm-ot";
 import { DocRole } from "./tutti";
 import type { Tutti, TuttiDocument } from "./tutti";
-
-/** CodeMirror changes (UTF-16, on `oldText`) as an operation on code points. */
-export function changesToOp(changes: ChangeSet, oldText: string): TextOperation {
-  const op = new TextOperation();
-  let pos = 0;
-  changes.iterChanges((fromA, toA, _fromB, _toB, inserted) => {
-    const from = utf16ToCodePointOffset(oldText, fromA);
-    const to = utf16ToCodePointOffset(oldText, toA);
-    op.retain(from - pos);
-    const text = toWellFormed(inserted.toString());
-    if (text) op.insert(text);
-    op.delete(to - from);
-    pos = to;
-  });
-  op.retain(charLength(oldText) - pos);
-  return op;
-}
-
-/** An operation on code points as CodeMirror changes on `text` (UTF-16). */
-export function opToChanges(op: TextOperation, text: string): Array<{ from: number; to?: number; insert?: string }> {
-  const out: Array<{ from: number; to?: number; insert?: string }> = [];
-  let cp = 0;
-  for (const c of op.components()) {
-    if (c.type === "retain") cp += c.n;
-    else if (c.type === "insert") out.push({ from: codePointToUtf16Offset(text, cp), insert: c.text });
-    else {
-      out.push({ from: codePointToUtf16Offset(text, cp), to: codePointToUtf16Offset(text, cp + c.n) });
-      cp += c.n;
-    }
-  }
-  return out;
-}
 
 const remoteChange = Annotation.define<boolean>();
 
