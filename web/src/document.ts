@@ -32,6 +32,8 @@ export interface DocumentChange {
   remote: boolean;
 }
 
+/** ErrorCode RESYNC_REQUIRED (src/codes.ts). */
+const RESYNC_REQUIRED = 108;
 /** Server operations kept to map remote cursors from older revisions. */
 const OP_LOG = 200;
 /** Undo steps kept. */
@@ -307,10 +309,15 @@ export class TuttiDocument {
         (err: unknown) => {
           this.sending = false;
           const e = err instanceof TuttiError ? err : TuttiError.local("SUBMIT_FAILED", String(err));
-          // A lost connection re-sends from the reconnect hook; report anything else.
+          // A lost connection re-sends from the reconnect hook.
           if (e.reconnect && e.source !== "server") return;
           if (e.source === "server" && e.code >= 3000) return;
-          for (const l of this.errorListeners) l(e);
+          // The operation's base is older than the server's history: start over.
+          if (e.code === RESYNC_REQUIRED) {
+            this.resync(e).catch((r: unknown) => this.report(r));
+            return;
+          }
+          this.report(e);
         },
       );
   }
@@ -351,9 +358,43 @@ export class TuttiDocument {
   /** After a reconnect: open again from the revision we have, then resend. */
   private async reopen(client: TuttiClient): Promise<void> {
     if (this.closedFlag) return;
-    const open = await client.call({ case: "docOpen", value: { docId: this.docId, knownRevision: this.ot.revision } });
-    const out = this.applyOpen(open, false);
-    if (out) this.submit(out);
+    try {
+      const open = await client.call({ case: "docOpen", value: { docId: this.docId, knownRevision: this.ot.revision } });
+      const out = this.applyOpen(open, false);
+      if (out) this.submit(out);
+    } catch (err) {
+      if (err instanceof TuttiError && err.name === "DIVERGED") await this.resync(err);
+      else this.report(err);
+    }
+  }
+
+  /**
+   * Starts over from the server's current text (after RESYNC_REQUIRED, or a snapshot
+   * while edits were pending): unacknowledged own edits are dropped and reported.
+   */
+  private async resync(cause: TuttiError): Promise<void> {
+    const open = await this.tutti.call({ case: "docOpen", value: { docId: this.docId } });
+    if (open.state.case !== "snapshot") return;
+    const old = this.textValue;
+    const dropped = !this.ot.isSynchronized();
+    this.textValue = open.state.value;
+    this.ot = new OtClient(open.revision, this.ot.nextSeq);
+    this.early.clear();
+    this.log.clear();
+    this.undoStack = [];
+    this.redoStack = [];
+    this.sending = false;
+    if (old !== this.textValue) {
+      this.emit({ op: new TextOperation().delete([...old].length).insert(this.textValue), remote: true });
+    }
+    if (dropped) {
+      this.report(new TuttiError(cause.code, cause.name, `${cause.message}; unsent edits were dropped`, cause.source));
+    }
+  }
+
+  private report(err: unknown): void {
+    const e = err instanceof TuttiError ? err : TuttiError.local("DOCUMENT_ERROR", String(err));
+    for (const l of [...this.errorListeners]) l(e);
   }
 
   private onPush(push: Push): void {

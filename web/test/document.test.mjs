@@ -38,6 +38,8 @@ class OtServer {
   dropNextSubmitDelivery = false;
   /** When set, the next submit is lost with the connection, never applied. */
   loseNextSubmit = false;
+  /** When set, the next submit is refused with RESYNC_REQUIRED. */
+  resyncNextSubmit = false;
   submits = 0;
 
   get revision() { return BigInt(this.history.length); }
@@ -76,6 +78,11 @@ class OtServer {
       case "docSubmit": {
         this.submits++;
         const { baseRevision, op, clientId, seq } = body.value;
+        if (this.resyncNextSubmit) {
+          this.resyncNextSubmit = false;
+          return { case: "error", value: { code: 108, name: "RESYNC_REQUIRED", message: "base revision too old",
+            resync: { docId: "d", revision: this.revision, text: this.text } } };
+        }
         if (this.loseNextSubmit) {
           this.loseNextSubmit = false;
           fake.lose();
@@ -216,5 +223,27 @@ test("an edit lost with the connection is sent again after the reconnect, with t
   assert.equal(server.submits, 2, "sent twice");
   assert.equal(server.history.length, 1, "applied once");
   assert.equal(server.history[0].seq, 1n, "with the first seq");
+  a.tutti.close();
+});
+
+test("RESYNC_REQUIRED: the document starts over from the server's text and reports the dropped edit", async () => {
+  const server = new OtServer();
+  server.text = "abc";
+  const a = await user(server, "alice");
+  const errors = [];
+  a.doc.onError((e) => errors.push(`${e.code} ${e.name}`));
+  const changes = [];
+  a.doc.onChange((c) => changes.push(c.remote));
+  server.resyncNextSubmit = true;
+  a.doc.insert(3, "X");
+  await until(() => errors.length === 1, "error reported");
+  await settled(server, a.doc);
+  assert.equal(a.doc.text, "abc");
+  assert.deepEqual(errors, ["108 RESYNC_REQUIRED"]);
+  assert.deepEqual(changes, [false, true], "the local edit, then the snapshot replacing it");
+  assert.equal(a.doc.canUndo, false);
+  a.doc.insert(0, ">");
+  await settled(server, a.doc);
+  assert.equal(server.text, ">abc", "editing goes on");
   a.tutti.close();
 });
