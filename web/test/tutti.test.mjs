@@ -6,9 +6,10 @@ import assert from "node:assert/strict";
 import { importBundle } from "../tools/import-ts.mjs";
 import { FakeWebTransport, serverFrame, welcomeFrame } from "../tools/fake-transport.mjs";
 
-const { Tutti, backoffDelay, TuttiError, StreamKind } = await importBundle(`
+const { Tutti, backoffDelay, TuttiError, StreamKind, CLOSE_CODES } = await importBundle(`
   export * from "./src/tutti";
   export { TuttiError, StreamKind } from "./src/client";
+  export { CLOSE_CODES } from "./src/codes";
 `, "tutti-test");
 
 /** Timers that fire only when `advance` moves virtual time past them. */
@@ -338,4 +339,36 @@ test("a metrics subscription is made again on the new session after a reconnect"
   await tutti.rooms(); // answered on the third session: its reconnect hooks have run
   assert.equal(subscribes.length, 2, "not after unsubscribing");
   tutti.close();
+});
+
+test("every close code of the protocol: 3000-3499 reconnect, 3500-3999 stop (mid-session and at the handshake)", async () => {
+  const codes = Object.keys(CLOSE_CODES).map(Number).filter((c) => c >= 3000);
+  assert.ok(codes.length >= 10);
+  for (const code of codes) {
+    for (const when of ["session", "handshake"]) {
+      const server = new FakeServer();
+      const clock = new VirtualClock();
+      if (when === "handshake") server.refuseWith = code;
+      const { tutti, states } = newTutti(server, clock);
+      if (when === "session") {
+        await tutti.connected();
+        server.last.send(serverFrame({ case: "close", value: { code, name: CLOSE_CODES[code], message: "bye" } }));
+        server.last.serverClose(code);
+      }
+      await until(() => tutti.state === "reconnecting" || tutti.state === "disconnected", `${code} ${when}: decided`);
+      const last = states[states.length - 1];
+      assert.equal(last.error.code, code, `${code} ${when}`);
+      assert.equal(last.error.name, CLOSE_CODES[code]);
+      assert.equal(tutti.state, code < 3500 ? "reconnecting" : "disconnected", `${code} ${when}`);
+      if (code < 3500) {
+        server.refuseWith = undefined;
+        clock.advance(clock.next() - clock.now);
+        await until(() => tutti.state === "connected", `${code} ${when}: reconnected`);
+        assert.equal(server.sessions.length, 2);
+      } else {
+        assert.equal(clock.next(), undefined, `${code} ${when}: no retry scheduled`);
+      }
+      tutti.close();
+    }
+  }
 });
