@@ -23,6 +23,7 @@ import {
   StreamKind,
 } from "./gen/tutti/v1/frames_pb";
 import type {
+  Datagram,
   EchoResponse,
   Push,
   Response,
@@ -41,7 +42,7 @@ import { closeCodeName, errorCodeName, shouldReconnect } from "./codes";
 import { DEFAULT_MAX_FRAME_SIZE, FrameDecoder, FrameError, encodeFrame } from "./framing";
 
 export { StreamKind };
-export type { EchoResponse, Push, Response, Welcome };
+export type { Datagram, EchoResponse, Push, Response, Welcome };
 export type {
   AnalyticsEvent,
   AnalyticsTrackResponse,
@@ -107,6 +108,8 @@ export interface WebTransportLike {
     createWritable?: () => WritableStream;
   };
   readonly incomingUnidirectionalStreams: ReadableStream;
+  /** Settles when the server asks the session to drain (going away); optional. */
+  readonly draining?: Promise<unknown>;
   createBidirectionalStream(): Promise<{ readable: ReadableStream; writable: WritableStream }>;
   close(closeInfo?: WebTransportCloseInfo): void;
 }
@@ -141,6 +144,9 @@ export type Answer<C extends RequestCase> = Extract<Response["body"], { case: C 
 export type PushListener = (push: Push, kind: StreamKind) => void;
 export type MetricsListener = (update: MetricsUpdate) => void;
 export type ErrorListener = (error: TuttiError) => void;
+/** A datagram from the server (typing, cursors; pongs are handled by the client). */
+export type DatagramListener = (datagram: Datagram) => void;
+export type DatagramInit = MessageInitShape<typeof DatagramSchema>;
 
 /** What to stream with `subscribeMetrics` (MetricsSubscribeRequest). */
 export interface MetricsSubscription {
@@ -244,6 +250,9 @@ export class TuttiClient {
 
   private readonly pushListeners = new Set<PushListener>();
   private readonly errorListeners = new Set<ErrorListener>();
+  private readonly datagramListeners = new Set<DatagramListener>();
+  private readonly drainingListeners = new Set<() => void>();
+  private drained = false;
   private unheard: Array<[Push, StreamKind]> = [];
 
   private frameReason?: TuttiError;
@@ -259,6 +268,14 @@ export class TuttiClient {
     this.closed = this.closedDeferred.promise;
     // Nobody may be waiting on Welcome when the session fails: no unhandled rejection.
     this.welcomed.promise.catch(() => {});
+    wt.draining?.then(
+      () => {
+        if (this.reason) return;
+        this.drained = true;
+        for (const listener of this.drainingListeners) listener();
+      },
+      () => {},
+    );
     wt.closed.then(
       (info) => {
         const code = info?.closeCode ?? 0;
@@ -311,7 +328,7 @@ export class TuttiClient {
       return client;
     } catch (err) {
       const reason =
-        err instanceof TuttiError ? err : TuttiError.local("CONNECT_FAILED", describe(err));
+        err instanceof TuttiError ? err : TuttiError.local("CONNECT_FAILED", describe(err), true);
       client.shutdown(reason);
       // The first reason wins (a Close frame, say, over the error it caused here).
       throw await client.closed;
@@ -488,6 +505,36 @@ export class TuttiClient {
     return this.onPush((push) => {
       if (push.event.case === "metricsUpdate") listener(push.event.value);
     });
+  }
+
+  /**
+   * Calls `listener` when the server asks this session to drain
+   * (`WebTransport.draining`): reconnect soon, the session will be closed.
+   */
+  onDraining(listener: () => void): () => void {
+    this.drainingListeners.add(listener);
+    if (this.drained) listener();
+    return () => this.drainingListeners.delete(listener);
+  }
+
+  /** Calls `listener` for every datagram from the server except pongs (typing, cursors). */
+  onDatagram(listener: DatagramListener): () => void {
+    this.datagramListeners.add(listener);
+    return () => this.datagramListeners.delete(listener);
+  }
+
+  /**
+   * Sends one datagram (best effort: it may be lost). Resolves when it is handed to
+   * the transport; rejects with CONNECTION_LOST when the session is gone.
+   */
+  async sendDatagram(datagram: DatagramInit): Promise<void> {
+    this.throwIfClosed();
+    const bytes = toBinary(DatagramSchema, create(DatagramSchema, datagram));
+    try {
+      await this.datagramWriterFor().write(bytes);
+    } catch (err) {
+      throw TuttiError.local("CONNECTION_LOST", `datagram not sent: ${describe(err)}`, true);
+    }
   }
 
   /** Calls `listener` for server Error frames that belong to no request. */
@@ -747,6 +794,14 @@ export class TuttiClient {
         }
         if (datagram.kind.case === "pong") {
           this.answerPong(this.datagramPings, datagram.kind.value.nonce);
+        } else {
+          for (const listener of this.datagramListeners) {
+            try {
+              listener(datagram);
+            } catch (err) {
+              console.error("datagram listener failed", err);
+            }
+          }
         }
       }
     } catch {

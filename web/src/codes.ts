@@ -1,6 +1,7 @@
-// Stable numeric codes of the Tutti protocol (mirror of src/protocol/codes.rs on
-// the server). Used to name a close code when the session ends before the server's
-// Close frame could be read (the code then only arrives as the session close code).
+// Stable numeric codes of the Tutti protocol. The server defines them in
+// src/protocol/codes.rs; test/codes.test.mjs pins this table to that file. Used to
+// name a close code when the session ends before the server's Close frame could be
+// read (the code then only arrives as the session close code).
 
 /** Errors answered to a request or to a frame; the session stays open. */
 export const ERROR_CODES: Readonly<Record<number, string>> = {

@@ -1,5 +1,5 @@
-// End-to-end: the real `tutti serve` binary, the built page (web/dist) and headless
-// Chromium talking WebTransport to it.
+// End-to-end: the real `tutti serve` binary, the connection diagnostic page
+// (web/dist/debug.html) and headless Chromium talking WebTransport to it.
 //
 //   TUTTI_BIN   the server binary (default: ../target/debug/tutti)
 //   CHROMIUM    the browser (default: /usr/bin/chromium)
@@ -18,7 +18,7 @@ import {
 
 const CONNECT_TIMEOUT_MS = 20_000;
 
-suiteOrSkip("browser end-to-end", missing(["index.html", "app.js"]), suite);
+suiteOrSkip("browser end-to-end", missing(["debug.html", "debug.js"]), suite);
 
 /** An HS256 JWT for `sub`, signed with a key the server has never seen. */
 function forgedJwt(sub) {
@@ -58,7 +58,7 @@ function suite() {
     const logs = [];
     page.on("console", (m) => logs.push(`[${m.type()}] ${m.text()}`));
     page.on("pageerror", (e) => logs.push(`[pageerror] ${e.message}`));
-    await page.goto(urls.page + fragment);
+    await page.goto(new URL("/debug.html", urls.page).href + fragment);
     return { page, context, logs };
   }
 
@@ -86,6 +86,9 @@ function suite() {
     const page = await fetch(urls.page);
     assert.equal(page.status, 200);
     assert.match(await page.text(), /<script[^>]+app\.js/);
+    const debug = await fetch(new URL("/debug.html", urls.page));
+    assert.equal(debug.status, 200);
+    assert.match(await debug.text(), /<script[^>]+debug\.js/);
     const info = await (await fetch(new URL("/api/info", urls.page))).json();
     assert.equal(info.webtransport, urls.webtransport);
     assert.equal(info.dev_mode, true);
@@ -175,7 +178,7 @@ function suite() {
       const context = await browser.newContext();
       try {
         const page = await context.newPage();
-        await page.goto(prodUrls.page);
+        await page.goto(new URL("/debug.html", prodUrls.page).href);
         await page.fill("#name", "mallory");
         await page.click("#login-submit");
         await page.waitForFunction(() => document.querySelector("#state")?.textContent === "error", null, { timeout: 10_000 });

@@ -3,6 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { importBundle } from "../tools/import-ts.mjs";
+import { FakeWebTransport, deferred, serverFrame, welcomeFrame, welcomingServer } from "../tools/fake-transport.mjs";
 
 const m = await importBundle(`
   export * from "./src/client";
@@ -14,100 +15,6 @@ const {
   TuttiClient, TuttiError, FrameDecoder, encodeFrame, encodeVarint, create, toBinary, fromBinary,
   ClientFrameSchema, ServerFrameSchema, DatagramSchema, PushSchema, PushStreamHeaderSchema, StreamKind,
 } = m;
-
-function deferred() {
-  let resolve, reject;
-  const promise = new Promise((res, rej) => { resolve = res; reject = rej; });
-  return { promise, resolve, reject };
-}
-
-const serverFrame = (kind) => encodeFrame(toBinary(ServerFrameSchema, create(ServerFrameSchema, { kind })));
-const welcomeFrame = (extra = {}) => serverFrame({
-  case: "welcome",
-  value: { sessionId: "s-1", userId: "alice", nodeId: "node-a", protocolVersion: 1,
-    limits: { maxFrameSize: 65536, maxDatagramSize: 1200, maxInflightRequests: 64 }, ...extra },
-});
-
-/**
- * A fake WebTransport session. `onClientFrame(frame, server)` is called for every
- * ClientFrame the client writes on the control stream; `server.send(bytes)` writes
- * raw bytes back (already framed), `server.sendChunked` splits them.
- */
-class FakeWebTransport {
-  constructor({ onClientFrame = () => {}, onDatagram = () => {}, ready = Promise.resolve() } = {}) {
-    this.ready = ready;
-    this.closedD = deferred();
-    this.closed = this.closedD.promise;
-    this.closeCalls = [];
-    this.clientFrames = [];
-    this.onClientFrame = onClientFrame;
-    this.onDatagram = onDatagram;
-    let uniController;
-    this.incomingUnidirectionalStreams = new ReadableStream({ start: (c) => { uniController = c; } });
-    this.uni = uniController;
-    let dgController;
-    this.datagrams = {
-      readable: new ReadableStream({ start: (c) => { dgController = c; } }),
-      writable: new WritableStream({
-        write: (chunk) => this.onDatagram(fromBinary(DatagramSchema, chunk), this),
-      }),
-    };
-    this.dg = dgController;
-  }
-
-  async createBidirectionalStream() {
-    const decoder = new FrameDecoder(1 << 20);
-    let toClient;
-    const readable = new ReadableStream({ start: (c) => { toClient = c; } });
-    this.toClient = toClient;
-    const writable = new WritableStream({
-      write: (chunk) => {
-        for (const body of decoder.push(chunk)) {
-          const frame = fromBinary(ClientFrameSchema, body);
-          this.clientFrames.push(frame);
-          this.onClientFrame(frame, this);
-        }
-      },
-    });
-    return { readable, writable };
-  }
-
-  send(bytes) { try { this.toClient.enqueue(Uint8Array.from(bytes)); } catch {} }
-  sendChunked(bytes, size = 1) {
-    for (let i = 0; i < bytes.length; i += size) this.send(bytes.subarray(i, i + size));
-  }
-  endControl() { try { this.toClient.close(); } catch {} }
-  sendDatagram(msg) { this.dg.enqueue(toBinary(DatagramSchema, create(DatagramSchema, msg))); }
-  openPushStream(kind, pushes) {
-    const chunks = [encodeFrame(toBinary(PushStreamHeaderSchema, create(PushStreamHeaderSchema, { kind })))];
-    for (const p of pushes) chunks.push(encodeFrame(toBinary(PushSchema, create(PushSchema, p))));
-    const all = Buffer.concat(chunks);
-    this.uni.enqueue(new ReadableStream({
-      start(c) { c.enqueue(Uint8Array.from(all.subarray(0, 3))); c.enqueue(Uint8Array.from(all.subarray(3))); c.close(); },
-    }));
-  }
-  /** The server closes the session (as wtransport's close with a code). */
-  serverClose(closeCode, reason = "") {
-    try { this.toClient.error(new Error("session closed")); } catch {}
-    this.closedD.resolve({ closeCode, reason });
-  }
-  close(info) {
-    this.closeCalls.push(info);
-    try { this.toClient?.error(new Error("closed locally")); } catch {}
-    this.closedD.resolve(info ?? { closeCode: 0, reason: "" });
-  }
-}
-
-/** A server that welcomes on Hello and answers echo requests. */
-function welcomingServer(extra) {
-  return (frame, s) => {
-    if (frame.kind.case === "hello") s.send(welcomeFrame(extra));
-    if (frame.kind.case === "request") {
-      const { id, body } = frame.kind.value;
-      s.send(serverFrame({ case: "response", value: { id, body: { case: "echo", value: { payload: body.value.payload } } } }));
-    }
-  };
-}
 
 async function connected(fake, options = {}) {
   return TuttiClient.connect({ url: "https://127.0.0.1:1/tutti", token: "tok", transport: () => fake, ...options });

@@ -171,7 +171,7 @@ function suite() {
       // Let a couple more updates draw, then keep a picture of it.
       await page.waitForFunction((n) => window.tuttiDashboard.updates >= n, d.updates + 3, { timeout: 6_000 }).catch(() => {});
       await page.screenshot({ path: join(RESULTS, "dashboard.png"), fullPage: true });
-      console.log(`# tracked events reached the dashboard's chart in ${delay} ms`);
+      console.log(`tracked events reached the dashboard's chart in ${delay} ms`);
     } finally {
       await context.close();
     }

@@ -1,5 +1,5 @@
-// Bundles the pages into dist/: the client page (index.html + app.js, served at /)
-// and the dashboard (dashboard.html + dashboard.js + dashboard.css, served at
+// Bundles the pages into dist/: the app (index.html + app.js, served at /), the
+// connection diagnostic (debug.html + debug.js, at /debug.html) and the dashboard (dashboard.html + dashboard.js + dashboard.css, served at
 // /dashboard). Run from anywhere: `node tools/bundle.mjs` (npm run bundle).
 import { build } from "esbuild";
 import { copyFileSync, mkdirSync } from "node:fs";
@@ -20,9 +20,19 @@ const common = {
 };
 
 await Promise.all([
-  build({ ...common, entryPoints: ["src/main.ts"], outfile: join(dist, "app.js") }),
+  build({ ...common, entryPoints: ["src/app.ts"], outfile: join(dist, "app.js") }),
+  build({ ...common, entryPoints: ["src/debug.ts"], outfile: join(dist, "debug.js") }),
   // The CSS it imports (uPlot's) goes to dist/dashboard.css.
   build({ ...common, entryPoints: ["src/dashboard.ts"], outfile: join(dist, "dashboard.js") }),
+  // The client library as an ES module for other applications' bundlers; its types
+  // come from `npm run types` (dist/lib/types).
+  build({
+    ...common,
+    minify: false,
+    entryPoints: ["src/index.ts"],
+    outfile: join(dist, "lib", "index.js"),
+    external: ["@bufbuild/protobuf", "@bufbuild/protobuf/*"],
+  }),
 ]);
-for (const page of ["index.html", "dashboard.html"]) copyFileSync(join(WEB_DIR, page), join(dist, page));
-console.log("bundled dist/: index.html app.js dashboard.html dashboard.js dashboard.css");
+for (const page of ["index.html", "app.css", "debug.html", "dashboard.html"]) copyFileSync(join(WEB_DIR, page), join(dist, page));
+console.log("bundled dist/: index.html app.js app.css debug.html debug.js dashboard.html dashboard.js dashboard.css lib/index.js");

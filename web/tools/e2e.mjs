@@ -52,14 +52,15 @@ export function cleanEnv(extra = {}) {
 }
 
 /**
- * Starts `tutti serve` on ephemeral ports and resolves `ready` with what it prints:
+ * Starts `tutti serve` on ephemeral ports (or on `ports.listen` / `ports.http`, to
+ * restart a server where it was) and resolves `ready` with what it prints:
  * `{ page, webtransport, quic }` (quic: the raw QUIC address, when printed).
  */
-export function startServer(dirs, env = {}) {
+export function startServer(dirs, env = {}, ports = {}) {
   const args = [
     "serve",
-    "--listen", "127.0.0.1:0",
-    "--http", "127.0.0.1:0",
+    "--listen", ports.listen ?? "127.0.0.1:0",
+    "--http", ports.http ?? "127.0.0.1:0",
     "--data-dir", dirs.data,
     "--cert-dir", dirs.certs,
     "--web-dir", DIST,

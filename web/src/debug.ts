@@ -1,5 +1,6 @@
-// The Tutti page: gets a token (URL fragment `#token=...`, or the development
-// endpoint), connects over WebTransport and shows the session.
+// The connection diagnostic page (/debug.html): gets a token (URL fragment
+// `#token=...`, or the development endpoint), connects over WebTransport and shows
+// the session.
 
 import { TuttiClient, TuttiError, StreamKind, fetchCertificateHashes } from "./client";
 import type { Push } from "./client";
