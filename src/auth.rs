@@ -45,7 +45,7 @@ impl ApiKey {
             ),
         };
         Ok(Self {
-            digest: crate::tls::sha256(key.as_bytes()),
+            digest: crate::crypto::sha256(key.as_bytes()),
             source,
         })
     }
@@ -53,7 +53,7 @@ impl ApiKey {
     /// Whether `presented` is the key. Compares digests, so the time taken says
     /// nothing about the key.
     pub fn verify(&self, presented: &str) -> bool {
-        crate::tls::sha256(presented.as_bytes()) == self.digest
+        crate::crypto::sha256(presented.as_bytes()) == self.digest
     }
 }
 

@@ -180,7 +180,7 @@ pub struct Metrics {
     /// Writes committed (summed over group commits).
     pub writes_committed: AtomicU64,
     /// Collaboration counters.
-    pub collab: crate::services::collab::CollabCounters,
+    pub collab: CollabCounters,
     /// QUIC connections open now (in the handshake or in a session).
     pub connections_open: AtomicI64,
     /// Streams opened (control streams accepted, push streams opened).
@@ -601,6 +601,19 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections_open.fetch_sub(1, Relaxed);
     }
+}
+
+/// Counters of the collaboration service, shown at `/metrics`.
+#[derive(Debug, Default)]
+pub struct CollabCounters {
+    /// Operations applied.
+    pub applied: AtomicU64,
+    /// Operations that had to be transformed against concurrent ones.
+    pub transformed: AtomicU64,
+    /// Operations refused (malformed, not allowed, too large).
+    pub rejected: AtomicU64,
+    /// Operations answered with `RESYNC_REQUIRED`.
+    pub resyncs: AtomicU64,
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ impl ServerCertVerifier for PinVerifier {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let hash = crate::tls::sha256(end_entity);
+        let hash = crate::crypto::sha256(end_entity);
         if self.pins.contains(&hash) {
             Ok(ServerCertVerified::assertion())
         } else {
@@ -94,7 +94,7 @@ impl ServerCertVerifier for PinVerifier {
 
 /// A TLS 1.3 client config (ring) trusting `trust`, offering `alpn`.
 pub(crate) fn client_config(trust: &Trust, alpn: &[u8]) -> rustls::ClientConfig {
-    let provider = Arc::new(crate::tls::crypto_provider());
+    let provider = Arc::new(crate::crypto::crypto_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3");

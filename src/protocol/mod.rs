@@ -1,10 +1,12 @@
 //! The wire protocol without I/O: generated protobuf types, the length-prefixed frame
 //! codec, and the stable error and close codes.
 //!
-//! Nothing here touches a socket; the gateway and the client feed it bytes.
+//! Nothing here touches a socket; the gateway and the client feed it bytes. It
+//! depends on nothing of ours but [`crate::ot`], for the wire form of operations.
 
 mod codec;
 mod codes;
+pub mod ot_wire;
 
 pub use codec::{FrameDecoder, FrameError, decode_frame, encode_frame, encoded_frame};
 pub use codes::{CloseCode, ErrorCode};

@@ -129,18 +129,7 @@ struct CursorState {
     settled: bool,
 }
 
-/// Counters of the collaboration service, shown at `/metrics`.
-#[derive(Debug, Default)]
-pub struct CollabCounters {
-    /// Operations applied.
-    pub applied: std::sync::atomic::AtomicU64,
-    /// Operations that had to be transformed against concurrent ones.
-    pub transformed: std::sync::atomic::AtomicU64,
-    /// Operations refused (malformed, not allowed, too large).
-    pub rejected: std::sync::atomic::AtomicU64,
-    /// Operations answered with `RESYNC_REQUIRED`.
-    pub resyncs: std::sync::atomic::AtomicU64,
-}
+pub use crate::metrics::CollabCounters;
 
 /// The collaboration service.
 #[derive(Debug)]
@@ -163,44 +152,7 @@ fn not_found() -> ServiceError {
     ServiceError::new(ErrorCode::NotFound, "no such document")
 }
 
-/// The wire form of an operation.
-pub fn op_to_wire(op: &TextOperation) -> v1::TextOp {
-    use v1::op_component::Kind;
-    v1::TextOp {
-        components: op
-            .components()
-            .iter()
-            .map(|c| v1::OpComponent {
-                kind: Some(match c {
-                    Component::Retain(n) => Kind::Retain(*n as u64),
-                    Component::Insert(s) => Kind::Insert(s.clone()),
-                    Component::Delete(n) => Kind::Delete(*n as u64),
-                }),
-            })
-            .collect(),
-    }
-}
-
-/// An operation from its wire form; malformed ones are `Err`.
-pub fn op_from_wire(op: Option<v1::TextOp>) -> Result<TextOperation, OtError> {
-    use v1::op_component::Kind;
-    let comps = op
-        .unwrap_or_default()
-        .components
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| match c.kind {
-            Some(Kind::Retain(n)) => Ok(Component::Retain(n as usize)),
-            Some(Kind::Insert(s)) => Ok(Component::Insert(s)),
-            Some(Kind::Delete(n)) => Ok(Component::Delete(n as usize)),
-            None => Err(OtError::InvalidComponent {
-                index: i,
-                found: "an empty component".into(),
-            }),
-        });
-    let comps: Vec<Component> = comps.collect::<Result<_, _>>()?;
-    TextOperation::from_components(comps)
-}
+pub use crate::protocol::ot_wire::{op_from_wire, op_to_wire};
 
 impl CollabService {
     /// Opens the service (creating its tables) and starts the cursor settle task.

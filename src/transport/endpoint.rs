@@ -9,19 +9,12 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Session;
+use super::{SOCKET_BUFFER, Session, udp_socket};
 use crate::protocol::{ALPN_H3, ALPN_NATIVE, WEBTRANSPORT_PATH};
 use crate::tls::CertStore;
 
 /// Streams of each direction a client may have open at once.
 const MAX_CLIENT_STREAMS: u32 = 16;
-
-/// Requested size of a UDP socket's kernel receive and send buffers. Every client
-/// shares the server's one socket, and Linux's default receive buffer (208 KiB)
-/// overflows under bursts of thousands of packets: dropped datagrams then cost a
-/// loss-recovery round (`RcvbufErrors` in `/proc/net/snmp`). Linux caps the size at
-/// `net.core.rmem_max` / `wmem_max`; see docs/OPERATIONS.md.
-const SOCKET_BUFFER: usize = 4 << 20;
 
 /// A session that completed its transport handshake.
 #[derive(Debug)]
@@ -41,17 +34,6 @@ pub struct EndpointSettings {
     pub keep_alive: Duration,
     /// Time allowed for the QUIC and WebTransport handshakes.
     pub handshake_timeout: Duration,
-}
-
-/// Binds a UDP socket on `addr` with kernel buffers of up to [`SOCKET_BUFFER`].
-pub(crate) fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: the kernel clamps to its maximum instead of failing.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
 }
 
 /// The bound UDP endpoint.

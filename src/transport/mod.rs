@@ -3,11 +3,12 @@
 //! ([`memory`]). The gateway and the client see only [`Session`] and boxed byte
 //! streams, never a quinn or wtransport type.
 
+#[cfg(feature = "server")]
 pub mod endpoint;
 pub mod memory;
 mod session;
 
-pub(crate) use endpoint::udp_socket;
+#[cfg(feature = "server")]
 pub use endpoint::{Accepted, ServerEndpoint};
 pub use session::{CloseInfo, RecvStream, SendStream, Session, SessionError, Transport};
 
@@ -45,4 +46,22 @@ impl std::str::FromStr for TransportKind {
             _ => Err(format!("unknown transport {s:?} (quic or webtransport)")),
         }
     }
+}
+
+/// Requested size of a UDP socket's kernel receive and send buffers. Every client
+/// shares the server's one socket, and Linux's default receive buffer (208 KiB)
+/// overflows under bursts of thousands of packets: dropped datagrams then cost a
+/// loss-recovery round (`RcvbufErrors` in `/proc/net/snmp`). Linux caps the size at
+/// `net.core.rmem_max` / `wmem_max`; see docs/OPERATIONS.md.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Binds a UDP socket on `addr` with kernel buffers of up to [`SOCKET_BUFFER`].
+pub(crate) fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: the kernel clamps to its maximum instead of failing.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
