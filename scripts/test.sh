@@ -27,7 +27,7 @@ step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (the server, then the load-test smoke run against the built binary)"
-cargo build --workspace --locked --bins
+cargo build --workspace --locked --bins --examples
 cargo test --workspace --locked
 
 step "web client: install, build, unit and browser tests"

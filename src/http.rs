@@ -67,10 +67,13 @@ pub fn router(state: HttpState) -> Router {
         router = router.route("/api/dev/token", post(dev_token));
     }
     let api = crate::api::router(state.api.clone());
-    // The dashboard page; its script and styles come from the web directory.
+    // The dashboard and the connection diagnostic; their scripts and styles come
+    // from the web directory.
     let dashboard = tower_http::services::ServeFile::new(state.web_dir.join("dashboard.html"));
+    let debug = tower_http::services::ServeFile::new(state.web_dir.join("debug.html"));
     router
         .route_service("/dashboard", dashboard)
+        .route_service("/debug", debug)
         .fallback_service(web)
         .with_state(state)
         .merge(api)

@@ -1,4 +1,4 @@
-// The connection diagnostic page (/debug.html): gets a token (URL fragment
+// The connection diagnostic page (/debug): gets a token (URL fragment
 // `#token=...`, or the development endpoint), connects over WebTransport and shows
 // the session.
 

@@ -58,7 +58,7 @@ function suite() {
     const logs = [];
     page.on("console", (m) => logs.push(`[${m.type()}] ${m.text()}`));
     page.on("pageerror", (e) => logs.push(`[pageerror] ${e.message}`));
-    await page.goto(new URL("/debug.html", urls.page).href + fragment);
+    await page.goto(new URL("/debug", urls.page).href + fragment);
     return { page, context, logs };
   }
 
@@ -178,7 +178,7 @@ function suite() {
       const context = await browser.newContext();
       try {
         const page = await context.newPage();
-        await page.goto(new URL("/debug.html", prodUrls.page).href);
+        await page.goto(new URL("/debug", prodUrls.page).href);
         await page.fill("#name", "mallory");
         await page.click("#login-submit");
         await page.waitForFunction(() => document.querySelector("#state")?.textContent === "error", null, { timeout: 10_000 });

@@ -1,5 +1,5 @@
 // Bundles the pages into dist/: the app (index.html + app.js, served at /), the
-// connection diagnostic (debug.html + debug.js, at /debug.html) and the dashboard (dashboard.html + dashboard.js + dashboard.css, served at
+// connection diagnostic (debug.html + debug.js, at /debug) and the dashboard (dashboard.html + dashboard.js + dashboard.css, served at
 // /dashboard). Run from anywhere: `node tools/bundle.mjs` (npm run bundle).
 import { build } from "esbuild";
 import { copyFileSync, mkdirSync } from "node:fs";
