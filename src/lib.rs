@@ -18,6 +18,8 @@ pub mod client;
 pub mod clock;
 // SHA-256 and the rustls provider.
 pub mod crypto;
+// Typed user, room and document ids, parsed once at the boundary.
+pub mod ids;
 // HDR histograms per operation, counters, and their export.
 pub mod metrics;
 // Text operational transformation (no I/O).

@@ -420,7 +420,7 @@ impl Client {
                     "expected Welcome, got {other:?}"
                 )));
             }
-            Some(Err(e)) => return Err(ClientError::Protocol(e)),
+            Some(Err(e)) => return Err(ClientError::Protocol(e.to_string())),
             None => {
                 let info = session.closed().await;
                 return Err(ClientError::Closed(Closed {
@@ -655,13 +655,13 @@ fn closed_from_transport(info: crate::transport::CloseInfo) -> Closed {
 async fn read_frame<M: Message + Default>(
     recv: &mut RecvStream,
     decoder: &mut FrameDecoder,
-) -> Option<Result<M, String>> {
+) -> Option<Result<M, crate::protocol::FrameError>> {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match decoder.decode::<M>() {
             Ok(Some(m)) => return Some(Ok(m)),
             Ok(None) => {}
-            Err(e) => return Some(Err(e.to_string())),
+            Err(e) => return Some(Err(e)),
         }
         match recv.read(&mut buf).await {
             Ok(0) | Err(_) => return None,

@@ -37,13 +37,18 @@ impl std::fmt::Display for TransportKind {
     }
 }
 
+/// A transport name that is neither `quic` nor `webtransport`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown transport {0:?} (quic or webtransport)")]
+pub struct UnknownTransport(pub String);
+
 impl std::str::FromStr for TransportKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownTransport;
+    fn from_str(s: &str) -> Result<Self, UnknownTransport> {
         match s {
             "quic" => Ok(TransportKind::Quic),
             "webtransport" | "wt" => Ok(TransportKind::WebTransport),
-            _ => Err(format!("unknown transport {s:?} (quic or webtransport)")),
+            _ => Err(UnknownTransport(s.to_owned())),
         }
     }
 }
