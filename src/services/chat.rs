@@ -5,7 +5,9 @@
 //! Ordering and recovery: a room's messages are committed and published under the
 //! room's lock, and a session subscribes to a room (after sending what it missed)
 //! under the same lock. So a reconnecting client receives every message after its
-//! resume offset exactly once and in order, then the live ones.
+//! resume offset exactly once and in order, then the live ones. The backlog itself
+//! is streamed outside the lock (see [`super::catch_up`]), so a long catch-up does
+//! not stall the room.
 //!
 //! Unread counts: a user's unread count in a room is the number of messages after
 //! their read mark. Sending a message moves the sender's mark to it (you have read
@@ -20,6 +22,7 @@ use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::catch_up::{CatchUp, CatchUpStream, catch_up};
 use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt, json, validate_id};
 use crate::hub::Subscriber;
 use crate::protocol::ErrorCode;
@@ -131,6 +134,44 @@ pub fn resume_key(room: &str) -> String {
     topic(room)
 }
 
+/// A room as a session catching up sees it.
+struct RoomStream<'a> {
+    chat: &'a ChatService,
+    ctx: &'a SessionCtx,
+    room_id: &'a str,
+    handle: Loaded<RoomState>,
+}
+
+impl CatchUpStream for RoomStream<'_> {
+    type Guard<'g>
+        = tokio::sync::MutexGuard<'g, RoomState>
+    where
+        Self: 'g;
+
+    async fn lock(&self) -> Result<Option<(Self::Guard<'_>, u64)>, StoreError> {
+        let room = self.handle.lock().await;
+        if !room.meta.participants.contains(self.ctx.user_id()) {
+            return Ok(None);
+        }
+        let last = room.last_offset;
+        Ok(Some((room, last)))
+    }
+
+    fn read(&self, from: u64, to: u64) -> Result<Vec<v1::Push>, StoreError> {
+        Ok(self
+            .chat
+            .read_messages(self.room_id, from, to)?
+            .iter()
+            .map(message_push)
+            .collect())
+    }
+
+    fn subscribe<'g>(&'g self, _room: &mut Self::Guard<'g>) {
+        self.chat
+            .subscribe(self.ctx.subscriber.clone(), self.room_id);
+    }
+}
+
 fn not_found() -> ServiceError {
     ServiceError::new(ErrorCode::NotFound, "no such room")
 }
@@ -184,7 +225,8 @@ impl ChatService {
     // ---- sessions -------------------------------------------------------------
 
     /// A session opened: it gets what it missed in the rooms named in `resume`
-    /// (in order), then every room's live messages.
+    /// (in order), then every room's live messages. See [`super::catch_up`]: the
+    /// backlog is streamed outside the room's lock.
     pub async fn connected(&self, ctx: &SessionCtx, resume: &HashMap<String, u64>) {
         let rooms = match self.user_rooms(ctx.user_id()) {
             Ok(r) => r,
@@ -197,41 +239,23 @@ impl ChatService {
             let Ok(Some(handle)) = self.load(&room_id) else {
                 continue;
             };
-            let room = handle.lock().await;
-            if !room.meta.participants.contains(ctx.user_id()) {
-                continue;
+            let stream = RoomStream {
+                chat: self,
+                ctx,
+                room_id: &room_id,
+                handle,
+            };
+            let from = resume.get(&topic(&room_id)).copied();
+            match catch_up(&stream, ctx.subscriber.as_ref(), StreamKind::Chat, from).await {
+                Ok(CatchUp::Live | CatchUp::Gone) => {}
+                // A slow consumer: the gateway closes the session.
+                Ok(CatchUp::Slow) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading messages for a catch-up");
+                    return;
+                }
             }
-            if let Some(&from) = resume.get(&topic(&room_id))
-                && from < room.last_offset
-                && self
-                    .catch_up(ctx, &room_id, from, room.last_offset)
-                    .await
-                    .is_err()
-            {
-                return; // A slow consumer: the gateway closes the session.
-            }
-            self.subscribe(ctx.subscriber.clone(), &room_id);
         }
-    }
-
-    /// Pushes the messages (from, to] of a room, waiting for queue room.
-    async fn catch_up(&self, ctx: &SessionCtx, room: &str, from: u64, to: u64) -> Result<(), ()> {
-        const CHUNK: u64 = 256;
-        let mut next = from + 1;
-        while next <= to {
-            let end = (next + CHUNK - 1).min(to);
-            let messages = self.read_messages(room, next, end).map_err(|e| {
-                tracing::error!(error = %e, "reading messages for a catch-up");
-            })?;
-            for m in messages {
-                ctx.subscriber
-                    .push_wait(StreamKind::Chat, message_push(&m))
-                    .await
-                    .map_err(|_| ())?;
-            }
-            next = end + 1;
-        }
-        Ok(())
     }
 
     fn subscribe(&self, sub: Arc<dyn Subscriber>, room: &str) {
@@ -589,17 +613,37 @@ impl ChatService {
         sender: Sender<'_>,
         text: String,
     ) -> ServiceResult<v1::ChatMessage> {
-        if text.is_empty() {
-            return Err(ServiceError::bad_request("empty message"));
+        let mut posted = self.post_many(room_id, sender, vec![text]).await?;
+        posted
+            .pop()
+            .ok_or_else(|| ServiceError::internal("a post returned no message"))
+    }
+
+    /// Commits several messages from one sender in one write, with consecutive
+    /// offsets, and publishes them in order (an import, a backend's batch). Each text
+    /// is checked as [`post`](Self::post) checks it; one bad text refuses them all.
+    pub async fn post_many(
+        &self,
+        room_id: &str,
+        sender: Sender<'_>,
+        texts: Vec<String>,
+    ) -> ServiceResult<Vec<v1::ChatMessage>> {
+        for text in &texts {
+            if text.is_empty() {
+                return Err(ServiceError::bad_request("empty message"));
+            }
+            if text.len() > self.config.max_message_bytes {
+                return Err(ServiceError::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "messages hold at most {} bytes",
+                        self.config.max_message_bytes
+                    ),
+                ));
+            }
         }
-        if text.len() > self.config.max_message_bytes {
-            return Err(ServiceError::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "messages hold at most {} bytes",
-                    self.config.max_message_bytes
-                ),
-            ));
+        if texts.is_empty() {
+            return Ok(vec![]);
         }
         let handle = self.room_for(room_id)?;
         let mut room = handle.lock().await;
@@ -612,42 +656,54 @@ impl ChatService {
             }
             Sender::System => String::new(),
         };
-        let offset = room.last_offset + 1;
-        let stored = StoredMessage {
-            sender: sender_id.clone(),
-            text,
-            sent_at_ms: unix_millis(),
-            system: sender == Sender::System,
-        };
-        let bytes = json(&stored);
+        let first = room.last_offset + 1;
+        let now = unix_millis();
+        let stored: Vec<StoredMessage> = texts
+            .into_iter()
+            .map(|text| StoredMessage {
+                sender: sender_id.clone(),
+                text,
+                sent_at_ms: now,
+                system: sender == Sender::System,
+            })
+            .collect();
+        let last = first + stored.len() as u64 - 1;
+        let rows: Vec<Vec<u8>> = stored.iter().map(json).collect();
         let id = room.id.clone();
         let mark_for = (sender != Sender::System).then(|| sender_id.clone());
         self.deps
             .writer
             .write(move |txn| {
-                txn.open_table(MESSAGES)?
-                    .insert((id.as_str(), offset), bytes.as_slice())?;
-                txn.open_table(OFFSETS)?.insert(id.as_str(), offset)?;
+                let mut messages = txn.open_table(MESSAGES)?;
+                for (offset, bytes) in (first..).zip(&rows) {
+                    messages.insert((id.as_str(), offset), bytes.as_slice())?;
+                }
+                txn.open_table(OFFSETS)?.insert(id.as_str(), last)?;
                 if let Some(u) = &mark_for {
                     txn.open_table(READ_MARKS)?
-                        .insert((u.as_str(), id.as_str()), offset)?;
+                        .insert((u.as_str(), id.as_str()), last)?;
                 }
                 Ok(())
             })
             .await?;
-        room.last_offset = offset;
-        let message = message_wire(&room.id, offset, stored);
-        room.last_message = Some(message.clone());
+        room.last_offset = last;
+        let messages: Vec<v1::ChatMessage> = (first..)
+            .zip(stored)
+            .map(|(offset, m)| message_wire(&room.id, offset, m))
+            .collect();
+        room.last_message = messages.last().cloned();
         if sender != Sender::System {
             self.read_marks
-                .insert((sender_id, room.id.clone()), offset)
+                .insert((sender_id, room.id.clone()), last)
                 .await;
         }
         // Published under the room lock: in offset order, after any catch-up.
-        self.deps
-            .hub
-            .publish(&topic(&room.id), StreamKind::Chat, &message_push(&message));
-        Ok(message)
+        for m in &messages {
+            self.deps
+                .hub
+                .publish(&topic(&room.id), StreamKind::Chat, &message_push(m));
+        }
+        Ok(messages)
     }
 
     fn read_messages(

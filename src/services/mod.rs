@@ -2,6 +2,7 @@
 //! messages, never a QUIC or WebTransport type; each owns its redb tables.
 
 pub mod analytics;
+pub mod catch_up;
 pub mod chat;
 pub mod collab;
 pub mod notify;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use redb::{ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::catch_up::{CatchUpStream, catch_up};
 use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push};
@@ -101,6 +102,46 @@ fn wire(user: &str, offset: u64, n: StoredNote) -> v1::Notification {
 
 fn topic(user: &str) -> String {
     format!("notify/{user}")
+}
+
+/// A user's notifications as a session catching up sees them.
+struct NoteStream<'a> {
+    notify: &'a NotifyService,
+    ctx: &'a SessionCtx,
+}
+
+impl CatchUpStream for NoteStream<'_> {
+    type Guard<'g>
+        = tokio::sync::MutexGuard<'g, ()>
+    where
+        Self: 'g;
+
+    async fn lock(&self) -> Result<Option<(Self::Guard<'_>, u64)>, StoreError> {
+        let user = self.ctx.user_id();
+        let guard = self.notify.stripe(user).lock().await;
+        let (last, _) = self.notify.user_state(user).await?;
+        Ok(Some((guard, last)))
+    }
+
+    fn read(&self, from: u64, to: u64) -> Result<Vec<v1::Push>, StoreError> {
+        Ok(self
+            .notify
+            .read_range(self.ctx.user_id(), from, to)?
+            .into_iter()
+            .map(|note| v1::Push {
+                stream: RESUME_KEY.into(),
+                offset: note.offset,
+                event: Some(push::Event::Notification(note)),
+            })
+            .collect())
+    }
+
+    fn subscribe<'g>(&'g self, _stripe: &mut Self::Guard<'g>) {
+        self.notify
+            .deps
+            .hub
+            .subscribe(&topic(self.ctx.user_id()), self.ctx.subscriber.clone());
+    }
 }
 
 /// The notification service.
@@ -221,42 +262,21 @@ impl NotifyService {
     }
 
     /// A session opened: it gets the notifications after its resume offset (if
-    /// given), in order, then the live ones.
+    /// given), in order, then the live ones. See [`super::catch_up`]: the backlog
+    /// is streamed outside the user's lock.
     pub async fn connected(&self, ctx: &SessionCtx, resume: &HashMap<String, u64>) {
-        let user = ctx.user_id();
-        let _guard = self.stripe(user).lock().await;
-        if let Some(&from) = resume.get(RESUME_KEY) {
-            let Ok((last, _)) = self.user_state(user).await else {
-                return;
-            };
-            let mut next = from + 1;
-            while next <= last {
-                let end = (next + 255).min(last);
-                let Ok(notes) = self.read_range(user, next, end) else {
-                    return;
-                };
-                for note in notes {
-                    let offset = note.offset;
-                    let push = v1::Push {
-                        stream: RESUME_KEY.into(),
-                        offset,
-                        event: Some(push::Event::Notification(note)),
-                    };
-                    if ctx
-                        .subscriber
-                        .push_wait(StreamKind::Notifications, push)
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                next = end + 1;
-            }
+        let stream = NoteStream { notify: self, ctx };
+        let from = resume.get(RESUME_KEY).copied();
+        if let Err(e) = catch_up(
+            &stream,
+            ctx.subscriber.as_ref(),
+            StreamKind::Notifications,
+            from,
+        )
+        .await
+        {
+            tracing::error!(error = %e, "reading notifications for a catch-up");
         }
-        self.deps
-            .hub
-            .subscribe(&topic(user), ctx.subscriber.clone());
     }
 
     /// A session ended.
