@@ -18,6 +18,7 @@
 //! gateway then closes the session).
 
 use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 
 use crate::hub::Subscriber;
 use crate::protocol::v1::{Push, StreamKind};
@@ -32,19 +33,17 @@ pub const MAX_ROUNDS: usize = 16;
 /// A stream a session can catch up on.
 pub(crate) trait CatchUpStream {
     /// The stream's lock, held while publishing and while subscribing.
-    type Guard<'g>
-    where
-        Self: 'g;
+    type Guard: Send;
 
     /// Takes the stream's lock and reads its last offset; `None` when the session
     /// may no longer read the stream (it left the room meanwhile).
-    async fn lock(&self) -> Result<Option<(Self::Guard<'_>, u64)>, StoreError>;
+    async fn lock(&self) -> Result<Option<(Self::Guard, u64)>, StoreError>;
 
     /// The pushes of the entries `from..=to`, in offset order.
-    fn read(&self, from: u64, to: u64) -> Result<Vec<Push>, StoreError>;
+    fn read(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<Push>, StoreError>>;
 
     /// Subscribes the session to the live stream; called under the lock.
-    fn subscribe<'g>(&'g self, guard: &mut Self::Guard<'g>);
+    fn subscribe(&self, guard: &mut Self::Guard);
 }
 
 /// How a catch-up ended.
@@ -81,7 +80,7 @@ pub(crate) async fn catch_up<S: CatchUpStream>(
         };
         let last_round = rounds >= MAX_ROUNDS;
         if cursor < last && (last - cursor <= PAGE || last_round) {
-            match push_now(stream, sub, kind, cursor, last, last_round)? {
+            match push_now(stream, sub, kind, cursor, last, last_round).await? {
                 Now::Done => cursor = last,
                 Now::Full(at) => cursor = at,
                 Now::Slow => return Ok(CatchUp::Slow),
@@ -95,7 +94,7 @@ pub(crate) async fn catch_up<S: CatchUpStream>(
         // Outside the lock: the range up to `last`, waiting for queue room.
         while cursor < last {
             let end = cursor + PAGE.min(last - cursor);
-            for push in stream.read(cursor + 1, end)? {
+            for push in stream.read(cursor + 1, end).await? {
                 if sub.push_wait(kind, push).await.is_err() {
                     return Ok(CatchUp::Slow);
                 }
@@ -118,7 +117,7 @@ enum Now {
 
 /// Pushes `(cursor, last]` without waiting: `force` pushes as live pushes do (a full
 /// queue marks the session slow); otherwise a full queue stops the push.
-fn push_now<S: CatchUpStream>(
+async fn push_now<S: CatchUpStream>(
     stream: &S,
     sub: &dyn Subscriber,
     kind: StreamKind,
@@ -128,7 +127,7 @@ fn push_now<S: CatchUpStream>(
 ) -> Result<Now, StoreError> {
     while cursor < last {
         let end = cursor + PAGE.min(last - cursor);
-        for push in stream.read(cursor + 1, end)? {
+        for push in stream.read(cursor + 1, end).await? {
             let offset = push.offset;
             if force {
                 if sub.push(kind, push).is_err() {

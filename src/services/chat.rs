@@ -23,16 +23,20 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::catch_up::{CatchUp, CatchUpStream, catch_up};
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt, json, validate_id};
+use super::{
+    ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json, validate_id,
+};
 use crate::hub::Subscriber;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push, room_event};
-use crate::store::StoreError;
 use crate::store::registry::Loaded;
+use crate::store::{OffsetLog, RedbLog, StoreError};
 use crate::util::unix_millis;
+use futures_util::future::BoxFuture;
 
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("chat_rooms");
 const OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("chat_room_offsets");
+/// The messages' offset log ([`RedbLog`]) keeps them in this table.
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chat_messages");
 const USER_ROOMS: TableDefinition<(&str, &str), u8> = TableDefinition::new("chat_user_rooms");
 const READ_MARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("chat_read_marks");
@@ -118,6 +122,8 @@ pub struct ChatService {
     deps: ServiceDeps,
     config: ChatConfig,
     rooms: crate::store::registry::Registry<RoomState>,
+    /// Each room's messages.
+    log: RedbLog,
     read_marks: crate::store::cache::Cache<(String, String), u64>,
     /// session → rooms it is subscribed to.
     subscribed: Mutex<HashMap<String, HashSet<String>>>,
@@ -143,13 +149,10 @@ struct RoomStream<'a> {
 }
 
 impl CatchUpStream for RoomStream<'_> {
-    type Guard<'g>
-        = tokio::sync::MutexGuard<'g, RoomState>
-    where
-        Self: 'g;
+    type Guard = tokio::sync::OwnedMutexGuard<RoomState>;
 
-    async fn lock(&self) -> Result<Option<(Self::Guard<'_>, u64)>, StoreError> {
-        let room = self.handle.lock().await;
+    async fn lock(&self) -> Result<Option<(Self::Guard, u64)>, StoreError> {
+        let room = self.handle.clone().lock_owned().await;
         if !room.meta.participants.contains(self.ctx.user_id()) {
             return Ok(None);
         }
@@ -157,16 +160,19 @@ impl CatchUpStream for RoomStream<'_> {
         Ok(Some((room, last)))
     }
 
-    fn read(&self, from: u64, to: u64) -> Result<Vec<v1::Push>, StoreError> {
-        Ok(self
-            .chat
-            .read_messages(self.room_id, from, to)?
-            .iter()
-            .map(message_push)
-            .collect())
+    fn read(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<v1::Push>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .chat
+                .read_messages(self.room_id, from, to)
+                .await?
+                .iter()
+                .map(message_push)
+                .collect())
+        })
     }
 
-    fn subscribe<'g>(&'g self, _room: &mut Self::Guard<'g>) {
+    fn subscribe(&self, _room: &mut Self::Guard) {
         self.chat
             .subscribe(self.ctx.subscriber.clone(), self.room_id);
     }
@@ -207,9 +213,11 @@ impl ChatService {
         txn.open_table(USER_ROOMS)?;
         txn.open_table(READ_MARKS)?;
         txn.commit()?;
+        let log = RedbLog::open(&deps.store, &deps.writer, "chat_messages", "chat_epochs")?;
         Ok(Arc::new(Self {
             deps,
             config,
+            log,
             rooms: crate::store::registry::Registry::new(
                 "rooms",
                 100_000,
@@ -671,13 +679,12 @@ impl ChatService {
         let rows: Vec<Vec<u8>> = stored.iter().map(json).collect();
         let id = room.id.clone();
         let mark_for = (sender != Sender::System).then(|| sender_id.clone());
+        let log = self.log.clone();
         self.deps
             .writer
             .write(move |txn| {
-                let mut messages = txn.open_table(MESSAGES)?;
-                for (offset, bytes) in (first..).zip(&rows) {
-                    messages.insert((id.as_str(), offset), bytes.as_slice())?;
-                }
+                log.append_in(txn, &id, first - 1, &rows)
+                    .map_err(append_failed)?;
                 txn.open_table(OFFSETS)?.insert(id.as_str(), last)?;
                 if let Some(u) = &mark_for {
                     txn.open_table(READ_MARKS)?
@@ -706,21 +713,21 @@ impl ChatService {
         Ok(messages)
     }
 
-    fn read_messages(
+    /// The messages `from..=to` of a room.
+    async fn read_messages(
         &self,
         room: &str,
         from: u64,
         to: u64,
     ) -> Result<Vec<v1::ChatMessage>, StoreError> {
-        let txn = self.deps.store.db().begin_read()?;
-        let table = txn.open_table(MESSAGES)?;
-        let mut out = Vec::new();
-        for entry in table.range((room, from)..=(room, to))? {
-            let (key, value) = entry?;
-            let m: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
-            out.push(message_wire(room, key.value().1, m));
-        }
-        Ok(out)
+        let entries = self.log.read(room, from, to, usize::MAX).await?;
+        entries
+            .into_iter()
+            .map(|e| {
+                let m: StoredMessage = serde_json::from_slice(&e.data).map_err(corrupt)?;
+                Ok(message_wire(room, e.offset, m))
+            })
+            .collect()
     }
 
     /// A page of history before an offset.
@@ -744,7 +751,7 @@ impl ChatService {
             last,
         );
         let messages = match page {
-            Some(p) => self.read_messages(&req.room_id, p.from, p.to)?,
+            Some(p) => self.read_messages(&req.room_id, p.from, p.to).await?,
             None => vec![],
         };
         Ok(v1::ChatHistoryResponse {

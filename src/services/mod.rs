@@ -93,6 +93,15 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain data serializes")
 }
 
+/// An append to an offset log that was refused inside a service's own transaction
+/// (the service holds the stream's lock, so this is a broken invariant).
+fn append_failed(e: crate::store::AppendError) -> crate::store::StoreError {
+    match e {
+        crate::store::AppendError::Store(e) => e,
+        other => crate::store::StoreError::Write(other.to_string()),
+    }
+}
+
 /// Stored data that does not decode.
 fn corrupt(e: impl std::fmt::Display) -> crate::store::StoreError {
     crate::store::StoreError::Corrupt(e.to_string())

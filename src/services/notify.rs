@@ -14,12 +14,16 @@ use redb::{ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::catch_up::{CatchUpStream, catch_up};
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt};
+use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt};
+use futures_util::future::BoxFuture;
+
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push};
-use crate::store::StoreError;
+use crate::store::{OffsetLog, RedbLog, StoreError};
 use crate::util::unix_millis;
 
+/// The notifications' offset log ([`RedbLog`]) keeps them in this table; marking one
+/// read rewrites its entry in place.
 const NOTES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("notify_notes");
 /// user → (last offset, unread count).
 const STATE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("notify_state");
@@ -111,32 +115,32 @@ struct NoteStream<'a> {
 }
 
 impl CatchUpStream for NoteStream<'_> {
-    type Guard<'g>
-        = tokio::sync::MutexGuard<'g, ()>
-    where
-        Self: 'g;
+    type Guard = tokio::sync::OwnedMutexGuard<()>;
 
-    async fn lock(&self) -> Result<Option<(Self::Guard<'_>, u64)>, StoreError> {
+    async fn lock(&self) -> Result<Option<(Self::Guard, u64)>, StoreError> {
         let user = self.ctx.user_id();
-        let guard = self.notify.stripe(user).lock().await;
+        let guard = self.notify.stripe(user).clone().lock_owned().await;
         let (last, _) = self.notify.user_state(user).await?;
         Ok(Some((guard, last)))
     }
 
-    fn read(&self, from: u64, to: u64) -> Result<Vec<v1::Push>, StoreError> {
-        Ok(self
-            .notify
-            .read_range(self.ctx.user_id(), from, to)?
-            .into_iter()
-            .map(|note| v1::Push {
-                stream: RESUME_KEY.into(),
-                offset: note.offset,
-                event: Some(push::Event::Notification(note)),
-            })
-            .collect())
+    fn read(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<v1::Push>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .notify
+                .read_range(self.ctx.user_id(), from, to)
+                .await?
+                .into_iter()
+                .map(|note| v1::Push {
+                    stream: RESUME_KEY.into(),
+                    offset: note.offset,
+                    event: Some(push::Event::Notification(note)),
+                })
+                .collect())
+        })
     }
 
-    fn subscribe<'g>(&'g self, _stripe: &mut Self::Guard<'g>) {
+    fn subscribe(&self, _stripe: &mut Self::Guard) {
         self.notify
             .deps
             .hub
@@ -149,7 +153,9 @@ impl CatchUpStream for NoteStream<'_> {
 pub struct NotifyService {
     deps: ServiceDeps,
     config: NotifyConfig,
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Each user's notifications.
+    log: RedbLog,
     state: crate::store::cache::Cache<String, (u64, u64)>,
 }
 
@@ -161,10 +167,14 @@ impl NotifyService {
         txn.open_table(NOTES)?;
         txn.open_table(STATE)?;
         txn.commit()?;
+        let log = RedbLog::open(&deps.store, &deps.writer, "notify_notes", "notify_epochs")?;
         Ok(Arc::new(Self {
             deps,
             config,
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            log,
+            stripes: (0..STRIPES)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect(),
             state: crate::store::cache::CacheSpec::new(
                 1_000_000,
                 std::time::Duration::from_secs(600),
@@ -173,7 +183,7 @@ impl NotifyService {
         }))
     }
 
-    fn stripe(&self, user: &str) -> &tokio::sync::Mutex<()> {
+    fn stripe(&self, user: &str) -> &Arc<tokio::sync::Mutex<()>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         user.hash(&mut h);
         &self.stripes[(h.finish() as usize) % STRIPES]
@@ -234,11 +244,12 @@ impl NotifyService {
         };
         let bytes = serde_json::to_vec(&stored).expect("plain data");
         let u = user.to_owned();
+        let log = self.log.clone();
         self.deps
             .writer
             .write(move |txn| {
-                txn.open_table(NOTES)?
-                    .insert((u.as_str(), offset), bytes.as_slice())?;
+                log.append_in(txn, &u, offset - 1, std::slice::from_ref(&bytes))
+                    .map_err(append_failed)?;
                 txn.open_table(STATE)?
                     .insert(u.as_str(), (offset, unread + 1))?;
                 Ok(())
@@ -286,21 +297,21 @@ impl NotifyService {
             .unsubscribe(&topic(ctx.user_id()), ctx.session_id());
     }
 
-    fn read_range(
+    /// The notifications `from..=to` of a user.
+    async fn read_range(
         &self,
         user: &str,
         from: u64,
         to: u64,
     ) -> Result<Vec<v1::Notification>, StoreError> {
-        let txn = self.deps.store.db().begin_read()?;
-        let table = txn.open_table(NOTES)?;
-        let mut out = Vec::new();
-        for entry in table.range((user, from)..=(user, to))? {
-            let (key, value) = entry?;
-            let n: StoredNote = serde_json::from_slice(value.value()).map_err(corrupt)?;
-            out.push(wire(user, key.value().1, n));
-        }
-        Ok(out)
+        let entries = self.log.read(user, from, to, usize::MAX).await?;
+        entries
+            .into_iter()
+            .map(|e| {
+                let n: StoredNote = serde_json::from_slice(&e.data).map_err(corrupt)?;
+                Ok(wire(user, e.offset, n))
+            })
+            .collect()
     }
 
     /// A page of the caller's notifications.
@@ -317,7 +328,7 @@ impl NotifyService {
         let page = super::Page::before(req.before_offset, req.limit, self.config.max_page, last);
         Ok(v1::NotifyListResponse {
             notifications: match page {
-                Some(p) => self.read_range(user, p.from, p.to)?,
+                Some(p) => self.read_range(user, p.from, p.to).await?,
                 None => vec![],
             },
             more: page.is_some_and(|p| p.more()),
