@@ -344,20 +344,21 @@ pub struct SeriesQuery {
     pub resolution: Option<std::time::Duration>,
 }
 
+/// A query's duration in milliseconds; one past 2^64-1 ms is 2^64-1 ms (longer than
+/// any history), never a truncated number.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 async fn analytics_series(
     State(s): State<ApiState>,
     axum::extract::Query(q): axum::extract::Query<SeriesQuery>,
 ) -> Response {
-    let resolution = q.resolution.map_or(0, |d| d.as_millis() as u64);
+    let resolution = q.resolution.map_or(0, millis);
     match s
         .services
         .analytics
-        .series(
-            &q.kind,
-            &q.dimension,
-            q.duration.as_millis() as u64,
-            resolution,
-        )
+        .series(&q.kind, &q.dimension, millis(q.duration), resolution)
         .await
     {
         Ok(series) => Json(series).into_response(),
@@ -391,12 +392,7 @@ async fn analytics_top(
     axum::extract::Query(q): axum::extract::Query<WindowQuery>,
 ) -> Response {
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
-    match s
-        .services
-        .analytics
-        .top(q.window.as_millis() as u64, limit)
-        .await
-    {
+    match s.services.analytics.top(millis(q.window), limit).await {
         Ok(types) => Json(
             types
                 .into_iter()
@@ -421,12 +417,7 @@ async fn analytics_users(
     State(s): State<ApiState>,
     axum::extract::Query(q): axum::extract::Query<WindowQuery>,
 ) -> Response {
-    match s
-        .services
-        .analytics
-        .distinct_users(q.window.as_millis() as u64)
-        .await
-    {
+    match s.services.analytics.distinct_users(millis(q.window)).await {
         Ok((estimate, window_ms)) => Json(UsersJson {
             estimate,
             window_ms,

@@ -137,6 +137,7 @@ both_transports!(
     typing_reaches_participants_only,
     reconnect_resumes_exactly_the_missed_messages,
     resuming_from_zero_in_a_large_room_does_not_stall_it,
+    resume_and_history_offsets_at_the_extremes,
 );
 
 async fn every_device_of_every_participant_receives_messages(t: TransportKind) {
@@ -490,6 +491,39 @@ async fn reconnect_resumes_exactly_the_missed_messages(t: TransportKind) {
             _ => {}
         }
     }
+}
+
+/// Resuming a room from 0 replays every message; from 2^64-1 (beyond the end) none,
+/// and the live ones still follow. `before_offset` 2^64-1 pages from the newest;
+/// marking read at 2^64-1 is capped at the last message.
+async fn resume_and_history_offsets_at_the_extremes(t: TransportKind) {
+    let s = TestServer::start().await;
+    let a = s.connect(t, "alice").await;
+    create_room(&a, "r", &["bob"]).await;
+    let mut sent = Vec::new();
+    for i in 1..=3 {
+        sent.push(send(&a, "r", &format!("m{i}")).await.unwrap());
+    }
+    let resume = |offset: u64| {
+        let mut config = s.client_config(t, &s.token("bob"));
+        config.resume = HashMap::from([("room/r".to_string(), offset)]);
+        Client::connect(config)
+    };
+    let b = resume(0).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(next_message(&b).await);
+    }
+    assert_eq!(got, sent);
+    drop(b);
+    let b = resume(u64::MAX).await.unwrap();
+    let page = history(&b, "r", u64::MAX, 2).await.unwrap();
+    assert_eq!(page.messages, sent[1..]);
+    assert!(page.more);
+    let live = send(&a, "r", "live").await.unwrap();
+    assert_eq!(next_message(&b).await, live, "nothing replayed before it");
+    let r = mark_read(&b, "r", u64::MAX).await.unwrap();
+    assert_eq!((r.read_offset, r.unread), (4, 0));
 }
 
 /// Messages in the room the large-room test seeds.

@@ -189,14 +189,24 @@ pub fn op_from_wire(op: Option<v1::TextOp>) -> Result<TextOperation, OtError> {
         .components
         .into_iter()
         .enumerate()
-        .map(|(i, c)| match c.kind {
-            Some(Kind::Retain(n)) => Ok(Component::Retain(n as usize)),
-            Some(Kind::Insert(s)) => Ok(Component::Insert(s)),
-            Some(Kind::Delete(n)) => Ok(Component::Delete(n as usize)),
-            None => Err(OtError::InvalidComponent {
-                index: i,
-                found: "an empty component".into(),
-            }),
+        .map(|(i, c)| {
+            // A length that does not fit this platform's usize is malformed, not
+            // truncated.
+            let len = |n: u64| {
+                usize::try_from(n).map_err(|_| OtError::InvalidComponent {
+                    index: i,
+                    found: format!("a length of {n}"),
+                })
+            };
+            match c.kind {
+                Some(Kind::Retain(n)) => Ok(Component::Retain(len(n)?)),
+                Some(Kind::Insert(s)) => Ok(Component::Insert(s)),
+                Some(Kind::Delete(n)) => Ok(Component::Delete(len(n)?)),
+                None => Err(OtError::InvalidComponent {
+                    index: i,
+                    found: "an empty component".into(),
+                }),
+            }
         });
     let comps: Vec<Component> = comps.collect::<Result<_, _>>()?;
     TextOperation::from_components(comps)

@@ -127,14 +127,14 @@ impl Page {
     /// `before` (0: after the newest). `None` when it would be empty.
     pub fn before(before: u64, limit: u32, max: u32, last: u64) -> Option<Page> {
         let limit = u64::from(if limit == 0 { max } else { limit.min(max) });
-        let end = if before == 0 {
-            last + 1
+        let to = if before == 0 {
+            last
         } else {
-            before.min(last + 1)
+            (before - 1).min(last)
         };
-        (end > 1 && limit > 0).then(|| Page {
-            from: end.saturating_sub(limit).max(1),
-            to: end - 1,
+        (to > 0 && limit > 0).then(|| Page {
+            from: to.saturating_sub(limit - 1).max(1),
+            to,
         })
     }
 
@@ -338,6 +338,19 @@ mod tests {
             Page::before(99, 2, 100, 10),
             Some(Page { from: 9, to: 10 }),
             "clamped"
+        );
+        assert_eq!(
+            Page::before(u64::MAX, 2, 100, 10),
+            Some(Page { from: 9, to: 10 }),
+            "the largest cursor is the newest page"
+        );
+        assert_eq!(
+            Page::before(0, 2, 100, u64::MAX),
+            Some(Page {
+                from: u64::MAX - 1,
+                to: u64::MAX
+            }),
+            "a full stream does not wrap"
         );
     }
 }

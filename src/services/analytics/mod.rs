@@ -598,10 +598,16 @@ impl AnalyticsService {
             return Err(ServiceError::bad_request("duration must be positive"));
         }
         let (source, width) = self.source(duration_ms, resolution_ms);
-        let res = resolution_ms.max(width).div_ceil(width) * width;
+        let too_coarse = || ServiceError::bad_request("resolution too large");
+        let res = resolution_ms
+            .max(width)
+            .div_ceil(width)
+            .checked_mul(width)
+            .ok_or_else(too_coarse)?;
         let now = self.clock.now_ms();
         let first = now.saturating_sub(duration_ms - 1) / res * res;
         let last = now / res * res;
+        let end = last.checked_add(res).ok_or_else(too_coarse)?;
         let n = (last - first) / res + 1;
         if n > MAX_POINTS {
             return Err(ServiceError::new(
@@ -611,7 +617,7 @@ impl AnalyticsService {
         }
         let mut points: Vec<(u64, u64)> = (0..n).map(|i| (first + i * res, 0)).collect();
         let mut add = |start: u64, count: u64| {
-            if start >= first && start < last + res {
+            if start >= first && start < end {
                 points[((start - first) / res) as usize].1 += count;
             }
         };
@@ -646,7 +652,7 @@ impl AnalyticsService {
                 };
                 let txn = self.deps.store.db().begin_read()?;
                 let t = txn.open_table(table)?;
-                for row in t.range((name.as_str(), first)..(name.as_str(), last + res))? {
+                for row in t.range((name.as_str(), first)..(name.as_str(), end))? {
                     let (k, v) = row?;
                     add(k.value().1, v.value());
                 }
