@@ -44,10 +44,6 @@ pub struct Config {
     pub api: ApiConfig,
     /// Analytics and metrics streaming.
     pub analytics: crate::services::analytics::AnalyticsConfig,
-    /// The clock analytics buckets are counted by; tests set a manual one. Not read
-    /// from configuration files.
-    #[serde(skip)]
-    pub clock: crate::clock::Clock,
 }
 
 /// The server API (HTTP, for backends).
@@ -78,7 +74,6 @@ impl Default for Config {
             presence: Default::default(),
             api: Default::default(),
             analytics: Default::default(),
-            clock: Default::default(),
         }
     }
 }

@@ -119,7 +119,7 @@ both_transports!(
 async fn counts_are_exact_across_bucket_boundaries(t: TransportKind) {
     let clock = Clock::manual(MINUTE - 7_000);
     let c2 = clock.clone();
-    let s = TestServer::start_with(move |c| c.clock = c2).await;
+    let s = TestServer::start_with_clock(c2, |_| {}).await;
     let ops = connect_as(&s, t, "ops", &["metrics"]).await;
     let alice = s.connect(t, "alice").await;
     let bob = s.connect(t, "bob").await;
@@ -419,7 +419,7 @@ async fn queries_and_streams_need_the_metrics_role(t: TransportKind) {
 async fn huge_durations_and_resolutions_are_exact_or_refused(t: TransportKind) {
     let clock = Clock::manual(MINUTE + 1_000);
     let c2 = clock.clone();
-    let s = TestServer::start_with(move |c| c.clock = c2).await;
+    let s = TestServer::start_with_clock(c2, |_| {}).await;
     let ops = connect_as(&s, t, "ops", &["metrics"]).await;
     let alice = s.connect(t, "alice").await;
     alice.track(vec![event("signup", 2)]).await.unwrap();
@@ -478,8 +478,7 @@ async fn huge_durations_and_resolutions_are_exact_or_refused(t: TransportKind) {
 async fn rate_limits_and_caps_refuse_whole_batches(t: TransportKind) {
     let clock = Clock::manual(MINUTE);
     let c2 = clock.clone();
-    let s = TestServer::start_with(move |c| {
-        c.clock = c2;
+    let s = TestServer::start_with_clock(c2, |c| {
         c.analytics.events_per_sec = 10;
         c.analytics.max_count = 5; // the burst is 2 s worth: 20
         c.analytics.max_event_types = 3;
@@ -603,9 +602,9 @@ async fn rollups_from_the_server_api_survive_a_restart() {
     tokio::time::timeout(support::TEST_TIMEOUT, async {
         let clock = Clock::manual(MINUTE + 1_000);
         let dir = tempfile::tempdir().unwrap();
-        let mut config = support::test_config(dir.path());
-        config.clock = clock.clone();
-        let mut s = TestServer { server: Some(tutti::start(config.clone()).await.unwrap()), dir };
+        let config = support::test_config(dir.path());
+        let start = |config| tutti::server::start_with_clock(config, clock.clone());
+        let mut s = TestServer { server: Some(start(config.clone()).await.unwrap()), dir };
 
         // Backends: the API key, users named per event.
         let body = r#"{"events":[
@@ -634,7 +633,7 @@ async fn rollups_from_the_server_api_survive_a_restart() {
 
         s.shutdown().await; // flushes what is pending
         clock.advance(3_600_000); // an hour later: the fine window is gone
-        s.server = Some(tutti::start(config).await.unwrap());
+        s.server = Some(start(config).await.unwrap());
 
         let (status, text) = s
             .api("GET", "/api/v1/analytics/series?type=order.paid&duration=2h&resolution=1h", None)

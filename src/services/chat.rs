@@ -15,7 +15,9 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
@@ -31,7 +33,6 @@ use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push, room_event};
 use crate::store::registry::Loaded;
 use crate::store::{OffsetLog, RedbLog, StoreError};
-use crate::util::unix_millis;
 use futures_util::future::BoxFuture;
 
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("chat_rooms");
@@ -244,7 +245,7 @@ impl ChatService {
             }
         };
         for room_id in rooms {
-            let Ok(Some(handle)) = self.load(&room_id) else {
+            let Ok(Some(handle)) = self.load(&room_id).await else {
                 continue;
             };
             let stream = RoomStream {
@@ -425,7 +426,8 @@ impl ChatService {
             ));
         }
         let handle = self
-            .load(&id)?
+            .load(&id)
+            .await?
             .ok_or_else(|| ServiceError::internal("room vanished"))?;
         let room = handle.lock().await;
         let event = self.room_event(room_event::Kind::Created, &room, ctx.user_id());
@@ -442,9 +444,9 @@ impl ChatService {
 
     /// The room, if it exists and `user` is in it; `NOT_FOUND` otherwise (the same
     /// answer either way, so that outsiders cannot learn which rooms exist).
-    fn room_for(&self, room_id: &str) -> ServiceResult<Loaded<RoomState>> {
+    async fn room_for(&self, room_id: &str) -> ServiceResult<Loaded<RoomState>> {
         validate_id("room", room_id)?;
-        self.load(room_id)?.ok_or_else(not_found)
+        self.load(room_id).await?.ok_or_else(not_found)
     }
 
     async fn write_meta(
@@ -484,7 +486,7 @@ impl ChatService {
         req: v1::RoomAddRequest,
     ) -> ServiceResult<v1::RoomAddResponse> {
         crate::auth::validate_user_id(&req.user_id).map_err(ServiceError::bad_request)?;
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
         let mut meta = room.meta.clone();
@@ -540,7 +542,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::RoomRemoveRequest,
     ) -> ServiceResult<v1::RoomRemoveResponse> {
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
         self.drop_participant(&mut room, &req.user_id, room_event::Kind::Removed)
@@ -554,7 +556,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::RoomLeaveRequest,
     ) -> ServiceResult<v1::RoomLeaveResponse> {
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let mut room = handle.lock().await;
         if !room.meta.participants.contains(ctx.user_id()) {
             return Err(not_found());
@@ -653,7 +655,7 @@ impl ChatService {
         if texts.is_empty() {
             return Ok(vec![]);
         }
-        let handle = self.room_for(room_id)?;
+        let handle = self.room_for(room_id).await?;
         let mut room = handle.lock().await;
         let sender_id = match sender {
             Sender::User(u) => {
@@ -665,7 +667,7 @@ impl ChatService {
             Sender::System => String::new(),
         };
         let first = room.last_offset + 1;
-        let now = unix_millis();
+        let now = self.deps.clock.now_ms();
         let stored: Vec<StoredMessage> = texts
             .into_iter()
             .map(|text| StoredMessage {
@@ -736,7 +738,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::ChatHistoryRequest,
     ) -> ServiceResult<v1::ChatHistoryResponse> {
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let last = {
             let room = handle.lock().await;
             if !room.meta.participants.contains(ctx.user_id()) {
@@ -785,7 +787,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::ChatMarkReadRequest,
     ) -> ServiceResult<v1::ChatMarkReadResponse> {
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let room = handle.lock().await;
         let user = ctx.user_id();
         if !room.meta.participants.contains(user) {
@@ -830,7 +832,7 @@ impl ChatService {
     pub async fn list(&self, ctx: &SessionCtx) -> ServiceResult<v1::RoomListResponse> {
         let mut rooms = Vec::new();
         for id in self.user_rooms(ctx.user_id())? {
-            let Some(handle) = self.load(&id)? else {
+            let Some(handle) = self.load(&id).await? else {
                 continue;
             };
             let room = handle.lock().await;
@@ -852,7 +854,7 @@ impl ChatService {
     pub async fn co_participants(&self, user: &str) -> ServiceResult<BTreeSet<String>> {
         let mut out = BTreeSet::new();
         for id in self.user_rooms(user)? {
-            if let Some(handle) = self.load(&id)? {
+            if let Some(handle) = self.load(&id).await? {
                 let room = handle.lock().await;
                 if room.meta.participants.contains(user) {
                     out.extend(room.meta.participants.iter().cloned());
@@ -865,7 +867,7 @@ impl ChatService {
 
     /// A room's participants (server API).
     pub async fn participants(&self, room_id: &str) -> ServiceResult<Vec<String>> {
-        let handle = self.room_for(room_id)?;
+        let handle = self.room_for(room_id).await?;
         let room = handle.lock().await;
         Ok(room.meta.participants.iter().cloned().collect())
     }
@@ -911,8 +913,8 @@ impl ChatService {
 
     // ---- loading ----------------------------------------------------------------
 
-    fn load(&self, id: &str) -> ServiceResult<Option<Loaded<RoomState>>> {
-        Ok(self.rooms.get_or_load(id, || self.read_room(id))?)
+    async fn load(&self, id: &str) -> ServiceResult<Option<Loaded<RoomState>>> {
+        Ok(self.rooms.get_or_load(id, || self.read_room(id)).await?)
     }
 
     fn read_room(&self, id: &str) -> Result<Option<RoomState>, StoreError> {

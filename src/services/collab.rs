@@ -15,14 +15,20 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt, json, validate_id};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt, json, validate_id,
+};
 use crate::ot::{Authority, Component, OtError, TextOperation};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, DocRole, StreamKind, push};
@@ -213,8 +219,12 @@ pub fn op_from_wire(op: Option<v1::TextOp>) -> Result<TextOperation, OtError> {
 }
 
 impl CollabService {
-    /// Opens the service (creating its tables) and starts the cursor settle task.
-    pub fn open(deps: ServiceDeps, config: CollabConfig) -> Result<Arc<Self>, StoreError> {
+    /// Opens the service (creating its tables). The returned work settles cursors
+    /// until the node stops.
+    pub fn open(
+        deps: ServiceDeps,
+        config: CollabConfig,
+    ) -> Result<(Arc<Self>, Background), StoreError> {
         let mut txn = deps.store.db().begin_write()?;
         txn.set_quick_repair(true);
         txn.open_table(DOCS)?;
@@ -229,8 +239,11 @@ impl CollabService {
             sessions: Mutex::new(HashMap::new()),
             cursors: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(settle_cursors(Arc::downgrade(&service)));
-        Ok(service)
+        let work = Background::new(
+            "collab cursors",
+            settle_cursors(Arc::downgrade(&service), service.deps.shutdown.clone()),
+        );
+        Ok((service, work))
     }
 
     /// Creates a document owned by the caller.
@@ -308,7 +321,7 @@ impl CollabService {
         if role == DocRole::Owner {
             return Err(ServiceError::bad_request("a document has one owner"));
         }
-        let handle = self.load(&req.doc_id)?.ok_or_else(not_found)?;
+        let handle = self.load(&req.doc_id).await?.ok_or_else(not_found)?;
         let mut d = handle.lock().await;
         match d.meta.role_of(ctx.user_id()) {
             DocRole::Owner => {}
@@ -351,7 +364,7 @@ impl CollabService {
         req: v1::DocOpenRequest,
     ) -> ServiceResult<v1::DocOpenResponse> {
         validate_id("document", &req.doc_id)?;
-        let handle = self.load(&req.doc_id)?.ok_or_else(not_found)?;
+        let handle = self.load(&req.doc_id).await?.ok_or_else(not_found)?;
         let mut d = handle.lock().await;
         let role = d.meta.role_of(ctx.user_id());
         if role == DocRole::Unspecified {
@@ -631,7 +644,7 @@ impl CollabService {
         if let Err(e) = write {
             // Memory is ahead of the disk now: retire this copy.
             d.broken = true;
-            self.docs.forget(&d.id);
+            self.docs.forget(&d.id).await;
             return Err(ServiceError::internal(e));
         }
         if snapshot_taken {
@@ -748,8 +761,8 @@ impl CollabService {
     }
 
     /// The loaded document, loading it from redb if needed. `None`: no such document.
-    fn load(&self, id: &str) -> ServiceResult<Option<Loaded<DocState>>> {
-        Ok(self.docs.get_or_load(id, || self.read_doc(id))?)
+    async fn load(&self, id: &str) -> ServiceResult<Option<Loaded<DocState>>> {
+        Ok(self.docs.get_or_load(id, || self.read_doc(id)).await?)
     }
 
     fn read_doc(&self, id: &str) -> Result<Option<DocState>, StoreError> {
@@ -822,14 +835,17 @@ impl CollabService {
     }
 }
 
-async fn settle_cursors(service: Weak<CollabService>) {
+async fn settle_cursors(service: Weak<CollabService>, stop: CancellationToken) {
     let period = match service.upgrade() {
         Some(s) => (s.config.cursor_settle / 2).max(Duration::from_millis(10)),
         None => return,
     };
     let mut tick = tokio::time::interval(period);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
         match service.upgrade() {
             Some(s) => s.settle(),
             None => return,

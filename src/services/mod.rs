@@ -10,6 +10,10 @@ pub mod presence;
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
 use crate::hub::{Hub, Subscriber};
 use crate::metrics::Metrics;
 use crate::protocol::ErrorCode;
@@ -179,6 +183,41 @@ pub struct ServiceDeps {
     pub hub: Arc<Hub>,
     /// Counters and histograms.
     pub metrics: Arc<Metrics>,
+    /// Wall-clock time: timestamps, last seen, analytics buckets. Tests set a
+    /// manual one. Delays (presence grace, periodic work) run on tokio's clock, so
+    /// `tokio::time::pause()` drives them.
+    pub clock: Clock,
+    /// Cancelled when the node shuts down: every [`Background`] future then
+    /// finishes what must be finished (the last analytics flush) and returns.
+    pub shutdown: CancellationToken,
+}
+
+/// Work a service does for as long as the node runs (periodic flushes, timers),
+/// returned by its constructor instead of spawned there, so that the node runs
+/// and stops all of it in one place. Each ends after [`ServiceDeps::shutdown`].
+pub struct Background {
+    /// What it is, for logs.
+    pub name: &'static str,
+    /// The work.
+    pub task: BoxFuture<'static, ()>,
+}
+
+impl Background {
+    /// Names `task`.
+    pub fn new(name: &'static str, task: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self {
+            name,
+            task: Box::pin(task),
+        }
+    }
+}
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Background")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// All services of a node.
@@ -198,28 +237,28 @@ pub struct Services {
 }
 
 impl Services {
-    /// Opens every service over `deps`.
+    /// Opens every service over `deps`, and returns their background work for the
+    /// caller to run (until `deps.shutdown`).
     pub fn open(
         deps: ServiceDeps,
         config: &crate::config::Config,
-    ) -> Result<Self, crate::store::StoreError> {
+    ) -> Result<(Self, Vec<Background>), crate::store::StoreError> {
         let chat = chat::ChatService::open(deps.clone(), config.chat.clone())?;
-        Ok(Self {
+        let (analytics, analytics_work) =
+            analytics::AnalyticsService::open(deps.clone(), config.analytics.clone())?;
+        let (presence, presence_work) =
+            presence::PresenceService::open(deps.clone(), config.presence.clone(), chat.clone())?;
+        let (collab, collab_work) =
+            collab::CollabService::open(deps.clone(), config.collab.clone())?;
+        let services = Self {
             hub: deps.hub.clone(),
-            analytics: analytics::AnalyticsService::open(
-                deps.clone(),
-                config.analytics.clone(),
-                config.clock.clone(),
-            )?,
-            presence: presence::PresenceService::open(
-                deps.clone(),
-                config.presence.clone(),
-                chat.clone(),
-            )?,
-            notify: notify::NotifyService::open(deps.clone(), config.notify.clone())?,
+            analytics,
+            presence,
+            notify: notify::NotifyService::open(deps, config.notify.clone())?,
             chat,
-            collab: collab::CollabService::open(deps, config.collab.clone())?,
-        })
+            collab,
+        };
+        Ok((services, vec![analytics_work, presence_work, collab_work]))
     }
 
     /// A session completed its handshake; `resume` is its `Hello.resume`.

@@ -20,7 +20,6 @@ use futures_util::future::BoxFuture;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push};
 use crate::store::{OffsetLog, RedbLog, StoreError};
-use crate::util::unix_millis;
 
 /// The notifications' offset log ([`RedbLog`]) keeps them in this table; marking one
 /// read rewrites its entry in place.
@@ -239,7 +238,7 @@ impl NotifyService {
             title: n.title,
             body: n.body,
             data: n.data,
-            created_at_ms: unix_millis(),
+            created_at_ms: self.deps.clock.now_ms(),
             read: false,
         };
         let bytes = serde_json::to_vec(&stored).expect("plain data");

@@ -26,7 +26,9 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Deserialize;
 
 use self::hll::Hll;
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx};
+use tokio_util::sync::CancellationToken;
+
+use super::{Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx};
 use crate::clock::Clock;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1;
@@ -297,7 +299,6 @@ pub struct AnalyticsService {
     /// counts both pending and written.
     flush_lock: tokio::sync::Mutex<()>,
     streams: Mutex<HashMap<String, tokio::task::AbortHandle>>,
-    flusher: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// A series answer.
@@ -320,13 +321,12 @@ enum Source {
 }
 
 impl AnalyticsService {
-    /// Opens the service, creates its tables, loads the known series and starts the
-    /// periodic flush.
+    /// Opens the service, creates its tables and loads the known series. The
+    /// returned work flushes periodically, and once more at shutdown.
     pub fn open(
         deps: ServiceDeps,
         config: AnalyticsConfig,
-        clock: Clock,
-    ) -> Result<Arc<Self>, StoreError> {
+    ) -> Result<(Arc<Self>, Background), StoreError> {
         let mut txn = deps.store.db().begin_write()?;
         txn.set_quick_repair(true);
         txn.open_table(MINUTES)?;
@@ -346,19 +346,19 @@ impl AnalyticsService {
         }
         let svc = Arc::new(Self {
             allowed: config.event_types.iter().cloned().collect(),
+            clock: deps.clock.clone(),
             deps,
             config,
-            clock,
             state: Mutex::new(state),
             flush_lock: tokio::sync::Mutex::new(()),
             streams: Mutex::new(HashMap::new()),
-            flusher: Mutex::new(None),
         });
-        let weak = Arc::downgrade(&svc);
         let every = svc.config.flush_interval.max(Duration::from_millis(100));
-        let task = tokio::spawn(flush_periodically(weak, every));
-        *svc.flusher.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
-        Ok(svc)
+        let work = Background::new(
+            "analytics flush",
+            flush_periodically(Arc::downgrade(&svc), every, svc.deps.shutdown.clone()),
+        );
+        Ok((svc, work))
     }
 
     /// The clock buckets are counted by.
@@ -875,17 +875,8 @@ impl AnalyticsService {
         result
     }
 
-    /// Stops the periodic flush and every metrics stream, then flushes what is
-    /// pending. Called at shutdown, before the writer stops.
-    pub async fn shutdown(&self) {
-        if let Some(task) = self
-            .flusher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            task.abort();
-        }
+    /// The node is stopping: ends the metrics streams and writes what is pending.
+    async fn finish(&self) {
         for (_, task) in self
             .streams
             .lock()
@@ -978,16 +969,23 @@ fn zeros(res: u64, points: Vec<(u64, u64)>) -> Series {
     }
 }
 
-async fn flush_periodically(svc: Weak<AnalyticsService>, every: Duration) {
+/// Flushes every `every` until `stop`, then once more.
+async fn flush_periodically(svc: Weak<AnalyticsService>, every: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
         let Some(svc) = svc.upgrade() else { return };
         if let Err(e) = svc.flush().await {
             tracing::warn!(error = %e, "analytics flush failed");
         }
+    }
+    if let Some(svc) = svc.upgrade() {
+        svc.finish().await;
     }
 }
 
