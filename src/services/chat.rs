@@ -943,3 +943,86 @@ impl ChatService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::fakes::{FakeSession, Node};
+
+    /// A session resumes from offset 0 of a room of 1,000 messages through a queue
+    /// of 100 that it reads only once 50 more were sent meanwhile (so the catch-up
+    /// waits for room, and must pick those up after the range it started with);
+    /// then 50 live ones. It gets offsets 1..=1,100 once each, in order, without
+    /// ever finding its queue full. (No timers involved: it runs on the real clock,
+    /// bounded, since paused time would jump while the writer thread commits.)
+    #[tokio::test]
+    async fn catch_up_then_live_in_order_with_sends_meanwhile() {
+        let node = Node::new();
+        let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
+        let (alice, _) = FakeSession::new("alice", "a", 16);
+        chat.create(
+            &alice.ctx(),
+            v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec!["bob".into()],
+            },
+        )
+        .await
+        .unwrap();
+        let seeded = (1..=1000).map(|i| format!("m{i}")).collect();
+        chat.post_many("r", Sender::System, seeded).await.unwrap();
+        let alice = alice.ctx();
+        let send = |text: String| {
+            chat.send(
+                &alice,
+                v1::ChatSendRequest {
+                    room_id: "r".into(),
+                    text,
+                },
+            )
+        };
+
+        let (bob, mut queue) = FakeSession::new("bob", "b", 100);
+        let resume = HashMap::from([(resume_key("r"), 0)]);
+        let gate = tokio::sync::Notify::new();
+        let mut got = Vec::new();
+        let meanwhile = async {
+            // Once the catch-up waits for room, 50 messages arrive.
+            let mut spins = 0;
+            while bob.room() > 0 {
+                spins += 1;
+                assert!(spins < 10_000, "the catch-up never filled the queue");
+                tokio::task::yield_now().await;
+            }
+            for i in 0..50 {
+                send(format!("meanwhile {i}")).await.unwrap();
+            }
+            gate.notify_one();
+        };
+        let read = async {
+            gate.notified().await;
+            while got.len() < 1050 {
+                let (_, p) = queue.recv().await.unwrap();
+                if let Some(push::Event::ChatMessage(m)) = p.event {
+                    got.push(m.offset);
+                }
+            }
+        };
+        let ctx = bob.ctx();
+        let all = async { tokio::join!(chat.connected(&ctx, &resume), meanwhile, read) };
+        tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("every message arrives");
+        for i in 0..50 {
+            send(format!("live {i}")).await.unwrap();
+        }
+        while let Ok((_, p)) = queue.try_recv() {
+            if let Some(push::Event::ChatMessage(m)) = p.event {
+                got.push(m.offset);
+            }
+        }
+        assert_eq!(got, (1..=1100).collect::<Vec<u64>>());
+        assert!(!bob.was_slow());
+    }
+}

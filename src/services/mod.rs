@@ -5,6 +5,8 @@ pub mod analytics;
 pub mod catch_up;
 pub mod chat;
 pub mod collab;
+#[cfg(test)]
+mod fakes;
 pub mod notify;
 pub mod presence;
 

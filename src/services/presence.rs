@@ -698,3 +698,89 @@ async fn run_timers(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::fakes::{FakeSession, Node};
+    use tokio::time::Instant;
+
+    /// The next presence push, within an hour of virtual time.
+    async fn next_presence(rx: &mut mpsc::Receiver<(StreamKind, v1::Push)>) -> v1::PresenceState {
+        let next = async {
+            loop {
+                let (_, p) = rx.recv().await.expect("the session is open");
+                if let Some(push::Event::Presence(s)) = p.event {
+                    return s;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3600), next)
+            .await
+            .expect("a presence push")
+    }
+
+    /// On tokio's paused clock: a user who comes back within the grace period is
+    /// never shown offline; one who does not is shown offline exactly one grace
+    /// period after leaving, with the injected clock's time as last seen.
+    #[tokio::test(start_paused = true)]
+    async fn offline_only_after_the_grace_period_unless_back_within_it() {
+        let node = Node::new();
+        let grace = Duration::from_secs(5);
+        let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
+        let config = PresenceConfig {
+            grace,
+            ..Default::default()
+        };
+        let (presence, work) =
+            PresenceService::open(node.deps.clone(), config, chat.clone()).unwrap();
+        tokio::spawn(work.task);
+        let (alice, _) = FakeSession::new("alice", "a1", 64);
+        let (bob, mut heard) = FakeSession::new("bob", "b1", 64);
+        // Bob hears Alice: they share a room.
+        chat.create(
+            &alice.ctx(),
+            v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec!["bob".into()],
+            },
+        )
+        .await
+        .unwrap();
+        node.deps.hub.subscribe(&user_topic("bob"), bob.clone());
+        presence.connected(&alice.ctx()).await;
+        let online = next_presence(&mut heard).await;
+        assert_eq!(
+            (online.user_id.as_str(), online.status()),
+            ("alice", PresenceStatus::Online)
+        );
+
+        // Alice's only session leaves and another comes back just within the grace.
+        presence.disconnected(&alice.ctx()).await;
+        tokio::time::advance(grace - Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
+        assert!(heard.try_recv().is_err(), "nothing within the grace period");
+        let (again, _) = FakeSession::new("alice", "a2", 64);
+        presence.connected(&again.ctx()).await;
+        // The first timer expires meanwhile, and does nothing.
+        tokio::time::advance(grace * 3).await;
+        tokio::task::yield_now().await;
+        assert!(heard.try_recv().is_err(), "a quick return is not heard");
+
+        // Gone for good.
+        node.clock.advance(42_000);
+        let last_seen = node.clock.now_ms();
+        let left = Instant::now();
+        presence.disconnected(&again.ctx()).await;
+        let offline = next_presence(&mut heard).await;
+        assert_eq!(offline.status(), PresenceStatus::Offline);
+        assert_eq!(offline.last_seen_ms, last_seen);
+        assert_eq!(
+            Instant::now() - left,
+            grace,
+            "exactly one grace period later"
+        );
+        assert!(!bob.was_slow());
+    }
+}
