@@ -337,10 +337,10 @@ pub struct SeriesQuery {
     #[serde(default)]
     pub dimension: String,
     /// How far back, e.g. `15m`.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub duration: std::time::Duration,
     /// Point width, e.g. `1m` (default: the bucket width).
-    #[serde(default, with = "crate::config::duration_str::option")]
+    #[serde(default, with = "crate::clock::duration_str::option")]
     pub resolution: Option<std::time::Duration>,
 }
 
@@ -370,7 +370,7 @@ async fn analytics_series(
 #[derive(Debug, Deserialize)]
 pub struct WindowQuery {
     /// How far back, e.g. `1h`.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub window: std::time::Duration,
     /// At most this many types (top only; default 10, at most 100).
     #[serde(default)]

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::services::{ServiceDeps, Services};
+use crate::services::{ServiceDeps, Services, ServicesConfig};
 use crate::store::{Store, Writer};
 use crate::tls::CertStore;
 use crate::transport::ServerEndpoint;
@@ -106,7 +106,13 @@ pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<Ru
             clock,
             shutdown: stop_background.clone(),
         },
-        &config,
+        ServicesConfig {
+            chat: config.chat.clone(),
+            notify: config.notify.clone(),
+            presence: config.presence.clone(),
+            collab: config.collab.clone(),
+            analytics: config.analytics.clone(),
+        },
     )
     .context("opening the services")?;
     let services = Arc::new(services);

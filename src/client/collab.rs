@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use crate::ot::{self, OtError, TextOperation};
+use crate::protocol::ot_wire::{op_from_wire, op_to_wire};
 use crate::protocol::v1::{self, DocRole, doc_open_response};
-use crate::services::collab::{op_from_wire, op_to_wire};
 
 /// A local copy of a shared document.
 #[derive(Debug, Clone)]

@@ -5,6 +5,7 @@
 
 mod codec;
 mod codes;
+pub mod ot_wire;
 
 pub use codec::{FrameDecoder, FrameError, decode_frame, encode_frame, encoded_frame};
 pub use codes::{CloseCode, ErrorCode};

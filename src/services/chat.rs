@@ -60,6 +60,13 @@ pub struct ChatConfig {
     pub max_room_name: usize,
 }
 
+impl ChatConfig {
+    /// Checks the section (every value is usable).
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        Ok(())
+    }
+}
+
 impl Default for ChatConfig {
     fn default() -> Self {
         Self {

@@ -31,6 +31,7 @@ use super::{
 };
 use crate::ot::{Authority, Component, OtError, TextOperation};
 use crate::protocol::ErrorCode;
+use crate::protocol::ot_wire::{op_from_wire, op_to_wire};
 use crate::protocol::v1::{self, DocRole, StreamKind, push};
 use crate::store::StoreError;
 use crate::store::registry::Loaded;
@@ -55,11 +56,24 @@ pub struct CollabConfig {
     /// The longest client id, in bytes.
     pub max_client_id: usize,
     /// A cursor that has not moved for this long is sent again reliably.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub cursor_settle: Duration,
     /// Cursor datagrams relayed per session and document per second at most; moves
     /// in between are coalesced (the latest one settles reliably).
     pub cursor_rate: u32,
+}
+
+impl CollabConfig {
+    /// Checks the section: the counts must be positive.
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        if self.history == 0 || self.snapshot_every == 0 || self.cursor_rate == 0 {
+            return Err(super::InvalidConfig(
+                "collab.history, collab.snapshot_every and collab.cursor_rate must be positive"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for CollabConfig {
@@ -167,55 +181,6 @@ fn topic(doc_id: &str) -> String {
 
 fn not_found() -> ServiceError {
     ServiceError::new(ErrorCode::NotFound, "no such document")
-}
-
-/// The wire form of an operation.
-pub fn op_to_wire(op: &TextOperation) -> v1::TextOp {
-    use v1::op_component::Kind;
-    v1::TextOp {
-        components: op
-            .components()
-            .iter()
-            .map(|c| v1::OpComponent {
-                kind: Some(match c {
-                    Component::Retain(n) => Kind::Retain(*n as u64),
-                    Component::Insert(s) => Kind::Insert(s.clone()),
-                    Component::Delete(n) => Kind::Delete(*n as u64),
-                }),
-            })
-            .collect(),
-    }
-}
-
-/// An operation from its wire form; malformed ones are `Err`.
-pub fn op_from_wire(op: Option<v1::TextOp>) -> Result<TextOperation, OtError> {
-    use v1::op_component::Kind;
-    let comps = op
-        .unwrap_or_default()
-        .components
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| {
-            // A length that does not fit this platform's usize is malformed, not
-            // truncated.
-            let len = |n: u64| {
-                usize::try_from(n).map_err(|_| OtError::InvalidComponent {
-                    index: i,
-                    found: format!("a length of {n}"),
-                })
-            };
-            match c.kind {
-                Some(Kind::Retain(n)) => Ok(Component::Retain(len(n)?)),
-                Some(Kind::Insert(s)) => Ok(Component::Insert(s)),
-                Some(Kind::Delete(n)) => Ok(Component::Delete(len(n)?)),
-                None => Err(OtError::InvalidComponent {
-                    index: i,
-                    found: "an empty component".into(),
-                }),
-            }
-        });
-    let comps: Vec<Component> = comps.collect::<Result<_, _>>()?;
-    TextOperation::from_components(comps)
 }
 
 impl CollabService {

@@ -150,6 +150,27 @@ impl Page {
     }
 }
 
+/// A service's configuration section that cannot work: what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidConfig(pub String);
+
+/// The configuration of every service: the sections `[chat]`, `[notify]`,
+/// `[presence]`, `[collab]` and `[analytics]` of the node's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct ServicesConfig {
+    /// Chat limits.
+    pub chat: chat::ChatConfig,
+    /// Notification limits.
+    pub notify: notify::NotifyConfig,
+    /// Presence settings.
+    pub presence: presence::PresenceConfig,
+    /// Collaboration settings.
+    pub collab: collab::CollabConfig,
+    /// Analytics settings.
+    pub analytics: analytics::AnalyticsConfig,
+}
+
 /// The result of a request handler.
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
@@ -243,20 +264,19 @@ impl Services {
     /// caller to run (until `deps.shutdown`).
     pub fn open(
         deps: ServiceDeps,
-        config: &crate::config::Config,
+        config: ServicesConfig,
     ) -> Result<(Self, Vec<Background>), crate::store::StoreError> {
-        let chat = chat::ChatService::open(deps.clone(), config.chat.clone())?;
+        let chat = chat::ChatService::open(deps.clone(), config.chat)?;
         let (analytics, analytics_work) =
-            analytics::AnalyticsService::open(deps.clone(), config.analytics.clone())?;
+            analytics::AnalyticsService::open(deps.clone(), config.analytics)?;
         let (presence, presence_work) =
-            presence::PresenceService::open(deps.clone(), config.presence.clone(), chat.clone())?;
-        let (collab, collab_work) =
-            collab::CollabService::open(deps.clone(), config.collab.clone())?;
+            presence::PresenceService::open(deps.clone(), config.presence, chat.clone())?;
+        let (collab, collab_work) = collab::CollabService::open(deps.clone(), config.collab)?;
         let services = Self {
             hub: deps.hub.clone(),
             analytics,
             presence,
-            notify: notify::NotifyService::open(deps, config.notify.clone())?,
+            notify: notify::NotifyService::open(deps, config.notify)?,
             chat,
             collab,
         };

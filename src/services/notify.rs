@@ -51,6 +51,13 @@ pub struct NotifyConfig {
     pub max_mark_ids: usize,
 }
 
+impl NotifyConfig {
+    /// Checks the section (every value is usable).
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        Ok(())
+    }
+}
+
 impl Default for NotifyConfig {
     fn default() -> Self {
         Self {

@@ -56,10 +56,17 @@ pub const MAX_GET: usize = 100;
 pub struct PresenceConfig {
     /// After a user's last device leaves, how long before they are shown offline
     /// (a quick reconnect within it does not flap).
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub grace: Duration,
     /// Contacts (and requests) one user may have.
     pub max_contacts: usize,
+}
+
+impl PresenceConfig {
+    /// Checks the section (every value is usable).
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        Ok(())
+    }
 }
 
 impl Default for PresenceConfig {

@@ -57,19 +57,19 @@ pub const METRICS_ROLE: &str = "metrics";
 #[serde(default, deny_unknown_fields)]
 pub struct AnalyticsConfig {
     /// Width of a fine (in-memory) bucket.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub bucket: Duration,
     /// How long fine buckets are kept in memory.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub window: Duration,
     /// How long minute rollups are kept in the database.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub minute_retention: Duration,
     /// How long hour rollups are kept in the database.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub hour_retention: Duration,
     /// How often pending counts are written to the rollups.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub flush_interval: Duration,
     /// If not empty, the only event types accepted; others get `UNKNOWN_EVENT_TYPE`.
     pub event_types: Vec<String>,
@@ -87,10 +87,32 @@ pub struct AnalyticsConfig {
     /// seconds' worth, and at least `max_count`); past this, `RATE_LIMITED`.
     pub events_per_sec: u32,
     /// The default metrics streaming interval.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub metrics_interval: Duration,
     /// Metrics subscriptions per node at most.
     pub max_metrics_subscribers: usize,
+}
+
+impl AnalyticsConfig {
+    /// Checks the section: bucket, window and retentions that fit together.
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        let a = self;
+        let bad = |m: &str| Err(super::InvalidConfig(m.to_owned()));
+        let bucket = a.bucket.as_millis();
+        if !(1_000..=60_000).contains(&bucket) || 60_000 % bucket != 0 {
+            return bad("analytics.bucket must be 1s-60s and divide a minute");
+        }
+        if a.window < a.bucket || a.window > Duration::from_secs(86_400) {
+            return bad("analytics.window must be between analytics.bucket and 24h");
+        }
+        if a.minute_retention < a.window || a.hour_retention < a.minute_retention {
+            return bad("analytics retention: window <= minute_retention <= hour_retention");
+        }
+        if a.flush_interval < Duration::from_millis(100) {
+            return bad("analytics.flush_interval must be at least 100ms");
+        }
+        Ok(())
+    }
 }
 
 impl Default for AnalyticsConfig {
