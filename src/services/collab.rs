@@ -27,17 +27,19 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt, json, validate_id,
+    Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json,
+    validate_id,
 };
 use crate::ot::{Authority, Component, OtError, TextOperation};
 use crate::protocol::ErrorCode;
 use crate::protocol::ot_wire::{op_from_wire, op_to_wire};
 use crate::protocol::v1::{self, DocRole, StreamKind, push};
-use crate::store::StoreError;
 use crate::store::registry::Loaded;
+use crate::store::{RedbLog, StoreError};
 
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_docs");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_snapshots");
+/// The operations' offset log ([`RedbLog`]) keeps them in this table, by revision.
 const OPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("collab_ops");
 const CLIENTS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("collab_clients");
 
@@ -169,6 +171,8 @@ pub struct CollabService {
     config: CollabConfig,
     /// Loaded documents: never more than one copy of one.
     docs: crate::store::registry::Registry<DocState>,
+    /// Each document's operations since shortly before its snapshot.
+    log: RedbLog,
     /// session id → documents it has open.
     sessions: Mutex<HashMap<String, HashMap<String, Loaded<DocState>>>>,
     /// (document, session) → its cursor.
@@ -197,9 +201,11 @@ impl CollabService {
         txn.open_table(OPS)?;
         txn.open_table(CLIENTS)?;
         txn.commit()?;
+        let log = RedbLog::open(&deps.store, &deps.writer, "collab_ops", "collab_epochs")?;
         let service = Arc::new(Self {
             deps,
             docs: crate::store::registry::Registry::new("docs", 10_000, Duration::from_secs(600)),
+            log,
             config,
             sessions: Mutex::new(HashMap::new()),
             cursors: Mutex::new(HashMap::new()),
@@ -588,12 +594,13 @@ impl CollabService {
         let history = self.config.history as u64;
         let snapshot_taken = snapshot.is_some();
         let (id, client_id, seq) = (d.id.clone(), req.client_id.clone(), req.seq);
+        let log = self.log.clone();
         let write = self
             .deps
             .writer
             .write(move |txn| {
-                let mut ops = txn.open_table(OPS)?;
-                ops.insert((id.as_str(), revision), stored.as_slice())?;
+                log.append_in(txn, &id, revision - 1, std::slice::from_ref(&stored))
+                    .map_err(append_failed)?;
                 txn.open_table(CLIENTS)?
                     .insert((id.as_str(), client_id.as_str()), (seq, revision))?;
                 if let Some(snap) = &snapshot {
@@ -601,7 +608,7 @@ impl CollabService {
                         .insert(id.as_str(), snap.as_slice())?;
                     // Keep `history` operations before the snapshot for catch-up.
                     let keep_from = revision.saturating_sub(history) + 1;
-                    ops.retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false)?;
+                    log.trim_in(txn, &id, keep_from)?;
                 }
                 Ok(())
             })

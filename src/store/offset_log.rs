@@ -184,6 +184,25 @@ impl RedbLog {
         Ok(last)
     }
 
+    /// Drops the entries of `stream` before `keep_from` (a stream that keeps only
+    /// its recent history), inside the caller's write transaction. The last entry
+    /// is always kept, so the stream's last offset never moves back.
+    pub fn trim_in(
+        &self,
+        txn: &WriteTransaction,
+        stream: &str,
+        keep_from: u64,
+    ) -> Result<(), StoreError> {
+        let mut table = txn.open_table(self.entries)?;
+        let last = match table.range((stream, 0)..=(stream, u64::MAX))?.next_back() {
+            Some(entry) => entry?.0.value().1,
+            None => return Ok(()),
+        };
+        let end = keep_from.min(last);
+        table.retain_in((stream, 0)..(stream, end), |_, _| false)?;
+        Ok(())
+    }
+
     fn read_now(
         &self,
         stream: &str,
@@ -368,6 +387,25 @@ mod tests {
         let b = log.epoch("b").await.unwrap();
         assert_eq!(log.epoch("b").await.unwrap(), b);
         assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn trimming_keeps_the_recent_entries_and_the_last_offset() {
+        let (_dir, log) = log();
+        log.append("s", 0, (1..=5u8).map(|i| vec![i]).collect())
+            .await
+            .unwrap();
+        let trim = |keep_from| {
+            let txn = log.store.db().begin_write().unwrap();
+            log.trim_in(&txn, "s", keep_from).unwrap();
+            txn.commit().unwrap();
+        };
+        trim(4);
+        let left = log.read("s", 1, u64::MAX, 100).await.unwrap();
+        assert_eq!(left.iter().map(|e| e.offset).collect::<Vec<_>>(), [4, 5]);
+        trim(u64::MAX);
+        assert_eq!(log.last_offset("s").await.unwrap(), 5, "the last one stays");
+        assert_eq!(log.append("s", 5, vec![vec![6]]).await.unwrap(), 6);
     }
 
     #[tokio::test]
