@@ -831,7 +831,7 @@ impl ChatService {
         let mark = target.max(current);
         Ok(v1::ChatMarkReadResponse {
             read_offset: mark,
-            unread: room.last_offset - mark,
+            unread: room.last_offset.saturating_sub(mark),
         })
     }
 

@@ -473,7 +473,7 @@ impl NotifyService {
             );
         }
         Ok(v1::NotifyMarkReadResponse {
-            marked: marked as u32,
+            marked: u32::try_from(marked).unwrap_or(u32::MAX),
             unread: new_unread,
         })
     }
