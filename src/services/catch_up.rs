@@ -148,3 +148,117 @@ async fn push_now<S: CatchUpStream>(
     }
     Ok(Now::Done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::fakes::FakeSession;
+    use std::sync::{Arc, Mutex};
+
+    /// A stream that grows by `growth` entries every time its lock is taken (a
+    /// room whose traffic outpaces the reader), `offset` as each push's offset.
+    struct Growing {
+        lock: Arc<tokio::sync::Mutex<()>>,
+        last: Mutex<u64>,
+        growth: u64,
+        locks: Mutex<usize>,
+        subscribed: Mutex<bool>,
+    }
+
+    impl Growing {
+        fn new(last: u64, growth: u64) -> Self {
+            Self {
+                lock: Arc::default(),
+                last: Mutex::new(last),
+                growth,
+                locks: Mutex::new(0),
+                subscribed: Mutex::new(false),
+            }
+        }
+    }
+
+    impl CatchUpStream for Growing {
+        type Guard = tokio::sync::OwnedMutexGuard<()>;
+
+        async fn lock(&self) -> Result<Option<(Self::Guard, u64)>, StoreError> {
+            let guard = self.lock.clone().lock_owned().await;
+            *self.locks.lock().unwrap() += 1;
+            let mut last = self.last.lock().unwrap();
+            *last += self.growth;
+            Ok(Some((guard, *last)))
+        }
+
+        fn read(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<Push>, StoreError>> {
+            let pushes = (from..=to)
+                .map(|offset| Push {
+                    stream: "s".into(),
+                    offset,
+                    event: None,
+                })
+                .collect();
+            Box::pin(std::future::ready(Ok(pushes)))
+        }
+
+        fn subscribe(&self, _: &mut Self::Guard) {
+            *self.subscribed.lock().unwrap() = true;
+        }
+    }
+
+    fn drain(rx: &mut tokio::sync::mpsc::Receiver<(StreamKind, Push)>) -> Vec<u64> {
+        std::iter::from_fn(|| rx.try_recv().ok().map(|(_, p)| p.offset)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_keeps_growing_is_caught_up_in_bounded_rounds() {
+        // Each round finds more than a page new: after MAX_ROUNDS the rest goes
+        // without waiting, under the lock.
+        let stream = Growing::new(1000, PAGE + 1);
+        let (session, mut rx) = FakeSession::new("u", "s", 100_000);
+        let end = catch_up(&stream, session.as_ref(), StreamKind::Chat, Some(0))
+            .await
+            .unwrap();
+        assert_eq!(end, CatchUp::Live);
+        assert!(*stream.subscribed.lock().unwrap());
+        assert_eq!(*stream.locks.lock().unwrap(), MAX_ROUNDS + 1);
+        let last = *stream.last.lock().unwrap();
+        assert_eq!(drain(&mut rx), (1..=last).collect::<Vec<_>>());
+        assert!(!session.was_slow());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_stops_reading_holds_no_lock() {
+        for growth in [0, 10, 10 * PAGE] {
+            let stream = Growing::new(1000, growth);
+            let (session, _unread) = FakeSession::new("u", "s", 10);
+            let mut catching_up = std::pin::pin!(catch_up(
+                &stream,
+                session.as_ref(),
+                StreamKind::Chat,
+                Some(0)
+            ));
+            // Nobody reads: the catch-up waits for queue room, and meanwhile the
+            // stream's lock is free for everyone else.
+            let waited =
+                tokio::time::timeout(std::time::Duration::from_millis(100), catching_up.as_mut())
+                    .await;
+            assert!(waited.is_err(), "it waits for the reader");
+            assert!(stream.lock.try_lock().is_ok(), "not under the lock");
+            assert!(!*stream.subscribed.lock().unwrap());
+            assert!(!session.was_slow());
+        }
+    }
+
+    #[tokio::test]
+    async fn resuming_at_or_past_the_end_sends_nothing_and_subscribes() {
+        for from in [1000 + PAGE, u64::MAX] {
+            let stream = Growing::new(1000, 0);
+            let (session, mut rx) = FakeSession::new("u", "s", 16);
+            let end = catch_up(&stream, session.as_ref(), StreamKind::Chat, Some(from))
+                .await
+                .unwrap();
+            assert_eq!(end, CatchUp::Live);
+            assert!(drain(&mut rx).is_empty());
+            assert!(*stream.subscribed.lock().unwrap());
+        }
+    }
+}
