@@ -32,7 +32,7 @@ use crate::hub::Subscriber;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push, room_event};
 use crate::store::registry::Loaded;
-use crate::store::{OffsetLog, RedbLog, StoreError};
+use crate::store::{AppendError, OffsetLog, RedbLog, StoreError};
 use futures_util::future::BoxFuture;
 
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("chat_rooms");
@@ -673,7 +673,6 @@ impl ChatService {
             }
             Sender::System => String::new(),
         };
-        let first = room.last_offset + 1;
         let now = self.deps.clock.now_ms();
         let stored: Vec<StoredMessage> = texts
             .into_iter()
@@ -684,24 +683,59 @@ impl ChatService {
                 system: sender == Sender::System,
             })
             .collect();
-        let last = first + stored.len() as u64 - 1;
         let rows: Vec<Vec<u8>> = stored.iter().map(json).collect();
-        let id = room.id.clone();
-        let mark_for = (sender != Sender::System).then(|| sender_id.clone());
-        let log = self.log.clone();
-        self.deps
-            .writer
-            .write(move |txn| {
-                log.append_in(txn, &id, first - 1, &rows)
-                    .map_err(append_failed)?;
-                txn.open_table(OFFSETS)?.insert(id.as_str(), last)?;
-                if let Some(u) = &mark_for {
-                    txn.open_table(READ_MARKS)?
-                        .insert((u.as_str(), id.as_str()), last)?;
+        let full = || ServiceError::new(ErrorCode::LimitExceeded, "the room is full");
+        let mut attempts = 0;
+        let (first, last) = loop {
+            attempts += 1;
+            let first = room.last_offset.checked_add(1).ok_or_else(full)?;
+            let last = first.checked_add(rows.len() as u64 - 1).ok_or_else(full)?;
+            let moved = Arc::new(Mutex::new(None));
+            let (id, rows, log, seen) = (
+                room.id.clone(),
+                rows.clone(),
+                self.log.clone(),
+                moved.clone(),
+            );
+            let mark_for = (sender != Sender::System).then(|| sender_id.clone());
+            self.deps
+                .writer
+                .write(move |txn| {
+                    match log.append_in(txn, &id, first - 1, &rows) {
+                        Ok(_) => *seen.lock().unwrap_or_else(|e| e.into_inner()) = None,
+                        Err(AppendError::Conflict { actual, .. }) => {
+                            // Nothing written; the room is re-read below.
+                            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(actual);
+                            return Ok(());
+                        }
+                        Err(e) => return Err(append_failed(e)),
+                    }
+                    txn.open_table(OFFSETS)?.insert(id.as_str(), last)?;
+                    if let Some(u) = &mark_for {
+                        txn.open_table(READ_MARKS)?
+                            .insert((u.as_str(), id.as_str()), last)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            let moved = *moved.lock().unwrap_or_else(|e| e.into_inner());
+            match moved {
+                None => break (first, last),
+                // A write whose request was abandoned while its commit was in
+                // flight still committed: take the room as stored and go on.
+                Some(actual) if actual > room.last_offset && attempts < 3 => {
+                    tracing::warn!(room = %room.id, actual, "room offsets moved under a send");
+                    room.last_message = self.read_messages(&room.id, actual, actual).await?.pop();
+                    room.last_offset = actual;
                 }
-                Ok(())
-            })
-            .await?;
+                Some(actual) => {
+                    return Err(ServiceError::internal(format!(
+                        "room {} is at offset {actual}, expected {}",
+                        room.id, room.last_offset
+                    )));
+                }
+            }
+        };
         room.last_offset = last;
         let messages: Vec<v1::ChatMessage> = (first..)
             .zip(stored)
@@ -955,6 +989,62 @@ impl ChatService {
 mod tests {
     use super::*;
     use crate::services::fakes::{FakeSession, Node};
+
+    /// A send abandoned while its commit is in flight (its future dropped) still
+    /// commits; the next send takes the room as stored and follows it, instead
+    /// of writing over it or failing.
+    #[tokio::test]
+    async fn a_send_after_an_abandoned_one_follows_it() {
+        use futures_util::FutureExt;
+        let node = Node::new();
+        let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
+        let (alice, _) = FakeSession::new("alice", "a", 16);
+        let alice = alice.ctx();
+        chat.create(
+            &alice,
+            v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        let send = |text: &str| {
+            chat.send(
+                &alice,
+                v1::ChatSendRequest {
+                    room_id: "r".into(),
+                    text: text.into(),
+                },
+            )
+        };
+        let hold = node.deps.writer.hold();
+        let mut abandoned = Box::pin(send("abandoned"));
+        while node.deps.writer.in_flight() == 0 {
+            assert!(abandoned.as_mut().now_or_never().is_none(), "held");
+            tokio::task::yield_now().await;
+        }
+        drop(abandoned);
+        drop(hold);
+        // Writes commit in order: once this one is durable, so is the abandoned one.
+        node.deps.writer.write(|_| Ok(())).await.unwrap();
+        let next = send("next").await.unwrap().message.unwrap();
+        assert_eq!(next.offset, 2);
+        let history = chat
+            .history(
+                &alice,
+                v1::ChatHistoryRequest {
+                    room_id: "r".into(),
+                    before_offset: 0,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap();
+        let texts: Vec<&str> = history.messages.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["abandoned", "next"]);
+    }
 
     /// A session resumes from offset 0 of a room of 1,000 messages through a queue
     /// of 100 that it reads only once 50 more were sent meanwhile (so the catch-up
