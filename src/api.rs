@@ -337,27 +337,28 @@ pub struct SeriesQuery {
     #[serde(default)]
     pub dimension: String,
     /// How far back, e.g. `15m`.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub duration: std::time::Duration,
     /// Point width, e.g. `1m` (default: the bucket width).
-    #[serde(default, with = "crate::config::duration_str::option")]
+    #[serde(default, with = "crate::clock::duration_str::option")]
     pub resolution: Option<std::time::Duration>,
+}
+
+/// A query's duration in milliseconds; one past 2^64-1 ms is 2^64-1 ms (longer than
+/// any history), never a truncated number.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 async fn analytics_series(
     State(s): State<ApiState>,
     axum::extract::Query(q): axum::extract::Query<SeriesQuery>,
 ) -> Response {
-    let resolution = q.resolution.map_or(0, |d| d.as_millis() as u64);
+    let resolution = q.resolution.map_or(0, millis);
     match s
         .services
         .analytics
-        .series(
-            &q.kind,
-            &q.dimension,
-            q.duration.as_millis() as u64,
-            resolution,
-        )
+        .series(&q.kind, &q.dimension, millis(q.duration), resolution)
         .await
     {
         Ok(series) => Json(series).into_response(),
@@ -369,7 +370,7 @@ async fn analytics_series(
 #[derive(Debug, Deserialize)]
 pub struct WindowQuery {
     /// How far back, e.g. `1h`.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub window: std::time::Duration,
     /// At most this many types (top only; default 10, at most 100).
     #[serde(default)]
@@ -391,12 +392,7 @@ async fn analytics_top(
     axum::extract::Query(q): axum::extract::Query<WindowQuery>,
 ) -> Response {
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
-    match s
-        .services
-        .analytics
-        .top(q.window.as_millis() as u64, limit)
-        .await
-    {
+    match s.services.analytics.top(millis(q.window), limit).await {
         Ok(types) => Json(
             types
                 .into_iter()
@@ -421,12 +417,7 @@ async fn analytics_users(
     State(s): State<ApiState>,
     axum::extract::Query(q): axum::extract::Query<WindowQuery>,
 ) -> Response {
-    match s
-        .services
-        .analytics
-        .distinct_users(q.window.as_millis() as u64)
-        .await
-    {
+    match s.services.analytics.distinct_users(millis(q.window)).await {
         Ok((estimate, window_ms)) => Json(UsersJson {
             estimate,
             window_ms,

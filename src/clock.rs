@@ -43,3 +43,28 @@ impl Clock {
         }
     }
 }
+
+/// Durations written the human way in configuration files and queries: `"10s"`, `"500ms"`, `"13days"`.
+pub(crate) mod duration_str {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// An optional duration.
+    pub(crate) mod option {
+        use serde::{Deserialize, Deserializer};
+        use std::time::Duration;
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+}

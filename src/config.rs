@@ -44,10 +44,6 @@ pub struct Config {
     pub api: ApiConfig,
     /// Analytics and metrics streaming.
     pub analytics: crate::services::analytics::AnalyticsConfig,
-    /// The clock analytics buckets are counted by; tests set a manual one. Not read
-    /// from configuration files.
-    #[serde(skip)]
-    pub clock: crate::clock::Clock,
 }
 
 /// The server API (HTTP, for backends).
@@ -78,7 +74,6 @@ impl Default for Config {
             presence: Default::default(),
             api: Default::default(),
             analytics: Default::default(),
-            clock: Default::default(),
         }
     }
 }
@@ -350,14 +345,6 @@ impl Config {
         {
             return bad("auth.jwt_secret must be at least 32 bytes");
         }
-        if self.collab.history == 0
-            || self.collab.snapshot_every == 0
-            || self.collab.cursor_rate == 0
-        {
-            return bad(
-                "collab.history, collab.snapshot_every and collab.cursor_rate must be positive",
-            );
-        }
         if let Some(key) = &self.api.key
             && key.len() < 32
         {
@@ -366,48 +353,24 @@ impl Config {
         if self.timeouts.heartbeat >= self.timeouts.idle {
             return bad("timeouts.heartbeat must be shorter than timeouts.idle");
         }
-        let a = &self.analytics;
-        let bucket = a.bucket.as_millis();
-        if !(1_000..=60_000).contains(&bucket) || 60_000 % bucket != 0 {
-            return bad("analytics.bucket must be 1s-60s and divide a minute");
-        }
-        if a.window < a.bucket || a.window > Duration::from_secs(86_400) {
-            return bad("analytics.window must be between analytics.bucket and 24h");
-        }
-        if a.minute_retention < a.window || a.hour_retention < a.minute_retention {
-            return bad("analytics retention: window <= minute_retention <= hour_retention");
-        }
-        if a.flush_interval < Duration::from_millis(100) {
-            return bad("analytics.flush_interval must be at least 100ms");
+        // Each service checks its own section.
+        let services = [
+            self.chat.validate(),
+            self.notify.validate(),
+            self.presence.validate(),
+            self.collab.validate(),
+            self.analytics.validate(),
+        ];
+        for checked in services {
+            checked.map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         Ok(())
     }
 }
 
-/// Durations written the human way in TOML: `"10s"`, `"500ms"`, `"13days"`.
-pub(crate) mod duration_str {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-
-    /// An optional duration.
-    pub(crate) mod option {
-        use serde::{Deserialize, Deserializer};
-        use std::time::Duration;
-
-        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Option<Duration>, D::Error> {
-            Option::<String>::deserialize(d)?
-                .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-                .transpose()
-        }
-    }
-}
+/// Durations written the human way in TOML (kept beside the clock, so that the
+/// services' own configuration types need nothing from here).
+pub(crate) use crate::clock::duration_str;
 
 #[cfg(test)]
 mod tests {

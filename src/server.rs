@@ -9,12 +9,15 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tracing::Instrument;
+
 use crate::auth::Auth;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::services::{ServiceDeps, Services};
+use crate::services::{ServiceDeps, Services, ServicesConfig};
 use crate::store::{Store, Writer};
 use crate::tls::CertStore;
 use crate::transport::ServerEndpoint;
@@ -38,12 +41,22 @@ pub struct RunningServer {
     ready: Arc<AtomicBool>,
     stop_accepting: CancellationToken,
     stop_background: CancellationToken,
+    /// The node's tasks (endpoint, certificate rotation, the services' background
+    /// work), stopped by `stop_accepting` and `stop_background`.
     tasks: TaskTracker,
+    /// The HTTP port stops before the services' background work, so that what it
+    /// accepted is in their last flush.
+    stop_http: CancellationToken,
     http_task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts a node with `config`. Returns once both ports accept.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    start_with_clock(config, Clock::System).await
+}
+
+/// [`start`] with the wall clock the services read (tests pass a manual one).
+pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<RunningServer> {
     // ring is the only rustls provider in the build; make it the process default so
     // code that builds a rustls config without naming one finds it.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -81,18 +94,36 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             commits.committed(writes, took)
         })),
     );
-    let services = Arc::new(
-        Services::open(
-            ServiceDeps {
-                store: store.clone(),
-                writer: writer.clone(),
-                hub: Arc::new(Hub::default()),
-                metrics: metrics.clone(),
-            },
-            &config,
-        )
-        .context("opening the services")?,
-    );
+    let tasks = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let stop_background = CancellationToken::new();
+    let (services, background) = Services::open(
+        ServiceDeps {
+            store: store.clone(),
+            writer: writer.clone(),
+            hub: Arc::new(Hub::default()),
+            metrics: metrics.clone(),
+            clock,
+            shutdown: stop_background.clone(),
+        },
+        ServicesConfig {
+            chat: config.chat.clone(),
+            notify: config.notify.clone(),
+            presence: config.presence.clone(),
+            collab: config.collab.clone(),
+            analytics: config.analytics.clone(),
+        },
+    )
+    .context("opening the services")?;
+    let services = Arc::new(services);
+    // The services' own work runs with the node's other tasks and stops with them.
+    for work in background {
+        let name = work.name;
+        tasks.spawn(
+            work.task
+                .instrument(tracing::debug_span!("background", name)),
+        );
+    }
     let gateway = Gateway::new(
         GatewayConfig {
             limits: config.limits.clone(),
@@ -104,9 +135,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         services.clone(),
     );
 
-    let tasks = TaskTracker::new();
-    let stop_accepting = CancellationToken::new();
-    let stop_background = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
 
     {
@@ -147,7 +175,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             metrics: metrics.clone(),
         },
     });
-    let http_stop = stop_background.clone();
+    let stop_http = CancellationToken::new();
+    let http_stop = stop_http.clone();
     let http_task = tokio::spawn(async move {
         let serve = axum::serve(listener, router)
             .with_graceful_shutdown(async move { http_stop.cancelled().await });
@@ -174,6 +203,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         stop_accepting,
         stop_background,
         tasks,
+        stop_http,
         http_task,
     })
 }
@@ -254,10 +284,13 @@ impl RunningServer {
             );
         }
         self.endpoint.close(self.config.timeouts.close_linger).await;
+        self.stop_http.cancel();
+        let _ = self.http_task.await;
+        // The services' background work finishes (the last analytics flush) and
+        // stops, with the node's other tasks.
         self.stop_background.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        let _ = self.http_task.await;
         // Every write handle goes with the services; the writer thread then commits
         // what is queued and stops. The last database handle goes after it.
         let Self {
@@ -270,7 +303,6 @@ impl RunningServer {
         } = self;
         drop(writer);
         drop(gateway);
-        services.analytics.shutdown().await;
         drop(services);
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
         drop(store);

@@ -113,12 +113,13 @@ both_transports!(
     a_metrics_subscriber_gets_only_its_series_and_only_changes,
     queries_and_streams_need_the_metrics_role,
     rate_limits_and_caps_refuse_whole_batches,
+    huge_durations_and_resolutions_are_exact_or_refused,
 );
 
 async fn counts_are_exact_across_bucket_boundaries(t: TransportKind) {
     let clock = Clock::manual(MINUTE - 7_000);
     let c2 = clock.clone();
-    let s = TestServer::start_with(move |c| c.clock = c2).await;
+    let s = TestServer::start_with_clock(c2, |_| {}).await;
     let ops = connect_as(&s, t, "ops", &["metrics"]).await;
     let alice = s.connect(t, "alice").await;
     let bob = s.connect(t, "bob").await;
@@ -412,11 +413,72 @@ async fn queries_and_streams_need_the_metrics_role(t: TransportKind) {
     }
 }
 
+/// Durations, windows and resolutions up to 2^64-1 ms, over the protocol and the
+/// server API, give exact answers or a typed error, never a wrapped number or a
+/// panic.
+async fn huge_durations_and_resolutions_are_exact_or_refused(t: TransportKind) {
+    let clock = Clock::manual(MINUTE + 1_000);
+    let c2 = clock.clone();
+    let s = TestServer::start_with_clock(c2, |_| {}).await;
+    let ops = connect_as(&s, t, "ops", &["metrics"]).await;
+    let alice = s.connect(t, "alice").await;
+    alice.track(vec![event("signup", 2)]).await.unwrap();
+    clock.advance(10_000);
+    alice.track(vec![event("signup", 3)]).await.unwrap();
+    let raw = |duration_ms: u64, resolution_ms: u64| {
+        ops.request(request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+            r#type: "signup".into(),
+            dimension: String::new(),
+            duration_ms,
+            resolution_ms,
+        }))
+    };
+    // Rounded up to whole hours, 2^64-1 ms does not fit in 64 bits.
+    assert_eq!(code(raw(u64::MAX, u64::MAX).await), ErrorCode::BadRequest);
+    assert_eq!(code(raw(1_000, u64::MAX).await), ErrorCode::BadRequest);
+    // All of time at the finest resolution is too many points.
+    assert_eq!(code(raw(u64::MAX, 0).await), ErrorCode::LimitExceeded);
+    // All of time as one point.
+    let all = series(&ops, "signup", "", u64::MAX, 1 << 62).await;
+    assert_eq!(
+        all.resolution_ms,
+        (1u64 << 62).div_ceil(3_600_000) * 3_600_000
+    );
+    assert_eq!(points(&all), [(0, 5)]);
+    assert_eq!(all.total, 5);
+    assert_eq!(top(&ops, u64::MAX).await, [("signup".to_string(), 5)]);
+    assert_eq!(distinct(&ops, u64::MAX).await, 1);
+    // 2^64 ms + 384 ms: the whole history, not the last 384 ms.
+    let huge = "18446744073709552s";
+    let (status, text) = s
+        .api("GET", &format!("/api/v1/analytics/top?window={huge}"), None)
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text, r#"[{"type":"signup","count":5}]"#);
+    let (status, text) = s
+        .api(
+            "GET",
+            &format!("/api/v1/analytics/users?window={huge}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.starts_with(r#"{"estimate":1,"#), "{text}");
+    let (status, text) = s
+        .api(
+            "GET",
+            &format!("/api/v1/analytics/series?type=signup&duration={huge}&resolution={huge}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("BAD_REQUEST"), "{text}");
+}
+
 async fn rate_limits_and_caps_refuse_whole_batches(t: TransportKind) {
     let clock = Clock::manual(MINUTE);
     let c2 = clock.clone();
-    let s = TestServer::start_with(move |c| {
-        c.clock = c2;
+    let s = TestServer::start_with_clock(c2, |c| {
         c.analytics.events_per_sec = 10;
         c.analytics.max_count = 5; // the burst is 2 s worth: 20
         c.analytics.max_event_types = 3;
@@ -540,9 +602,9 @@ async fn rollups_from_the_server_api_survive_a_restart() {
     tokio::time::timeout(support::TEST_TIMEOUT, async {
         let clock = Clock::manual(MINUTE + 1_000);
         let dir = tempfile::tempdir().unwrap();
-        let mut config = support::test_config(dir.path());
-        config.clock = clock.clone();
-        let mut s = TestServer { server: Some(tutti::start(config.clone()).await.unwrap()), dir };
+        let config = support::test_config(dir.path());
+        let start = |config| tutti::server::start_with_clock(config, clock.clone());
+        let mut s = TestServer { server: Some(start(config.clone()).await.unwrap()), dir };
 
         // Backends: the API key, users named per event.
         let body = r#"{"events":[
@@ -571,7 +633,7 @@ async fn rollups_from_the_server_api_survive_a_restart() {
 
         s.shutdown().await; // flushes what is pending
         clock.advance(3_600_000); // an hour later: the fine window is gone
-        s.server = Some(tutti::start(config).await.unwrap());
+        s.server = Some(start(config).await.unwrap());
 
         let (status, text) = s
             .api("GET", "/api/v1/analytics/series?type=order.paid&duration=2h&resolution=1h", None)

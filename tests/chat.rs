@@ -136,6 +136,8 @@ both_transports!(
     limits_refuse_and_store_nothing,
     typing_reaches_participants_only,
     reconnect_resumes_exactly_the_missed_messages,
+    resuming_from_zero_in_a_large_room_does_not_stall_it,
+    resume_and_history_offsets_at_the_extremes,
 );
 
 async fn every_device_of_every_participant_receives_messages(t: TransportKind) {
@@ -489,6 +491,138 @@ async fn reconnect_resumes_exactly_the_missed_messages(t: TransportKind) {
             _ => {}
         }
     }
+}
+
+/// Resuming a room from 0 replays every message; from 2^64-1 (beyond the end) none,
+/// and the live ones still follow. `before_offset` 2^64-1 pages from the newest;
+/// marking read at 2^64-1 is capped at the last message.
+async fn resume_and_history_offsets_at_the_extremes(t: TransportKind) {
+    let s = TestServer::start().await;
+    let a = s.connect(t, "alice").await;
+    create_room(&a, "r", &["bob"]).await;
+    let mut sent = Vec::new();
+    for i in 1..=3 {
+        sent.push(send(&a, "r", &format!("m{i}")).await.unwrap());
+    }
+    let resume = |offset: u64| {
+        let mut config = s.client_config(t, &s.token("bob"));
+        config.resume = HashMap::from([("room/r".to_string(), offset)]);
+        Client::connect(config)
+    };
+    let b = resume(0).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(next_message(&b).await);
+    }
+    assert_eq!(got, sent);
+    drop(b);
+    let b = resume(u64::MAX).await.unwrap();
+    let page = history(&b, "r", u64::MAX, 2).await.unwrap();
+    assert_eq!(page.messages, sent[1..]);
+    assert!(page.more);
+    let live = send(&a, "r", "live").await.unwrap();
+    assert_eq!(next_message(&b).await, live, "nothing replayed before it");
+    let r = mark_read(&b, "r", u64::MAX).await.unwrap();
+    assert_eq!((r.read_offset, r.unread), (4, 0));
+}
+
+/// Messages in the room the large-room test seeds.
+const LARGE_ROOM: u64 = 50_000;
+/// The p99 of a participant's sends while another catches up from offset 0 of that
+/// room stays under this (a debug build on a shared two-core machine, where such
+/// sends take 30-60 ms and a catch-up of the whole room takes 400-600 ms).
+const CATCH_UP_SEND_P99: Duration = Duration::from_millis(250);
+
+/// Bob reconnects resuming from offset 0 of a room with 50,000 messages: he receives
+/// all of them exactly once and in order, then the live ones, while Alice's sends in
+/// that room go on meanwhile, their p99 under [`CATCH_UP_SEND_P99`].
+async fn resuming_from_zero_in_a_large_room_does_not_stall_it(t: TransportKind) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = TestServer::start().await;
+    let a = s.connect(t, "alice").await;
+    create_room(&a, "big", &["bob"]).await;
+    let chat = &s.server().services().chat;
+    let mut seeded = 0;
+    while seeded < LARGE_ROOM {
+        let texts = (seeded + 1..=(seeded + 5_000).min(LARGE_ROOM))
+            .map(|i| format!("seeded {i}"))
+            .collect::<Vec<_>>();
+        seeded += texts.len() as u64;
+        chat.post_many("big", tutti::services::chat::Sender::System, texts)
+            .await
+            .unwrap();
+    }
+    // A new session for Alice: the seeded messages were pushed live to the old one.
+    drop(a);
+    let a = s.connect(t, "alice").await;
+    let mut config = s.client_config(t, &s.token("bob"));
+    config.resume = HashMap::from([("room/big".to_string(), 0)]);
+    let b = Client::connect(config).await.unwrap();
+    let caught_up = AtomicBool::new(false);
+    // Alice keeps sending while Bob catches up, timing each send; a few more after.
+    let alice = async {
+        let mut during = Vec::new();
+        let mut sent = 0u64;
+        let mut after = 0;
+        while after < 5 {
+            let busy = !caught_up.load(Ordering::Acquire);
+            let started = std::time::Instant::now();
+            send(&a, "big", &format!("live {sent}")).await.unwrap();
+            sent += 1;
+            if busy {
+                during.push(started.elapsed());
+            } else {
+                after += 1;
+            }
+        }
+        (during, sent)
+    };
+    let bob = async {
+        let mut next = 1;
+        while next <= LARGE_ROOM {
+            let m = next_message(&b).await;
+            assert_eq!(m.offset, next, "in order, each once");
+            assert_eq!(m.text, format!("seeded {next}"));
+            next += 1;
+        }
+        caught_up.store(true, Ordering::Release);
+        next
+    };
+    let ((mut during, sent), mut next) = tokio::join!(alice, bob);
+    // Then exactly Alice's live messages, in order.
+    while next <= LARGE_ROOM + sent {
+        let m = next_message(&b).await;
+        assert_eq!(m.offset, next, "live ones follow in order, each once");
+        assert_eq!(m.text, format!("live {}", next - LARGE_ROOM - 1));
+        next += 1;
+    }
+    b.echo(b"sync".to_vec(), true).await.unwrap();
+    loop {
+        match b.next_event().await.unwrap() {
+            Event::Push(StreamKind::System, _) => break,
+            Event::Push(StreamKind::Chat, p) => assert!(
+                !matches!(p.event, Some(push::Event::ChatMessage(_))),
+                "duplicate {p:?}"
+            ),
+            _ => {}
+        }
+    }
+    during.sort();
+    let p99 = during[(during.len() * 99).div_ceil(100) - 1];
+    eprintln!(
+        "{t:?}: {} sends during the catch-up, p99 {p99:?}, max {:?}",
+        during.len(),
+        during.last().unwrap()
+    );
+    assert!(
+        during.len() >= 10,
+        "only {} sends completed while Bob caught up: the room stalled",
+        during.len()
+    );
+    assert!(
+        p99 < CATCH_UP_SEND_P99,
+        "p99 of sends during a catch-up {p99:?} (bound {CATCH_UP_SEND_P99:?})"
+    );
 }
 
 /// The server process is killed with SIGKILL; everything acknowledged before is

@@ -276,7 +276,7 @@ async fn three_editors_on_mixed_transports_converge_and_survive_a_restart() {
             v1::DocSubmitRequest {
                 doc_id: "notes".into(),
                 base_revision: truth.revision,
-                op: Some(tutti::services::collab::op_to_wire(
+                op: Some(tutti::protocol::ot_wire::op_to_wire(
                     &TextOperation::new()
                         .retain(text.chars().count())
                         .insert("!"),
@@ -398,7 +398,7 @@ async fn stale_base_revision_gets_a_resync_snapshot(t: TransportKind) {
     let stale = v1::DocSubmitRequest {
         doc_id: "d".into(),
         base_revision: 0,
-        op: Some(tutti::services::collab::op_to_wire(
+        op: Some(tutti::protocol::ot_wire::op_to_wire(
             &TextOperation::new().insert("y"),
         )),
         client_id: "old".into(),
@@ -498,14 +498,14 @@ async fn malformed_operations_are_refused_with_codes(t: TransportKind) {
         client_id: "c".into(),
         seq,
     };
-    let op = tutti::services::collab::op_to_wire(&TextOperation::new().retain(3).insert("x"));
+    let op = tutti::protocol::ot_wire::op_to_wire(&TextOperation::new().retain(3).insert("x"));
     assert_eq!(
         server_error(submit(&alice, req(Some(op.clone()), 1)).await).error_code(),
         Some(ErrorCode::NotFound)
     );
     open(&alice, "d", None).await.unwrap();
     // Wrong length for the document.
-    let long = tutti::services::collab::op_to_wire(&TextOperation::new().retain(10));
+    let long = tutti::protocol::ot_wire::op_to_wire(&TextOperation::new().retain(10));
     assert_eq!(
         server_error(submit(&alice, req(Some(long), 1)).await).error_code(),
         Some(ErrorCode::InvalidOperation)

@@ -70,6 +70,7 @@ async fn next_notification(c: &Client) -> v1::Notification {
 both_transports!(
     notifications_reach_every_device_and_count_exactly,
     reconnect_resumes_the_missed_notifications,
+    resume_offsets_at_the_extremes,
     server_api_posts_to_rooms_and_lists_participants,
 );
 
@@ -227,6 +228,45 @@ async fn reconnect_resumes_the_missed_notifications(t: TransportKind) {
     assert_eq!(got, [2, 3, 4]);
     notify(&s, "alice", "live").await;
     assert_eq!(next_notification(&c).await.offset, 5);
+}
+
+/// Resuming from 0 replays every notification; resuming from 2^64-1 (beyond the
+/// end) replays none, and the live ones still follow. `before_offset` 2^64-1 lists
+/// the newest page.
+async fn resume_offsets_at_the_extremes(t: TransportKind) {
+    let s = TestServer::start().await;
+    for i in 1..=3 {
+        notify(&s, "alice", &format!("n{i}")).await;
+    }
+    let resume = |offset: u64| {
+        let mut config = s.client_config(t, &s.token("alice"));
+        config.resume = HashMap::from([("notifications".to_string(), offset)]);
+        Client::connect(config)
+    };
+    let c = resume(0).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(next_notification(&c).await.offset);
+    }
+    assert_eq!(got, [1, 2, 3]);
+    drop(c);
+    let c = resume(u64::MAX).await.unwrap();
+    // A response proves the catch-up is queued; then a live one.
+    let page = list(&c, u64::MAX, 100).await;
+    assert_eq!(
+        page.notifications
+            .iter()
+            .map(|n| n.offset)
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(!page.more);
+    notify(&s, "alice", "live").await;
+    assert_eq!(
+        next_notification(&c).await.offset,
+        4,
+        "nothing replayed before the live one"
+    );
 }
 
 async fn server_api_posts_to_rooms_and_lists_participants(t: TransportKind) {

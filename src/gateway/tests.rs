@@ -16,7 +16,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::v1::{self, ClientFrame, client_frame, request};
 use crate::protocol::{CloseCode, encode_frame};
-use crate::services::{ServiceDeps, Services};
+use crate::services::{ServiceDeps, Services, ServicesConfig};
 use crate::store::{Store, Writer};
 use crate::transport::memory::{PairConfig, pair};
 use crate::transport::{Accepted, Session, TransportKind};
@@ -40,18 +40,27 @@ impl Harness {
         let store = Store::open(&config.data_dir).unwrap();
         let (writer, _thread) = Writer::spawn(store.db().clone(), None);
         let metrics = Arc::new(Metrics::default());
-        let services = Arc::new(
-            Services::open(
-                ServiceDeps {
-                    store,
-                    writer: writer.clone(),
-                    hub: Arc::new(Hub::default()),
-                    metrics: metrics.clone(),
-                },
-                &config,
-            )
-            .unwrap(),
-        );
+        // Background work (cursor settling, flushes) is not run: these tests are
+        // about sessions.
+        let (services, _background) = Services::open(
+            ServiceDeps {
+                store,
+                writer: writer.clone(),
+                hub: Arc::new(Hub::default()),
+                metrics: metrics.clone(),
+                clock: crate::clock::Clock::System,
+                shutdown: tokio_util::sync::CancellationToken::new(),
+            },
+            ServicesConfig {
+                chat: config.chat.clone(),
+                notify: config.notify.clone(),
+                presence: config.presence.clone(),
+                collab: config.collab.clone(),
+                analytics: config.analytics.clone(),
+            },
+        )
+        .unwrap();
+        let services = Arc::new(services);
         let auth = Auth::new(
             b"a test secret of at least thirty-two bytes",
             SecretSource::Configured,

@@ -1,9 +1,9 @@
-//! Text operations between their wire form (`TextOp`) and [`crate::ot`]'s. The one
-//! place the protocol meets the OT engine; both the server and the native client use
-//! it.
+//! Operational-transformation operations on the wire: conversions between
+//! [`TextOperation`] and the protocol's `TextOp`. Used by the server's collaboration
+//! service and by native clients alike; depends only on `ot` and the protocol.
 
-use super::v1;
 use crate::ot::{Component, OtError, TextOperation};
+use crate::protocol::v1;
 
 /// The wire form of an operation.
 pub fn op_to_wire(op: &TextOperation) -> v1::TextOp {
@@ -23,29 +23,32 @@ pub fn op_to_wire(op: &TextOperation) -> v1::TextOp {
     }
 }
 
-/// An operation from its wire form: every component present, every count one this
-/// machine can hold, and the whole a valid operation.
+/// An operation from its wire form; malformed ones are `Err`.
 pub fn op_from_wire(op: Option<v1::TextOp>) -> Result<TextOperation, OtError> {
     use v1::op_component::Kind;
-    let count = |index: usize, n: u64| {
-        usize::try_from(n).map_err(|_| OtError::InvalidComponent {
-            index,
-            found: format!("a count of {n}"),
-        })
-    };
     let comps = op
         .unwrap_or_default()
         .components
         .into_iter()
         .enumerate()
-        .map(|(i, c)| match c.kind {
-            Some(Kind::Retain(n)) => Ok(Component::Retain(count(i, n)?)),
-            Some(Kind::Insert(s)) => Ok(Component::Insert(s)),
-            Some(Kind::Delete(n)) => Ok(Component::Delete(count(i, n)?)),
-            None => Err(OtError::InvalidComponent {
-                index: i,
-                found: "an empty component".into(),
-            }),
+        .map(|(i, c)| {
+            // A length that does not fit this platform's usize is malformed, not
+            // truncated.
+            let len = |n: u64| {
+                usize::try_from(n).map_err(|_| OtError::InvalidComponent {
+                    index: i,
+                    found: format!("a length of {n}"),
+                })
+            };
+            match c.kind {
+                Some(Kind::Retain(n)) => Ok(Component::Retain(len(n)?)),
+                Some(Kind::Insert(s)) => Ok(Component::Insert(s)),
+                Some(Kind::Delete(n)) => Ok(Component::Delete(len(n)?)),
+                None => Err(OtError::InvalidComponent {
+                    index: i,
+                    found: "an empty component".into(),
+                }),
+            }
         });
     let comps: Vec<Component> = comps.collect::<Result<_, _>>()?;
     TextOperation::from_components(comps)
@@ -56,9 +59,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn operations_survive_the_wire_and_empty_components_are_refused() {
-        let op = TextOperation::new().retain(2).insert("é🎵").delete(3);
+    fn operations_survive_the_wire() {
+        let op = TextOperation::new()
+            .retain(3)
+            .insert("héllo")
+            .delete(2)
+            .retain(1);
         assert_eq!(op_from_wire(Some(op_to_wire(&op))).unwrap(), op);
+        assert_eq!(
+            op_from_wire(None).unwrap(),
+            TextOperation::new(),
+            "no op is the empty op"
+        );
         let empty = v1::TextOp {
             components: vec![v1::OpComponent { kind: None }],
         };

@@ -5,7 +5,9 @@
 //! Ordering and recovery: a room's messages are committed and published under the
 //! room's lock, and a session subscribes to a room (after sending what it missed)
 //! under the same lock. So a reconnecting client receives every message after its
-//! resume offset exactly once and in order, then the live ones.
+//! resume offset exactly once and in order, then the live ones. The backlog itself
+//! is streamed outside the lock (see [`super::catch_up`]), so a long catch-up does
+//! not stall the room.
 //!
 //! Unread counts: a user's unread count in a room is the number of messages after
 //! their read mark. Sending a message moves the sender's mark to it (you have read
@@ -13,23 +15,29 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt, json, validate_id};
+use super::catch_up::{CatchUp, CatchUpStream, catch_up};
+use super::{
+    ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json, validate_id,
+};
 use crate::hub::Subscriber;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push, room_event};
-use crate::store::StoreError;
 use crate::store::registry::Loaded;
-use crate::util::unix_millis;
+use crate::store::{AppendError, OffsetLog, RedbLog, StoreError};
+use futures_util::future::BoxFuture;
 
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("chat_rooms");
 const OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("chat_room_offsets");
+/// The messages' offset log ([`RedbLog`]) keeps them in this table.
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chat_messages");
 const USER_ROOMS: TableDefinition<(&str, &str), u8> = TableDefinition::new("chat_user_rooms");
 const READ_MARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("chat_read_marks");
@@ -50,6 +58,13 @@ pub struct ChatConfig {
     pub typing_per_second: u32,
     /// The longest room name, in bytes.
     pub max_room_name: usize,
+}
+
+impl ChatConfig {
+    /// Checks the section (every value is usable).
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        Ok(())
+    }
 }
 
 impl Default for ChatConfig {
@@ -115,6 +130,8 @@ pub struct ChatService {
     deps: ServiceDeps,
     config: ChatConfig,
     rooms: crate::store::registry::Registry<RoomState>,
+    /// Each room's messages.
+    log: RedbLog,
     read_marks: crate::store::cache::Cache<(String, String), u64>,
     /// session → rooms it is subscribed to.
     subscribed: Mutex<HashMap<String, HashSet<String>>>,
@@ -129,6 +146,44 @@ fn topic(room: &str) -> String {
 /// The resume key of a room's stream in `Hello.resume`.
 pub fn resume_key(room: &str) -> String {
     topic(room)
+}
+
+/// A room as a session catching up sees it.
+struct RoomStream<'a> {
+    chat: &'a ChatService,
+    ctx: &'a SessionCtx,
+    room_id: &'a str,
+    handle: Loaded<RoomState>,
+}
+
+impl CatchUpStream for RoomStream<'_> {
+    type Guard = tokio::sync::OwnedMutexGuard<RoomState>;
+
+    async fn lock(&self) -> Result<Option<(Self::Guard, u64)>, StoreError> {
+        let room = self.handle.clone().lock_owned().await;
+        if !room.meta.participants.contains(self.ctx.user_id()) {
+            return Ok(None);
+        }
+        let last = room.last_offset;
+        Ok(Some((room, last)))
+    }
+
+    fn read(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<v1::Push>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .chat
+                .read_messages(self.room_id, from, to)
+                .await?
+                .iter()
+                .map(message_push)
+                .collect())
+        })
+    }
+
+    fn subscribe(&self, _room: &mut Self::Guard) {
+        self.chat
+            .subscribe(self.ctx.subscriber.clone(), self.room_id);
+    }
 }
 
 fn not_found() -> ServiceError {
@@ -166,9 +221,11 @@ impl ChatService {
         txn.open_table(USER_ROOMS)?;
         txn.open_table(READ_MARKS)?;
         txn.commit()?;
+        let log = RedbLog::open(&deps.store, &deps.writer, "chat_messages", "chat_epochs")?;
         Ok(Arc::new(Self {
             deps,
             config,
+            log,
             rooms: crate::store::registry::Registry::new(
                 "rooms",
                 100_000,
@@ -184,7 +241,8 @@ impl ChatService {
     // ---- sessions -------------------------------------------------------------
 
     /// A session opened: it gets what it missed in the rooms named in `resume`
-    /// (in order), then every room's live messages.
+    /// (in order), then every room's live messages. See [`super::catch_up`]: the
+    /// backlog is streamed outside the room's lock.
     pub async fn connected(&self, ctx: &SessionCtx, resume: &HashMap<String, u64>) {
         let rooms = match self.user_rooms(ctx.user_id()) {
             Ok(r) => r,
@@ -194,44 +252,26 @@ impl ChatService {
             }
         };
         for room_id in rooms {
-            let Ok(Some(handle)) = self.load(&room_id) else {
+            let Ok(Some(handle)) = self.load(&room_id).await else {
                 continue;
             };
-            let room = handle.lock().await;
-            if !room.meta.participants.contains(ctx.user_id()) {
-                continue;
+            let stream = RoomStream {
+                chat: self,
+                ctx,
+                room_id: &room_id,
+                handle,
+            };
+            let from = resume.get(&topic(&room_id)).copied();
+            match catch_up(&stream, ctx.subscriber.as_ref(), StreamKind::Chat, from).await {
+                Ok(CatchUp::Live | CatchUp::Gone) => {}
+                // A slow consumer: the gateway closes the session.
+                Ok(CatchUp::Slow) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading messages for a catch-up");
+                    return;
+                }
             }
-            if let Some(&from) = resume.get(&topic(&room_id))
-                && from < room.last_offset
-                && self
-                    .catch_up(ctx, &room_id, from, room.last_offset)
-                    .await
-                    .is_err()
-            {
-                return; // A slow consumer: the gateway closes the session.
-            }
-            self.subscribe(ctx.subscriber.clone(), &room_id);
         }
-    }
-
-    /// Pushes the messages (from, to] of a room, waiting for queue room.
-    async fn catch_up(&self, ctx: &SessionCtx, room: &str, from: u64, to: u64) -> Result<(), ()> {
-        const CHUNK: u64 = 256;
-        let mut next = from + 1;
-        while next <= to {
-            let end = (next + CHUNK - 1).min(to);
-            let messages = self.read_messages(room, next, end).map_err(|e| {
-                tracing::error!(error = %e, "reading messages for a catch-up");
-            })?;
-            for m in messages {
-                ctx.subscriber
-                    .push_wait(StreamKind::Chat, message_push(&m))
-                    .await
-                    .map_err(|_| ())?;
-            }
-            next = end + 1;
-        }
-        Ok(())
     }
 
     fn subscribe(&self, sub: Arc<dyn Subscriber>, room: &str) {
@@ -393,7 +433,8 @@ impl ChatService {
             ));
         }
         let handle = self
-            .load(&id)?
+            .load(&id)
+            .await?
             .ok_or_else(|| ServiceError::internal("room vanished"))?;
         let room = handle.lock().await;
         let event = self.room_event(room_event::Kind::Created, &room, ctx.user_id());
@@ -410,9 +451,9 @@ impl ChatService {
 
     /// The room, if it exists and `user` is in it; `NOT_FOUND` otherwise (the same
     /// answer either way, so that outsiders cannot learn which rooms exist).
-    fn room_for(&self, room_id: &str) -> ServiceResult<Loaded<RoomState>> {
+    async fn room_for(&self, room_id: &str) -> ServiceResult<Loaded<RoomState>> {
         validate_id("room", room_id)?;
-        self.load(room_id)?.ok_or_else(not_found)
+        self.load(room_id).await?.ok_or_else(not_found)
     }
 
     async fn write_meta(
@@ -452,7 +493,7 @@ impl ChatService {
         req: v1::RoomAddRequest,
     ) -> ServiceResult<v1::RoomAddResponse> {
         crate::auth::validate_user_id(&req.user_id).map_err(ServiceError::bad_request)?;
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
         let mut meta = room.meta.clone();
@@ -508,7 +549,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::RoomRemoveRequest,
     ) -> ServiceResult<v1::RoomRemoveResponse> {
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
         self.drop_participant(&mut room, &req.user_id, room_event::Kind::Removed)
@@ -522,7 +563,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::RoomLeaveRequest,
     ) -> ServiceResult<v1::RoomLeaveResponse> {
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let mut room = handle.lock().await;
         if !room.meta.participants.contains(ctx.user_id()) {
             return Err(not_found());
@@ -589,19 +630,39 @@ impl ChatService {
         sender: Sender<'_>,
         text: String,
     ) -> ServiceResult<v1::ChatMessage> {
-        if text.is_empty() {
-            return Err(ServiceError::bad_request("empty message"));
+        let mut posted = self.post_many(room_id, sender, vec![text]).await?;
+        posted
+            .pop()
+            .ok_or_else(|| ServiceError::internal("a post returned no message"))
+    }
+
+    /// Commits several messages from one sender in one write, with consecutive
+    /// offsets, and publishes them in order (an import, a backend's batch). Each text
+    /// is checked as [`post`](Self::post) checks it; one bad text refuses them all.
+    pub async fn post_many(
+        &self,
+        room_id: &str,
+        sender: Sender<'_>,
+        texts: Vec<String>,
+    ) -> ServiceResult<Vec<v1::ChatMessage>> {
+        for text in &texts {
+            if text.is_empty() {
+                return Err(ServiceError::bad_request("empty message"));
+            }
+            if text.len() > self.config.max_message_bytes {
+                return Err(ServiceError::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "messages hold at most {} bytes",
+                        self.config.max_message_bytes
+                    ),
+                ));
+            }
         }
-        if text.len() > self.config.max_message_bytes {
-            return Err(ServiceError::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "messages hold at most {} bytes",
-                    self.config.max_message_bytes
-                ),
-            ));
+        if texts.is_empty() {
+            return Ok(vec![]);
         }
-        let handle = self.room_for(room_id)?;
+        let handle = self.room_for(room_id).await?;
         let mut room = handle.lock().await;
         let sender_id = match sender {
             Sender::User(u) => {
@@ -612,59 +673,104 @@ impl ChatService {
             }
             Sender::System => String::new(),
         };
-        let offset = room.last_offset + 1;
-        let stored = StoredMessage {
-            sender: sender_id.clone(),
-            text,
-            sent_at_ms: unix_millis(),
-            system: sender == Sender::System,
-        };
-        let bytes = json(&stored);
-        let id = room.id.clone();
-        let mark_for = (sender != Sender::System).then(|| sender_id.clone());
-        self.deps
-            .writer
-            .write(move |txn| {
-                txn.open_table(MESSAGES)?
-                    .insert((id.as_str(), offset), bytes.as_slice())?;
-                txn.open_table(OFFSETS)?.insert(id.as_str(), offset)?;
-                if let Some(u) = &mark_for {
-                    txn.open_table(READ_MARKS)?
-                        .insert((u.as_str(), id.as_str()), offset)?;
-                }
-                Ok(())
+        let now = self.deps.clock.now_ms();
+        let stored: Vec<StoredMessage> = texts
+            .into_iter()
+            .map(|text| StoredMessage {
+                sender: sender_id.clone(),
+                text,
+                sent_at_ms: now,
+                system: sender == Sender::System,
             })
-            .await?;
-        room.last_offset = offset;
-        let message = message_wire(&room.id, offset, stored);
-        room.last_message = Some(message.clone());
+            .collect();
+        let rows: Vec<Vec<u8>> = stored.iter().map(json).collect();
+        let full = || ServiceError::new(ErrorCode::LimitExceeded, "the room is full");
+        let mut attempts = 0;
+        let (first, last) = loop {
+            attempts += 1;
+            let first = room.last_offset.checked_add(1).ok_or_else(full)?;
+            let last = first.checked_add(rows.len() as u64 - 1).ok_or_else(full)?;
+            let moved = Arc::new(Mutex::new(None));
+            let (id, rows, log, seen) = (
+                room.id.clone(),
+                rows.clone(),
+                self.log.clone(),
+                moved.clone(),
+            );
+            let mark_for = (sender != Sender::System).then(|| sender_id.clone());
+            self.deps
+                .writer
+                .write(move |txn| {
+                    match log.append_in(txn, &id, first - 1, &rows) {
+                        Ok(_) => *seen.lock().unwrap_or_else(|e| e.into_inner()) = None,
+                        Err(AppendError::Conflict { actual, .. }) => {
+                            // Nothing written; the room is re-read below.
+                            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(actual);
+                            return Ok(());
+                        }
+                        Err(e) => return Err(append_failed(e)),
+                    }
+                    txn.open_table(OFFSETS)?.insert(id.as_str(), last)?;
+                    if let Some(u) = &mark_for {
+                        txn.open_table(READ_MARKS)?
+                            .insert((u.as_str(), id.as_str()), last)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            let moved = *moved.lock().unwrap_or_else(|e| e.into_inner());
+            match moved {
+                None => break (first, last),
+                // A write whose request was abandoned while its commit was in
+                // flight still committed: take the room as stored and go on.
+                Some(actual) if actual > room.last_offset && attempts < 3 => {
+                    tracing::warn!(room = %room.id, actual, "room offsets moved under a send");
+                    room.last_message = self.read_messages(&room.id, actual, actual).await?.pop();
+                    room.last_offset = actual;
+                }
+                Some(actual) => {
+                    return Err(ServiceError::internal(format!(
+                        "room {} is at offset {actual}, expected {}",
+                        room.id, room.last_offset
+                    )));
+                }
+            }
+        };
+        room.last_offset = last;
+        let messages: Vec<v1::ChatMessage> = (first..)
+            .zip(stored)
+            .map(|(offset, m)| message_wire(&room.id, offset, m))
+            .collect();
+        room.last_message = messages.last().cloned();
         if sender != Sender::System {
             self.read_marks
-                .insert((sender_id, room.id.clone()), offset)
+                .insert((sender_id, room.id.clone()), last)
                 .await;
         }
         // Published under the room lock: in offset order, after any catch-up.
-        self.deps
-            .hub
-            .publish(&topic(&room.id), StreamKind::Chat, &message_push(&message));
-        Ok(message)
+        for m in &messages {
+            self.deps
+                .hub
+                .publish(&topic(&room.id), StreamKind::Chat, &message_push(m));
+        }
+        Ok(messages)
     }
 
-    fn read_messages(
+    /// The messages `from..=to` of a room.
+    async fn read_messages(
         &self,
         room: &str,
         from: u64,
         to: u64,
     ) -> Result<Vec<v1::ChatMessage>, StoreError> {
-        let txn = self.deps.store.db().begin_read()?;
-        let table = txn.open_table(MESSAGES)?;
-        let mut out = Vec::new();
-        for entry in table.range((room, from)..=(room, to))? {
-            let (key, value) = entry?;
-            let m: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
-            out.push(message_wire(room, key.value().1, m));
-        }
-        Ok(out)
+        let entries = self.log.read(room, from, to, usize::MAX).await?;
+        entries
+            .into_iter()
+            .map(|e| {
+                let m: StoredMessage = serde_json::from_slice(&e.data).map_err(corrupt)?;
+                Ok(message_wire(room, e.offset, m))
+            })
+            .collect()
     }
 
     /// A page of history before an offset.
@@ -673,7 +779,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::ChatHistoryRequest,
     ) -> ServiceResult<v1::ChatHistoryResponse> {
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let last = {
             let room = handle.lock().await;
             if !room.meta.participants.contains(ctx.user_id()) {
@@ -688,7 +794,7 @@ impl ChatService {
             last,
         );
         let messages = match page {
-            Some(p) => self.read_messages(&req.room_id, p.from, p.to)?,
+            Some(p) => self.read_messages(&req.room_id, p.from, p.to).await?,
             None => vec![],
         };
         Ok(v1::ChatHistoryResponse {
@@ -722,7 +828,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::ChatMarkReadRequest,
     ) -> ServiceResult<v1::ChatMarkReadResponse> {
-        let handle = self.room_for(&req.room_id)?;
+        let handle = self.room_for(&req.room_id).await?;
         let room = handle.lock().await;
         let user = ctx.user_id();
         if !room.meta.participants.contains(user) {
@@ -759,7 +865,7 @@ impl ChatService {
         let mark = target.max(current);
         Ok(v1::ChatMarkReadResponse {
             read_offset: mark,
-            unread: room.last_offset - mark,
+            unread: room.last_offset.saturating_sub(mark),
         })
     }
 
@@ -767,7 +873,7 @@ impl ChatService {
     pub async fn list(&self, ctx: &SessionCtx) -> ServiceResult<v1::RoomListResponse> {
         let mut rooms = Vec::new();
         for id in self.user_rooms(ctx.user_id())? {
-            let Some(handle) = self.load(&id)? else {
+            let Some(handle) = self.load(&id).await? else {
                 continue;
             };
             let room = handle.lock().await;
@@ -789,7 +895,7 @@ impl ChatService {
     pub async fn co_participants(&self, user: &str) -> ServiceResult<BTreeSet<String>> {
         let mut out = BTreeSet::new();
         for id in self.user_rooms(user)? {
-            if let Some(handle) = self.load(&id)? {
+            if let Some(handle) = self.load(&id).await? {
                 let room = handle.lock().await;
                 if room.meta.participants.contains(user) {
                     out.extend(room.meta.participants.iter().cloned());
@@ -802,7 +908,7 @@ impl ChatService {
 
     /// A room's participants (server API).
     pub async fn participants(&self, room_id: &str) -> ServiceResult<Vec<String>> {
-        let handle = self.room_for(room_id)?;
+        let handle = self.room_for(room_id).await?;
         let room = handle.lock().await;
         Ok(room.meta.participants.iter().cloned().collect())
     }
@@ -848,8 +954,8 @@ impl ChatService {
 
     // ---- loading ----------------------------------------------------------------
 
-    fn load(&self, id: &str) -> ServiceResult<Option<Loaded<RoomState>>> {
-        Ok(self.rooms.get_or_load(id, || self.read_room(id))?)
+    async fn load(&self, id: &str) -> ServiceResult<Option<Loaded<RoomState>>> {
+        Ok(self.rooms.get_or_load(id, || self.read_room(id)).await?)
     }
 
     fn read_room(&self, id: &str) -> Result<Option<RoomState>, StoreError> {
@@ -876,5 +982,144 @@ impl ChatService {
             last_offset,
             last_message,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::fakes::{FakeSession, Node};
+
+    /// A send abandoned while its commit is in flight (its future dropped) still
+    /// commits; the next send takes the room as stored and follows it, instead
+    /// of writing over it or failing.
+    #[tokio::test]
+    async fn a_send_after_an_abandoned_one_follows_it() {
+        use futures_util::FutureExt;
+        let node = Node::new();
+        let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
+        let (alice, _) = FakeSession::new("alice", "a", 16);
+        let alice = alice.ctx();
+        chat.create(
+            &alice,
+            v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        let send = |text: &str| {
+            chat.send(
+                &alice,
+                v1::ChatSendRequest {
+                    room_id: "r".into(),
+                    text: text.into(),
+                },
+            )
+        };
+        let hold = node.deps.writer.hold();
+        let mut abandoned = Box::pin(send("abandoned"));
+        while node.deps.writer.in_flight() == 0 {
+            assert!(abandoned.as_mut().now_or_never().is_none(), "held");
+            tokio::task::yield_now().await;
+        }
+        drop(abandoned);
+        drop(hold);
+        // Writes commit in order: once this one is durable, so is the abandoned one.
+        node.deps.writer.write(|_| Ok(())).await.unwrap();
+        let next = send("next").await.unwrap().message.unwrap();
+        assert_eq!(next.offset, 2);
+        let history = chat
+            .history(
+                &alice,
+                v1::ChatHistoryRequest {
+                    room_id: "r".into(),
+                    before_offset: 0,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap();
+        let texts: Vec<&str> = history.messages.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["abandoned", "next"]);
+    }
+
+    /// A session resumes from offset 0 of a room of 1,000 messages through a queue
+    /// of 100 that it reads only once 50 more were sent meanwhile (so the catch-up
+    /// waits for room, and must pick those up after the range it started with);
+    /// then 50 live ones. It gets offsets 1..=1,100 once each, in order, without
+    /// ever finding its queue full. (No timers involved: it runs on the real clock,
+    /// bounded, since paused time would jump while the writer thread commits.)
+    #[tokio::test]
+    async fn catch_up_then_live_in_order_with_sends_meanwhile() {
+        let node = Node::new();
+        let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
+        let (alice, _) = FakeSession::new("alice", "a", 16);
+        chat.create(
+            &alice.ctx(),
+            v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec!["bob".into()],
+            },
+        )
+        .await
+        .unwrap();
+        let seeded = (1..=1000).map(|i| format!("m{i}")).collect();
+        chat.post_many("r", Sender::System, seeded).await.unwrap();
+        let alice = alice.ctx();
+        let send = |text: String| {
+            chat.send(
+                &alice,
+                v1::ChatSendRequest {
+                    room_id: "r".into(),
+                    text,
+                },
+            )
+        };
+
+        let (bob, mut queue) = FakeSession::new("bob", "b", 100);
+        let resume = HashMap::from([(resume_key("r"), 0)]);
+        let gate = tokio::sync::Notify::new();
+        let mut got = Vec::new();
+        let meanwhile = async {
+            // Once the catch-up waits for room, 50 messages arrive.
+            let mut spins = 0;
+            while bob.room() > 0 {
+                spins += 1;
+                assert!(spins < 10_000, "the catch-up never filled the queue");
+                tokio::task::yield_now().await;
+            }
+            for i in 0..50 {
+                send(format!("meanwhile {i}")).await.unwrap();
+            }
+            gate.notify_one();
+        };
+        let read = async {
+            gate.notified().await;
+            while got.len() < 1050 {
+                let (_, p) = queue.recv().await.unwrap();
+                if let Some(push::Event::ChatMessage(m)) = p.event {
+                    got.push(m.offset);
+                }
+            }
+        };
+        let ctx = bob.ctx();
+        let all = async { tokio::join!(chat.connected(&ctx, &resume), meanwhile, read) };
+        tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("every message arrives");
+        for i in 0..50 {
+            send(format!("live {i}")).await.unwrap();
+        }
+        while let Ok((_, p)) = queue.try_recv() {
+            if let Some(push::Event::ChatMessage(m)) = p.event {
+                got.push(m.offset);
+            }
+        }
+        assert_eq!(got, (1..=1100).collect::<Vec<u64>>());
+        assert!(!bob.was_slow());
     }
 }

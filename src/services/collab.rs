@@ -15,22 +15,31 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt, json, validate_id};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json,
+    validate_id,
+};
 use crate::ot::{Authority, Component, OtError, TextOperation};
 use crate::protocol::ErrorCode;
+use crate::protocol::ot_wire::{op_from_wire, op_to_wire};
 use crate::protocol::v1::{self, DocRole, StreamKind, push};
-use crate::store::StoreError;
 use crate::store::registry::Loaded;
+use crate::store::{RedbLog, StoreError};
 
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_docs");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_snapshots");
+/// The operations' offset log ([`RedbLog`]) keeps them in this table, by revision.
 const OPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("collab_ops");
 const CLIENTS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("collab_clients");
 
@@ -49,11 +58,24 @@ pub struct CollabConfig {
     /// The longest client id, in bytes.
     pub max_client_id: usize,
     /// A cursor that has not moved for this long is sent again reliably.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub cursor_settle: Duration,
     /// Cursor datagrams relayed per session and document per second at most; moves
     /// in between are coalesced (the latest one settles reliably).
     pub cursor_rate: u32,
+}
+
+impl CollabConfig {
+    /// Checks the section: the counts must be positive.
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        if self.history == 0 || self.snapshot_every == 0 || self.cursor_rate == 0 {
+            return Err(super::InvalidConfig(
+                "collab.history, collab.snapshot_every and collab.cursor_rate must be positive"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for CollabConfig {
@@ -138,6 +160,8 @@ pub struct CollabService {
     config: CollabConfig,
     /// Loaded documents: never more than one copy of one.
     docs: crate::store::registry::Registry<DocState>,
+    /// Each document's operations since shortly before its snapshot.
+    log: RedbLog,
     /// session id → documents it has open.
     sessions: Mutex<HashMap<String, HashMap<String, Loaded<DocState>>>>,
     /// (document, session) → its cursor.
@@ -152,11 +176,13 @@ fn not_found() -> ServiceError {
     ServiceError::new(ErrorCode::NotFound, "no such document")
 }
 
-pub use crate::protocol::ot_wire::{op_from_wire, op_to_wire};
-
 impl CollabService {
-    /// Opens the service (creating its tables) and starts the cursor settle task.
-    pub fn open(deps: ServiceDeps, config: CollabConfig) -> Result<Arc<Self>, StoreError> {
+    /// Opens the service (creating its tables). The returned work settles cursors
+    /// until the node stops.
+    pub fn open(
+        deps: ServiceDeps,
+        config: CollabConfig,
+    ) -> Result<(Arc<Self>, Background), StoreError> {
         let mut txn = deps.store.db().begin_write()?;
         txn.set_quick_repair(true);
         txn.open_table(DOCS)?;
@@ -164,15 +190,20 @@ impl CollabService {
         txn.open_table(OPS)?;
         txn.open_table(CLIENTS)?;
         txn.commit()?;
+        let log = RedbLog::open(&deps.store, &deps.writer, "collab_ops", "collab_epochs")?;
         let service = Arc::new(Self {
             deps,
             docs: crate::store::registry::Registry::new("docs", 10_000, Duration::from_secs(600)),
+            log,
             config,
             sessions: Mutex::new(HashMap::new()),
             cursors: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(settle_cursors(Arc::downgrade(&service)));
-        Ok(service)
+        let work = Background::new(
+            "collab cursors",
+            settle_cursors(Arc::downgrade(&service), service.deps.shutdown.clone()),
+        );
+        Ok((service, work))
     }
 
     /// Creates a document owned by the caller.
@@ -250,7 +281,7 @@ impl CollabService {
         if role == DocRole::Owner {
             return Err(ServiceError::bad_request("a document has one owner"));
         }
-        let handle = self.load(&req.doc_id)?.ok_or_else(not_found)?;
+        let handle = self.load(&req.doc_id).await?.ok_or_else(not_found)?;
         let mut d = handle.lock().await;
         match d.meta.role_of(ctx.user_id()) {
             DocRole::Owner => {}
@@ -293,7 +324,7 @@ impl CollabService {
         req: v1::DocOpenRequest,
     ) -> ServiceResult<v1::DocOpenResponse> {
         validate_id("document", &req.doc_id)?;
-        let handle = self.load(&req.doc_id)?.ok_or_else(not_found)?;
+        let handle = self.load(&req.doc_id).await?.ok_or_else(not_found)?;
         let mut d = handle.lock().await;
         let role = d.meta.role_of(ctx.user_id());
         if role == DocRole::Unspecified {
@@ -552,12 +583,13 @@ impl CollabService {
         let history = self.config.history as u64;
         let snapshot_taken = snapshot.is_some();
         let (id, client_id, seq) = (d.id.clone(), req.client_id.clone(), req.seq);
+        let log = self.log.clone();
         let write = self
             .deps
             .writer
             .write(move |txn| {
-                let mut ops = txn.open_table(OPS)?;
-                ops.insert((id.as_str(), revision), stored.as_slice())?;
+                log.append_in(txn, &id, revision - 1, std::slice::from_ref(&stored))
+                    .map_err(append_failed)?;
                 txn.open_table(CLIENTS)?
                     .insert((id.as_str(), client_id.as_str()), (seq, revision))?;
                 if let Some(snap) = &snapshot {
@@ -565,7 +597,7 @@ impl CollabService {
                         .insert(id.as_str(), snap.as_slice())?;
                     // Keep `history` operations before the snapshot for catch-up.
                     let keep_from = revision.saturating_sub(history) + 1;
-                    ops.retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false)?;
+                    log.trim_in(txn, &id, keep_from)?;
                 }
                 Ok(())
             })
@@ -573,7 +605,7 @@ impl CollabService {
         if let Err(e) = write {
             // Memory is ahead of the disk now: retire this copy.
             d.broken = true;
-            self.docs.forget(&d.id);
+            self.docs.forget(&d.id).await;
             return Err(ServiceError::internal(e));
         }
         if snapshot_taken {
@@ -690,8 +722,8 @@ impl CollabService {
     }
 
     /// The loaded document, loading it from redb if needed. `None`: no such document.
-    fn load(&self, id: &str) -> ServiceResult<Option<Loaded<DocState>>> {
-        Ok(self.docs.get_or_load(id, || self.read_doc(id))?)
+    async fn load(&self, id: &str) -> ServiceResult<Option<Loaded<DocState>>> {
+        Ok(self.docs.get_or_load(id, || self.read_doc(id)).await?)
     }
 
     fn read_doc(&self, id: &str) -> Result<Option<DocState>, StoreError> {
@@ -764,14 +796,17 @@ impl CollabService {
     }
 }
 
-async fn settle_cursors(service: Weak<CollabService>) {
+async fn settle_cursors(service: Weak<CollabService>, stop: CancellationToken) {
     let period = match service.upgrade() {
         Some(s) => (s.config.cursor_settle / 2).max(Duration::from_millis(10)),
         None => return,
     };
     let mut tick = tokio::time::interval(period);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
         match service.upgrade() {
             Some(s) => s.settle(),
             None => return,

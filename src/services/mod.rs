@@ -2,13 +2,20 @@
 //! messages, never a QUIC or WebTransport type; each owns its redb tables.
 
 pub mod analytics;
+pub mod catch_up;
 pub mod chat;
 pub mod collab;
+#[cfg(test)]
+mod fakes;
 pub mod notify;
 pub mod presence;
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
 use crate::hub::{Hub, Subscriber};
 use crate::metrics::Metrics;
 use crate::protocol::ErrorCode;
@@ -92,6 +99,15 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain data serializes")
 }
 
+/// An append to an offset log that was refused inside a service's own transaction
+/// (the service holds the stream's lock, so this is a broken invariant).
+fn append_failed(e: crate::store::AppendError) -> crate::store::StoreError {
+    match e {
+        crate::store::AppendError::Store(e) => e,
+        other => crate::store::StoreError::Write(other.to_string()),
+    }
+}
+
 /// Stored data that does not decode.
 fn corrupt(e: impl std::fmt::Display) -> crate::store::StoreError {
     crate::store::StoreError::Corrupt(e.to_string())
@@ -117,14 +133,14 @@ impl Page {
     /// `before` (0: after the newest). `None` when it would be empty.
     pub fn before(before: u64, limit: u32, max: u32, last: u64) -> Option<Page> {
         let limit = u64::from(if limit == 0 { max } else { limit.min(max) });
-        let end = if before == 0 {
-            last + 1
+        let to = if before == 0 {
+            last
         } else {
-            before.min(last + 1)
+            (before - 1).min(last)
         };
-        (end > 1 && limit > 0).then(|| Page {
-            from: end.saturating_sub(limit).max(1),
-            to: end - 1,
+        (to > 0 && limit > 0).then(|| Page {
+            from: to.saturating_sub(limit - 1).max(1),
+            to,
         })
     }
 
@@ -132,6 +148,27 @@ impl Page {
     pub fn more(&self) -> bool {
         self.from > 1
     }
+}
+
+/// A service's configuration section that cannot work: what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidConfig(pub String);
+
+/// The configuration of every service: the sections `[chat]`, `[notify]`,
+/// `[presence]`, `[collab]` and `[analytics]` of the node's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct ServicesConfig {
+    /// Chat limits.
+    pub chat: chat::ChatConfig,
+    /// Notification limits.
+    pub notify: notify::NotifyConfig,
+    /// Presence settings.
+    pub presence: presence::PresenceConfig,
+    /// Collaboration settings.
+    pub collab: collab::CollabConfig,
+    /// Analytics settings.
+    pub analytics: analytics::AnalyticsConfig,
 }
 
 /// The result of a request handler.
@@ -169,6 +206,41 @@ pub struct ServiceDeps {
     pub hub: Arc<Hub>,
     /// Counters and histograms.
     pub metrics: Arc<Metrics>,
+    /// Wall-clock time: timestamps, last seen, analytics buckets. Tests set a
+    /// manual one. Delays (presence grace, periodic work) run on tokio's clock, so
+    /// `tokio::time::pause()` drives them.
+    pub clock: Clock,
+    /// Cancelled when the node shuts down: every [`Background`] future then
+    /// finishes what must be finished (the last analytics flush) and returns.
+    pub shutdown: CancellationToken,
+}
+
+/// Work a service does for as long as the node runs (periodic flushes, timers),
+/// returned by its constructor instead of spawned there, so that the node runs
+/// and stops all of it in one place. Each ends after [`ServiceDeps::shutdown`].
+pub struct Background {
+    /// What it is, for logs.
+    pub name: &'static str,
+    /// The work.
+    pub task: BoxFuture<'static, ()>,
+}
+
+impl Background {
+    /// Names `task`.
+    pub fn new(name: &'static str, task: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self {
+            name,
+            task: Box::pin(task),
+        }
+    }
+}
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Background")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// All services of a node.
@@ -188,28 +260,27 @@ pub struct Services {
 }
 
 impl Services {
-    /// Opens every service over `deps`.
+    /// Opens every service over `deps`, and returns their background work for the
+    /// caller to run (until `deps.shutdown`).
     pub fn open(
         deps: ServiceDeps,
-        config: &crate::config::Config,
-    ) -> Result<Self, crate::store::StoreError> {
-        let chat = chat::ChatService::open(deps.clone(), config.chat.clone())?;
-        Ok(Self {
+        config: ServicesConfig,
+    ) -> Result<(Self, Vec<Background>), crate::store::StoreError> {
+        let chat = chat::ChatService::open(deps.clone(), config.chat)?;
+        let (analytics, analytics_work) =
+            analytics::AnalyticsService::open(deps.clone(), config.analytics)?;
+        let (presence, presence_work) =
+            presence::PresenceService::open(deps.clone(), config.presence, chat.clone())?;
+        let (collab, collab_work) = collab::CollabService::open(deps.clone(), config.collab)?;
+        let services = Self {
             hub: deps.hub.clone(),
-            analytics: analytics::AnalyticsService::open(
-                deps.clone(),
-                config.analytics.clone(),
-                config.clock.clone(),
-            )?,
-            presence: presence::PresenceService::open(
-                deps.clone(),
-                config.presence.clone(),
-                chat.clone(),
-            )?,
-            notify: notify::NotifyService::open(deps.clone(), config.notify.clone())?,
+            analytics,
+            presence,
+            notify: notify::NotifyService::open(deps, config.notify)?,
             chat,
-            collab: collab::CollabService::open(deps, config.collab.clone())?,
-        })
+            collab,
+        };
+        Ok((services, vec![analytics_work, presence_work, collab_work]))
     }
 
     /// A session completed its handshake; `resume` is its `Hello.resume`.
@@ -328,6 +399,19 @@ mod tests {
             Page::before(99, 2, 100, 10),
             Some(Page { from: 9, to: 10 }),
             "clamped"
+        );
+        assert_eq!(
+            Page::before(u64::MAX, 2, 100, 10),
+            Some(Page { from: 9, to: 10 }),
+            "the largest cursor is the newest page"
+        );
+        assert_eq!(
+            Page::before(0, 2, 100, u64::MAX),
+            Some(Page {
+                from: u64::MAX - 1,
+                to: u64::MAX
+            }),
+            "a full stream does not wrap"
         );
     }
 }

@@ -13,12 +13,16 @@ use std::sync::Arc;
 use redb::{ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, corrupt};
+use super::catch_up::{CatchUpStream, catch_up};
+use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt};
+use futures_util::future::BoxFuture;
+
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push};
-use crate::store::StoreError;
-use crate::util::unix_millis;
+use crate::store::{AppendError, OffsetLog, RedbLog, StoreError};
 
+/// The notifications' offset log ([`RedbLog`]) keeps them in this table; marking one
+/// read rewrites its entry in place.
 const NOTES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("notify_notes");
 /// user → (last offset, unread count).
 const STATE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("notify_state");
@@ -45,6 +49,13 @@ pub struct NotifyConfig {
     pub max_data: usize,
     /// Ids in one mark-read request at most.
     pub max_mark_ids: usize,
+}
+
+impl NotifyConfig {
+    /// Checks the section (every value is usable).
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        Ok(())
+    }
 }
 
 impl Default for NotifyConfig {
@@ -103,12 +114,54 @@ fn topic(user: &str) -> String {
     format!("notify/{user}")
 }
 
+/// A user's notifications as a session catching up sees them.
+struct NoteStream<'a> {
+    notify: &'a NotifyService,
+    ctx: &'a SessionCtx,
+}
+
+impl CatchUpStream for NoteStream<'_> {
+    type Guard = tokio::sync::OwnedMutexGuard<()>;
+
+    async fn lock(&self) -> Result<Option<(Self::Guard, u64)>, StoreError> {
+        let user = self.ctx.user_id();
+        let guard = self.notify.stripe(user).clone().lock_owned().await;
+        let (last, _) = self.notify.user_state(user).await?;
+        Ok(Some((guard, last)))
+    }
+
+    fn read(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<v1::Push>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .notify
+                .read_range(self.ctx.user_id(), from, to)
+                .await?
+                .into_iter()
+                .map(|note| v1::Push {
+                    stream: RESUME_KEY.into(),
+                    offset: note.offset,
+                    event: Some(push::Event::Notification(note)),
+                })
+                .collect())
+        })
+    }
+
+    fn subscribe(&self, _stripe: &mut Self::Guard) {
+        self.notify
+            .deps
+            .hub
+            .subscribe(&topic(self.ctx.user_id()), self.ctx.subscriber.clone());
+    }
+}
+
 /// The notification service.
 #[derive(Debug)]
 pub struct NotifyService {
     deps: ServiceDeps,
     config: NotifyConfig,
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Each user's notifications.
+    log: RedbLog,
     state: crate::store::cache::Cache<String, (u64, u64)>,
 }
 
@@ -120,10 +173,14 @@ impl NotifyService {
         txn.open_table(NOTES)?;
         txn.open_table(STATE)?;
         txn.commit()?;
+        let log = RedbLog::open(&deps.store, &deps.writer, "notify_notes", "notify_epochs")?;
         Ok(Arc::new(Self {
             deps,
             config,
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            log,
+            stripes: (0..STRIPES)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect(),
             state: crate::store::cache::CacheSpec::new(
                 1_000_000,
                 std::time::Duration::from_secs(600),
@@ -132,7 +189,7 @@ impl NotifyService {
         }))
     }
 
-    fn stripe(&self, user: &str) -> &tokio::sync::Mutex<()> {
+    fn stripe(&self, user: &str) -> &Arc<tokio::sync::Mutex<()>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         user.hash(&mut h);
         &self.stripes[(h.finish() as usize) % STRIPES]
@@ -181,28 +238,62 @@ impl NotifyService {
         crate::auth::validate_user_id(user).map_err(ServiceError::bad_request)?;
         self.validate(&n)?;
         let _guard = self.stripe(user).lock().await;
-        let (last, unread) = self.user_state(user).await?;
-        let offset = last + 1;
+        let (mut last, mut unread) = self.user_state(user).await?;
         let stored = StoredNote {
             kind: n.kind,
             title: n.title,
             body: n.body,
             data: n.data,
-            created_at_ms: unix_millis(),
+            created_at_ms: self.deps.clock.now_ms(),
             read: false,
         };
         let bytes = serde_json::to_vec(&stored).expect("plain data");
-        let u = user.to_owned();
-        self.deps
-            .writer
-            .write(move |txn| {
-                txn.open_table(NOTES)?
-                    .insert((u.as_str(), offset), bytes.as_slice())?;
-                txn.open_table(STATE)?
-                    .insert(u.as_str(), (offset, unread + 1))?;
-                Ok(())
-            })
-            .await?;
+        let mut attempts = 0;
+        let offset = loop {
+            attempts += 1;
+            let offset = last.checked_add(1).ok_or_else(|| {
+                ServiceError::new(ErrorCode::LimitExceeded, "no more notifications")
+            })?;
+            let moved = Arc::new(std::sync::Mutex::new(None));
+            let (u, bytes, log, seen) = (
+                user.to_owned(),
+                bytes.clone(),
+                self.log.clone(),
+                moved.clone(),
+            );
+            self.deps
+                .writer
+                .write(move |txn| {
+                    match log.append_in(txn, &u, last, std::slice::from_ref(&bytes)) {
+                        Ok(_) => *seen.lock().unwrap_or_else(|e| e.into_inner()) = None,
+                        Err(AppendError::Conflict { actual, .. }) => {
+                            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(actual);
+                            return Ok(());
+                        }
+                        Err(e) => return Err(append_failed(e)),
+                    }
+                    txn.open_table(STATE)?
+                        .insert(u.as_str(), (offset, unread + 1))?;
+                    Ok(())
+                })
+                .await?;
+            let moved = *moved.lock().unwrap_or_else(|e| e.into_inner());
+            match moved {
+                None => break offset,
+                // Notifications whose request was abandoned while their commit was
+                // in flight still committed, unread: count them and go on.
+                Some(actual) if actual > last && attempts < 3 => {
+                    tracing::warn!(user, actual, "notification offsets moved under a create");
+                    unread += actual - last;
+                    last = actual;
+                }
+                Some(actual) => {
+                    return Err(ServiceError::internal(format!(
+                        "notifications of {user} are at offset {actual}, expected {last}"
+                    )));
+                }
+            }
+        };
         self.state
             .insert(user.to_owned(), (offset, unread + 1))
             .await;
@@ -221,42 +312,21 @@ impl NotifyService {
     }
 
     /// A session opened: it gets the notifications after its resume offset (if
-    /// given), in order, then the live ones.
+    /// given), in order, then the live ones. See [`super::catch_up`]: the backlog
+    /// is streamed outside the user's lock.
     pub async fn connected(&self, ctx: &SessionCtx, resume: &HashMap<String, u64>) {
-        let user = ctx.user_id();
-        let _guard = self.stripe(user).lock().await;
-        if let Some(&from) = resume.get(RESUME_KEY) {
-            let Ok((last, _)) = self.user_state(user).await else {
-                return;
-            };
-            let mut next = from + 1;
-            while next <= last {
-                let end = (next + 255).min(last);
-                let Ok(notes) = self.read_range(user, next, end) else {
-                    return;
-                };
-                for note in notes {
-                    let offset = note.offset;
-                    let push = v1::Push {
-                        stream: RESUME_KEY.into(),
-                        offset,
-                        event: Some(push::Event::Notification(note)),
-                    };
-                    if ctx
-                        .subscriber
-                        .push_wait(StreamKind::Notifications, push)
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                next = end + 1;
-            }
+        let stream = NoteStream { notify: self, ctx };
+        let from = resume.get(RESUME_KEY).copied();
+        if let Err(e) = catch_up(
+            &stream,
+            ctx.subscriber.as_ref(),
+            StreamKind::Notifications,
+            from,
+        )
+        .await
+        {
+            tracing::error!(error = %e, "reading notifications for a catch-up");
         }
-        self.deps
-            .hub
-            .subscribe(&topic(user), ctx.subscriber.clone());
     }
 
     /// A session ended.
@@ -266,21 +336,21 @@ impl NotifyService {
             .unsubscribe(&topic(ctx.user_id()), ctx.session_id());
     }
 
-    fn read_range(
+    /// The notifications `from..=to` of a user.
+    async fn read_range(
         &self,
         user: &str,
         from: u64,
         to: u64,
     ) -> Result<Vec<v1::Notification>, StoreError> {
-        let txn = self.deps.store.db().begin_read()?;
-        let table = txn.open_table(NOTES)?;
-        let mut out = Vec::new();
-        for entry in table.range((user, from)..=(user, to))? {
-            let (key, value) = entry?;
-            let n: StoredNote = serde_json::from_slice(value.value()).map_err(corrupt)?;
-            out.push(wire(user, key.value().1, n));
-        }
-        Ok(out)
+        let entries = self.log.read(user, from, to, usize::MAX).await?;
+        entries
+            .into_iter()
+            .map(|e| {
+                let n: StoredNote = serde_json::from_slice(&e.data).map_err(corrupt)?;
+                Ok(wire(user, e.offset, n))
+            })
+            .collect()
     }
 
     /// A page of the caller's notifications.
@@ -297,7 +367,7 @@ impl NotifyService {
         let page = super::Page::before(req.before_offset, req.limit, self.config.max_page, last);
         Ok(v1::NotifyListResponse {
             notifications: match page {
-                Some(p) => self.read_range(user, p.from, p.to)?,
+                Some(p) => self.read_range(user, p.from, p.to).await?,
                 None => vec![],
             },
             more: page.is_some_and(|p| p.more()),
@@ -436,8 +506,52 @@ impl NotifyService {
             );
         }
         Ok(v1::NotifyMarkReadResponse {
-            marked: marked as u32,
+            marked: u32::try_from(marked).unwrap_or(u32::MAX),
             unread: new_unread,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::fakes::{FakeSession, Node};
+    use futures_util::FutureExt;
+
+    /// A notification abandoned while its commit is in flight still commits; the
+    /// next one follows it, and both count as unread.
+    #[tokio::test]
+    async fn a_notification_after_an_abandoned_one_follows_it() {
+        let node = Node::new();
+        let notify = NotifyService::open(node.deps.clone(), Default::default()).unwrap();
+        let note = |title: &str| NewNotification {
+            kind: "k".into(),
+            title: title.into(),
+            ..Default::default()
+        };
+        let hold = node.deps.writer.hold();
+        let mut abandoned = Box::pin(notify.create("alice", note("abandoned")));
+        while node.deps.writer.in_flight() == 0 {
+            assert!(abandoned.as_mut().now_or_never().is_none(), "held");
+            tokio::task::yield_now().await;
+        }
+        drop(abandoned);
+        drop(hold);
+        // Writes commit in order: once this one is durable, so is the abandoned one.
+        node.deps.writer.write(|_| Ok(())).await.unwrap();
+        let next = notify.create("alice", note("next")).await.unwrap();
+        assert_eq!(next.offset, 2);
+        let (alice, _) = FakeSession::new("alice", "a", 16);
+        let page = notify
+            .list(&alice.ctx(), v1::NotifyListRequest::default())
+            .await
+            .unwrap();
+        let titles: Vec<&str> = page
+            .notifications
+            .iter()
+            .map(|n| n.title.as_str())
+            .collect();
+        assert_eq!(titles, ["abandoned", "next"]);
+        assert_eq!(page.unread, 2);
     }
 }

@@ -7,9 +7,11 @@
 //! offline, and their watchers are told, only when it expires with no session back.
 //! A reconnect within the grace period cancels the timer and nobody hears a thing.
 //!
-//! Timers are tokio tasks that hold a [`Weak`] to the service, and each pending
-//! timer has a unique token: a timer whose token is no longer the user's (they came
-//! back, or left again later) does nothing, and a dropped service stops them all.
+//! Timers run in the service's background work (on tokio's clock, so a test with
+//! `tokio::time::pause()` drives them), which holds a [`Weak`] to the service; each
+//! pending timer has a unique token: a timer whose token is no longer the user's
+//! (they came back, or left again later) does nothing, and a dropped service or the
+//! node's shutdown stops them all.
 //!
 //! Who hears a user's presence: their accepted contacts and everyone who shares a
 //! room with them (never anyone else). Every announcement is published under the
@@ -29,11 +31,15 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Deserialize;
 
 use super::chat::ChatService;
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, user_topic};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx, user_topic};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, ContactState, PresenceStatus, StreamKind, push};
 use crate::store::StoreError;
-use crate::util::unix_millis;
 
 /// `(user, other)` → the relation as `user` sees it (a [`ContactState`]: REQUESTED,
 /// INCOMING or ACCEPTED). Always written in pairs.
@@ -50,10 +56,17 @@ pub const MAX_GET: usize = 100;
 pub struct PresenceConfig {
     /// After a user's last device leaves, how long before they are shown offline
     /// (a quick reconnect within it does not flap).
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub grace: Duration,
     /// Contacts (and requests) one user may have.
     pub max_contacts: usize,
+}
+
+impl PresenceConfig {
+    /// Checks the section (every value is usable).
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        Ok(())
+    }
 }
 
 impl Default for PresenceConfig {
@@ -122,8 +135,8 @@ pub struct PresenceService {
     deps: ServiceDeps,
     config: PresenceConfig,
     chat: Arc<ChatService>,
-    /// For timers, which must not keep the service alive.
-    me: Weak<Self>,
+    /// Starts a grace timer: (user, token), run by the service's background work.
+    timers: mpsc::UnboundedSender<(String, u64)>,
     live: Mutex<LiveTable>,
 }
 
@@ -205,24 +218,36 @@ enum Decision {
 }
 
 impl PresenceService {
-    /// Opens the service, creating its tables.
+    /// Opens the service, creating its tables. The returned work runs the grace
+    /// timers (on tokio's clock) until the node stops.
     pub fn open(
         deps: ServiceDeps,
         config: PresenceConfig,
         chat: Arc<ChatService>,
-    ) -> Result<Arc<Self>, StoreError> {
+    ) -> Result<(Arc<Self>, Background), StoreError> {
         let mut txn = deps.store.db().begin_write()?;
         txn.set_quick_repair(true);
         txn.open_table(CONTACTS)?;
         txn.open_table(LAST_SEEN)?;
         txn.commit()?;
-        Ok(Arc::new_cyclic(|me| Self {
+        let (timers, started) = mpsc::unbounded_channel();
+        let service = Arc::new(Self {
             deps,
             config,
             chat,
-            me: me.clone(),
+            timers,
             live: Mutex::new(LiveTable::default()),
-        }))
+        });
+        let work = Background::new(
+            "presence grace timers",
+            run_timers(
+                Arc::downgrade(&service),
+                started,
+                service.config.grace,
+                service.deps.shutdown.clone(),
+            ),
+        );
+        Ok((service, work))
     }
 
     fn live(&self) -> MutexGuard<'_, LiveTable> {
@@ -257,7 +282,7 @@ impl PresenceService {
             }
             *seq += 1;
             live.timer = Some(*seq);
-            live.left_at = unix_millis();
+            live.left_at = self.deps.clock.now_ms();
             (*seq, live.left_at)
         };
         // Durable now: a shutdown may come before the grace period ends.
@@ -277,13 +302,9 @@ impl PresenceService {
         if let Err(e) = write {
             tracing::error!(error = %e, user, "storing last seen");
         }
-        let (me, grace, user) = (self.me.clone(), self.config.grace, user.to_owned());
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            if let Some(service) = me.upgrade() {
-                service.expire(&user, token).await;
-            }
-        });
+        // Fails only when the node is stopping: the user then stays shown online
+        // in this node's memory, which goes with it.
+        let _ = self.timers.send((user.to_owned(), token));
     }
 
     /// The grace timer `token` of `user` expired: offline, unless they came back.
@@ -658,5 +679,115 @@ impl PresenceService {
             })
             .collect::<ServiceResult<_>>()?;
         Ok(v1::ContactListResponse { contacts })
+    }
+}
+
+/// Runs the grace timers started through `started` until `stop`.
+async fn run_timers(
+    service: Weak<PresenceService>,
+    mut started: mpsc::UnboundedReceiver<(String, u64)>,
+    grace: Duration,
+    stop: CancellationToken,
+) {
+    let mut pending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            Some((user, token)) = started.recv() => pending.push(async move {
+                tokio::time::sleep(grace).await;
+                (user, token)
+            }),
+            Some((user, token)) = pending.next(), if !pending.is_empty() => {
+                let Some(service) = service.upgrade() else { return };
+                service.expire(&user, token).await;
+            }
+            else => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::fakes::{FakeSession, Node};
+    use tokio::time::Instant;
+
+    /// The next presence push, within an hour of virtual time.
+    async fn next_presence(rx: &mut mpsc::Receiver<(StreamKind, v1::Push)>) -> v1::PresenceState {
+        let next = async {
+            loop {
+                let (_, p) = rx.recv().await.expect("the session is open");
+                if let Some(push::Event::Presence(s)) = p.event {
+                    return s;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3600), next)
+            .await
+            .expect("a presence push")
+    }
+
+    /// On tokio's paused clock: a user who comes back within the grace period is
+    /// never shown offline; one who does not is shown offline exactly one grace
+    /// period after leaving, with the injected clock's time as last seen.
+    #[tokio::test(start_paused = true)]
+    async fn offline_only_after_the_grace_period_unless_back_within_it() {
+        let node = Node::new();
+        let grace = Duration::from_secs(5);
+        let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
+        let config = PresenceConfig {
+            grace,
+            ..Default::default()
+        };
+        let (presence, work) =
+            PresenceService::open(node.deps.clone(), config, chat.clone()).unwrap();
+        tokio::spawn(work.task);
+        let (alice, _) = FakeSession::new("alice", "a1", 64);
+        let (bob, mut heard) = FakeSession::new("bob", "b1", 64);
+        // Bob hears Alice: they share a room.
+        chat.create(
+            &alice.ctx(),
+            v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec!["bob".into()],
+            },
+        )
+        .await
+        .unwrap();
+        node.deps.hub.subscribe(&user_topic("bob"), bob.clone());
+        presence.connected(&alice.ctx()).await;
+        let online = next_presence(&mut heard).await;
+        assert_eq!(
+            (online.user_id.as_str(), online.status()),
+            ("alice", PresenceStatus::Online)
+        );
+
+        // Alice's only session leaves and another comes back just within the grace.
+        presence.disconnected(&alice.ctx()).await;
+        tokio::time::advance(grace - Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
+        assert!(heard.try_recv().is_err(), "nothing within the grace period");
+        let (again, _) = FakeSession::new("alice", "a2", 64);
+        presence.connected(&again.ctx()).await;
+        // The first timer expires meanwhile, and does nothing.
+        tokio::time::advance(grace * 3).await;
+        tokio::task::yield_now().await;
+        assert!(heard.try_recv().is_err(), "a quick return is not heard");
+
+        // Gone for good.
+        node.clock.advance(42_000);
+        let last_seen = node.clock.now_ms();
+        let left = Instant::now();
+        presence.disconnected(&again.ctx()).await;
+        let offline = next_presence(&mut heard).await;
+        assert_eq!(offline.status(), PresenceStatus::Offline);
+        assert_eq!(offline.last_seen_ms, last_seen);
+        assert_eq!(
+            Instant::now() - left,
+            grace,
+            "exactly one grace period later"
+        );
+        assert!(!bob.was_slow());
     }
 }

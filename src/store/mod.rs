@@ -4,9 +4,11 @@
 //! module opens the file, checks the schema version and hands out the database.
 
 pub mod cache;
+pub mod offset_log;
 pub mod registry;
 mod writer;
 
+pub use offset_log::{AppendError, Entry, Epoch, OffsetLog, Position, RedbLog};
 pub use writer::{CommitObserver, Hold, Writer};
 
 use std::path::{Path, PathBuf};

@@ -35,36 +35,37 @@ impl<T: Send + Sync + 'static> Registry<T> {
     }
 
     /// The loaded entity, or `load()`'s (`None`: no such entity).
-    pub fn get_or_load<E>(
+    pub async fn get_or_load<E>(
         &self,
         id: &str,
         load: impl FnOnce() -> Result<Option<T>, E>,
     ) -> Result<Option<Loaded<T>>, E> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
-            return Ok(Some(h));
-        }
-        let Some(value) = load()? else {
-            return Ok(None);
+        let handle = {
+            let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
+                return Ok(Some(h));
+            }
+            let Some(value) = load()? else {
+                return Ok(None);
+            };
+            let handle = Arc::new(tokio::sync::Mutex::new(value));
+            loaded.retain(|_, w| w.strong_count() > 0);
+            loaded.insert(id.to_owned(), Arc::downgrade(&handle));
+            handle
         };
-        let handle = Arc::new(tokio::sync::Mutex::new(value));
-        loaded.retain(|_, w| w.strong_count() > 0);
-        loaded.insert(id.to_owned(), Arc::downgrade(&handle));
-        let hot = self.hot.clone();
-        let (key, value) = (id.to_owned(), handle.clone());
-        tokio::spawn(async move { hot.insert(key, value).await });
+        // Kept loaded while recently used; the weak index already makes this the
+        // one copy.
+        self.hot.insert(id.to_owned(), handle.clone()).await;
         Ok(Some(handle))
     }
 
     /// Drops an entity (its in-memory copy is stale): the next caller loads it anew.
-    pub fn forget(&self, id: &str) {
+    pub async fn forget(&self, id: &str) {
         self.loaded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        let hot = self.hot.clone();
-        let id = id.to_owned();
-        tokio::spawn(async move { hot.invalidate(&id).await });
+        self.hot.invalidate(id).await;
     }
 }
 
@@ -75,16 +76,30 @@ mod tests {
     #[tokio::test]
     async fn one_copy_while_in_use() {
         let r: Registry<u32> = Registry::new("t", 10, Duration::from_secs(60));
-        let a = r.get_or_load::<()>("x", || Ok(Some(1))).unwrap().unwrap();
+        let a = r
+            .get_or_load::<()>("x", || Ok(Some(1)))
+            .await
+            .unwrap()
+            .unwrap();
         let b = r
             .get_or_load::<()>("x", || panic!("loaded twice"))
+            .await
             .unwrap()
             .unwrap();
         assert!(Arc::ptr_eq(&a, &b));
-        assert!(r.get_or_load::<()>("y", || Ok(None)).unwrap().is_none());
-        r.forget("x");
+        assert!(
+            r.get_or_load::<()>("y", || Ok(None))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        r.forget("x").await;
         drop((a, b));
-        let c = r.get_or_load::<()>("x", || Ok(Some(2))).unwrap().unwrap();
+        let c = r
+            .get_or_load::<()>("x", || Ok(Some(2)))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(*c.lock().await, 2);
     }
 }

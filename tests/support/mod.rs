@@ -50,6 +50,24 @@ impl TestServer {
         }
     }
 
+    /// A server whose services read `clock` (a manual one, in tests that cross
+    /// time boundaries without sleeping).
+    pub async fn start_with_clock(
+        clock: tutti::clock::Clock,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let server = tutti::server::start_with_clock(config, clock)
+            .await
+            .expect("server starts");
+        Self {
+            server: Some(server),
+            dir,
+        }
+    }
+
     pub fn server(&self) -> &RunningServer {
         self.server.as_ref().expect("server is running")
     }

@@ -26,7 +26,9 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Deserialize;
 
 use self::hll::Hll;
-use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx};
+use tokio_util::sync::CancellationToken;
+
+use super::{Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx};
 use crate::clock::Clock;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1;
@@ -55,19 +57,19 @@ pub const METRICS_ROLE: &str = "metrics";
 #[serde(default, deny_unknown_fields)]
 pub struct AnalyticsConfig {
     /// Width of a fine (in-memory) bucket.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub bucket: Duration,
     /// How long fine buckets are kept in memory.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub window: Duration,
     /// How long minute rollups are kept in the database.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub minute_retention: Duration,
     /// How long hour rollups are kept in the database.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub hour_retention: Duration,
     /// How often pending counts are written to the rollups.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub flush_interval: Duration,
     /// If not empty, the only event types accepted; others get `UNKNOWN_EVENT_TYPE`.
     pub event_types: Vec<String>,
@@ -85,10 +87,32 @@ pub struct AnalyticsConfig {
     /// seconds' worth, and at least `max_count`); past this, `RATE_LIMITED`.
     pub events_per_sec: u32,
     /// The default metrics streaming interval.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub metrics_interval: Duration,
     /// Metrics subscriptions per node at most.
     pub max_metrics_subscribers: usize,
+}
+
+impl AnalyticsConfig {
+    /// Checks the section: bucket, window and retentions that fit together.
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        let a = self;
+        let bad = |m: &str| Err(super::InvalidConfig(m.to_owned()));
+        let bucket = a.bucket.as_millis();
+        if !(1_000..=60_000).contains(&bucket) || 60_000 % bucket != 0 {
+            return bad("analytics.bucket must be 1s-60s and divide a minute");
+        }
+        if a.window < a.bucket || a.window > Duration::from_secs(86_400) {
+            return bad("analytics.window must be between analytics.bucket and 24h");
+        }
+        if a.minute_retention < a.window || a.hour_retention < a.minute_retention {
+            return bad("analytics retention: window <= minute_retention <= hour_retention");
+        }
+        if a.flush_interval < Duration::from_millis(100) {
+            return bad("analytics.flush_interval must be at least 100ms");
+        }
+        Ok(())
+    }
 }
 
 impl Default for AnalyticsConfig {
@@ -297,7 +321,6 @@ pub struct AnalyticsService {
     /// counts both pending and written.
     flush_lock: tokio::sync::Mutex<()>,
     streams: Mutex<HashMap<String, tokio::task::AbortHandle>>,
-    flusher: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// A series answer.
@@ -320,13 +343,12 @@ enum Source {
 }
 
 impl AnalyticsService {
-    /// Opens the service, creates its tables, loads the known series and starts the
-    /// periodic flush.
+    /// Opens the service, creates its tables and loads the known series. The
+    /// returned work flushes periodically, and once more at shutdown.
     pub fn open(
         deps: ServiceDeps,
         config: AnalyticsConfig,
-        clock: Clock,
-    ) -> Result<Arc<Self>, StoreError> {
+    ) -> Result<(Arc<Self>, Background), StoreError> {
         let mut txn = deps.store.db().begin_write()?;
         txn.set_quick_repair(true);
         txn.open_table(MINUTES)?;
@@ -346,19 +368,19 @@ impl AnalyticsService {
         }
         let svc = Arc::new(Self {
             allowed: config.event_types.iter().cloned().collect(),
+            clock: deps.clock.clone(),
             deps,
             config,
-            clock,
             state: Mutex::new(state),
             flush_lock: tokio::sync::Mutex::new(()),
             streams: Mutex::new(HashMap::new()),
-            flusher: Mutex::new(None),
         });
-        let weak = Arc::downgrade(&svc);
         let every = svc.config.flush_interval.max(Duration::from_millis(100));
-        let task = tokio::spawn(flush_periodically(weak, every));
-        *svc.flusher.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
-        Ok(svc)
+        let work = Background::new(
+            "analytics flush",
+            flush_periodically(Arc::downgrade(&svc), every, svc.deps.shutdown.clone()),
+        );
+        Ok((svc, work))
     }
 
     /// The clock buckets are counted by.
@@ -598,10 +620,16 @@ impl AnalyticsService {
             return Err(ServiceError::bad_request("duration must be positive"));
         }
         let (source, width) = self.source(duration_ms, resolution_ms);
-        let res = resolution_ms.max(width).div_ceil(width) * width;
+        let too_coarse = || ServiceError::bad_request("resolution too large");
+        let res = resolution_ms
+            .max(width)
+            .div_ceil(width)
+            .checked_mul(width)
+            .ok_or_else(too_coarse)?;
         let now = self.clock.now_ms();
         let first = now.saturating_sub(duration_ms - 1) / res * res;
         let last = now / res * res;
+        let end = last.checked_add(res).ok_or_else(too_coarse)?;
         let n = (last - first) / res + 1;
         if n > MAX_POINTS {
             return Err(ServiceError::new(
@@ -611,7 +639,7 @@ impl AnalyticsService {
         }
         let mut points: Vec<(u64, u64)> = (0..n).map(|i| (first + i * res, 0)).collect();
         let mut add = |start: u64, count: u64| {
-            if start >= first && start < last + res {
+            if start >= first && start < end {
                 points[((start - first) / res) as usize].1 += count;
             }
         };
@@ -646,7 +674,7 @@ impl AnalyticsService {
                 };
                 let txn = self.deps.store.db().begin_read()?;
                 let t = txn.open_table(table)?;
-                for row in t.range((name.as_str(), first)..(name.as_str(), last + res))? {
+                for row in t.range((name.as_str(), first)..(name.as_str(), end))? {
                     let (k, v) = row?;
                     add(k.value().1, v.value());
                 }
@@ -869,17 +897,8 @@ impl AnalyticsService {
         result
     }
 
-    /// Stops the periodic flush and every metrics stream, then flushes what is
-    /// pending. Called at shutdown, before the writer stops.
-    pub async fn shutdown(&self) {
-        if let Some(task) = self
-            .flusher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            task.abort();
-        }
+    /// The node is stopping: ends the metrics streams and writes what is pending.
+    async fn finish(&self) {
         for (_, task) in self
             .streams
             .lock()
@@ -972,16 +991,23 @@ fn zeros(res: u64, points: Vec<(u64, u64)>) -> Series {
     }
 }
 
-async fn flush_periodically(svc: Weak<AnalyticsService>, every: Duration) {
+/// Flushes every `every` until `stop`, then once more.
+async fn flush_periodically(svc: Weak<AnalyticsService>, every: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
         let Some(svc) = svc.upgrade() else { return };
         if let Err(e) = svc.flush().await {
             tracing::warn!(error = %e, "analytics flush failed");
         }
+    }
+    if let Some(svc) = svc.upgrade() {
+        svc.finish().await;
     }
 }
 

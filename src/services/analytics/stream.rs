@@ -265,7 +265,7 @@ impl Stream {
         self.seq += 1;
         Some(v1::MetricsUpdate {
             seq: self.seq,
-            at_ms: crate::util::unix_millis(),
+            at_ms: self.svc.clock.now_ms(),
             interval_ms: self.interval_ms,
             events,
             values,
