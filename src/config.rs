@@ -368,6 +368,19 @@ impl Config {
     }
 }
 
+impl From<&Config> for crate::services::ServicesConfig {
+    /// The services' sections of the node's configuration.
+    fn from(c: &Config) -> Self {
+        Self {
+            chat: c.chat.clone(),
+            notify: c.notify.clone(),
+            presence: c.presence.clone(),
+            collab: c.collab.clone(),
+            analytics: c.analytics.clone(),
+        }
+    }
+}
+
 /// Durations written the human way in TOML (kept beside the clock, so that the
 /// services' own configuration types need nothing from here).
 pub(crate) use crate::clock::duration_str;

@@ -106,13 +106,7 @@ pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<Ru
             clock,
             shutdown: stop_background.clone(),
         },
-        ServicesConfig {
-            chat: config.chat.clone(),
-            notify: config.notify.clone(),
-            presence: config.presence.clone(),
-            collab: config.collab.clone(),
-            analytics: config.analytics.clone(),
-        },
+        ServicesConfig::from(&config),
     )
     .context("opening the services")?;
     let services = Arc::new(services);
