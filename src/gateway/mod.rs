@@ -169,7 +169,12 @@ impl Gateway {
             Ok(Err(HelloFailure::Refused(send, code, message))) => {
                 tracing::debug!(%code, message, "session refused");
                 let (tx, rx) = mpsc::channel(1);
-                let writer = tokio::spawn(write_control(send, rx));
+                let writer = tokio::spawn(write_control(
+                    send,
+                    rx,
+                    self.config.timeouts.slow_consumer,
+                    CancellationToken::new(),
+                ));
                 self.close(&session, &tx, writer, code, message).await;
                 return;
             }
@@ -193,7 +198,13 @@ impl Gateway {
             protocol_version: PROTOCOL_VERSION,
         };
         let (control_tx, control_rx) = mpsc::channel(self.config.limits.control_queue_frames);
-        let writer = tokio::spawn(write_control(send, control_rx));
+        let stalled = CancellationToken::new();
+        let writer = tokio::spawn(write_control(
+            send,
+            control_rx,
+            self.config.timeouts.slow_consumer,
+            stalled.clone(),
+        ));
         if control_tx
             .send(Box::new(frame(server_frame::Kind::Welcome(welcome))))
             .await
@@ -215,6 +226,7 @@ impl Gateway {
                 self.metrics.clone(),
             ),
             patience: self.config.timeouts.slow_consumer,
+            control_stalled: stalled,
             metrics: self.metrics.clone(),
             reported: Default::default(),
         });
@@ -253,6 +265,15 @@ impl Gateway {
             .await;
         datagrams.abort();
         drop(replies_tx);
+        // A control writer that gave up on an unread stream ends the loop as if the
+        // session were gone; it is a slow consumer, and told so.
+        let end = match end {
+            End::Gone if conn.control_stalled.is_cancelled() => End::Close(
+                CloseCode::SlowConsumer,
+                "control stream not read: reconnect and resume".into(),
+            ),
+            end => end,
+        };
         match end {
             End::Close(code, message) => {
                 // Answers to requests already running go out before the Close frame,
@@ -341,6 +362,9 @@ impl Gateway {
                 }
                 _ = conn.pushes.slow() => {
                     return End::Close(CloseCode::SlowConsumer, "push queue full: reconnect and resume".into());
+                }
+                _ = conn.control_stalled.cancelled() => {
+                    return End::Close(CloseCode::SlowConsumer, "control stream not read: reconnect and resume".into());
                 }
                 Some((id, reply)) = replies.recv() => {
                     if let Action::Send(reply) = control.completed(id, reply)
@@ -505,6 +529,8 @@ struct Connection {
     pushes: PushQueues,
     /// How long a catch-up push waits for room in a queue.
     patience: Duration,
+    /// Cancelled when a control-stream write made no progress for `patience`.
+    control_stalled: CancellationToken,
     metrics: Arc<Metrics>,
     /// UDP bytes (in, out) already added to the metrics.
     reported: std::sync::Mutex<(u64, u64)>,
@@ -676,7 +702,16 @@ async fn datagram_loop(
 
 /// Writes control frames in order, several per write when they queue up. Finishes
 /// the stream after a `Close` frame or when every sender is gone.
-async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<Box<ServerFrame>>) {
+///
+/// A write that makes no progress for `patience` (the client reads nothing, so its
+/// stream window stays full) cancels `stalled` and ends the writer: the session is
+/// then a slow consumer, even when its queue never fills.
+async fn write_control(
+    mut send: SendStream,
+    mut rx: mpsc::Receiver<Box<ServerFrame>>,
+    patience: Duration,
+    stalled: CancellationToken,
+) {
     let mut buf = BytesMut::new();
     while let Some(first) = rx.recv().await {
         let mut last_is_close = matches!(first.kind, Some(server_frame::Kind::Close(_)));
@@ -690,8 +725,13 @@ async fn write_control(mut send: SendStream, mut rx: mpsc::Receiver<Box<ServerFr
                 Err(_) => break,
             }
         }
-        if send.write_all(&buf).await.is_err() {
-            return;
+        match tokio::time::timeout(patience, send.write_all(&buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                stalled.cancel();
+                return;
+            }
         }
         buf.clear();
         if last_is_close {

@@ -267,6 +267,25 @@ async fn a_client_that_reads_no_answers_is_a_slow_consumer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_control_stream_that_stays_unread_is_a_slow_consumer_even_with_room_in_the_queue() {
+    let h = Harness::new(|c| c.timeouts.slow_consumer = Duration::from_secs(5));
+    // A few answers fill the 1 KiB window; the queue (256 frames) never fills, and
+    // the client sends nothing more: only the stalled write can tell.
+    let (session, mut send, _unread) = raw_session(&h, 1024).await;
+    let mut requests = echoes(false);
+    requests.truncate(requests.len() / 8);
+    send.write_all(&requests).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let closed = session.closed().await;
+    assert_eq!(
+        closed.code,
+        Some(CloseCode::SlowConsumer as u32),
+        "{closed:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_client_that_reads_no_pushes_is_a_slow_consumer() {
     let h = Harness::new(|c| c.limits.push_queue_frames = 8);
     // The control stream is read; the push streams are never accepted.
