@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::ApiKey;
+use crate::ids::{RoomId, UserId};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1;
 use crate::services::chat::Sender;
@@ -168,12 +169,11 @@ async fn create_notification(
     State(s): State<ApiState>,
     ApiJson(req): ApiJson<NotificationRequest>,
 ) -> Response {
-    match s
-        .services
-        .notify
-        .create(&req.user_id, req.notification)
-        .await
-    {
+    let user = match UserId::parse(req.user_id.as_str()) {
+        Ok(u) => u,
+        Err(e) => return Failure::from(ServiceError::from(e)).into_response(),
+    };
+    match s.services.notify.create(&user, req.notification).await {
         Ok(n) => (
             StatusCode::CREATED,
             Json(NotificationJson {
@@ -236,12 +236,11 @@ async fn post_message(
     Path(room_id): Path<String>,
     ApiJson(req): ApiJson<MessageRequest>,
 ) -> Response {
-    match s
-        .services
-        .chat
-        .post(&room_id, Sender::System, req.text)
-        .await
-    {
+    let room = match RoomId::parse(room_id) {
+        Ok(r) => r,
+        Err(e) => return Failure::from(ServiceError::from(e)).into_response(),
+    };
+    match s.services.chat.post(&room, Sender::System, req.text).await {
         Ok(m) => (StatusCode::CREATED, Json(MessageJson::from(m))).into_response(),
         Err(e) => Failure::from(e).into_response(),
     }
@@ -257,7 +256,11 @@ pub struct ParticipantsJson {
 }
 
 async fn participants(State(s): State<ApiState>, Path(room_id): Path<String>) -> Response {
-    match s.services.chat.participants(&room_id).await {
+    let room = match RoomId::parse(room_id.as_str()) {
+        Ok(r) => r,
+        Err(e) => return Failure::from(ServiceError::from(e)).into_response(),
+    };
+    match s.services.chat.participants(&room).await {
         Ok(p) => Json(ParticipantsJson {
             room_id,
             participants: p,
@@ -279,10 +282,11 @@ pub struct PresenceJson {
 }
 
 async fn presence(State(s): State<ApiState>, Path(user_id): Path<String>) -> Response {
-    if let Err(e) = crate::auth::validate_user_id(&user_id) {
-        return Failure::from(ServiceError::bad_request(e)).into_response();
-    }
-    match s.services.presence.presence_of(&user_id).await {
+    let user = match UserId::parse(user_id.as_str()) {
+        Ok(u) => u,
+        Err(e) => return Failure::from(ServiceError::from(e)).into_response(),
+    };
+    match s.services.presence.presence_of(user.as_str()).await {
         Ok(p) => {
             let status = match v1::PresenceStatus::try_from(p.status) {
                 Ok(v1::PresenceStatus::Online) => "online",

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::UserId;
 use crate::protocol::CloseCode;
 
 /// The file, in the data directory, that holds the development secret.
@@ -58,7 +59,7 @@ impl ApiKey {
 }
 
 /// The longest user id accepted.
-pub const MAX_USER_ID_LEN: usize = 128;
+pub const MAX_USER_ID_LEN: usize = crate::ids::MAX_ID_LEN;
 
 /// The claims Tutti reads from a token.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -173,13 +174,13 @@ impl Auth {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
             })?;
-        validate_user_id(&data.claims.sub).map_err(AuthError::Invalid)?;
+        UserId::parse(data.claims.sub.as_str()).map_err(|e| AuthError::Invalid(e.to_string()))?;
         Ok(data.claims)
     }
 
     /// Signs a token for `user` valid for `ttl`, with `roles`.
     pub fn mint(&self, user: &str, ttl: Duration, roles: &[String]) -> Result<String, AuthError> {
-        validate_user_id(user).map_err(AuthError::Invalid)?;
+        UserId::parse(user).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let now = unix_now();
         let claims = Claims {
             sub: user.to_owned(),
@@ -195,17 +196,6 @@ impl Auth {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
             .map_err(|e| AuthError::Invalid(e.to_string()))
     }
-}
-
-/// User ids are 1-128 bytes of printable characters without whitespace.
-pub fn validate_user_id(user: &str) -> Result<(), String> {
-    if user.is_empty() || user.len() > MAX_USER_ID_LEN {
-        return Err(format!("user id must be 1 to {MAX_USER_ID_LEN} bytes"));
-    }
-    if user.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("user id must not contain whitespace or control characters".into());
-    }
-    Ok(())
 }
 
 /// Seconds since the Unix epoch.

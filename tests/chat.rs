@@ -548,9 +548,13 @@ async fn resuming_from_zero_in_a_large_room_does_not_stall_it(t: TransportKind) 
             .map(|i| format!("seeded {i}"))
             .collect::<Vec<_>>();
         seeded += texts.len() as u64;
-        chat.post_many("big", tutti::services::chat::Sender::System, texts)
-            .await
-            .unwrap();
+        chat.post_many(
+            &tutti::ids::RoomId::parse("big").unwrap(),
+            tutti::services::chat::Sender::System,
+            texts,
+        )
+        .await
+        .unwrap();
     }
     // A new session for Alice: the seeded messages were pushed live to the old one.
     drop(a);

@@ -25,10 +25,9 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::catch_up::{CatchUp, CatchUpStream, catch_up};
-use super::{
-    ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json, validate_id,
-};
+use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json};
 use crate::hub::Subscriber;
+use crate::ids::{RoomId, UserId};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push, room_event};
 use crate::store::registry::Loaded;
@@ -371,7 +370,7 @@ impl ChatService {
         } else {
             req.room_id
         };
-        validate_id("room", &id)?;
+        let id = RoomId::parse(id)?.into_string();
         if req.name.len() > self.config.max_room_name {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
@@ -381,8 +380,7 @@ impl ChatService {
         let mut participants = BTreeSet::new();
         participants.insert(ctx.user_id().to_owned());
         for p in req.participants {
-            crate::auth::validate_user_id(&p).map_err(ServiceError::bad_request)?;
-            participants.insert(p);
+            participants.insert(UserId::parse(p)?.into_string());
         }
         if participants.len() > self.config.max_participants {
             return Err(ServiceError::new(
@@ -451,9 +449,8 @@ impl ChatService {
 
     /// The room, if it exists and `user` is in it; `NOT_FOUND` otherwise (the same
     /// answer either way, so that outsiders cannot learn which rooms exist).
-    async fn room_for(&self, room_id: &str) -> ServiceResult<Loaded<RoomState>> {
-        validate_id("room", room_id)?;
-        self.load(room_id).await?.ok_or_else(not_found)
+    async fn room_for(&self, room_id: &RoomId) -> ServiceResult<Loaded<RoomState>> {
+        self.load(room_id.as_str()).await?.ok_or_else(not_found)
     }
 
     async fn write_meta(
@@ -492,8 +489,8 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::RoomAddRequest,
     ) -> ServiceResult<v1::RoomAddResponse> {
-        crate::auth::validate_user_id(&req.user_id).map_err(ServiceError::bad_request)?;
-        let handle = self.room_for(&req.room_id).await?;
+        UserId::parse(req.user_id.as_str())?;
+        let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
         let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
         let mut meta = room.meta.clone();
@@ -549,7 +546,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::RoomRemoveRequest,
     ) -> ServiceResult<v1::RoomRemoveResponse> {
-        let handle = self.room_for(&req.room_id).await?;
+        let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
         let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
         self.drop_participant(&mut room, &req.user_id, room_event::Kind::Removed)
@@ -563,7 +560,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::RoomLeaveRequest,
     ) -> ServiceResult<v1::RoomLeaveResponse> {
-        let handle = self.room_for(&req.room_id).await?;
+        let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
         let mut room = handle.lock().await;
         if !room.meta.participants.contains(ctx.user_id()) {
             return Err(not_found());
@@ -615,7 +612,11 @@ impl ChatService {
         req: v1::ChatSendRequest,
     ) -> ServiceResult<v1::ChatSendResponse> {
         let message = self
-            .post(&req.room_id, Sender::User(ctx.user_id()), req.text)
+            .post(
+                &RoomId::parse(req.room_id)?,
+                Sender::User(ctx.user_id()),
+                req.text,
+            )
             .await?;
         Ok(v1::ChatSendResponse {
             message: Some(message),
@@ -626,7 +627,7 @@ impl ChatService {
     /// API (as the system sender).
     pub async fn post(
         &self,
-        room_id: &str,
+        room_id: &RoomId,
         sender: Sender<'_>,
         text: String,
     ) -> ServiceResult<v1::ChatMessage> {
@@ -641,7 +642,7 @@ impl ChatService {
     /// is checked as [`post`](Self::post) checks it; one bad text refuses them all.
     pub async fn post_many(
         &self,
-        room_id: &str,
+        room_id: &RoomId,
         sender: Sender<'_>,
         texts: Vec<String>,
     ) -> ServiceResult<Vec<v1::ChatMessage>> {
@@ -779,7 +780,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::ChatHistoryRequest,
     ) -> ServiceResult<v1::ChatHistoryResponse> {
-        let handle = self.room_for(&req.room_id).await?;
+        let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
         let last = {
             let room = handle.lock().await;
             if !room.meta.participants.contains(ctx.user_id()) {
@@ -828,7 +829,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::ChatMarkReadRequest,
     ) -> ServiceResult<v1::ChatMarkReadResponse> {
-        let handle = self.room_for(&req.room_id).await?;
+        let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
         let room = handle.lock().await;
         let user = ctx.user_id();
         if !room.meta.participants.contains(user) {
@@ -907,7 +908,7 @@ impl ChatService {
     }
 
     /// A room's participants (server API).
-    pub async fn participants(&self, room_id: &str) -> ServiceResult<Vec<String>> {
+    pub async fn participants(&self, room_id: &RoomId) -> ServiceResult<Vec<String>> {
         let handle = self.room_for(room_id).await?;
         let room = handle.lock().await;
         Ok(room.meta.participants.iter().cloned().collect())
@@ -1068,7 +1069,9 @@ mod tests {
         .await
         .unwrap();
         let seeded = (1..=1000).map(|i| format!("m{i}")).collect();
-        chat.post_many("r", Sender::System, seeded).await.unwrap();
+        chat.post_many(&RoomId::parse("r").unwrap(), Sender::System, seeded)
+            .await
+            .unwrap();
         let alice = alice.ctx();
         let send = |text: String| {
             chat.send(

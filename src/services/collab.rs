@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json,
-    validate_id,
 };
 use crate::ot::{Authority, Component, OtError, TextOperation};
 use crate::protocol::ErrorCode;
@@ -217,7 +216,7 @@ impl CollabService {
         } else {
             req.doc_id
         };
-        validate_id("document", &id)?;
+        let id = crate::ids::DocId::parse(id)?.into_string();
         if req.text.chars().count() > self.config.max_doc_chars {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
@@ -274,8 +273,8 @@ impl CollabService {
         ctx: &SessionCtx,
         req: v1::DocShareRequest,
     ) -> ServiceResult<v1::DocShareResponse> {
-        validate_id("document", &req.doc_id)?;
-        crate::auth::validate_user_id(&req.user_id).map_err(ServiceError::bad_request)?;
+        crate::ids::DocId::parse(req.doc_id.as_str())?;
+        crate::ids::UserId::parse(&req.user_id)?;
         let role =
             DocRole::try_from(req.role).map_err(|_| ServiceError::bad_request("unknown role"))?;
         if role == DocRole::Owner {
@@ -323,7 +322,7 @@ impl CollabService {
         ctx: &SessionCtx,
         req: v1::DocOpenRequest,
     ) -> ServiceResult<v1::DocOpenResponse> {
-        validate_id("document", &req.doc_id)?;
+        crate::ids::DocId::parse(req.doc_id.as_str())?;
         let handle = self.load(&req.doc_id).await?.ok_or_else(not_found)?;
         let mut d = handle.lock().await;
         let role = d.meta.role_of(ctx.user_id());

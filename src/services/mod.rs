@@ -78,19 +78,10 @@ macro_rules! internal_from {
 }
 internal_from!(redb::TransactionError, redb::TableError, redb::StorageError);
 
-/// Checks a room or document id: 1-128 of `A-Z a-z 0-9 - _ .`.
-fn validate_id(what: &str, id: &str) -> ServiceResult<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ServiceError::bad_request(format!(
-            "{what} ids are 1-128 of A-Z a-z 0-9 - _ ."
-        )))
+/// A malformed id is the client's mistake: `BAD_REQUEST`, saying which rule.
+impl From<crate::ids::IdError> for ServiceError {
+    fn from(e: crate::ids::IdError) -> Self {
+        Self::bad_request(e.to_string())
     }
 }
 

@@ -17,6 +17,7 @@ use super::catch_up::{CatchUpStream, catch_up};
 use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt};
 use futures_util::future::BoxFuture;
 
+use crate::ids::UserId;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push};
 use crate::store::{AppendError, OffsetLog, RedbLog, StoreError};
@@ -234,8 +235,12 @@ impl NotifyService {
     }
 
     /// Creates a notification for `user`: committed, then pushed to their devices.
-    pub async fn create(&self, user: &str, n: NewNotification) -> ServiceResult<v1::Notification> {
-        crate::auth::validate_user_id(user).map_err(ServiceError::bad_request)?;
+    pub async fn create(
+        &self,
+        user: &UserId,
+        n: NewNotification,
+    ) -> ServiceResult<v1::Notification> {
+        let user = user.as_str();
         self.validate(&n)?;
         let _guard = self.stripe(user).lock().await;
         let (mut last, mut unread) = self.user_state(user).await?;
@@ -529,8 +534,9 @@ mod tests {
             title: title.into(),
             ..Default::default()
         };
+        let alice = UserId::parse("alice").unwrap();
         let hold = node.deps.writer.hold();
-        let mut abandoned = Box::pin(notify.create("alice", note("abandoned")));
+        let mut abandoned = Box::pin(notify.create(&alice, note("abandoned")));
         while node.deps.writer.in_flight() == 0 {
             assert!(abandoned.as_mut().now_or_never().is_none(), "held");
             tokio::task::yield_now().await;
@@ -539,7 +545,7 @@ mod tests {
         drop(hold);
         // Writes commit in order: once this one is durable, so is the abandoned one.
         node.deps.writer.write(|_| Ok(())).await.unwrap();
-        let next = notify.create("alice", note("next")).await.unwrap();
+        let next = notify.create(&alice, note("next")).await.unwrap();
         assert_eq!(next.offset, 2);
         let (alice, _) = FakeSession::new("alice", "a", 16);
         let page = notify

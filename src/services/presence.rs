@@ -178,7 +178,7 @@ fn decode_contact(v: u8) -> Result<ContactState, StoreError> {
 
 /// The other party of a contact request: a valid user id, not the caller.
 fn other_user<'a>(ctx: &SessionCtx, user: &'a str) -> ServiceResult<&'a str> {
-    crate::auth::validate_user_id(user).map_err(ServiceError::bad_request)?;
+    crate::ids::UserId::parse(user)?;
     if user == ctx.user_id() {
         return Err(ServiceError::bad_request("you cannot be your own contact"));
     }
@@ -427,7 +427,7 @@ impl PresenceService {
             ));
         }
         for id in &req.user_ids {
-            crate::auth::validate_user_id(id).map_err(ServiceError::bad_request)?;
+            crate::ids::UserId::parse(id)?;
         }
         let me = ctx.user_id();
         let mut rooms: Option<BTreeSet<String>> = None;
@@ -456,7 +456,7 @@ impl PresenceService {
     /// A user's presence, for the server API (no permission check: the caller is a
     /// trusted backend).
     pub async fn presence_of(&self, user: &str) -> ServiceResult<v1::PresenceState> {
-        crate::auth::validate_user_id(user).map_err(ServiceError::bad_request)?;
+        crate::ids::UserId::parse(user)?;
         self.state_of(user)
     }
 

@@ -24,7 +24,18 @@ type WriteFn = Box<dyn Fn(&WriteTransaction) -> Result<(), StoreError> + Send>;
 
 struct Job {
     write: WriteFn,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), WriteFailed>>,
+}
+
+/// Why a group-committed write failed; every write of a failed commit gets a copy.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+struct WriteFailed(Arc<str>);
+
+impl WriteFailed {
+    fn from(e: impl std::fmt::Display) -> Self {
+        Self(e.to_string().into())
+    }
 }
 
 /// A handle to the writer thread. Cloning is cheap; the thread stops when every
@@ -117,7 +128,7 @@ impl Writer {
             .map_err(|_| StoreError::Write("the writer has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Write("the writer has stopped".into()))?
-            .map_err(StoreError::Write)
+            .map_err(|e| StoreError::Write(e.to_string()))
     }
 }
 
@@ -175,9 +186,9 @@ fn commit_batch(db: &Database, batch: Vec<Job>) {
             t
         }
         Err(e) => {
-            let msg = e.to_string();
+            let failed = WriteFailed::from(e);
             for job in batch {
-                let _ = job.done.send(Err(msg.clone()));
+                let _ = job.done.send(Err(failed.clone()));
             }
             return;
         }
@@ -191,17 +202,17 @@ fn commit_batch(db: &Database, batch: Vec<Job>) {
         }
         return;
     }
-    let result = txn.commit().map_err(|e| e.to_string());
+    let result = txn.commit().map_err(WriteFailed::from);
     for job in batch {
         let _ = job.done.send(result.clone());
     }
 }
 
-fn commit_one(db: &Database, write: &WriteFn) -> Result<(), String> {
-    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+fn commit_one(db: &Database, write: &WriteFn) -> Result<(), WriteFailed> {
+    let mut txn = db.begin_write().map_err(WriteFailed::from)?;
     txn.set_quick_repair(true);
-    write(&txn).map_err(|e| e.to_string())?;
-    txn.commit().map_err(|e| e.to_string())
+    write(&txn).map_err(WriteFailed::from)?;
+    txn.commit().map_err(WriteFailed::from)
 }
 
 #[cfg(test)]

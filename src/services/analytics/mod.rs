@@ -445,7 +445,7 @@ impl AnalyticsService {
                 ));
             }
             if let Some(u) = &e.user {
-                crate::auth::validate_user_id(u).map_err(ServiceError::bad_request)?;
+                crate::ids::UserId::parse(u)?;
             }
             total += u64::from(e.count.max(1));
         }
