@@ -14,10 +14,46 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use serde::Deserialize;
 use time::OffsetDateTime;
 
-use crate::config::TlsConfig;
+use crate::clock::duration_str;
 pub use crate::crypto::{crypto_provider, sha256};
+
+/// Certificate settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// A PEM certificate chain. With `key`, replaces the generated development certificate.
+    pub cert: Option<PathBuf>,
+    /// The PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// Where generated certificates are kept.
+    pub cert_dir: PathBuf,
+    /// Validity of a generated certificate. Browsers accept pinned certificates valid
+    /// for at most 14 days.
+    #[serde(with = "duration_str")]
+    pub validity: Duration,
+    /// A generated certificate is replaced when less than this is left of it.
+    #[serde(with = "duration_str")]
+    pub rotate_before: Duration,
+    /// How often the generated certificate's age is checked.
+    #[serde(with = "duration_str")]
+    pub check_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            cert_dir: PathBuf::from("certs"),
+            validity: Duration::from_secs(13 * 24 * 3600),
+            rotate_before: Duration::from_secs(3 * 24 * 3600),
+            check_interval: Duration::from_secs(3600),
+        }
+    }
+}
 
 /// A certificate in use and what clients need to pin it.
 #[derive(Clone)]

@@ -4,6 +4,7 @@
 //!
 //! The gateway works on [`Session`]s and never sees which transport carries them.
 
+mod config;
 pub mod control;
 mod push;
 
@@ -19,13 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use config::{LimitsConfig, TimeoutsConfig};
 pub use control::{Action, Control, HelloOutcome};
 pub use push::{PushQueues, SlowConsumer};
 
 use control::{error_code, error_response, frame};
 
 use crate::auth::{Auth, Claims};
-use crate::config::{LimitsConfig, TimeoutsConfig};
 use crate::hub::{SlowConsumer as Slow, Subscriber};
 use crate::metrics::Metrics;
 use crate::protocol::v1::{
