@@ -51,10 +51,15 @@ impl ApiKey {
         })
     }
 
-    /// Whether `presented` is the key. Compares digests, so the time taken says
-    /// nothing about the key.
+    /// Whether `presented` is the key. Compares digests in constant time, so the
+    /// time taken says nothing about the key or how much of it matched.
     pub fn verify(&self, presented: &str) -> bool {
-        crate::crypto::sha256(presented.as_bytes()) == self.digest
+        let digest = crate::crypto::sha256(presented.as_bytes());
+        digest
+            .iter()
+            .zip(self.digest.iter())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
     }
 }
 

@@ -47,7 +47,7 @@ pub struct Config {
 }
 
 /// The server API (HTTP, for backends).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// The API key backends send as `Authorization: Bearer KEY`. Without it, a key
@@ -79,7 +79,7 @@ impl Default for Config {
 }
 
 /// Token settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// The HS256 secret. Without it the server runs in development mode: a secret is
@@ -88,6 +88,31 @@ pub struct AuthConfig {
     /// Clock skew tolerated on `exp`.
     #[serde(with = "duration_str")]
     pub leeway: Duration,
+}
+
+/// Shows whether a secret is set, never the secret (configurations are logged).
+fn redacted(secret: &Option<String>) -> &'static str {
+    match secret {
+        Some(_) => "Some(<redacted>)",
+        None => "None",
+    }
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("key", &format_args!("{}", redacted(&self.key)))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &format_args!("{}", redacted(&self.jwt_secret)))
+            .field("leeway", &self.leeway)
+            .finish()
+    }
 }
 
 impl Default for AuthConfig {
@@ -285,6 +310,17 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some("jwt-secret-0123456789abcdef0123456789".into());
+        c.api.key = Some("api-key-0123456789abcdef0123456789abcd".into());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("jwt-secret-"), "{shown}");
+        assert!(!shown.contains("api-key-"), "{shown}");
+        assert!(shown.contains("<redacted>"));
     }
 
     #[test]

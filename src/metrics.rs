@@ -150,6 +150,7 @@ pub const REQUEST_TYPES: &[&str] = &[
     "doc_open",
     "doc_close",
     "doc_submit",
+    "doc_list",
     "analytics_track",
     "analytics_series",
     "analytics_top",

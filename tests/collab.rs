@@ -1,6 +1,7 @@
 //! Collaborative editing through the real server: concurrent typing by clients on
 //! mixed transports converging with the server and with the stored copy after a
-//! restart; resends applied once; viewers refused; resync; presence and cursors.
+//! restart; resends applied once; viewers refused; resync; presence and cursors;
+//! each user's document list with their roles, kept live by `DocShared` pushes.
 
 mod support;
 
@@ -65,6 +66,40 @@ async fn submit(
     match c.request(request::Body::DocSubmit(req)).await? {
         response::Body::DocSubmit(r) => Ok(r),
         other => panic!("{other:?}"),
+    }
+}
+
+async fn list(c: &Client) -> v1::DocListResponse {
+    match c
+        .request(request::Body::DocList(v1::DocListRequest {}))
+        .await
+        .unwrap()
+    {
+        response::Body::DocList(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// (doc id, owner, role, revision) of each listed document, in order.
+fn summaries(r: &v1::DocListResponse) -> Vec<(&str, &str, DocRole, u64)> {
+    r.docs
+        .iter()
+        .map(|d| (d.doc_id.as_str(), d.owner_id.as_str(), d.role(), d.revision))
+        .collect()
+}
+
+/// Waits for the next `DocShared` push, skipping other events.
+async fn next_shared(c: &Client) -> v1::DocShared {
+    loop {
+        match c.next_event().await {
+            Some(Event::Push(StreamKind::Collab, p)) => {
+                if let Some(push::Event::DocShared(s)) = p.event {
+                    return s;
+                }
+            }
+            Some(_) => {}
+            None => panic!("session closed"),
+        }
     }
 }
 
@@ -327,6 +362,7 @@ both_transports!(
     stale_base_revision_gets_a_resync_snapshot,
     presence_and_cursors_reach_the_others,
     malformed_operations_are_refused_with_codes,
+    doc_list_shows_each_users_documents_and_roles,
 );
 
 async fn reconnect_catches_up_and_resends_once(t: TransportKind) {
@@ -554,4 +590,147 @@ async fn malformed_operations_are_refused_with_codes(t: TransportKind) {
             .1
             .contains("tutti_collab_operations_rejected_total 5")
     );
+}
+
+async fn doc_list_shows_each_users_documents_and_roles(t: TransportKind) {
+    use DocRole::{Editor, Owner, Unspecified, Viewer};
+    let s = TestServer::start_with(|c| c.collab.max_list_docs = 2).await;
+    let alice = s.connect(t, "alice").await;
+    let bob = s.connect(t, "bob").await;
+    let carol = s.connect(t, "carol").await;
+    let dave = s.connect(t, "dave").await;
+    create(&alice, "b-notes", "").await;
+    create(&alice, "a-plan", "abc").await;
+    create(&bob, "c-bob", "").await;
+    // Nothing shared yet: each sees only their own.
+    assert_eq!(
+        summaries(&list(&alice).await),
+        [
+            ("a-plan", "alice", Owner, 0),
+            ("b-notes", "alice", Owner, 0)
+        ]
+    );
+    assert!(list(&carol).await.docs.is_empty());
+
+    share(&alice, "a-plan", "bob", Editor).await;
+    share(&alice, "a-plan", "carol", Viewer).await;
+    share(&alice, "b-notes", "carol", Editor).await;
+    // Bob and Carol hear of it live, on every session.
+    let pushed = next_shared(&bob).await;
+    assert_eq!(
+        (
+            pushed.doc_id.as_str(),
+            pushed.owner_id.as_str(),
+            pushed.role()
+        ),
+        ("a-plan", "alice", Editor)
+    );
+    let pushed = next_shared(&carol).await;
+    assert_eq!((pushed.doc_id.as_str(), pushed.role()), ("a-plan", Viewer));
+    let pushed = next_shared(&carol).await;
+    assert_eq!((pushed.doc_id.as_str(), pushed.role()), ("b-notes", Editor));
+
+    // An edit moves the listed revision.
+    let mut doc = Document::from_open("a", open(&alice, "a-plan", None).await.unwrap()).unwrap();
+    let req = doc
+        .edit(TextOperation::new().retain(3).insert("!"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(submit(&alice, req).await.unwrap().revision, 1);
+
+    let mine = list(&alice).await;
+    assert_eq!(
+        summaries(&mine),
+        [
+            ("a-plan", "alice", Owner, 1),
+            ("b-notes", "alice", Owner, 0)
+        ]
+    );
+    assert!(!mine.more);
+    assert_eq!(
+        summaries(&list(&bob).await),
+        [("a-plan", "alice", Editor, 1), ("c-bob", "bob", Owner, 0)]
+    );
+    assert_eq!(
+        summaries(&list(&carol).await),
+        [
+            ("a-plan", "alice", Viewer, 1),
+            ("b-notes", "alice", Editor, 0)
+        ]
+    );
+    let outsider = list(&dave).await;
+    assert!(outsider.docs.is_empty() && !outsider.more);
+
+    // Bounded: the first `max_list_docs` by id, and `more` says there are others.
+    create(&alice, "0-first", "").await;
+    let capped = list(&alice).await;
+    assert_eq!(
+        summaries(&capped),
+        [
+            ("0-first", "alice", Owner, 0),
+            ("a-plan", "alice", Owner, 1)
+        ]
+    );
+    assert!(capped.more);
+
+    // A role change and a revoke show at once, and are pushed.
+    share(&alice, "a-plan", "bob", Viewer).await;
+    assert_eq!(next_shared(&bob).await.role(), Viewer);
+    share(&alice, "a-plan", "carol", Unspecified).await;
+    let revoked = next_shared(&carol).await;
+    assert_eq!(
+        (revoked.doc_id.as_str(), revoked.role()),
+        ("a-plan", Unspecified)
+    );
+    assert_eq!(
+        summaries(&list(&bob).await),
+        [("a-plan", "alice", Viewer, 1), ("c-bob", "bob", Owner, 0)]
+    );
+    assert_eq!(
+        summaries(&list(&carol).await),
+        [("b-notes", "alice", Editor, 0)]
+    );
+    // Revoking someone who has no access changes nothing.
+    share(&alice, "a-plan", "dave", Unspecified).await;
+    assert!(list(&dave).await.docs.is_empty());
+}
+
+/// A database written before the user → document index was kept: the index is
+/// built from the documents when the node opens it, so nobody's list is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doc_list_covers_documents_stored_before_the_index() {
+    tokio::time::timeout(support::TEST_TIMEOUT, async {
+        let mut s = TestServer::start().await;
+        let alice = s.connect(TransportKind::Quic, "alice").await;
+        create(&alice, "old", "text").await;
+        share(&alice, "old", "bob", DocRole::Viewer).await;
+        let db_file = s.server().config().data_dir.join(tutti::store::DB_FILE);
+        drop(alice);
+        s.shutdown().await;
+        {
+            let db = redb::Database::open(&db_file).unwrap();
+            let txn = db.begin_write().unwrap();
+            let index: redb::TableDefinition<(&str, &str), (i32, &str)> =
+                redb::TableDefinition::new("collab_user_docs");
+            assert!(txn.delete_table(index).unwrap(), "the index existed");
+            txn.commit().unwrap();
+        }
+        let server = tutti::start(test_config(s.dir.path())).await.unwrap();
+        let s = TestServer {
+            server: Some(server),
+            dir: s.dir,
+        };
+        let bob = s.connect(TransportKind::WebTransport, "bob").await;
+        assert_eq!(
+            summaries(&list(&bob).await),
+            [("old", "alice", DocRole::Viewer, 0)]
+        );
+        let alice = s.connect(TransportKind::Quic, "alice").await;
+        assert_eq!(
+            summaries(&list(&alice).await),
+            [("old", "alice", DocRole::Owner, 0)]
+        );
+    })
+    .await
+    .expect("test timed out");
 }

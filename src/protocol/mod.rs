@@ -82,6 +82,7 @@ impl v1::request::Body {
             B::DocOpen(_) => "doc_open",
             B::DocClose(_) => "doc_close",
             B::DocSubmit(_) => "doc_submit",
+            B::DocList(_) => "doc_list",
             B::AnalyticsTrack(_) => "analytics_track",
             B::AnalyticsSeries(_) => "analytics_series",
             B::AnalyticsTop(_) => "analytics_top",

@@ -6,6 +6,9 @@
 //!
 //! Storage (all keyed by document id):
 //! - `collab_docs`: owner and access list;
+//! - `collab_user_docs`: (user, document) → (role, owner), for every user with
+//!   access (the owner included), written in the same transaction as
+//!   `collab_docs`, so listing a user's documents reads only their own entries;
 //! - `collab_snapshots`: the text at some revision, rewritten every
 //!   `snapshot_every` operations;
 //! - `collab_ops`: the operation log since `history` operations before the snapshot
@@ -21,13 +24,14 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use tokio_util::sync::CancellationToken;
 
 use super::{
     Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json,
+    user_topic,
 };
 use crate::ot::{Authority, Component, OtError, TextOperation};
 use crate::protocol::ErrorCode;
@@ -41,6 +45,9 @@ const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_sna
 /// The operations' offset log ([`RedbLog`]) keeps them in this table, by revision.
 const OPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("collab_ops");
 const CLIENTS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("collab_clients");
+/// (user, document) → (the user's `DocRole` number, the owner): who may see what.
+const USER_DOCS: TableDefinition<(&str, &str), (i32, &str)> =
+    TableDefinition::new("collab_user_docs");
 
 /// Collaboration settings (`[collab]` in the configuration file).
 #[derive(Debug, Clone, Deserialize)]
@@ -62,14 +69,21 @@ pub struct CollabConfig {
     /// Cursor datagrams relayed per session and document per second at most; moves
     /// in between are coalesced (the latest one settles reliably).
     pub cursor_rate: u32,
+    /// `DocListRequest` returns at most this many documents (the first ones by id).
+    pub max_list_docs: usize,
 }
 
 impl CollabConfig {
     /// Checks the section: the counts must be positive.
     pub fn validate(&self) -> Result<(), super::InvalidConfig> {
-        if self.history == 0 || self.snapshot_every == 0 || self.cursor_rate == 0 {
+        if self.history == 0
+            || self.snapshot_every == 0
+            || self.cursor_rate == 0
+            || self.max_list_docs == 0
+        {
             return Err(super::InvalidConfig(
-                "collab.history, collab.snapshot_every and collab.cursor_rate must be positive"
+                "collab.history, collab.snapshot_every, collab.cursor_rate and \
+                 collab.max_list_docs must be positive"
                     .into(),
             ));
         }
@@ -86,6 +100,7 @@ impl Default for CollabConfig {
             max_client_id: 64,
             cursor_settle: Duration::from_millis(300),
             cursor_rate: 20,
+            max_list_docs: 1000,
         }
     }
 }
@@ -188,6 +203,7 @@ impl CollabService {
         txn.open_table(SNAPSHOTS)?;
         txn.open_table(OPS)?;
         txn.open_table(CLIENTS)?;
+        index_existing_docs(&txn)?;
         txn.commit()?;
         let log = RedbLog::open(&deps.store, &deps.writer, "collab_ops", "collab_epochs")?;
         let service = Arc::new(Self {
@@ -240,6 +256,7 @@ impl CollabService {
         let exists = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = exists.clone();
         let doc_id = id.clone();
+        let owner = ctx.user_id().to_owned();
         self.deps
             .writer
             .write(move |txn| {
@@ -252,6 +269,10 @@ impl CollabService {
                 docs.insert(doc_id.as_str(), meta_bytes.as_slice())?;
                 txn.open_table(SNAPSHOTS)?
                     .insert(doc_id.as_str(), snap_bytes.as_slice())?;
+                txn.open_table(USER_DOCS)?.insert(
+                    (owner.as_str(), doc_id.as_str()),
+                    (DocRole::Owner as i32, owner.as_str()),
+                )?;
                 Ok(())
             })
             .await?;
@@ -267,7 +288,8 @@ impl CollabService {
         })
     }
 
-    /// Grants or revokes access. Owner only.
+    /// Grants or revokes access. Owner only. The user whose access changed gets a
+    /// `DocShared` push on every session.
     pub async fn share(
         &self,
         ctx: &SessionCtx,
@@ -301,18 +323,79 @@ impl CollabService {
         } else {
             meta.acl.insert(req.user_id.clone(), role as i32);
         }
+        let before = d.meta.role_of(&req.user_id);
         let bytes = json(&meta);
         let id = d.id.clone();
+        let (user, owner) = (req.user_id.clone(), meta.owner.clone());
         self.deps
             .writer
             .write(move |txn| {
                 txn.open_table(DOCS)?
                     .insert(id.as_str(), bytes.as_slice())?;
+                let mut index = txn.open_table(USER_DOCS)?;
+                if role == DocRole::Unspecified {
+                    index.remove((user.as_str(), id.as_str()))?;
+                } else {
+                    index.insert((user.as_str(), id.as_str()), (role as i32, owner.as_str()))?;
+                }
                 Ok(())
             })
             .await?;
         d.meta = meta;
+        if before != role {
+            let push = v1::Push {
+                stream: String::new(),
+                offset: 0,
+                event: Some(push::Event::DocShared(v1::DocShared {
+                    doc_id: d.id.clone(),
+                    owner_id: d.meta.owner.clone(),
+                    role: role as i32,
+                })),
+            };
+            self.deps
+                .hub
+                .publish(&user_topic(&req.user_id), StreamKind::Collab, &push);
+        }
         Ok(v1::DocShareResponse {})
+    }
+
+    /// The documents the caller owns or that are shared with them, by id, with their
+    /// role and current revision: at most `max_list_docs`, the first ones by id
+    /// (`more` says whether there are others). Reads only the caller's index entries
+    /// and one key per document.
+    pub async fn list(&self, ctx: &SessionCtx) -> ServiceResult<v1::DocListResponse> {
+        let user = ctx.user_id();
+        let max = self.config.max_list_docs;
+        let txn = self.deps.store.db().begin_read()?;
+        let index = txn.open_table(USER_DOCS)?;
+        let ops = txn.open_table(OPS)?;
+        let mut docs = Vec::new();
+        let mut more = false;
+        for entry in index.range((user, "")..)? {
+            let (key, value) = entry?;
+            let (u, doc_id) = key.value();
+            if u != user {
+                break;
+            }
+            if docs.len() == max {
+                more = true;
+                break;
+            }
+            let (role, owner) = value.value();
+            // The last operation's revision is the document's (the log always keeps
+            // its last entry); a document never edited is at revision 0.
+            let revision = match ops.range((doc_id, 0)..=(doc_id, u64::MAX))?.next_back() {
+                Some(op) => op?.0.value().1,
+                None => 0,
+            };
+            docs.push(v1::DocSummary {
+                doc_id: doc_id.to_owned(),
+                owner_id: owner.to_owned(),
+                role,
+                revision,
+            });
+        }
+        Ok(v1::DocListResponse { docs, more })
     }
 
     /// Opens a document for the session: snapshot or catch-up, who is here, and
@@ -793,6 +876,28 @@ impl CollabService {
             broken: false,
         }))
     }
+}
+
+/// Fills `collab_user_docs` from `collab_docs` when the index is empty but documents
+/// exist (a database written before the index was kept). Every document indexes its
+/// owner, so a non-empty `collab_docs` never leaves the index empty otherwise.
+fn index_existing_docs(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut index = txn.open_table(USER_DOCS)?;
+    if !index.is_empty()? {
+        return Ok(());
+    }
+    let docs = txn.open_table(DOCS)?;
+    for entry in docs.iter()? {
+        let (id, meta) = entry?;
+        let id = id.value();
+        let meta: DocMeta = serde_json::from_slice(meta.value()).map_err(corrupt)?;
+        let owner = meta.owner.as_str();
+        index.insert((owner, id), (DocRole::Owner as i32, owner))?;
+        for (user, role) in &meta.acl {
+            index.insert((user.as_str(), id), (*role, owner))?;
+        }
+    }
+    Ok(())
 }
 
 async fn settle_cursors(service: Weak<CollabService>, stop: CancellationToken) {

@@ -338,6 +338,7 @@ impl Services {
             Rq::DocOpen(r) => self.collab.open_doc(ctx, r).await.map(Rs::DocOpen),
             Rq::DocClose(r) => self.collab.close_doc(ctx, r).await.map(Rs::DocClose),
             Rq::DocSubmit(r) => self.collab.submit(ctx, r).await.map(Rs::DocSubmit),
+            Rq::DocList(_) => self.collab.list(ctx).await.map(Rs::DocList),
             r @ (Rq::AnalyticsTrack(_)
             | Rq::AnalyticsSeries(_)
             | Rq::AnalyticsTop(_)

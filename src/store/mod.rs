@@ -87,14 +87,62 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Creates `dir` (and missing parents) with mode 0700; warns when an existing one
+/// is readable by others.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    warn_if_open(dir)
+}
+
+/// Creates `file` empty with mode 0600 if it does not exist; warns when an existing
+/// one is readable by others.
+fn private_file(file: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(file) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => warn_if_open(file),
+        Err(e) => Err(e),
+    }
+}
+
+/// Logs a warning when group or others may read `path`.
+fn warn_if_open(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "readable by other users; chmod it to 0700 (directory) or 0600 (file)"
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (or creates) the database in `data_dir` and checks its schema version.
+    ///
+    /// The directory is created readable by its owner only (0700) and the database
+    /// file likewise (0600): it holds every message. Existing ones with looser
+    /// permissions are left as they are, with a warning.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
+        let dir_error = |source| StoreError::Dir {
             path: data_dir.to_owned(),
             source,
-        })?;
+        };
+        private_dir(data_dir).map_err(dir_error)?;
         let path = data_dir.join(DB_FILE);
+        private_file(&path).map_err(dir_error)?;
         let db = Database::create(&path)?;
         let node_id = Self::init_meta(&db)?;
         Ok(Self {
@@ -197,6 +245,21 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.node_id(), node);
         assert!(s.is_healthy());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_data_directory_and_database_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("a").join("data");
+        Store::open(&data).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join(DB_FILE)), 0o600);
+        // Opening again keeps working (and only warns about looser permissions).
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Store::open(&data).unwrap();
     }
 
     #[test]
