@@ -250,6 +250,17 @@ pub(crate) fn load_or_create_secret(path: &Path) -> std::io::Result<String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_api_key_matches_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "k".repeat(40);
+        let api = ApiKey::from_config(Some(&key), dir.path()).unwrap();
+        assert!(api.verify(&key));
+        assert!(!api.verify(&key[..39]), "a prefix");
+        assert!(!api.verify(&format!("{key}k")), "longer");
+        assert!(!api.verify(""));
+    }
+
     fn auth() -> Auth {
         Auth::new(&[7; 32], SecretSource::Configured, Duration::ZERO)
     }

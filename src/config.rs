@@ -109,7 +109,10 @@ impl std::fmt::Debug for ApiConfig {
 impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
-            .field("jwt_secret", &format_args!("{}", redacted(&self.jwt_secret)))
+            .field(
+                "jwt_secret",
+                &format_args!("{}", redacted(&self.jwt_secret)),
+            )
             .field("leeway", &self.leeway)
             .finish()
     }
