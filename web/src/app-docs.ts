@@ -11,7 +11,7 @@ import { defaultKeymap } from "@codemirror/commands";
 import { TextSelection, codePointToUtf16Offset, utf16ToCodePointOffset } from "./ot";
 import { changesToOp, opToChanges } from "./cm-ot";
 import { DocRole } from "./tutti";
-import type { Tutti, TuttiDocument } from "./tutti";
+import type { DocSummary, Tutti, TuttiDocument } from "./tutti";
 
 const remoteChange = Annotation.define<boolean>();
 
@@ -85,13 +85,31 @@ const cursorField = StateField.define<DecorationSet>({
   provide: (f) => EditorView.decorations.from(f),
 });
 
-const KNOWN_DOCS_KEY = "tutti.docs";
+/** Where earlier versions of the app kept the documents opened in this browser. */
+const OLD_KNOWN_DOCS_KEY = "tutti.docs";
+
+/** A document in the list: the server's summary, by id. */
+interface ListedDoc {
+  docId: string;
+  ownerId: string;
+  role: DocRole;
+}
+
+function roleName(role: DocRole): string {
+  return DocRole[role]?.toLowerCase() ?? "?";
+}
 
 /** Documents: the list in the side bar and the editor view. */
 export class DocsView {
   private doc?: TuttiDocument;
   private view?: EditorView;
   private readonly stops: Array<() => void> = [];
+  /** The user's documents as the server lists them, kept current by DocShared pushes. */
+  private readonly listed = new Map<string, ListedDoc>();
+  /** The server listed only its first documents by id. */
+  private more = false;
+  /** DocShared pushes received so far (a list answer older than one is asked again). */
+  private pushes = 0;
 
   constructor(
     private readonly tutti: Tutti,
@@ -99,6 +117,24 @@ export class DocsView {
     private readonly onOpenChange: (open: boolean) => void,
     private readonly onError: (err: unknown) => void,
   ) {
+    try {
+      localStorage.removeItem(OLD_KNOWN_DOCS_KEY);
+    } catch {
+      // Storage is optional.
+    }
+    // The list comes from the server after every (re)connect (pushes are not
+    // replayed), then follows the DocShared pushes.
+    tutti.onState((s) => {
+      if (s.state === "connected") void this.loadList();
+    });
+    tutti.onDocShared((shared) => {
+      this.pushes++;
+      if (shared.role === DocRole.UNSPECIFIED) {
+        this.listed.delete(shared.docId);
+        if (this.doc?.docId === shared.docId) this.status(`${shared.ownerId} no longer shares this document with you`);
+      } else this.listed.set(shared.docId, { docId: shared.docId, ownerId: shared.ownerId, role: shared.role });
+      this.renderList();
+    });
     const form = document.getElementById("open-doc-form") as HTMLFormElement;
     const input = document.getElementById("doc-id") as HTMLInputElement;
     form.addEventListener("submit", (e) => {
@@ -110,7 +146,7 @@ export class DocsView {
       if (!id) return input.reportValidity();
       this.tutti
         .createDocument(id, "")
-        .then(() => this.open(id))
+        .then(() => Promise.all([this.open(id), this.loadList()]))
         .catch(this.onError);
     });
     document.getElementById("doc-share-form")!.addEventListener("submit", (e) => {
@@ -120,48 +156,69 @@ export class DocsView {
       if (!this.doc || !user) return;
       this.tutti
         .shareDocument(this.doc.docId, user, role)
-        .then(() => this.status(`Shared with ${user} (${role === DocRole.VIEWER ? "viewer" : "editor"})`))
+        .then(() => {
+          this.status(`Shared with ${user} (${role === DocRole.VIEWER ? "viewer" : "editor"})`);
+          return this.loadList();
+        })
         .catch(this.onError);
     });
   }
 
-  /** The documents this browser has opened, for this user (the server keeps no list). */
-  private known(): string[] {
+  /** Asks the server for the user's documents and shows them. */
+  async loadList(): Promise<void> {
+    let answer: { docs: DocSummary[]; more: boolean };
+    const pushes = this.pushes;
     try {
-      const all = JSON.parse(localStorage.getItem(KNOWN_DOCS_KEY) ?? "{}") as Record<string, string[]>;
-      return all[this.me] ?? [];
-    } catch {
-      return [];
+      answer = await this.tutti.docList();
+    } catch (err) {
+      this.onError(err);
+      return;
     }
+    // A push that arrived meanwhile may be newer than the answer: ask again.
+    if (this.pushes !== pushes) return this.loadList();
+    this.listed.clear();
+    for (const d of answer.docs) this.listed.set(d.docId, { docId: d.docId, ownerId: d.ownerId, role: d.role });
+    this.more = answer.more;
+    this.renderList();
   }
 
-  private remember(id: string): void {
-    try {
-      const all = JSON.parse(localStorage.getItem(KNOWN_DOCS_KEY) ?? "{}") as Record<string, string[]>;
-      all[this.me] = [id, ...(all[this.me] ?? []).filter((d) => d !== id)].slice(0, 50);
-      localStorage.setItem(KNOWN_DOCS_KEY, JSON.stringify(all));
-    } catch {
-      // Storage is optional.
-    }
-  }
-
-  /** Shows the documents opened in this browser. */
+  /** Shows the user's documents (owned and shared with them), by id. */
   renderList(): void {
     const list = document.getElementById("doc-list")!;
-    list.replaceChildren(
-      ...this.known().map((id) => {
-        const item = document.createElement("li");
-        item.dataset["doc"] = id;
-        const button = document.createElement("button");
-        button.type = "button";
-        button.className = "item";
-        button.textContent = id;
-        button.addEventListener("click", () => void this.open(id));
-        item.append(button);
-        if (this.doc?.docId === id) item.setAttribute("aria-current", "true");
-        return item;
-      }),
-    );
+    const docs = [...this.listed.values()].sort((a, b) => (a.docId < b.docId ? -1 : a.docId > b.docId ? 1 : 0));
+    const items = docs.map((d) => {
+      const item = document.createElement("li");
+      item.dataset["doc"] = d.docId;
+      item.dataset["role"] = roleName(d.role);
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "item";
+      const name = document.createElement("span");
+      name.className = "room-name";
+      name.textContent = d.docId;
+      const role = document.createElement("span");
+      role.className = "muted small doc-role";
+      role.textContent = roleName(d.role);
+      button.append(name, role);
+      if (d.ownerId !== this.me) {
+        const owner = document.createElement("span");
+        owner.className = "room-last";
+        owner.textContent = `shared by ${d.ownerId}`;
+        button.append(owner);
+      }
+      button.setAttribute("aria-label", `${d.docId}, ${roleName(d.role)}${d.ownerId !== this.me ? `, shared by ${d.ownerId}` : ""}`);
+      button.addEventListener("click", () => void this.open(d.docId));
+      item.append(button);
+      if (this.doc?.docId === d.docId) item.setAttribute("aria-current", "true");
+      return item;
+    });
+    if (this.more) {
+      const item = document.createElement("li");
+      item.className = "muted small";
+      item.textContent = "More documents: open one by its id.";
+      items.push(item);
+    }
+    list.replaceChildren(...items);
   }
 
   private status(message: unknown): void {
@@ -181,12 +238,11 @@ export class DocsView {
       return;
     }
     this.doc = doc;
-    this.remember(docId);
     this.renderList();
     this.onOpenChange(true);
     document.getElementById("doc-title")!.textContent = docId;
     const viewer = doc.role === DocRole.VIEWER;
-    document.getElementById("doc-role")!.textContent = `(${DocRole[doc.role]?.toLowerCase() ?? "?"})`;
+    document.getElementById("doc-role")!.textContent = `(${roleName(doc.role)})`;
     (document.getElementById("doc-share-form") as HTMLFormElement).hidden = doc.role !== DocRole.OWNER;
     this.status("");
 

@@ -37,7 +37,7 @@ import { ContactState, PresenceStatus } from "./gen/tutti/v1/presence_pb";
 import type { Contact, ContactEvent, PresenceState } from "./gen/tutti/v1/presence_pb";
 import { DocRole } from "./gen/tutti/v1/collab_pb";
 import { TuttiDocument } from "./document";
-import type { DocCursor, DocOpenResponse, DocOperation, DocPresence } from "./gen/tutti/v1/collab_pb";
+import type { DocCursor, DocOpenResponse, DocOperation, DocPresence, DocShared, DocSummary } from "./gen/tutti/v1/collab_pb";
 
 export { ContactState, DocRole, PresenceStatus, TuttiDocument };
 export type { DocumentChange, RemoteParticipant } from "./document";
@@ -51,6 +51,8 @@ export type {
   DocOpenResponse,
   DocOperation,
   DocPresence,
+  DocShared,
+  DocSummary,
   Notification,
   NotificationsRead,
   PresenceState,
@@ -517,6 +519,25 @@ export class Tutti {
   /** Shares a document (owner only); `DocRole.UNSPECIFIED` revokes. */
   async shareDocument(docId: string, userId: string, role: DocRole): Promise<void> {
     await this.call({ case: "docShare", value: { docId, userId, role } });
+  }
+
+  /**
+   * The documents the user owns or that are shared with them, ordered by id, with
+   * their role and current revision. The server lists at most its configured number
+   * (1,000 by default), the first ones by id; `more` is true when there are others.
+   */
+  async docList(): Promise<{ docs: DocSummary[]; more: boolean }> {
+    const answer = await this.call({ case: "docList", value: {} });
+    return { docs: answer.docs, more: answer.more };
+  }
+
+  /**
+   * The user's access to a document changed: shared with them, their role changed,
+   * or revoked (`role` is `DocRole.UNSPECIFIED`). Not replayed after a reconnect:
+   * call `docList()` again then.
+   */
+  onDocShared(listener: Listener<DocShared>): () => void {
+    return this.onPush((p) => p.event.case === "docShared" && listener(p.event.value));
   }
 
   /**

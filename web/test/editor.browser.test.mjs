@@ -2,7 +2,9 @@
 // into one document at the same time, with emoji, CJK and combining marks, through
 // CodeMirror's keyboard handling; the three editors and the server's stored text end
 // byte-identical. A remote caret is drawn at the right character after concurrent
-// edits, and undo reverts only one's own edit. Same prerequisites as the other
+// edits, and undo reverts only one's own edit. A document shared with a user shows
+// in their documents list (live, or from the server at sign-in) with their role,
+// without having been opened in that browser. Same prerequisites as the other
 // browser tests (tools/e2e.mjs).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -80,6 +82,14 @@ function suite() {
     await waitFor(s, (d) => document.querySelector("#doc-title")?.textContent === d && !!document.querySelector("#editor .cm-content"), id, `${id} open`);
   }
 
+  /** Opens a document from the list, where it must appear with `role`. */
+  async function openFromList(s, id, role) {
+    await s.page.click("#tab-docs");
+    await waitFor(s, ([d, r]) => document.querySelector(`#doc-list li[data-doc="${d}"]`)?.dataset.role === r, [id, role], `${id} listed as ${role}`);
+    await s.page.click(`#doc-list li[data-doc="${id}"] button`);
+    await waitFor(s, (d) => document.querySelector("#doc-title")?.textContent === d && !!document.querySelector("#editor .cm-content"), id, `${id} open`);
+  }
+
   /** The editor's text, the document's text and whether all edits are acknowledged. */
   const editorState = (s) => s.page.evaluate(() => {
     const { doc, view } = window.tuttiDoc;
@@ -124,8 +134,11 @@ function suite() {
       await alice.page.click("#doc-share-submit");
       await waitFor(alice, (w) => document.querySelector("#doc-status")?.textContent.startsWith(`Shared with ${w}`), who, `shared with ${who}`);
     }
-    await openDoc(bob, "plan");
-    await openDoc(carol, "plan");
+    // Bob and Carol were signed in before the share: the document appears in their
+    // lists by itself.
+    await openFromList(bob, "plan", "editor");
+    await openFromList(carol, "plan", "editor");
+    assert.equal(await bob.page.textContent('#doc-list li[data-doc="plan"] .room-last'), "shared by alice");
     await waitFor(alice, () => document.querySelectorAll("#doc-people li").length === 2, null, "who is here: bob and carol");
 
     // All three type at the same time, at the same place, one key at a time.
@@ -188,15 +201,18 @@ function suite() {
     for (const s of [alice, bob, carol]) await s.context.close();
   });
 
-  test("a viewer sees edits live and cannot type", async () => {
+  test("a viewer signed in after the share finds the document listed, sees edits live and cannot type", async () => {
     const owner = await signIn("olga");
-    const viewer = await signIn("victor");
     await openDoc(owner, "readme", true);
     await owner.page.fill("#doc-share-user", "victor");
     await owner.page.selectOption("#doc-share-role", "viewer");
     await owner.page.click("#doc-share-submit");
     await waitFor(owner, () => document.querySelector("#doc-status")?.textContent.startsWith("Shared with victor"), null, "shared");
-    await openDoc(viewer, "readme");
+    await waitFor(owner, () => document.querySelector('#doc-list li[data-doc="readme"]')?.dataset.role === "owner", null, "readme in olga's list");
+    // A fresh browser context: nothing of this document was ever opened in it.
+    const viewer = await signIn("victor");
+    assert.equal(await viewer.page.evaluate(() => localStorage.length), 0);
+    await openFromList(viewer, "readme", "viewer");
     assert.equal(await viewer.page.textContent("#doc-role"), "(viewer)");
     await owner.page.focus("#editor .cm-content");
     await owner.page.keyboard.type("for your eyes");
