@@ -363,7 +363,50 @@ both_transports!(
     presence_and_cursors_reach_the_others,
     malformed_operations_are_refused_with_codes,
     doc_list_shows_each_users_documents_and_roles,
+    another_editor_cannot_reuse_a_client_id,
 );
+
+/// Client ids are broadcast to every editor. Another editor who submits under a
+/// victim's client id neither makes the victim's next edit count as a duplicate
+/// (silently dropped) nor blocks it as an old seq: deduplication is per user.
+async fn another_editor_cannot_reuse_a_client_id(t: TransportKind) {
+    let s = TestServer::start().await;
+    let ann = s.connect(t, "ann").await;
+    create(&ann, "d", "ab").await;
+    share(&ann, "d", "bob", DocRole::Editor).await;
+    let bob = s.connect(t, "bob").await;
+    let mut doc = Document::from_open("ann-laptop", open(&ann, "d", None).await.unwrap()).unwrap();
+    let base = open(&bob, "d", None).await.unwrap().revision;
+    // Bob forges Ann's client id with her next seq, and with a far later one.
+    for seq in [1, 100] {
+        let forged = v1::DocSubmitRequest {
+            doc_id: "d".into(),
+            base_revision: base,
+            op: Some(tutti::protocol::ot_wire::op_to_wire(
+                &TextOperation::new().retain(2).insert("X"),
+            )),
+            client_id: "ann-laptop".into(),
+            seq,
+        };
+        let r = submit(&bob, forged).await.unwrap();
+        assert!(!r.duplicate, "Bob's own edit {seq} is applied");
+    }
+    // Ann's first edit is applied, not taken for a duplicate or an old seq.
+    let req = doc
+        .edit(TextOperation::new().insert("A").retain(2))
+        .unwrap()
+        .unwrap();
+    assert_eq!(req.seq, 1);
+    let r = submit(&ann, req.clone()).await.unwrap();
+    assert!(!r.duplicate, "Ann's edit was taken for Bob's");
+    assert_eq!(r.revision, base + 3);
+    // Her own resend is still recognised.
+    assert!(submit(&ann, req).await.unwrap().duplicate);
+    match open(&ann, "d", None).await.unwrap().state {
+        Some(doc_open_response::State::Snapshot(text)) => assert_eq!(text, "AabXX"),
+        other => panic!("{other:?}"),
+    }
+}
 
 async fn reconnect_catches_up_and_resends_once(t: TransportKind) {
     let s = TestServer::start().await;

@@ -13,7 +13,8 @@
 //!   `snapshot_every` operations;
 //! - `collab_ops`: the operation log since `history` operations before the snapshot
 //!   (older entries are compacted away when a snapshot is written);
-//! - `collab_clients`: the last `(seq, revision)` applied per editing client, so a
+//! - `collab_clients`: the last `(seq, revision)` applied per editing client (keyed by
+//!   user and client id), so a
 //!   resent operation is acknowledged again instead of applied twice, across restarts.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -139,6 +140,14 @@ struct StoredOp {
     seq: u64,
 }
 
+/// The deduplication key of an editing client: its user and its client id,
+/// separated by a NUL (which user ids cannot contain). Entries stored before keys
+/// carried the user no longer match: a resend of an operation applied before that
+/// upgrade would be applied again.
+fn dedup_key(user: &str, client_id: &str) -> String {
+    format!("{user}\0{client_id}")
+}
+
 /// One loaded document.
 #[derive(Debug)]
 struct DocState {
@@ -147,7 +156,7 @@ struct DocState {
     authority: Authority,
     /// The last `history` operations as pushed, for catch-up.
     log: VecDeque<v1::DocOperation>,
-    /// client id → (last seq, its revision).
+    /// [`dedup_key`] of (user, client id) → (last seq, its revision).
     clients: HashMap<String, (u64, u64)>,
     /// Revision of the last snapshot written.
     snapshot_revision: u64,
@@ -591,7 +600,10 @@ impl CollabService {
             }
             _ => return Err(self.reject(not_found())),
         }
-        if let Some(&(seq, revision)) = d.clients.get(&req.client_id) {
+        // Keyed by the user too: client ids are broadcast to every editor, and one
+        // editor must not be able to mark another's next edit as already applied.
+        let dedup = dedup_key(ctx.user_id(), &req.client_id);
+        if let Some(&(seq, revision)) = d.clients.get(&dedup) {
             if req.seq == seq {
                 return Ok(v1::DocSubmitResponse {
                     revision,
@@ -664,7 +676,7 @@ impl CollabService {
         });
         let history = self.config.history as u64;
         let snapshot_taken = snapshot.is_some();
-        let (id, client_id, seq) = (d.id.clone(), req.client_id.clone(), req.seq);
+        let (id, client_key, seq) = (d.id.clone(), dedup.clone(), req.seq);
         let log = self.log.clone();
         let write = self
             .deps
@@ -673,7 +685,7 @@ impl CollabService {
                 log.append_in(txn, &id, revision - 1, std::slice::from_ref(&stored))
                     .map_err(append_failed)?;
                 txn.open_table(CLIENTS)?
-                    .insert((id.as_str(), client_id.as_str()), (seq, revision))?;
+                    .insert((id.as_str(), client_key.as_str()), (seq, revision))?;
                 if let Some(snap) = &snapshot {
                     txn.open_table(SNAPSHOTS)?
                         .insert(id.as_str(), snap.as_slice())?;
@@ -693,7 +705,7 @@ impl CollabService {
         if snapshot_taken {
             d.snapshot_revision = revision;
         }
-        d.clients.insert(req.client_id.clone(), (req.seq, revision));
+        d.clients.insert(dedup, (req.seq, revision));
         self.counters().applied.fetch_add(1, Relaxed);
         if applied.concurrent > 0 {
             self.counters().transformed.fetch_add(1, Relaxed);
