@@ -364,7 +364,86 @@ both_transports!(
     malformed_operations_are_refused_with_codes,
     doc_list_shows_each_users_documents_and_roles,
     another_editor_cannot_reuse_a_client_id,
+    a_revoked_editor_stops_receiving_the_document,
 );
+
+/// Revoking a share closes the document for the user's open sessions: they get the
+/// `DocShared` push with no role, then none of its operations; the others see them
+/// leave; their edits are refused.
+async fn a_revoked_editor_stops_receiving_the_document(t: TransportKind) {
+    let s = TestServer::start().await;
+    let ann = s.connect(t, "ann").await;
+    create(&ann, "d", "ab").await;
+    create(&ann, "marker", "").await;
+    share(&ann, "d", "bob", DocRole::Editor).await;
+    let bob = s.connect(t, "bob").await;
+    let opened = open(&bob, "d", None).await.unwrap();
+    let mut doc = Document::from_open("ann-1", open(&ann, "d", None).await.unwrap()).unwrap();
+    share(&ann, "d", "bob", DocRole::Unspecified).await;
+    // Ann sees Bob leave.
+    loop {
+        if let Some(Event::Push(
+            _,
+            v1::Push {
+                event: Some(push::Event::DocPresence(p)),
+                ..
+            },
+        )) = ann.next_event().await
+            && p.user_id == "bob"
+            && !p.joined
+        {
+            break;
+        }
+    }
+    // An edit after the revoke, then a marker share: Bob's collaboration stream is
+    // ordered, so whatever reached him about `d` came before the marker.
+    let req = doc
+        .edit(TextOperation::new().retain(2).insert("!"))
+        .unwrap()
+        .unwrap();
+    submit(&ann, req).await.unwrap();
+    share(&ann, "marker", "bob", DocRole::Viewer).await;
+    let mut revoked = false;
+    loop {
+        match bob.next_event().await.expect("session open") {
+            Event::Push(
+                _,
+                v1::Push {
+                    event: Some(push::Event::DocShared(sh)),
+                    ..
+                },
+            ) => {
+                if sh.doc_id == "d" {
+                    assert_eq!(sh.role, DocRole::Unspecified as i32);
+                    revoked = true;
+                } else {
+                    assert_eq!(sh.doc_id, "marker");
+                    break;
+                }
+            }
+            Event::Push(
+                _,
+                v1::Push {
+                    event: Some(push::Event::DocOperation(op)),
+                    ..
+                },
+            ) => panic!("a revoked editor received {op:?}"),
+            _ => {}
+        }
+    }
+    assert!(revoked, "Bob was told");
+    // His edits are refused like an outsider's.
+    let forged = v1::DocSubmitRequest {
+        doc_id: "d".into(),
+        base_revision: opened.revision,
+        op: Some(tutti::protocol::ot_wire::op_to_wire(
+            &TextOperation::new().retain(2).insert("?"),
+        )),
+        client_id: "bob-1".into(),
+        seq: 1,
+    };
+    assert_eq!(server_error(submit(&bob, forged).await).name, "NOT_FOUND");
+}
 
 /// Client ids are broadcast to every editor. Another editor who submits under a
 /// victim's client id neither makes the victim's next edit count as a duplicate

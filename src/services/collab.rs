@@ -351,6 +351,9 @@ impl CollabService {
             })
             .await?;
         d.meta = meta;
+        if role == DocRole::Unspecified {
+            self.close_for_revoked(&mut d, &req.user_id);
+        }
         if before != role {
             let push = v1::Push {
                 stream: String::new(),
@@ -465,7 +468,7 @@ impl CollabService {
             .or_default()
             .insert(d.id.clone(), handle.clone());
         if newly {
-            self.publish_presence(&d.id, ctx, true);
+            self.publish_presence(&d.id, ctx.user_id(), ctx.session_id(), true);
         }
         Ok(v1::DocOpenResponse {
             doc_id: d.id.clone(),
@@ -515,25 +518,54 @@ impl CollabService {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(d.id.clone(), ctx.session_id().to_owned()));
         if d.present.remove(ctx.session_id()).is_some() {
-            self.publish_presence(&d.id, ctx, false);
+            self.publish_presence(&d.id, ctx.user_id(), ctx.session_id(), false);
         }
     }
 
-    fn publish_presence(&self, doc_id: &str, ctx: &SessionCtx, joined: bool) {
+    fn publish_presence(&self, doc_id: &str, user: &str, session: &str, joined: bool) {
         let push = v1::Push {
             stream: String::new(),
             offset: 0,
             event: Some(push::Event::DocPresence(v1::DocPresence {
                 doc_id: doc_id.to_owned(),
-                user_id: ctx.user_id().to_owned(),
-                session_id: ctx.session_id().to_owned(),
+                user_id: user.to_owned(),
+                session_id: session.to_owned(),
                 joined,
             })),
         };
         for s in self.deps.hub.subscribers(&topic(doc_id)) {
-            if s.session_id() != ctx.session_id() {
+            if s.session_id() != session {
                 let _ = s.push(StreamKind::Collab, push.clone());
             }
+        }
+    }
+
+    /// Access to `d` was revoked from `user`: their sessions that have it open stop
+    /// receiving its operations, presence and cursors at once (they learn why from
+    /// the `DocShared` push with no role), and the others see them leave.
+    fn close_for_revoked(&self, d: &mut DocState, user: &str) {
+        let sessions: Vec<String> = d
+            .present
+            .iter()
+            .filter(|(_, u)| u.as_str() == user)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for session in sessions {
+            d.present.remove(&session);
+            self.deps.hub.unsubscribe(&topic(&d.id), &session);
+            self.cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(d.id.clone(), session.clone()));
+            if let Some(docs) = self
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&session)
+            {
+                docs.remove(&d.id);
+            }
+            self.publish_presence(&d.id, user, &session, false);
         }
     }
 
