@@ -34,6 +34,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Checked by `/readyz`.
     pub store: Store,
+    /// Checked by `/readyz`: a node whose writer has stopped cannot commit.
+    pub writer: crate::store::WriterProbe,
     /// Set once the QUIC endpoint accepts; cleared when draining.
     pub ready: Arc<AtomicBool>,
     /// The WebTransport URL clients should use.
@@ -80,7 +82,7 @@ pub fn router(state: HttpState) -> Router {
 }
 
 async fn readyz(State(s): State<HttpState>) -> Response {
-    if s.ready.load(Ordering::Acquire) && s.store.is_healthy() {
+    if s.ready.load(Ordering::Acquire) && s.store.is_healthy() && s.writer.is_running() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()

@@ -157,6 +157,7 @@ pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<Ru
         certs: certs.clone(),
         metrics: metrics.clone(),
         store: store.clone(),
+        writer: writer.probe(),
         ready: ready.clone(),
         webtransport_url: webtransport_url(quic_addr),
         quic_addr,

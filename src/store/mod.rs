@@ -9,7 +9,7 @@ pub mod registry;
 mod writer;
 
 pub use offset_log::{AppendError, Entry, Epoch, OffsetLog, Position, RedbLog};
-pub use writer::{CommitObserver, Hold, Writer};
+pub use writer::{CommitObserver, Hold, Writer, WriterProbe};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -107,6 +107,12 @@ impl Writer {
         Hold(self.gate.clone())
     }
 
+    /// A probe of whether the writer thread is still running, which does not keep
+    /// it running (for readiness checks).
+    pub fn probe(&self) -> WriterProbe {
+        WriterProbe(self.tx.downgrade())
+    }
+
     /// Writes submitted and not yet committed or failed.
     pub fn in_flight(&self) -> usize {
         self.gate.in_flight.load(Ordering::Acquire)
@@ -129,6 +135,17 @@ impl Writer {
         rx.await
             .map_err(|_| StoreError::Write("the writer has stopped".into()))?
             .map_err(|e| StoreError::Write(e.to_string()))
+    }
+}
+
+/// Tells whether the writer thread still takes writes. See [`Writer::probe`].
+#[derive(Clone, Debug)]
+pub struct WriterProbe(mpsc::WeakSender<Job>);
+
+impl WriterProbe {
+    /// False once the writer thread has stopped (or every [`Writer`] is gone).
+    pub fn is_running(&self) -> bool {
+        self.0.upgrade().is_some_and(|tx| !tx.is_closed())
     }
 }
 
@@ -193,7 +210,7 @@ fn commit_batch(db: &Database, batch: Vec<Job>) {
             return;
         }
     };
-    let all_ran = batch.iter().all(|job| (job.write)(&txn).is_ok());
+    let all_ran = batch.iter().all(|job| run_write(&job.write, &txn).is_ok());
     if !all_ran {
         let _ = txn.abort();
         for job in batch {
@@ -211,8 +228,16 @@ fn commit_batch(db: &Database, batch: Vec<Job>) {
 fn commit_one(db: &Database, write: &WriteFn) -> Result<(), WriteFailed> {
     let mut txn = db.begin_write().map_err(WriteFailed::from)?;
     txn.set_quick_repair(true);
-    write(&txn).map_err(WriteFailed::from)?;
+    run_write(write, &txn)?;
     txn.commit().map_err(WriteFailed::from)
+}
+
+/// Runs one write; a write that panics fails alone instead of stopping the writer.
+fn run_write(write: &WriteFn, txn: &WriteTransaction) -> Result<(), WriteFailed> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(txn))) {
+        Ok(result) => result.map_err(WriteFailed::from),
+        Err(_) => Err(WriteFailed::from("the write panicked")),
+    }
 }
 
 #[cfg(test)]
@@ -282,6 +307,35 @@ mod tests {
         assert_eq!(writer.in_flight(), 0);
         let txn = db.begin_read().unwrap();
         assert_eq!(txn.open_table(T).unwrap().len().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_write_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("db")).unwrap());
+        let (writer, _thread) = Writer::spawn(db.clone(), None);
+        let probe = writer.probe();
+        let bad = writer.write(|txn| {
+            txn.open_table(T)?.insert(9, 9)?;
+            panic!("a bug in a write");
+        });
+        let good = writer.write(|txn| {
+            txn.open_table(T)?.insert(1, 1)?;
+            Ok(())
+        });
+        let (bad, good) = tokio::join!(bad, good);
+        assert!(bad.is_err());
+        good.unwrap();
+        assert!(probe.is_running());
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(T).unwrap();
+        assert_eq!(t.len().unwrap(), 1);
+        assert!(
+            t.get(9).unwrap().is_none(),
+            "the panicking write left nothing"
+        );
+        drop(writer);
+        assert!(!probe.is_running(), "no writer left");
     }
 
     #[tokio::test]
