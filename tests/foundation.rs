@@ -737,7 +737,8 @@ fn drain_pushes(session: tutti::transport::Session) -> tokio::task::JoinHandle<(
 async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
     use tokio::io::AsyncWriteExt;
     const BOUND: Duration = Duration::from_millis(1500);
-    let s = TestServer::start_with(|c| c.timeouts.slow_consumer = Duration::from_secs(4)).await;
+    // Long enough that Ann is still stuck while Bob sends.
+    let s = TestServer::start_with(|c| c.timeouts.slow_consumer = Duration::from_secs(20)).await;
     let bob = s.connect(t, "bob").await;
     doc_request(
         &bob,
@@ -757,9 +758,10 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
     let mut sent = 0u64;
     let mut received = 0u64;
     let mut id = 0u64;
-    // The stream window (1.25 MB by quinn's default) holds about 310 answers: until
-    // that many went through, the server must still be reading, so wait patiently.
-    const WINDOW_FULL: u64 = 320;
+    // Ann's stream window takes a few hundred answers, the server's control queue
+    // some more; then the server stops reading her requests. Only a long silence
+    // means that (a loaded machine can take seconds for a batch).
+    const SILENCE: Duration = Duration::from_secs(5);
     'batches: for _ in 0..20 {
         let mut buf = bytes::BytesMut::new();
         for _ in 0..64 {
@@ -780,21 +782,16 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
             break;
         }
         sent += 64;
-        let patience = if received < WINDOW_FULL {
-            Duration::from_secs(10)
-        } else {
-            Duration::from_secs(1)
-        };
         while received < sent {
-            match tokio::time::timeout(patience, next_message(&bob)).await {
+            match tokio::time::timeout(SILENCE, next_message(&bob)).await {
                 Ok(_) => received += 1,
                 Err(_) => break 'batches,
             }
         }
     }
     assert!(
-        received >= WINDOW_FULL,
-        "{received} answers cannot fill the window"
+        received >= 64 && received < 20 * 64,
+        "the server took {received} of Ann's messages"
     );
 
     // Bob's sends in the same room go through while Ann's session is stuck.
@@ -825,7 +822,7 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
         assert!(matches!(history, Ok(Ok(_))), "history {i}: {history:?}");
     }
     // Ann is closed as a slow consumer within the configured bound.
-    let closed = tokio::time::timeout(Duration::from_secs(15), ann.closed())
+    let closed = tokio::time::timeout(Duration::from_secs(30), ann.closed())
         .await
         .expect("the stuck session is closed");
     assert_eq!(
