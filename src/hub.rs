@@ -145,10 +145,7 @@ impl Hub {
             return 0;
         }
         let frame = crate::protocol::encoded_frame(push);
-        let reached = subs
-            .iter()
-            .filter(|s| s.push_frame(kind, frame.clone()).is_ok())
-            .count();
+        let reached = push_to(&subs, kind, &frame);
         self.broker.publish(topic, kind, &frame);
         reached
     }
@@ -156,10 +153,7 @@ impl Hub {
     /// Pushes an encoded frame to this node's sessions of `topic` only: what the
     /// broker calls with another node's publication. Returns how many were reached.
     pub fn deliver(&self, topic: &str, kind: StreamKind, frame: &Bytes) -> usize {
-        let subs = self.subscribers(topic);
-        subs.iter()
-            .filter(|s| s.push_frame(kind, frame.clone()).is_ok())
-            .count()
+        push_to(&self.subscribers(topic), kind, frame)
     }
 
     /// Sends a datagram to every session of `topic` but `except`, here and on the
@@ -178,6 +172,13 @@ impl Hub {
             }
         }
     }
+}
+
+/// Queues one shared frame on each of `subs`; returns how many took it.
+fn push_to(subs: &[Arc<dyn Subscriber>], kind: StreamKind, frame: &Bytes) -> usize {
+    subs.iter()
+        .filter(|s| s.push_frame(kind, frame.clone()).is_ok())
+        .count()
 }
 
 #[cfg(test)]
