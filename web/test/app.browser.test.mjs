@@ -5,10 +5,8 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { RESULTS, launchBrowser, missing, startServer, stopServer, suiteOrSkip } from "../tools/e2e.mjs";
+import { RESULTS, appHarness, missing, suiteOrSkip } from "../tools/e2e.mjs";
 
 /** A message sent in one browser must show in the other's open room within this. */
 const DELIVERY_BUDGET_MS = 2_000;
@@ -17,42 +15,16 @@ const WAIT_MS = 15_000;
 suiteOrSkip("app end-to-end", missing(["index.html", "app.js", "app.css"]), suite);
 
 function suite() {
-  const root = mkdtempSync(join(tmpdir(), "tutti-app-e2e-"));
-  const dirs = { data: join(root, "data"), certs: join(root, "certs"), browser: join(root, "browser") };
   const apiKey = randomBytes(24).toString("hex");
-  let server;
-  let urls;
-  let browser;
-  const opened = [];
-
-  before(async () => {
-    for (const d of Object.values(dirs)) mkdirSync(d, { recursive: true });
-    mkdirSync(RESULTS, { recursive: true });
-    server = startServer(dirs, { TUTTI_API_KEY: apiKey });
-    urls = await server.ready;
-    browser = await launchBrowser(dirs.browser);
-  });
-
-  after(async () => {
-    for (const c of opened) await c.close().catch(() => {});
-    await browser?.close().catch(() => {});
-    await stopServer(server?.child);
-    rmSync(root, { recursive: true, force: true });
-  });
+  const h = appHarness("tutti-app-e2e-", { TUTTI_API_KEY: apiKey });
+  before(h.start);
+  after(h.stop);
 
   /** A new browser context signed in as `user` through the form; resolves when connected. */
   async function signIn(user, options = {}) {
-    const context = await browser.newContext(options);
-    opened.push(context);
-    const page = await context.newPage();
-    const logs = [];
-    page.on("console", (m) => logs.push(`[${m.type()}] ${m.text()}`));
-    page.on("pageerror", (e) => logs.push(`[pageerror] ${e.message}`));
-    await page.goto(urls.page);
-    await page.fill("#signin-name", user);
-    await page.click("#signin-submit");
-    await waitFor(page, logs, () => document.querySelector("#conn")?.dataset.state === "connected", null, `${user} connected`);
-    return { page, context, logs, user };
+    const s = await h.openSignedIn(user, options);
+    await waitFor(s.page, s.logs, () => document.querySelector("#conn")?.dataset.state === "connected", null, `${user} connected`);
+    return s;
   }
 
   /** Waits for `fn(arg)` in the page; on timeout fails with what the page shows. */
@@ -63,7 +35,7 @@ function suite() {
       const conn = await page.textContent("#conn").catch(() => "?");
       const err = await page.textContent("#app-error").catch(() => "?");
       assert.fail(`${what}: not within ${timeout} ms (conn: ${conn}; error: ${err})\nconsole:\n${logs.join("\n")}\n` +
-        `server output:\n${server.output().slice(-3000)}`);
+        `server output:\n${h.server.output().slice(-3000)}`);
     }
   }
 
@@ -175,7 +147,7 @@ function suite() {
     await waitFor(tab2, tab2Logs, () => document.querySelector("#conn")?.dataset.state === "connected", null, "second tab");
 
     const notify = async (title) => {
-      const res = await fetch(new URL("/api/v1/notifications", urls.page), {
+      const res = await fetch(new URL("/api/v1/notifications", h.urls.page), {
         method: "POST",
         headers: { authorization: `Bearer ${apiKey}`, "content-type": "application/json" },
         body: JSON.stringify({ user_id: "dave", kind: "mention", title, body: "in #ops" }),

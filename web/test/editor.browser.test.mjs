@@ -8,10 +8,8 @@
 // browser tests (tools/e2e.mjs).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { RESULTS, launchBrowser, missing, startServer, stopServer, suiteOrSkip } from "../tools/e2e.mjs";
+import { RESULTS, appHarness, missing, suiteOrSkip } from "../tools/e2e.mjs";
 
 const WAIT_MS = 20_000;
 
@@ -30,36 +28,12 @@ function isSubsequence(sub, text) {
 }
 
 function suite() {
-  const root = mkdtempSync(join(tmpdir(), "tutti-editor-e2e-"));
-  const dirs = { data: join(root, "data"), certs: join(root, "certs"), browser: join(root, "browser") };
-  let server;
-  let urls;
-  let browser;
-
-  before(async () => {
-    for (const d of Object.values(dirs)) mkdirSync(d, { recursive: true });
-    mkdirSync(RESULTS, { recursive: true });
-    server = startServer(dirs);
-    urls = await server.ready;
-    browser = await launchBrowser(dirs.browser);
-  });
-
-  after(async () => {
-    await browser?.close().catch(() => {});
-    await stopServer(server?.child);
-    rmSync(root, { recursive: true, force: true });
-  });
+  const h = appHarness("tutti-editor-e2e-");
+  before(h.start);
+  after(h.stop);
 
   async function signIn(user) {
-    const context = await browser.newContext();
-    const page = await context.newPage();
-    const logs = [];
-    page.on("console", (m) => logs.push(`[${m.type()}] ${m.text()}`));
-    page.on("pageerror", (e) => logs.push(`[pageerror] ${e.message}`));
-    await page.goto(urls.page);
-    await page.fill("#signin-name", user);
-    await page.click("#signin-submit");
-    const s = { page, context, logs, user };
+    const s = await h.openSignedIn(user);
     await waitFor(s, () => document.querySelector("#conn")?.dataset.state === "connected", null, "connected");
     return s;
   }
@@ -71,7 +45,7 @@ function suite() {
       const status = await s.page.textContent("#doc-status").catch(() => "?");
       const err = await s.page.textContent("#app-error").catch(() => "?");
       assert.fail(`${s.user}: ${what}: not within ${timeout} ms (doc status: ${status}; error: ${err})\n` +
-        `console:\n${s.logs.join("\n")}\nserver output:\n${server.output().slice(-3000)}`);
+        `console:\n${s.logs.join("\n")}\nserver output:\n${h.server.output().slice(-3000)}`);
     }
   }
 

@@ -6,46 +6,20 @@
 // edits made offline included. Same prerequisites as the other browser tests.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { RESULTS, launchBrowser, missing, startServer, stopServer, suiteOrSkip } from "../tools/e2e.mjs";
+import { RESULTS, appHarness, missing, startServer, stopServer, suiteOrSkip } from "../tools/e2e.mjs";
 
 const WAIT_MS = 40_000;
 
 suiteOrSkip("resilience end-to-end", missing(["index.html", "app.js"]), suite);
 
 function suite() {
-  const root = mkdtempSync(join(tmpdir(), "tutti-resilience-e2e-"));
-  const dirs = { data: join(root, "data"), certs: join(root, "certs"), browser: join(root, "browser") };
-  let server;
-  let urls;
-  let browser;
-
-  before(async () => {
-    for (const d of Object.values(dirs)) mkdirSync(d, { recursive: true });
-    mkdirSync(RESULTS, { recursive: true });
-    server = startServer(dirs);
-    urls = await server.ready;
-    browser = await launchBrowser(dirs.browser);
-  });
-
-  after(async () => {
-    await browser?.close().catch(() => {});
-    await stopServer(server?.child);
-    rmSync(root, { recursive: true, force: true });
-  });
+  const h = appHarness("tutti-resilience-e2e-");
+  before(h.start);
+  after(h.stop);
 
   async function signIn(user) {
-    const context = await browser.newContext();
-    const page = await context.newPage();
-    const logs = [];
-    page.on("console", (m) => logs.push(`[${m.type()}] ${m.text()}`));
-    page.on("pageerror", (e) => logs.push(`[pageerror] ${e.message}`));
-    await page.goto(urls.page);
-    await page.fill("#signin-name", user);
-    await page.click("#signin-submit");
-    const s = { page, context, logs, user };
+    const s = await h.openSignedIn(user);
     await waitFor(s, () => document.querySelector("#conn")?.dataset.state === "connected", null, "connected");
     return s;
   }
@@ -56,7 +30,7 @@ function suite() {
     } catch {
       const conn = await s.page.textContent("#conn").catch(() => "?");
       assert.fail(`${s.user}: ${what}: not within ${timeout} ms (conn: ${conn})\nconsole:\n${s.logs.join("\n")}\n` +
-        `server output:\n${server.output().slice(-3000)}`);
+        `server output:\n${h.server.output().slice(-3000)}`);
     }
   }
 
@@ -115,12 +89,12 @@ function suite() {
     // Cut alice off: her reconnects cannot even learn where to go.
     await alice.page.route("**/api/info", (route) => route.abort());
     await alice.page.route("**/cert-hash", (route) => route.abort());
-    const wtPort = new URL(urls.webtransport).port;
-    const httpPort = new URL(urls.page).port;
+    const wtPort = new URL(h.urls.webtransport).port;
+    const httpPort = new URL(h.urls.page).port;
     const t0 = Date.now();
-    await stopServer(server.child);
-    server = startServer(dirs, {}, { listen: `127.0.0.1:${wtPort}`, http: `127.0.0.1:${httpPort}` });
-    await server.ready;
+    await stopServer(h.server.child);
+    h.server = startServer(h.dirs, {}, { listen: `127.0.0.1:${wtPort}`, http: `127.0.0.1:${httpPort}` });
+    await h.server.ready;
     await waitFor(alice, () => document.querySelector("#conn")?.dataset.state === "reconnecting", null, "alice reconnecting");
     await waitFor(bob, () => document.querySelector("#conn")?.dataset.state === "connected" && window.tuttiApp.tutti.reconnects >= 1, null, "bob reconnected");
     console.log(`server restarted; bob reconnected ${Date.now() - t0} ms after the stop`);

@@ -8,7 +8,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFile } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { WEB_DIR } from "./import-ts.mjs";
 
@@ -111,6 +112,51 @@ export async function launchBrowser(dir) {
     // Chromium writes to ~/.config and ~/.cache even with its own profile.
     env: cleanEnv({ XDG_CONFIG_HOME: dir, XDG_CACHE_HOME: dir, TMPDIR: dir }),
   });
+}
+
+/**
+ * One server and one browser for an app test file, in temporary folders under
+ * `prefix`: `start` (for `before`) and `stop` (for `after`), `server`, `urls` and
+ * `browser` once started, and `openSignedIn(user, contextOptions)`, a new browser
+ * context on the app signed in by name through the form (not yet waited for), with
+ * its console kept in `logs`. A test may replace `server` (a restart on `dirs`).
+ */
+export function appHarness(prefix, env = {}) {
+  const root = mkdtempSync(join(tmpdir(), prefix));
+  const dirs = { data: join(root, "data"), certs: join(root, "certs"), browser: join(root, "browser") };
+  const contexts = [];
+  const h = {
+    dirs,
+    server: null,
+    urls: null,
+    browser: null,
+    async start() {
+      for (const d of Object.values(dirs)) mkdirSync(d, { recursive: true });
+      mkdirSync(RESULTS, { recursive: true });
+      h.server = startServer(dirs, env);
+      h.urls = await h.server.ready;
+      h.browser = await launchBrowser(dirs.browser);
+    },
+    async stop() {
+      for (const c of contexts) await c.close().catch(() => {});
+      await h.browser?.close().catch(() => {});
+      await stopServer(h.server?.child);
+      rmSync(root, { recursive: true, force: true });
+    },
+    async openSignedIn(user, contextOptions = {}) {
+      const context = await h.browser.newContext(contextOptions);
+      contexts.push(context);
+      const page = await context.newPage();
+      const logs = [];
+      page.on("console", (m) => logs.push(`[${m.type()}] ${m.text()}`));
+      page.on("pageerror", (e) => logs.push(`[pageerror] ${e.message}`));
+      await page.goto(h.urls.page);
+      await page.fill("#signin-name", user);
+      await page.click("#signin-submit");
+      return { page, context, logs, user };
+    },
+  };
+  return h;
 }
 
 /** Runs the tutti binary with `args`; resolves with { stdout, stderr }, rejects with both on failure. */
