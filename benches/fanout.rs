@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
 async fn end_to_end(rounds: usize, members: usize, messages: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut config = tutti::Config {
+        dev: true,
         listen: "127.0.0.1:0".parse()?,
         http: "127.0.0.1:0".parse()?,
         data_dir: dir.path().join("data"),

@@ -14,6 +14,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Development mode (`--dev`, `TUTTI_DEV`): without a configured secret one is
+    /// generated in the data directory, and `POST /api/dev/token` mints role-less
+    /// tokens for any name. Refused unless every listen address is loopback.
+    pub dev: bool,
     /// The UDP address serving WebTransport and raw QUIC.
     pub listen: SocketAddr,
     /// The TCP address of the HTTP side port (health, metrics, server API, web page).
@@ -59,6 +63,7 @@ pub struct ApiConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            dev: false,
             listen: "127.0.0.1:4433".parse().expect("valid literal"),
             http: "127.0.0.1:8080".parse().expect("valid literal"),
             data_dir: PathBuf::from("data"),
@@ -82,12 +87,47 @@ impl Default for Config {
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// The HS256 secret. Without it the server runs in development mode: a secret is
-    /// generated in the data directory and `POST /api/dev/token` mints tokens.
+    /// The HS256 secret of tokens without a key id (`kid`). Without it and without
+    /// `keys` the server starts only in development mode (`dev`).
     pub jwt_secret: Option<String>,
-    /// Clock skew tolerated on `exp`.
+    /// HS256 secrets by key id: a token whose header names a `kid` is checked with
+    /// that key only, and an unknown `kid` is refused. During a rotation both the
+    /// old and the new key are listed. The first key signs what this server mints
+    /// (`tutti token`).
+    pub keys: Vec<KeyConfig>,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`. When unset, tokens that carry an
+    /// `aud` are refused (they are meant for another service).
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat` (at most 5 minutes).
     #[serde(with = "duration_str")]
     pub leeway: Duration,
+    /// The longest token lifetime accepted: `exp - iat`, and `exp` ahead of now.
+    #[serde(with = "duration_str")]
+    pub max_lifetime: Duration,
+}
+
+/// The longest `auth.leeway` accepted.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
+/// One token key of a rotation (`[[auth.keys]]`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The key id tokens name in their header.
+    pub kid: String,
+    /// The HS256 secret, at least 32 bytes.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyConfig")
+            .field("kid", &self.kid)
+            .field("secret", &format_args!("<redacted>"))
+            .finish()
+    }
 }
 
 /// Shows whether a secret is set, never the secret (configurations are logged).
@@ -113,7 +153,11 @@ impl std::fmt::Debug for AuthConfig {
                 "jwt_secret",
                 &format_args!("{}", redacted(&self.jwt_secret)),
             )
+            .field("keys", &self.keys)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
             .field("leeway", &self.leeway)
+            .field("max_lifetime", &self.max_lifetime)
             .finish()
     }
 }
@@ -122,7 +166,11 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             jwt_secret: None,
-            leeway: Duration::from_secs(5),
+            keys: Vec::new(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+            max_lifetime: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -130,6 +178,8 @@ impl Default for AuthConfig {
 /// Values that override the file: from the environment or from flags.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// `--dev` / `TUTTI_DEV`: sets development mode when true.
+    pub dev: bool,
     /// `--listen` / `TUTTI_LISTEN`.
     pub listen: Option<SocketAddr>,
     /// `--http` / `TUTTI_HTTP`.
@@ -205,6 +255,9 @@ impl Config {
 
     /// Applies overrides over the current values.
     pub fn apply(&mut self, o: Overrides) {
+        if o.dev {
+            self.dev = true;
+        }
         if let Some(v) = o.listen {
             self.listen = v;
         }
@@ -237,6 +290,26 @@ impl Config {
         }
     }
 
+    /// Development mode is refused unless every listen address (QUIC and
+    /// WebTransport, HTTP) is loopback: its tokens are minted for any name by an
+    /// unauthenticated endpoint, so only this machine may reach the node.
+    pub fn check_dev_mode(&self) -> Result<(), ConfigError> {
+        if !self.dev {
+            return Ok(());
+        }
+        for (name, addr) in [
+            ("listen (QUIC and WebTransport)", self.listen),
+            ("http", self.http),
+        ] {
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "development mode (--dev) needs loopback addresses: {name} is {addr}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks values that would make the server misbehave.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
@@ -264,14 +337,27 @@ impl Config {
         {
             return bad("auth.jwt_secret must be at least 32 bytes");
         }
-        if let Some(key) = &self.api.key
-            && key.len() < 32
+        let mut kids = std::collections::HashSet::new();
+        for key in &self.auth.keys {
+            if key.kid.is_empty() || key.kid.len() > 64 {
+                return bad("auth.keys: a kid is 1 to 64 characters");
+            }
+            if !kids.insert(key.kid.as_str()) {
+                return bad("auth.keys: each kid once");
+            }
+            if key.secret.len() < 32 {
+                return bad("auth.keys: each secret must be at least 32 bytes");
+            }
+        }
+        if self.auth.leeway > MAX_LEEWAY {
+            return bad("auth.leeway must be at most 5 minutes");
+        }
+        if self.auth.max_lifetime < Duration::from_secs(60)
+            || self.auth.max_lifetime > Duration::from_secs(366 * 24 * 3600)
         {
-            return bad("api.key must be at least 32 bytes");
+            return bad("auth.max_lifetime must be between 1 minute and 366 days");
         }
-        if self.timeouts.heartbeat >= self.timeouts.idle {
-            return bad("timeouts.heartbeat must be shorter than timeouts.idle");
-        }
+        self.check_dev_mode()?;
         // Each service checks its own section.
         let services = [
             self.chat.validate(),
@@ -360,5 +446,54 @@ mod tests {
         let mut c = Config::default();
         c.auth.jwt_secret = Some("short".into());
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn development_mode_needs_loopback_addresses() {
+        let mut c = Config {
+            dev: true,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.listen = "[::1]:0".parse().unwrap();
+        c.validate().unwrap();
+        c.http = "0.0.0.0:8080".parse().unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("http is 0.0.0.0:8080"), "{err}");
+        c.http = "127.0.0.1:8080".parse().unwrap();
+        c.listen = "192.0.2.1:4433".parse().unwrap();
+        assert!(c.validate().is_err());
+        c.dev = false;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn token_settings_are_bounded() {
+        let key = |kid: &str, secret: &str| KeyConfig {
+            kid: kid.into(),
+            secret: secret.into(),
+        };
+        let long = "s".repeat(32);
+        let check = |tweak: &dyn Fn(&mut AuthConfig)| {
+            let mut c = Config::default();
+            tweak(&mut c.auth);
+            c.validate()
+        };
+        check(&|a| a.keys = vec![key("a", &long), key("b", &long)]).unwrap();
+        assert!(check(&|a| a.keys = vec![key("a", &long), key("a", &long)]).is_err());
+        assert!(check(&|a| a.keys = vec![key("", &long)]).is_err());
+        assert!(check(&|a| a.keys = vec![key("a", "short")]).is_err());
+        assert!(check(&|a| a.leeway = Duration::from_secs(301)).is_err());
+        assert!(check(&|a| a.max_lifetime = Duration::ZERO).is_err());
+        let parsed = Config::from_toml(
+            "[auth]\nissuer = \"https://id.example\"\nleeway = \"10s\"\nmax_lifetime = \"2h\"\n[[auth.keys]]\nkid = \"2026-12\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        parsed.validate().unwrap();
+        assert_eq!(parsed.auth.keys[0].kid, "2026-12");
+        assert_eq!(parsed.auth.max_lifetime, Duration::from_secs(7200));
+        let shown = format!("{parsed:?}");
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
     }
 }

@@ -26,7 +26,7 @@ const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// What the HTTP handlers read.
 #[derive(Debug, Clone)]
 pub struct HttpState {
-    /// Token minting (development mode only).
+    /// Token minting (development mode only: `Auth::is_development`).
     pub auth: Auth,
     /// The certificate whose pin is published.
     pub certs: Arc<CertStore>,
@@ -152,7 +152,8 @@ async fn info(State(s): State<HttpState>) -> Json<Info> {
 #[derive(Debug, Deserialize)]
 struct DevTokenRequest {
     user: String,
-    /// Roles to grant (`metrics` for the dashboard).
+    /// Refused when not empty: anyone who reaches the endpoint could otherwise
+    /// grant themselves `metrics`. Role tokens come from `tutti token --role`.
     #[serde(default)]
     roles: Vec<String>,
 }
@@ -162,10 +163,32 @@ struct DevTokenResponse {
     token: String,
 }
 
+/// `POST /api/dev/token {"user": NAME}`: a token without roles. A request for
+/// roles is refused with 403 `PERMISSION_DENIED`; a bad name with 400 `BAD_REQUEST`.
 async fn dev_token(State(s): State<HttpState>, Json(req): Json<DevTokenRequest>) -> Response {
-    match s.auth.mint(req.user.trim(), DEV_TOKEN_TTL, &req.roles) {
+    use crate::protocol::ErrorCode;
+    let refuse = |status: StatusCode, code: ErrorCode, message: String| {
+        (
+            status,
+            Json(crate::api::ApiError {
+                code: code as u32,
+                name: code.name().into(),
+                message,
+            }),
+        )
+            .into_response()
+    };
+    if !req.roles.is_empty() {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            ErrorCode::PermissionDenied,
+            "development tokens carry no roles: mint one with `tutti token --role ROLE`".into(),
+        );
+    }
+    let ttl = DEV_TOKEN_TTL.min(s.auth.policy().max_lifetime);
+    match s.auth.mint(req.user.trim(), ttl, &[]) {
         Ok(token) => Json(DevTokenResponse { token }).into_response(),
-        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Err(e) => refuse(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()),
     }
 }
 

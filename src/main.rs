@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Run a node (embedded storage, development certificates unless configured).
     Serve(ServeArgs),
-    /// Mint a token signed with this server's secret.
+    /// Mint a token signed with this server's secret (the first of auth.keys, else
+    /// auth.jwt_secret; with --dev and neither, the development secret).
     Token(TokenArgs),
     /// Print the SHA-256 pin of the current certificate.
     Cert(CommonArgs),
@@ -78,6 +79,10 @@ struct CommonArgs {
     /// The PEM private key of --cert.
     #[arg(long, env = "TUTTI_KEY", requires = "cert")]
     key: Option<PathBuf>,
+    /// Development mode: without a configured secret, use (or create) the one in the
+    /// data directory; `serve` also offers POST /api/dev/token. Loopback addresses only.
+    #[arg(long, env = "TUTTI_DEV")]
+    dev: bool,
 }
 
 #[derive(Args)]
@@ -105,7 +110,7 @@ struct TokenArgs {
     /// The user id (the token's `sub`).
     #[arg(long)]
     user: String,
-    /// How long the token is valid, e.g. 1h, 30m, 7days.
+    /// How long the token is valid, e.g. 1h, 30m (at most auth.max_lifetime).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     ttl: Duration,
     /// A role to grant, e.g. metrics (repeatable).
@@ -118,6 +123,7 @@ fn load(common: &CommonArgs, mut overrides: Overrides) -> anyhow::Result<Config>
     overrides.cert_dir = common.cert_dir.clone();
     overrides.cert = common.cert.clone();
     overrides.key = common.key.clone();
+    overrides.dev = common.dev;
     // Secrets come from the file or the environment, never from a flag (flags show in `ps`).
     overrides.jwt_secret = std::env::var("TUTTI_JWT_SECRET").ok();
     overrides.api_key = std::env::var("TUTTI_API_KEY").ok();
@@ -148,12 +154,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Token(args) => {
             let config = load(&args.common, Overrides::default())?;
-            let auth = tutti::auth::Auth::from_config(
-                config.auth.jwt_secret.as_deref(),
-                &config.data_dir,
-                config.auth.leeway,
-            )
-            .context("loading the token secret")?;
+            let auth = tutti::auth::Auth::from_config(&config.auth, config.dev, &config.data_dir)
+                .context("loading the token secret")?;
+            anyhow::ensure!(
+                args.ttl <= config.auth.max_lifetime,
+                "--ttl {} is over auth.max_lifetime ({}): the server would refuse the token",
+                humantime::format_duration(args.ttl),
+                humantime::format_duration(config.auth.max_lifetime)
+            );
             println!("{}", auth.mint(&args.user, args.ttl, &args.roles)?);
             Ok(())
         }

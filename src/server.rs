@@ -61,18 +61,20 @@ pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<Ru
     // code that builds a rustls config without naming one finds it.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
+    config.check_dev_mode()?;
     let store = Store::open(&config.data_dir)
         .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
     let node_id = config
         .node_id
         .clone()
         .unwrap_or_else(|| store.node_id().to_owned());
-    let auth = Auth::from_config(
-        config.auth.jwt_secret.as_deref(),
-        &config.data_dir,
-        config.auth.leeway,
-    )
-    .context("loading the token secret")?;
+    let auth = Auth::from_config(&config.auth, config.dev, &config.data_dir)
+        .context("loading the token secret")?;
+    if auth.is_development() {
+        tracing::warn!(
+            "development mode: POST /api/dev/token mints tokens for any name; never expose this node"
+        );
+    }
     let certs = Arc::new(CertStore::from_config(&config.tls).context("loading certificates")?);
     let metrics = Arc::new(Metrics::default());
 

@@ -534,6 +534,23 @@ impl Client {
         }
     }
 
+    /// Replaces the session's token with `token` (same user and roles, later
+    /// expiry) so the session outlives the current one; returns the new expiry in
+    /// milliseconds since the Unix epoch. Without a refresh the server closes the
+    /// session with `TOKEN_EXPIRED` at `Welcome.token_expires_at_ms`. A refused
+    /// token comes back as [`ClientError::Server`] and changes nothing.
+    pub async fn refresh_token(&self, token: impl Into<String>) -> Result<u64, ClientError> {
+        match self
+            .request(request::Body::AuthRefresh(v1::AuthRefreshRequest {
+                token: token.into(),
+            }))
+            .await?
+        {
+            response::Body::AuthRefresh(r) => Ok(r.token_expires_at_ms),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
     /// Tracks analytics events for this session's user; returns the occurrences
     /// the server counted. Server errors (`RATE_LIMITED`, `LIMIT_EXCEEDED`, ...)
     /// come back as [`ClientError::Server`].

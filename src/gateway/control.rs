@@ -9,7 +9,9 @@
 //! prefix ends the session (the stream cannot be resynchronised).
 
 use std::collections::HashSet;
+use std::time::Duration;
 
+use crate::auth::{AuthError, Claims};
 use crate::protocol::v1::{self, ClientFrame, ServerFrame, client_frame, response, server_frame};
 use crate::protocol::{CloseCode, ErrorCode, FrameDecoder, FrameError, PROTOCOL_VERSION};
 
@@ -161,6 +163,69 @@ impl Control {
     }
 }
 
+/// The token a session runs on: when it expires, and whether a new one may
+/// replace it. The gateway's loop sleeps until [`remaining`](Self::remaining) is
+/// zero, then closes the session with `TOKEN_EXPIRED`.
+#[derive(Debug, Clone)]
+pub struct SessionToken {
+    claims: Claims,
+}
+
+impl SessionToken {
+    /// The token accepted in the session's `Hello`.
+    pub fn new(claims: Claims) -> Self {
+        Self { claims }
+    }
+
+    /// The current token's claims.
+    pub fn claims(&self) -> &Claims {
+        &self.claims
+    }
+
+    /// When the current token expires, in milliseconds since the Unix epoch.
+    pub fn expires_at_ms(&self) -> u64 {
+        self.claims.exp.saturating_mul(1000)
+    }
+
+    /// How long the session may still run at `now_ms` (zero once expired).
+    pub fn remaining(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(self.expires_at_ms().saturating_sub(now_ms))
+    }
+
+    /// Replaces the token with `offered` (as verified) if it names the same user
+    /// with the same roles and expires later; returns the new expiry in
+    /// milliseconds. A refusal leaves the current token in force.
+    pub fn refresh(&mut self, offered: Result<Claims, AuthError>) -> Result<u64, v1::Error> {
+        let new = match offered {
+            Ok(c) => c,
+            Err(AuthError::Missing) => {
+                return Err(v1::Error::new(ErrorCode::BadRequest, "no token"));
+            }
+            Err(e) => return Err(v1::Error::new(ErrorCode::PermissionDenied, e.to_string())),
+        };
+        if new.sub != self.claims.sub {
+            return Err(v1::Error::new(
+                ErrorCode::PermissionDenied,
+                "the new token is for another user",
+            ));
+        }
+        if new.roles != self.claims.roles {
+            return Err(v1::Error::new(
+                ErrorCode::PermissionDenied,
+                "the new token has other roles: reconnect with it",
+            ));
+        }
+        if new.exp <= self.claims.exp {
+            return Err(v1::Error::new(
+                ErrorCode::BadRequest,
+                "the new token does not expire later than the current one",
+            ));
+        }
+        self.claims = new;
+        Ok(self.expires_at_ms())
+    }
+}
+
 /// A server frame of `kind`.
 pub fn frame(kind: server_frame::Kind) -> ServerFrame {
     ServerFrame { kind: Some(kind) }
@@ -225,6 +290,41 @@ mod tests {
 
     fn drain(c: &mut Control) -> Vec<Action> {
         std::iter::from_fn(|| c.poll_action(7)).collect()
+    }
+
+    #[test]
+    fn a_refresh_needs_the_same_user_and_roles_and_a_later_expiry() {
+        let claims = |sub: &str, exp: u64, roles: &[&str]| Claims {
+            sub: sub.into(),
+            exp,
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            ..Claims::default()
+        };
+        let mut t = SessionToken::new(claims("ann", 100, &["metrics"]));
+        assert_eq!(t.expires_at_ms(), 100_000);
+        assert_eq!(t.remaining(40_000), Duration::from_secs(60));
+        assert_eq!(t.remaining(200_000), Duration::ZERO);
+        let refused = |t: &mut SessionToken, offered| t.refresh(offered).unwrap_err().error_code();
+        assert_eq!(
+            refused(&mut t, Ok(claims("bob", 200, &["metrics"]))),
+            Some(ErrorCode::PermissionDenied)
+        );
+        assert_eq!(
+            refused(&mut t, Ok(claims("ann", 200, &[]))),
+            Some(ErrorCode::PermissionDenied)
+        );
+        assert_eq!(
+            refused(&mut t, Ok(claims("ann", 100, &["metrics"]))),
+            Some(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            refused(&mut t, Err(AuthError::Invalid("forged".into()))),
+            Some(ErrorCode::PermissionDenied)
+        );
+        assert_eq!(refused(&mut t, Err(AuthError::Missing)), Some(ErrorCode::BadRequest));
+        assert_eq!(t.expires_at_ms(), 100_000, "refusals change nothing");
+        assert_eq!(t.refresh(Ok(claims("ann", 160, &["metrics"]))), Ok(160_000));
+        assert_eq!(t.remaining(100_000), Duration::from_secs(60));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::{LimitsConfig, TimeoutsConfig};
-pub use control::{Action, Control, HelloOutcome};
+pub use control::{Action, Control, HelloOutcome, SessionToken};
 pub use push::{PushQueues, SlowConsumer};
 
 use control::{error_code, error_response, frame};
@@ -197,6 +197,7 @@ impl Gateway {
             idle_timeout_ms: self.config.timeouts.idle.as_millis() as u32,
             server_time_ms: unix_millis(),
             protocol_version: PROTOCOL_VERSION,
+            token_expires_at_ms: claims.exp.saturating_mul(1000),
         };
         let (control_tx, control_rx) = mpsc::channel(self.config.limits.control_queue_frames);
         let stalled = CancellationToken::new();
@@ -217,6 +218,7 @@ impl Gateway {
             .session_opened(kind, accepted.started.elapsed());
         tracing::debug!(user = %claims.sub, session_id, "session open");
 
+        let mut token = SessionToken::new(claims.clone());
         let conn = Arc::new(Connection {
             session: session.clone(),
             session_id,
@@ -259,6 +261,7 @@ impl Gateway {
                 &ctx,
                 recv,
                 &mut control,
+                &mut token,
                 &replies_tx,
                 &mut replies,
                 &control_tx,
@@ -324,16 +327,36 @@ impl Gateway {
         ctx: &SessionCtx,
         mut recv: RecvStream,
         control: &mut Control,
+        token: &mut SessionToken,
         replies_tx: &mpsc::Sender<(u64, ServerFrame)>,
         replies: &mut mpsc::Receiver<(u64, ServerFrame)>,
         out: &mpsc::Sender<Box<ServerFrame>>,
     ) -> End {
         let mut buf = vec![0u8; READ_CHUNK];
         let mut rtt_sample = tokio::time::interval(RTT_SAMPLE_EVERY);
+        // The session ends when its token does, unless a refresh moves this.
+        // tokio's clock measures the wait, so tests can run it on paused time.
+        let expiry = tokio::time::sleep(token.remaining(unix_millis()));
+        tokio::pin!(expiry);
         loop {
             // Frames already buffered are handled before reading more.
             while let Some(action) = control.poll_action(unix_millis()) {
                 match action {
+                    Action::Dispatch(v1::Request {
+                        id,
+                        body: Some(request::Body::AuthRefresh(refresh)),
+                    }) => {
+                        let reply = self.refresh(id, token, &refresh.token);
+                        let now = unix_millis();
+                        expiry
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + token.remaining(now));
+                        if let Action::Send(reply) = control.completed(id, reply)
+                            && let Err(end) = self.send(out, reply).await
+                        {
+                            return end;
+                        }
+                    }
                     Action::Dispatch(req) => self.dispatch(conn, ctx, req, replies_tx),
                     Action::Send(reply) => {
                         if let Some(code @ (ErrorCode::FrameTooLarge | ErrorCode::FrameMalformed)) =
@@ -356,6 +379,12 @@ impl Gateway {
             tokio::select! {
                 _ = self.stop.cancelled() => {
                     return End::Close(CloseCode::GoingAway, "server shutting down".into());
+                }
+                _ = &mut expiry => {
+                    return End::Close(
+                        CloseCode::TokenExpired,
+                        "token expired: reconnect with a new token".into(),
+                    );
                 }
                 _ = rtt_sample.tick() => {
                     self.metrics.rtt.record(conn.session.rtt());
@@ -407,6 +436,31 @@ impl Gateway {
             )),
             Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(End::Gone),
         }
+    }
+
+    /// Answers an `AuthRefreshRequest`: the session's token is replaced if `offered`
+    /// verifies and may replace it (same user and roles, later expiry).
+    fn refresh(&self, id: u64, token: &mut SessionToken, offered: &str) -> ServerFrame {
+        let started = std::time::Instant::now();
+        let body = match token.refresh(self.auth.verify(offered)) {
+            Ok(expires_at_ms) => {
+                tracing::debug!(expires_at_ms, "token refreshed");
+                response::Body::AuthRefresh(v1::AuthRefreshResponse {
+                    token_expires_at_ms: expires_at_ms,
+                })
+            }
+            Err(e) => {
+                if let Some(code) = e.error_code() {
+                    self.metrics.error(code);
+                }
+                response::Body::Error(e)
+            }
+        };
+        self.metrics.request("auth_refresh", started.elapsed());
+        frame(server_frame::Kind::Response(v1::Response {
+            id,
+            body: Some(body),
+        }))
     }
 
     /// Runs a request as a task of its own, so that once accepted it completes

@@ -319,3 +319,77 @@ async fn drain_tells_sessions_to_go_away() {
     );
     assert_eq!(h.gateway.active(), 0);
 }
+
+// ---- token expiry and in-band refresh ---------------------------------------
+
+/// A client whose token is valid for `ttl` from now.
+async fn client_for(h: &Harness, user: &str, ttl: Duration) -> Client {
+    let mut config = h.config(user);
+    config.token = h.auth.mint(user, ttl, &[]).unwrap();
+    Client::over(h.session(64 * 1024), config).await.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_is_closed_when_its_token_expires() {
+    let h = Harness::new(|_| {});
+    let started = tokio::time::Instant::now();
+    let client = client_for(&h, "ann", Duration::from_secs(60)).await;
+    let expires = client.welcome().token_expires_at_ms;
+    let now = crate::util::unix_millis();
+    assert!(
+        expires > now + 58_000 && expires <= now + 60_000,
+        "{expires} vs {now}"
+    );
+    assert_eq!(
+        client.closed().await.close_code(),
+        Some(CloseCode::TokenExpired)
+    );
+    // `exp` is in whole seconds: the session ran 59 to 60 s of (virtual) time.
+    let ran = started.elapsed();
+    assert!(
+        ran >= Duration::from_secs(58) && ran <= Duration::from_secs(61),
+        "{ran:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refreshed_session_outlives_its_first_token() {
+    let h = Harness::new(|_| {});
+    let started = tokio::time::Instant::now();
+    let client = client_for(&h, "ann", Duration::from_secs(60)).await;
+    let first = client.welcome().token_expires_at_ms;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // Refused: another user's token, an earlier one, garbage. Nothing changes.
+    for (token, code) in [
+        (
+            h.auth.mint("bob", Duration::from_secs(600), &[]).unwrap(),
+            "PERMISSION_DENIED",
+        ),
+        (
+            h.auth.mint("ann", Duration::from_secs(10), &[]).unwrap(),
+            "BAD_REQUEST",
+        ),
+        ("not a token".to_owned(), "PERMISSION_DENIED"),
+    ] {
+        match client.refresh_token(token).await {
+            Err(ClientError::Server(e)) => assert_eq!(e.name, code),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The wall clock does not move on paused time: a 120 s token taken 30 s in
+    // ends the session ~150 s in.
+    let later = h.auth.mint("ann", Duration::from_secs(120), &[]).unwrap();
+    let expires = client.refresh_token(later).await.unwrap();
+    assert!(expires > first, "{expires} <= {first}");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(client.echo(vec![1], false).await.unwrap().as_ref(), [1]);
+    assert_eq!(
+        client.closed().await.close_code(),
+        Some(CloseCode::TokenExpired)
+    );
+    let ran = started.elapsed();
+    assert!(
+        ran >= Duration::from_secs(148) && ran <= Duration::from_secs(151),
+        "{ran:?}"
+    );
+}

@@ -60,6 +60,7 @@ impl v1::request::Body {
         use v1::request::Body as B;
         match self {
             B::Echo(_) => "echo",
+            B::AuthRefresh(_) => "auth_refresh",
             B::RoomCreate(_) => "room_create",
             B::RoomAdd(_) => "room_add",
             B::RoomRemove(_) => "room_remove",

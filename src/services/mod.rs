@@ -345,7 +345,8 @@ impl Services {
             | Rq::AnalyticsDistinctUsers(_)
             | Rq::MetricsSubscribe(_)
             | Rq::MetricsUnsubscribe(_)) => self.analytics.handle(ctx, r).await,
-            Rq::Echo(_) => return None,
+            // Answered by the gateway itself.
+            Rq::Echo(_) | Rq::AuthRefresh(_) => return None,
         })
     }
 

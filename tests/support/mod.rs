@@ -21,9 +21,11 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
 }
 
-/// The configuration tests start from: ephemeral ports, temporary directories.
+/// The configuration tests start from: ephemeral ports, temporary directories,
+/// development mode (the generated secret; tests mint tokens through `auth()`).
 pub fn test_config(dir: &std::path::Path) -> Config {
     let mut c = Config {
+        dev: true,
         listen: "127.0.0.1:0".parse().unwrap(),
         http: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("data"),
