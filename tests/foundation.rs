@@ -72,7 +72,7 @@ async fn expired_token_is_refused(t: TransportKind) {
             sub: "alice".into(),
             exp: unix_now() - 3600,
             iat: unix_now() - 7200,
-            roles: vec![],
+            ..Claims::default()
         })
         .unwrap();
     let err = Client::connect(s.client_config(t, &expired))
@@ -364,12 +364,17 @@ async fn dev_token_endpoint_exists_only_in_development_mode() {
         .verify(token["token"].as_str().unwrap())
         .unwrap();
     assert_eq!(claims.sub, "carol");
+    assert!(claims.roles.is_empty());
     let (status, _) = dev
         .http_post("/api/dev/token", r#"{"user":"bad name"}"#)
         .await;
     assert_eq!(status, 400);
 
-    let prod = TestServer::start_with(|c| c.auth.jwt_secret = Some("p".repeat(40))).await;
+    let prod = TestServer::start_with(|c| {
+        c.dev = false;
+        c.auth.jwt_secret = Some("p".repeat(40));
+    })
+    .await;
     let (status, _) = prod
         .http_post("/api/dev/token", r#"{"user":"carol"}"#)
         .await;
@@ -833,3 +838,277 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
 }
 
 both_transports!(a_session_that_stops_reading_does_not_stall_others);
+
+// ---- authentication hardening: development mode, token checks, expiry ---------
+
+#[tokio::test]
+async fn development_tokens_carry_no_roles() {
+    let dev = TestServer::start().await;
+    let (status, body) = dev
+        .http_post(
+            "/api/dev/token",
+            r#"{"user":"mallory","roles":["metrics"]}"#,
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let refused: tutti::api::ApiError = serde_json::from_str(&body).unwrap();
+    assert_eq!(refused.code, ErrorCode::PermissionDenied as u32);
+    assert!(refused.message.contains("tutti token --role"), "{body}");
+}
+
+#[tokio::test]
+async fn a_server_without_a_secret_starts_only_in_development_mode_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.dev = false;
+    let err = tutti::start(config.clone()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("--dev"), "{err:#}");
+    assert!(!dir.path().join("data/dev-secret").exists());
+    // Development mode with an address other machines reach.
+    config.dev = true;
+    config.http = "0.0.0.0:0".parse().unwrap();
+    let err = tutti::start(config.clone()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("loopback"), "{err:#}");
+    config.http = "127.0.0.1:0".parse().unwrap();
+    config.listen = "0.0.0.0:0".parse().unwrap();
+    assert!(tutti::start(config).await.is_err());
+}
+
+/// Runs the `tutti` binary with `args` and no `TUTTI_*` variables; returns
+/// (success, stdout, stderr). A run that has not ended in 30 s is killed and fails.
+fn tutti_cli(args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tutti"));
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TUTTI_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("tutti {args:?} still runs after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_refuses_to_run_without_a_secret_and_mints_role_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let certs = dir.path().join("certs");
+    let certs = certs.to_str().unwrap();
+    let serve = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+        "--cert-dir",
+        certs,
+    ];
+    let (ok, _, stderr) = tokio::task::block_in_place(|| tutti_cli(&serve));
+    assert!(!ok && stderr.contains("no token secret"), "{stderr}");
+    let (ok, _, stderr) =
+        tokio::task::block_in_place(|| tutti_cli(&["token", "--user", "ops", "--data-dir", data]));
+    assert!(!ok && stderr.contains("--dev"), "{stderr}");
+    let (ok, _, stderr) = tokio::task::block_in_place(|| {
+        tutti_cli(&["serve", "--dev", "--http", "0.0.0.0:0", "--data-dir", data])
+    });
+    assert!(!ok && stderr.contains("loopback"), "{stderr}");
+    // An operator's role token, signed with the development secret, is what a
+    // development server accepts.
+    let (ok, token, stderr) = tokio::task::block_in_place(|| {
+        tutti_cli(&[
+            "token",
+            "--dev",
+            "--user",
+            "ops",
+            "--role",
+            "metrics",
+            "--data-dir",
+            data,
+        ])
+    });
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = tokio::task::block_in_place(|| {
+        tutti_cli(&[
+            "token",
+            "--dev",
+            "--user",
+            "ops",
+            "--ttl",
+            "2days",
+            "--data-dir",
+            data,
+        ])
+    });
+    assert!(!ok && stderr.contains("max_lifetime"), "{stderr}");
+    let mut config = test_config(dir.path());
+    config.data_dir = data.into();
+    let server = tutti::start(config).await.unwrap();
+    let claims = server.auth().verify(token.trim()).unwrap();
+    assert_eq!(
+        (claims.sub.as_str(), &claims.roles[..]),
+        ("ops", &["metrics".to_owned()][..])
+    );
+    server.shutdown().await.unwrap();
+}
+
+const OLD_KEY: &str = "an old key of at least thirty-two bytes!";
+const NEW_KEY: &str = "a new key of at least thirty-two bytes!!";
+
+/// A server in production mode with two keys by kid, an issuer, an audience and
+/// a one-hour maximum lifetime.
+async fn strict_server() -> TestServer {
+    TestServer::start_with(|c| {
+        c.dev = false;
+        c.auth.keys = [("new", NEW_KEY), ("old", OLD_KEY)]
+            .map(|(kid, secret)| tutti::config::KeyConfig {
+                kid: kid.into(),
+                secret: secret.into(),
+            })
+            .to_vec();
+        c.auth.issuer = Some("https://id.example".into());
+        c.auth.audience = Some("tutti".into());
+        c.auth.max_lifetime = Duration::from_secs(3600);
+    })
+    .await
+}
+
+/// An issuer of tokens: keys by kid (or a legacy secret), issuer and audience.
+fn issuer(kid: Option<&str>, secret: &str, iss: &str, aud: &str) -> Auth {
+    let policy = tutti::auth::AuthPolicy {
+        issuer: Some(iss.into()),
+        audience: Some(aud.into()),
+        ..Default::default()
+    };
+    match kid {
+        Some(kid) => Auth::with_keys(
+            None,
+            &[(kid.to_owned(), secret.as_bytes().to_vec())],
+            SecretSource::Configured,
+            policy,
+        ),
+        None => Auth::with_keys(
+            Some(secret.as_bytes()),
+            &[],
+            SecretSource::Configured,
+            policy,
+        ),
+    }
+}
+
+async fn tokens_are_checked_for_key_id_issuer_audience_and_lifetime(t: TransportKind) {
+    let s = strict_server().await;
+    let iss = "https://id.example";
+    let hour = Duration::from_secs(3600);
+    // Both keys of the rotation are accepted.
+    for kid in ["new", "old"] {
+        let secret = if kid == "new" { NEW_KEY } else { OLD_KEY };
+        let token = issuer(Some(kid), secret, iss, "tutti")
+            .mint("alice", hour, &[])
+            .unwrap();
+        let c = Client::connect(s.client_config(t, &token)).await.unwrap();
+        assert_eq!(c.welcome().user_id, "alice");
+    }
+    let now = unix_now();
+    let good = issuer(Some("new"), NEW_KEY, iss, "tutti");
+    let refused = [
+        (
+            "an unknown kid",
+            issuer(Some("gone"), NEW_KEY, iss, "tutti").mint("alice", hour, &[]),
+        ),
+        (
+            "no kid",
+            issuer(None, NEW_KEY, iss, "tutti").mint("alice", hour, &[]),
+        ),
+        (
+            "another audience",
+            issuer(Some("new"), NEW_KEY, iss, "other").mint("alice", hour, &[]),
+        ),
+        (
+            "another issuer",
+            issuer(Some("new"), NEW_KEY, "https://evil.example", "tutti").mint("alice", hour, &[]),
+        ),
+        (
+            "over the maximum lifetime",
+            good.mint("alice", hour * 2, &[]),
+        ),
+        (
+            "not yet valid",
+            good.sign(&Claims {
+                sub: "alice".into(),
+                exp: now + 600,
+                nbf: Some(now + 300),
+                iss: Some(iss.into()),
+                ..Claims::default()
+            }),
+        ),
+    ];
+    for (what, token) in refused {
+        let err = Client::connect(s.client_config(t, &token.unwrap()))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.close_code(),
+            Some(CloseCode::Unauthorized),
+            "{what}: {err:?}"
+        );
+    }
+}
+
+async fn a_session_ends_when_its_token_expires_unless_refreshed(t: TransportKind) {
+    let s = TestServer::start().await;
+    let auth = s.server().auth();
+    let short = auth.mint("alice", Duration::from_secs(2), &[]).unwrap();
+    let c = Client::connect(s.client_config(t, &short)).await.unwrap();
+    let first = c.welcome().token_expires_at_ms;
+    assert!(first > tutti::util::unix_millis(), "{first}");
+    // Another user's token is refused, and changes nothing.
+    let bob = auth.mint("bob", Duration::from_secs(600), &[]).unwrap();
+    match c.refresh_token(bob).await {
+        Err(ClientError::Server(e)) => assert_eq!(e.name, "PERMISSION_DENIED"),
+        other => panic!("{other:?}"),
+    }
+    let later = auth.mint("alice", Duration::from_secs(3), &[]).unwrap();
+    let refreshed = c.refresh_token(later).await.unwrap();
+    assert!(refreshed > first, "{refreshed} <= {first}");
+    // The session outlives its first token and ends with the refreshed one.
+    let closed = c.closed().await;
+    assert_eq!(
+        closed.close_code(),
+        Some(CloseCode::TokenExpired),
+        "{closed:?}"
+    );
+    let now = tutti::util::unix_millis();
+    assert!(
+        now + 100 >= refreshed,
+        "closed at {now}, {refreshed} expected"
+    );
+    let metrics = s.server().metrics().render();
+    assert!(
+        metrics.contains("tutti_sessions_closed_total{code=\"TOKEN_EXPIRED\"} 1"),
+        "{metrics}"
+    );
+}
+
+both_transports!(
+    tokens_are_checked_for_key_id_issuer_audience_and_lifetime,
+    a_session_ends_when_its_token_expires_unless_refreshed,
+);
