@@ -122,6 +122,12 @@ export interface ConnectOptions {
   /** A token from the server (`tutti token`, or /api/dev/token in development). */
   token: string;
   /**
+   * Called ahead of the token's expiry (`Welcome.tokenExpiresAtMs`) for a later
+   * token of the same user, which replaces the session's through `refreshToken`.
+   * Without it the server closes the session with TOKEN_EXPIRED at expiry.
+   */
+  getToken?: () => string | Promise<string>;
+  /**
    * SHA-256 hashes of the server's certificate (bytes, or hex strings), for
    * self-signed development certificates; see `fetchCertificateHashes`.
    */
@@ -260,6 +266,12 @@ export class TuttiClient {
   private terminating = false;
   private reason?: TuttiError;
   private heartbeat?: ReturnType<typeof setInterval>;
+  private getToken?: () => string | Promise<string>;
+  private refreshTimer?: ReturnType<typeof setTimeout>;
+  /** Server clock minus local clock, from Welcome (for the token's expiry). */
+  private skewMs = 0;
+  /** When the session's token expires, server time in ms since the epoch (0: unknown). */
+  tokenExpiresAtMs = 0;
   private lastSentAt = 0;
 
   private constructor(wt: WebTransportLike, maxFrameSize: number) {
@@ -318,6 +330,7 @@ export class TuttiClient {
       throw TuttiError.local("CONNECT_FAILED", describe(err));
     }
     const client = new TuttiClient(wt, options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE);
+    client.getToken = options.getToken;
     const timeoutMs = options.handshakeTimeoutMs ?? 10_000;
     const timer = setTimeout(
       () => client.shutdown(TuttiError.local("TIMEOUT", `no Welcome within ${timeoutMs} ms`, true)),
@@ -368,6 +381,9 @@ export class TuttiClient {
       this.maxOutgoingFrame = limits.maxFrameSize;
     }
     if (limits?.maxInflightRequests) this.maxInflight = limits.maxInflightRequests;
+    this.skewMs = Number(welcome.serverTimeMs) - Date.now();
+    this.tokenExpiresAtMs = Number(welcome.tokenExpiresAtMs);
+    this.scheduleRefresh();
     if (welcome.heartbeatIntervalMs > 0) {
       const every = welcome.heartbeatIntervalMs;
       this.heartbeat = setInterval(() => {
@@ -472,6 +488,41 @@ export class TuttiClient {
       },
     });
     return answer.accepted;
+  }
+
+  /**
+   * Replaces the session's token with `token` (same user and roles, a later
+   * expiry); resolves with the new expiry in ms since the epoch. A refused token
+   * rejects (PERMISSION_DENIED, BAD_REQUEST) and the session keeps its old one.
+   */
+  async refreshToken(token: string): Promise<number> {
+    const answer = await this.call({ case: "authRefresh", value: { token } });
+    this.tokenExpiresAtMs = Number(answer.tokenExpiresAtMs);
+    this.scheduleRefresh();
+    return this.tokenExpiresAtMs;
+  }
+
+  /**
+   * With `getToken`, asks for a new token a minute before expiry (or halfway, for
+   * short tokens). A failed attempt is retried once, halfway to expiry; after that
+   * the server ends the session with TOKEN_EXPIRED.
+   */
+  private scheduleRefresh(retry = false): void {
+    if (this.refreshTimer !== undefined) clearTimeout(this.refreshTimer);
+    this.refreshTimer = undefined;
+    const getToken = this.getToken;
+    if (!getToken || this.tokenExpiresAtMs <= 0 || this.reason) return;
+    const left = this.tokenExpiresAtMs - (Date.now() + this.skewMs);
+    const delay = retry ? left / 2 : left - Math.min(60_000, left / 2);
+    if (left <= 1_000) return;
+    this.refreshTimer = setTimeout(() => {
+      Promise.resolve()
+        .then(getToken)
+        .then((token) => this.refreshToken(token))
+        .catch(() => {
+          if (!retry) this.scheduleRefresh(true);
+        });
+    }, Math.max(0, delay));
   }
 
   /** Diagnostics: the server returns `payload` (and pushes it too if `push`). */
@@ -833,6 +884,7 @@ export class TuttiClient {
     if (this.reason) return;
     this.reason = reason;
     if (this.heartbeat !== undefined) clearInterval(this.heartbeat);
+    if (this.refreshTimer !== undefined) clearTimeout(this.refreshTimer);
     const gone =
       reason.source === "client" && reason.name === "NORMAL"
         ? TuttiError.local("CLOSED", "the session is closed")

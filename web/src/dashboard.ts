@@ -14,7 +14,7 @@ import type { MetricsUpdate } from "./client";
 import { LiveChart, fmt } from "./charts";
 import { MetricsModel } from "./metrics-model";
 import type { ModelSnapshot } from "./metrics-model";
-import { devToken, serverInfo, webTransportUrl } from "./server-api";
+import { serverInfo, webTransportUrl } from "./server-api";
 
 type Status = "connecting" | "connected" | "reconnecting" | "error";
 
@@ -32,7 +32,6 @@ export interface DashboardState extends ModelSnapshot {
 const DEFAULT_INTERVAL_MS = 1000;
 const WINDOW_POINTS = 120;
 const MAX_BACKOFF_MS = 15_000;
-const DEV_USER = "dashboard";
 /** Histograms drawn on the latency chart (p50 and p99 each); the table has all. */
 const LATENCY_LINES = 5;
 
@@ -218,13 +217,14 @@ function quietTick(): void {
   }
 }
 
+/**
+ * The token in the page's address. Development servers mint no roles, so the
+ * dashboard always needs one with the metrics role (`tutti token --role metrics`).
+ */
 async function tokenForSession(devMode: boolean): Promise<string> {
   if (urlToken) return urlToken;
-  if (!devMode) throw new Error("production server: open this page with ?token=<a token with the metrics role>");
-  return devToken(DEV_USER, {
-    roles: ["metrics"],
-    noDevMode: "production server: open this page with ?token=<a token with the metrics role>",
-  });
+  const mint = `tutti token --user NAME --role metrics${devMode ? " --dev" : ""}`;
+  throw new Error(`open this page with ?token=<a token with the metrics role> (${mint})`);
 }
 
 /** Connects and subscribes; resolves with the session's end. */

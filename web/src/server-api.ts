@@ -30,15 +30,11 @@ export async function shortText(res: Response): Promise<string> {
 }
 
 /**
- * A token from a development server (`POST /api/dev/token`). A production server
- * has no such route: then this throws `new Error(noDevMode)`.
+ * A token without roles from a development server (`POST /api/dev/token`). A
+ * production server has no such route: then this throws `new Error(noDevMode)`.
  */
-export async function devToken(
-  user: string,
-  options: { roles?: string[]; noDevMode: string },
-): Promise<string> {
-  const body: { user: string; roles?: string[] } = { user };
-  if (options.roles) body.roles = options.roles;
+export async function devToken(user: string, options: { noDevMode: string }): Promise<string> {
+  const body = { user };
   const res = await fetch("/api/dev/token", {
     method: "POST",
     headers: { "content-type": "application/json", accept: "application/json" },

@@ -121,7 +121,10 @@ export interface TuttiOptions {
    * before every attempt.
    */
   url: Lazy<string | readonly string[]>;
-  /** The token; a function is called before every attempt (to refresh it). */
+  /**
+   * The token; a function is called before every attempt, and ahead of the
+   * token's expiry to refresh the open session in band.
+   */
   token: Lazy<string>;
   /** Certificate pins (see `fetchCertificateHashes`); a function is called before every attempt. */
   certificateHashes?: Lazy<ReadonlyArray<Uint8Array | string>>;
@@ -639,6 +642,8 @@ export class Tutti {
           token: await resolveLazy(this.options.token),
           resume: this.resumeOffsets(),
         };
+        const token = this.options.token;
+        if (typeof token === "function") options.getToken = () => resolveLazy(token);
         if (this.options.certificateHashes !== undefined) {
           options.certificateHashes = await resolveLazy(this.options.certificateHashes);
         }

@@ -97,10 +97,17 @@ function suite() {
     assert.match(hashes.hashes[0].value, /^[0-9a-f]{64}$/);
   });
 
-  test("a token from `tutti token` connects as alice", async () => {
+  test("`tutti token` without a secret and without --dev refuses", async () => {
+    await assert.rejects(
+      promisify(execFile)(TUTTI_BIN, ["token", "--user", "alice", "--data-dir", dirs.data], { env: cleanEnv(), timeout: 30_000 }),
+      (e) => /no token secret/.test(e.stderr),
+    );
+  });
+
+  test("a token from `tutti token --dev` connects as alice", async () => {
     const { stdout } = await promisify(execFile)(
       TUTTI_BIN,
-      ["token", "--user", "alice", "--data-dir", dirs.data],
+      ["token", "--dev", "--user", "alice", "--data-dir", dirs.data],
       { env: cleanEnv(), timeout: 30_000 },
     );
     const token = stdout.trim();

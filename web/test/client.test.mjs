@@ -361,3 +361,43 @@ test("call() checks the answer's kind; PERMISSION_DENIED rejects with its code",
   assert.ok(client.isOpen);
   client.close();
 });
+
+test("getToken refreshes the session's token ahead of its expiry", async () => {
+  const now = BigInt(Date.now());
+  const refreshed = deferred();
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      // A token that expires 2 s from now: the refresh is asked for halfway.
+      if (frame.kind.case === "hello") s.send(welcomeFrame({ serverTimeMs: now, tokenExpiresAtMs: now + 2000n }));
+      if (frame.kind.case === "request" && frame.kind.value.body.case === "authRefresh") {
+        const { id, body } = frame.kind.value;
+        s.send(serverFrame({ case: "response", value: { id, body: { case: "authRefresh", value: { tokenExpiresAtMs: now + 3_600_000n } } } }));
+        refreshed.resolve(body.value.token);
+      }
+    },
+  });
+  let asked = 0;
+  const client = await connected(fake, { getToken: async () => { asked += 1; return "later"; } });
+  assert.equal(client.tokenExpiresAtMs, Number(now) + 2000);
+  assert.equal(await refreshed.promise, "later");
+  assert.equal(asked, 1);
+  // The answer moves the expiry; the next refresh is an hour away.
+  while (client.tokenExpiresAtMs !== Number(now) + 3_600_000) await new Promise((r) => setTimeout(r, 5));
+  client.close();
+});
+
+test("refreshToken rejects a refused token and keeps the old expiry", async () => {
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      if (frame.kind.case === "hello") s.send(welcomeFrame({ tokenExpiresAtMs: 5_000n }));
+      if (frame.kind.case === "request") {
+        const { id } = frame.kind.value;
+        s.send(serverFrame({ case: "response", value: { id, body: { case: "error", value: { code: 103, name: "PERMISSION_DENIED", message: "the new token is for another user" } } } }));
+      }
+    },
+  });
+  const client = await connected(fake);
+  await assert.rejects(client.refreshToken("bob's"), (e) => e.name === "PERMISSION_DENIED");
+  assert.equal(client.tokenExpiresAtMs, 5000);
+  client.close();
+});

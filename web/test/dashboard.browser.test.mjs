@@ -10,7 +10,7 @@ import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
-  RESULTS, devToken, launchBrowser, missing, runTutti, startServer, stopServer, suiteOrSkip,
+  RESULTS, devToken, launchBrowser, missing, roleToken, runTutti, startServer, stopServer, suiteOrSkip,
 } from "../tools/e2e.mjs";
 
 const CONNECT_TIMEOUT_MS = 20_000;
@@ -103,9 +103,10 @@ function suite() {
 
   test("events tracked by a native client show up in the dashboard's charts", async () => {
     assert.ok(urls.quic, `the server printed no "raw quic:" address:\n${server.output()}`);
-    const { page, context, logs } = await open();
+    // An operator's token with the metrics role, from `tutti token --role metrics`.
+    const metricsToken = await roleToken(dirs.data, "dashboard", ["metrics"]);
+    const { page, context, logs } = await open(`?token=${encodeURIComponent(metricsToken)}`);
     try {
-      // No ?token=: a development server hands out one with the metrics role.
       await waitForStatus(page, logs, "connected");
       const start = await dashboard(page);
       assert.equal(start.connected, true);
@@ -191,6 +192,25 @@ function suite() {
       assert.equal(d.connected, false);
       assert.equal(d.updates, 0);
       await page.screenshot({ path: join(RESULTS, "dashboard-denied.png"), fullPage: true });
+    } finally {
+      await context.close();
+    }
+  });
+
+  test("the development token endpoint grants no metrics role", async () => {
+    const res = await fetch(new URL("/api/dev/token", urls.page), {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ user: "mallory", roles: ["metrics"] }),
+    });
+    assert.equal(res.status, 403);
+    const body = await res.json();
+    assert.equal(body.name, "PERMISSION_DENIED");
+    // Without ?token= a development server's page says how to get one.
+    const { page, context, logs } = await open();
+    try {
+      await waitForStatus(page, logs, "error", 10_000);
+      assert.match((await page.textContent("#error")) ?? "", /\?token=.*--role metrics --dev/);
     } finally {
       await context.close();
     }

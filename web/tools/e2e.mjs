@@ -56,6 +56,7 @@ export function cleanEnv(extra = {}) {
  * Starts `tutti serve` on ephemeral ports (or on `ports.listen` / `ports.http`, to
  * restart a server where it was) and resolves `ready` with what it prints:
  * `{ page, webtransport, quic }` (quic: the raw QUIC address, when printed).
+ * Without `TUTTI_JWT_SECRET` in `env` the server runs in development mode (--dev).
  */
 export function startServer(dirs, env = {}, ports = {}) {
   const args = [
@@ -66,6 +67,7 @@ export function startServer(dirs, env = {}, ports = {}) {
     "--cert-dir", dirs.certs,
     "--web-dir", DIST,
   ];
+  if (!env.TUTTI_JWT_SECRET) args.push("--dev");
   const child = spawn(TUTTI_BIN, args, { env: cleanEnv(env), stdio: ["ignore", "pipe", "pipe"] });
   let output = "";
   const ready = new Promise((resolvePromise, reject) => {
@@ -172,7 +174,20 @@ export function runTutti(args, { timeout = 30_000 } = {}) {
   });
 }
 
-/** POST /api/dev/token on a development server. */
+/**
+ * A token with `roles` for `user`, signed by `tutti token --dev` with the
+ * development secret of `dataDir` (the development endpoint grants no roles).
+ */
+export async function roleToken(dataDir, user, roles) {
+  const args = ["token", "--dev", "--data-dir", dataDir, "--user", user];
+  for (const r of roles) args.push("--role", r);
+  const { stdout } = await runTutti(args);
+  const token = stdout.trim();
+  assert.ok(token.length > 20 && !token.includes("\n"), `tutti token printed: ${JSON.stringify(stdout)}`);
+  return token;
+}
+
+/** POST /api/dev/token on a development server (a token without roles). */
 export async function devToken(pageUrl, body) {
   const res = await fetch(new URL("/api/dev/token", pageUrl), {
     method: "POST",
