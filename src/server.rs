@@ -343,7 +343,7 @@ pub async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     banner += &format!("  data:         {}\n", c.data_dir.display());
     banner += &format!("  certificates: {certs}\n");
     if server.auth().is_development() {
-        banner += "  mode:         development (generated secret; mint a token with `tutti token --user NAME`)\n";
+        banner += "  mode:         development (--dev: loopback only; POST /api/dev/token mints role-less tokens; role tokens: `tutti token --dev --user NAME --role ROLE`)\n";
     }
     {
         use std::io::Write;
