@@ -567,7 +567,10 @@ mod tests {
         let swapped = keyed(&[("new", OLD)], None, policy())
             .mint("ann", ttl, &[])
             .unwrap();
-        assert!(matches!(server.verify(&swapped), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            server.verify(&swapped),
+            Err(AuthError::Invalid(_))
+        ));
         // Without a legacy secret, a token without kid has nothing to check it.
         let keys_only = keyed(&[("new", NEW)], None, policy());
         let bare = auth().mint("ann", ttl, &[]).unwrap();
@@ -584,10 +587,16 @@ mod tests {
         let server = keyed(&[], Some(OLD), strict.clone());
         let ttl = Duration::from_secs(60);
         let good = server.mint("ann", ttl, &[]).unwrap();
-        assert_eq!(server.verify(&good).unwrap().iss.as_deref(), Some("https://id.example"));
+        assert_eq!(
+            server.verify(&good).unwrap().iss.as_deref(),
+            Some("https://id.example")
+        );
         let plain = keyed(&[], Some(OLD), policy());
         let neither = plain.mint("ann", ttl, &[]).unwrap();
-        assert!(matches!(server.verify(&neither), Err(AuthError::Invalid(_))), "missing iss/aud");
+        assert!(
+            matches!(server.verify(&neither), Err(AuthError::Invalid(_))),
+            "missing iss/aud"
+        );
         let other_aud = keyed(
             &[],
             Some(OLD),
@@ -597,9 +606,15 @@ mod tests {
             },
         );
         let wrong_aud = other_aud.mint("ann", ttl, &[]).unwrap();
-        assert!(matches!(server.verify(&wrong_aud), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            server.verify(&wrong_aud),
+            Err(AuthError::Invalid(_))
+        ));
         // A server without an audience refuses tokens meant for one.
-        assert!(matches!(plain.verify(&wrong_aud), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            plain.verify(&wrong_aud),
+            Err(AuthError::Invalid(_))
+        ));
         let other_iss = keyed(
             &[],
             Some(OLD),
@@ -609,7 +624,10 @@ mod tests {
             },
         );
         let wrong_iss = other_iss.mint("ann", ttl, &[]).unwrap();
-        assert!(matches!(server.verify(&wrong_iss), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            server.verify(&wrong_iss),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -632,18 +650,65 @@ mod tests {
             .unwrap()
         };
         let ok = |c: Claims| a.verify(&token(c));
-        ok(Claims { exp: now + 3600, iat: now, ..Claims::default() }).unwrap();
+        ok(Claims {
+            exp: now + 3600,
+            iat: now,
+            ..Claims::default()
+        })
+        .unwrap();
         // nbf ahead of now by more than the leeway, and within it.
-        assert!(ok(Claims { exp: now + 600, nbf: Some(now + 120), ..Claims::default() }).is_err());
-        ok(Claims { exp: now + 600, nbf: Some(now + 20), ..Claims::default() }).unwrap();
+        assert!(
+            ok(Claims {
+                exp: now + 600,
+                nbf: Some(now + 120),
+                ..Claims::default()
+            })
+            .is_err()
+        );
+        ok(Claims {
+            exp: now + 600,
+            nbf: Some(now + 20),
+            ..Claims::default()
+        })
+        .unwrap();
         // Expired within the leeway is still accepted; past it, refused as expired.
-        ok(Claims { exp: now - 20, ..Claims::default() }).unwrap();
-        assert_eq!(ok(Claims { exp: now - 40, ..Claims::default() }), Err(AuthError::Expired));
+        ok(Claims {
+            exp: now - 20,
+            ..Claims::default()
+        })
+        .unwrap();
+        assert_eq!(
+            ok(Claims {
+                exp: now - 40,
+                ..Claims::default()
+            }),
+            Err(AuthError::Expired)
+        );
         // Lifetime: exp - iat over the maximum, exp too far ahead without iat, iat
         // in the future.
-        assert!(ok(Claims { exp: now + 600, iat: now - 3600, ..Claims::default() }).is_err());
-        assert!(ok(Claims { exp: now + 7200, ..Claims::default() }).is_err());
-        assert!(ok(Claims { exp: now + 1200, iat: now + 600, ..Claims::default() }).is_err());
+        assert!(
+            ok(Claims {
+                exp: now + 600,
+                iat: now - 3600,
+                ..Claims::default()
+            })
+            .is_err()
+        );
+        assert!(
+            ok(Claims {
+                exp: now + 7200,
+                ..Claims::default()
+            })
+            .is_err()
+        );
+        assert!(
+            ok(Claims {
+                exp: now + 1200,
+                iat: now + 600,
+                ..Claims::default()
+            })
+            .is_err()
+        );
         // No exp at all.
         let no_exp = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

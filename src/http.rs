@@ -188,7 +188,11 @@ async fn dev_token(State(s): State<HttpState>, Json(req): Json<DevTokenRequest>)
     let ttl = DEV_TOKEN_TTL.min(s.auth.policy().max_lifetime);
     match s.auth.mint(req.user.trim(), ttl, &[]) {
         Ok(token) => Json(DevTokenResponse { token }).into_response(),
-        Err(e) => refuse(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()),
+        Err(e) => refuse(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        ),
     }
 }
 

@@ -321,7 +321,10 @@ mod tests {
             refused(&mut t, Err(AuthError::Invalid("forged".into()))),
             Some(ErrorCode::PermissionDenied)
         );
-        assert_eq!(refused(&mut t, Err(AuthError::Missing)), Some(ErrorCode::BadRequest));
+        assert_eq!(
+            refused(&mut t, Err(AuthError::Missing)),
+            Some(ErrorCode::BadRequest)
+        );
         assert_eq!(t.expires_at_ms(), 100_000, "refusals change nothing");
         assert_eq!(t.refresh(Ok(claims("ann", 160, &["metrics"]))), Ok(160_000));
         assert_eq!(t.remaining(100_000), Duration::from_secs(60));
