@@ -640,7 +640,14 @@ async fn acknowledged_messages_survive_sigkill() {
         let certs = dir.path().join("certs");
         let spawn = || {
             let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tutti"))
-                .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+                .args([
+                    "serve",
+                    "--dev",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--http",
+                    "127.0.0.1:0",
+                ])
                 .arg("--data-dir")
                 .arg(&data)
                 .arg("--cert-dir")
@@ -680,7 +687,7 @@ async fn acknowledged_messages_survive_sigkill() {
         }
         let (mut child, stdout) = spawn();
         let (addr, http) = addrs(stdout).await;
-        let auth = tutti::auth::Auth::from_config(None, &data, Duration::from_secs(5)).unwrap();
+        let auth = tutti::auth::Auth::from_config(&Default::default(), true, &data).unwrap();
         let tls = tutti::config::TlsConfig {
             cert_dir: certs.clone(),
             ..Default::default()
