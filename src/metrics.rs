@@ -128,6 +128,7 @@ impl Percentiles {
 /// Names of the request types, as recorded (`request` label).
 pub const REQUEST_TYPES: &[&str] = &[
     "echo",
+    "auth_refresh",
     "room_create",
     "room_add",
     "room_remove",

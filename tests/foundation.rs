@@ -1106,6 +1106,13 @@ async fn a_session_ends_when_its_token_expires_unless_refreshed(t: TransportKind
         metrics.contains("tutti_sessions_closed_total{code=\"TOKEN_EXPIRED\"} 1"),
         "{metrics}"
     );
+    let (_, stats) = s.api("GET", "/api/v1/stats", None).await;
+    let stats: std::collections::BTreeMap<String, tutti::metrics::Percentiles> =
+        serde_json::from_str(&stats).unwrap();
+    assert_eq!(
+        stats["request.auth_refresh"].count, 2,
+        "both refreshes are timed"
+    );
 }
 
 both_transports!(
