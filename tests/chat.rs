@@ -832,6 +832,7 @@ both_transports!(
     declines_and_withdrawn_invitations,
     the_contacts_policy_adds_contacts_and_invites_others,
     chosen_room_ids_are_namespaced_per_creator,
+    the_server_api_adds_participants_directly,
 );
 
 async fn presence_get(c: &Client, user: &str) -> Result<response::Body, ClientError> {
@@ -1049,4 +1050,34 @@ async fn chosen_room_ids_are_namespaced_per_creator(t: TransportKind) {
     }
     let generated = create_room(&eve, "", &[]).await.room_id;
     assert!(!generated.contains('~') && !generated.is_empty());
+}
+
+/// A backend with the API key is trusted: it adds participants without an
+/// invitation, whatever the join policy; an invitation the user had is consumed.
+async fn the_server_api_adds_participants_directly(t: TransportKind) {
+    let s = TestServer::start_with(|c| c.rooms.join_policy = JoinPolicy::Invite).await;
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    create_room(&a, "r", &["bob"]).await;
+    let s = &s;
+    let add = |room: &'static str, body: &'static str| async move {
+        let path = format!("/api/v1/rooms/{room}/participants");
+        s.api("POST", &path, Some(body)).await
+    };
+    let (status, text) = add("alice~r", r#"{"user_id":"bob"}"#).await;
+    assert_eq!(status, 200, "{text}");
+    let json: tutti::api::ParticipantsJson = serde_json::from_str(&text).unwrap();
+    assert_eq!(json.participants, ["alice", "bob"]);
+    assert!(b.room_invites().await.unwrap().is_empty(), "consumed");
+    let m = send(&a, "alice~r", "hi").await.unwrap();
+    assert_eq!(next_message(&b).await, m);
+    let (status, text) = add("alice~r", r#"{"user_id":"carol","admin":true}"#).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(add("alice~missing", r#"{"user_id":"bob"}"#).await.0, 404);
+    assert_eq!(add("alice~r", r#"{"user_id":"a b"}"#).await.0, 400);
+    assert_eq!(add("alice~r", r#"{"user":"bob"}"#).await.0, 400);
+    let (_, text) = s
+        .http_post("/api/v1/rooms/alice~r/participants", r#"{"user_id":"eve"}"#)
+        .await;
+    assert!(!text.contains("eve\""), "no key, no change: {text}");
 }

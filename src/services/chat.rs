@@ -154,12 +154,16 @@ struct Invitation {
     admin: bool,
 }
 
-/// A change to a room's membership rows, written with its record.
-enum Change<'a> {
-    Join(&'a str),
-    Drop(&'a str),
-    Invite(&'a str),
-    Uninvite(&'a str),
+/// A change to a user's membership rows, written with the room's record.
+enum Change {
+    /// Becomes a participant (and is no longer invited).
+    Join(String),
+    /// Stops being a participant (their read mark goes too).
+    Drop(String),
+    /// Is invited.
+    Invite(String),
+    /// Is no longer invited (declined or withdrawn).
+    Uninvite(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -661,37 +665,30 @@ impl ChatService {
         &self,
         room: &RoomState,
         meta: &RoomMeta,
-        change: Change<'_>,
+        change: Change,
     ) -> ServiceResult<()> {
         let bytes = json(meta);
         let id = room.id.clone();
-        let change = match change {
-            Change::Join(u) => (0, u.to_owned()),
-            Change::Drop(u) => (1, u.to_owned()),
-            Change::Invite(u) => (2, u.to_owned()),
-            Change::Uninvite(u) => (3, u.to_owned()),
-        };
         self.deps
             .writer
             .write(move |txn| {
                 txn.open_table(ROOMS)?
                     .insert(id.as_str(), bytes.as_slice())?;
-                let (kind, u) = (change.0, change.1.as_str());
-                let key = (u, id.as_str());
-                match kind {
-                    0 => {
-                        txn.open_table(USER_ROOMS)?.insert(key, 0)?;
-                        txn.open_table(INVITES)?.remove(key)?;
+                let id = id.as_str();
+                match &change {
+                    Change::Join(u) => {
+                        txn.open_table(USER_ROOMS)?.insert((u.as_str(), id), 0)?;
+                        txn.open_table(INVITES)?.remove((u.as_str(), id))?;
                     }
-                    1 => {
-                        txn.open_table(USER_ROOMS)?.remove(key)?;
-                        txn.open_table(READ_MARKS)?.remove(key)?;
+                    Change::Drop(u) => {
+                        txn.open_table(USER_ROOMS)?.remove((u.as_str(), id))?;
+                        txn.open_table(READ_MARKS)?.remove((u.as_str(), id))?;
                     }
-                    2 => {
-                        txn.open_table(INVITES)?.insert(key, 0)?;
+                    Change::Invite(u) => {
+                        txn.open_table(INVITES)?.insert((u.as_str(), id), 0)?;
                     }
-                    _ => {
-                        txn.open_table(INVITES)?.remove(key)?;
+                    Change::Uninvite(u) => {
+                        txn.open_table(INVITES)?.remove((u.as_str(), id))?;
                     }
                 }
                 Ok(())
@@ -727,7 +724,8 @@ impl ChatService {
         if !new && !admin_changed && !invited {
             return Ok(());
         }
-        self.write_meta(room, &meta, Change::Join(user)).await?;
+        self.write_meta(room, &meta, Change::Join(user.to_owned()))
+            .await?;
         room.meta = meta;
         if new {
             for s in self.sessions_of(user) {
@@ -765,7 +763,8 @@ impl ChatService {
                 self.check_invite_count(user)?;
             }
         }
-        self.write_meta(room, &meta, Change::Invite(user)).await?;
+        self.write_meta(room, &meta, Change::Invite(user.to_owned()))
+            .await?;
         room.meta = meta;
         let event = self.room_event(room_event::Kind::Invited, room, user);
         self.deps
@@ -781,7 +780,8 @@ impl ChatService {
         if meta.invitees.remove(user).is_none() {
             return Err(not_found());
         }
-        self.write_meta(room, &meta, Change::Uninvite(user)).await?;
+        self.write_meta(room, &meta, Change::Uninvite(user.to_owned()))
+            .await?;
         room.meta = meta;
         let event = self.room_event(room_event::Kind::Declined, room, user);
         self.deps
@@ -924,7 +924,8 @@ impl ChatService {
         {
             meta.admins.insert(first);
         }
-        self.write_meta(room, &meta, Change::Drop(user)).await?;
+        self.write_meta(room, &meta, Change::Drop(user.to_owned()))
+            .await?;
         room.meta = meta;
         let event = self.room_event(kind, room, user);
         // The one who goes hears it too, then stops hearing the room.
