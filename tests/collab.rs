@@ -877,3 +877,50 @@ async fn doc_list_covers_documents_stored_before_the_index() {
     .await
     .expect("test timed out");
 }
+
+// ---- Ids: chosen document ids are namespaced per creator -------------------------
+
+both_transports!(chosen_doc_ids_are_namespaced_per_creator);
+
+/// Two users choosing the same document name get two documents; only the creator's
+/// own earlier one conflicts; a generated id is plain. An outsider asking about
+/// someone else's document gets the answer it would get for a missing one.
+async fn chosen_doc_ids_are_namespaced_per_creator(t: TransportKind) {
+    let s = TestServer::start().await;
+    let alice = s.connect(t, "alice").await;
+    let eve = s.connect(t, "eve").await;
+    create(&alice, "notes", "alice's").await;
+    create(&eve, "notes", "eve's").await;
+    let again = alice
+        .request(request::Body::DocCreate(v1::DocCreateRequest {
+            doc_id: "notes".into(),
+            text: String::new(),
+        }))
+        .await;
+    assert_eq!(server_error(again).error_code(), Some(ErrorCode::Conflict));
+    for bad in ["alice~notes", "x~y"] {
+        let r = eve
+            .request(request::Body::DocCreate(v1::DocCreateRequest {
+                doc_id: bad.into(),
+                text: String::new(),
+            }))
+            .await;
+        assert_eq!(server_error(r).error_code(), Some(ErrorCode::BadRequest));
+    }
+    match eve
+        .request(request::Body::DocCreate(v1::DocCreateRequest::default()))
+        .await
+        .unwrap()
+    {
+        response::Body::DocCreate(r) => assert!(!r.doc_id.contains('~')),
+        other => panic!("{other:?}"),
+    }
+    match open(&eve, "eve~notes", None).await.unwrap().state {
+        Some(doc_open_response::State::Snapshot(text)) => assert_eq!(text, "eve's"),
+        other => panic!("{other:?}"),
+    }
+    let there = server_error(open(&eve, "alice~notes", None).await);
+    let absent = server_error(open(&eve, "alice~absent", None).await);
+    assert_eq!(there, absent);
+    assert_eq!(there.error_code(), Some(ErrorCode::NotFound));
+}
