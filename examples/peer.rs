@@ -8,6 +8,7 @@
 //!
 //! Commands (one per line; TEXT runs to the end of the line):
 //!
+//! - `accept ROOM`: accepts an invitation into a room; prints `accepted ROOM`
 //! - `send ROOM TEXT`: sends a chat message; prints `sent ROOM OFFSET`
 //! - `open DOC`: opens a document; prints `opened DOC REVISION`
 //! - `insert DOC POS TEXT`: inserts TEXT at code point POS
@@ -87,6 +88,10 @@ async fn main() -> anyhow::Result<()> {
                 let rest = parts.next().unwrap_or("");
                 match cmd {
                     "quit" => break,
+                    "accept" => match client.accept_invite(rest).await {
+                        Ok(room) => say(&format!("accepted {}", room.room_id)),
+                        Err(e) => say(&format!("error accept: {e}")),
+                    },
                     "send" => {
                         let (room, text) = rest.split_once(' ').unwrap_or((rest, ""));
                         let body = request::Body::ChatSend(v1::ChatSendRequest { room_id: room.into(), text: text.into() });

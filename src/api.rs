@@ -36,7 +36,10 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/notifications", post(create_notification))
         .route("/api/v1/rooms/{room_id}/messages", post(post_message))
-        .route("/api/v1/rooms/{room_id}/participants", get(participants))
+        .route(
+            "/api/v1/rooms/{room_id}/participants",
+            get(participants).post(add_participant),
+        )
         .route("/api/v1/presence/{user_id}", get(presence))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/events", post(track_events))
@@ -264,6 +267,38 @@ async fn participants(State(s): State<ApiState>, Path(room_id): Path<String>) ->
         Ok(p) => Json(ParticipantsJson {
             room_id,
             participants: p,
+        })
+        .into_response(),
+        Err(e) => Failure::from(e).into_response(),
+    }
+}
+
+/// `POST /api/v1/rooms/{room_id}/participants` body.
+#[derive(Debug, Deserialize)]
+pub struct AddParticipantRequest {
+    /// Who joins.
+    pub user_id: String,
+    /// Also make them a room admin.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// Adds a participant directly, without an invitation: the API key makes the
+/// caller a trusted backend, which has its users' consent by its own means.
+/// Answers the room's participants.
+async fn add_participant(
+    State(s): State<ApiState>,
+    Path(room_id): Path<String>,
+    ApiJson(req): ApiJson<AddParticipantRequest>,
+) -> Response {
+    let (room, user) = match (RoomId::parse(room_id), UserId::parse(req.user_id)) {
+        (Ok(r), Ok(u)) => (r, u),
+        (Err(e), _) | (_, Err(e)) => return Failure::from(ServiceError::from(e)).into_response(),
+    };
+    match s.services.chat.add_member(&room, &user, req.admin).await {
+        Ok(r) => Json(ParticipantsJson {
+            room_id: r.room_id,
+            participants: r.participants,
         })
         .into_response(),
         Err(e) => Failure::from(e).into_response(),

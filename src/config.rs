@@ -40,6 +40,8 @@ pub struct Config {
     pub collab: crate::services::collab::CollabConfig,
     /// Chat limits.
     pub chat: crate::services::chat::ChatConfig,
+    /// Room membership: who joins directly and who is invited.
+    pub rooms: crate::services::chat::RoomsConfig,
     /// Notifications.
     pub notify: crate::services::notify::NotifyConfig,
     /// Presence.
@@ -75,6 +77,7 @@ impl Default for Config {
             timeouts: TimeoutsConfig::default(),
             collab: Default::default(),
             chat: Default::default(),
+            rooms: Default::default(),
             notify: Default::default(),
             presence: Default::default(),
             api: Default::default(),
@@ -378,6 +381,7 @@ impl From<&Config> for crate::services::ServicesConfig {
     fn from(c: &Config) -> Self {
         Self {
             chat: c.chat.clone(),
+            rooms: c.rooms.clone(),
             notify: c.notify.clone(),
             presence: c.presence.clone(),
             collab: c.collab.clone(),

@@ -100,20 +100,61 @@ id_type!(
     user_ok,
     "are 1-128 bytes without whitespace or control characters"
 );
+/// A room or document id: a server-generated name, or `"<creator>~<name>"` for
+/// one its creator chose (see [`RoomId::chosen`]). The name never contains `~`, so
+/// the creator is everything before the last `~`, and two users' chosen ids
+/// never collide.
+fn scoped_ok(s: &str) -> bool {
+    match s.rsplit_once('~') {
+        Some((creator, name)) => user_ok(creator) && name_ok(name),
+        None => name_ok(s),
+    }
+}
+
 id_type!(
     /// A chat room.
     RoomId,
     "room",
-    name_ok,
-    "are 1-128 of A-Z a-z 0-9 - _ ."
+    scoped_ok,
+    "are 1-128 of A-Z a-z 0-9 - _ . (after \"<creator>~\" when the creator chose it)"
 );
 id_type!(
     /// A collaborative document.
     DocId,
     "document",
-    name_ok,
-    "are 1-128 of A-Z a-z 0-9 - _ ."
+    scoped_ok,
+    "are 1-128 of A-Z a-z 0-9 - _ . (after \"<creator>~\" when the creator chose it)"
 );
+
+/// The rule a name chosen at creation breaks.
+const CHOSEN_RULE: &str = "chosen at creation are 1-128 of A-Z a-z 0-9 - _ .";
+
+macro_rules! chosen_id {
+    ($name:ident, $kind:literal) => {
+        impl $name {
+            /// The id of one that `creator` creates under the name `name`:
+            /// `"<creator>~<name>"`. Ids are namespaced per creator so that
+            /// creating one never fails because someone else's exists (which would
+            /// tell an outsider that it does).
+            pub fn chosen(creator: &UserId, name: &str) -> Result<Self, IdError> {
+                if !name_ok(name) {
+                    return Err(IdError {
+                        kind: $kind,
+                        rule: CHOSEN_RULE,
+                    });
+                }
+                Ok(Self(format!("{creator}~{name}")))
+            }
+
+            /// A server-generated id (random, never containing `~`).
+            pub fn generated() -> Self {
+                Self(crate::util::random_hex(8))
+            }
+        }
+    };
+}
+chosen_id!(RoomId, "room");
+chosen_id!(DocId, "document");
 
 #[cfg(test)]
 mod tests {
@@ -134,7 +175,28 @@ mod tests {
         assert!(RoomId::parse("room/1").is_err());
         assert!(DocId::parse("x".repeat(128)).is_ok());
         let e = DocId::parse("").unwrap_err();
-        assert_eq!(e.to_string(), "document ids are 1-128 of A-Z a-z 0-9 - _ .");
+        assert_eq!(
+            e.to_string(),
+            "document ids are 1-128 of A-Z a-z 0-9 - _ . (after \"<creator>~\" when the creator chose it)"
+        );
         assert_eq!("bob".parse::<UserId>().unwrap().to_string(), "bob");
+    }
+
+    #[test]
+    fn chosen_ids_are_namespaced_per_creator() {
+        let ann = UserId::parse("ann@x").unwrap();
+        let id = RoomId::chosen(&ann, "general").unwrap();
+        assert_eq!(id.as_str(), "ann@x~general");
+        assert_eq!(RoomId::parse(id.as_str()).unwrap(), id);
+        // A creator whose id has `~` still maps to one id: the name has none.
+        let tilde = UserId::parse("a~b").unwrap();
+        assert_eq!(DocId::chosen(&tilde, "c").unwrap().as_str(), "a~b~c");
+        assert!(DocId::chosen(&ann, "b~c").is_err());
+        assert!(RoomId::chosen(&ann, "").is_err());
+        assert!(RoomId::chosen(&ann, "no spaces").is_err());
+        assert!(RoomId::parse("~general").is_err(), "no creator");
+        assert!(RoomId::parse("ann~").is_err(), "no name");
+        assert!(RoomId::parse("a b~c").is_err());
+        assert!(!RoomId::generated().as_str().contains('~'));
     }
 }

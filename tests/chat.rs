@@ -12,6 +12,7 @@ use support::TestServer;
 use tutti::client::{Client, ClientError, Event, Trust};
 use tutti::protocol::ErrorCode;
 use tutti::protocol::v1::{self, StreamKind, push, request, response, room_event};
+use tutti::services::chat::JoinPolicy;
 use tutti::transport::TransportKind;
 
 async fn req(c: &Client, body: request::Body) -> Result<response::Body, ClientError> {
@@ -127,6 +128,37 @@ async fn next_message(c: &Client) -> v1::ChatMessage {
     }
 }
 
+/// The next room invitation pushed to `c` (skipping other events).
+async fn next_invite(c: &Client) -> v1::RoomInvite {
+    loop {
+        match c.next_event().await.expect("session open") {
+            Event::Push(StreamKind::Chat, p) => {
+                if let Some(push::Event::RoomInvite(i)) = p.event {
+                    assert_eq!((p.stream.as_str(), p.offset), ("", 0));
+                    return i;
+                }
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// The next room event of `kind` pushed to `c` (skipping other events).
+async fn next_room_event(c: &Client, kind: room_event::Kind) -> v1::RoomEvent {
+    loop {
+        match c.next_event().await.expect("session open") {
+            Event::Push(StreamKind::Chat, p) => {
+                if let Some(push::Event::RoomEvent(e)) = p.event
+                    && e.kind == kind as i32
+                {
+                    return e;
+                }
+            }
+            _ => continue,
+        }
+    }
+}
+
 both_transports!(
     every_device_of_every_participant_receives_messages,
     history_pages_are_stable_while_messages_arrive,
@@ -141,20 +173,33 @@ both_transports!(
 );
 
 async fn every_device_of_every_participant_receives_messages(t: TransportKind) {
-    let s = TestServer::start().await;
+    // The default join policy: Bob is invited and is in only once he accepts.
+    let s = TestServer::start_with(|c| c.rooms.join_policy = JoinPolicy::Invite).await;
     let phone = s.connect(t, "alice").await;
     let laptop = s.connect(t, "alice").await;
     let bob = s.connect(t, "bob").await;
-    create_room(&phone, "r", &["bob"]).await;
-    let m1 = send(&phone, "r", "hi bob").await.unwrap();
+    let room = create_room(&phone, "r", &["bob"]).await;
+    assert_eq!(
+        (room.participants, room.invitees),
+        (vec!["alice".to_string()], vec!["bob".to_string()])
+    );
+    assert_eq!(next_invite(&bob).await.room_id, "alice~r");
+    assert_eq!(
+        code(send(&bob, "alice~r", "early").await),
+        ErrorCode::NotFound
+    );
+    let joined = bob.accept_invite("alice~r").await.unwrap();
+    assert_eq!(joined.participants, ["alice", "bob"]);
+    assert!(joined.invitees.is_empty());
+    let m1 = send(&phone, "alice~r", "hi bob").await.unwrap();
     assert_eq!((m1.offset, m1.sender_id.as_str()), (1, "alice"));
-    assert_eq!(m1.message_id, "r:1");
+    assert_eq!(m1.message_id, "alice~r:1");
     for c in [&phone, &laptop, &bob] {
         assert_eq!(next_message(c).await, m1);
     }
     // One of Alice's devices goes away; the other still gets everything.
     drop(phone);
-    let m2 = send(&bob, "r", "hi alice 👋").await.unwrap();
+    let m2 = send(&bob, "alice~r", "hi alice 👋").await.unwrap();
     assert_eq!(m2.offset, 2);
     assert_eq!(next_message(&laptop).await, m2);
     assert_eq!(next_message(&bob).await, m2);
@@ -165,21 +210,27 @@ async fn history_pages_are_stable_while_messages_arrive(t: TransportKind) {
     let a = s.connect(t, "alice").await;
     create_room(&a, "r", &[]).await;
     for i in 1..=10 {
-        send(&a, "r", &format!("m{i}")).await.unwrap();
+        send(&a, "alice~r", &format!("m{i}")).await.unwrap();
     }
-    let newest = history(&a, "r", 0, 3).await.unwrap();
+    let newest = history(&a, "alice~r", 0, 3).await.unwrap();
     let offsets: Vec<u64> = newest.messages.iter().map(|m| m.offset).collect();
     assert_eq!(offsets, [8, 9, 10]);
     assert!(newest.more);
     // New messages arrive between pages: the next page is unaffected.
-    send(&a, "r", "late").await.unwrap();
-    let older = history(&a, "r", 8, 100).await.unwrap();
+    send(&a, "alice~r", "late").await.unwrap();
+    let older = history(&a, "alice~r", 8, 100).await.unwrap();
     let offsets: Vec<u64> = older.messages.iter().map(|m| m.offset).collect();
     assert_eq!(offsets, [4, 5, 6, 7], "limit capped at max_history_page");
-    let oldest = history(&a, "r", 2, 10).await.unwrap();
+    let oldest = history(&a, "alice~r", 2, 10).await.unwrap();
     assert_eq!(oldest.messages.len(), 1);
     assert!(!oldest.more);
-    assert!(history(&a, "r", 1, 10).await.unwrap().messages.is_empty());
+    assert!(
+        history(&a, "alice~r", 1, 10)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
 }
 
 async fn read_marks_and_unread_counts_are_exact(t: TransportKind) {
@@ -193,17 +244,17 @@ async fn read_marks_and_unread_counts_are_exact(t: TransportKind) {
     let b = s.connect(t, "bob").await;
     create_room(&a, "r", &["bob"]).await;
     for i in 0..5 {
-        send(&a, "r", &format!("{i}")).await.unwrap();
+        send(&a, "alice~r", &format!("{i}")).await.unwrap();
     }
-    assert_eq!(list(&b).await["r"].unread, 5);
-    assert_eq!(list(&a).await["r"].unread, 0, "sending marks read");
-    let r = mark_read(&b, "r", 3).await.unwrap();
+    assert_eq!(list(&b).await["alice~r"].unread, 5);
+    assert_eq!(list(&a).await["alice~r"].unread, 0, "sending marks read");
+    let r = mark_read(&b, "alice~r", 3).await.unwrap();
     assert_eq!((r.read_offset, r.unread), (3, 2));
     // Marking again, or behind the mark, changes nothing.
-    assert_eq!(mark_read(&b, "r", 3).await.unwrap().unread, 2);
-    assert_eq!(mark_read(&b, "r", 1).await.unwrap().read_offset, 3);
+    assert_eq!(mark_read(&b, "alice~r", 3).await.unwrap().unread, 2);
+    assert_eq!(mark_read(&b, "alice~r", 1).await.unwrap().read_offset, 3);
     // Beyond the last message: capped.
-    assert_eq!(mark_read(&b, "r", 99).await.unwrap().read_offset, 5);
+    assert_eq!(mark_read(&b, "alice~r", 99).await.unwrap().read_offset, 5);
     // Alice got read receipts for 3 then 5, once each.
     let mut receipts = Vec::new();
     while receipts.len() < 2 {
@@ -214,8 +265,8 @@ async fn read_marks_and_unread_counts_are_exact(t: TransportKind) {
         }
     }
     assert_eq!(receipts, [("bob".to_string(), 3), ("bob".to_string(), 5)]);
-    send(&a, "r", "one more").await.unwrap();
-    let summary = &list(&b).await["r"];
+    send(&a, "alice~r", "one more").await.unwrap();
+    let summary = &list(&b).await["alice~r"];
     assert_eq!((summary.unread, summary.read_offset), (1, 5));
     assert_eq!(summary.last_message.as_ref().unwrap().text, "one more");
     // After a restart the counts are the same.
@@ -223,10 +274,10 @@ async fn read_marks_and_unread_counts_are_exact(t: TransportKind) {
     s.shutdown().await;
     s.server = Some(tutti::start(config).await.unwrap());
     let b = s.connect(t, "bob").await;
-    let summary = &list(&b).await["r"];
+    let summary = &list(&b).await["alice~r"];
     assert_eq!((summary.unread, summary.read_offset), (1, 5));
     let a = s.connect(t, "alice").await;
-    assert_eq!(list(&a).await["r"].unread, 0);
+    assert_eq!(list(&a).await["alice~r"].unread, 0);
 }
 
 async fn outsiders_cannot_see_or_touch_a_room(t: TransportKind) {
@@ -234,9 +285,9 @@ async fn outsiders_cannot_see_or_touch_a_room(t: TransportKind) {
     let a = s.connect(t, "alice").await;
     let eve = s.connect(t, "eve").await;
     create_room(&a, "secret", &[]).await;
-    send(&a, "secret", "psst").await.unwrap();
+    send(&a, "alice~secret", "psst").await.unwrap();
     // Every answer is the same as for a room that does not exist.
-    for room in ["secret", "nothing-here"] {
+    for room in ["alice~secret", "nothing-here"] {
         assert_eq!(code(send(&eve, room, "hello?").await), ErrorCode::NotFound);
         assert_eq!(code(history(&eve, room, 0, 10).await), ErrorCode::NotFound);
         assert_eq!(code(mark_read(&eve, room, 1).await), ErrorCode::NotFound);
@@ -253,7 +304,7 @@ async fn outsiders_cannot_see_or_touch_a_room(t: TransportKind) {
     }
     assert!(list(&eve).await.is_empty());
     // Nothing was pushed to Eve.
-    send(&a, "secret", "still secret").await.unwrap();
+    send(&a, "alice~secret", "still secret").await.unwrap();
     eve.echo(b"sync".to_vec(), true).await.unwrap();
     loop {
         match eve.next_event().await {
@@ -264,7 +315,11 @@ async fn outsiders_cannot_see_or_touch_a_room(t: TransportKind) {
         }
     }
     assert_eq!(
-        history(&a, "secret", 0, 10).await.unwrap().messages.len(),
+        history(&a, "alice~secret", 0, 10)
+            .await
+            .unwrap()
+            .messages
+            .len(),
         2
     );
 }
@@ -278,7 +333,7 @@ async fn admins_manage_participants(t: TransportKind) {
     let r = req(
         &b,
         request::Body::RoomAdd(v1::RoomAddRequest {
-            room_id: "r".into(),
+            room_id: "alice~r".into(),
             user_id: "carol".into(),
             admin: false,
         }),
@@ -288,7 +343,7 @@ async fn admins_manage_participants(t: TransportKind) {
     let r = req(
         &b,
         request::Body::RoomRemove(v1::RoomRemoveRequest {
-            room_id: "r".into(),
+            room_id: "alice~r".into(),
             user_id: "alice".into(),
         }),
     )
@@ -299,20 +354,20 @@ async fn admins_manage_participants(t: TransportKind) {
     req(
         &a,
         request::Body::RoomAdd(v1::RoomAddRequest {
-            room_id: "r".into(),
+            room_id: "alice~r".into(),
             user_id: "carol".into(),
             admin: false,
         }),
     )
     .await
     .unwrap();
-    let m = send(&a, "r", "welcome carol").await.unwrap();
+    let m = send(&a, "alice~r", "welcome carol").await.unwrap();
     assert_eq!(next_message(&carol).await, m);
     // Alice removes Bob: he is told, then hears nothing more and cannot send.
     req(
         &a,
         request::Body::RoomRemove(v1::RoomRemoveRequest {
-            room_id: "r".into(),
+            room_id: "alice~r".into(),
             user_id: "bob".into(),
         }),
     )
@@ -327,18 +382,21 @@ async fn admins_manage_participants(t: TransportKind) {
             break;
         }
     }
-    assert_eq!(code(send(&b, "r", "let me in").await), ErrorCode::NotFound);
-    assert!(!list(&b).await.contains_key("r"));
+    assert_eq!(
+        code(send(&b, "alice~r", "let me in").await),
+        ErrorCode::NotFound
+    );
+    assert!(!list(&b).await.contains_key("alice~r"));
     // Carol leaves.
     req(
         &carol,
         request::Body::RoomLeave(v1::RoomLeaveRequest {
-            room_id: "r".into(),
+            room_id: "alice~r".into(),
         }),
     )
     .await
     .unwrap();
-    let room = list(&a).await["r"].room.clone().unwrap();
+    let room = list(&a).await["alice~r"].room.clone().unwrap();
     assert_eq!(room.participants, ["alice"]);
 }
 
@@ -352,12 +410,16 @@ async fn limits_refuse_and_store_nothing(t: TransportKind) {
     let a = s.connect(t, "alice").await;
     create_room(&a, "r", &["bob"]).await;
     assert_eq!(
-        code(send(&a, "r", &"x".repeat(17)).await),
+        code(send(&a, "alice~r", &"x".repeat(17)).await),
         ErrorCode::LimitExceeded
     );
-    assert_eq!(code(send(&a, "r", "").await), ErrorCode::BadRequest);
+    assert_eq!(code(send(&a, "alice~r", "").await), ErrorCode::BadRequest);
     assert!(
-        history(&a, "r", 0, 10).await.unwrap().messages.is_empty(),
+        history(&a, "alice~r", 0, 10)
+            .await
+            .unwrap()
+            .messages
+            .is_empty(),
         "nothing stored"
     );
     let too_many = req(
@@ -402,15 +464,15 @@ async fn typing_reaches_participants_only(t: TransportKind) {
     create_room(&a, "r", &["bob"]).await;
     // Make sure Bob's session is subscribed (his connect-time subscription or the
     // create event) before typing.
-    let m = send(&a, "r", "x").await.unwrap();
+    let m = send(&a, "alice~r", "x").await.unwrap();
     assert_eq!(next_message(&b).await, m);
     let typing = v1::datagram::Kind::Typing(v1::ChatTyping {
-        room_id: "r".into(),
+        room_id: "alice~r".into(),
         user_id: "spoofed".into(),
         typing: true,
     });
     eve.send_datagram(v1::datagram::Kind::Typing(v1::ChatTyping {
-        room_id: "r".into(),
+        room_id: "alice~r".into(),
         user_id: String::new(),
         typing: true,
     }))
@@ -445,7 +507,7 @@ async fn reconnect_resumes_exactly_the_missed_messages(t: TransportKind) {
     create_room(&a, "r", &["bob"]).await;
     create_room(&a, "quiet", &["bob"]).await;
     for i in 1..=3 {
-        send(&a, "r", &format!("seen {i}")).await.unwrap();
+        send(&a, "alice~r", &format!("seen {i}")).await.unwrap();
     }
     let mut last = 0;
     while last < 3 {
@@ -454,14 +516,17 @@ async fn reconnect_resumes_exactly_the_missed_messages(t: TransportKind) {
     // Bob's connection drops; messages arrive meanwhile.
     drop(b);
     for i in 4..=8 {
-        send(&a, "r", &format!("missed {i}")).await.unwrap();
+        send(&a, "alice~r", &format!("missed {i}")).await.unwrap();
     }
     let mut config = s.client_config(t, &s.token("bob"));
-    config.resume = HashMap::from([("room/r".to_string(), 3), ("room/quiet".to_string(), 0)]);
+    config.resume = HashMap::from([
+        ("room/alice~r".to_string(), 3),
+        ("room/alice~quiet".to_string(), 0),
+    ]);
     let b = Client::connect(config).await.unwrap();
     let live = async {
         // Sent while Bob may still be catching up: it must come after the missed ones.
-        send(&a, "r", "live 9").await.unwrap()
+        send(&a, "alice~r", "live 9").await.unwrap()
     };
     let (live, got) = tokio::join!(live, async {
         let mut got = Vec::new();
@@ -502,11 +567,11 @@ async fn resume_and_history_offsets_at_the_extremes(t: TransportKind) {
     create_room(&a, "r", &["bob"]).await;
     let mut sent = Vec::new();
     for i in 1..=3 {
-        sent.push(send(&a, "r", &format!("m{i}")).await.unwrap());
+        sent.push(send(&a, "alice~r", &format!("m{i}")).await.unwrap());
     }
     let resume = |offset: u64| {
         let mut config = s.client_config(t, &s.token("bob"));
-        config.resume = HashMap::from([("room/r".to_string(), offset)]);
+        config.resume = HashMap::from([("room/alice~r".to_string(), offset)]);
         Client::connect(config)
     };
     let b = resume(0).await.unwrap();
@@ -517,12 +582,12 @@ async fn resume_and_history_offsets_at_the_extremes(t: TransportKind) {
     assert_eq!(got, sent);
     drop(b);
     let b = resume(u64::MAX).await.unwrap();
-    let page = history(&b, "r", u64::MAX, 2).await.unwrap();
+    let page = history(&b, "alice~r", u64::MAX, 2).await.unwrap();
     assert_eq!(page.messages, sent[1..]);
     assert!(page.more);
-    let live = send(&a, "r", "live").await.unwrap();
+    let live = send(&a, "alice~r", "live").await.unwrap();
     assert_eq!(next_message(&b).await, live, "nothing replayed before it");
-    let r = mark_read(&b, "r", u64::MAX).await.unwrap();
+    let r = mark_read(&b, "alice~r", u64::MAX).await.unwrap();
     assert_eq!((r.read_offset, r.unread), (4, 0));
 }
 
@@ -549,7 +614,7 @@ async fn resuming_from_zero_in_a_large_room_does_not_stall_it(t: TransportKind) 
             .collect::<Vec<_>>();
         seeded += texts.len() as u64;
         chat.post_many(
-            &tutti::ids::RoomId::parse("big").unwrap(),
+            &tutti::ids::RoomId::parse("alice~big").unwrap(),
             tutti::services::chat::Sender::System,
             texts,
         )
@@ -560,7 +625,7 @@ async fn resuming_from_zero_in_a_large_room_does_not_stall_it(t: TransportKind) 
     drop(a);
     let a = s.connect(t, "alice").await;
     let mut config = s.client_config(t, &s.token("bob"));
-    config.resume = HashMap::from([("room/big".to_string(), 0)]);
+    config.resume = HashMap::from([("room/alice~big".to_string(), 0)]);
     let b = Client::connect(config).await.unwrap();
     let caught_up = AtomicBool::new(false);
     // Alice keeps sending while Bob catches up, timing each send; a few more after.
@@ -571,7 +636,9 @@ async fn resuming_from_zero_in_a_large_room_does_not_stall_it(t: TransportKind) 
         while after < 5 {
             let busy = !caught_up.load(Ordering::Acquire);
             let started = std::time::Instant::now();
-            send(&a, "big", &format!("live {sent}")).await.unwrap();
+            send(&a, "alice~big", &format!("live {sent}"))
+                .await
+                .unwrap();
             sent += 1;
             if busy {
                 during.push(started.elapsed());
@@ -705,9 +772,13 @@ async fn acknowledged_messages_survive_sigkill() {
         };
         let a = connect(addr, "alice", HashMap::new()).await.unwrap();
         create_room(&a, "r", &["bob"]).await;
+        // The server runs with the default join policy: Bob accepts.
+        let b = connect(addr, "bob", HashMap::new()).await.unwrap();
+        b.accept_invite("alice~r").await.unwrap();
+        drop(b);
         let mut acked = Vec::new();
         for i in 1..=20 {
-            acked.push(send(&a, "r", &format!("durable {i}")).await.unwrap());
+            acked.push(send(&a, "alice~r", &format!("durable {i}")).await.unwrap());
         }
         let key = std::fs::read_to_string(data.join("dev-api-key")).unwrap();
         for i in 1..=3 {
@@ -727,7 +798,10 @@ async fn acknowledged_messages_survive_sigkill() {
 
         let (_child, stdout) = spawn();
         let (addr, _) = addrs(stdout).await;
-        let resume = HashMap::from([("room/r".to_string(), 5), ("notifications".to_string(), 1)]);
+        let resume = HashMap::from([
+            ("room/alice~r".to_string(), 5),
+            ("notifications".to_string(), 1),
+        ]);
         let b = connect(addr, "bob", resume).await.unwrap();
         let mut got = Vec::new();
         let mut notes = Vec::new();
@@ -748,9 +822,269 @@ async fn acknowledged_messages_survive_sigkill() {
         }
         assert_eq!(got, acked[5..]);
         assert_eq!(notes, ["n2", "n3"]);
-        assert_eq!(history(&b, "r", 0, 100).await.unwrap().messages, acked);
-        assert_eq!(list(&b).await["r"].unread, 20);
+        assert_eq!(
+            history(&b, "alice~r", 0, 100).await.unwrap().messages,
+            acked
+        );
+        assert_eq!(list(&b).await["alice~r"].unread, 20);
     })
     .await
     .expect("test timed out");
+}
+
+// ---- Consent: invitations, join policies, ids namespaced per creator ----------
+
+both_transports!(
+    invitees_are_not_participants_until_they_accept,
+    declines_and_withdrawn_invitations,
+    the_contacts_policy_adds_contacts_and_invites_others,
+    chosen_room_ids_are_namespaced_per_creator,
+    the_server_api_adds_participants_directly,
+);
+
+async fn presence_get(c: &Client, user: &str) -> Result<response::Body, ClientError> {
+    req(
+        c,
+        request::Body::PresenceGet(v1::PresenceGetRequest {
+            user_ids: vec![user.into()],
+        }),
+    )
+    .await
+}
+
+/// An invitee gets no room messages, does not count toward their room limit, and
+/// is not a co-participant for presence until they accept.
+async fn invitees_are_not_participants_until_they_accept(t: TransportKind) {
+    let s = TestServer::start_with(|c| {
+        c.rooms.join_policy = JoinPolicy::Invite;
+        c.chat.max_rooms_per_user = 1;
+    })
+    .await;
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    create_room(&b, "own", &[]).await;
+    // Bob is in his limit of rooms; an invitation does not count.
+    let room = create_room(&a, "r", &["bob"]).await;
+    assert_eq!(room.invitees, ["bob"]);
+    let invite = next_invite(&b).await;
+    assert_eq!(
+        (
+            invite.room_id.as_str(),
+            invite.name.as_str(),
+            invite.inviter_id.as_str()
+        ),
+        ("alice~r", "room r", "alice")
+    );
+    assert_eq!(b.room_invites().await.unwrap(), [invite]);
+    send(&a, "alice~r", "before bob").await.unwrap();
+    assert!(!list(&b).await.contains_key("alice~r"));
+    for c in [&a, &b] {
+        let other = if std::ptr::eq(c, &a) { "bob" } else { "alice" };
+        assert_eq!(
+            code(presence_get(c, other).await),
+            ErrorCode::PermissionDenied
+        );
+    }
+    assert_eq!(
+        code(history(&b, "alice~r", 0, 10).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(code(mark_read(&b, "alice~r", 1).await), ErrorCode::NotFound);
+    // Accepting counts: over the limit, refused, and the invitation stays.
+    assert_eq!(
+        code(b.accept_invite("alice~r").await),
+        ErrorCode::LimitExceeded
+    );
+    assert_eq!(b.room_invites().await.unwrap().len(), 1);
+    req(
+        &b,
+        request::Body::RoomLeave(v1::RoomLeaveRequest {
+            room_id: "bob~own".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    b.accept_invite("alice~r").await.unwrap();
+    assert!(b.room_invites().await.unwrap().is_empty());
+    assert_eq!(
+        next_room_event(&a, room_event::Kind::Added).await.user_id,
+        "bob"
+    );
+    // Now a participant: history (with what came before), live messages, presence.
+    assert_eq!(
+        history(&b, "alice~r", 0, 10).await.unwrap().messages.len(),
+        1
+    );
+    let m = send(&a, "alice~r", "hi bob").await.unwrap();
+    assert_eq!(next_message(&b).await, m);
+    presence_get(&a, "bob").await.unwrap();
+    presence_get(&b, "alice").await.unwrap();
+    // Accepting twice: there is no invitation any more.
+    assert_eq!(code(b.accept_invite("alice~r").await), ErrorCode::NotFound);
+}
+
+async fn declines_and_withdrawn_invitations(t: TransportKind) {
+    let s = TestServer::start_with(|c| {
+        c.rooms.join_policy = JoinPolicy::Invite;
+        c.rooms.max_invites_per_user = 1;
+    })
+    .await;
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    let carol = s.connect(t, "carol").await;
+    create_room(&a, "r", &["bob"]).await;
+    // Bob has his one pending invitation: Carol's is refused, and her room is not made.
+    let full = req(
+        &carol,
+        request::Body::RoomCreate(v1::RoomCreateRequest {
+            room_id: "c".into(),
+            name: String::new(),
+            participants: vec!["bob".into()],
+        }),
+    )
+    .await;
+    assert_eq!(code(full), ErrorCode::LimitExceeded);
+    assert!(list(&carol).await.is_empty());
+    b.decline_invite("alice~r").await.unwrap();
+    let declined = next_room_event(&a, room_event::Kind::Declined).await;
+    assert_eq!(declined.user_id, "bob");
+    assert!(declined.room.unwrap().invitees.is_empty());
+    assert_eq!(code(b.accept_invite("alice~r").await), ErrorCode::NotFound);
+    assert_eq!(code(b.decline_invite("alice~r").await), ErrorCode::NotFound);
+    // Invited again with RoomAdd (as an admin), then withdrawn with RoomRemove.
+    let add = |admin| {
+        req(
+            &a,
+            request::Body::RoomAdd(v1::RoomAddRequest {
+                room_id: "alice~r".into(),
+                user_id: "bob".into(),
+                admin,
+            }),
+        )
+    };
+    match add(true).await.unwrap() {
+        response::Body::RoomAdd(r) => {
+            let room = r.room.unwrap();
+            assert_eq!(
+                (room.participants, room.invitees),
+                (vec!["alice".to_string()], vec!["bob".to_string()])
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let invites = b.room_invites().await.unwrap();
+    assert_eq!(invites.len(), 1);
+    assert!(invites[0].admin);
+    req(
+        &a,
+        request::Body::RoomRemove(v1::RoomRemoveRequest {
+            room_id: "alice~r".into(),
+            user_id: "bob".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(b.room_invites().await.unwrap().is_empty());
+    assert_eq!(code(b.accept_invite("alice~r").await), ErrorCode::NotFound);
+    // Invited and accepted as an admin.
+    add(true).await.unwrap();
+    let room = b.accept_invite("alice~r").await.unwrap();
+    assert_eq!(room.admins, ["alice", "bob"]);
+}
+
+async fn the_contacts_policy_adds_contacts_and_invites_others(t: TransportKind) {
+    let s = TestServer::start_with(|c| c.rooms.join_policy = JoinPolicy::Contacts).await;
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    req(
+        &a,
+        request::Body::ContactRequest(v1::ContactRequestRequest {
+            user_id: "bob".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    req(
+        &b,
+        request::Body::ContactAccept(v1::ContactAcceptRequest {
+            user_id: "alice".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let room = create_room(&a, "r", &["bob", "carol"]).await;
+    assert_eq!(room.participants, ["alice", "bob"]);
+    assert_eq!(room.invitees, ["carol"]);
+    let m = send(&a, "alice~r", "hi").await.unwrap();
+    assert_eq!(next_message(&b).await, m);
+}
+
+/// A chosen id is "<creator>~<name>": two users' never collide, so creating one
+/// tells nobody whether someone else's exists.
+async fn chosen_room_ids_are_namespaced_per_creator(t: TransportKind) {
+    let s = TestServer::start().await;
+    let a = s.connect(t, "alice").await;
+    let eve = s.connect(t, "eve").await;
+    assert_eq!(
+        create_room(&a, "general", &[]).await.room_id,
+        "alice~general"
+    );
+    assert_eq!(
+        create_room(&eve, "general", &[]).await.room_id,
+        "eve~general"
+    );
+    let again = req(
+        &a,
+        request::Body::RoomCreate(v1::RoomCreateRequest {
+            room_id: "general".into(),
+            name: String::new(),
+            participants: vec![],
+        }),
+    )
+    .await;
+    assert_eq!(code(again), ErrorCode::Conflict, "only the creator's own");
+    for bad in ["alice~general", "eve~x", "a b"] {
+        let r = req(
+            &eve,
+            request::Body::RoomCreate(v1::RoomCreateRequest {
+                room_id: bad.into(),
+                name: String::new(),
+                participants: vec![],
+            }),
+        )
+        .await;
+        assert_eq!(code(r), ErrorCode::BadRequest, "{bad}");
+    }
+    let generated = create_room(&eve, "", &[]).await.room_id;
+    assert!(!generated.contains('~') && !generated.is_empty());
+}
+
+/// A backend with the API key is trusted: it adds participants without an
+/// invitation, whatever the join policy; an invitation the user had is consumed.
+async fn the_server_api_adds_participants_directly(t: TransportKind) {
+    let s = TestServer::start_with(|c| c.rooms.join_policy = JoinPolicy::Invite).await;
+    let a = s.connect(t, "alice").await;
+    let b = s.connect(t, "bob").await;
+    create_room(&a, "r", &["bob"]).await;
+    let s = &s;
+    let add = |room: &'static str, body: &'static str| async move {
+        let path = format!("/api/v1/rooms/{room}/participants");
+        s.api("POST", &path, Some(body)).await
+    };
+    let (status, text) = add("alice~r", r#"{"user_id":"bob"}"#).await;
+    assert_eq!(status, 200, "{text}");
+    let json: tutti::api::ParticipantsJson = serde_json::from_str(&text).unwrap();
+    assert_eq!(json.participants, ["alice", "bob"]);
+    assert!(b.room_invites().await.unwrap().is_empty(), "consumed");
+    let m = send(&a, "alice~r", "hi").await.unwrap();
+    assert_eq!(next_message(&b).await, m);
+    let (status, text) = add("alice~r", r#"{"user_id":"carol","admin":true}"#).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(add("alice~missing", r#"{"user_id":"bob"}"#).await.0, 404);
+    assert_eq!(add("alice~r", r#"{"user_id":"a b"}"#).await.0, 400);
+    assert_eq!(add("alice~r", r#"{"user":"bob"}"#).await.0, 400);
+    let (_, text) = s
+        .http_post("/api/v1/rooms/alice~r/participants", r#"{"user_id":"eve"}"#)
+        .await;
+    assert!(!text.contains("eve\""), "no key, no change: {text}");
 }

@@ -27,7 +27,10 @@ async fn create(c: &Client, doc_id: &str, text: &str) {
         .await
         .unwrap()
     {
-        response::Body::DocCreate(r) => assert_eq!(r.doc_id, doc_id),
+        // A chosen id is namespaced per creator.
+        response::Body::DocCreate(r) => {
+            assert_eq!(r.doc_id, format!("{}~{doc_id}", c.welcome().user_id))
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -218,15 +221,17 @@ async fn three_editors_on_mixed_transports_converge_and_survive_a_restart() {
         let alice = s.connect(TransportKind::Quic, "alice").await;
         create(&alice, "notes", "héllo 🌍").await;
         for u in ["bob", "carol"] {
-            share(&alice, "notes", u, DocRole::Editor).await;
+            share(&alice, "alice~notes", u, DocRole::Editor).await;
         }
-        share(&alice, "notes", "dave", DocRole::Viewer).await;
+        share(&alice, "alice~notes", "dave", DocRole::Viewer).await;
         let bob = s.connect(TransportKind::WebTransport, "bob").await;
         let carol = s.connect(TransportKind::Quic, "carol").await;
         let clients = [(&alice, "alice-1"), (&bob, "bob-1"), (&carol, "carol-1")];
         let mut docs = Vec::new();
         for (c, id) in clients {
-            docs.push(Document::from_open(id, open(c, "notes", None).await.unwrap()).unwrap());
+            docs.push(
+                Document::from_open(id, open(c, "alice~notes", None).await.unwrap()).unwrap(),
+            );
         }
         let [da, db, dc] = &mut docs[..] else {
             unreachable!()
@@ -259,7 +264,7 @@ async fn three_editors_on_mixed_transports_converge_and_survive_a_restart() {
         );
         // Everyone has had every own edit acknowledged; fetch the server's copy.
         let check = s.connect(TransportKind::Quic, "alice").await;
-        let truth = open(&check, "notes", None).await.unwrap();
+        let truth = open(&check, "alice~notes", None).await.unwrap();
         let Some(doc_open_response::State::Snapshot(text)) = truth.state else {
             panic!()
         };
@@ -297,19 +302,19 @@ async fn three_editors_on_mixed_transports_converge_and_survive_a_restart() {
         assert!(ack.duplicate);
         assert!(ack.revision <= truth.revision);
         assert_eq!(
-            open(&check, "notes", None).await.unwrap().revision,
+            open(&check, "alice~notes", None).await.unwrap().revision,
             truth.revision
         );
 
         // A viewer is refused.
         let dave = s.connect(TransportKind::WebTransport, "dave").await;
         let dave_doc =
-            Document::from_open("dave-1", open(&dave, "notes", None).await.unwrap()).unwrap();
+            Document::from_open("dave-1", open(&dave, "alice~notes", None).await.unwrap()).unwrap();
         assert_eq!(dave_doc.role(), DocRole::Viewer);
         let refused = submit(
             &dave,
             v1::DocSubmitRequest {
-                doc_id: "notes".into(),
+                doc_id: "alice~notes".into(),
                 base_revision: truth.revision,
                 op: Some(tutti::protocol::ot_wire::op_to_wire(
                     &TextOperation::new()
@@ -328,7 +333,7 @@ async fn three_editors_on_mixed_transports_converge_and_survive_a_restart() {
 
         // Someone the document was not shared with cannot learn it exists.
         let eve = s.connect(TransportKind::Quic, "eve").await;
-        let hidden = server_error(open(&eve, "notes", None).await);
+        let hidden = server_error(open(&eve, "alice~notes", None).await);
         let missing = server_error(open(&eve, "no-such-doc", None).await);
         assert_eq!(hidden.error_code(), Some(ErrorCode::NotFound));
         assert_eq!(hidden.message, missing.message);
@@ -343,7 +348,7 @@ async fn three_editors_on_mixed_transports_converge_and_survive_a_restart() {
             dir: s.dir,
         };
         let reader = s.connect(TransportKind::WebTransport, "carol").await;
-        let reopened = open(&reader, "notes", None).await.unwrap();
+        let reopened = open(&reader, "alice~notes", None).await.unwrap();
         assert_eq!(reopened.revision, truth.revision);
         assert_eq!(
             reopened.state,
@@ -375,11 +380,11 @@ async fn a_revoked_editor_stops_receiving_the_document(t: TransportKind) {
     let ann = s.connect(t, "ann").await;
     create(&ann, "d", "ab").await;
     create(&ann, "marker", "").await;
-    share(&ann, "d", "bob", DocRole::Editor).await;
+    share(&ann, "ann~d", "bob", DocRole::Editor).await;
     let bob = s.connect(t, "bob").await;
-    let opened = open(&bob, "d", None).await.unwrap();
-    let mut doc = Document::from_open("ann-1", open(&ann, "d", None).await.unwrap()).unwrap();
-    share(&ann, "d", "bob", DocRole::Unspecified).await;
+    let opened = open(&bob, "ann~d", None).await.unwrap();
+    let mut doc = Document::from_open("ann-1", open(&ann, "ann~d", None).await.unwrap()).unwrap();
+    share(&ann, "ann~d", "bob", DocRole::Unspecified).await;
     // Ann sees Bob leave.
     loop {
         if let Some(Event::Push(
@@ -402,7 +407,7 @@ async fn a_revoked_editor_stops_receiving_the_document(t: TransportKind) {
         .unwrap()
         .unwrap();
     submit(&ann, req).await.unwrap();
-    share(&ann, "marker", "bob", DocRole::Viewer).await;
+    share(&ann, "ann~marker", "bob", DocRole::Viewer).await;
     let mut revoked = false;
     loop {
         match bob.next_event().await.expect("session open") {
@@ -413,11 +418,11 @@ async fn a_revoked_editor_stops_receiving_the_document(t: TransportKind) {
                     ..
                 },
             ) => {
-                if sh.doc_id == "d" {
+                if sh.doc_id == "ann~d" {
                     assert_eq!(sh.role, DocRole::Unspecified as i32);
                     revoked = true;
                 } else {
-                    assert_eq!(sh.doc_id, "marker");
+                    assert_eq!(sh.doc_id, "ann~marker");
                     break;
                 }
             }
@@ -434,7 +439,7 @@ async fn a_revoked_editor_stops_receiving_the_document(t: TransportKind) {
     assert!(revoked, "Bob was told");
     // His edits are refused like an outsider's.
     let forged = v1::DocSubmitRequest {
-        doc_id: "d".into(),
+        doc_id: "ann~d".into(),
         base_revision: opened.revision,
         op: Some(tutti::protocol::ot_wire::op_to_wire(
             &TextOperation::new().retain(2).insert("?"),
@@ -452,14 +457,15 @@ async fn another_editor_cannot_reuse_a_client_id(t: TransportKind) {
     let s = TestServer::start().await;
     let ann = s.connect(t, "ann").await;
     create(&ann, "d", "ab").await;
-    share(&ann, "d", "bob", DocRole::Editor).await;
+    share(&ann, "ann~d", "bob", DocRole::Editor).await;
     let bob = s.connect(t, "bob").await;
-    let mut doc = Document::from_open("ann-laptop", open(&ann, "d", None).await.unwrap()).unwrap();
-    let base = open(&bob, "d", None).await.unwrap().revision;
+    let mut doc =
+        Document::from_open("ann-laptop", open(&ann, "ann~d", None).await.unwrap()).unwrap();
+    let base = open(&bob, "ann~d", None).await.unwrap().revision;
     // Bob forges Ann's client id with her next seq, and with a far later one.
     for seq in [1, 100] {
         let forged = v1::DocSubmitRequest {
-            doc_id: "d".into(),
+            doc_id: "ann~d".into(),
             base_revision: base,
             op: Some(tutti::protocol::ot_wire::op_to_wire(
                 &TextOperation::new().retain(2).insert("X"),
@@ -481,7 +487,7 @@ async fn another_editor_cannot_reuse_a_client_id(t: TransportKind) {
     assert_eq!(r.revision, base + 3);
     // Her own resend is still recognised.
     assert!(submit(&ann, req).await.unwrap().duplicate);
-    match open(&ann, "d", None).await.unwrap().state {
+    match open(&ann, "ann~d", None).await.unwrap().state {
         Some(doc_open_response::State::Snapshot(text)) => assert_eq!(text, "AabXX"),
         other => panic!("{other:?}"),
     }
@@ -491,9 +497,10 @@ async fn reconnect_catches_up_and_resends_once(t: TransportKind) {
     let s = TestServer::start().await;
     let alice = s.connect(t, "alice").await;
     create(&alice, "d", "abc").await;
-    share(&alice, "d", "bob", DocRole::Editor).await;
+    share(&alice, "alice~d", "bob", DocRole::Editor).await;
     let bob = s.connect(t, "bob").await;
-    let mut doc = Document::from_open("bob-phone", open(&bob, "d", None).await.unwrap()).unwrap();
+    let mut doc =
+        Document::from_open("bob-phone", open(&bob, "alice~d", None).await.unwrap()).unwrap();
     // Bob's edit is sent, but the session drops before he sees the acknowledgement.
     let req = doc
         .edit(TextOperation::new().retain(3).insert("!"))
@@ -502,7 +509,8 @@ async fn reconnect_catches_up_and_resends_once(t: TransportKind) {
     submit(&bob, req).await.unwrap();
     drop(bob);
     // Alice edits meanwhile.
-    let mut adoc = Document::from_open("alice-1", open(&alice, "d", None).await.unwrap()).unwrap();
+    let mut adoc =
+        Document::from_open("alice-1", open(&alice, "alice~d", None).await.unwrap()).unwrap();
     follow_until(&alice, &mut adoc, 1).await;
     let req = adoc
         .edit(TextOperation::new().insert(">").retain(4))
@@ -513,7 +521,7 @@ async fn reconnect_catches_up_and_resends_once(t: TransportKind) {
     // Bob reconnects with his last revision: he receives what he missed, his own
     // operation among it, and has nothing left to resend.
     let bob = s.connect(t, "bob").await;
-    let caught = open(&bob, "d", Some(doc.revision())).await.unwrap();
+    let caught = open(&bob, "alice~d", Some(doc.revision())).await.unwrap();
     assert!(matches!(
         caught.state,
         Some(doc_open_response::State::CatchUp(_))
@@ -532,7 +540,7 @@ async fn reconnect_catches_up_and_resends_once(t: TransportKind) {
     let second = submit(&bob, req).await.unwrap();
     assert_eq!((first.duplicate, second.duplicate), (false, true));
     assert_eq!(first.revision, second.revision);
-    let fresh = open(&alice, "d", None).await.unwrap();
+    let fresh = open(&alice, "alice~d", None).await.unwrap();
     assert_eq!(
         fresh.state,
         Some(doc_open_response::State::Snapshot(">abc!?".into()))
@@ -543,7 +551,7 @@ async fn stale_base_revision_gets_a_resync_snapshot(t: TransportKind) {
     let s = TestServer::start_with(|c| c.collab.history = 3).await;
     let alice = s.connect(t, "alice").await;
     create(&alice, "d", "").await;
-    let mut doc = Document::from_open("a", open(&alice, "d", None).await.unwrap()).unwrap();
+    let mut doc = Document::from_open("a", open(&alice, "alice~d", None).await.unwrap()).unwrap();
     for i in 0..5 {
         let len = doc.text().chars().count();
         let req = doc
@@ -554,7 +562,7 @@ async fn stale_base_revision_gets_a_resync_snapshot(t: TransportKind) {
         follow_until(&alice, &mut doc, i + 1).await;
     }
     let stale = v1::DocSubmitRequest {
-        doc_id: "d".into(),
+        doc_id: "alice~d".into(),
         base_revision: 0,
         op: Some(tutti::protocol::ot_wire::op_to_wire(
             &TextOperation::new().insert("y"),
@@ -571,7 +579,7 @@ async fn stale_base_revision_gets_a_resync_snapshot(t: TransportKind) {
         other => panic!("{other:?}"),
     }
     // Too far behind for a catch-up: reopening gives the snapshot.
-    let reopened = open(&alice, "d", Some(1)).await.unwrap();
+    let reopened = open(&alice, "alice~d", Some(1)).await.unwrap();
     assert!(matches!(
         reopened.state,
         Some(doc_open_response::State::Snapshot(_))
@@ -588,17 +596,17 @@ async fn presence_and_cursors_reach_the_others(t: TransportKind) {
     let s = TestServer::start_with(|c| c.collab.cursor_settle = Duration::from_millis(50)).await;
     let alice = s.connect(t, "alice").await;
     create(&alice, "d", "hello").await;
-    share(&alice, "d", "bob", DocRole::Editor).await;
-    open(&alice, "d", None).await.unwrap();
+    share(&alice, "alice~d", "bob", DocRole::Editor).await;
+    open(&alice, "alice~d", None).await.unwrap();
     let bob = s.connect(t, "bob").await;
-    let opened = open(&bob, "d", None).await.unwrap();
+    let opened = open(&bob, "alice~d", None).await.unwrap();
     assert_eq!(opened.participants.len(), 1);
     assert_eq!(opened.participants[0].user_id, "alice");
 
     let mut seen = HashMap::new();
     // Alice sees Bob join, then his cursor (a datagram, then reliably once it stops).
     let cursor = v1::datagram::Kind::Cursor(v1::DocCursor {
-        doc_id: "d".into(),
+        doc_id: "alice~d".into(),
         revision: 0,
         anchor: 1,
         head: 3,
@@ -650,7 +658,7 @@ async fn malformed_operations_are_refused_with_codes(t: TransportKind) {
     create(&alice, "d", "abc").await;
     // Not opened in this session.
     let req = |op: Option<v1::TextOp>, seq| v1::DocSubmitRequest {
-        doc_id: "d".into(),
+        doc_id: "alice~d".into(),
         base_revision: 0,
         op,
         client_id: "c".into(),
@@ -661,7 +669,7 @@ async fn malformed_operations_are_refused_with_codes(t: TransportKind) {
         server_error(submit(&alice, req(Some(op.clone()), 1)).await).error_code(),
         Some(ErrorCode::NotFound)
     );
-    open(&alice, "d", None).await.unwrap();
+    open(&alice, "alice~d", None).await.unwrap();
     // Wrong length for the document.
     let long = tutti::protocol::ot_wire::op_to_wire(&TextOperation::new().retain(10));
     assert_eq!(
@@ -728,15 +736,15 @@ async fn doc_list_shows_each_users_documents_and_roles(t: TransportKind) {
     assert_eq!(
         summaries(&list(&alice).await),
         [
-            ("a-plan", "alice", Owner, 0),
-            ("b-notes", "alice", Owner, 0)
+            ("alice~a-plan", "alice", Owner, 0),
+            ("alice~b-notes", "alice", Owner, 0)
         ]
     );
     assert!(list(&carol).await.docs.is_empty());
 
-    share(&alice, "a-plan", "bob", Editor).await;
-    share(&alice, "a-plan", "carol", Viewer).await;
-    share(&alice, "b-notes", "carol", Editor).await;
+    share(&alice, "alice~a-plan", "bob", Editor).await;
+    share(&alice, "alice~a-plan", "carol", Viewer).await;
+    share(&alice, "alice~b-notes", "carol", Editor).await;
     // Bob and Carol hear of it live, on every session.
     let pushed = next_shared(&bob).await;
     assert_eq!(
@@ -745,15 +753,22 @@ async fn doc_list_shows_each_users_documents_and_roles(t: TransportKind) {
             pushed.owner_id.as_str(),
             pushed.role()
         ),
-        ("a-plan", "alice", Editor)
+        ("alice~a-plan", "alice", Editor)
     );
     let pushed = next_shared(&carol).await;
-    assert_eq!((pushed.doc_id.as_str(), pushed.role()), ("a-plan", Viewer));
+    assert_eq!(
+        (pushed.doc_id.as_str(), pushed.role()),
+        ("alice~a-plan", Viewer)
+    );
     let pushed = next_shared(&carol).await;
-    assert_eq!((pushed.doc_id.as_str(), pushed.role()), ("b-notes", Editor));
+    assert_eq!(
+        (pushed.doc_id.as_str(), pushed.role()),
+        ("alice~b-notes", Editor)
+    );
 
     // An edit moves the listed revision.
-    let mut doc = Document::from_open("a", open(&alice, "a-plan", None).await.unwrap()).unwrap();
+    let mut doc =
+        Document::from_open("a", open(&alice, "alice~a-plan", None).await.unwrap()).unwrap();
     let req = doc
         .edit(TextOperation::new().retain(3).insert("!"))
         .unwrap()
@@ -764,20 +779,23 @@ async fn doc_list_shows_each_users_documents_and_roles(t: TransportKind) {
     assert_eq!(
         summaries(&mine),
         [
-            ("a-plan", "alice", Owner, 1),
-            ("b-notes", "alice", Owner, 0)
+            ("alice~a-plan", "alice", Owner, 1),
+            ("alice~b-notes", "alice", Owner, 0)
         ]
     );
     assert!(!mine.more);
     assert_eq!(
         summaries(&list(&bob).await),
-        [("a-plan", "alice", Editor, 1), ("c-bob", "bob", Owner, 0)]
+        [
+            ("alice~a-plan", "alice", Editor, 1),
+            ("bob~c-bob", "bob", Owner, 0)
+        ]
     );
     assert_eq!(
         summaries(&list(&carol).await),
         [
-            ("a-plan", "alice", Viewer, 1),
-            ("b-notes", "alice", Editor, 0)
+            ("alice~a-plan", "alice", Viewer, 1),
+            ("alice~b-notes", "alice", Editor, 0)
         ]
     );
     let outsider = list(&dave).await;
@@ -789,31 +807,34 @@ async fn doc_list_shows_each_users_documents_and_roles(t: TransportKind) {
     assert_eq!(
         summaries(&capped),
         [
-            ("0-first", "alice", Owner, 0),
-            ("a-plan", "alice", Owner, 1)
+            ("alice~0-first", "alice", Owner, 0),
+            ("alice~a-plan", "alice", Owner, 1)
         ]
     );
     assert!(capped.more);
 
     // A role change and a revoke show at once, and are pushed.
-    share(&alice, "a-plan", "bob", Viewer).await;
+    share(&alice, "alice~a-plan", "bob", Viewer).await;
     assert_eq!(next_shared(&bob).await.role(), Viewer);
-    share(&alice, "a-plan", "carol", Unspecified).await;
+    share(&alice, "alice~a-plan", "carol", Unspecified).await;
     let revoked = next_shared(&carol).await;
     assert_eq!(
         (revoked.doc_id.as_str(), revoked.role()),
-        ("a-plan", Unspecified)
+        ("alice~a-plan", Unspecified)
     );
     assert_eq!(
         summaries(&list(&bob).await),
-        [("a-plan", "alice", Viewer, 1), ("c-bob", "bob", Owner, 0)]
+        [
+            ("alice~a-plan", "alice", Viewer, 1),
+            ("bob~c-bob", "bob", Owner, 0)
+        ]
     );
     assert_eq!(
         summaries(&list(&carol).await),
-        [("b-notes", "alice", Editor, 0)]
+        [("alice~b-notes", "alice", Editor, 0)]
     );
     // Revoking someone who has no access changes nothing.
-    share(&alice, "a-plan", "dave", Unspecified).await;
+    share(&alice, "alice~a-plan", "dave", Unspecified).await;
     assert!(list(&dave).await.docs.is_empty());
 }
 
@@ -825,7 +846,7 @@ async fn doc_list_covers_documents_stored_before_the_index() {
         let mut s = TestServer::start().await;
         let alice = s.connect(TransportKind::Quic, "alice").await;
         create(&alice, "old", "text").await;
-        share(&alice, "old", "bob", DocRole::Viewer).await;
+        share(&alice, "alice~old", "bob", DocRole::Viewer).await;
         let db_file = s.server().config().data_dir.join(tutti::store::DB_FILE);
         drop(alice);
         s.shutdown().await;
@@ -845,14 +866,61 @@ async fn doc_list_covers_documents_stored_before_the_index() {
         let bob = s.connect(TransportKind::WebTransport, "bob").await;
         assert_eq!(
             summaries(&list(&bob).await),
-            [("old", "alice", DocRole::Viewer, 0)]
+            [("alice~old", "alice", DocRole::Viewer, 0)]
         );
         let alice = s.connect(TransportKind::Quic, "alice").await;
         assert_eq!(
             summaries(&list(&alice).await),
-            [("old", "alice", DocRole::Owner, 0)]
+            [("alice~old", "alice", DocRole::Owner, 0)]
         );
     })
     .await
     .expect("test timed out");
+}
+
+// ---- Ids: chosen document ids are namespaced per creator -------------------------
+
+both_transports!(chosen_doc_ids_are_namespaced_per_creator);
+
+/// Two users choosing the same document name get two documents; only the creator's
+/// own earlier one conflicts; a generated id is plain. An outsider asking about
+/// someone else's document gets the answer it would get for a missing one.
+async fn chosen_doc_ids_are_namespaced_per_creator(t: TransportKind) {
+    let s = TestServer::start().await;
+    let alice = s.connect(t, "alice").await;
+    let eve = s.connect(t, "eve").await;
+    create(&alice, "notes", "alice's").await;
+    create(&eve, "notes", "eve's").await;
+    let again = alice
+        .request(request::Body::DocCreate(v1::DocCreateRequest {
+            doc_id: "notes".into(),
+            text: String::new(),
+        }))
+        .await;
+    assert_eq!(server_error(again).error_code(), Some(ErrorCode::Conflict));
+    for bad in ["alice~notes", "x~y"] {
+        let r = eve
+            .request(request::Body::DocCreate(v1::DocCreateRequest {
+                doc_id: bad.into(),
+                text: String::new(),
+            }))
+            .await;
+        assert_eq!(server_error(r).error_code(), Some(ErrorCode::BadRequest));
+    }
+    match eve
+        .request(request::Body::DocCreate(v1::DocCreateRequest::default()))
+        .await
+        .unwrap()
+    {
+        response::Body::DocCreate(r) => assert!(!r.doc_id.contains('~')),
+        other => panic!("{other:?}"),
+    }
+    match open(&eve, "eve~notes", None).await.unwrap().state {
+        Some(doc_open_response::State::Snapshot(text)) => assert_eq!(text, "eve's"),
+        other => panic!("{other:?}"),
+    }
+    let there = server_error(open(&eve, "alice~notes", None).await);
+    let absent = server_error(open(&eve, "alice~absent", None).await);
+    assert_eq!(there, absent);
+    assert_eq!(there.error_code(), Some(ErrorCode::NotFound));
 }

@@ -527,7 +527,7 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
     doc_request(
         &owner,
         v1::request::Body::DocShare(v1::DocShareRequest {
-            doc_id: "lifecycle".into(),
+            doc_id: "ann~lifecycle".into(),
             user_id: "bob".into(),
             role: v1::DocRole::Editor as i32,
         }),
@@ -537,11 +537,11 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
     let editors = [s.connect(t, "bob").await, s.connect(t, "ann").await];
     let mut revision = 0;
     for e in &editors {
-        revision = open_doc(e, "lifecycle", None).await.revision;
+        revision = open_doc(e, "ann~lifecycle", None).await.revision;
     }
     for (i, ending) in ENDINGS.into_iter().enumerate() {
         let author = s.connect(t, "ann").await;
-        let open = open_doc(&author, "lifecycle", None).await;
+        let open = open_doc(&author, "ann~lifecycle", None).await;
         assert_eq!(open.revision, revision, "{ending:?}");
         let mut doc = Document::from_open(format!("author-{i}"), open).unwrap();
         let insert = TextOperation::new()
@@ -558,7 +558,7 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
 
         // Every editor receives it, as the next revision.
         for e in &editors {
-            let op = tokio::time::timeout(Duration::from_secs(10), next_doc_op(e, "lifecycle"))
+            let op = tokio::time::timeout(Duration::from_secs(10), next_doc_op(e, "ann~lifecycle"))
                 .await
                 .unwrap_or_else(|_| panic!("{ending:?}: the operation never reached an editor"));
             assert_eq!(op.revision, revision + 1, "{ending:?}");
@@ -566,7 +566,7 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
         }
         // Catch-up from before it returns it as an operation, not a snapshot.
         let reader = s.connect(t, "bob").await;
-        let caught = open_doc(&reader, "lifecycle", Some(revision)).await;
+        let caught = open_doc(&reader, "ann~lifecycle", Some(revision)).await;
         match caught.state {
             Some(v1::doc_open_response::State::CatchUp(c)) => {
                 assert_eq!(c.operations.len(), 1, "{ending:?}");
@@ -576,7 +576,7 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
         }
         // The author reconnects and resends: a duplicate, applied once.
         let again = s.connect(t, "ann").await;
-        open_doc(&again, "lifecycle", Some(revision)).await;
+        open_doc(&again, "ann~lifecycle", Some(revision)).await;
         match doc_request(&again, v1::request::Body::DocSubmit(submit)).await {
             v1::response::Body::DocSubmit(r) => {
                 assert!(r.duplicate, "{ending:?}: the resend was applied again");
@@ -587,7 +587,7 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
         revision += 1;
     }
     // Exactly once: a last edit from an editor is the next thing each editor sees.
-    let last = open_doc(&editors[0], "lifecycle", None).await;
+    let last = open_doc(&editors[0], "ann~lifecycle", None).await;
     assert_eq!(last.revision, revision);
     let mut doc = Document::from_open("closer", last).unwrap();
     let text = doc.text().to_owned();
@@ -601,10 +601,10 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
         .unwrap();
     doc_request(&editors[0], v1::request::Body::DocSubmit(submit)).await;
     for e in &editors[1..] {
-        let op = next_doc_op(e, "lifecycle").await;
+        let op = next_doc_op(e, "ann~lifecycle").await;
         assert_eq!(op.revision, revision + 1, "no operation arrived twice");
     }
-    let stored = open_doc(&s.connect(t, "ann").await, "lifecycle", None).await;
+    let stored = open_doc(&s.connect(t, "ann").await, "ann~lifecycle", None).await;
     let expected: String = (0..ENDINGS.len()).map(|i| format!("[{i}🎵]")).collect();
     assert_eq!(
         stored.state,
@@ -635,7 +635,7 @@ async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
             &s,
             sender,
             v1::request::Body::ChatSend(v1::ChatSendRequest {
-                room_id: "lifecycle".into(),
+                room_id: "ann~lifecycle".into(),
                 text: format!("m{i}"),
             }),
             ending,
@@ -653,7 +653,7 @@ async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
     doc_request(
         &bob,
         v1::request::Body::ChatSend(v1::ChatSendRequest {
-            room_id: "lifecycle".into(),
+            room_id: "ann~lifecycle".into(),
             text: "last".into(),
         }),
     )
@@ -775,7 +775,7 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
                 kind: Some(v1::client_frame::Kind::Request(v1::Request {
                     id,
                     body: Some(v1::request::Body::ChatSend(v1::ChatSendRequest {
-                        room_id: "stall".into(),
+                        room_id: "bob~stall".into(),
                         text: text.clone(),
                     })),
                 })),
@@ -805,7 +805,7 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
         let answer = tokio::time::timeout(
             BOUND,
             bob.request(v1::request::Body::ChatSend(v1::ChatSendRequest {
-                room_id: "stall".into(),
+                room_id: "bob~stall".into(),
                 text: format!("bob {i}"),
             })),
         )
@@ -818,7 +818,7 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
         let history = tokio::time::timeout(
             BOUND,
             bob.request(v1::request::Body::ChatHistory(v1::ChatHistoryRequest {
-                room_id: "stall".into(),
+                room_id: "bob~stall".into(),
                 before_offset: 0,
                 limit: 1,
             })),

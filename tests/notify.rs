@@ -282,7 +282,7 @@ async fn server_api_posts_to_rooms_and_lists_participants(t: TransportKind) {
     let (status, text) = s
         .api(
             "POST",
-            "/api/v1/rooms/ops/messages",
+            "/api/v1/rooms/alice~ops/messages",
             Some(r#"{"text":"deploy done"}"#),
         )
         .await;
@@ -298,7 +298,9 @@ async fn server_api_posts_to_rooms_and_lists_participants(t: TransportKind) {
             break;
         }
     }
-    let (status, text) = s.api("GET", "/api/v1/rooms/ops/participants", None).await;
+    let (status, text) = s
+        .api("GET", "/api/v1/rooms/alice~ops/participants", None)
+        .await;
     assert_eq!(status, 200);
     let p: tutti::api::ParticipantsJson = serde_json::from_str(&text).unwrap();
     assert_eq!(p.participants, ["alice", "bob"]);
@@ -321,7 +323,7 @@ async fn server_api_posts_to_rooms_and_lists_participants(t: TransportKind) {
     assert_eq!(
         s.api(
             "POST",
-            "/api/v1/rooms/ops/messages",
+            "/api/v1/rooms/alice~ops/messages",
             Some(&long.to_string())
         )
         .await
@@ -332,7 +334,7 @@ async fn server_api_posts_to_rooms_and_lists_participants(t: TransportKind) {
         support::http(
             s.server().http_addr(),
             "GET",
-            "/api/v1/rooms/ops/participants",
+            "/api/v1/rooms/alice~ops/participants",
             None
         )
         .await

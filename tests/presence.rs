@@ -340,7 +340,12 @@ async fn a_reconnect_within_grace_does_not_flap(t: TransportKind) {
 }
 
 async fn status_reaches_contacts_and_room_peers_only(t: TransportKind) {
-    let s = TestServer::start_with(|c| c.presence.grace = Duration::from_millis(100)).await;
+    // The default join policy: Carol shares the room once she accepts.
+    let s = TestServer::start_with(|c| {
+        c.presence.grace = Duration::from_millis(100);
+        c.rooms.join_policy = tutti::services::chat::JoinPolicy::Invite;
+    })
+    .await;
     let bob = s.connect(t, "bob").await; // an accepted contact
     befriend(&s, t, "alice", &bob, "bob").await;
     let carol = s.connect(t, "carol").await; // shares a room
@@ -361,6 +366,24 @@ async fn status_reaches_contacts_and_room_peers_only(t: TransportKind) {
     )
     .await
     .unwrap();
+    // Invited, Carol is no co-participant yet: she may not read Alice's presence.
+    let early = req(
+        &carol,
+        request::Body::PresenceGet(v1::PresenceGetRequest {
+            user_ids: vec!["alice".into()],
+        }),
+    )
+    .await;
+    match early {
+        Err(tutti::client::ClientError::Server(e)) => {
+            assert_eq!(
+                e.error_code(),
+                Some(tutti::protocol::ErrorCode::PermissionDenied)
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    carol.accept_invite("alice~r").await.unwrap();
 
     let r = set(&alice, PresenceStatus::Away).await.unwrap();
     assert_eq!(

@@ -117,8 +117,13 @@ impl Target {
         let secret = tutti::util::random_hex(32);
         let api_key = tutti::util::random_hex(32);
         let stderr = std::fs::File::create(dir.path().join("server.log"))?;
+        // The scenarios put users into rooms directly (no invitations to accept).
+        let config = dir.path().join("tutti.toml");
+        std::fs::write(&config, "[rooms]\njoin_policy = \"open\"\n")?;
         let mut cmd = tokio::process::Command::new(&server_bin);
         cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
             .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))

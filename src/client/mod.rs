@@ -566,6 +566,44 @@ impl Client {
         }
     }
 
+    /// The user's pending room invitations, oldest first. New ones arrive as
+    /// `Push.room_invite` on the chat stream while connected; list again after a
+    /// reconnect.
+    pub async fn room_invites(&self) -> Result<Vec<v1::RoomInvite>, ClientError> {
+        match self
+            .request(request::Body::RoomInviteList(v1::RoomInviteListRequest {}))
+            .await?
+        {
+            response::Body::RoomInviteList(r) => Ok(r.invites),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Accepts an invitation into `room_id`: the user becomes a participant and
+    /// starts receiving the room's messages. Returns the room.
+    pub async fn accept_invite(&self, room_id: &str) -> Result<v1::Room, ClientError> {
+        let body = request::Body::RoomInviteAccept(v1::RoomInviteAcceptRequest {
+            room_id: room_id.to_owned(),
+        });
+        match self.request(body).await? {
+            response::Body::RoomInviteAccept(v1::RoomInviteAcceptResponse { room: Some(r) }) => {
+                Ok(r)
+            }
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Declines an invitation into `room_id`.
+    pub async fn decline_invite(&self, room_id: &str) -> Result<(), ClientError> {
+        let body = request::Body::RoomInviteDecline(v1::RoomInviteDeclineRequest {
+            room_id: room_id.to_owned(),
+        });
+        match self.request(body).await? {
+            response::Body::RoomInviteDecline(_) => Ok(()),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
     /// Sends a datagram ping and waits for the pong; returns the round trip.
     /// Datagrams may be lost: this times out after the configured timeout.
     pub async fn ping_datagram(&self) -> Result<Duration, ClientError> {

@@ -53,6 +53,7 @@ impl Harness {
             },
             ServicesConfig {
                 chat: config.chat.clone(),
+                rooms: config.rooms.clone(),
                 notify: config.notify.clone(),
                 presence: config.presence.clone(),
                 collab: config.collab.clone(),

@@ -9,12 +9,24 @@
 //! is streamed outside the lock (see [`super::catch_up`]), so a long catch-up does
 //! not stall the room.
 //!
+//! Consent: nobody is put into a room without agreeing. The users named when a
+//! room is created or added to it become *invitees* (unless `rooms.join_policy`
+//! says otherwise): the invitation is stored and pushed to them, and only when they
+//! accept do they become participants, count toward their room limit, receive the
+//! room's events, and become co-participants for presence. The server API (a
+//! trusted backend) adds participants directly.
+//!
+//! Ids: a room id chosen by its creator is `"<creator>~<name>"` (see
+//! [`RoomId::chosen`]), so creating a room never fails because someone else's
+//! exists; an outsider gets the same answers for a room that exists as for one
+//! that does not.
+//!
 //! Unread counts: a user's unread count in a room is the number of messages after
 //! their read mark. Sending a message moves the sender's mark to it (you have read
 //! what you answer), so counts stay exact with one stored number per user and room.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -40,6 +52,51 @@ const OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("chat_room_offs
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chat_messages");
 const USER_ROOMS: TableDefinition<(&str, &str), u8> = TableDefinition::new("chat_user_rooms");
 const READ_MARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("chat_read_marks");
+/// (invitee, room): the user's pending invitations (the invitation itself is in the
+/// room's record).
+const INVITES: TableDefinition<(&str, &str), u8> = TableDefinition::new("chat_invites");
+
+/// Who may be put into a room by someone else (`rooms.join_policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinPolicy {
+    /// Everyone named is invited and must accept (the default).
+    #[default]
+    Invite,
+    /// The creator's or admin's accepted contacts are added directly; others are
+    /// invited.
+    Contacts,
+    /// Everyone named is added directly, without consent: for trusted
+    /// deployments and load tests.
+    Open,
+}
+
+/// Room membership rules (`[rooms]` in the configuration file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// Who is added directly and who is invited.
+    pub join_policy: JoinPolicy,
+    /// Pending invitations one user may have; more are refused with
+    /// `LIMIT_EXCEEDED` until they accept or decline some.
+    pub max_invites_per_user: usize,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self {
+            join_policy: JoinPolicy::Invite,
+            max_invites_per_user: 100,
+        }
+    }
+}
+
+/// Who is whose accepted contact (the presence service knows), for
+/// [`JoinPolicy::Contacts`].
+pub trait Contacts: Send + Sync + std::fmt::Debug {
+    /// Whether `a` and `b` are accepted contacts.
+    fn are_contacts(&self, a: &str, b: &str) -> ServiceResult<bool>;
+}
 
 /// Chat limits (`[chat]` in the configuration file).
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +141,29 @@ struct RoomMeta {
     name: String,
     admins: BTreeSet<String>,
     participants: BTreeSet<String>,
+    /// Invited users who have not accepted yet (not participants).
+    #[serde(default)]
+    invitees: BTreeMap<String, Invitation>,
+}
+
+/// A pending invitation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Invitation {
+    inviter: String,
+    at_ms: u64,
+    admin: bool,
+}
+
+/// A change to a user's membership rows, written with the room's record.
+enum Change {
+    /// Becomes a participant (and is no longer invited).
+    Join(String),
+    /// Stops being a participant (their read mark goes too).
+    Drop(String),
+    /// Is invited.
+    Invite(String),
+    /// Is no longer invited (declined or withdrawn).
+    Uninvite(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,7 +190,19 @@ impl RoomState {
             admins: self.meta.admins.iter().cloned().collect(),
             participants: self.meta.participants.iter().cloned().collect(),
             last_offset: self.last_offset,
+            invitees: self.meta.invitees.keys().cloned().collect(),
         }
+    }
+
+    fn invite_wire(&self, user: &str) -> Option<v1::RoomInvite> {
+        let i = self.meta.invitees.get(user)?;
+        Some(v1::RoomInvite {
+            room_id: self.id.clone(),
+            name: self.meta.name.clone(),
+            inviter_id: i.inviter.clone(),
+            invited_at_ms: i.at_ms,
+            admin: i.admin,
+        })
     }
 }
 
@@ -128,6 +220,9 @@ pub enum Sender<'a> {
 pub struct ChatService {
     deps: ServiceDeps,
     config: ChatConfig,
+    membership: RoomsConfig,
+    /// Set once the presence service is open (it needs this one first).
+    contacts: OnceLock<Weak<dyn Contacts>>,
     rooms: crate::store::registry::Registry<RoomState>,
     /// Each room's messages.
     log: RedbLog,
@@ -211,7 +306,11 @@ fn message_push(m: &v1::ChatMessage) -> v1::Push {
 
 impl ChatService {
     /// Opens the service, creating its tables.
-    pub fn open(deps: ServiceDeps, config: ChatConfig) -> Result<Arc<Self>, StoreError> {
+    pub fn open(
+        deps: ServiceDeps,
+        config: ChatConfig,
+        membership: RoomsConfig,
+    ) -> Result<Arc<Self>, StoreError> {
         let mut txn = deps.store.db().begin_write()?;
         txn.set_quick_repair(true);
         txn.open_table(ROOMS)?;
@@ -219,11 +318,14 @@ impl ChatService {
         txn.open_table(MESSAGES)?;
         txn.open_table(USER_ROOMS)?;
         txn.open_table(READ_MARKS)?;
+        txn.open_table(INVITES)?;
         txn.commit()?;
         let log = RedbLog::open(&deps.store, &deps.writer, "chat_messages", "chat_epochs")?;
         Ok(Arc::new(Self {
             deps,
             config,
+            membership,
+            contacts: OnceLock::new(),
             log,
             rooms: crate::store::registry::Registry::new(
                 "rooms",
@@ -235,6 +337,11 @@ impl ChatService {
             subscribed: Mutex::new(HashMap::new()),
             typing: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Tells the service who is whose contact, for [`JoinPolicy::Contacts`].
+    pub fn set_contacts(&self, contacts: Weak<dyn Contacts>) {
+        let _ = self.contacts.set(contacts);
     }
 
     // ---- sessions -------------------------------------------------------------
@@ -359,76 +466,174 @@ impl ChatService {
         Ok(())
     }
 
-    /// Creates a room with the caller as admin.
+    /// Whether `inviter` may put `user` into a room directly (or must invite them).
+    fn joins_directly(&self, inviter: &str, user: &str) -> ServiceResult<bool> {
+        match self.membership.join_policy {
+            JoinPolicy::Open => Ok(true),
+            JoinPolicy::Invite => Ok(false),
+            JoinPolicy::Contacts => match self.contacts.get().and_then(Weak::upgrade) {
+                Some(c) => c.are_contacts(inviter, user),
+                None => Ok(false),
+            },
+        }
+    }
+
+    fn invites_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let txn = self.deps.store.db().begin_read()?;
+        let table = txn.open_table(INVITES)?;
+        let mut rooms = Vec::new();
+        for entry in table.range((user, "")..)? {
+            let (key, _) = entry?;
+            let (u, room) = key.value();
+            if u != user {
+                break;
+            }
+            rooms.push(room.to_owned());
+        }
+        Ok(rooms)
+    }
+
+    fn check_invite_count(&self, user: &str) -> ServiceResult<()> {
+        if self.invites_of(user)?.len() >= self.membership.max_invites_per_user {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{user} has {} pending invitations already",
+                    self.membership.max_invites_per_user
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_room_size(&self, meta: &RoomMeta) -> ServiceResult<()> {
+        if meta.participants.len() + meta.invitees.len() > self.config.max_participants {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "rooms hold at most {} participants and invitees",
+                    self.config.max_participants
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn push_invite(&self, room: &RoomState, user: &str) {
+        let Some(invite) = room.invite_wire(user) else {
+            return;
+        };
+        let push = v1::Push {
+            stream: String::new(),
+            offset: 0,
+            event: Some(push::Event::RoomInvite(invite)),
+        };
+        for s in self.sessions_of(user) {
+            let _ = s.push(StreamKind::Chat, push.clone());
+        }
+    }
+
+    /// Creates a room with the caller as admin. The others named join directly or
+    /// are invited, as `rooms.join_policy` says.
     pub async fn create(
         &self,
         ctx: &SessionCtx,
         req: v1::RoomCreateRequest,
     ) -> ServiceResult<v1::RoomCreateResponse> {
-        let id = if req.room_id.is_empty() {
-            crate::util::random_hex(8)
+        let chosen = !req.room_id.is_empty();
+        let mut id = if chosen {
+            RoomId::chosen(&UserId::parse(ctx.user_id())?, &req.room_id)?.into_string()
         } else {
-            req.room_id
+            RoomId::generated().into_string()
         };
-        let id = RoomId::parse(id)?.into_string();
         if req.name.len() > self.config.max_room_name {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
                 "room name too long",
             ));
         }
-        let mut participants = BTreeSet::new();
-        participants.insert(ctx.user_id().to_owned());
+        let me = ctx.user_id().to_owned();
+        let mut meta = RoomMeta {
+            name: req.name,
+            admins: BTreeSet::from([me.clone()]),
+            participants: BTreeSet::from([me.clone()]),
+            invitees: BTreeMap::new(),
+        };
+        let now = self.deps.clock.now_ms();
         for p in req.participants {
-            participants.insert(UserId::parse(p)?.into_string());
+            let p = UserId::parse(p)?.into_string();
+            if meta.participants.contains(&p) || meta.invitees.contains_key(&p) {
+                continue;
+            }
+            if self.joins_directly(&me, &p)? {
+                meta.participants.insert(p);
+            } else {
+                let invitation = Invitation {
+                    inviter: me.clone(),
+                    at_ms: now,
+                    admin: false,
+                };
+                meta.invitees.insert(p, invitation);
+            }
+            self.check_room_size(&meta)?;
         }
-        if participants.len() > self.config.max_participants {
-            return Err(ServiceError::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "rooms hold at most {} participants",
-                    self.config.max_participants
-                ),
-            ));
-        }
-        for p in &participants {
+        for p in &meta.participants {
             self.check_room_count(p)?;
         }
-        let meta = RoomMeta {
-            name: req.name,
-            admins: BTreeSet::from([ctx.user_id().to_owned()]),
-            participants,
-        };
+        for p in meta.invitees.keys() {
+            self.check_invite_count(p)?;
+        }
         let bytes = json(&meta);
-        let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (flag, room_id, members) = (
-            taken.clone(),
-            id.clone(),
-            meta.participants.iter().cloned().collect::<Vec<_>>(),
-        );
-        self.deps
-            .writer
-            .write(move |txn| {
-                let mut rooms = txn.open_table(ROOMS)?;
-                let exists = rooms.get(room_id.as_str())?.is_some();
-                flag.store(exists, std::sync::atomic::Ordering::Relaxed);
-                if exists {
-                    return Ok(());
-                }
-                rooms.insert(room_id.as_str(), bytes.as_slice())?;
-                txn.open_table(OFFSETS)?.insert(room_id.as_str(), 0)?;
-                let mut user_rooms = txn.open_table(USER_ROOMS)?;
-                for m in &members {
-                    user_rooms.insert((m.as_str(), room_id.as_str()), 0)?;
-                }
-                Ok(())
-            })
-            .await?;
-        if taken.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(ServiceError::new(
-                ErrorCode::Conflict,
-                "the room id is taken",
-            ));
+        let members: Vec<String> = meta.participants.iter().cloned().collect();
+        let invitees: Vec<String> = meta.invitees.keys().cloned().collect();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (flag, room_id, members, invitees, bytes) = (
+                taken.clone(),
+                id.clone(),
+                members.clone(),
+                invitees.clone(),
+                bytes.clone(),
+            );
+            self.deps
+                .writer
+                .write(move |txn| {
+                    let mut rooms = txn.open_table(ROOMS)?;
+                    let exists = rooms.get(room_id.as_str())?.is_some();
+                    flag.store(exists, std::sync::atomic::Ordering::Relaxed);
+                    if exists {
+                        return Ok(());
+                    }
+                    rooms.insert(room_id.as_str(), bytes.as_slice())?;
+                    txn.open_table(OFFSETS)?.insert(room_id.as_str(), 0)?;
+                    let mut user_rooms = txn.open_table(USER_ROOMS)?;
+                    for m in &members {
+                        user_rooms.insert((m.as_str(), room_id.as_str()), 0)?;
+                    }
+                    let mut invites = txn.open_table(INVITES)?;
+                    for m in &invitees {
+                        invites.insert((m.as_str(), room_id.as_str()), 0)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            if !taken.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            // Only the caller's own chosen ids can be taken: they are in the
+            // caller's namespace. A generated id that collides is drawn again.
+            if chosen {
+                return Err(ServiceError::new(
+                    ErrorCode::Conflict,
+                    "you already created a room with this id",
+                ));
+            }
+            if attempts >= 3 {
+                return Err(ServiceError::internal("generated room ids keep colliding"));
+            }
+            id = RoomId::generated().into_string();
         }
         let handle = self
             .load(&id)
@@ -441,6 +646,9 @@ impl ChatService {
                 self.subscribe(s.clone(), &room.id);
                 let _ = s.push(StreamKind::Chat, event.clone());
             }
+        }
+        for user in room.meta.invitees.keys() {
+            self.push_invite(&room, user);
         }
         Ok(v1::RoomCreateResponse {
             room: Some(room.wire()),
@@ -457,25 +665,31 @@ impl ChatService {
         &self,
         room: &RoomState,
         meta: &RoomMeta,
-        add: Option<&str>,
-        remove: Option<&str>,
+        change: Change,
     ) -> ServiceResult<()> {
         let bytes = json(meta);
         let id = room.id.clone();
-        let (add, remove) = (add.map(str::to_owned), remove.map(str::to_owned));
         self.deps
             .writer
             .write(move |txn| {
                 txn.open_table(ROOMS)?
                     .insert(id.as_str(), bytes.as_slice())?;
-                let mut user_rooms = txn.open_table(USER_ROOMS)?;
-                if let Some(u) = &add {
-                    user_rooms.insert((u.as_str(), id.as_str()), 0)?;
-                }
-                if let Some(u) = &remove {
-                    user_rooms.remove((u.as_str(), id.as_str()))?;
-                    txn.open_table(READ_MARKS)?
-                        .remove((u.as_str(), id.as_str()))?;
+                let id = id.as_str();
+                match &change {
+                    Change::Join(u) => {
+                        txn.open_table(USER_ROOMS)?.insert((u.as_str(), id), 0)?;
+                        txn.open_table(INVITES)?.remove((u.as_str(), id))?;
+                    }
+                    Change::Drop(u) => {
+                        txn.open_table(USER_ROOMS)?.remove((u.as_str(), id))?;
+                        txn.open_table(READ_MARKS)?.remove((u.as_str(), id))?;
+                    }
+                    Change::Invite(u) => {
+                        txn.open_table(INVITES)?.insert((u.as_str(), id), 0)?;
+                    }
+                    Change::Uninvite(u) => {
+                        txn.open_table(INVITES)?.remove((u.as_str(), id))?;
+                    }
                 }
                 Ok(())
             })
@@ -483,48 +697,166 @@ impl ChatService {
         Ok(())
     }
 
-    /// Adds a participant (admins only).
+    /// Adds a participant directly, without an invitation: for the server API,
+    /// whose callers are trusted backends. `NOT_FOUND` if the room does not exist.
+    pub async fn add_member(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        admin: bool,
+    ) -> ServiceResult<v1::Room> {
+        let handle = self.room_for(room_id).await?;
+        let mut room = handle.lock().await;
+        self.join(&mut room, user.as_str(), admin).await?;
+        Ok(room.wire())
+    }
+
+    /// Makes `user` a participant (from invitee or outsider).
+    async fn join(&self, room: &mut RoomState, user: &str, admin: bool) -> ServiceResult<()> {
+        let mut meta = room.meta.clone();
+        let invited = meta.invitees.remove(user).is_some();
+        let new = meta.participants.insert(user.to_owned());
+        if new {
+            self.check_room_size(&meta)?;
+            self.check_room_count(user)?;
+        }
+        let admin_changed = admin && meta.admins.insert(user.to_owned());
+        if !new && !admin_changed && !invited {
+            return Ok(());
+        }
+        self.write_meta(room, &meta, Change::Join(user.to_owned()))
+            .await?;
+        room.meta = meta;
+        if new {
+            for s in self.sessions_of(user) {
+                self.subscribe(s, &room.id);
+            }
+            let event = self.room_event(room_event::Kind::Added, room, user);
+            self.deps
+                .hub
+                .publish(&topic(&room.id), StreamKind::Chat, &event);
+        }
+        Ok(())
+    }
+
+    /// Invites `user` (an outsider) into the room.
+    async fn invite(
+        &self,
+        room: &mut RoomState,
+        inviter: &str,
+        user: &str,
+        admin: bool,
+    ) -> ServiceResult<()> {
+        let mut meta = room.meta.clone();
+        match meta.invitees.get_mut(user) {
+            // Already invited: only the admin flag may change.
+            Some(i) if i.admin == admin => return Ok(()),
+            Some(i) => i.admin = admin,
+            None => {
+                let invitation = Invitation {
+                    inviter: inviter.to_owned(),
+                    at_ms: self.deps.clock.now_ms(),
+                    admin,
+                };
+                meta.invitees.insert(user.to_owned(), invitation);
+                self.check_room_size(&meta)?;
+                self.check_invite_count(user)?;
+            }
+        }
+        self.write_meta(room, &meta, Change::Invite(user.to_owned()))
+            .await?;
+        room.meta = meta;
+        let event = self.room_event(room_event::Kind::Invited, room, user);
+        self.deps
+            .hub
+            .publish(&topic(&room.id), StreamKind::Chat, &event);
+        self.push_invite(room, user);
+        Ok(())
+    }
+
+    /// Takes back an invitation (declined, or withdrawn by an admin).
+    async fn uninvite(&self, room: &mut RoomState, user: &str) -> ServiceResult<()> {
+        let mut meta = room.meta.clone();
+        if meta.invitees.remove(user).is_none() {
+            return Err(not_found());
+        }
+        self.write_meta(room, &meta, Change::Uninvite(user.to_owned()))
+            .await?;
+        room.meta = meta;
+        let event = self.room_event(room_event::Kind::Declined, room, user);
+        self.deps
+            .hub
+            .publish(&topic(&room.id), StreamKind::Chat, &event);
+        Ok(())
+    }
+
+    /// Adds a participant, or invites them, as `rooms.join_policy` says (admins
+    /// only). A participant already in the room may be made an admin.
     pub async fn add(
         &self,
         ctx: &SessionCtx,
         req: v1::RoomAddRequest,
     ) -> ServiceResult<v1::RoomAddResponse> {
-        UserId::parse(req.user_id.as_str())?;
+        let user = UserId::parse(req.user_id.as_str())?;
         let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
         let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
-        let mut meta = room.meta.clone();
-        let new = meta.participants.insert(req.user_id.clone());
-        if new {
-            if meta.participants.len() > self.config.max_participants {
-                return Err(ServiceError::new(
-                    ErrorCode::LimitExceeded,
-                    format!(
-                        "rooms hold at most {} participants",
-                        self.config.max_participants
-                    ),
-                ));
-            }
-            self.check_room_count(&req.user_id)?;
-        }
-        if req.admin {
-            meta.admins.insert(req.user_id.clone());
-        }
-        self.write_meta(&room, &meta, new.then_some(req.user_id.as_str()), None)
-            .await?;
-        room.meta = meta;
-        if new {
-            for s in self.sessions_of(&req.user_id) {
-                self.subscribe(s, &room.id);
-            }
-            let event = self.room_event(room_event::Kind::Added, &room, &req.user_id);
-            self.deps
-                .hub
-                .publish(&topic(&room.id), StreamKind::Chat, &event);
+        let user = user.as_str();
+        if room.meta.participants.contains(user) || self.joins_directly(ctx.user_id(), user)? {
+            self.join(&mut room, user, req.admin).await?;
+        } else {
+            self.invite(&mut room, ctx.user_id(), user, req.admin)
+                .await?;
         }
         Ok(v1::RoomAddResponse {
             room: Some(room.wire()),
         })
+    }
+
+    /// The caller's pending invitations, oldest first.
+    pub async fn invites(&self, ctx: &SessionCtx) -> ServiceResult<v1::RoomInviteListResponse> {
+        let mut invites = Vec::new();
+        for id in self.invites_of(ctx.user_id())? {
+            let Some(handle) = self.load(&id).await? else {
+                continue;
+            };
+            if let Some(i) = handle.lock().await.invite_wire(ctx.user_id()) {
+                invites.push(i);
+            }
+        }
+        invites.sort_by(|a, b| (a.invited_at_ms, &a.room_id).cmp(&(b.invited_at_ms, &b.room_id)));
+        Ok(v1::RoomInviteListResponse { invites })
+    }
+
+    /// Accepts an invitation: the caller becomes a participant. `NOT_FOUND` when
+    /// there is no invitation (as for a room that does not exist).
+    pub async fn accept(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::RoomInviteAcceptRequest,
+    ) -> ServiceResult<v1::RoomInviteAcceptResponse> {
+        let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
+        let mut room = handle.lock().await;
+        let Some(invitation) = room.meta.invitees.get(ctx.user_id()) else {
+            return Err(not_found());
+        };
+        let admin = invitation.admin;
+        self.join(&mut room, ctx.user_id(), admin).await?;
+        Ok(v1::RoomInviteAcceptResponse {
+            room: Some(room.wire()),
+        })
+    }
+
+    /// Declines an invitation. `NOT_FOUND` when there is none.
+    pub async fn decline(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::RoomInviteDeclineRequest,
+    ) -> ServiceResult<v1::RoomInviteDeclineResponse> {
+        let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
+        let mut room = handle.lock().await;
+        self.uninvite(&mut room, ctx.user_id()).await?;
+        Ok(v1::RoomInviteDeclineResponse {})
     }
 
     fn require_admin(&self, room: &RoomState, user: &str) -> ServiceResult<()> {
@@ -549,6 +881,11 @@ impl ChatService {
         let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
         let mut room = handle.lock().await;
         self.require_admin(&room, ctx.user_id())?;
+        if room.meta.invitees.contains_key(&req.user_id) {
+            // Withdraws the invitation.
+            self.uninvite(&mut room, &req.user_id).await?;
+            return Ok(v1::RoomRemoveResponse {});
+        }
         self.drop_participant(&mut room, &req.user_id, room_event::Kind::Removed)
             .await?;
         Ok(v1::RoomRemoveResponse {})
@@ -587,7 +924,8 @@ impl ChatService {
         {
             meta.admins.insert(first);
         }
-        self.write_meta(room, &meta, None, Some(user)).await?;
+        self.write_meta(room, &meta, Change::Drop(user.to_owned()))
+            .await?;
         room.meta = meta;
         let event = self.room_event(kind, room, user);
         // The one who goes hears it too, then stops hearing the room.
@@ -988,6 +1326,13 @@ impl ChatService {
 
 #[cfg(test)]
 mod tests {
+    fn open_rooms() -> RoomsConfig {
+        RoomsConfig {
+            join_policy: JoinPolicy::Open,
+            ..Default::default()
+        }
+    }
+
     use super::*;
     use crate::services::fakes::{FakeSession, Node};
 
@@ -998,7 +1343,7 @@ mod tests {
     async fn a_send_after_an_abandoned_one_follows_it() {
         use futures_util::FutureExt;
         let node = Node::new();
-        let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
+        let chat = ChatService::open(node.deps.clone(), Default::default(), open_rooms()).unwrap();
         let (alice, _) = FakeSession::new("alice", "a", 16);
         let alice = alice.ctx();
         chat.create(
@@ -1015,7 +1360,7 @@ mod tests {
             chat.send(
                 &alice,
                 v1::ChatSendRequest {
-                    room_id: "r".into(),
+                    room_id: "alice~r".into(),
                     text: text.into(),
                 },
             )
@@ -1036,7 +1381,7 @@ mod tests {
             .history(
                 &alice,
                 v1::ChatHistoryRequest {
-                    room_id: "r".into(),
+                    room_id: "alice~r".into(),
                     before_offset: 0,
                     limit: 10,
                 },
@@ -1056,7 +1401,7 @@ mod tests {
     #[tokio::test]
     async fn catch_up_then_live_in_order_with_sends_meanwhile() {
         let node = Node::new();
-        let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
+        let chat = ChatService::open(node.deps.clone(), Default::default(), open_rooms()).unwrap();
         let (alice, _) = FakeSession::new("alice", "a", 16);
         chat.create(
             &alice.ctx(),
@@ -1069,7 +1414,7 @@ mod tests {
         .await
         .unwrap();
         let seeded = (1..=1000).map(|i| format!("m{i}")).collect();
-        chat.post_many(&RoomId::parse("r").unwrap(), Sender::System, seeded)
+        chat.post_many(&RoomId::parse("alice~r").unwrap(), Sender::System, seeded)
             .await
             .unwrap();
         let alice = alice.ctx();
@@ -1077,14 +1422,14 @@ mod tests {
             chat.send(
                 &alice,
                 v1::ChatSendRequest {
-                    room_id: "r".into(),
+                    room_id: "alice~r".into(),
                     text,
                 },
             )
         };
 
         let (bob, mut queue) = FakeSession::new("bob", "b", 100);
-        let resume = HashMap::from([(resume_key("r"), 0)]);
+        let resume = HashMap::from([(resume_key("alice~r"), 0)]);
         let gate = tokio::sync::Notify::new();
         let mut got = Vec::new();
         let meanwhile = async {

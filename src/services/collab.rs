@@ -236,12 +236,16 @@ impl CollabService {
         ctx: &SessionCtx,
         req: v1::DocCreateRequest,
     ) -> ServiceResult<v1::DocCreateResponse> {
-        let id = if req.doc_id.is_empty() {
-            crate::util::random_hex(8)
+        // A chosen id is namespaced per creator ("<creator>~<name>"): it can only
+        // be taken by the caller's own document, so the answer tells an outsider
+        // nothing about anyone else's.
+        let chosen = !req.doc_id.is_empty();
+        let id = if chosen {
+            let creator = crate::ids::UserId::parse(ctx.user_id())?;
+            crate::ids::DocId::chosen(&creator, &req.doc_id)?.into_string()
         } else {
-            req.doc_id
+            crate::ids::DocId::generated().into_string()
         };
-        let id = crate::ids::DocId::parse(id)?.into_string();
         if req.text.chars().count() > self.config.max_doc_chars {
             return Err(ServiceError::new(
                 ErrorCode::LimitExceeded,
@@ -286,10 +290,19 @@ impl CollabService {
             })
             .await?;
         if exists.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(ServiceError::new(
-                ErrorCode::Conflict,
-                "the document id is taken",
-            ));
+            // A generated id (16 random hex digits) practically never collides;
+            // when it does, the caller retries as after any failed write.
+            let why = if chosen {
+                "you already created a document with this id"
+            } else {
+                "the generated id collided; retry"
+            };
+            let code = if chosen {
+                ErrorCode::Conflict
+            } else {
+                ErrorCode::Internal
+            };
+            return Err(ServiceError::new(code, why));
         }
         Ok(v1::DocCreateResponse {
             doc_id: id,

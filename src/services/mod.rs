@@ -152,6 +152,8 @@ pub struct InvalidConfig(pub String);
 pub struct ServicesConfig {
     /// Chat limits.
     pub chat: chat::ChatConfig,
+    /// Room membership rules.
+    pub rooms: chat::RoomsConfig,
     /// Notification limits.
     pub notify: notify::NotifyConfig,
     /// Presence settings.
@@ -257,12 +259,14 @@ impl Services {
         deps: ServiceDeps,
         config: ServicesConfig,
     ) -> Result<(Self, Vec<Background>), crate::store::StoreError> {
-        let chat = chat::ChatService::open(deps.clone(), config.chat)?;
+        let chat = chat::ChatService::open(deps.clone(), config.chat, config.rooms)?;
         let (analytics, analytics_work) =
             analytics::AnalyticsService::open(deps.clone(), config.analytics)?;
         let (presence, presence_work) =
             presence::PresenceService::open(deps.clone(), config.presence, chat.clone())?;
         let (collab, collab_work) = collab::CollabService::open(deps.clone(), config.collab)?;
+        let contacts: Arc<dyn chat::Contacts> = presence.clone();
+        chat.set_contacts(Arc::downgrade(&contacts));
         let services = Self {
             hub: deps.hub.clone(),
             analytics,
@@ -304,6 +308,9 @@ impl Services {
             Rq::ChatSend(r) => self.chat.send(ctx, r).await.map(Rs::ChatSend),
             Rq::ChatHistory(r) => self.chat.history(ctx, r).await.map(Rs::ChatHistory),
             Rq::ChatMarkRead(r) => self.chat.mark_read(ctx, r).await.map(Rs::ChatMarkRead),
+            Rq::RoomInviteList(_) => self.chat.invites(ctx).await.map(Rs::RoomInviteList),
+            Rq::RoomInviteAccept(r) => self.chat.accept(ctx, r).await.map(Rs::RoomInviteAccept),
+            Rq::RoomInviteDecline(r) => self.chat.decline(ctx, r).await.map(Rs::RoomInviteDecline),
             Rq::NotifyList(r) => self.notify.list(ctx, r).await.map(Rs::NotifyList),
             Rq::NotifyMarkRead(r) => self.notify.mark_read(ctx, r).await.map(Rs::NotifyMarkRead),
             Rq::NotifyMarkAllRead(_) => self

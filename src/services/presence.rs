@@ -129,6 +129,12 @@ impl LiveTable {
     }
 }
 
+impl crate::services::chat::Contacts for PresenceService {
+    fn are_contacts(&self, a: &str, b: &str) -> ServiceResult<bool> {
+        PresenceService::are_contacts(self, a, b)
+    }
+}
+
 /// The presence service.
 #[derive(Debug)]
 pub struct PresenceService {
@@ -475,6 +481,11 @@ impl PresenceService {
 
     // ---- contacts -------------------------------------------------------------
 
+    /// Whether `a` and `b` are accepted contacts.
+    pub fn are_contacts(&self, a: &str, b: &str) -> ServiceResult<bool> {
+        Ok(self.contact_state(a, b)? == Some(ContactState::Accepted))
+    }
+
     fn contact_state(&self, user: &str, other: &str) -> ServiceResult<Option<ContactState>> {
         let txn = self.deps.store.db().begin_read()?;
         let table = txn.open_table(CONTACTS)?;
@@ -734,7 +745,11 @@ mod tests {
     async fn offline_only_after_the_grace_period_unless_back_within_it() {
         let node = Node::new();
         let grace = Duration::from_secs(5);
-        let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
+        let rooms = crate::services::chat::RoomsConfig {
+            join_policy: crate::services::chat::JoinPolicy::Open,
+            ..Default::default()
+        };
+        let chat = ChatService::open(node.deps.clone(), Default::default(), rooms).unwrap();
         let config = PresenceConfig {
             grace,
             ..Default::default()

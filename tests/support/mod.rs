@@ -33,6 +33,9 @@ pub fn test_config(dir: &std::path::Path) -> Config {
         ..Config::default()
     };
     c.tls.cert_dir = dir.join("certs");
+    // Tests about other things put users into rooms directly; the tests of consent
+    // (tests/chat.rs, tests/presence.rs, tests/authz.rs) set the default back.
+    c.rooms.join_policy = tutti::services::chat::JoinPolicy::Open;
     c
 }
 

@@ -144,9 +144,10 @@ export class DocsView {
     document.getElementById("doc-create")!.addEventListener("click", () => {
       const id = input.value.trim();
       if (!id) return input.reportValidity();
+      // The server namespaces a chosen id: "<user>~<id>".
       this.tutti
         .createDocument(id, "")
-        .then(() => Promise.all([this.open(id), this.loadList()]))
+        .then((docId) => Promise.all([this.open(docId), this.loadList()]))
         .catch(this.onError);
     });
     document.getElementById("doc-share-form")!.addEventListener("submit", (e) => {

@@ -3,7 +3,7 @@
 
 import { TuttiError, fetchCertificateHashes } from "./client";
 import { ContactState, PresenceStatus, Tutti } from "./tutti";
-import type { ChatMessage, Notification, PresenceState, RoomSummary, StateChange } from "./tutti";
+import type { ChatMessage, Notification, PresenceState, RoomInvite, RoomSummary, StateChange } from "./tutti";
 import { devToken, serverInfo, webTransportUrl } from "./server-api";
 import { DocsView } from "./app-docs";
 
@@ -110,6 +110,7 @@ class App {
       }
     });
     t.onRoomEvent(() => void this.loadRooms());
+    t.onInvite(() => void this.loadInvites().catch(showError));
     t.onTyping((ty) => this.onTyping(ty.roomId, ty.userId, ty.typing));
     t.onPresence((p) => this.setPresence(p));
     t.onContactEvent(() => void this.loadContacts());
@@ -250,7 +251,7 @@ class App {
   /** Loads everything after each (re)connect: missed pushes arrive on their own. */
   private async refresh(): Promise<void> {
     try {
-      await Promise.all([this.loadRooms(), this.loadNotifications(), this.loadContacts()]);
+      await Promise.all([this.loadRooms(), this.loadInvites(), this.loadNotifications(), this.loadContacts()]);
       if (this.openRoom) this.markOpenRoomRead();
     } catch (err) {
       showError(err);
@@ -366,10 +367,45 @@ class App {
     this.renderRooms();
   }
 
+  // --------------------------------------------------------------- invitations
+
+  /** Shows the user's pending invitations, each with Accept and Decline. */
+  private async loadInvites(): Promise<void> {
+    const invites = await this.tutti.invites();
+    const list = el("invite-list");
+    list.hidden = invites.length === 0;
+    list.replaceChildren(...invites.map((i) => this.inviteItem(i)));
+  }
+
+  private inviteItem(i: RoomInvite): HTMLElement {
+    const accept = h("button", { type: "button", class: "invite-accept", text: "Accept" });
+    const decline = h("button", { type: "button", class: "invite-decline", text: "Decline" });
+    accept.addEventListener("click", () => {
+      this.tutti
+        .acceptInvite(i.roomId)
+        .then(() => Promise.all([this.loadRooms(), this.loadInvites()]))
+        .catch(showError);
+    });
+    decline.addEventListener("click", () => {
+      this.tutti.declineInvite(i.roomId).then(() => this.loadInvites()).catch(showError);
+    });
+    return h(
+      "li",
+      { class: "invite", "data-room": i.roomId },
+      h("span", { class: "name", text: `${i.inviterId} invites you to ${i.name || i.roomId}` }),
+      accept,
+      decline,
+    );
+  }
+
   private renderMembers(): void {
     const room = this.openRoom ? this.rooms.get(this.openRoom)?.summary.room : undefined;
     const people = room?.participants ?? [];
+    const invited = (room?.invitees ?? []).map((u) =>
+      h("li", { class: "member invited", "data-user": u, "data-invited": "true" }, h("span", { text: `${u} (invited)` })),
+    );
     el("members").replaceChildren(
+      ...invited,
       ...people.map((u) => {
         const status = u === this.me ? el("my-dot").dataset["status"] ?? "online" : this.presence.get(u) ?? "offline";
         return h(

@@ -29,6 +29,7 @@ import type {
   ChatTyping,
   Room,
   RoomEvent,
+  RoomInvite,
   RoomSummary,
 } from "./gen/tutti/v1/chat_pb";
 import type { Notification, NotificationsRead } from "./gen/tutti/v1/notify_pb";
@@ -58,6 +59,7 @@ export type {
   PresenceState,
   Room,
   RoomEvent,
+  RoomInvite,
   RoomSummary,
 };
 
@@ -346,13 +348,47 @@ export class Tutti {
     return answer.rooms;
   }
 
-  /** Creates a room; the caller is its admin. */
+  /**
+   * Creates a room; the caller is its admin, the others are invited. Leave `roomId`
+   * empty to have the server pick one; a chosen one becomes `"<user>~<roomId>"`.
+   */
   async createRoom(name: string, participants: string[] = [], roomId = ""): Promise<Room> {
     const answer = await this.call({ case: "roomCreate", value: { roomId, name, participants } });
     return answer.room!;
   }
 
-  /** Adds someone to a room (admins only). */
+  /**
+   * The user's pending room invitations, oldest first. Someone named when a room is
+   * created, or added to it, is invited (unless the server's join policy adds them
+   * directly) and is in the room only once they accept. List again after a
+   * reconnect; new ones arrive through `onInvite`.
+   */
+  async invites(): Promise<RoomInvite[]> {
+    const answer = await this.call({ case: "roomInviteList", value: {} });
+    return answer.invites;
+  }
+
+  /** Accepts an invitation: the user becomes a participant. Returns the room. */
+  async acceptInvite(roomId: string): Promise<Room> {
+    const answer = await this.call({ case: "roomInviteAccept", value: { roomId } });
+    return answer.room!;
+  }
+
+  /** Declines an invitation. */
+  async declineInvite(roomId: string): Promise<void> {
+    await this.call({ case: "roomInviteDecline", value: { roomId } });
+  }
+
+  /** Someone invited the user into a room. */
+  onInvite(listener: Listener<RoomInvite>): () => void {
+    return this.onPush((p) => p.event.case === "roomInvite" && listener(p.event.value));
+  }
+
+  /**
+   * Invites someone into a room, or adds them directly when the server's join
+   * policy allows it (admins only). The room lists them in `invitees` until they
+   * accept.
+   */
   async addToRoom(roomId: string, userId: string, admin = false): Promise<Room> {
     const answer = await this.call({ case: "roomAdd", value: { roomId, userId, admin } });
     return answer.room!;
@@ -506,9 +542,14 @@ export class Tutti {
 
   // ---------------------------------------------------------- documents
 
-  /** Creates a document owned by the user. */
-  async createDocument(docId: string, text = ""): Promise<void> {
-    await this.call({ case: "docCreate", value: { docId, text } });
+  /**
+   * Creates a document owned by the user and returns its id: a chosen `docId`
+   * becomes `"<user>~<docId>"` (ids are namespaced per creator); an empty one has
+   * the server pick it.
+   */
+  async createDocument(docId: string, text = ""): Promise<string> {
+    const answer = await this.call({ case: "docCreate", value: { docId, text } });
+    return answer.docId;
   }
 
   /**

@@ -53,6 +53,15 @@ function suite() {
     return s.page.$eval("#room-list li[aria-current=true]", (li) => li.dataset.room);
   }
 
+  /** Accepts the invitation into `roomId` shown in the list of invitations. */
+  async function accept(s, roomId) {
+    await s.page.click("#tab-chats");
+    const item = `#invite-list li[data-room="${roomId}"]`;
+    await waitFor(s.page, s.logs, (sel) => !!document.querySelector(sel), item, `invitation to ${roomId}`);
+    await s.page.click(`${item} .invite-accept`);
+    await waitFor(s.page, s.logs, (sel) => !document.querySelector(sel), item, `invitation to ${roomId} accepted`);
+  }
+
   async function send(s, line) {
     await s.page.fill("#composer-input", line);
     await s.page.press("#composer-input", "Enter");
@@ -62,6 +71,9 @@ function suite() {
     const alice = await signIn("alice");
     const bob = await signIn("bob");
     const roomId = await createRoom(alice, "Team", ["bob"]);
+    // Bob is invited: the room is his once he accepts.
+    assert.equal(await bob.page.$(`#room-list li[data-room="${roomId}"]`), null);
+    await accept(bob, roomId);
 
     // Bob sees the new room (room event push), with nothing unread.
     await waitFor(bob.page, bob.logs, (r) => !!document.querySelector(`#room-list li[data-room="${r}"]`), roomId, "room in bob's list");
@@ -107,11 +119,11 @@ function suite() {
     await send(bob, "yes, here");
     await waitFor(alice.page, alice.logs, () => [...document.querySelectorAll("#messages .msg-text")].some((n) => n.textContent === "yes, here"), null, "answer");
     assert.equal(await badge(alice.page, roomId), "0");
-    // Alice (admin) adds zoe; she shows among the members, offline.
+    // Alice (admin) adds zoe: she is invited, and shows among the members as such.
     await alice.page.fill("#room-add-user", "zoe");
     await alice.page.click("#room-add-submit");
-    await waitFor(alice.page, alice.logs, () => document.querySelector('#members li[data-user="zoe"] .dot')?.dataset.status === "offline", null, "zoe added");
-    await waitFor(bob.page, bob.logs, () => !!document.querySelector('#members li[data-user="zoe"]'), null, "bob sees zoe in the room");
+    await waitFor(alice.page, alice.logs, () => document.querySelector('#members li[data-user="zoe"]')?.dataset.invited === "true", null, "zoe invited");
+    await waitFor(bob.page, bob.logs, () => document.querySelector('#members li[data-user="zoe"]')?.dataset.invited === "true", null, "bob sees zoe invited");
     await alice.page.screenshot({ path: join(RESULTS, "app-chat.png") });
     await alice.context.close();
     await bob.context.close();
@@ -187,7 +199,8 @@ function suite() {
   test("presence: the other user's dot goes online, away, and offline after the tab closes", async () => {
     const erin = await signIn("erin");
     const frank = await signIn("frank");
-    await createRoom(erin, "Pair", ["frank"]);
+    const pair = await createRoom(erin, "Pair", ["frank"]);
+    await accept(frank, pair);
     const dot = (page, who) => `#members li[data-user="${who}"] .dot`;
     const statusIs = ([sel, want]) => document.querySelector(sel)?.dataset.status === want;
     await waitFor(erin.page, erin.logs, statusIs, [dot(erin.page, "frank"), "online"], "frank online");

@@ -49,11 +49,14 @@ function suite() {
     }
   }
 
+  /** Opens (or creates) a document; a created one's id is namespaced: "<user>~<id>". */
   async function openDoc(s, id, create = false) {
     await s.page.click("#tab-docs");
     await s.page.fill("#doc-id", id);
     await s.page.click(create ? "#doc-create" : "#doc-open");
-    await waitFor(s, (d) => document.querySelector("#doc-title")?.textContent === d && !!document.querySelector("#editor .cm-content"), id, `${id} open`);
+    const docId = create ? `${s.user}~${id}` : id;
+    await waitFor(s, (d) => document.querySelector("#doc-title")?.textContent === d && !!document.querySelector("#editor .cm-content"), docId, `${docId} open`);
+    return docId;
   }
 
   /** Opens a document from the list, where it must appear with `role`. */
@@ -102,7 +105,7 @@ function suite() {
     const alice = await signIn("alice");
     const bob = await signIn("bob");
     const carol = await signIn("carol");
-    await openDoc(alice, "plan", true);
+    const plan = await openDoc(alice, "plan", true);
     for (const who of ["bob", "carol"]) {
       await alice.page.fill("#doc-share-user", who);
       await alice.page.click("#doc-share-submit");
@@ -110,9 +113,9 @@ function suite() {
     }
     // Bob and Carol were signed in before the share: the document appears in their
     // lists by itself.
-    await openFromList(bob, "plan", "editor");
-    await openFromList(carol, "plan", "editor");
-    assert.equal(await bob.page.textContent('#doc-list li[data-doc="plan"] .room-last'), "shared by alice");
+    await openFromList(bob, plan, "editor");
+    await openFromList(carol, plan, "editor");
+    assert.equal(await bob.page.textContent(`#doc-list li[data-doc="${plan}"] .room-last`), "shared by alice");
     await waitFor(alice, () => document.querySelectorAll("#doc-people li").length === 2, null, "who is here: bob and carol");
 
     // All three type at the same time, at the same place, one key at a time.
@@ -132,7 +135,7 @@ function suite() {
       assert.ok(isSubsequence(line, text), `${user}'s keystrokes are all there, in order: ${JSON.stringify(text)}`);
     }
     assert.equal(Array.from(text).length, Object.values(lines).reduce((n, l) => n + Array.from(l).length, 0));
-    const stored = await serverText(alice, "plan");
+    const stored = await serverText(alice, plan);
     assert.ok(Buffer.from(stored, "utf8").equals(Buffer.from(text, "utf8")), `server ${JSON.stringify(stored)} vs editors ${JSON.stringify(text)}`);
 
     // Alice types "XY" at the end and puts her caret between X and Y.
@@ -170,23 +173,23 @@ function suite() {
     // Redo puts it back.
     await alice.page.keyboard.press("Control+y");
     assert.equal(await converged([alice, bob, carol]), before);
-    assert.equal(await serverText(alice, "plan"), before);
+    assert.equal(await serverText(alice, plan), before);
 
     for (const s of [alice, bob, carol]) await s.context.close();
   });
 
   test("a viewer signed in after the share finds the document listed, sees edits live and cannot type", async () => {
     const owner = await signIn("olga");
-    await openDoc(owner, "readme", true);
+    const readme = await openDoc(owner, "readme", true);
     await owner.page.fill("#doc-share-user", "victor");
     await owner.page.selectOption("#doc-share-role", "viewer");
     await owner.page.click("#doc-share-submit");
     await waitFor(owner, () => document.querySelector("#doc-status")?.textContent.startsWith("Shared with victor"), null, "shared");
-    await waitFor(owner, () => document.querySelector('#doc-list li[data-doc="readme"]')?.dataset.role === "owner", null, "readme in olga's list");
+    await waitFor(owner, (d) => document.querySelector(`#doc-list li[data-doc="${d}"]`)?.dataset.role === "owner", readme, "readme in olga's list");
     // A fresh browser context: nothing of this document was ever opened in it.
     const viewer = await signIn("victor");
     assert.equal(await viewer.page.evaluate(() => localStorage.length), 0);
-    await openFromList(viewer, "readme", "viewer");
+    await openFromList(viewer, readme, "viewer");
     assert.equal(await viewer.page.textContent("#doc-role"), "(viewer)");
     await owner.page.focus("#editor .cm-content");
     await owner.page.keyboard.type("for your eyes");

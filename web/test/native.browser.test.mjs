@@ -107,6 +107,9 @@ function suite() {
     const token = await devToken(urls.page, { user: "rusty" });
     peer = startPeer(["--addr", urls.quic, "--pin", pin, "--token", token]);
     await peer.expect(/^ready rusty$/);
+    // Rusty was invited into the room: he accepts.
+    peer.send(`accept ${roomId}`);
+    await peer.expect(new RegExp(`^accepted ${roomId}$`));
 
     // Rust -> browser.
     peer.send(`send ${roomId} hello from Rust 🦀`);
@@ -127,16 +130,17 @@ function suite() {
     await page.fill("#doc-share-user", "rusty");
     await page.click("#doc-share-submit");
     await wait(() => document.querySelector("#doc-status")?.textContent.startsWith("Shared with rusty"), null, "shared");
-    peer.send("open shared");
-    await peer.expect(/^opened shared \d+$/);
+    // A chosen document id is namespaced by its creator.
+    peer.send("open alice~shared");
+    await peer.expect(/^opened alice~shared \d+$/);
     await page.focus("#editor .cm-content");
     const typing = page.keyboard.type("Browser é🎉 ", { delay: 10 });
-    peer.send("insert shared 0 Rust 🦀 ");
-    peer.send("insert shared 0 [n] ");
+    peer.send("insert alice~shared 0 Rust 🦀 ");
+    peer.send("insert alice~shared 0 [n] ");
     await typing;
     const browserState = () => page.evaluate(() => ({ text: window.tuttiDoc.doc.text, synced: window.tuttiDoc.doc.synchronized, revision: String(window.tuttiDoc.doc.revision) }));
     let b;
-    const st = await peer.textUntil("shared", (p) => {
+    const st = await peer.textUntil("alice~shared", (p) => {
       return p.synced && p.text.length === "[n] Rust 🦀 Browser é🎉 ".length;
     });
     const deadline = Date.now() + WAIT_MS;

@@ -49,6 +49,11 @@ function suite() {
     await bob.page.click("#new-room-submit");
     await waitFor(bob, () => document.querySelector("#room-title")?.textContent === "Ops", null, "room open");
     const roomId = await bob.page.$eval("#room-list li[aria-current=true]", (li) => li.dataset.room);
+    // Alice accepts the invitation.
+    await alice.page.click("#tab-chats");
+    await waitFor(alice, (r) => !!document.querySelector(`#invite-list li[data-room="${r}"]`), roomId, "invitation");
+    await alice.page.click(`#invite-list li[data-room="${roomId}"] .invite-accept`);
+    await waitFor(alice, (r) => !!document.querySelector(`#room-list li[data-room="${r}"]`), roomId, "room joined");
     await bob.page.click("#tab-docs");
     await bob.page.fill("#doc-id", "runbook");
     await bob.page.click("#doc-create");
@@ -61,7 +66,7 @@ function suite() {
 
     // Alice opens the document; she counts every chat message the library delivers.
     await alice.page.click("#tab-docs");
-    await alice.page.fill("#doc-id", "runbook");
+    await alice.page.fill("#doc-id", "bob~runbook");
     await alice.page.click("#doc-open");
     await waitFor(alice, () => window.tuttiDoc?.doc.text === "Runbook.", null, "alice has the document");
     await alice.page.evaluate(() => {
@@ -83,7 +88,7 @@ function suite() {
     await waitFor(alice, badgeTest, badgeIs(1), "alice's badge 1");
     // Bob back to the document.
     await bob.page.click("#tab-docs");
-    await bob.page.click('#doc-list li[data-doc="runbook"] button');
+    await bob.page.click('#doc-list li[data-doc="bob~runbook"] button');
     await waitFor(bob, () => window.tuttiDoc?.doc.text === "Runbook.", null, "bob back in the document");
 
     // Cut alice off: her reconnects cannot even learn where to go.
@@ -123,7 +128,7 @@ function suite() {
     // The document converged: both editors, both documents and the server agree.
     // (Bob left it for the room; he opens it again.)
     await bob.page.click("#tab-docs");
-    await bob.page.click('#doc-list li[data-doc="runbook"] button');
+    await bob.page.click('#doc-list li[data-doc="bob~runbook"] button');
     const deadline = Date.now() + WAIT_MS;
     let a;
     let b;
@@ -139,7 +144,7 @@ function suite() {
     await fresh.goto(bob.page.url());
     await fresh.waitForFunction(() => document.querySelector("#conn")?.dataset.state === "connected", null, { timeout: WAIT_MS });
     const stored = await fresh.evaluate(async () => {
-      const open = await window.tuttiApp.tutti.call({ case: "docOpen", value: { docId: "runbook" } });
+      const open = await window.tuttiApp.tutti.call({ case: "docOpen", value: { docId: "bob~runbook" } });
       return open.state.value;
     });
     await fresh.close();

@@ -95,8 +95,16 @@ pub async fn setup(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<World
         for &i in chunk {
             room_of[i] = r;
         }
+        // A chosen room id is namespaced by its creator (the first connected
+        // member): "<creator>~<name>".
+        let name = format!("{}-{tag}-r{r}", ctx.run_id);
+        let creator = chunk.iter().find_map(|&i| {
+            pool.clients[i]
+                .as_ref()
+                .map(|c| c.welcome().user_id.clone())
+        });
         rooms.push(Room {
-            id: format!("{}-{tag}-r{r}", ctx.run_id),
+            id: creator.map_or_else(|| name.clone(), |c| format!("{c}~{name}")),
             members: chunk.to_vec(),
             connected: chunk.iter().filter(|&&i| pool.clients[i].is_some()).count() as u64,
         });
@@ -114,7 +122,10 @@ pub async fn setup(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<World
         Some(async move {
             creator
                 .request(request::Body::RoomCreate(v1::RoomCreateRequest {
-                    room_id: id.clone(),
+                    room_id: id
+                        .rsplit_once('~')
+                        .map_or(id.as_str(), |(_, n)| n)
+                        .to_owned(),
                     name: id.clone(),
                     participants: others,
                 }))
