@@ -98,6 +98,21 @@ fn rows() -> Vec<Row> {
             expect: [O; 8],
         },
         Row {
+            // A token is about its own user, never a room or document: a forged one
+            // is refused for everyone (the rules for genuine ones are in foundation).
+            name: "auth_refresh",
+            mutates: false,
+            setup: none,
+            teardown: none,
+            body: |_| {
+                B::AuthRefresh(v1::AuthRefreshRequest {
+                    token: "not.a.token".into(),
+                    ..Default::default()
+                })
+            },
+            expect: [PD; 8],
+        },
+        Row {
             name: "room_create",
             mutates: false,
             setup: none,
