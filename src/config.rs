@@ -44,6 +44,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Analytics and metrics streaming.
     pub analytics: crate::services::analytics::AnalyticsConfig,
+    /// What is kept how long (`[retention]`).
+    pub retention: crate::services::retention::RetentionConfig,
 }
 
 /// The server API (HTTP, for backends).
@@ -74,6 +76,7 @@ impl Default for Config {
             presence: Default::default(),
             api: Default::default(),
             analytics: Default::default(),
+            retention: Default::default(),
         }
     }
 }
@@ -279,6 +282,8 @@ impl Config {
             self.presence.validate(),
             self.collab.validate(),
             self.analytics.validate(),
+            self.limits.rate.validate(),
+            self.retention.validate(),
         ];
         for checked in services {
             checked.map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -296,6 +301,7 @@ impl From<&Config> for crate::services::ServicesConfig {
             presence: c.presence.clone(),
             collab: c.collab.clone(),
             analytics: c.analytics.clone(),
+            retention: c.retention.clone(),
         }
     }
 }

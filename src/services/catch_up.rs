@@ -21,7 +21,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
 use crate::hub::Subscriber;
-use crate::protocol::v1::{Push, StreamKind};
+use crate::protocol::v1::{HistoryTruncated, Push, StreamKind, push};
 use crate::store::StoreError;
 
 /// Entries read and pushed per step.
@@ -44,6 +44,35 @@ pub(crate) trait CatchUpStream {
 
     /// Subscribes the session to the live stream; called under the lock.
     fn subscribe(&self, guard: &mut Self::Guard);
+
+    /// The stream's name, as in `Push.stream` and `Hello.resume`.
+    fn name(&self) -> String;
+}
+
+/// The pushes of `from..=to`, preceded by a [`HistoryTruncated`] marker when the
+/// stream no longer keeps the first of them (retention removed them).
+async fn read_marked<S: CatchUpStream>(
+    stream: &S,
+    from: u64,
+    to: u64,
+) -> Result<Vec<Push>, StoreError> {
+    let mut pushes = stream.read(from, to).await?;
+    let first = pushes.first().map_or(to.saturating_add(1), |p| p.offset);
+    if first > from {
+        let name = stream.name();
+        pushes.insert(
+            0,
+            Push {
+                stream: name.clone(),
+                offset: 0,
+                event: Some(push::Event::HistoryTruncated(HistoryTruncated {
+                    stream: name,
+                    first_offset: first,
+                })),
+            },
+        );
+    }
+    Ok(pushes)
 }
 
 /// How a catch-up ended.
@@ -94,7 +123,7 @@ pub(crate) async fn catch_up<S: CatchUpStream>(
         // Outside the lock: the range up to `last`, waiting for queue room.
         while cursor < last {
             let end = cursor + PAGE.min(last - cursor);
-            for push in stream.read(cursor + 1, end).await? {
+            for push in read_marked(stream, cursor + 1, end).await? {
                 if sub.push_wait(kind, push).await.is_err() {
                     return Ok(CatchUp::Slow);
                 }
@@ -127,8 +156,9 @@ async fn push_now<S: CatchUpStream>(
 ) -> Result<Now, StoreError> {
     while cursor < last {
         let end = cursor + PAGE.min(last - cursor);
-        for push in stream.read(cursor + 1, end).await? {
-            let offset = push.offset;
+        for push in read_marked(stream, cursor + 1, end).await? {
+            // A truncation marker has offset 0 and moves nothing.
+            let offset = push.offset.max(cursor);
             if force {
                 if sub.push(kind, push).is_err() {
                     return Ok(Now::Slow);
@@ -201,6 +231,10 @@ mod tests {
 
         fn subscribe(&self, _: &mut Self::Guard) {
             *self.subscribed.lock().unwrap() = true;
+        }
+
+        fn name(&self) -> String {
+            "s".into()
         }
     }
 
