@@ -50,15 +50,18 @@ pub(crate) trait CatchUpStream {
 }
 
 /// The pushes of `from..=to`, preceded by a [`HistoryTruncated`] marker when the
-/// stream no longer keeps the first of them (retention removed them).
+/// stream no longer keeps the first of them (retention removed them). A page with
+/// nothing left in it yields nothing: the marker comes with the first page that
+/// has entries (there is one: a stream's newest entry is never removed).
 async fn read_marked<S: CatchUpStream>(
     stream: &S,
     from: u64,
     to: u64,
 ) -> Result<Vec<Push>, StoreError> {
     let mut pushes = stream.read(from, to).await?;
-    let first = pushes.first().map_or(to.saturating_add(1), |p| p.offset);
-    if first > from {
+    if let Some(first) = pushes.first().map(|p| p.offset)
+        && first > from
+    {
         let name = stream.name();
         pushes.insert(
             0,
@@ -189,6 +192,8 @@ mod tests {
     /// room whose traffic outpaces the reader), `offset` as each push's offset.
     struct Growing {
         lock: Arc<tokio::sync::Mutex<()>>,
+        /// The oldest entry kept (older ones were removed).
+        first: u64,
         last: Mutex<u64>,
         growth: u64,
         locks: Mutex<usize>,
@@ -199,6 +204,7 @@ mod tests {
         fn new(last: u64, growth: u64) -> Self {
             Self {
                 lock: Arc::default(),
+                first: 1,
                 last: Mutex::new(last),
                 growth,
                 locks: Mutex::new(0),
@@ -219,7 +225,7 @@ mod tests {
         }
 
         fn read(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<Push>, StoreError>> {
-            let pushes = (from..=to)
+            let pushes = (from.max(self.first)..=to)
                 .map(|offset| Push {
                     stream: "s".into(),
                     offset,
@@ -279,6 +285,34 @@ mod tests {
             assert!(stream.lock.try_lock().is_ok(), "not under the lock");
             assert!(!*stream.subscribed.lock().unwrap());
             assert!(!session.was_slow());
+        }
+    }
+
+    /// Resuming from before the oldest kept entry, both through pages streamed
+    /// outside the lock and through the last page under it: one marker with the
+    /// first kept offset, then every kept entry once.
+    #[tokio::test]
+    async fn a_resume_before_the_oldest_kept_entry_is_told_once() {
+        for (first, last) in [(600, 1000), (5, 10)] {
+            let stream = Growing {
+                first,
+                ..Growing::new(last, 0)
+            };
+            let (session, mut rx) = FakeSession::new("u", "s", 100_000);
+            let end = catch_up(&stream, session.as_ref(), StreamKind::Chat, Some(1))
+                .await
+                .unwrap();
+            assert_eq!(end, CatchUp::Live);
+            let got: Vec<Push> =
+                std::iter::from_fn(|| rx.try_recv().ok().map(|(_, p)| p)).collect();
+            match &got[0].event {
+                Some(push::Event::HistoryTruncated(h)) => {
+                    assert_eq!((h.stream.as_str(), h.first_offset), ("s", first));
+                }
+                other => panic!("{other:?}"),
+            }
+            let offsets: Vec<u64> = got[1..].iter().map(|p| p.offset).collect();
+            assert_eq!(offsets, (first..=last).collect::<Vec<_>>());
         }
     }
 

@@ -350,6 +350,17 @@ mod tests {
     }
 
     #[test]
+    fn rates_read_from_toml_with_whole_or_fractional_rates() {
+        let c: RateConfig = toml::from_str(
+            "chat_send = { burst = 5, per_sec = 2 }\nroom_create = { burst = 1, per_sec = 0.5 }",
+        )
+        .unwrap();
+        assert_eq!(c.chat_send, Rate::new(5, 2.0));
+        assert_eq!(c.room_create, Rate::new(1, 0.5));
+        assert_eq!(c.presence_set, RateConfig::default().presence_set);
+    }
+
+    #[test]
     fn a_rate_of_zero_is_off_and_bad_rates_are_refused() {
         let config = RateConfig {
             chat_send: Rate::new(0, 0.0),
