@@ -365,6 +365,19 @@ async fn a_resume_from_a_removed_offset_is_told_the_first_kept_one(t: TransportK
     }
     let messages: Vec<u64> = got[1..].iter().map(|p| p.offset).collect();
     assert_eq!(messages, [4, 5, 6]);
+    // Bob has read nothing: his unread count is what the room still keeps.
+    match req(
+        &bob,
+        request::Body::RoomList(v1::RoomListRequest::default()),
+    )
+    .await
+    .unwrap()
+    {
+        response::Body::RoomList(r) => {
+            assert_eq!((r.rooms[0].unread, r.rooms[0].read_offset), (3, 0));
+        }
+        other => panic!("{other:?}"),
+    }
     // Offsets are never reused.
     assert_eq!(send(&ann, "r", "m7").await.unwrap().offset, 7);
     let again = s.server().services().retention.run_once().await.unwrap();
@@ -573,6 +586,42 @@ async fn stale_collab_dedup_rows_are_removed_and_old_resends_resync() {
             response::Body::DocSubmit(r) => assert!(r.duplicate, "a recent resend is known"),
             other => panic!("{other:?}"),
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Each run removes at most `retention.batch` rows per kind and the next one goes
+/// on: 10 messages over a limit of 1 go in runs of 4, 4 and 1, with the history
+/// always starting at the first kept offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_runs_in_bounded_batches() {
+    tokio::time::timeout(support::TEST_TIMEOUT, async {
+        let clock = Clock::manual(T0);
+        let s = TestServer::start_with_clock(clock.clone(), |c| {
+            c.retention.batch = 4;
+            c.retention.room_message_age = Some(Duration::from_secs(60));
+        })
+        .await;
+        let ann = s.connect(TransportKind::Quic, "ann").await;
+        create_room(&ann, "r", &[]).await.unwrap();
+        for i in 1..=10 {
+            send(&ann, "r", &format!("m{i}")).await.unwrap();
+        }
+        clock.advance(HOUR);
+        let mut removed = Vec::new();
+        loop {
+            let pruned = s.server().services().retention.run_once().await.unwrap();
+            if pruned.messages == 0 {
+                break;
+            }
+            removed.push(pruned.messages);
+            let page = history(&ann, "r", 0).await;
+            assert_eq!(page.first_offset, 1 + removed.iter().sum::<u64>());
+            assert!(removed.len() < 10, "runs end");
+        }
+        assert_eq!(removed, [4, 4, 1], "the newest message stays");
+        assert_eq!(offsets(&history(&ann, "r", 0).await.messages), [10]);
     })
     .await
     .expect("test timed out");

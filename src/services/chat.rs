@@ -882,8 +882,17 @@ impl ChatService {
         let mark = target.max(current);
         Ok(v1::ChatMarkReadResponse {
             read_offset: mark,
-            unread: room.last_offset.saturating_sub(mark),
+            unread: self.unread(&room, mark)?,
         })
+    }
+
+    /// Messages after the read mark `mark` that the room still keeps (retention
+    /// may have removed older ones).
+    fn unread(&self, room: &RoomState, mark: u64) -> Result<u64, StoreError> {
+        let first = self.log.first_offset(&room.id)?;
+        Ok(room
+            .last_offset
+            .saturating_sub(mark.max(first.saturating_sub(1))))
     }
 
     /// The caller's rooms with their last message and unread count.
@@ -901,7 +910,7 @@ impl ChatService {
             rooms.push(v1::RoomSummary {
                 room: Some(room.wire()),
                 last_message: room.last_message.clone(),
-                unread: room.last_offset.saturating_sub(mark),
+                unread: self.unread(&room, mark)?,
                 read_offset: mark,
             });
         }
@@ -1068,15 +1077,20 @@ impl ChatService {
         let mut keep = super::retention::keep_from_count(first, last, r.room_messages, budget);
         if let Some(age) = r.room_message_age {
             let cutoff = now.saturating_sub(age.as_millis() as u64);
-            // Messages are in time order: keep from the first one young enough.
-            let to = last.min(first.saturating_add(budget as u64));
-            for e in self.log.read(id, keep, to, budget).await? {
-                let m: StoredMessage = serde_json::from_slice(&e.data).map_err(corrupt)?;
-                if m.sent_at_ms >= cutoff {
-                    break;
-                }
-                keep = (e.offset + 1).min(last);
-            }
+            let room_budget = budget.saturating_sub((keep - first) as usize);
+            keep = super::retention::keep_from_age(
+                &self.log,
+                id,
+                keep,
+                last,
+                room_budget,
+                cutoff,
+                |data| {
+                    let m: StoredMessage = serde_json::from_slice(data).map_err(corrupt)?;
+                    Ok(m.sent_at_ms)
+                },
+            )
+            .await?;
         }
         if keep <= first {
             return Ok(0);

@@ -451,14 +451,20 @@ impl NotifyService {
         let mut keep = super::retention::keep_from_count(first, last, r.user_notifications, budget);
         if let Some(age) = r.notification_age {
             let cutoff = now.saturating_sub(age.as_millis() as u64);
-            let to = last.min(first.saturating_add(budget as u64));
-            for e in self.log.read(user, keep, to, budget).await? {
-                let n: StoredNote = serde_json::from_slice(&e.data).map_err(corrupt)?;
-                if n.created_at_ms >= cutoff {
-                    break;
-                }
-                keep = (e.offset + 1).min(last);
-            }
+            let user_budget = budget.saturating_sub((keep - first) as usize);
+            keep = super::retention::keep_from_age(
+                &self.log,
+                user,
+                keep,
+                last,
+                user_budget,
+                cutoff,
+                |data| {
+                    let n: StoredNote = serde_json::from_slice(data).map_err(corrupt)?;
+                    Ok(n.created_at_ms)
+                },
+            )
+            .await?;
         }
         if keep <= first {
             return Ok(0);

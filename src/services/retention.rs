@@ -198,6 +198,42 @@ pub(crate) fn keep_from_count(first: u64, last: u64, max_count: u64, budget: usi
         .max(first)
 }
 
+/// Entries read per page while looking for the first one young enough.
+const AGE_PAGE: usize = 64;
+
+/// The first offset to keep of a stream (from `keep`, up to its newest entry
+/// `last`) so that entries older than `cutoff` go: entries are in time order, so it
+/// reads from `keep` in small pages until the first young enough one, at most
+/// `budget` entries past `keep`. `time_of` reads an entry's time.
+pub(crate) async fn keep_from_age(
+    log: &crate::store::RedbLog,
+    stream: &str,
+    mut keep: u64,
+    last: u64,
+    budget: usize,
+    cutoff: u64,
+    time_of: impl Fn(&[u8]) -> Result<u64, crate::store::StoreError>,
+) -> Result<u64, crate::store::StoreError> {
+    use crate::store::OffsetLog;
+    let end = last.min(keep.saturating_add(budget as u64));
+    while keep < end {
+        let page = log.read(stream, keep, end, AGE_PAGE).await?;
+        let Some(tail) = page.last().map(|e| e.offset) else {
+            break;
+        };
+        for e in &page {
+            if time_of(&e.data)? >= cutoff {
+                return Ok(keep);
+            }
+            keep = e.offset + 1;
+        }
+        if tail >= end {
+            break;
+        }
+    }
+    Ok(keep.min(last))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
