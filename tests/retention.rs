@@ -10,12 +10,13 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use redb::TableDefinition;
 use support::TestServer;
 use tutti::client::{Client, ClientError, Event};
 use tutti::clock::Clock;
 use tutti::ot::TextOperation;
 use tutti::protocol::ErrorCode;
-use tutti::protocol::v1::{self, PresenceStatus, StreamKind, push, request, response};
+use tutti::protocol::v1::{self, DocRole, PresenceStatus, StreamKind, push, request, response};
 use tutti::services::rate::Rate;
 use tutti::transport::TransportKind;
 
@@ -512,9 +513,15 @@ async fn an_empty_room_is_removed_with_its_messages_and_its_id_not_reused() {
     .expect("test timed out");
 }
 
+/// The collaboration tables, as stored (`src/services/collab.rs`).
+const CLIENTS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("collab_clients");
+const USER_DOCS: TableDefinition<(&str, &str), (i32, &str)> =
+    TableDefinition::new("collab_user_docs");
+
 /// With `collab.history = 2`, a client's duplicate-detection row goes once its
 /// last operation is more than two revisions old; a resend that old is answered
-/// `RESYNC_REQUIRED` (as it would be anyway), never applied twice.
+/// `RESYNC_REQUIRED` (as it would be anyway), never applied twice; rows of a
+/// document that no longer exists go too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_collab_dedup_rows_are_removed_and_old_resends_resync() {
     tokio::time::timeout(support::TEST_TIMEOUT, async {
@@ -557,8 +564,24 @@ async fn stale_collab_dedup_rows_are_removed_and_old_resends_resync() {
         for rev in 1..5 {
             req(&ann, edit("new-tab", rev, rev)).await.unwrap();
         }
+        // Rows of a document that no longer exists (as a deletion leaves them).
+        s.server()
+            .writer()
+            .write(|txn| {
+                txn.open_table(CLIENTS)?
+                    .insert(("ghost", "ann/t"), (1, 1))?;
+                txn.open_table(USER_DOCS)?
+                    .insert(("ann", "ghost"), (DocRole::Owner as i32, "ann"))?;
+                Ok(())
+            })
+            .await
+            .unwrap();
         let pruned = s.server().services().retention.run_once().await.unwrap();
-        assert_eq!(pruned.dedup_rows, 1, "only the old tab's row");
+        assert_eq!(
+            (pruned.dedup_rows, pruned.access_rows),
+            (2, 1),
+            "the old tab's row and the ghost's rows"
+        );
         // Restarted on the same data directory: the document is read from storage.
         drop(ann);
         s.shutdown().await;

@@ -744,6 +744,13 @@ impl CollabService {
             d.snapshot_revision = revision;
         }
         d.clients.insert(dedup, (req.seq, revision));
+        // As retention does on disk: a client whose last operation is older than
+        // the history is forgotten (its resends get RESYNC_REQUIRED anyway), so a
+        // loaded document remembers at most about 2 × `history` clients.
+        if d.clients.len() > 2 * self.config.history {
+            let floor = revision.saturating_sub(history);
+            d.clients.retain(|_, (_, rev)| *rev >= floor);
+        }
         self.counters().applied.fetch_add(1, Relaxed);
         if applied.concurrent > 0 {
             self.counters().transformed.fetch_add(1, Relaxed);
