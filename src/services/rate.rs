@@ -189,13 +189,27 @@ impl Action {
 #[derive(Debug)]
 struct Buckets {
     rate: Rate,
-    map: Mutex<HashMap<Box<str>, TokenBucket>>,
+    /// Shards by user, so that users' writes rarely wait for each other's check.
+    shards: Box<[Mutex<HashMap<Box<str>, TokenBucket>>]>,
 }
+
+impl Buckets {
+    fn shard(&self, user: &str) -> &Mutex<HashMap<Box<str>, TokenBucket>> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(user);
+        &self.shards[(hash % self.shards.len() as u64) as usize]
+    }
+}
+
+/// Shards per kind of write (one when few users are tracked).
+const SHARDS: usize = 16;
 
 /// Every write rate limit of a node, per user.
 #[derive(Debug)]
 pub struct RateLimits {
     clock: Clock,
+    /// Buckets per shard at most.
     max_tracked: usize,
     kinds: [Buckets; 5],
 }
@@ -203,13 +217,20 @@ pub struct RateLimits {
 impl RateLimits {
     /// The limits of `config`, reading time from `clock`.
     pub fn new(config: &RateConfig, clock: Clock) -> Self {
+        let max_tracked = config.max_tracked_users.max(1);
+        let shards = if max_tracked >= 64 * SHARDS {
+            SHARDS
+        } else {
+            1
+        };
         let buckets = |rate| Buckets {
             rate,
-            map: Mutex::new(HashMap::new()),
+            shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
         };
         Self {
             clock,
-            max_tracked: config.max_tracked_users.max(1),
+            // Per shard.
+            max_tracked: max_tracked / shards,
             kinds: [
                 buckets(config.chat_send),
                 buckets(config.doc_submit),
@@ -236,7 +257,7 @@ impl RateLimits {
             return Ok(());
         }
         let now = self.clock.now_ms();
-        let mut map = kind.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = kind.shard(user).lock().unwrap_or_else(|e| e.into_inner());
         let taken = match map.get_mut(user) {
             Some(bucket) => bucket.take(kind.rate, 1, now),
             None => {
@@ -271,10 +292,10 @@ impl RateLimits {
     /// Users with a bucket for `action` (for tests and metrics).
     pub fn tracked(&self, action: Action) -> usize {
         self.kind(action)
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 }
 
@@ -347,6 +368,23 @@ mod tests {
         limits.check(Action::ChatSend, "dan").unwrap();
         limits.check(Action::ChatSend, "eve").unwrap();
         assert_eq!(limits.tracked(Action::ChatSend), 1);
+    }
+
+    #[test]
+    fn many_users_never_grow_the_map_past_its_bound() {
+        let clock = Clock::manual(0);
+        let config = RateConfig {
+            chat_send: R,
+            max_tracked_users: 2048,
+            ..RateConfig::default()
+        };
+        let limits = RateLimits::new(&config, clock.clone());
+        for i in 0..10_000 {
+            // Each user is busy (one token of three used): nothing is idle.
+            limits.check(Action::ChatSend, &format!("u{i}")).unwrap();
+            assert!(limits.tracked(Action::ChatSend) <= 2048);
+        }
+        assert!(limits.tracked(Action::ChatSend) > 0);
     }
 
     #[test]
