@@ -190,11 +190,14 @@ impl Action {
 struct Buckets {
     rate: Rate,
     /// Shards by user, so that users' writes rarely wait for each other's check.
-    shards: Box<[Mutex<HashMap<Box<str>, TokenBucket>>]>,
+    shards: Box<[Shard]>,
 }
 
+/// One shard of a kind's buckets: user → bucket.
+type Shard = Mutex<HashMap<Box<str>, TokenBucket>>;
+
 impl Buckets {
-    fn shard(&self, user: &str) -> &Mutex<HashMap<Box<str>, TokenBucket>> {
+    fn shard(&self, user: &str) -> &Shard {
         use std::hash::{BuildHasher, BuildHasherDefault};
         let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
             .hash_one(user);
