@@ -448,4 +448,15 @@ mod tests {
             "a full stream does not wrap"
         );
     }
+
+    #[test]
+    fn pages_stop_at_the_oldest_kept_entry() {
+        let page = Page::before(0, 5, 100, 10).unwrap();
+        assert_eq!(page.kept_from(8), Some(Page { from: 8, to: 10 }));
+        assert_eq!(page.kept_from(1), Some(page), "nothing removed");
+        assert_eq!(page.kept_from(11), None);
+        assert_eq!(page.kept_from(0), None, "an empty stream");
+        let older = Page::before(8, 5, 100, 10).unwrap();
+        assert_eq!(older.kept_from(8), None, "all of it was removed");
+    }
 }
