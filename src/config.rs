@@ -50,6 +50,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Analytics and metrics streaming.
     pub analytics: crate::services::analytics::AnalyticsConfig,
+    /// What is kept how long (`[retention]`).
+    pub retention: crate::services::retention::RetentionConfig,
 }
 
 /// The server API (HTTP, for backends).
@@ -82,6 +84,7 @@ impl Default for Config {
             presence: Default::default(),
             api: Default::default(),
             analytics: Default::default(),
+            retention: Default::default(),
         }
     }
 }
@@ -368,6 +371,8 @@ impl Config {
             self.presence.validate(),
             self.collab.validate(),
             self.analytics.validate(),
+            self.limits.rate.validate(),
+            self.retention.validate(),
         ];
         for checked in services {
             checked.map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -386,6 +391,7 @@ impl From<&Config> for crate::services::ServicesConfig {
             presence: c.presence.clone(),
             collab: c.collab.clone(),
             analytics: c.analytics.clone(),
+            retention: c.retention.clone(),
         }
     }
 }

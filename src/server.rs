@@ -105,6 +105,10 @@ pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<Ru
             writer: writer.clone(),
             hub: Arc::new(Hub::default()),
             metrics: metrics.clone(),
+            rates: Arc::new(crate::services::rate::RateLimits::new(
+                &config.limits.rate,
+                clock.clone(),
+            )),
             clock,
             shutdown: stop_background.clone(),
         },

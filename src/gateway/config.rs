@@ -26,6 +26,8 @@ pub struct LimitsConfig {
     pub control_queue_frames: usize,
     /// Sessions this node accepts at once; past this new ones get `OVERLOADED`.
     pub max_connections: usize,
+    /// Per-user write rate limits (`[limits.rate]`).
+    pub rate: crate::services::rate::RateConfig,
 }
 
 impl Default for LimitsConfig {
@@ -37,6 +39,7 @@ impl Default for LimitsConfig {
             push_queue_frames: 4096,
             control_queue_frames: 256,
             max_connections: 100_000,
+            rate: Default::default(),
         }
     }
 }

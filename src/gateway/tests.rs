@@ -48,17 +48,14 @@ impl Harness {
                 writer: writer.clone(),
                 hub: Arc::new(Hub::default()),
                 metrics: metrics.clone(),
+                rates: Arc::new(crate::services::rate::RateLimits::new(
+                    &config.limits.rate,
+                    crate::clock::Clock::System,
+                )),
                 clock: crate::clock::Clock::System,
                 shutdown: tokio_util::sync::CancellationToken::new(),
             },
-            ServicesConfig {
-                chat: config.chat.clone(),
-                rooms: config.rooms.clone(),
-                notify: config.notify.clone(),
-                presence: config.presence.clone(),
-                collab: config.collab.clone(),
-                analytics: config.analytics.clone(),
-            },
+            ServicesConfig::from(&config),
         )
         .unwrap();
         let services = Arc::new(services);

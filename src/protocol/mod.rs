@@ -34,6 +34,7 @@ impl v1::Error {
             name: code.name().to_owned(),
             message: message.into(),
             detail: None,
+            retry_after_ms: 0,
         }
     }
 

@@ -21,7 +21,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
 use crate::hub::Subscriber;
-use crate::protocol::v1::{Push, StreamKind};
+use crate::protocol::v1::{HistoryTruncated, Push, StreamKind, push};
 use crate::store::StoreError;
 
 /// Entries read and pushed per step.
@@ -44,6 +44,38 @@ pub(crate) trait CatchUpStream {
 
     /// Subscribes the session to the live stream; called under the lock.
     fn subscribe(&self, guard: &mut Self::Guard);
+
+    /// The stream's name, as in `Push.stream` and `Hello.resume`.
+    fn name(&self) -> String;
+}
+
+/// The pushes of `from..=to`, preceded by a [`HistoryTruncated`] marker when the
+/// stream no longer keeps the first of them (retention removed them). A page with
+/// nothing left in it yields nothing: the marker comes with the first page that
+/// has entries (there is one: a stream's newest entry is never removed).
+async fn read_marked<S: CatchUpStream>(
+    stream: &S,
+    from: u64,
+    to: u64,
+) -> Result<Vec<Push>, StoreError> {
+    let mut pushes = stream.read(from, to).await?;
+    if let Some(first) = pushes.first().map(|p| p.offset)
+        && first > from
+    {
+        let name = stream.name();
+        pushes.insert(
+            0,
+            Push {
+                stream: name.clone(),
+                offset: 0,
+                event: Some(push::Event::HistoryTruncated(HistoryTruncated {
+                    stream: name,
+                    first_offset: first,
+                })),
+            },
+        );
+    }
+    Ok(pushes)
 }
 
 /// How a catch-up ended.
@@ -94,7 +126,7 @@ pub(crate) async fn catch_up<S: CatchUpStream>(
         // Outside the lock: the range up to `last`, waiting for queue room.
         while cursor < last {
             let end = cursor + PAGE.min(last - cursor);
-            for push in stream.read(cursor + 1, end).await? {
+            for push in read_marked(stream, cursor + 1, end).await? {
                 if sub.push_wait(kind, push).await.is_err() {
                     return Ok(CatchUp::Slow);
                 }
@@ -127,8 +159,9 @@ async fn push_now<S: CatchUpStream>(
 ) -> Result<Now, StoreError> {
     while cursor < last {
         let end = cursor + PAGE.min(last - cursor);
-        for push in stream.read(cursor + 1, end).await? {
-            let offset = push.offset;
+        for push in read_marked(stream, cursor + 1, end).await? {
+            // A truncation marker has offset 0 and moves nothing.
+            let offset = push.offset.max(cursor);
             if force {
                 if sub.push(kind, push).is_err() {
                     return Ok(Now::Slow);
@@ -159,6 +192,8 @@ mod tests {
     /// room whose traffic outpaces the reader), `offset` as each push's offset.
     struct Growing {
         lock: Arc<tokio::sync::Mutex<()>>,
+        /// The oldest entry kept (older ones were removed).
+        first: u64,
         last: Mutex<u64>,
         growth: u64,
         locks: Mutex<usize>,
@@ -169,6 +204,7 @@ mod tests {
         fn new(last: u64, growth: u64) -> Self {
             Self {
                 lock: Arc::default(),
+                first: 1,
                 last: Mutex::new(last),
                 growth,
                 locks: Mutex::new(0),
@@ -189,7 +225,7 @@ mod tests {
         }
 
         fn read(&self, from: u64, to: u64) -> BoxFuture<'_, Result<Vec<Push>, StoreError>> {
-            let pushes = (from..=to)
+            let pushes = (from.max(self.first)..=to)
                 .map(|offset| Push {
                     stream: "s".into(),
                     offset,
@@ -201,6 +237,10 @@ mod tests {
 
         fn subscribe(&self, _: &mut Self::Guard) {
             *self.subscribed.lock().unwrap() = true;
+        }
+
+        fn name(&self) -> String {
+            "s".into()
         }
     }
 
@@ -245,6 +285,34 @@ mod tests {
             assert!(stream.lock.try_lock().is_ok(), "not under the lock");
             assert!(!*stream.subscribed.lock().unwrap());
             assert!(!session.was_slow());
+        }
+    }
+
+    /// Resuming from before the oldest kept entry, both through pages streamed
+    /// outside the lock and through the last page under it: one marker with the
+    /// first kept offset, then every kept entry once.
+    #[tokio::test]
+    async fn a_resume_before_the_oldest_kept_entry_is_told_once() {
+        for (first, last) in [(600, 1000), (5, 10)] {
+            let stream = Growing {
+                first,
+                ..Growing::new(last, 0)
+            };
+            let (session, mut rx) = FakeSession::new("u", "s", 100_000);
+            let end = catch_up(&stream, session.as_ref(), StreamKind::Chat, Some(1))
+                .await
+                .unwrap();
+            assert_eq!(end, CatchUp::Live);
+            let got: Vec<Push> =
+                std::iter::from_fn(|| rx.try_recv().ok().map(|(_, p)| p)).collect();
+            match &got[0].event {
+                Some(push::Event::HistoryTruncated(h)) => {
+                    assert_eq!((h.stream.as_str(), h.first_offset), ("s", first));
+                }
+                other => panic!("{other:?}"),
+            }
+            let offsets: Vec<u64> = got[1..].iter().map(|p| p.offset).collect();
+            assert_eq!(offsets, (first..=last).collect::<Vec<_>>());
         }
     }
 

@@ -37,6 +37,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::catch_up::{CatchUp, CatchUpStream, catch_up};
+use super::rate::Action;
 use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json};
 use crate::hub::Subscriber;
 use crate::ids::{RoomId, UserId};
@@ -231,6 +232,8 @@ pub struct ChatService {
     subscribed: Mutex<HashMap<String, HashSet<String>>>,
     /// session → (window start, typing indicators in it).
     typing: Mutex<HashMap<String, (Instant, u32)>>,
+    /// The last room retention looked at (it goes on after it next time).
+    prune_cursor: Mutex<String>,
 }
 
 fn topic(room: &str) -> String {
@@ -277,6 +280,10 @@ impl CatchUpStream for RoomStream<'_> {
     fn subscribe(&self, _room: &mut Self::Guard) {
         self.chat
             .subscribe(self.ctx.subscriber.clone(), self.room_id);
+    }
+
+    fn name(&self) -> String {
+        topic(self.room_id)
     }
 }
 
@@ -336,6 +343,7 @@ impl ChatService {
                 .build("read_marks"),
             subscribed: Mutex::new(HashMap::new()),
             typing: Mutex::new(HashMap::new()),
+            prune_cursor: Mutex::new(String::new()),
         }))
     }
 
@@ -540,6 +548,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::RoomCreateRequest,
     ) -> ServiceResult<v1::RoomCreateResponse> {
+        self.deps.rates.check(Action::RoomCreate, ctx.user_id())?;
         let chosen = !req.room_id.is_empty();
         let mut id = if chosen {
             RoomId::chosen(&UserId::parse(ctx.user_id())?, &req.room_id)?.into_string()
@@ -601,7 +610,10 @@ impl ChatService {
                 .writer
                 .write(move |txn| {
                     let mut rooms = txn.open_table(ROOMS)?;
-                    let exists = rooms.get(room_id.as_str())?.is_some();
+                    // A removed room leaves its last offset behind: its id is not
+                    // reused, so no stale resume offset points into another room.
+                    let exists = rooms.get(room_id.as_str())?.is_some()
+                        || txn.open_table(OFFSETS)?.get(room_id.as_str())?.is_some();
                     flag.store(exists, std::sync::atomic::Ordering::Relaxed);
                     if exists {
                         return Ok(());
@@ -949,6 +961,7 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::ChatSendRequest,
     ) -> ServiceResult<v1::ChatSendResponse> {
+        self.deps.rates.check(Action::ChatSend, ctx.user_id())?;
         let message = self
             .post(
                 &RoomId::parse(req.room_id)?,
@@ -1126,19 +1139,22 @@ impl ChatService {
             }
             room.last_offset
         };
+        let first = self.log.first_offset(&req.room_id)?;
         let page = super::Page::before(
             req.before_offset,
             req.limit,
             self.config.max_history_page,
             last,
-        );
+        )
+        .and_then(|p| p.kept_from(first));
         let messages = match page {
             Some(p) => self.read_messages(&req.room_id, p.from, p.to).await?,
             None => vec![],
         };
         Ok(v1::ChatHistoryResponse {
             messages,
-            more: page.is_some_and(|p| p.more()),
+            more: page.is_some_and(|p| p.from > first),
+            first_offset: first,
         })
     }
 
@@ -1204,8 +1220,17 @@ impl ChatService {
         let mark = target.max(current);
         Ok(v1::ChatMarkReadResponse {
             read_offset: mark,
-            unread: room.last_offset.saturating_sub(mark),
+            unread: self.unread(&room, mark)?,
         })
+    }
+
+    /// Messages after the read mark `mark` that the room still keeps (retention
+    /// may have removed older ones).
+    fn unread(&self, room: &RoomState, mark: u64) -> Result<u64, StoreError> {
+        let first = self.log.first_offset(&room.id)?;
+        Ok(room
+            .last_offset
+            .saturating_sub(mark.max(first.saturating_sub(1))))
     }
 
     /// The caller's rooms with their last message and unread count.
@@ -1223,7 +1248,7 @@ impl ChatService {
             rooms.push(v1::RoomSummary {
                 room: Some(room.wire()),
                 last_message: room.last_message.clone(),
-                unread: room.last_offset.saturating_sub(mark),
+                unread: self.unread(&room, mark)?,
                 read_offset: mark,
             });
         }
@@ -1242,6 +1267,35 @@ impl ChatService {
             }
         }
         out.remove(user);
+        Ok(out)
+    }
+
+    /// The first `max` users (by user id within each room, rooms in id order) who
+    /// share a room with `user`: the bounded form of
+    /// [`co_participants`](Self::co_participants), for fan-out.
+    pub async fn co_participants_bounded(
+        &self,
+        user: &str,
+        max: usize,
+    ) -> ServiceResult<BTreeSet<String>> {
+        let mut out = BTreeSet::new();
+        for id in self.user_rooms(user)? {
+            if out.len() >= max {
+                break;
+            }
+            if let Some(handle) = self.load(&id).await? {
+                let room = handle.lock().await;
+                if room.meta.participants.contains(user) {
+                    let others = room.meta.participants.iter().filter(|p| *p != user);
+                    for p in others {
+                        if out.len() >= max {
+                            break;
+                        }
+                        out.insert(p.clone());
+                    }
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -1289,6 +1343,144 @@ impl ChatService {
         self.deps
             .hub
             .datagram(&topic(&t.room_id), ctx.session_id(), &data);
+    }
+
+    // ---- retention --------------------------------------------------------------
+
+    /// One retention batch (see [`super::retention`]): looks at up to `budget`
+    /// rooms after the previous batch's last one, removes old messages (at most
+    /// `budget`) and empty rooms. Returns (messages, rooms) removed.
+    pub async fn prune(
+        &self,
+        r: &super::retention::RetentionConfig,
+        now: u64,
+        budget: usize,
+    ) -> ServiceResult<(u64, u64)> {
+        let after = self
+            .prune_cursor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut rooms: Vec<(String, bool)> = Vec::new();
+        {
+            let txn = self.deps.store.db().begin_read()?;
+            let table = txn.open_table(ROOMS)?;
+            let range = (
+                std::ops::Bound::Excluded(after.as_str()),
+                std::ops::Bound::Unbounded,
+            );
+            for entry in table.range::<&str>(range)?.take(budget) {
+                let (id, meta) = entry?;
+                let meta: RoomMeta = serde_json::from_slice(meta.value()).map_err(corrupt)?;
+                rooms.push((id.value().to_owned(), meta.participants.is_empty()));
+            }
+        }
+        // The next batch goes on after this one, or starts over at the end.
+        *self.prune_cursor.lock().unwrap_or_else(|e| e.into_inner()) = if rooms.len() < budget {
+            String::new()
+        } else {
+            rooms.last().map(|(id, _)| id.clone()).unwrap_or_default()
+        };
+        let (mut messages, mut removed_rooms, mut left) = (0u64, 0u64, budget);
+        for (id, empty) in rooms {
+            if left == 0 {
+                break;
+            }
+            let n = if empty && r.empty_rooms {
+                let (n, gone) = self.remove_empty(&id, left).await?;
+                removed_rooms += u64::from(gone);
+                n
+            } else {
+                self.trim_room(&id, r, now, left).await?
+            };
+            messages += n as u64;
+            left -= n.min(left);
+        }
+        Ok((messages, removed_rooms))
+    }
+
+    /// Removes old messages of a room: returns how many.
+    async fn trim_room(
+        &self,
+        id: &str,
+        r: &super::retention::RetentionConfig,
+        now: u64,
+        budget: usize,
+    ) -> ServiceResult<usize> {
+        if r.room_messages == 0 && r.room_message_age.is_none() {
+            return Ok(0);
+        }
+        let first = self.log.first_offset(id)?;
+        let last = self.log.last_offset(id).await?;
+        let mut keep = super::retention::keep_from_count(first, last, r.room_messages, budget);
+        if let Some(age) = r.room_message_age {
+            let cutoff = now.saturating_sub(age.as_millis() as u64);
+            let room_budget = budget.saturating_sub((keep - first) as usize);
+            keep = super::retention::keep_from_age(
+                &self.log,
+                id,
+                keep,
+                last,
+                room_budget,
+                cutoff,
+                |data| {
+                    let m: StoredMessage = serde_json::from_slice(data).map_err(corrupt)?;
+                    Ok(m.sent_at_ms)
+                },
+            )
+            .await?;
+        }
+        if keep <= first {
+            return Ok(0);
+        }
+        let removed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (log, room, n) = (self.log.clone(), id.to_owned(), removed.clone());
+        self.deps
+            .writer
+            .write(move |txn| {
+                // Never the last message: the room's offsets never move back.
+                let end = keep.min(log.last_offset_in(txn, &room)?);
+                let k = log.remove_in(txn, &room, end, budget)?;
+                n.store(k, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            })
+            .await?;
+        Ok(removed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Removes a room nobody is in: up to `budget` of its messages, and the room
+    /// once none is left. Its last offset stays (the id is not reused). Returns
+    /// (messages removed, whether the room is gone).
+    async fn remove_empty(&self, id: &str, budget: usize) -> ServiceResult<(usize, bool)> {
+        let Some(handle) = self.load(id).await? else {
+            return Ok((0, false));
+        };
+        let room = handle.lock().await;
+        if !room.meta.participants.is_empty() {
+            return Ok((0, false));
+        }
+        let out = Arc::new(Mutex::new((0, false)));
+        let (log, room_id, result) = (self.log.clone(), id.to_owned(), out.clone());
+        self.deps
+            .writer
+            .write(move |txn| {
+                let n = log.remove_in(txn, &room_id, u64::MAX, budget)?;
+                let gone = log.last_offset_in(txn, &room_id)? == 0;
+                if gone {
+                    txn.open_table(ROOMS)?.remove(room_id.as_str())?;
+                }
+                *result.lock().unwrap_or_else(|e| e.into_inner()) = (n, gone);
+                Ok(())
+            })
+            .await?;
+        let (n, gone) = *out.lock().unwrap_or_else(|e| e.into_inner());
+        if gone {
+            // Under the room's lock: whoever waits for it finds no participant
+            // (NOT_FOUND), and later callers find no room.
+            self.rooms.forget(id).await;
+        }
+        drop(room);
+        Ok((n, gone))
     }
 
     // ---- loading ----------------------------------------------------------------

@@ -189,6 +189,8 @@ pub struct CollabService {
     sessions: Mutex<HashMap<String, HashMap<String, Loaded<DocState>>>>,
     /// (document, session) → its cursor.
     cursors: Mutex<HashMap<(String, String), CursorState>>,
+    /// Where retention goes on in `collab_clients` and `collab_user_docs`.
+    prune_cursors: Mutex<[(String, String); 2]>,
 }
 
 fn topic(doc_id: &str) -> String {
@@ -222,6 +224,7 @@ impl CollabService {
             config,
             sessions: Mutex::new(HashMap::new()),
             cursors: Mutex::new(HashMap::new()),
+            prune_cursors: Mutex::default(),
         });
         let work = Background::new(
             "collab cursors",
@@ -600,6 +603,9 @@ impl CollabService {
         req: v1::DocSubmitRequest,
     ) -> ServiceResult<v1::DocSubmitResponse> {
         use std::sync::atomic::Ordering::Relaxed;
+        self.deps
+            .rates
+            .check(super::rate::Action::DocSubmit, ctx.user_id())?;
         let handle = self
             .sessions
             .lock()
@@ -751,6 +757,13 @@ impl CollabService {
             d.snapshot_revision = revision;
         }
         d.clients.insert(dedup, (req.seq, revision));
+        // As retention does on disk: a client whose last operation is older than
+        // the history is forgotten (its resends get RESYNC_REQUIRED anyway), so a
+        // loaded document remembers at most about 2 × `history` clients.
+        if d.clients.len() > 2 * self.config.history {
+            let floor = revision.saturating_sub(history);
+            d.clients.retain(|_, (_, rev)| *rev >= floor);
+        }
         self.counters().applied.fetch_add(1, Relaxed);
         if applied.concurrent > 0 {
             self.counters().transformed.fetch_add(1, Relaxed);
@@ -932,6 +945,116 @@ impl CollabService {
             present: BTreeMap::new(),
             broken: false,
         }))
+    }
+}
+
+impl CollabService {
+    /// One retention batch (see [`super::retention`]): looks at up to `budget`
+    /// duplicate-detection rows and `budget` access rows after the previous
+    /// batch's, and removes (a) a client's row once its last operation is more
+    /// than `history` operations old, or its document is gone, and (b) access rows
+    /// of documents that are gone. Returns (dedup rows, access rows) removed.
+    pub async fn prune(&self, budget: usize) -> ServiceResult<(u64, u64)> {
+        let history = self.config.history as u64;
+        let [after_clients, after_access] = self
+            .prune_cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut stale_clients: Vec<(String, String, (u64, u64))> = Vec::new();
+        let mut stale_access: Vec<(String, String)> = Vec::new();
+        let (mut next_clients, mut next_access) = (None, None);
+        {
+            let txn = self.deps.store.db().begin_read()?;
+            let docs = txn.open_table(DOCS)?;
+            let mut last_of: HashMap<String, Option<u64>> = HashMap::new();
+            let mut last_revision = |doc: &str| -> ServiceResult<Option<u64>> {
+                if let Some(v) = last_of.get(doc) {
+                    return Ok(*v);
+                }
+                let v = match docs.get(doc)? {
+                    Some(_) => Some(self.log.last_offset_in_read(&txn, doc)?),
+                    None => None,
+                };
+                last_of.insert(doc.to_owned(), v);
+                Ok(v)
+            };
+            let clients = txn.open_table(CLIENTS)?;
+            let from = (after_clients.0.as_str(), after_clients.1.as_str());
+            let range = (std::ops::Bound::Excluded(from), std::ops::Bound::Unbounded);
+            let mut seen = 0;
+            for entry in clients.range::<(&str, &str)>(range)?.take(budget) {
+                let (key, value) = entry?;
+                let (doc, client) = key.value();
+                let (seq, revision) = value.value();
+                seen += 1;
+                let stale = match last_revision(doc)? {
+                    None => true,
+                    Some(last) => revision.saturating_add(history) < last,
+                };
+                if stale {
+                    stale_clients.push((doc.to_owned(), client.to_owned(), (seq, revision)));
+                }
+                next_clients = Some((doc.to_owned(), client.to_owned()));
+            }
+            if seen < budget {
+                next_clients = None;
+            }
+            let access = txn.open_table(USER_DOCS)?;
+            let from = (after_access.0.as_str(), after_access.1.as_str());
+            let range = (std::ops::Bound::Excluded(from), std::ops::Bound::Unbounded);
+            let mut seen = 0;
+            for entry in access.range::<(&str, &str)>(range)?.take(budget) {
+                let (key, _) = entry?;
+                let (user, doc) = key.value();
+                seen += 1;
+                if last_revision(doc)?.is_none() {
+                    stale_access.push((user.to_owned(), doc.to_owned()));
+                }
+                next_access = Some((user.to_owned(), doc.to_owned()));
+            }
+            if seen < budget {
+                next_access = None;
+            }
+        }
+        *self.prune_cursors.lock().unwrap_or_else(|e| e.into_inner()) = [
+            next_clients.unwrap_or_default(),
+            next_access.unwrap_or_default(),
+        ];
+        if stale_clients.is_empty() && stale_access.is_empty() {
+            return Ok((0, 0));
+        }
+        let counts = Arc::new(Mutex::new((0u64, 0u64)));
+        let out = counts.clone();
+        self.deps
+            .writer
+            .write(move |txn| {
+                let docs = txn.open_table(DOCS)?;
+                let mut clients = txn.open_table(CLIENTS)?;
+                let mut n = (0, 0);
+                for (doc, client, row) in &stale_clients {
+                    // Only if no operation of that client came meanwhile.
+                    let current = clients
+                        .get((doc.as_str(), client.as_str()))?
+                        .map(|v| v.value());
+                    if current == Some(*row) {
+                        clients.remove((doc.as_str(), client.as_str()))?;
+                        n.0 += 1;
+                    }
+                }
+                let mut access = txn.open_table(USER_DOCS)?;
+                for (user, doc) in &stale_access {
+                    if docs.get(doc.as_str())?.is_none() {
+                        access.remove((user.as_str(), doc.as_str()))?;
+                        n.1 += 1;
+                    }
+                }
+                *out.lock().unwrap_or_else(|e| e.into_inner()) = n;
+                Ok(())
+            })
+            .await?;
+        let n = *counts.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(n)
     }
 }
 

@@ -36,6 +36,10 @@ impl Node {
                 writer,
                 hub: Arc::new(Hub::default()),
                 metrics: Arc::new(Metrics::default()),
+                rates: Arc::new(super::rate::RateLimits::new(
+                    &Default::default(),
+                    clock.clone(),
+                )),
                 clock: clock.clone(),
                 shutdown: CancellationToken::new(),
             },

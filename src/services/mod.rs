@@ -9,6 +9,8 @@ pub mod collab;
 mod fakes;
 pub mod notify;
 pub mod presence;
+pub mod rate;
+pub mod retention;
 
 use std::sync::Arc;
 
@@ -32,6 +34,8 @@ pub struct ServiceError {
     pub message: String,
     /// Machine-readable details.
     pub detail: Option<v1::error::Detail>,
+    /// With `RATE_LIMITED`: milliseconds until the request may succeed.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ServiceError {
@@ -41,6 +45,15 @@ impl ServiceError {
             code,
             message: message.into(),
             detail: None,
+            retry_after_ms: None,
+        }
+    }
+
+    /// `RATE_LIMITED`, to be retried after `retry_after_ms`.
+    pub fn rate_limited(message: impl Into<String>, retry_after_ms: u64) -> Self {
+        Self {
+            retry_after_ms: Some(retry_after_ms),
+            ..Self::new(ErrorCode::RateLimited, message)
         }
     }
 
@@ -59,6 +72,7 @@ impl ServiceError {
     pub fn into_wire(self) -> v1::Error {
         let mut e = v1::Error::new(self.code, self.message);
         e.detail = self.detail;
+        e.retry_after_ms = self.retry_after_ms.unwrap_or(0);
         e
     }
 }
@@ -139,6 +153,15 @@ impl Page {
     pub fn more(&self) -> bool {
         self.from > 1
     }
+
+    /// The part of the page a stream that keeps entries from `first` on still has
+    /// (`None` when it has none of it). A stream with no entry has `first` 0.
+    pub fn kept_from(self, first: u64) -> Option<Page> {
+        (first > 0 && first <= self.to).then(|| Page {
+            from: self.from.max(first),
+            to: self.to,
+        })
+    }
 }
 
 /// A service's configuration section that cannot work: what is wrong with it.
@@ -162,6 +185,8 @@ pub struct ServicesConfig {
     pub collab: collab::CollabConfig,
     /// Analytics settings.
     pub analytics: analytics::AnalyticsConfig,
+    /// Retention of messages, notifications and bookkeeping rows.
+    pub retention: retention::RetentionConfig,
 }
 
 /// The result of a request handler.
@@ -203,6 +228,8 @@ pub struct ServiceDeps {
     /// manual one. Delays (presence grace, periodic work) run on tokio's clock, so
     /// `tokio::time::pause()` drives them.
     pub clock: Clock,
+    /// Per-user write rate limits.
+    pub rates: Arc<rate::RateLimits>,
     /// Cancelled when the node shuts down: every [`Background`] future then
     /// finishes what must be finished (the last analytics flush) and returns.
     pub shutdown: CancellationToken,
@@ -250,6 +277,8 @@ pub struct Services {
     pub notify: Arc<notify::NotifyService>,
     /// Presence and contacts.
     pub presence: Arc<presence::PresenceService>,
+    /// Removal of what the node no longer keeps.
+    pub retention: Arc<retention::Retention>,
 }
 
 impl Services {
@@ -267,15 +296,28 @@ impl Services {
         let (collab, collab_work) = collab::CollabService::open(deps.clone(), config.collab)?;
         let contacts: Arc<dyn chat::Contacts> = presence.clone();
         chat.set_contacts(Arc::downgrade(&contacts));
+        let notify = notify::NotifyService::open(deps.clone(), config.notify)?;
+        let (retention, retention_work) = retention::Retention::open(
+            config.retention,
+            deps.clock.clone(),
+            &chat,
+            &notify,
+            &collab,
+            deps.shutdown.clone(),
+        );
         let services = Self {
             hub: deps.hub.clone(),
             analytics,
             presence,
-            notify: notify::NotifyService::open(deps, config.notify)?,
+            notify,
             chat,
             collab,
+            retention,
         };
-        Ok((services, vec![analytics_work, presence_work, collab_work]))
+        Ok((
+            services,
+            vec![analytics_work, presence_work, collab_work, retention_work],
+        ))
     }
 
     /// A session completed its handshake; `resume` is its `Hello.resume`.
@@ -413,5 +455,16 @@ mod tests {
             }),
             "a full stream does not wrap"
         );
+    }
+
+    #[test]
+    fn pages_stop_at_the_oldest_kept_entry() {
+        let page = Page::before(0, 5, 100, 10).unwrap();
+        assert_eq!(page.kept_from(8), Some(Page { from: 8, to: 10 }));
+        assert_eq!(page.kept_from(1), Some(page), "nothing removed");
+        assert_eq!(page.kept_from(11), None);
+        assert_eq!(page.kept_from(0), None, "an empty stream");
+        let older = Page::before(8, 5, 100, 10).unwrap();
+        assert_eq!(older.kept_from(8), None, "all of it was removed");
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::catch_up::{CatchUpStream, catch_up};
@@ -153,6 +153,10 @@ impl CatchUpStream for NoteStream<'_> {
             .hub
             .subscribe(&topic(self.ctx.user_id()), self.ctx.subscriber.clone());
     }
+
+    fn name(&self) -> String {
+        RESUME_KEY.into()
+    }
 }
 
 /// The notification service.
@@ -164,6 +168,8 @@ pub struct NotifyService {
     /// Each user's notifications.
     log: RedbLog,
     state: crate::store::cache::Cache<String, (u64, u64)>,
+    /// The last user retention looked at (it goes on after them next time).
+    prune_cursor: std::sync::Mutex<String>,
 }
 
 impl NotifyService {
@@ -187,6 +193,7 @@ impl NotifyService {
                 std::time::Duration::from_secs(600),
             )
             .build("notify_state"),
+            prune_cursor: std::sync::Mutex::new(String::new()),
         }))
     }
 
@@ -369,15 +376,126 @@ impl NotifyService {
             let _guard = self.stripe(user).lock().await;
             self.user_state(user).await?
         };
-        let page = super::Page::before(req.before_offset, req.limit, self.config.max_page, last);
+        let first = self.log.first_offset(user)?;
+        let page = super::Page::before(req.before_offset, req.limit, self.config.max_page, last)
+            .and_then(|p| p.kept_from(first));
         Ok(v1::NotifyListResponse {
             notifications: match page {
                 Some(p) => self.read_range(user, p.from, p.to).await?,
                 None => vec![],
             },
-            more: page.is_some_and(|p| p.more()),
+            more: page.is_some_and(|p| p.from > first),
             unread,
+            first_offset: first,
         })
+    }
+
+    /// One retention batch (see [`super::retention`]): looks at up to `budget`
+    /// users after the previous batch's last one and removes their notifications
+    /// past the configured count and age (at most `budget`; the newest one always
+    /// stays). A removed unread notification no longer counts as unread. Returns
+    /// how many were removed.
+    pub async fn prune(
+        &self,
+        r: &super::retention::RetentionConfig,
+        now: u64,
+        budget: usize,
+    ) -> ServiceResult<u64> {
+        if r.user_notifications == 0 && r.notification_age.is_none() {
+            return Ok(0);
+        }
+        let after = self
+            .prune_cursor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut users = Vec::new();
+        {
+            let txn = self.deps.store.db().begin_read()?;
+            let table = txn.open_table(STATE)?;
+            let range = (
+                std::ops::Bound::Excluded(after.as_str()),
+                std::ops::Bound::Unbounded,
+            );
+            for entry in table.range::<&str>(range)?.take(budget) {
+                users.push(entry?.0.value().to_owned());
+            }
+        }
+        *self.prune_cursor.lock().unwrap_or_else(|e| e.into_inner()) = if users.len() < budget {
+            String::new()
+        } else {
+            users.last().cloned().unwrap_or_default()
+        };
+        let (mut removed, mut left) = (0u64, budget);
+        for user in users {
+            if left == 0 {
+                break;
+            }
+            let n = self.prune_user(&user, r, now, left).await?;
+            removed += n as u64;
+            left -= n.min(left);
+        }
+        Ok(removed)
+    }
+
+    async fn prune_user(
+        &self,
+        user: &str,
+        r: &super::retention::RetentionConfig,
+        now: u64,
+        budget: usize,
+    ) -> ServiceResult<usize> {
+        let _guard = self.stripe(user).lock().await;
+        let (last, _) = self.user_state(user).await?;
+        let first = self.log.first_offset(user)?;
+        let mut keep = super::retention::keep_from_count(first, last, r.user_notifications, budget);
+        if let Some(age) = r.notification_age {
+            let cutoff = now.saturating_sub(age.as_millis() as u64);
+            let user_budget = budget.saturating_sub((keep - first) as usize);
+            keep = super::retention::keep_from_age(
+                &self.log,
+                user,
+                keep,
+                last,
+                user_budget,
+                cutoff,
+                |data| {
+                    let n: StoredNote = serde_json::from_slice(data).map_err(corrupt)?;
+                    Ok(n.created_at_ms)
+                },
+            )
+            .await?;
+        }
+        if keep <= first {
+            return Ok(0);
+        }
+        let removed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (u, n) = (user.to_owned(), removed.clone());
+        self.deps
+            .writer
+            .write(move |txn| {
+                let mut notes = txn.open_table(NOTES)?;
+                let mut gone = Vec::new();
+                let mut unread_gone = 0u64;
+                // Never the newest: it carries the stream's last offset.
+                for entry in notes.range((u.as_str(), 0)..(u.as_str(), keep.min(last)))? {
+                    let (k, v) = entry?;
+                    let note: StoredNote = serde_json::from_slice(v.value()).map_err(corrupt)?;
+                    unread_gone += u64::from(!note.read);
+                    gone.push(k.value().1);
+                }
+                for o in &gone {
+                    notes.remove((u.as_str(), *o))?;
+                }
+                let mut state = txn.open_table(STATE)?;
+                let (l, unread) = state.get(u.as_str())?.map(|v| v.value()).unwrap_or((0, 0));
+                state.insert(u.as_str(), (l, unread.saturating_sub(unread_gone)))?;
+                n.store(gone.len(), std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            })
+            .await?;
+        self.state.invalidate(user).await;
+        Ok(removed.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Marks some of the caller's notifications read.

@@ -60,6 +60,10 @@ pub struct PresenceConfig {
     pub grace: Duration,
     /// Contacts (and requests) one user may have.
     pub max_contacts: usize,
+    /// Distinct users one presence change is pushed to at most: accepted contacts
+    /// first, then room co-participants in user-id order. Others who may see the
+    /// user's presence read it with `PresenceGetRequest` instead.
+    pub max_fanout: usize,
 }
 
 impl PresenceConfig {
@@ -74,6 +78,7 @@ impl Default for PresenceConfig {
         Self {
             grace: Duration::from_secs(5),
             max_contacts: 1000,
+            max_fanout: 5000,
         }
     }
 }
@@ -367,15 +372,25 @@ impl PresenceService {
         }
     }
 
-    /// Who hears `user`'s presence: accepted contacts and room co-participants.
+    /// Who hears `user`'s presence: accepted contacts, then room co-participants,
+    /// `max_fanout` of them at most.
     async fn watchers(&self, user: &str) -> ServiceResult<BTreeSet<String>> {
-        let mut out = self.chat.co_participants(user).await?;
-        out.extend(
-            self.contacts_of(user)?
-                .into_iter()
-                .filter(|(_, s)| *s == ContactState::Accepted)
-                .map(|(u, _)| u),
-        );
+        let max = self.config.max_fanout;
+        let mut out: BTreeSet<String> = self
+            .contacts_of(user)?
+            .into_iter()
+            .filter(|(_, s)| *s == ContactState::Accepted)
+            .map(|(u, _)| u)
+            .take(max)
+            .collect();
+        if out.len() < max {
+            for u in self.chat.co_participants_bounded(user, max).await? {
+                if out.len() >= max {
+                    break;
+                }
+                out.insert(u);
+            }
+        }
         Ok(out)
     }
 
@@ -398,6 +413,9 @@ impl PresenceService {
             }
         };
         let user = ctx.user_id();
+        self.deps
+            .rates
+            .check(super::rate::Action::PresenceSet, user)?;
         let changed = {
             let mut live = self.live();
             // A request may come before the session's `connected` ran.
@@ -585,6 +603,9 @@ impl PresenceService {
         req: v1::ContactRequestRequest,
     ) -> ServiceResult<v1::ContactRequestResponse> {
         let other = other_user(ctx, &req.user_id)?;
+        self.deps
+            .rates
+            .check(super::rate::Action::ContactRequest, ctx.user_id())?;
         let max = self.config.max_contacts;
         let who = other.to_owned();
         let decision = self

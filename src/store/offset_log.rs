@@ -226,6 +226,67 @@ impl RedbLog {
         Ok(out)
     }
 
+    /// The offset of the oldest entry `stream` still keeps (0: empty). Entries
+    /// before it were trimmed; offsets are never reused.
+    pub fn first_offset(&self, stream: &str) -> Result<u64, StoreError> {
+        let txn = self.store.db().begin_read()?;
+        let table = txn.open_table(self.entries)?;
+        Ok(
+            match table.range((stream, 0)..=(stream, u64::MAX))?.next() {
+                Some(entry) => entry?.0.value().1,
+                None => 0,
+            },
+        )
+    }
+
+    /// The last offset of `stream` as the caller's write transaction sees it (0:
+    /// no entry).
+    pub fn last_offset_in(&self, txn: &WriteTransaction, stream: &str) -> Result<u64, StoreError> {
+        let table = txn.open_table(self.entries)?;
+        let last = match table.range((stream, 0)..=(stream, u64::MAX))?.next_back() {
+            Some(entry) => entry?.0.value().1,
+            None => 0,
+        };
+        Ok(last)
+    }
+
+    /// The last offset of `stream` as the caller's read transaction sees it (0: no
+    /// entry).
+    pub fn last_offset_in_read(
+        &self,
+        txn: &redb::ReadTransaction,
+        stream: &str,
+    ) -> Result<u64, StoreError> {
+        let table = txn.open_table(self.entries)?;
+        let last = match table.range((stream, 0)..=(stream, u64::MAX))?.next_back() {
+            Some(entry) => entry?.0.value().1,
+            None => 0,
+        };
+        Ok(last)
+    }
+
+    /// Removes every entry of `stream` before `end`, at most `max` of them, inside
+    /// the caller's write transaction, and returns how many it removed. Unlike
+    /// [`trim_in`](Self::trim_in) it may remove the last entry: for a stream that
+    /// is going away.
+    pub fn remove_in(
+        &self,
+        txn: &WriteTransaction,
+        stream: &str,
+        end: u64,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let mut table = txn.open_table(self.entries)?;
+        let mut offsets = Vec::new();
+        for entry in table.range((stream, 0)..(stream, end))?.take(max) {
+            offsets.push(entry?.0.value().1);
+        }
+        for offset in &offsets {
+            table.remove((stream, *offset))?;
+        }
+        Ok(offsets.len())
+    }
+
     fn last_now(&self, stream: &str) -> Result<u64, StoreError> {
         let txn = self.store.db().begin_read()?;
         let table = txn.open_table(self.entries)?;

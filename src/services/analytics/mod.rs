@@ -91,6 +91,17 @@ pub struct AnalyticsConfig {
     pub metrics_interval: Duration,
     /// Metrics subscriptions per node at most.
     pub max_metrics_subscribers: usize,
+    /// Occurrences one user may track per second over all their sessions (a token
+    /// bucket holding two seconds' worth, and at least `max_count`); past this,
+    /// `RATE_LIMITED`. 0: no per-user limit.
+    pub events_per_sec_per_user: u32,
+    /// New series (event types and dimension values) one user may add to this
+    /// node at most, so that one user cannot use up the node's caps; past this,
+    /// `LIMIT_EXCEEDED`. 0: no per-user cap.
+    pub max_series_per_user: usize,
+    /// Users the per-user limits do not apply to (trusted producers); the
+    /// per-connection rate and the node's caps still do.
+    pub unlimited_users: Vec<String>,
 }
 
 impl AnalyticsConfig {
@@ -132,6 +143,9 @@ impl Default for AnalyticsConfig {
             events_per_sec: 1_000,
             metrics_interval: Duration::from_secs(1),
             max_metrics_subscribers: 64,
+            events_per_sec_per_user: 2_000,
+            max_series_per_user: 1_000,
+            unlimited_users: Vec::new(),
         }
     }
 }
@@ -210,6 +224,9 @@ fn dimension_series(kind: &str, key: &str, value: &str) -> String {
     format!("{kind}|{key}={value}")
 }
 
+/// Per-user occurrence buckets kept before idle (full) ones are forgotten.
+const USER_LIMITERS: usize = 100_000;
+
 /// A per-session token bucket over occurrences.
 #[derive(Debug, Clone, Copy)]
 struct TokenBucket {
@@ -274,6 +291,10 @@ struct State {
     /// Series ids not yet in the series table.
     unsaved: Vec<u32>,
     limiters: HashMap<String, TokenBucket>,
+    /// user → their occurrence bucket (full ones are forgotten when many).
+    user_limiters: HashMap<String, TokenBucket>,
+    /// user → series they added.
+    created_by: HashMap<String, usize>,
     last_prune: u64,
 }
 
@@ -316,6 +337,8 @@ pub struct AnalyticsService {
     config: AnalyticsConfig,
     clock: Clock,
     allowed: HashSet<String>,
+    /// Users exempt from the per-user caps.
+    unlimited: HashSet<String>,
     state: Mutex<State>,
     /// Held by a flush and by queries that read the rollups, so a query never sees
     /// counts both pending and written.
@@ -368,6 +391,7 @@ impl AnalyticsService {
         }
         let svc = Arc::new(Self {
             allowed: config.event_types.iter().cloned().collect(),
+            unlimited: config.unlimited_users.iter().cloned().collect(),
             clock: deps.clock.clone(),
             deps,
             config,
@@ -494,6 +518,48 @@ impl AnalyticsService {
                 ),
             ));
         }
+        // Per-user caps, for a session's user not on the allowlist.
+        let limited_user = user.filter(|u| session.is_some() && !self.unlimited.contains(*u));
+        let new_series = new_types.len() + new_dims.len();
+        if let Some(u) = limited_user {
+            let max = self.config.max_series_per_user;
+            let created = st.created_by.get(u).copied().unwrap_or(0);
+            if max > 0 && new_series > 0 && created + new_series > max {
+                return Err(ServiceError::new(
+                    ErrorCode::LimitExceeded,
+                    format!("one user adds at most {max} event types and dimension values"),
+                ));
+            }
+        }
+        let user_rate = f64::from(self.config.events_per_sec_per_user);
+        let user_burst = (2.0 * user_rate).max(f64::from(self.config.max_count));
+        if let Some(u) = limited_user.filter(|_| user_rate > 0.0) {
+            if st.user_limiters.len() >= USER_LIMITERS && !st.user_limiters.contains_key(u) {
+                // A full bucket is the same as none.
+                st.user_limiters.retain(|_, b| {
+                    let mut b = *b;
+                    b.take(0, now, user_rate, user_burst);
+                    b.tokens < user_burst
+                });
+                if st.user_limiters.len() >= USER_LIMITERS {
+                    st.user_limiters.clear();
+                }
+            }
+            let bucket = st.user_limiters.entry(u.to_owned()).or_insert(TokenBucket {
+                tokens: user_burst,
+                at_ms: now,
+            });
+            if !bucket.take(total, now, user_rate, user_burst) {
+                let wait = ((total as f64 - bucket.tokens) / user_rate * 1000.0).ceil() as u64;
+                return Err(ServiceError::rate_limited(
+                    format!(
+                        "at most {} events per second per user",
+                        self.config.events_per_sec_per_user
+                    ),
+                    wait.max(1),
+                ));
+            }
+        }
         if let Some(session) = session {
             let rate = f64::from(self.config.events_per_sec.max(1));
             let burst = (2.0 * rate).max(f64::from(self.config.max_count));
@@ -505,14 +571,22 @@ impl AnalyticsService {
                     at_ms: now,
                 });
             if !bucket.take(total, now, rate, burst) {
-                return Err(ServiceError::new(
-                    ErrorCode::RateLimited,
+                let wait = ((total as f64 - bucket.tokens) / rate * 1000.0).ceil() as u64;
+                // The user's tokens were not used after all.
+                if let Some(b) = limited_user.and_then(|u| st.user_limiters.get_mut(u)) {
+                    b.tokens = (b.tokens + total as f64).min(user_burst);
+                }
+                return Err(ServiceError::rate_limited(
                     format!(
                         "at most {} events per second per connection",
                         self.config.events_per_sec
                     ),
+                    wait.max(1),
                 ));
             }
+        }
+        if let Some(u) = limited_user.filter(|_| new_series > 0) {
+            *st.created_by.entry(u.to_owned()).or_default() += new_series;
         }
 
         let bucket_ms = self.bucket_ms();

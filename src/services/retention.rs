@@ -1,0 +1,264 @@
+//! Retention: a background task that removes what the node no longer has to keep,
+//! in bounded batches, through the group-commit writer:
+//!
+//! - a room's old messages, past `retention.room_messages` (count) or
+//!   `retention.room_message_age` (age); the newest message of a room always stays;
+//! - a user's old notifications, past `retention.user_notifications` or
+//!   `retention.notification_age` (an unread one removed no longer counts as
+//!   unread); the newest one always stays;
+//! - rooms nobody is in any more (`retention.empty_rooms`), with their messages; the
+//!   room's last offset stays behind so its id is never reused;
+//! - collaboration bookkeeping: a client's duplicate-detection row once its last
+//!   operation is older than the history the document keeps (a resend that old is
+//!   answered `RESYNC_REQUIRED` anyway), and access rows of documents that no
+//!   longer exist.
+//!
+//! Offsets are never reused: a stream's last offset never moves back. A client
+//! that asks for entries that were removed learns it: a session resuming from an
+//! older offset gets a `HistoryTruncated` push (the first offset still kept) before
+//! the rest, and history pages carry `first_offset`.
+//!
+//! Each run looks at most at `retention.batch` rooms and users and removes at most
+//! `retention.batch` rows per kind, continuing where the previous run stopped.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::chat::ChatService;
+use super::collab::CollabService;
+use super::notify::NotifyService;
+use super::{Background, ServiceResult};
+use crate::clock::Clock;
+
+/// What is kept how long (`[retention]` in the configuration file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How often the retention task runs.
+    #[serde(with = "crate::clock::duration_str")]
+    pub interval: Duration,
+    /// Rooms and users looked at, and rows removed per kind, in one run at most.
+    pub batch: usize,
+    /// Messages kept per room at most (0: no limit).
+    pub room_messages: u64,
+    /// Messages older than this are removed (unset: kept whatever their age).
+    #[serde(with = "crate::clock::duration_str::option")]
+    pub room_message_age: Option<Duration>,
+    /// Notifications kept per user at most (0: no limit).
+    pub user_notifications: u64,
+    /// Notifications older than this are removed (unset: kept whatever their age).
+    #[serde(with = "crate::clock::duration_str::option")]
+    pub notification_age: Option<Duration>,
+    /// Whether rooms without participants are removed with their messages.
+    pub empty_rooms: bool,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            batch: 10_000,
+            room_messages: 0,
+            room_message_age: None,
+            user_notifications: 10_000,
+            notification_age: Some(Duration::from_secs(90 * 86_400)),
+            empty_rooms: true,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// Checks the section: a positive batch and an interval of at least a second.
+    pub fn validate(&self) -> Result<(), super::InvalidConfig> {
+        if self.batch == 0 || self.interval < Duration::from_secs(1) {
+            return Err(super::InvalidConfig(
+                "retention.batch must be positive and retention.interval at least 1s".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one run removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Chat messages.
+    pub messages: u64,
+    /// Empty rooms.
+    pub rooms: u64,
+    /// Notifications.
+    pub notifications: u64,
+    /// Collaboration duplicate-detection rows.
+    pub dedup_rows: u64,
+    /// Access rows of documents that no longer exist.
+    pub access_rows: u64,
+}
+
+/// The retention task of a node.
+#[derive(Debug)]
+pub struct Retention {
+    config: RetentionConfig,
+    clock: Clock,
+    chat: Weak<ChatService>,
+    notify: Weak<NotifyService>,
+    collab: Weak<CollabService>,
+    /// One run at a time (the periodic one, or one a test or operator asks for).
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Retention {
+    /// The retention of these services; the returned work runs it every
+    /// `config.interval` (on tokio's clock) until `shutdown`.
+    pub fn open(
+        config: RetentionConfig,
+        clock: Clock,
+        chat: &Arc<ChatService>,
+        notify: &Arc<NotifyService>,
+        collab: &Arc<CollabService>,
+        shutdown: CancellationToken,
+    ) -> (Arc<Self>, Background) {
+        let every = config.interval.max(Duration::from_secs(1));
+        let retention = Arc::new(Self {
+            config,
+            clock,
+            chat: Arc::downgrade(chat),
+            notify: Arc::downgrade(notify),
+            collab: Arc::downgrade(collab),
+            running: tokio::sync::Mutex::new(()),
+        });
+        let work = Background::new(
+            "retention",
+            run_periodically(Arc::downgrade(&retention), every, shutdown),
+        );
+        (retention, work)
+    }
+
+    /// The configuration it applies.
+    pub fn config(&self) -> &RetentionConfig {
+        &self.config
+    }
+
+    /// Runs once now: one bounded batch of each kind.
+    pub async fn run_once(&self) -> ServiceResult<Pruned> {
+        let _one = self.running.lock().await;
+        let (c, now, batch) = (&self.config, self.clock.now_ms(), self.config.batch);
+        let mut pruned = Pruned::default();
+        if let Some(chat) = self.chat.upgrade() {
+            let (messages, rooms) = chat.prune(c, now, batch).await?;
+            pruned.messages = messages;
+            pruned.rooms = rooms;
+        }
+        if let Some(notify) = self.notify.upgrade() {
+            pruned.notifications = notify.prune(c, now, batch).await?;
+        }
+        if let Some(collab) = self.collab.upgrade() {
+            let (dedup, access) = collab.prune(batch).await?;
+            pruned.dedup_rows = dedup;
+            pruned.access_rows = access;
+        }
+        if pruned != Pruned::default() {
+            tracing::info!(?pruned, "retention");
+        }
+        Ok(pruned)
+    }
+}
+
+async fn run_periodically(retention: Weak<Retention>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: skip it
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let Some(r) = retention.upgrade() else { return };
+        if let Err(e) = r.run_once().await {
+            tracing::warn!(error = %e.message, "retention run failed");
+        }
+    }
+}
+
+/// The first offset to keep of a stream holding `first..=last`: at most `max_count`
+/// entries (0: any number), never past `last` (the newest entry stays), and at
+/// most `budget` removed.
+pub(crate) fn keep_from_count(first: u64, last: u64, max_count: u64, budget: usize) -> u64 {
+    if first == 0 {
+        return 0;
+    }
+    let mut keep = first;
+    if max_count > 0 && last - first + 1 > max_count {
+        keep = last - max_count + 1;
+    }
+    keep.min(last)
+        .min(first.saturating_add(budget as u64))
+        .max(first)
+}
+
+/// Entries read per page while looking for the first one young enough.
+const AGE_PAGE: usize = 64;
+
+/// The first offset to keep of a stream (from `keep`, up to its newest entry
+/// `last`) so that entries older than `cutoff` go: entries are in time order, so it
+/// reads from `keep` in small pages until the first young enough one, at most
+/// `budget` entries past `keep`. `time_of` reads an entry's time.
+pub(crate) async fn keep_from_age(
+    log: &crate::store::RedbLog,
+    stream: &str,
+    mut keep: u64,
+    last: u64,
+    budget: usize,
+    cutoff: u64,
+    time_of: impl Fn(&[u8]) -> Result<u64, crate::store::StoreError>,
+) -> Result<u64, crate::store::StoreError> {
+    use crate::store::OffsetLog;
+    let end = last.min(keep.saturating_add(budget as u64));
+    while keep < end {
+        let page = log.read(stream, keep, end, AGE_PAGE).await?;
+        let Some(tail) = page.last().map(|e| e.offset) else {
+            break;
+        };
+        for e in &page {
+            if time_of(&e.data)? >= cutoff {
+                return Ok(keep);
+            }
+            keep = e.offset + 1;
+        }
+        if tail >= end {
+            break;
+        }
+    }
+    Ok(keep.min(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_limits_keep_the_newest_within_the_budget() {
+        assert_eq!(keep_from_count(1, 10, 3, 100), 8);
+        assert_eq!(keep_from_count(1, 10, 0, 100), 1, "no limit");
+        assert_eq!(keep_from_count(1, 10, 20, 100), 1, "under the limit");
+        assert_eq!(
+            keep_from_count(1, 10, 3, 4),
+            5,
+            "at most the budget removed"
+        );
+        assert_eq!(keep_from_count(5, 5, 1, 100), 5, "the newest stays");
+        assert_eq!(keep_from_count(0, 0, 1, 100), 0, "empty");
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        RetentionConfig::default().validate().unwrap();
+        let c = RetentionConfig {
+            batch: 0,
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}
