@@ -259,6 +259,7 @@ impl Config {
         {
             return bad("limits must be positive");
         }
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         if let Some(secret) = &self.auth.jwt_secret
             && secret.len() < 32
         {
@@ -291,10 +292,17 @@ impl From<&Config> for crate::services::ServicesConfig {
     /// The services' sections of the node's configuration.
     fn from(c: &Config) -> Self {
         Self {
-            chat: c.chat.clone(),
             notify: c.notify.clone(),
             presence: c.presence.clone(),
-            collab: c.collab.clone(),
+            // Responses are frames: a service sizes its pages to fit one.
+            collab: crate::services::collab::CollabConfig {
+                max_response_bytes: c.limits.max_frame_size,
+                ..c.collab.clone()
+            },
+            chat: crate::services::chat::ChatConfig {
+                max_response_bytes: c.limits.max_frame_size,
+                ..c.chat.clone()
+            },
             analytics: c.analytics.clone(),
         }
     }
