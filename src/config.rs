@@ -368,5 +368,17 @@ mod tests {
         let mut c = Config::default();
         c.auth.jwt_secret = Some("short".into());
         assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.limits.connection_receive_window = c.limits.stream_receive_window - 1;
+        assert!(
+            c.validate().is_err(),
+            "the connection window holds a stream's"
+        );
+        let mut c = Config::default();
+        c.limits.push_queue_bytes = c.limits.max_frame_size - 1;
+        assert!(c.validate().is_err(), "a queue holds a frame");
+        let mut c = Config::default();
+        c.limits.max_sessions_per_user = 0;
+        assert!(c.validate().is_err());
     }
 }

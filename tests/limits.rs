@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use prost::Message;
-use support::{TestServer, http, http_with};
+use support::{TestServer, http_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tutti::client::{Client, ClientError, Trust, connect_transport};
 use tutti::ot::TextOperation;
@@ -217,8 +217,8 @@ async fn a_session_opening_ten_thousand_documents_is_limited() {
         let mut refused = 0;
         for batch in 0..(10_000 / 50) {
             let answers = join_all((0..50).map(|i| {
-                let n = batch * 50 + i;
-                let id = if n % 2 == 0 {
+                let n: usize = batch * 50 + i;
+                let id = if n.is_multiple_of(2) {
                     format!("d{LIMIT}")
                 } else {
                     format!("ghost{n}")
@@ -470,23 +470,9 @@ async fn http_headers_must_arrive_in_time_and_connections_are_capped() {
             "{text}"
         );
     }
-    let mut served = false;
-    for _ in 0..50 {
-        // The cap frees a place when the server has dropped the connection, which
-        // may be a moment after the client saw it close.
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        let _ = c.read_to_end(&mut out).await;
-        if out.starts_with(b"HTTP/1.1 200") {
-            served = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert!(served);
+    // The cap frees a place when the server has dropped the connection, which
+    // may be a moment after the client saw it close.
+    assert!(get_when_free(addr, "/healthz").await.is_some());
     // Over the cap a connection is closed at once, unanswered.
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -507,19 +493,27 @@ async fn http_headers_must_arrive_in_time_and_connections_are_capped() {
         .await
         .expect("refused at once");
     assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
-    let metrics = {
-        drop(held);
-        let mut text = String::new();
-        for _ in 0..50 {
-            let (status, body) = http(addr, "GET", "/metrics", None).await;
-            if status == 200 {
-                text = body;
-                break;
-            }
-        }
-        text
-    };
+    drop(held);
+    let metrics = get_when_free(addr, "/metrics").await.expect("served again");
     assert!(metrics.contains("tutti_http_refused_total 1"), "{metrics}");
+}
+
+/// `GET path`, retried while the port is at its connection cap (closed
+/// unanswered); the response of a 200.
+async fn get_when_free(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    for _ in 0..100 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let _ = c.write_all(request.as_bytes()).await;
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out).await;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if text.starts_with("HTTP/1.1 200") {
+            return Some(text);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
 }
 
 /// Shutdown ends within its drain bound even while a client holds a connection
@@ -629,7 +623,7 @@ async fn memory_per_idle_session_stays_under_the_ceiling() {
                 .unwrap();
             let mut c = tutti::client::ClientConfig::new(
                 quic.unwrap(),
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     TransportKind::Quic
                 } else {
                     TransportKind::WebTransport

@@ -283,6 +283,7 @@ impl Gateway {
         let out = ControlOut {
             tx: &control_tx,
             bytes: &control_bytes,
+            stalled: &conn.control_stalled,
         };
         let end = self
             .serve(
@@ -431,19 +432,21 @@ impl Gateway {
         };
         // Bounded in bytes as well as in frames: the writer gives the bytes back
         // once they are written.
+        // One bound for both waits: room in bytes, then room in frames.
+        let patience = self.config.timeouts.slow_consumer;
+        let deadline = tokio::time::Instant::now() + patience;
         let len = reply.encoded_len();
-        if !out
-            .bytes
-            .take(len, self.config.timeouts.slow_consumer)
-            .await
-        {
+        let taken = tokio::select! {
+            taken = out.bytes.take(len, patience) => taken,
+            // The writer gave up on the stream: nothing will be released.
+            _ = out.stalled.cancelled() => false,
+        };
+        if !taken {
             return Err(slow());
         }
-        match out
-            .tx
-            .send_timeout((Box::new(reply), len), self.config.timeouts.slow_consumer)
-            .await
-        {
+        // A zero duration still takes a free slot (the send is tried first).
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match out.tx.send_timeout((Box::new(reply), len), left).await {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 out.bytes.release(len);
@@ -565,6 +568,8 @@ type Queued = (Box<ServerFrame>, usize);
 struct ControlOut<'a> {
     tx: &'a mpsc::Sender<Queued>,
     bytes: &'a ByteBudget,
+    /// Cancelled when the writer stopped on a stream that took nothing.
+    stalled: &'a CancellationToken,
 }
 
 /// Counts a session while it runs.

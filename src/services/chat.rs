@@ -59,6 +59,10 @@ pub struct ChatConfig {
     pub max_room_name: usize,
     /// `RoomListRequest` answers at most this many rooms per page.
     pub max_room_list_page: u32,
+    /// Bytes of rooms kept loaded while unused (a byte-weighed cache).
+    pub cache_bytes: u64,
+    /// Bytes of read marks kept cached.
+    pub read_mark_cache_bytes: u64,
     /// The largest response, in bytes (the node's `limits.max_frame_size`): a
     /// room list page ends before it would grow past this.
     #[serde(skip)]
@@ -82,6 +86,8 @@ impl Default for ChatConfig {
             typing_per_second: 5,
             max_room_name: 256,
             max_room_list_page: 100,
+            cache_bytes: 64 << 20,
+            read_mark_cache_bytes: 64 << 20,
             max_response_bytes: 64 * 1024,
         }
     }
@@ -111,6 +117,23 @@ struct RoomState {
 }
 
 impl RoomState {
+    /// About the bytes the room takes in memory (for the cache's byte bound).
+    fn weight(&self) -> usize {
+        use prost::Message;
+        let people: usize = self
+            .meta
+            .participants
+            .iter()
+            .chain(self.meta.admins.iter())
+            .map(|p| p.len() + 48)
+            .sum();
+        self.id.len()
+            + self.meta.name.len()
+            + people
+            + self.last_message.as_ref().map_or(0, |m| m.encoded_len())
+            + 128
+    }
+
     fn wire(&self) -> v1::Room {
         v1::Room {
             room_id: self.id.clone(),
@@ -229,17 +252,25 @@ impl ChatService {
         txn.open_table(READ_MARKS)?;
         txn.commit()?;
         let log = RedbLog::open(&deps.store, &deps.writer, "chat_messages", "chat_epochs")?;
+        let (cache_bytes, read_mark_cache_bytes) =
+            (config.cache_bytes, config.read_mark_cache_bytes);
         Ok(Arc::new(Self {
             deps,
             config,
             log,
             rooms: crate::store::registry::Registry::new(
                 "rooms",
-                100_000,
+                cache_bytes,
                 Duration::from_secs(600),
+                RoomState::weight,
             ),
-            read_marks: crate::store::cache::CacheSpec::new(1_000_000, Duration::from_secs(600))
-                .build("read_marks"),
+            read_marks: crate::store::cache::CacheSpec::new(
+                read_mark_cache_bytes,
+                Duration::from_secs(600),
+            )
+            .build_weighed("read_marks", |(user, room): &(String, String), _| {
+                user.len() + room.len() + 8
+            }),
             subscribed: Mutex::new(HashMap::new()),
             typing: Mutex::new(HashMap::new()),
         }))

@@ -75,6 +75,9 @@ pub struct CollabConfig {
     /// Documents one session may have open at once; opening one more is
     /// `LIMIT_EXCEEDED` (close one first).
     pub max_open_docs: usize,
+    /// Bytes of documents (text and kept operations) kept loaded while nobody
+    /// has them open (a byte-weighed cache).
+    pub cache_bytes: u64,
     /// The largest response, in bytes (the node's `limits.max_frame_size`): a
     /// document whose snapshot does not fit is refused with `RESPONSE_TOO_LARGE`.
     #[serde(skip)]
@@ -111,6 +114,7 @@ impl Default for CollabConfig {
             cursor_rate: 20,
             max_list_docs: 1000,
             max_open_docs: 64,
+            cache_bytes: 256 << 20,
             max_response_bytes: 64 * 1024,
         }
     }
@@ -156,6 +160,16 @@ struct StoredOp {
 /// upgrade would be applied again.
 fn dedup_key(user: &str, client_id: &str) -> String {
     format!("{user}\0{client_id}")
+}
+
+impl DocState {
+    /// About the bytes the document takes in memory (for the cache's byte bound):
+    /// its text, the operations kept, and the access list.
+    fn weight(&self) -> usize {
+        let log: usize = self.log.iter().map(|op| op.encoded_len() + 64).sum();
+        let clients: usize = self.clients.keys().map(|k| k.len() + 64).sum();
+        self.id.len() + self.authority.doc().len() + log + clients + 256
+    }
 }
 
 /// One loaded document.
@@ -225,9 +239,15 @@ impl CollabService {
         index_existing_docs(&txn)?;
         txn.commit()?;
         let log = RedbLog::open(&deps.store, &deps.writer, "collab_ops", "collab_epochs")?;
+        let cache_bytes = config.cache_bytes;
         let service = Arc::new(Self {
             deps,
-            docs: crate::store::registry::Registry::new("docs", 10_000, Duration::from_secs(600)),
+            docs: crate::store::registry::Registry::new(
+                "docs",
+                cache_bytes,
+                Duration::from_secs(600),
+                DocState::weight,
+            ),
             log,
             config,
             sessions: Mutex::new(HashMap::new()),
