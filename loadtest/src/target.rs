@@ -117,8 +117,14 @@ impl Target {
         let secret = tutti::util::random_hex(32);
         let api_key = tutti::util::random_hex(32);
         let stderr = std::fs::File::create(dir.path().join("server.log"))?;
+        // Every simulated client comes from this one address, which the server's
+        // default `limits.max_connections_per_address` would refuse past 1,024.
+        let config = dir.path().join("tutti.toml");
+        std::fs::write(&config, "[limits]\nmax_connections_per_address = 1000000\n")?;
         let mut cmd = tokio::process::Command::new(&server_bin);
         cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
             .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))

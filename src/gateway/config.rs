@@ -29,8 +29,10 @@ pub struct LimitsConfig {
     /// Sessions one user may have open at once (all devices and tabs); past this a
     /// new session is closed with `TOO_MANY_CONNECTIONS`.
     pub max_sessions_per_user: usize,
-    /// Connections (handshaking or in a session) from one IP address; past this a
-    /// new one is closed with `TOO_MANY_CONNECTIONS`.
+    /// Sessions from one IP address, counted from the end of the transport
+    /// handshake (before `Hello`); past this a new one is closed with
+    /// `TOO_MANY_CONNECTIONS`. Handshakes still in progress are bounded by
+    /// `retry_above_handshakes` and `timeouts.handshake`.
     pub max_connections_per_address: usize,
     /// QUIC handshakes in progress past which a new connection must first prove
     /// its address with a Retry round trip (a handshake flood from spoofed

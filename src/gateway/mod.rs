@@ -69,7 +69,7 @@ pub struct Gateway {
     active: AtomicUsize,
     /// Sessions per user.
     users: Tally<String>,
-    /// Sessions (handshake included) per source IP address.
+    /// Sessions per source IP address (from the end of the transport handshake).
     addresses: Tally<std::net::IpAddr>,
     next_session: AtomicU64,
     stop: CancellationToken,
