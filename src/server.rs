@@ -87,6 +87,8 @@ pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<Ru
             connection_receive_window: config.limits.connection_receive_window,
             send_window: config.limits.send_window,
             retry_above_handshakes: config.limits.retry_above_handshakes,
+            // Room for a burst of 64 datagrams of the largest size accepted.
+            datagram_buffer: 64 * config.limits.max_datagram_size,
         },
         metrics.clone(),
     )

@@ -56,6 +56,9 @@ pub struct EndpointSettings {
     /// Handshakes in progress past which new connections must validate their
     /// address with a Retry first.
     pub retry_above_handshakes: usize,
+    /// Bytes of datagrams buffered per connection in each direction; past this
+    /// the oldest are dropped (datagrams may be lost anyway).
+    pub datagram_buffer: usize,
 }
 
 impl EndpointSettings {
@@ -82,7 +85,10 @@ impl EndpointSettings {
                 self.connection_receive_window,
                 "limits.connection_receive_window",
             )?)
-            .send_window(self.send_window);
+            .send_window(self.send_window)
+            // quinn buffers 1.25 MB of datagrams each way by default.
+            .datagram_receive_buffer_size(Some(self.datagram_buffer))
+            .datagram_send_buffer_size(self.datagram_buffer);
         Ok(transport)
     }
 }
