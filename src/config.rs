@@ -338,6 +338,7 @@ impl Config {
         {
             return bad("limits must be positive");
         }
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         if let Some(secret) = &self.auth.jwt_secret
             && secret.len() < 32
         {
@@ -385,11 +386,18 @@ impl From<&Config> for crate::services::ServicesConfig {
     /// The services' sections of the node's configuration.
     fn from(c: &Config) -> Self {
         Self {
-            chat: c.chat.clone(),
             rooms: c.rooms.clone(),
             notify: c.notify.clone(),
             presence: c.presence.clone(),
-            collab: c.collab.clone(),
+            // Responses are frames: a service sizes its pages to fit one.
+            collab: crate::services::collab::CollabConfig {
+                max_response_bytes: c.limits.max_frame_size,
+                ..c.collab.clone()
+            },
+            chat: crate::services::chat::ChatConfig {
+                max_response_bytes: c.limits.max_frame_size,
+                ..c.chat.clone()
+            },
             analytics: c.analytics.clone(),
             retention: c.retention.clone(),
         }
@@ -455,6 +463,18 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::Invalid(_))));
         let mut c = Config::default();
         c.auth.jwt_secret = Some("short".into());
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.limits.connection_receive_window = c.limits.stream_receive_window - 1;
+        assert!(
+            c.validate().is_err(),
+            "the connection window holds a stream's"
+        );
+        let mut c = Config::default();
+        c.limits.push_queue_bytes = c.limits.max_frame_size - 1;
+        assert!(c.validate().is_err(), "a queue holds a frame");
+        let mut c = Config::default();
+        c.limits.max_sessions_per_user = 0;
         assert!(c.validate().is_err());
     }
 

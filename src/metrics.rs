@@ -199,6 +199,11 @@ pub struct Metrics {
     pub datagrams_sent: AtomicU64,
     /// Datagrams not sent (too large or unsupported by the peer).
     pub datagrams_dropped: AtomicU64,
+    /// Connection attempts answered with a QUIC Retry (address validation while
+    /// too many handshakes were in progress).
+    pub quic_retries: AtomicU64,
+    /// HTTP connections refused because the side port had as many as it allows.
+    pub http_refused: AtomicU64,
 }
 
 /// Counters and gauges by the names metrics streaming uses (see docs/OPERATIONS.md).
@@ -248,6 +253,8 @@ impl Default for Metrics {
             bytes_out: AtomicU64::new(0),
             datagrams_sent: AtomicU64::new(0),
             datagrams_dropped: AtomicU64::new(0),
+            quic_retries: AtomicU64::new(0),
+            http_refused: AtomicU64::new(0),
         }
     }
 }
@@ -480,6 +487,18 @@ impl Metrics {
         }
         // Every family with one unlabelled value.
         for (name, kind, help, v) in [
+            (
+                "tutti_quic_retries_total",
+                "counter",
+                "Connection attempts asked to validate their address (QUIC Retry).",
+                self.quic_retries.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_http_refused_total",
+                "counter",
+                "HTTP connections refused at the side port's connection cap.",
+                self.http_refused.load(Relaxed) as f64,
+            ),
             (
                 "tutti_frames_rejected_total",
                 "counter",

@@ -85,7 +85,14 @@ pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<Ru
             idle_timeout: config.timeouts.idle,
             keep_alive: config.timeouts.heartbeat,
             handshake_timeout: config.timeouts.handshake,
+            stream_receive_window: config.limits.stream_receive_window,
+            connection_receive_window: config.limits.connection_receive_window,
+            send_window: config.limits.send_window,
+            retry_above_handshakes: config.limits.retry_above_handshakes,
+            // Room for a burst of 64 datagrams of the largest size accepted.
+            datagram_buffer: 64 * config.limits.max_datagram_size,
         },
+        metrics.clone(),
     )
     .with_context(|| format!("binding UDP {}", config.listen))?;
     let quic_addr = endpoint.local_addr()?;
@@ -178,13 +185,18 @@ pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<Ru
     });
     let stop_http = CancellationToken::new();
     let http_stop = stop_http.clone();
-    let http_task = tokio::spawn(async move {
-        let serve = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    let http_task = tokio::spawn(crate::http::serve(
+        listener,
+        router,
+        crate::http::HttpLimits {
+            max_connections: config.limits.http_max_connections,
+            max_body_bytes: config.limits.http_max_body_bytes,
+            header_read_timeout: config.timeouts.http_header_read,
+            drain: config.timeouts.drain,
+        },
+        metrics.clone(),
+        http_stop,
+    ));
 
     ready.store(true, Ordering::Release);
     Ok(RunningServer {

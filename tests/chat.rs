@@ -92,7 +92,7 @@ async fn mark_read(
 }
 
 async fn list(c: &Client) -> HashMap<String, v1::RoomSummary> {
-    match req(c, request::Body::RoomList(v1::RoomListRequest {}))
+    match req(c, request::Body::RoomList(v1::RoomListRequest::default()))
         .await
         .unwrap()
     {

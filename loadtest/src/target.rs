@@ -117,9 +117,14 @@ impl Target {
         let secret = tutti::util::random_hex(32);
         let api_key = tutti::util::random_hex(32);
         let stderr = std::fs::File::create(dir.path().join("server.log"))?;
-        // The scenarios put users into rooms directly (no invitations to accept).
+        // The scenarios put users into rooms directly (no invitations to accept),
+        // and every simulated client comes from this one address, which the
+        // server's default `limits.max_connections_per_address` would refuse past 1,024.
         let config = dir.path().join("tutti.toml");
-        std::fs::write(&config, "[rooms]\njoin_policy = \"open\"\n")?;
+        std::fs::write(
+            &config,
+            "[rooms]\njoin_policy = \"open\"\n[limits]\nmax_connections_per_address = 1000000\n",
+        )?;
         let mut cmd = tokio::process::Command::new(&server_bin);
         cmd.arg("serve")
             .arg("--config")

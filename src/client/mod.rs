@@ -347,7 +347,24 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
                 let conn = endpoint
                     .connect(format!("https://{}{WEBTRANSPORT_PATH}", config.addr))
                     .await
-                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                    .map_err(|e| match e {
+                        // Closed by the server with a code as soon as the session
+                        // was set up (too many sessions): a typed refusal.
+                        wtransport::error::ConnectingError::ConnectionError(
+                            wtransport::error::ConnectionError::ApplicationClosed(c),
+                        ) => {
+                            let code = u32::try_from(c.code().into_inner()).ok();
+                            ClientError::Closed(Closed {
+                                code,
+                                name: code
+                                    .and_then(CloseCode::from_u32)
+                                    .map(|c| c.name().to_owned())
+                                    .unwrap_or_default(),
+                                message: String::from_utf8_lossy(c.reason()).into_owned(),
+                            })
+                        }
+                        e => ClientError::Connect(e.to_string()),
+                    })?;
                 Ok(Session::webtransport(conn))
             }
             (t, _) => Err(ClientError::Connect(format!(
@@ -384,16 +401,30 @@ impl Client {
                 protocol_version: PROTOCOL_VERSION,
             })),
         };
+        // A server that refuses the connection before reading `Hello` (too many
+        // sessions, from this address or in all) closes it with a close code.
+        let refused = |e: String| match futures_util::FutureExt::now_or_never(session.closed()) {
+            Some(info) if info.code.is_some() => ClientError::Closed(Closed {
+                code: info.code,
+                name: info
+                    .code
+                    .and_then(CloseCode::from_u32)
+                    .map(|c| c.name().to_owned())
+                    .unwrap_or_default(),
+                message: info.reason,
+            }),
+            _ => ClientError::Connect(e),
+        };
         let handshake = async {
             let (mut send, mut recv) = session
                 .open_bi()
                 .await
-                .map_err(|e| ClientError::Connect(e.to_string()))?;
+                .map_err(|e| refused(e.to_string()))?;
             let mut buf = BytesMut::new();
             encode_frame(&hello, &mut buf);
             send.write_all(&buf)
                 .await
-                .map_err(|e| ClientError::Connect(e.to_string()))?;
+                .map_err(|e| refused(e.to_string()))?;
             let mut decoder = FrameDecoder::new(config.max_frame_size);
             let first = read_frame(&mut recv, &mut decoder).await;
             Ok::<_, ClientError>((send, recv, decoder, first))

@@ -28,6 +28,75 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Per-user write rate limits (`[limits.rate]`).
     pub rate: crate::services::rate::RateConfig,
+    /// Sessions one user may have open at once (all devices and tabs); past this a
+    /// new session is closed with `TOO_MANY_CONNECTIONS`.
+    pub max_sessions_per_user: usize,
+    /// Sessions from one IP address, counted from the end of the transport
+    /// handshake (before `Hello`); past this a new one is closed with
+    /// `TOO_MANY_CONNECTIONS`. Handshakes still in progress are bounded by
+    /// `retry_above_handshakes` and `timeouts.handshake`.
+    pub max_connections_per_address: usize,
+    /// QUIC handshakes in progress past which a new connection must first prove
+    /// its address with a Retry round trip (a handshake flood from spoofed
+    /// addresses then costs the server no handshake state). 0: always.
+    pub retry_above_handshakes: usize,
+    /// Bytes a client may send on one stream ahead of the server reading them (the
+    /// QUIC stream flow-control window).
+    pub stream_receive_window: u64,
+    /// Bytes a client may send on all of its streams together ahead of the server
+    /// reading them (the QUIC connection flow-control window): the most a client
+    /// can park in the server, however many streams it opens.
+    pub connection_receive_window: u64,
+    /// Bytes the server sends on one connection ahead of the client's
+    /// acknowledgements (QUIC's send buffer).
+    pub send_window: u64,
+    /// Bytes of pushes waiting to be written for one session, all kinds together;
+    /// past this (as past `push_queue_frames`) the client is a slow consumer.
+    pub push_queue_bytes: usize,
+    /// Bytes of responses waiting to be written on the control stream; past this
+    /// the server stops reading requests, as with `control_queue_frames`.
+    pub control_queue_bytes: usize,
+    /// TCP connections the HTTP side port serves at once; past this new ones are
+    /// closed at once.
+    pub http_max_connections: usize,
+    /// The largest HTTP request body, in bytes (larger: 413).
+    pub http_max_body_bytes: usize,
+}
+
+impl LimitsConfig {
+    /// Checks the values that depend on each other; the message names the keys.
+    pub fn validate(&self) -> Result<(), String> {
+        let frame = self.max_frame_size as u64;
+        if self.max_sessions_per_user == 0
+            || self.max_connections_per_address == 0
+            || self.http_max_connections == 0
+            || self.http_max_body_bytes == 0
+        {
+            return Err(
+                "limits.max_sessions_per_user, limits.max_connections_per_address, \
+                 limits.http_max_connections and limits.http_max_body_bytes must be positive"
+                    .into(),
+            );
+        }
+        if self.stream_receive_window < 16 * 1024
+            || self.connection_receive_window < self.stream_receive_window
+            || self.send_window < 16 * 1024
+        {
+            return Err(
+                "limits.stream_receive_window and limits.send_window must be at least \
+                 16 KiB, limits.connection_receive_window at least the stream window"
+                    .into(),
+            );
+        }
+        if (self.push_queue_bytes as u64) < frame || (self.control_queue_bytes as u64) < frame {
+            return Err(
+                "limits.push_queue_bytes and limits.control_queue_bytes must hold a frame of \
+                 limits.max_frame_size"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for LimitsConfig {
@@ -40,6 +109,16 @@ impl Default for LimitsConfig {
             control_queue_frames: 256,
             max_connections: 100_000,
             rate: Default::default(),
+            max_sessions_per_user: 32,
+            max_connections_per_address: 1024,
+            retry_above_handshakes: 256,
+            stream_receive_window: 256 * 1024,
+            connection_receive_window: 1024 * 1024,
+            send_window: 2 * 1024 * 1024,
+            push_queue_bytes: 8 * 1024 * 1024,
+            control_queue_bytes: 1024 * 1024,
+            http_max_connections: 1024,
+            http_max_body_bytes: 1024 * 1024,
         }
     }
 }
@@ -69,6 +148,10 @@ pub struct TimeoutsConfig {
     /// `SLOW_CONSUMER`.
     #[serde(with = "duration_str")]
     pub slow_consumer: Duration,
+    /// Time an HTTP client has to send a request's headers; a slower one is
+    /// disconnected (slowloris).
+    #[serde(with = "duration_str")]
+    pub http_header_read: Duration,
 }
 
 impl Default for TimeoutsConfig {
@@ -80,6 +163,7 @@ impl Default for TimeoutsConfig {
             drain: Duration::from_secs(10),
             close_linger: Duration::from_millis(500),
             slow_consumer: Duration::from_secs(5),
+            http_header_read: Duration::from_secs(10),
         }
     }
 }

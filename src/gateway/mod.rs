@@ -6,6 +6,7 @@
 
 mod config;
 pub mod control;
+pub mod limits;
 mod push;
 
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use crate::protocol::{CloseCode, ErrorCode, FrameDecoder, PROTOCOL_VERSION};
 use crate::services::{ServiceError, Services, SessionCtx};
 use crate::transport::{Accepted, RecvStream, SendStream, Session};
 use crate::util::unix_millis;
+use limits::{ByteBudget, Tally};
 
 /// How often a session's QUIC round-trip estimate is sampled into the histogram.
 const RTT_SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -65,6 +67,10 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     services: Arc<Services>,
     active: AtomicUsize,
+    /// Sessions per user.
+    users: Tally<String>,
+    /// Sessions per source IP address (from the end of the transport handshake).
+    addresses: Tally<std::net::IpAddr>,
     next_session: AtomicU64,
     stop: CancellationToken,
     /// Session tasks.
@@ -95,6 +101,8 @@ impl Gateway {
             metrics,
             services,
             active: AtomicUsize::new(0),
+            users: Tally::default(),
+            addresses: Tally::default(),
             next_session: AtomicU64::new(1),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -149,6 +157,18 @@ impl Gateway {
             session.close(CloseCode::Overloaded as u32, "too many sessions");
             return;
         }
+        let Some(_address) = self.addresses.enter(
+            session.remote_address().ip(),
+            self.config.limits.max_connections_per_address,
+        ) else {
+            tracing::debug!("too many connections from this address");
+            self.metrics.closed_with(CloseCode::TooManyConnections);
+            session.close(
+                CloseCode::TooManyConnections as u32,
+                "too many connections from this address",
+            );
+            return;
+        };
         let deadline =
             tokio::time::Instant::from_std(accepted.started + self.config.timeouts.handshake);
         let hello = tokio::select! {
@@ -168,18 +188,22 @@ impl Gateway {
             }
             Ok(Err(HelloFailure::Gone)) => return,
             Ok(Err(HelloFailure::Refused(send, code, message))) => {
-                tracing::debug!(%code, message, "session refused");
-                let (tx, rx) = mpsc::channel(1);
-                let writer = tokio::spawn(write_control(
-                    send,
-                    rx,
-                    self.config.timeouts.slow_consumer,
-                    CancellationToken::new(),
-                ));
-                self.close(&session, &tx, writer, code, message).await;
+                self.refuse(&session, send, code, message).await;
                 return;
             }
             Ok(Ok(ok)) => ok,
+        };
+        let Some(_user) = self
+            .users
+            .enter(claims.sub.clone(), self.config.limits.max_sessions_per_user)
+        else {
+            let message = format!(
+                "{} has {} sessions open already",
+                claims.sub, self.config.limits.max_sessions_per_user
+            );
+            self.refuse(&session, send, CloseCode::TooManyConnections, message)
+                .await;
+            return;
         };
 
         let kind = session.kind();
@@ -201,14 +225,16 @@ impl Gateway {
         };
         let (control_tx, control_rx) = mpsc::channel(self.config.limits.control_queue_frames);
         let stalled = CancellationToken::new();
+        let control_bytes = Arc::new(ByteBudget::new(self.config.limits.control_queue_bytes));
         let writer = tokio::spawn(write_control(
             send,
             control_rx,
+            control_bytes.clone(),
             self.config.timeouts.slow_consumer,
             stalled.clone(),
         ));
         if control_tx
-            .send(Box::new(frame(server_frame::Kind::Welcome(welcome))))
+            .send((Box::new(frame(server_frame::Kind::Welcome(welcome))), 0))
             .await
             .is_err()
         {
@@ -226,6 +252,7 @@ impl Gateway {
             pushes: PushQueues::new(
                 session.clone(),
                 self.config.limits.push_queue_frames,
+                self.config.limits.push_queue_bytes,
                 self.metrics.clone(),
             ),
             patience: self.config.timeouts.slow_consumer,
@@ -255,6 +282,11 @@ impl Gateway {
         // task never waits to hand in its answer.
         let (replies_tx, mut replies) =
             mpsc::channel(self.config.limits.max_inflight_requests.max(1));
+        let out = ControlOut {
+            tx: &control_tx,
+            bytes: &control_bytes,
+            stalled: &conn.control_stalled,
+        };
         let end = self
             .serve(
                 &conn,
@@ -264,7 +296,7 @@ impl Gateway {
                 &mut token,
                 &replies_tx,
                 &mut replies,
-                &control_tx,
+                out,
             )
             .await;
         datagrams.abort();
@@ -291,7 +323,7 @@ impl Gateway {
                         let Action::Send(reply) = control.completed(id, reply) else {
                             continue;
                         };
-                        if control_tx.send(Box::new(reply)).await.is_err() {
+                        if control_tx.send((Box::new(reply), 0)).await.is_err() {
                             break;
                         }
                     }
@@ -330,7 +362,7 @@ impl Gateway {
         token: &mut SessionToken,
         replies_tx: &mpsc::Sender<(u64, ServerFrame)>,
         replies: &mut mpsc::Receiver<(u64, ServerFrame)>,
-        out: &mpsc::Sender<Box<ServerFrame>>,
+        out: ControlOut<'_>,
     ) -> End {
         let mut buf = vec![0u8; READ_CHUNK];
         let mut rtt_sample = tokio::time::interval(RTT_SAMPLE_EVERY);
@@ -420,20 +452,35 @@ impl Gateway {
     /// Queues a frame on the control stream, waiting at most `slow_consumer` for
     /// room: a client that does not read its control stream is closed, and nothing
     /// else ever waits for it.
-    async fn send(
-        &self,
-        out: &mpsc::Sender<Box<ServerFrame>>,
-        reply: ServerFrame,
-    ) -> Result<(), End> {
-        match out
-            .send_timeout(Box::new(reply), self.config.timeouts.slow_consumer)
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(End::Close(
+    async fn send(&self, out: ControlOut<'_>, reply: ServerFrame) -> Result<(), End> {
+        let slow = || {
+            End::Close(
                 CloseCode::SlowConsumer,
                 "control stream not read: reconnect and resume".into(),
-            )),
+            )
+        };
+        // Bounded in bytes as well as in frames: the writer gives the bytes back
+        // once they are written.
+        // One bound for both waits: room in bytes, then room in frames.
+        let patience = self.config.timeouts.slow_consumer;
+        let deadline = tokio::time::Instant::now() + patience;
+        let len = reply.encoded_len();
+        let taken = tokio::select! {
+            taken = out.bytes.take(len, patience) => taken,
+            // The writer gave up on the stream: nothing will be released.
+            _ = out.stalled.cancelled() => false,
+        };
+        if !taken {
+            return Err(slow());
+        }
+        // A zero duration still takes a free slot (the send is tried first).
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match out.tx.send_timeout((Box::new(reply), len), left).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                out.bytes.release(len);
+                Err(slow())
+            }
             Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(End::Gone),
         }
     }
@@ -463,6 +510,21 @@ impl Gateway {
         }))
     }
 
+    /// Refuses a session whose `Hello` was read: a `Close` frame with `code` on the
+    /// control stream, then the connection close.
+    async fn refuse(&self, session: &Session, send: SendStream, code: CloseCode, message: String) {
+        tracing::debug!(%code, message, "session refused");
+        let (tx, rx) = mpsc::channel(1);
+        let writer = tokio::spawn(write_control(
+            send,
+            rx,
+            Arc::new(ByteBudget::new(0)),
+            self.config.timeouts.slow_consumer,
+            CancellationToken::new(),
+        ));
+        self.close(session, &tx, writer, code, message).await;
+    }
+
     /// Runs a request as a task of its own, so that once accepted it completes
     /// (committed, published, cached) whatever happens to its session; the answer
     /// comes back through `replies` while the session lasts.
@@ -479,6 +541,7 @@ impl Gateway {
             self.services.clone(),
             self.metrics.clone(),
             req,
+            self.config.limits.max_frame_size,
         );
         let replies = replies.clone();
         self.requests.spawn(
@@ -525,7 +588,7 @@ impl Gateway {
     async fn close(
         &self,
         session: &Session,
-        control: &mpsc::Sender<Box<ServerFrame>>,
+        control: &mpsc::Sender<Queued>,
         mut writer: tokio::task::JoinHandle<()>,
         code: CloseCode,
         message: String,
@@ -536,7 +599,7 @@ impl Gateway {
         let linger = self.config.timeouts.close_linger;
         let close = frame(server_frame::Kind::Close(v1::Close::new(code, &message)));
         let _ = tokio::time::timeout(linger, async {
-            if control.send(Box::new(close)).await.is_ok() {
+            if control.send((Box::new(close), 0)).await.is_ok() {
                 // The writer ends once the Close frame is written and the stream
                 // finished; the client closes the session when it has read it.
                 let _ = (&mut writer).await;
@@ -547,6 +610,20 @@ impl Gateway {
         writer.abort();
         session.close(code as u32, &message);
     }
+}
+
+/// A control frame on its way to the writer, with the bytes it took from the
+/// control queue's budget (0 for the frames the server itself adds: `Welcome`,
+/// `Close`, the answers of a closing session).
+type Queued = (Box<ServerFrame>, usize);
+
+/// Where the serve loop queues control frames.
+#[derive(Clone, Copy)]
+struct ControlOut<'a> {
+    tx: &'a mpsc::Sender<Queued>,
+    bytes: &'a ByteBudget,
+    /// Cancelled when the writer stopped on a stream that took nothing.
+    stalled: &'a CancellationToken,
 }
 
 /// Counts a session while it runs.
@@ -653,15 +730,40 @@ async fn handle_request(
     services: Arc<Services>,
     metrics: Arc<Metrics>,
     req: v1::Request,
+    max_frame_size: usize,
 ) -> (u64, ServerFrame) {
     let started = std::time::Instant::now();
     let name = req.body.as_ref().map_or("unknown", |b| b.name());
     let (id, reply) = answer(conn, ctx, services, req).await;
+    let reply = fit_frame(id, reply, max_frame_size);
     metrics.request(name, started.elapsed());
     if let Some(code) = error_code(&reply) {
         metrics.error(code);
     }
     (id, reply)
+}
+
+/// `reply`, or `RESPONSE_TOO_LARGE` in its place when it is larger than the frame
+/// limit: the client would refuse it (and could not tell which request it
+/// answered), so it is never sent.
+pub(crate) fn fit_frame(id: u64, reply: ServerFrame, max_frame_size: usize) -> ServerFrame {
+    let size = reply.encoded_len();
+    if size <= max_frame_size {
+        return reply;
+    }
+    tracing::debug!(
+        size,
+        max_frame_size,
+        "response over the frame limit not sent"
+    );
+    error_response(
+        id,
+        ErrorCode::ResponseTooLarge,
+        format!(
+            "the answer is {size} bytes, over the {max_frame_size}-byte frame limit: \
+             ask for less"
+        ),
+    )
 }
 
 /// The answer to one request.
@@ -763,25 +865,28 @@ async fn datagram_loop(
 /// then a slow consumer, even when its queue never fills.
 async fn write_control(
     mut send: SendStream,
-    mut rx: mpsc::Receiver<Box<ServerFrame>>,
+    mut rx: mpsc::Receiver<Queued>,
+    bytes: Arc<ByteBudget>,
     patience: Duration,
     stalled: CancellationToken,
 ) {
     let mut buf = BytesMut::new();
-    while let Some(first) = rx.recv().await {
+    while let Some((first, taken)) = rx.recv().await {
         let mut last_is_close = matches!(first.kind, Some(server_frame::Kind::Close(_)));
+        let mut taken_total = taken;
         crate::protocol::encode_frame(&first, &mut buf);
         while !last_is_close && buf.len() < WRITE_COALESCE {
             match rx.try_recv() {
-                Ok(f) => {
+                Ok((f, taken)) => {
                     last_is_close = matches!(f.kind, Some(server_frame::Kind::Close(_)));
+                    taken_total += taken;
                     crate::protocol::encode_frame(&f, &mut buf);
                 }
                 Err(_) => break,
             }
         }
         match tokio::time::timeout(patience, send.write_all(&buf)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => bytes.release(taken_total),
             Ok(Err(_)) => return,
             Err(_) => {
                 stalled.cancel();

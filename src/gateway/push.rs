@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::limits::ByteBudget;
 use crate::metrics::Metrics;
 use crate::protocol::v1::{Push, PushStreamHeader, StreamKind};
 use crate::protocol::{encode_frame, encoded_frame};
@@ -29,6 +30,8 @@ type KindQueue = (mpsc::Sender<Queued>, JoinHandle<()>);
 pub struct PushQueues {
     session: Session,
     capacity: usize,
+    /// Bytes queued on all kinds together.
+    bytes: Arc<ByteBudget>,
     /// Indexed by `StreamKind` (a handful of small values); `None` once aborted.
     kinds: Mutex<Option<Vec<Option<KindQueue>>>>,
     slow: CancellationToken,
@@ -36,11 +39,13 @@ pub struct PushQueues {
 }
 
 impl PushQueues {
-    /// Queues of `capacity` frames per kind for `session`.
-    pub fn new(session: Session, capacity: usize, metrics: Arc<Metrics>) -> Self {
+    /// Queues of `capacity` frames per kind and `bytes` bytes over all kinds for
+    /// `session`.
+    pub fn new(session: Session, capacity: usize, bytes: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             session,
             capacity,
+            bytes: Arc::new(ByteBudget::new(bytes)),
             kinds: Mutex::new(Some(Vec::new())),
             slow: CancellationToken::new(),
             metrics,
@@ -55,17 +60,31 @@ impl PushQueues {
 
     /// Queues a push already encoded with [`encoded_frame`], as [`push`](Self::push) does.
     pub fn push_frame(&self, kind: StreamKind, frame: Bytes) -> Result<(), SlowConsumer> {
+        let len = frame.len();
+        if !self.bytes.try_take(len) {
+            self.slow.cancel();
+            return Err(SlowConsumer);
+        }
         // `try_send` never waits, so it runs under the lock: no sender clone (two
         // atomic operations) per push on the fan-out path.
         match self.with_sender(kind, |tx| tx.try_send((frame, Instant::now())).is_ok()) {
             Some(true) => Ok(()),
             Some(false) => {
+                self.bytes.release(len);
                 self.slow.cancel();
                 Err(SlowConsumer)
             }
             // The session has ended: nothing to deliver to.
-            None => Err(SlowConsumer),
+            None => {
+                self.bytes.release(len);
+                Err(SlowConsumer)
+            }
         }
+    }
+
+    /// Bytes queued now, all kinds together.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.used()
     }
 
     /// Queues `push`, waiting up to `patience` for room in the queue (for bulk
@@ -80,10 +99,16 @@ impl PushQueues {
         let Some(tx) = self.sender(kind) else {
             return Err(SlowConsumer);
         };
-        match tokio::time::timeout(patience, tx.send((encoded_frame(&push), Instant::now()))).await
-        {
+        let frame = encoded_frame(&push);
+        let len = frame.len();
+        if !self.bytes.take(len, patience).await {
+            self.slow.cancel();
+            return Err(SlowConsumer);
+        }
+        match tokio::time::timeout(patience, tx.send((frame, Instant::now()))).await {
             Ok(Ok(())) => Ok(()),
             _ => {
+                self.bytes.release(len);
                 self.slow.cancel();
                 Err(SlowConsumer)
             }
@@ -113,6 +138,7 @@ impl PushQueues {
                 self.session.clone(),
                 kind,
                 rx,
+                self.bytes.clone(),
                 self.metrics.clone(),
             ));
             (tx, task)
@@ -143,6 +169,7 @@ async fn write_pushes(
     session: Session,
     kind: StreamKind,
     mut rx: mpsc::Receiver<Queued>,
+    bytes: Arc<ByteBudget>,
     metrics: Arc<Metrics>,
 ) {
     let Ok(mut stream) = session.open_uni().await else {
@@ -153,6 +180,8 @@ async fn write_pushes(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut buf = BytesMut::new();
     encode_frame(&PushStreamHeader { kind: kind as i32 }, &mut buf);
+    // The header is in the first write but was never taken from the budget.
+    let mut header = buf.len();
     let mut queued_at = Vec::new();
     while let Some((first, at)) = rx.recv().await {
         buf.extend_from_slice(&first);
@@ -167,9 +196,13 @@ async fn write_pushes(
                 Err(_) => break,
             }
         }
+        let written = buf.len() - header;
+        header = 0;
         if stream.write_all(&buf).await.is_err() {
             return;
         }
+        // Written to QUIC: bounded from here by the connection's send window.
+        bytes.release(written);
         let now = Instant::now();
         for at in queued_at.drain(..) {
             metrics.fanout.record(now - at);

@@ -391,3 +391,161 @@ async fn a_refreshed_session_outlives_its_first_token() {
         "{ran:?}"
     );
 }
+
+// ---- limits -------------------------------------------------------------------
+
+fn server_error(e: ClientError) -> crate::protocol::ErrorCode {
+    match e {
+        ClientError::Server(e) => crate::protocol::ErrorCode::from_u32(e.code).expect("known code"),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_past_the_session_limit_is_closed_with_too_many_connections() {
+    let h = Harness::new(|c| c.limits.max_sessions_per_user = 2);
+    let first = h.client("ann").await;
+    let _second = h.client("ann").await;
+    let refused = Client::over(h.session(64 * 1024), h.config("ann"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.close_code(),
+        Some(CloseCode::TooManyConnections),
+        "{refused:?}"
+    );
+    // Other users are not affected.
+    let _bob = h.client("bob").await;
+    // A session that ends frees its place.
+    first.close();
+    first.closed().await;
+    let mut again = None;
+    for _ in 0..100 {
+        match Client::over(h.session(64 * 1024), h.config("ann")).await {
+            Ok(c) => {
+                again = Some(c);
+                break;
+            }
+            // The server may not have counted the first session out yet.
+            Err(e) if e.close_code() == Some(CloseCode::TooManyConnections) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(again.is_some(), "a place was freed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_address_past_the_connection_limit_is_closed_with_too_many_connections() {
+    // Every in-memory session comes from the same address.
+    let h = Harness::new(|c| c.limits.max_connections_per_address = 2);
+    let _a = h.client("ann").await;
+    let _b = h.client("bob").await;
+    let refused = Client::over(h.session(64 * 1024), h.config("cid"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.close_code(),
+        Some(CloseCode::TooManyConnections),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_over_the_frame_limit_is_refused_with_response_too_large() {
+    let h = Harness::new(|c| c.limits.max_frame_size = 2048);
+    let c = h.client("ann").await;
+    // The request fits; its answer (the payload and a timestamp) does not.
+    // The request (1 + 2 + 3 bytes of framing around the payload) fits; the
+    // answer adds a timestamp.
+    let err = c.echo(vec![7; 2034], false).await.unwrap_err();
+    assert_eq!(
+        server_error(err),
+        crate::protocol::ErrorCode::ResponseTooLarge
+    );
+    // The session goes on.
+    assert_eq!(c.echo(vec![7; 100], false).await.unwrap().len(), 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pushes_are_bounded_in_bytes_as_well_as_in_frames() {
+    // Room for thousands of frames, but only 64 KiB.
+    let h = Harness::new(|c| {
+        c.limits.push_queue_frames = 4096;
+        c.limits.push_queue_bytes = 64 * 1024;
+    });
+    let (session, mut send, mut recv) = raw_session(&h, 1024).await;
+    tokio::spawn(async move { tokio::io::copy(&mut recv, &mut tokio::io::sink()).await });
+    // 40 pushes of 8 KiB: far under the frame count, over the bytes.
+    let mut requests = BytesMut::new();
+    for id in 1..=40 {
+        encode_frame(
+            &request_frame(
+                id,
+                request::Body::Echo(v1::EchoRequest {
+                    payload: vec![1; 8 * 1024].into(),
+                    push: true,
+                }),
+            ),
+            &mut requests,
+        );
+    }
+    tokio::spawn(async move { send.write_all(&requests).await });
+    let closed = session.closed().await;
+    assert_eq!(
+        closed.code,
+        Some(CloseCode::SlowConsumer as u32),
+        "{closed:?}"
+    );
+}
+
+#[test]
+fn a_tally_counts_sessions_per_key_and_forgets_keys_at_zero() {
+    let tally = super::limits::Tally::<&str>::default();
+    let a1 = tally.enter("a", 2).unwrap();
+    let a2 = tally.enter("a", 2).unwrap();
+    assert!(tally.enter("a", 2).is_none());
+    let _b = tally.enter("b", 2).unwrap();
+    assert_eq!(tally.count(&"a"), 2);
+    drop(a1);
+    let a3 = tally.enter("a", 2).unwrap();
+    drop((a2, a3));
+    assert_eq!(tally.count(&"a"), 0);
+    assert_eq!(tally.keys(), 1, "a key with no session is removed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_byte_budget_takes_what_fits_and_waits_for_releases() {
+    let budget = Arc::new(super::limits::ByteBudget::new(100));
+    // An empty budget takes anything once (a frame larger than the budget).
+    assert!(budget.try_take(150));
+    assert!(!budget.try_take(1));
+    budget.release(150);
+    assert!(budget.try_take(60));
+    assert!(budget.try_take(40));
+    assert!(!budget.try_take(1));
+    // A waiter gets its bytes when they are released...
+    let waiter = {
+        let budget = budget.clone();
+        tokio::spawn(async move { budget.take(50, Duration::from_secs(5)).await })
+    };
+    tokio::task::yield_now().await;
+    budget.release(60);
+    assert!(waiter.await.unwrap());
+    assert_eq!(budget.used(), 90);
+    // ...and gives up after its patience.
+    assert!(!budget.take(50, Duration::from_secs(5)).await);
+}
+
+#[test]
+fn retry_is_asked_only_past_the_handshake_threshold_of_unvalidated_addresses() {
+    use crate::transport::endpoint::needs_retry;
+    assert!(!needs_retry(false, 10, 256));
+    assert!(needs_retry(false, 256, 256));
+    assert!(
+        !needs_retry(true, 10_000, 256),
+        "a validated address goes through"
+    );
+    assert!(needs_retry(false, 0, 0), "0: always");
+}

@@ -115,6 +115,16 @@ pub struct ChatConfig {
     pub typing_per_second: u32,
     /// The longest room name, in bytes.
     pub max_room_name: usize,
+    /// `RoomListRequest` answers at most this many rooms per page.
+    pub max_room_list_page: u32,
+    /// Bytes of rooms kept loaded while unused (a byte-weighed cache).
+    pub cache_bytes: u64,
+    /// Bytes of read marks kept cached.
+    pub read_mark_cache_bytes: u64,
+    /// The largest response, in bytes (the node's `limits.max_frame_size`): a
+    /// room list page ends before it would grow past this.
+    #[serde(skip)]
+    pub max_response_bytes: usize,
 }
 
 impl ChatConfig {
@@ -133,6 +143,10 @@ impl Default for ChatConfig {
             max_history_page: 100,
             typing_per_second: 5,
             max_room_name: 256,
+            max_room_list_page: 100,
+            cache_bytes: 64 << 20,
+            read_mark_cache_bytes: 64 << 20,
+            max_response_bytes: 64 * 1024,
         }
     }
 }
@@ -184,6 +198,23 @@ struct RoomState {
 }
 
 impl RoomState {
+    /// About the bytes the room takes in memory (for the cache's byte bound).
+    fn weight(&self) -> usize {
+        use prost::Message;
+        let people: usize = self
+            .meta
+            .participants
+            .iter()
+            .chain(self.meta.admins.iter())
+            .map(|p| p.len() + 48)
+            .sum();
+        self.id.len()
+            + self.meta.name.len()
+            + people
+            + self.last_message.as_ref().map_or(0, |m| m.encoded_len())
+            + 128
+    }
+
     fn wire(&self) -> v1::Room {
         v1::Room {
             room_id: self.id.clone(),
@@ -328,6 +359,8 @@ impl ChatService {
         txn.open_table(INVITES)?;
         txn.commit()?;
         let log = RedbLog::open(&deps.store, &deps.writer, "chat_messages", "chat_epochs")?;
+        let (cache_bytes, read_mark_cache_bytes) =
+            (config.cache_bytes, config.read_mark_cache_bytes);
         Ok(Arc::new(Self {
             deps,
             config,
@@ -336,11 +369,17 @@ impl ChatService {
             log,
             rooms: crate::store::registry::Registry::new(
                 "rooms",
-                100_000,
+                cache_bytes,
                 Duration::from_secs(600),
+                RoomState::weight,
             ),
-            read_marks: crate::store::cache::CacheSpec::new(1_000_000, Duration::from_secs(600))
-                .build("read_marks"),
+            read_marks: crate::store::cache::CacheSpec::new(
+                read_mark_cache_bytes,
+                Duration::from_secs(600),
+            )
+            .build_weighed("read_marks", |(user, room): &(String, String), _| {
+                user.len() + room.len() + 8
+            }),
             subscribed: Mutex::new(HashMap::new()),
             typing: Mutex::new(HashMap::new()),
             prune_cursor: Mutex::new(String::new()),
@@ -1233,26 +1272,69 @@ impl ChatService {
             .saturating_sub(mark.max(first.saturating_sub(1))))
     }
 
-    /// The caller's rooms with their last message and unread count.
-    pub async fn list(&self, ctx: &SessionCtx) -> ServiceResult<v1::RoomListResponse> {
+    /// The caller's rooms with their last message and unread count, one page at a
+    /// time in room id order: at most `limit` (or the configured page) rooms, and
+    /// no more than fit in a frame.
+    pub async fn list(
+        &self,
+        ctx: &SessionCtx,
+        req: v1::RoomListRequest,
+    ) -> ServiceResult<v1::RoomListResponse> {
+        use prost::Message;
+        let page = match req.limit {
+            0 => self.config.max_room_list_page,
+            n => n.min(self.config.max_room_list_page),
+        }
+        .max(1) as usize;
+        // Room for the response's own fields and the frame around it.
+        let budget = self.config.max_response_bytes.saturating_sub(512);
         let mut rooms = Vec::new();
-        for id in self.user_rooms(ctx.user_id())? {
-            let Some(handle) = self.load(&id).await? else {
+        let mut size = 0;
+        let mut more = false;
+        let ids = self.user_rooms(ctx.user_id())?;
+        let start = ids.partition_point(|id| id.as_str() <= req.cursor.as_str());
+        for id in &ids[start..] {
+            if rooms.len() == page {
+                more = true;
+                break;
+            }
+            let Some(handle) = self.load(id).await? else {
                 continue;
             };
             let room = handle.lock().await;
             if !room.meta.participants.contains(ctx.user_id()) {
                 continue;
             }
-            let mark = self.read_mark(ctx.user_id(), &id).await?;
-            rooms.push(v1::RoomSummary {
+            let mark = self.read_mark(ctx.user_id(), id).await?;
+            let summary = v1::RoomSummary {
                 room: Some(room.wire()),
                 last_message: room.last_message.clone(),
                 unread: self.unread(&room, mark)?,
                 read_offset: mark,
-            });
+            };
+            // A room alone over the budget still goes out alone (the gateway then
+            // answers RESPONSE_TOO_LARGE instead of sending it).
+            let len = summary.encoded_len() + 8;
+            if !rooms.is_empty() && size + len > budget {
+                more = true;
+                break;
+            }
+            size += len;
+            rooms.push(summary);
         }
-        Ok(v1::RoomListResponse { rooms })
+        let next_cursor = match (more, rooms.last()) {
+            (true, Some(last)) => last
+                .room
+                .as_ref()
+                .map(|r| r.room_id.clone())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        Ok(v1::RoomListResponse {
+            rooms,
+            more,
+            next_cursor,
+        })
     }
 
     /// Everyone who shares a room with `user` (`user` excluded).

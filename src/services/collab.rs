@@ -72,6 +72,16 @@ pub struct CollabConfig {
     pub cursor_rate: u32,
     /// `DocListRequest` returns at most this many documents (the first ones by id).
     pub max_list_docs: usize,
+    /// Documents one session may have open at once; opening one more is
+    /// `LIMIT_EXCEEDED` (close one first).
+    pub max_open_docs: usize,
+    /// Bytes of documents (text and kept operations) kept loaded while nobody
+    /// has them open (a byte-weighed cache).
+    pub cache_bytes: u64,
+    /// The largest response, in bytes (the node's `limits.max_frame_size`): a
+    /// document whose snapshot does not fit is refused with `RESPONSE_TOO_LARGE`.
+    #[serde(skip)]
+    pub max_response_bytes: usize,
 }
 
 impl CollabConfig {
@@ -81,10 +91,11 @@ impl CollabConfig {
             || self.snapshot_every == 0
             || self.cursor_rate == 0
             || self.max_list_docs == 0
+            || self.max_open_docs == 0
         {
             return Err(super::InvalidConfig(
-                "collab.history, collab.snapshot_every, collab.cursor_rate and \
-                 collab.max_list_docs must be positive"
+                "collab.history, collab.snapshot_every, collab.cursor_rate, \
+                 collab.max_list_docs and collab.max_open_docs must be positive"
                     .into(),
             ));
         }
@@ -102,6 +113,9 @@ impl Default for CollabConfig {
             cursor_settle: Duration::from_millis(300),
             cursor_rate: 20,
             max_list_docs: 1000,
+            max_open_docs: 64,
+            cache_bytes: 256 << 20,
+            max_response_bytes: 64 * 1024,
         }
     }
 }
@@ -146,6 +160,16 @@ struct StoredOp {
 /// upgrade would be applied again.
 fn dedup_key(user: &str, client_id: &str) -> String {
     format!("{user}\0{client_id}")
+}
+
+impl DocState {
+    /// About the bytes the document takes in memory (for the cache's byte bound):
+    /// its text, the operations kept, and the access list.
+    fn weight(&self) -> usize {
+        let log: usize = self.log.iter().map(|op| op.encoded_len() + 64).sum();
+        let clients: usize = self.clients.keys().map(|k| k.len() + 64).sum();
+        self.id.len() + self.authority.doc().len() + log + clients + 256
+    }
 }
 
 /// One loaded document.
@@ -217,9 +241,15 @@ impl CollabService {
         index_existing_docs(&txn)?;
         txn.commit()?;
         let log = RedbLog::open(&deps.store, &deps.writer, "collab_ops", "collab_epochs")?;
+        let cache_bytes = config.cache_bytes;
         let service = Arc::new(Self {
             deps,
-            docs: crate::store::registry::Registry::new("docs", 10_000, Duration::from_secs(600)),
+            docs: crate::store::registry::Registry::new(
+                "docs",
+                cache_bytes,
+                Duration::from_secs(600),
+                DocState::weight,
+            ),
             log,
             config,
             sessions: Mutex::new(HashMap::new()),
@@ -434,6 +464,7 @@ impl CollabService {
         req: v1::DocOpenRequest,
     ) -> ServiceResult<v1::DocOpenResponse> {
         crate::ids::DocId::parse(req.doc_id.as_str())?;
+        self.check_open_count(ctx, &req.doc_id)?;
         let handle = self.load(&req.doc_id).await?.ok_or_else(not_found)?;
         let mut d = handle.lock().await;
         let role = d.meta.role_of(ctx.user_id());
@@ -455,6 +486,21 @@ impl CollabService {
             }
             _ => v1::doc_open_response::State::Snapshot(d.authority.doc().to_owned()),
         };
+        // Refused before the session is subscribed, so a refused open leaves
+        // nothing behind.
+        let state_len = match &state {
+            v1::doc_open_response::State::Snapshot(text) => text.len(),
+            v1::doc_open_response::State::CatchUp(c) => prost::Message::encoded_len(c),
+        };
+        if state_len + 1024 > self.config.max_response_bytes {
+            return Err(ServiceError::new(
+                ErrorCode::ResponseTooLarge,
+                format!(
+                    "{} is {state_len} bytes, over the {}-byte frame limit",
+                    req.doc_id, self.config.max_response_bytes
+                ),
+            ));
+        }
         let participants = {
             let cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
             d.present
@@ -471,18 +517,28 @@ impl CollabService {
         };
         // Subscribing under the document lock: every operation after `revision` is
         // published under the same lock, so none is missed.
+        {
+            // Checked again where it is recorded: opens running at once cannot
+            // pass the limit together.
+            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let open = sessions.entry(ctx.session_id().to_owned()).or_default();
+            if open.len() >= self.config.max_open_docs && !open.contains_key(&d.id) {
+                return Err(ServiceError::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "{} documents open in this session already: close one first",
+                        self.config.max_open_docs
+                    ),
+                ));
+            }
+            open.insert(d.id.clone(), handle.clone());
+        }
         let t = topic(&d.id);
         self.deps.hub.subscribe(&t, ctx.subscriber.clone());
         let newly = d
             .present
             .insert(ctx.session_id().to_owned(), ctx.user_id().to_owned())
             .is_none();
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(ctx.session_id().to_owned())
-            .or_default()
-            .insert(d.id.clone(), handle.clone());
         if newly {
             self.publish_presence(&d.id, ctx.user_id(), ctx.session_id(), true);
         }
@@ -493,6 +549,25 @@ impl CollabService {
             state: Some(state),
             participants,
         })
+    }
+
+    /// `LIMIT_EXCEEDED` when the session has `max_open_docs` documents open and
+    /// `doc_id` is not one of them.
+    fn check_open_count(&self, ctx: &SessionCtx, doc_id: &str) -> ServiceResult<()> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(open) = sessions.get(ctx.session_id()) else {
+            return Ok(());
+        };
+        if open.len() >= self.config.max_open_docs && !open.contains_key(doc_id) {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{} documents open in this session already: close one first",
+                    self.config.max_open_docs
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Stops sending the document's events to the session.

@@ -346,7 +346,7 @@ impl Services {
             Rq::RoomAdd(r) => self.chat.add(ctx, r).await.map(Rs::RoomAdd),
             Rq::RoomRemove(r) => self.chat.remove(ctx, r).await.map(Rs::RoomRemove),
             Rq::RoomLeave(r) => self.chat.leave(ctx, r).await.map(Rs::RoomLeave),
-            Rq::RoomList(_) => self.chat.list(ctx).await.map(Rs::RoomList),
+            Rq::RoomList(r) => self.chat.list(ctx, r).await.map(Rs::RoomList),
             Rq::ChatSend(r) => self.chat.send(ctx, r).await.map(Rs::ChatSend),
             Rq::ChatHistory(r) => self.chat.history(ctx, r).await.map(Rs::ChatHistory),
             Rq::ChatMarkRead(r) => self.chat.mark_read(ctx, r).await.map(Rs::ChatMarkRead),

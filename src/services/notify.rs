@@ -50,6 +50,8 @@ pub struct NotifyConfig {
     pub max_data: usize,
     /// Ids in one mark-read request at most.
     pub max_mark_ids: usize,
+    /// Bytes of per-user notification state (offsets) kept cached.
+    pub cache_bytes: u64,
 }
 
 impl NotifyConfig {
@@ -68,6 +70,7 @@ impl Default for NotifyConfig {
             max_body: 4096,
             max_data: 16 * 1024,
             max_mark_ids: 1000,
+            cache_bytes: 16 << 20,
         }
     }
 }
@@ -181,6 +184,7 @@ impl NotifyService {
         txn.open_table(STATE)?;
         txn.commit()?;
         let log = RedbLog::open(&deps.store, &deps.writer, "notify_notes", "notify_epochs")?;
+        let cache_bytes = config.cache_bytes;
         Ok(Arc::new(Self {
             deps,
             config,
@@ -189,10 +193,10 @@ impl NotifyService {
                 .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),
             state: crate::store::cache::CacheSpec::new(
-                1_000_000,
+                cache_bytes,
                 std::time::Duration::from_secs(600),
             )
-            .build("notify_state"),
+            .build_weighed("notify_state", |user: &String, _| user.len() + 16),
             prune_cursor: std::sync::Mutex::new(String::new()),
         }))
     }

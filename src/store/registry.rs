@@ -16,7 +16,9 @@ pub type Loaded<T> = Arc<tokio::sync::Mutex<T>>;
 /// Loaded entities by id.
 pub struct Registry<T> {
     loaded: Mutex<HashMap<String, Weak<tokio::sync::Mutex<T>>>>,
-    hot: Cache<String, Loaded<T>>,
+    /// Entities kept loaded, with their size in bytes when loaded.
+    hot: Cache<String, (Loaded<T>, usize)>,
+    weigh: fn(&T) -> usize,
 }
 
 impl<T> std::fmt::Debug for Registry<T> {
@@ -26,11 +28,15 @@ impl<T> std::fmt::Debug for Registry<T> {
 }
 
 impl<T: Send + Sync + 'static> Registry<T> {
-    /// A registry keeping up to `capacity` unused entities loaded for `idle`.
-    pub fn new(name: &str, capacity: u64, idle: Duration) -> Self {
+    /// A registry keeping unused entities loaded for `idle`, up to `bytes` bytes
+    /// of them as `weigh` measures each when it is loaded (an entity that grows
+    /// afterwards keeps its first weight until it is loaded again).
+    pub fn new(name: &str, bytes: u64, idle: Duration, weigh: fn(&T) -> usize) -> Self {
         Self {
             loaded: Mutex::new(HashMap::new()),
-            hot: CacheSpec::new(capacity, idle).build(name),
+            hot: CacheSpec::new(bytes, idle)
+                .build_weighed(name, |id: &String, v: &(Loaded<T>, usize)| id.len() + v.1),
+            weigh,
         }
     }
 
@@ -40,6 +46,7 @@ impl<T: Send + Sync + 'static> Registry<T> {
         id: &str,
         load: impl FnOnce() -> Result<Option<T>, E>,
     ) -> Result<Option<Loaded<T>>, E> {
+        let weight;
         let handle = {
             let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
@@ -48,6 +55,7 @@ impl<T: Send + Sync + 'static> Registry<T> {
             let Some(value) = load()? else {
                 return Ok(None);
             };
+            weight = (self.weigh)(&value);
             let handle = Arc::new(tokio::sync::Mutex::new(value));
             loaded.retain(|_, w| w.strong_count() > 0);
             loaded.insert(id.to_owned(), Arc::downgrade(&handle));
@@ -55,7 +63,9 @@ impl<T: Send + Sync + 'static> Registry<T> {
         };
         // Kept loaded while recently used; the weak index already makes this the
         // one copy.
-        self.hot.insert(id.to_owned(), handle.clone()).await;
+        self.hot
+            .insert(id.to_owned(), (handle.clone(), weight))
+            .await;
         Ok(Some(handle))
     }
 
@@ -75,7 +85,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_copy_while_in_use() {
-        let r: Registry<u32> = Registry::new("t", 10, Duration::from_secs(60));
+        let r: Registry<u32> = Registry::new("t", 1 << 20, Duration::from_secs(60), |_| 4);
         let a = r
             .get_or_load::<()>("x", || Ok(Some(1)))
             .await

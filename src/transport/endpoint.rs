@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -13,8 +14,18 @@ use super::{SOCKET_BUFFER, Session, udp_socket};
 use crate::protocol::{ALPN_H3, ALPN_NATIVE, WEBTRANSPORT_PATH};
 use crate::tls::CertStore;
 
-/// Streams of each direction a client may have open at once.
-const MAX_CLIENT_STREAMS: u32 = 16;
+/// Bidirectional streams a client may open. Raw QUIC uses one (the control
+/// stream); WebTransport two: HTTP/3's CONNECT request stream and the control
+/// stream inside the session. One endpoint serves both ALPNs and the limit is sent
+/// in the handshake, before the ALPN is known, so this is the larger of the two;
+/// a raw QUIC connection is lowered to [`NATIVE_BIDI_STREAMS`] once it is known.
+const MAX_CLIENT_BIDI_STREAMS: u32 = 2;
+/// Unidirectional streams a client may open: HTTP/3's control stream and the two
+/// QPACK streams, plus one for a browser that greases HTTP/3 with a stream of a
+/// reserved type. Tutti clients open none of their own.
+const MAX_CLIENT_UNI_STREAMS: u32 = 4;
+/// Bidirectional streams a raw QUIC (`tutti/1`) client may open: the control stream.
+const NATIVE_BIDI_STREAMS: u32 = 1;
 
 /// A session that completed its transport handshake.
 #[derive(Debug)]
@@ -34,6 +45,60 @@ pub struct EndpointSettings {
     pub keep_alive: Duration,
     /// Time allowed for the QUIC and WebTransport handshakes.
     pub handshake_timeout: Duration,
+    /// QUIC stream flow-control window: bytes a client may send on one stream
+    /// ahead of the server reading them.
+    pub stream_receive_window: u64,
+    /// QUIC connection flow-control window: bytes a client may send on all of its
+    /// streams together ahead of the server reading them.
+    pub connection_receive_window: u64,
+    /// Bytes sent on one connection ahead of the client's acknowledgements.
+    pub send_window: u64,
+    /// Handshakes in progress past which new connections must validate their
+    /// address with a Retry first.
+    pub retry_above_handshakes: usize,
+    /// Bytes of datagrams buffered per connection in each direction; past this
+    /// the oldest are dropped (datagrams may be lost anyway).
+    pub datagram_buffer: usize,
+}
+
+impl EndpointSettings {
+    /// The QUIC transport parameters of every connection.
+    fn transport(&self) -> anyhow::Result<quinn::TransportConfig> {
+        let window = |n: u64, key: &str| {
+            quinn::VarInt::from_u64(n).map_err(|_| anyhow::anyhow!("{key} is too large"))
+        };
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(self.idle_timeout.try_into()?))
+            .keep_alive_interval(Some(self.keep_alive))
+            // quinn's defaults (100 + 100 streams, 1.25 MB per stream and no
+            // connection window) let a client park tens of megabytes in the server
+            // on streams nobody reads. Only the streams the protocol uses are
+            // allowed, and the connection window bounds what they hold together.
+            .max_concurrent_bidi_streams(MAX_CLIENT_BIDI_STREAMS.into())
+            .max_concurrent_uni_streams(MAX_CLIENT_UNI_STREAMS.into())
+            .stream_receive_window(window(
+                self.stream_receive_window,
+                "limits.stream_receive_window",
+            )?)
+            .receive_window(window(
+                self.connection_receive_window,
+                "limits.connection_receive_window",
+            )?)
+            .send_window(self.send_window)
+            // quinn buffers 1.25 MB of datagrams each way by default.
+            .datagram_receive_buffer_size(Some(self.datagram_buffer))
+            .datagram_send_buffer_size(self.datagram_buffer);
+        Ok(transport)
+    }
+}
+
+/// Whether a connection attempt must first validate its address (answered with a
+/// QUIC Retry): when it has not already, and `in_progress` handshakes are running
+/// at or past `threshold`. A Retry costs a legitimate client one round trip, and a
+/// flood from spoofed addresses no handshake state at all.
+pub fn needs_retry(address_validated: bool, in_progress: usize, threshold: usize) -> bool {
+    !address_validated && in_progress >= threshold
 }
 
 /// The bound UDP endpoint.
@@ -41,6 +106,10 @@ pub struct EndpointSettings {
 pub struct ServerEndpoint {
     endpoint: quinn::Endpoint,
     settings: EndpointSettings,
+    /// Handshakes in progress.
+    handshakes: Arc<AtomicUsize>,
+    /// Counts Retries sent.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ServerEndpoint {
@@ -49,21 +118,12 @@ impl ServerEndpoint {
         addr: SocketAddr,
         certs: &Arc<CertStore>,
         settings: EndpointSettings,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Self> {
         let tls = certs.server_config(&[ALPN_H3, ALPN_NATIVE]);
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_idle_timeout(Some(settings.idle_timeout.try_into()?))
-            .keep_alive_interval(Some(settings.keep_alive))
-            // quinn keeps state for every stream a peer may open (100 + 100 by
-            // default, about 8 KiB per connection). A client opens one control
-            // stream (plus, over WebTransport, the CONNECT stream and HTTP/3's three
-            // unidirectional streams); the server opens the push streams.
-            .max_concurrent_bidi_streams(MAX_CLIENT_STREAMS.into())
-            .max_concurrent_uni_streams(MAX_CLIENT_STREAMS.into());
-        config.transport_config(Arc::new(transport));
+        config.transport_config(Arc::new(settings.transport()?));
         // No NEW_TOKEN frames: a token only lets a returning client's first flight
         // exceed the 3x anti-amplification limit, which Tutti's handshakes never
         // reach, and each costs the server a key derivation and an encryption per
@@ -93,7 +153,12 @@ impl ServerEndpoint {
             socket,
             runtime,
         )?;
-        Ok(Self { endpoint, settings })
+        Ok(Self {
+            endpoint,
+            settings,
+            handshakes: Arc::new(AtomicUsize::new(0)),
+            metrics,
+        })
     }
 
     /// The bound address (with the real port when bound to port 0).
@@ -117,10 +182,25 @@ impl ServerEndpoint {
                 },
             };
             let started = Instant::now();
+            if needs_retry(
+                incoming.remote_address_validated(),
+                self.handshakes.load(Ordering::Relaxed),
+                self.settings.retry_above_handshakes,
+            ) && incoming.may_retry()
+            {
+                // The client comes back with a token proving its address; that
+                // attempt is validated and goes through.
+                self.metrics.quic_retries.fetch_add(1, Ordering::Relaxed);
+                let _ = incoming.retry();
+                continue;
+            }
             let on_session = on_session.clone();
             let timeout = self.settings.handshake_timeout;
+            let handshakes = HandshakeGuard::new(self.handshakes.clone());
             tasks.spawn(async move {
-                match tokio::time::timeout(timeout, handshake(incoming)).await {
+                let result = tokio::time::timeout(timeout, handshake(incoming)).await;
+                drop(handshakes);
+                match result {
                     Ok(Ok(session)) => on_session(Accepted { session, started }),
                     Ok(Err(e)) => tracing::debug!(error = %e, "transport handshake failed"),
                     Err(_) => tracing::debug!("transport handshake timed out"),
@@ -138,6 +218,22 @@ impl ServerEndpoint {
     }
 }
 
+/// Counts a handshake while it runs.
+struct HandshakeGuard(Arc<AtomicUsize>);
+
+impl HandshakeGuard {
+    fn new(n: Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn handshake(incoming: quinn::Incoming) -> anyhow::Result<Session> {
     let mut connecting = incoming.accept()?;
     let alpn = connecting
@@ -148,7 +244,12 @@ async fn handshake(incoming: quinn::Incoming) -> anyhow::Result<Session> {
         .protocol
         .unwrap_or_default();
     if alpn == ALPN_NATIVE {
-        return Ok(Session::quic(connecting.await?));
+        let connection = connecting.await?;
+        // Credit already granted in the handshake stays; no more is given than
+        // the control stream needs.
+        connection.set_max_concurrent_bi_streams(NATIVE_BIDI_STREAMS.into());
+        connection.set_max_concurrent_uni_streams(0u32.into());
+        return Ok(Session::quic(connection));
     }
     // The only other ALPN offered is h3.
     let request =

@@ -342,10 +342,19 @@ export class Tutti {
 
   // ------------------------------------------------------------------ chat
 
-  /** Rooms of the user with their last message, unread count and read mark. */
+  /**
+   * Rooms of the user with their last message, unread count and read mark. The
+   * server answers in pages that fit in a frame; this reads them all.
+   */
   async rooms(): Promise<RoomSummary[]> {
-    const answer = await this.call({ case: "roomList", value: {} });
-    return answer.rooms;
+    const rooms: RoomSummary[] = [];
+    let cursor = "";
+    for (;;) {
+      const answer = await this.call({ case: "roomList", value: { cursor } });
+      rooms.push(...answer.rooms);
+      if (!answer.more || !answer.nextCursor) return rooms;
+      cursor = answer.nextCursor;
+    }
   }
 
   /**
