@@ -632,6 +632,7 @@ async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
             v1::request::Body::ChatSend(v1::ChatSendRequest {
                 room_id: "lifecycle".into(),
                 text: format!("m{i}"),
+                client_message_id: String::new(),
             }),
             ending,
         )
@@ -650,6 +651,7 @@ async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
         v1::request::Body::ChatSend(v1::ChatSendRequest {
             room_id: "lifecycle".into(),
             text: "last".into(),
+            client_message_id: String::new(),
         }),
     )
     .await;
@@ -772,6 +774,7 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
                     body: Some(v1::request::Body::ChatSend(v1::ChatSendRequest {
                         room_id: "stall".into(),
                         text: text.clone(),
+                        client_message_id: String::new(),
                     })),
                 })),
             };
@@ -802,6 +805,7 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
             bob.request(v1::request::Body::ChatSend(v1::ChatSendRequest {
                 room_id: "stall".into(),
                 text: format!("bob {i}"),
+                client_message_id: String::new(),
             })),
         )
         .await;

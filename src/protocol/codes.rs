@@ -63,6 +63,9 @@ codes! {
         InvalidOperation = 109 => "INVALID_OPERATION",
         /// An analytics event type that this server is not configured to accept.
         UnknownEventType = 110 => "UNKNOWN_EVENT_TYPE",
+        /// Storage failed (a full or failing disk); nothing was changed. Retry the
+        /// same request (with the same idempotency key) with backoff.
+        Unavailable = 111 => "UNAVAILABLE",
         /// A frame was longer than `Limits.max_frame_size`; it was skipped unread.
         FrameTooLarge = 200 => "FRAME_TOO_LARGE",
         /// A frame did not decode as the expected protobuf message; it was skipped.
@@ -94,6 +97,9 @@ codes! {
         HandshakeTimeout = 3003 => "HANDSHAKE_TIMEOUT",
         /// The server has too many sessions; reconnect later.
         Overloaded = 3004 => "OVERLOADED",
+        /// Storage failed while the session was being set up (its catch-up could
+        /// not be read); reconnect with backoff and resume.
+        StorageUnavailable = 3006 => "STORAGE_UNAVAILABLE",
         /// `Hello` carried no token.
         TokenMissing = 3500 => "TOKEN_MISSING",
         /// The token is malformed, forged or lacks a required claim.
@@ -133,6 +139,7 @@ mod tests {
             (ErrorCode::ResyncRequired, 108, "RESYNC_REQUIRED"),
             (ErrorCode::InvalidOperation, 109, "INVALID_OPERATION"),
             (ErrorCode::UnknownEventType, 110, "UNKNOWN_EVENT_TYPE"),
+            (ErrorCode::Unavailable, 111, "UNAVAILABLE"),
             (ErrorCode::FrameTooLarge, 200, "FRAME_TOO_LARGE"),
             (ErrorCode::FrameMalformed, 201, "FRAME_MALFORMED"),
             (ErrorCode::UnexpectedFrame, 202, "UNEXPECTED_FRAME"),
@@ -160,6 +167,12 @@ mod tests {
             (CloseCode::ServerError, 3002, "SERVER_ERROR", true),
             (CloseCode::HandshakeTimeout, 3003, "HANDSHAKE_TIMEOUT", true),
             (CloseCode::Overloaded, 3004, "OVERLOADED", true),
+            (
+                CloseCode::StorageUnavailable,
+                3006,
+                "STORAGE_UNAVAILABLE",
+                true,
+            ),
             (CloseCode::TokenMissing, 3500, "TOKEN_MISSING", false),
             (CloseCode::Unauthorized, 3501, "UNAUTHORIZED", false),
             (CloseCode::TokenExpired, 3502, "TOKEN_EXPIRED", false),

@@ -30,6 +30,7 @@ use crate::hub::Subscriber;
 use crate::ids::{RoomId, UserId};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push, room_event};
+use crate::store::dedup::{self, Dedup, Retention};
 use crate::store::registry::Loaded;
 use crate::store::{AppendError, OffsetLog, RedbLog, StoreError};
 use futures_util::future::BoxFuture;
@@ -40,6 +41,8 @@ const OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("chat_room_offs
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chat_messages");
 const USER_ROOMS: TableDefinition<(&str, &str), u8> = TableDefinition::new("chat_user_rooms");
 const READ_MARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("chat_read_marks");
+/// The longest client message id, in bytes.
+pub const MAX_CLIENT_MESSAGE_ID: usize = 64;
 
 /// Chat limits (`[chat]` in the configuration file).
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +60,12 @@ pub struct ChatConfig {
     pub typing_per_second: u32,
     /// The longest room name, in bytes.
     pub max_room_name: usize,
+    /// How long a client message id is remembered: a send retried later than
+    /// this is a new message.
+    #[serde(with = "crate::clock::duration_str")]
+    pub idempotency_window: Duration,
+    /// Client message ids remembered at most (the oldest are forgotten first).
+    pub idempotency_max_keys: u64,
 }
 
 impl ChatConfig {
@@ -75,6 +84,8 @@ impl Default for ChatConfig {
             max_history_page: 100,
             typing_per_second: 5,
             max_room_name: 256,
+            idempotency_window: Duration::from_secs(24 * 3600),
+            idempotency_max_keys: 1_000_000,
         }
     }
 }
@@ -131,6 +142,8 @@ pub struct ChatService {
     rooms: crate::store::registry::Registry<RoomState>,
     /// Each room's messages.
     log: RedbLog,
+    /// (room, sender, client message id) → the offset of the message stored for it.
+    sent: Dedup,
     read_marks: crate::store::cache::Cache<(String, String), u64>,
     /// session → rooms it is subscribed to.
     subscribed: Mutex<HashMap<String, HashSet<String>>>,
@@ -221,10 +234,12 @@ impl ChatService {
         txn.open_table(READ_MARKS)?;
         txn.commit()?;
         let log = RedbLog::open(&deps.store, &deps.writer, "chat_messages", "chat_epochs")?;
+        let sent = Dedup::open(&deps.store, "chat_sent", "chat_sent_age")?;
         Ok(Arc::new(Self {
             deps,
             config,
             log,
+            sent,
             rooms: crate::store::registry::Registry::new(
                 "rooms",
                 100_000,
@@ -242,17 +257,27 @@ impl ChatService {
     /// A session opened: it gets what it missed in the rooms named in `resume`
     /// (in order), then every room's live messages. See [`super::catch_up`]: the
     /// backlog is streamed outside the room's lock.
-    pub async fn connected(&self, ctx: &SessionCtx, resume: &HashMap<String, u64>) {
-        let rooms = match self.user_rooms(ctx.user_id()) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "listing rooms at connect");
-                return;
-            }
-        };
+    ///
+    /// Fails (with the session subscribed to only some rooms) when storage fails.
+    pub async fn connected(
+        &self,
+        ctx: &SessionCtx,
+        resume: &HashMap<String, u64>,
+    ) -> Result<(), StoreError> {
+        let rooms = self
+            .user_rooms(ctx.user_id())
+            .inspect_err(|e| tracing::warn!(error = %e, "listing rooms at connect"))?;
         for room_id in rooms {
-            let Ok(Some(handle)) = self.load(&room_id).await else {
-                continue;
+            let handle = match self.load(&room_id).await {
+                Ok(Some(handle)) => handle,
+                Ok(None) => continue,
+                Err(e) if e.code == ErrorCode::Unavailable => {
+                    return Err(StoreError::Unavailable(e.message));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e.message, room = %room_id, "loading a room at connect");
+                    continue;
+                }
             };
             let stream = RoomStream {
                 chat: self,
@@ -264,13 +289,14 @@ impl ChatService {
             match catch_up(&stream, ctx.subscriber.as_ref(), StreamKind::Chat, from).await {
                 Ok(CatchUp::Live | CatchUp::Gone) => {}
                 // A slow consumer: the gateway closes the session.
-                Ok(CatchUp::Slow) => return,
+                Ok(CatchUp::Slow) => return Ok(()),
                 Err(e) => {
-                    tracing::error!(error = %e, "reading messages for a catch-up");
-                    return;
+                    tracing::warn!(error = %e, "reading messages for a catch-up");
+                    return Err(e);
                 }
             }
         }
+        Ok(())
     }
 
     fn subscribe(&self, sub: Arc<dyn Subscriber>, room: &str) {
@@ -611,16 +637,37 @@ impl ChatService {
         ctx: &SessionCtx,
         req: v1::ChatSendRequest,
     ) -> ServiceResult<v1::ChatSendResponse> {
-        let message = self
-            .post(
-                &RoomId::parse(req.room_id)?,
-                Sender::User(ctx.user_id()),
-                req.text,
-            )
+        if req.client_message_id.len() > MAX_CLIENT_MESSAGE_ID {
+            return Err(ServiceError::bad_request(format!(
+                "client_message_id holds at most {MAX_CLIENT_MESSAGE_ID} bytes"
+            )));
+        }
+        let room = RoomId::parse(req.room_id)?;
+        let key = (!req.client_message_id.is_empty())
+            .then(|| dedup::key(&[room.as_str(), ctx.user_id(), &req.client_message_id]));
+        let mut posted = self
+            .post_keyed(&room, Sender::User(ctx.user_id()), vec![req.text], key)
             .await?;
+        let message = posted
+            .pop()
+            .ok_or_else(|| ServiceError::internal("a post returned no message"))?;
         Ok(v1::ChatSendResponse {
             message: Some(message),
         })
+    }
+
+    /// Forgets client message ids past the configured window and count.
+    pub async fn prune_idempotency(&self) -> Result<usize, StoreError> {
+        let keep = Retention {
+            window: self.config.idempotency_window,
+            max_keys: self.config.idempotency_max_keys,
+        };
+        super::prune(&self.deps, &self.sent, keep).await
+    }
+
+    /// Client message ids remembered now.
+    pub fn idempotency_keys(&self) -> Result<u64, StoreError> {
+        self.sent.len(&self.deps.store)
     }
 
     /// Commits a message and publishes it. Used by participants and by the server
@@ -645,6 +692,19 @@ impl ChatService {
         room_id: &RoomId,
         sender: Sender<'_>,
         texts: Vec<String>,
+    ) -> ServiceResult<Vec<v1::ChatMessage>> {
+        self.post_keyed(room_id, sender, texts, None).await
+    }
+
+    /// [`post_many`](Self::post_many), once per idempotency `key`: if a post with
+    /// the same key is stored, that one's first message is returned and nothing
+    /// is stored or published.
+    async fn post_keyed(
+        &self,
+        room_id: &RoomId,
+        sender: Sender<'_>,
+        texts: Vec<String>,
+        key: Option<String>,
     ) -> ServiceResult<Vec<v1::ChatMessage>> {
         for text in &texts {
             if text.is_empty() {
@@ -692,16 +752,30 @@ impl ChatService {
             let first = room.last_offset.checked_add(1).ok_or_else(full)?;
             let last = first.checked_add(rows.len() as u64 - 1).ok_or_else(full)?;
             let moved = Arc::new(Mutex::new(None));
-            let (id, rows, log, seen) = (
+            let earlier = Arc::new(Mutex::new(None));
+            let (id, rows, log, seen, sent, key, found) = (
                 room.id.clone(),
                 rows.clone(),
                 self.log.clone(),
                 moved.clone(),
+                self.sent.clone(),
+                key.clone(),
+                earlier.clone(),
             );
             let mark_for = (sender != Sender::System).then(|| sender_id.clone());
             self.deps
                 .writer
                 .write(move |txn| {
+                    // Checked in the transaction that would store the message: a
+                    // retry finds the record exactly when the first send committed.
+                    if let Some(key) = &key {
+                        let record = sent.get_in(txn, key)?;
+                        let done = record.is_some();
+                        *found.lock().unwrap_or_else(|e| e.into_inner()) = record;
+                        if done {
+                            return Ok(());
+                        }
+                    }
                     match log.append_in(txn, &id, first - 1, &rows) {
                         Ok(_) => *seen.lock().unwrap_or_else(|e| e.into_inner()) = None,
                         Err(AppendError::Conflict { actual, .. }) => {
@@ -716,9 +790,28 @@ impl ChatService {
                         txn.open_table(READ_MARKS)?
                             .insert((u.as_str(), id.as_str()), last)?;
                     }
+                    if let Some(key) = &key {
+                        sent.put_in(txn, key, now, &first.to_le_bytes())?;
+                    }
                     Ok(())
                 })
                 .await?;
+            let earlier = earlier.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(bytes) = earlier {
+                let offset = <[u8; 8]>::try_from(bytes.as_slice())
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| ServiceError::internal("a stored client message id is corrupt"))?;
+                let message = self.read_messages(&room.id, offset, offset).await?.pop();
+                // The message may be gone (retention); its offset is the answer.
+                let message = message.unwrap_or_else(|| v1::ChatMessage {
+                    room_id: room.id.clone(),
+                    offset,
+                    message_id: format!("{}:{offset}", room.id),
+                    sender_id: sender_id.clone(),
+                    ..Default::default()
+                });
+                return Ok(vec![message]);
+            }
             let moved = *moved.lock().unwrap_or_else(|e| e.into_inner());
             match moved {
                 None => break (first, last),
@@ -1017,6 +1110,7 @@ mod tests {
                 v1::ChatSendRequest {
                     room_id: "r".into(),
                     text: text.into(),
+                    client_message_id: String::new(),
                 },
             )
         };
@@ -1079,6 +1173,7 @@ mod tests {
                 v1::ChatSendRequest {
                     room_id: "r".into(),
                     text,
+                    client_message_id: String::new(),
                 },
             )
         };
@@ -1110,7 +1205,13 @@ mod tests {
             }
         };
         let ctx = bob.ctx();
-        let all = async { tokio::join!(chat.connected(&ctx, &resume), meanwhile, read) };
+        let all = async {
+            tokio::join!(
+                async { chat.connected(&ctx, &resume).await.unwrap() },
+                meanwhile,
+                read
+            )
+        };
         tokio::time::timeout(Duration::from_secs(10), all)
             .await
             .expect("every message arrives");
