@@ -241,6 +241,31 @@ impl Store {
             .reopening
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        self.retire_now();
+        let db = open_file(&self.inner.path, self.inner.faults.as_ref())?;
+        Self::init_meta(&db)?;
+        *self.inner.db.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(db);
+        self.inner.reopens.fetch_add(1, Ordering::AcqRel);
+        self.inner.unavailable.store(false, Ordering::Release);
+        tracing::info!(path = %self.inner.path.display(), "database reopened");
+        Ok(())
+    }
+
+    /// Marks the store unavailable and closes the failed database: from then on
+    /// every operation fails as unavailable (none is answered from the failed
+    /// database's cache) until [`Store::reopen`] succeeds.
+    pub fn retire(&self) {
+        self.mark_unavailable();
+        let _one = self
+            .inner
+            .reopening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.retire_now();
+    }
+
+    /// Puts the stand-in in place of the database and drops the database.
+    fn retire_now(&self) {
         let failed = std::mem::replace(
             &mut *self.inner.db.write().unwrap_or_else(|e| e.into_inner()),
             stand_in(),
@@ -262,13 +287,6 @@ impl Store {
                 Err(_) => break,
             }
         }
-        let db = open_file(&self.inner.path, self.inner.faults.as_ref())?;
-        Self::init_meta(&db)?;
-        *self.inner.db.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(db);
-        self.inner.reopens.fetch_add(1, Ordering::AcqRel);
-        self.inner.unavailable.store(false, Ordering::Release);
-        tracing::info!(path = %self.inner.path.display(), "database reopened");
-        Ok(())
     }
 
     /// Writes the schema version on first open; refuses a newer one. Returns the

@@ -263,10 +263,10 @@ fn run(db: Target, mut rx: mpsc::Receiver<Job>, observer: Option<CommitObserver>
             Target::Store(store) if storage_failed => Some(store),
             _ => None,
         };
-        // Marked before anyone hears of the failure: whoever saw a write fail
-        // this way finds the node not ready.
+        // Before anyone hears of the failure: whoever saw a write fail this way
+        // finds the node not ready, and every read failing until it recovers.
         if let Some(store) = store {
-            store.mark_unavailable();
+            store.retire();
         }
         for (done, result) in answers {
             let _ = done.send(result);
@@ -280,10 +280,9 @@ fn run(db: Target, mut rx: mpsc::Receiver<Job>, observer: Option<CommitObserver>
 /// Longest wait between two attempts to reopen the database.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Marks the store unavailable and reopens its database until that works,
+/// Reopens the store's database until that works,
 /// failing every write that arrives meanwhile.
 fn recover(store: &Store, rx: &mut mpsc::Receiver<Job>) {
-    store.mark_unavailable();
     let mut backoff = Duration::from_millis(10);
     loop {
         match store.reopen() {
