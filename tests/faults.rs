@@ -637,8 +637,12 @@ async fn verify_and_retry(
         assert!(l.ops.insert(r.revision, marker).is_none());
     }
 
-    let l = ledger.lock().unwrap();
+    // What the node has, then what it should have.
     let messages = all_messages(ann, "r").await;
+    let notes = all_notifications(bob).await;
+    let opened = open_doc(ann, "d").await;
+    let l = ledger.lock().unwrap();
+
     let offsets: Vec<u64> = messages.iter().map(|m| m.offset).collect();
     assert_eq!(
         offsets,
@@ -651,7 +655,6 @@ async fn verify_and_retry(
         "exactly the acknowledged messages, once each"
     );
 
-    let notes = all_notifications(bob).await;
     let offsets: Vec<u64> = notes.iter().map(|n| n.offset).collect();
     assert_eq!(
         offsets,
@@ -671,7 +674,6 @@ async fn verify_and_retry(
         (1..=l.ops.len() as u64).collect::<Vec<_>>(),
         "dense"
     );
-    let opened = open_doc(ann, "d").await;
     let text = match opened.state {
         Some(v1::doc_open_response::State::Snapshot(t)) => t,
         other => panic!("{other:?}"),
@@ -733,7 +735,7 @@ async fn sigkill_crash_loop_loses_and_duplicates_nothing() {
                 let mut c = ClientConfig::new(
                     node.quic,
                     TransportKind::Quic,
-                    Trust::Pinned(vec![pin.clone()]),
+                    Trust::Pinned(vec![pin]),
                     auth.mint(user, Duration::from_secs(600), &[]).unwrap(),
                 );
                 c.timeout = Duration::from_secs(10);
@@ -861,7 +863,7 @@ async fn sigkill_crash_loop_loses_and_duplicates_nothing() {
             Client::connect(ClientConfig::new(
                 node.quic,
                 TransportKind::Quic,
-                Trust::Pinned(vec![pin.clone()]),
+                Trust::Pinned(vec![pin]),
                 auth.mint(user, Duration::from_secs(600), &[]).unwrap(),
             ))
         };
