@@ -227,12 +227,26 @@ async fn storage_fault(transport: TransportKind, fault: Fault) {
     let before = ann.send_message_with_id("r", "before", "m1").await.unwrap();
     assert_eq!(before.offset, 1);
     assert_eq!(next_message(&bob).await, before);
+    create_doc(&ann, "d").await;
+    open_doc(&ann, "d").await;
+    let edit = |seq: u64, base: u64, text: &str| v1::DocSubmitRequest {
+        doc_id: "d".into(),
+        base_revision: base,
+        op: Some(insert_at_end(base as usize, text)),
+        client_id: "ann-editor".into(),
+        seq,
+    };
+    assert_eq!(submit(&ann, edit(1, 0, "a")).await.unwrap().revision, 1);
     assert_eq!(s.http_get("/readyz").await.0, 200);
 
     switch.arm(fault);
     let during = ann.send_message_with_id("r", "during", "m2").await;
     assert_eq!(code(during), ErrorCode::Unavailable, "{fault:?}");
     assert!(switch.injected() > 0);
+    assert_eq!(
+        code(submit(&ann, edit(2, 1, "b")).await),
+        ErrorCode::Unavailable
+    );
     assert_eq!(s.http_get("/readyz").await.0, 503, "not ready");
     let (status, _, body) = notify(
         http,
@@ -271,6 +285,11 @@ async fn storage_fault(transport: TransportKind, fault: Fault) {
         again, during,
         "a resend is answered with the stored message"
     );
+    // The document is opened again and the edit resent (same client id and seq):
+    // applied once, whether or not the failed commit reached the disk.
+    open_doc(&ann, "d").await;
+    assert_eq!(submit(&ann, edit(2, 1, "b")).await.unwrap().revision, 2);
+    assert!(submit(&ann, edit(2, 1, "b")).await.unwrap().duplicate);
     let (status, replayed, first) = notify(
         http,
         &key,
@@ -294,6 +313,12 @@ async fn storage_fault(transport: TransportKind, fault: Fault) {
     assert_eq!(again, during, "remembered across a restart");
     let bob = s.connect(transport, "bob").await;
     assert_eq!(all_notifications(&bob).await.len(), 1);
+    let doc = open_doc(&ann, "d").await;
+    assert_eq!(doc.revision, 2);
+    assert_eq!(
+        doc.state,
+        Some(v1::doc_open_response::State::Snapshot("ab".into()))
+    );
 }
 
 async fn disk_full(transport: TransportKind) {
@@ -567,6 +592,20 @@ fn insert_at_end(len: usize, marker: &str) -> v1::TextOp {
     tutti::protocol::ot_wire::op_to_wire(&op)
 }
 
+async fn create_doc(c: &Client, doc: &str) {
+    match c
+        .request(request::Body::DocCreate(v1::DocCreateRequest {
+            doc_id: doc.into(),
+            text: String::new(),
+        }))
+        .await
+        .unwrap()
+    {
+        response::Body::DocCreate(_) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
 async fn open_doc(c: &Client, doc: &str) -> v1::DocOpenResponse {
     match c
         .request(request::Body::DocOpen(v1::DocOpenRequest {
@@ -745,17 +784,7 @@ async fn sigkill_crash_loop_loses_and_duplicates_nothing() {
             let bob = connect("bob").await.unwrap();
             if first {
                 create_room(&ann, "r", &["bob"]).await;
-                match ann
-                    .request(request::Body::DocCreate(v1::DocCreateRequest {
-                        doc_id: "d".into(),
-                        text: String::new(),
-                    }))
-                    .await
-                    .unwrap()
-                {
-                    response::Body::DocCreate(_) => {}
-                    other => panic!("{other:?}"),
-                }
+                create_doc(&ann, "d").await;
                 first = false;
             }
             verify_and_retry(&ann, &bob, &node, &api_key, &ledger).await;
