@@ -801,6 +801,12 @@ impl ChatService {
                 let offset = <[u8; 8]>::try_from(bytes.as_slice())
                     .map(u64::from_le_bytes)
                     .map_err(|_| ServiceError::internal("a stored client message id is corrupt"))?;
+                if offset > room.last_offset {
+                    // Stored by a commit whose sender was told it failed (a failed
+                    // fsync that still reached the disk): deliver it now, once.
+                    let last = self.log.last_offset(&room.id).await?;
+                    self.publish_stored(&mut room, last).await?;
+                }
                 let message = self.read_messages(&room.id, offset, offset).await?.pop();
                 // The message may be gone (retention); its offset is the answer.
                 let message = message.unwrap_or_else(|| v1::ChatMessage {
@@ -816,11 +822,12 @@ impl ChatService {
             match moved {
                 None => break (first, last),
                 // A write whose request was abandoned while its commit was in
-                // flight still committed: take the room as stored and go on.
+                // flight, or whose commit was reported failed but reached the
+                // disk, still committed: deliver it, take the room as stored and
+                // go on.
                 Some(actual) if actual > room.last_offset && attempts < 3 => {
                     tracing::warn!(room = %room.id, actual, "room offsets moved under a send");
-                    room.last_message = self.read_messages(&room.id, actual, actual).await?.pop();
-                    room.last_offset = actual;
+                    self.publish_stored(&mut room, actual).await?;
                 }
                 Some(actual) => {
                     return Err(ServiceError::internal(format!(
@@ -848,6 +855,28 @@ impl ChatService {
                 .publish(&topic(&room.id), StreamKind::Chat, &message_push(m));
         }
         Ok(messages)
+    }
+
+    /// Publishes the messages after `room.last_offset` up to `last` that are
+    /// stored but were never published (their sender was not told they were
+    /// stored), and takes them into the room's state. Call under the room's lock.
+    async fn publish_stored(&self, room: &mut RoomState, last: u64) -> Result<(), StoreError> {
+        if last <= room.last_offset {
+            return Ok(());
+        }
+        let missed = self
+            .read_messages(&room.id, room.last_offset + 1, last)
+            .await?;
+        for m in &missed {
+            self.deps
+                .hub
+                .publish(&topic(&room.id), StreamKind::Chat, &message_push(m));
+        }
+        if let Some(m) = missed.last() {
+            room.last_message = Some(m.clone());
+        }
+        room.last_offset = last;
+        Ok(())
     }
 
     /// The messages `from..=to` of a room.
@@ -1092,7 +1121,7 @@ mod tests {
         use futures_util::FutureExt;
         let node = Node::new();
         let chat = ChatService::open(node.deps.clone(), Default::default()).unwrap();
-        let (alice, _) = FakeSession::new("alice", "a", 16);
+        let (alice, mut pushes) = FakeSession::new("alice", "a", 16);
         let alice = alice.ctx();
         chat.create(
             &alice,
@@ -1114,6 +1143,7 @@ mod tests {
                 },
             )
         };
+        chat.connected(&alice, &HashMap::new()).await.unwrap();
         let hold = node.deps.writer.hold();
         let mut abandoned = Box::pin(send("abandoned"));
         while node.deps.writer.in_flight() == 0 {
@@ -1139,6 +1169,15 @@ mod tests {
             .unwrap();
         let texts: Vec<&str> = history.messages.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["abandoned", "next"]);
+        // The abandoned one was stored without being published: it is delivered
+        // before the next one, once.
+        let mut delivered = Vec::new();
+        while let Ok((_, p)) = pushes.try_recv() {
+            if let Some(push::Event::ChatMessage(m)) = p.event {
+                delivered.push(m.text);
+            }
+        }
+        assert_eq!(delivered, ["abandoned", "next"]);
     }
 
     /// A session resumes from offset 0 of a room of 1,000 messages through a queue

@@ -331,6 +331,13 @@ impl NotifyService {
                 let offset = <[u8; 8]>::try_from(bytes.as_slice())
                     .map(u64::from_le_bytes)
                     .map_err(|_| ServiceError::internal("a stored idempotency key is corrupt"))?;
+                if offset > last {
+                    // Stored by a commit whose caller was told it failed (a failed
+                    // fsync that still reached the disk): deliver it now, once.
+                    let stored = self.stored_state(user)?;
+                    self.publish_stored(user, last, stored.0).await?;
+                    self.state.insert(user.to_owned(), stored).await;
+                }
                 let note = self.read_range(user, offset, offset).await?.pop();
                 // The notification may be gone (retention); its id is the answer.
                 let note = note.unwrap_or_else(|| v1::Notification {
@@ -344,9 +351,11 @@ impl NotifyService {
             match moved {
                 None => break offset,
                 // Notifications whose request was abandoned while their commit was
-                // in flight still committed, unread: count them and go on.
+                // in flight, or whose commit was reported failed but reached the
+                // disk, still committed, unread: deliver them, count them, go on.
                 Some(actual) if actual > last && attempts < 3 => {
                     tracing::warn!(user, actual, "notification offsets moved under a create");
+                    self.publish_stored(user, last, actual).await?;
                     unread += actual - last;
                     last = actual;
                 }
@@ -416,6 +425,36 @@ impl NotifyService {
         self.deps
             .hub
             .unsubscribe(&topic(ctx.user_id()), ctx.session_id());
+    }
+
+    /// (last offset, unread) of a user as stored (not cached).
+    fn stored_state(&self, user: &str) -> Result<(u64, u64), StoreError> {
+        let txn = self.deps.store.db().begin_read()?;
+        Ok(txn
+            .open_table(STATE)?
+            .get(user)?
+            .map(|v| v.value())
+            .unwrap_or((0, 0)))
+    }
+
+    /// Publishes the notifications after `last` up to `to`, which are stored but
+    /// were never published. Call under the user's stripe.
+    async fn publish_stored(&self, user: &str, last: u64, to: u64) -> Result<(), StoreError> {
+        if to <= last {
+            return Ok(());
+        }
+        for note in self.read_range(user, last + 1, to).await? {
+            self.deps.hub.publish(
+                &topic(user),
+                StreamKind::Notifications,
+                &v1::Push {
+                    stream: RESUME_KEY.into(),
+                    offset: note.offset,
+                    event: Some(push::Event::Notification(note)),
+                },
+            );
+        }
+        Ok(())
     }
 
     /// The notifications `from..=to` of a user.
@@ -612,6 +651,11 @@ mod tests {
             ..Default::default()
         };
         let alice = UserId::parse("alice").unwrap();
+        let (device, mut pushes) = FakeSession::new("alice", "d", 16);
+        notify
+            .connected(&device.ctx(), &HashMap::new())
+            .await
+            .unwrap();
         let hold = node.deps.writer.hold();
         let mut abandoned = Box::pin(notify.create(&alice, note("abandoned")));
         while node.deps.writer.in_flight() == 0 {
@@ -636,5 +680,14 @@ mod tests {
             .collect();
         assert_eq!(titles, ["abandoned", "next"]);
         assert_eq!(page.unread, 2);
+        // The abandoned one was stored without being published: it is delivered
+        // before the next one, once.
+        let mut delivered = Vec::new();
+        while let Ok((_, p)) = pushes.try_recv() {
+            if let Some(push::Event::Notification(n)) = p.event {
+                delivered.push(n.title);
+            }
+        }
+        assert_eq!(delivered, ["abandoned", "next"]);
     }
 }

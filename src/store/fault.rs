@@ -26,9 +26,20 @@ pub enum Fault {
     /// Only fsync fails (`EIO`): the data may have reached the file, but it is not
     /// known to be durable.
     Fsync,
+    /// The fsync that makes a commit durable flushes, then reports `EIO`, once
+    /// (the switch disarms itself): the commit is durable though its writers are
+    /// told it failed (their retries must find it). Other fsyncs succeed. (A redb commit writes its header, at
+    /// the start of the file, twice: once for the new slot and once to make it
+    /// the primary; the fsync after the second makes the commit durable, in both
+    /// its one- and two-phase commits.)
+    FsyncAfterSync,
 }
 
 const OFF: u8 = 0;
+
+/// How much of the start of the file counts as redb's header, for
+/// [`Fault::FsyncAfterSync`].
+const HEADER_BYTES: u64 = 512;
 
 impl Fault {
     fn code(self) -> u8 {
@@ -36,6 +47,7 @@ impl Fault {
             Fault::DiskFull => 1,
             Fault::Io => 2,
             Fault::Fsync => 3,
+            Fault::FsyncAfterSync => 4,
         }
     }
 
@@ -44,6 +56,7 @@ impl Fault {
             1 => Some(Fault::DiskFull),
             2 => Some(Fault::Io),
             3 => Some(Fault::Fsync),
+            4 => Some(Fault::FsyncAfterSync),
             _ => None,
         }
     }
@@ -58,6 +71,8 @@ pub struct FaultSwitch(Arc<SwitchState>);
 struct SwitchState {
     armed: AtomicU8,
     injected: AtomicU64,
+    /// Header writes since the switch was armed or a commit was made durable.
+    header_writes: AtomicU64,
 }
 
 impl FaultSwitch {
@@ -68,6 +83,7 @@ impl FaultSwitch {
 
     /// From now on, storage fails with `fault`.
     pub fn arm(&self, fault: Fault) {
+        self.0.header_writes.store(0, Ordering::SeqCst);
         self.0.armed.store(fault.code(), Ordering::SeqCst);
     }
 
@@ -86,15 +102,32 @@ impl FaultSwitch {
         self.0.injected.load(Ordering::SeqCst)
     }
 
+    /// Whether the fsync now makes a commit durable: the header was written twice
+    /// since the last such fsync (see [`Fault::FsyncAfterSync`]).
+    fn commit_is_flushing(&self) -> bool {
+        let writes = &self.0.header_writes;
+        if writes.load(Ordering::SeqCst) >= 2 {
+            writes.store(0, Ordering::SeqCst);
+            true
+        } else {
+            false
+        }
+    }
+
     /// The error `op` gets now, if it is to fail.
     fn check(&self, op: Op) -> std::io::Result<()> {
         let error = match (self.armed(), op) {
             (None, _) | (Some(Fault::DiskFull), Op::Sync) => return Ok(()),
-            (Some(Fault::Fsync), Op::Write | Op::SetLen) => return Ok(()),
+            (Some(Fault::Fsync | Fault::FsyncAfterSync), Op::Write | Op::SetLen) => return Ok(()),
+            (Some(Fault::FsyncAfterSync), Op::Sync) if !self.commit_is_flushing() => {
+                return Ok(());
+            }
             // ENOSPC, as the kernel reports it (std's kind is `StorageFull`).
             (Some(Fault::DiskFull), _) => std::io::Error::from_raw_os_error(28),
             // EIO.
-            (Some(Fault::Io | Fault::Fsync), _) => std::io::Error::from_raw_os_error(5),
+            (Some(Fault::Io | Fault::Fsync | Fault::FsyncAfterSync), _) => {
+                std::io::Error::from_raw_os_error(5)
+            }
         };
         self.0.injected.fetch_add(1, Ordering::SeqCst);
         Err(error)
@@ -140,12 +173,24 @@ impl StorageBackend for FaultyBackend {
     }
 
     fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.switch.armed() == Some(Fault::FsyncAfterSync) {
+            self.file.sync_data()?;
+            let reported = self.switch.check(Op::Sync);
+            if reported.is_err() {
+                self.switch.disarm();
+            }
+            return reported;
+        }
         self.switch.check(Op::Sync)?;
         self.file.sync_data()
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         self.switch.check(Op::Write)?;
+        // redb's header is the start of the file; a commit writes it last.
+        if offset < HEADER_BYTES {
+            self.switch.0.header_writes.fetch_add(1, Ordering::SeqCst);
+        }
         self.file.write(offset, data)
     }
 

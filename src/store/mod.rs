@@ -510,6 +510,25 @@ mod tests {
         assert!(switch.injected() >= 3);
         put(4).unwrap();
         assert_eq!(store.reopens(), 3);
+
+        // A commit whose fsync reached the disk, reported as failed, is there
+        // after the reopen. (Tutti's commits use quick repair: two-phase.)
+        switch.arm(Fault::FsyncAfterSync);
+        let quick = store
+            .db()
+            .begin_write()
+            .map_err(StoreError::from)
+            .and_then(|mut t| {
+                t.set_quick_repair(true);
+                t.open_table(T)?.insert(6, 6)?;
+                t.commit()?;
+                Ok(())
+            });
+        assert!(quick.unwrap_err().is_unavailable());
+        assert_eq!(switch.armed(), None, "once");
+        store.reopen().unwrap();
+        let t = store.db().begin_read().unwrap();
+        assert!(t.open_table(T).unwrap().get(6).unwrap().is_some());
     }
 
     #[test]
