@@ -113,24 +113,31 @@ fn corrupt(e: impl std::fmt::Display) -> crate::store::StoreError {
     crate::store::StoreError::Corrupt(e.to_string())
 }
 
-/// Runs one prune of `records` in a write of its own.
+/// Prunes `records`, one bounded batch per write (so that other writes are not
+/// held up), until a batch finds less to drop. Returns how many were dropped.
 pub(super) async fn prune(
     deps: &ServiceDeps,
     records: &crate::store::dedup::Dedup,
     keep: crate::store::dedup::Retention,
 ) -> Result<usize, crate::store::StoreError> {
     let now = deps.clock.now_ms();
-    let pruned = Arc::new(std::sync::Mutex::new(0));
-    let (records, out) = (records.clone(), pruned.clone());
-    deps.writer
-        .write(move |txn| {
-            let n = records.prune_in(txn, now, keep)?;
-            *out.lock().unwrap_or_else(|e| e.into_inner()) = n;
-            Ok(())
-        })
-        .await?;
-    let n = *pruned.lock().unwrap_or_else(|e| e.into_inner());
-    Ok(n)
+    let mut total = 0;
+    loop {
+        let pruned = Arc::new(std::sync::Mutex::new(0));
+        let (records, out) = (records.clone(), pruned.clone());
+        deps.writer
+            .write(move |txn| {
+                let n = records.prune_in(txn, now, keep)?;
+                *out.lock().unwrap_or_else(|e| e.into_inner()) = n;
+                Ok(())
+            })
+            .await?;
+        let n = *pruned.lock().unwrap_or_else(|e| e.into_inner());
+        total += n;
+        if n < crate::store::dedup::PRUNE_BATCH {
+            return Ok(total);
+        }
+    }
 }
 
 /// How often idempotency records past their window or count are dropped.

@@ -19,7 +19,7 @@ type KeyTable = TableDefinition<'static, &'static str, (u64, &'static [u8])>;
 type AgeTable = TableDefinition<'static, (u64, &'static str), ()>;
 
 /// Records removed by one prune at most, so that a prune is one short write.
-const PRUNE_BATCH: usize = 10_000;
+pub const PRUNE_BATCH: usize = 10_000;
 
 /// One service's idempotency records.
 #[derive(Clone)]
