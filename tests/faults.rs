@@ -344,6 +344,71 @@ async fn a_failed_fsync() {
     .expect("test timed out");
 }
 
+/// A commit reaches the disk but its fsync reports an error: its writers were told
+/// `UNAVAILABLE`. After the recovery, the retried send (same client message id)
+/// finds it and delivers it then, once; likewise a notification, which goes out
+/// before the next one, and whose retry creates nothing.
+async fn a_commit_reported_failed_but_durable_is_delivered_once(transport: TransportKind) {
+    let switch = FaultSwitch::new();
+    let s = start_faulty(tempfile::tempdir().unwrap(), switch.clone()).await;
+    let key = s.api_key();
+    let http = s.server().http_addr();
+    let ann = s.connect(transport, "ann").await;
+    let bob = s.connect(transport, "bob").await;
+    create_room(&ann, "r", &["bob"]).await;
+    let before = ann.send_message_with_id("r", "before", "m1").await.unwrap();
+    assert_eq!(next_message(&bob).await, before);
+
+    switch.arm_durable_failure(b"durable-but-failed");
+    let r = ann
+        .send_message_with_id("r", "durable-but-failed", "m2")
+        .await;
+    assert_eq!(code(r), ErrorCode::Unavailable);
+    wait_ready(&s, 200).await;
+    let during = ann
+        .send_message_with_id("r", "durable-but-failed", "m2")
+        .await
+        .unwrap();
+    assert_eq!(during.offset, 2);
+    assert_eq!(next_message(&bob).await, during, "delivered on the retry");
+    let again = ann
+        .send_message_with_id("r", "durable-but-failed", "m2")
+        .await
+        .unwrap();
+    assert_eq!(again, during);
+    let after = ann.send_message_with_id("r", "after", "m3").await.unwrap();
+    assert_eq!(next_message(&bob).await, after, "and only once");
+    let texts: Vec<String> = all_messages(&ann, "r")
+        .await
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(texts, ["before", "durable-but-failed", "after"]);
+
+    let note = |title: &str| format!(r#"{{"user_id":"bob","kind":"k","title":"{title}"}}"#);
+    switch.arm_durable_failure(b"note-durable-but-failed");
+    let (status, _, body) = notify(http, &key, Some("n1"), &note("note-durable-but-failed")).await;
+    assert_eq!(status, 503, "{body}");
+    wait_ready(&s, 200).await;
+    // The next notification finds it stored and delivers it first.
+    let (status, replayed, _) = notify(http, &key, Some("n2"), &note("n2")).await;
+    assert_eq!((status, replayed.as_str()), (201, "false"));
+    assert_eq!(
+        next_notification(&bob).await.title,
+        "note-durable-but-failed"
+    );
+    assert_eq!(next_notification(&bob).await.title, "n2");
+    let (status, replayed, body) =
+        notify(http, &key, Some("n1"), &note("note-durable-but-failed")).await;
+    assert_eq!((status, replayed.as_str()), (201, "true"), "{body}");
+    assert!(body.contains(r#""offset":1"#), "{body}");
+    notify(http, &key, Some("n3"), &note("n3")).await;
+    assert_eq!(next_notification(&bob).await.title, "n3", "pushed once");
+    assert_eq!(all_notifications(&bob).await.len(), 3);
+}
+
+both_transports!(a_commit_reported_failed_but_durable_is_delivered_once);
+
 // ---- idempotency ----------------------------------------------------------------
 
 /// A chat send retried with the same client message id (after a lost answer or a

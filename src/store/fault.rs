@@ -73,6 +73,10 @@ struct SwitchState {
     injected: AtomicU64,
     /// Header writes since the switch was armed or a commit was made durable.
     header_writes: AtomicU64,
+    /// For [`FaultSwitch::arm_durable_failure`]: the bytes that mark the commit to
+    /// fail, and the fsyncs since they were written (`u64::MAX`: not yet).
+    needle: std::sync::Mutex<Option<Vec<u8>>>,
+    syncs_since_needle: AtomicU64,
 }
 
 impl FaultSwitch {
@@ -87,8 +91,30 @@ impl FaultSwitch {
         self.0.armed.store(fault.code(), Ordering::SeqCst);
     }
 
+    /// The commit that writes `needle` (say, a message's text) is made durable,
+    /// and its final fsync then reports `EIO`, once: its writers are told it
+    /// failed though it is on disk. (Tutti commits in two phases, each ending in
+    /// an fsync; the second makes the commit durable.) Other fsyncs succeed.
+    pub fn arm_durable_failure(&self, needle: &[u8]) {
+        *self.0.needle.lock().unwrap_or_else(|e| e.into_inner()) = Some(needle.to_vec());
+        self.0.syncs_since_needle.store(u64::MAX, Ordering::SeqCst);
+        self.arm(Fault::FsyncAfterSync);
+    }
+
+    /// Notes a write of `data` (for [`FaultSwitch::arm_durable_failure`]).
+    fn wrote(&self, data: &[u8]) {
+        let needle = self.0.needle.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = needle.as_deref()
+            && self.0.syncs_since_needle.load(Ordering::SeqCst) == u64::MAX
+            && data.windows(n.len()).any(|w| w == n)
+        {
+            self.0.syncs_since_needle.store(0, Ordering::SeqCst);
+        }
+    }
+
     /// From now on, storage works again.
     pub fn disarm(&self) {
+        *self.0.needle.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.0.armed.store(OFF, Ordering::SeqCst);
     }
 
@@ -105,6 +131,21 @@ impl FaultSwitch {
     /// Whether the fsync now makes a commit durable: the header was written twice
     /// since the last such fsync (see [`Fault::FsyncAfterSync`]).
     fn commit_is_flushing(&self) -> bool {
+        if self
+            .0
+            .needle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            let syncs = &self.0.syncs_since_needle;
+            let seen = syncs.load(Ordering::SeqCst);
+            if seen == u64::MAX {
+                return false;
+            }
+            syncs.store(seen + 1, Ordering::SeqCst);
+            return seen + 1 == 2;
+        }
         let writes = &self.0.header_writes;
         if writes.load(Ordering::SeqCst) >= 2 {
             writes.store(0, Ordering::SeqCst);
@@ -187,6 +228,7 @@ impl StorageBackend for FaultyBackend {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         self.switch.check(Op::Write)?;
+        self.switch.wrote(data);
         // redb's header is the start of the file; a commit writes it last.
         if offset < HEADER_BYTES {
             self.switch.0.header_writes.fetch_add(1, Ordering::SeqCst);

@@ -496,3 +496,42 @@ mod tests {
         assert_eq!(txn.open_table(T).unwrap().len().unwrap(), 1);
     }
 }
+
+#[cfg(test)]
+mod recovery_tests {
+    use super::*;
+    use crate::store::fault::FaultSwitch;
+    use redb::{ReadableDatabase, TableDefinition};
+
+    const T: TableDefinition<&str, &str> = TableDefinition::new("t");
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_reported_failed_but_durable_is_there_after_the_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let switch = FaultSwitch::new();
+        let store = Store::open_with_faults(dir.path(), switch.clone()).unwrap();
+        let (writer, _thread) = Writer::spawn(store.clone(), None);
+        writer
+            .write(|txn| {
+                txn.open_table(T)?.insert("a", "first")?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        switch.arm_durable_failure(b"needle-value");
+        let e = writer
+            .write(|txn| {
+                txn.open_table(T)?.insert("b", "needle-value")?;
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+        while !store.is_available() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let txn = store.db().begin_read().unwrap();
+        let t = txn.open_table(T).unwrap();
+        assert_eq!(t.get("b").unwrap().unwrap().value(), "needle-value");
+    }
+}
