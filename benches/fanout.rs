@@ -147,6 +147,7 @@ async fn run_round(clients: &[Arc<Client>], messages: usize) -> anyhow::Result<D
                         .request(request::Body::ChatSend(v1::ChatSendRequest {
                             room_id: "bench".into(),
                             text: format!("{i:0>100}"),
+                            client_message_id: String::new(),
                         }))
                         .await
                 }

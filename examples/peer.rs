@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
                     },
                     "send" => {
                         let (room, text) = rest.split_once(' ').unwrap_or((rest, ""));
-                        let body = request::Body::ChatSend(v1::ChatSendRequest { room_id: room.into(), text: text.into() });
+                        let body = request::Body::ChatSend(v1::ChatSendRequest { room_id: room.into(), text: text.into(), client_message_id: String::new() });
                         match client.request(body).await {
                             Ok(response::Body::ChatSend(r)) => {
                                 let m = r.message.unwrap_or_default();

@@ -82,6 +82,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Conflict => StatusCode::CONFLICT,
         ErrorCode::LimitExceeded => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -168,17 +169,57 @@ pub struct NotificationJson {
     pub created_at_ms: u64,
 }
 
+/// The longest `Idempotency-Key`, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// The `Idempotency-Key` header: absent, or 1-128 visible ASCII characters.
+fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ServiceError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ServiceError::bad_request(format!(
+            "Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+        ))
+    };
+    let key = value.to_str().map_err(|_| bad())?;
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(bad());
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Creates a notification. With an `Idempotency-Key` header, a retry with the
+/// same key for the same user gets the first answer (with `Idempotent-Replayed:
+/// true`) and creates nothing.
 async fn create_notification(
     State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<NotificationRequest>,
 ) -> Response {
     let user = match UserId::parse(req.user_id.as_str()) {
         Ok(u) => u,
         Err(e) => return Failure::from(ServiceError::from(e)).into_response(),
     };
-    match s.services.notify.create(&user, req.notification).await {
-        Ok(n) => (
+    let key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(e) => return Failure::from(e).into_response(),
+    };
+    match s
+        .services
+        .notify
+        .create_once(&user, req.notification, key.as_deref())
+        .await
+    {
+        Ok((n, replayed)) => (
             StatusCode::CREATED,
+            [(
+                "idempotent-replayed",
+                if replayed { "true" } else { "false" },
+            )],
             Json(NotificationJson {
                 notification_id: n.notification_id,
                 offset: n.offset,

@@ -57,13 +57,34 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
 /// [`start`] with the wall clock the services read (tests pass a manual one).
 pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<RunningServer> {
+    start_inner(config, clock, None).await
+}
+
+/// [`start`] on a database whose storage fails when `faults` is armed (storage
+/// fault tests).
+#[doc(hidden)]
+pub async fn start_with_faults(
+    config: Config,
+    faults: crate::store::fault::FaultSwitch,
+) -> anyhow::Result<RunningServer> {
+    start_inner(config, Clock::System, Some(faults)).await
+}
+
+async fn start_inner(
+    config: Config,
+    clock: Clock,
+    faults: Option<crate::store::fault::FaultSwitch>,
+) -> anyhow::Result<RunningServer> {
     // ring is the only rustls provider in the build; make it the process default so
     // code that builds a rustls config without naming one finds it.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     config.check_dev_mode()?;
-    let store = Store::open(&config.data_dir)
-        .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
+    let store = match faults {
+        None => Store::open(&config.data_dir),
+        Some(switch) => Store::open_with_faults(&config.data_dir, switch),
+    }
+    .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
     let node_id = config
         .node_id
         .clone()
@@ -98,7 +119,7 @@ pub async fn start_with_clock(config: Config, clock: Clock) -> anyhow::Result<Ru
     let quic_addr = endpoint.local_addr()?;
     let commits = metrics.clone();
     let (writer, writer_thread) = Writer::spawn(
-        store.db().clone(),
+        store.clone(),
         Some(Arc::new(move |writes, took| {
             commits.committed(writes, took)
         })),

@@ -637,6 +637,7 @@ async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
             v1::request::Body::ChatSend(v1::ChatSendRequest {
                 room_id: "ann~lifecycle".into(),
                 text: format!("m{i}"),
+                client_message_id: String::new(),
             }),
             ending,
         )
@@ -655,6 +656,7 @@ async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
         v1::request::Body::ChatSend(v1::ChatSendRequest {
             room_id: "ann~lifecycle".into(),
             text: "last".into(),
+            client_message_id: String::new(),
         }),
     )
     .await;
@@ -782,6 +784,7 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
                     body: Some(v1::request::Body::ChatSend(v1::ChatSendRequest {
                         room_id: "bob~stall".into(),
                         text: text.clone(),
+                        client_message_id: String::new(),
                     })),
                 })),
             };
@@ -812,6 +815,7 @@ async fn a_session_that_stops_reading_does_not_stall_others(t: TransportKind) {
             bob.request(v1::request::Body::ChatSend(v1::ChatSendRequest {
                 room_id: "bob~stall".into(),
                 text: format!("bob {i}"),
+                client_message_id: String::new(),
             })),
         )
         .await;

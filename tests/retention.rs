@@ -60,6 +60,7 @@ async fn send(c: &Client, room: &str, text: &str) -> Result<v1::ChatMessage, Cli
         request::Body::ChatSend(v1::ChatSendRequest {
             room_id: room.into(),
             text: text.into(),
+            ..Default::default()
         }),
     )
     .await?

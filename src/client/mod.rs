@@ -200,6 +200,12 @@ impl Closed {
     }
 }
 
+/// A new random client message id (32 hex digits) for
+/// [`Client::send_message_with_id`].
+pub fn new_client_message_id() -> String {
+    crate::util::random_hex(16)
+}
+
 /// Client errors.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -578,6 +584,43 @@ impl Client {
             .await?
         {
             response::Body::AuthRefresh(r) => Ok(r.token_expires_at_ms),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Sends a chat message with a fresh client message id; returns the stored
+    /// message. To retry a send whose answer was lost (a timeout, a reconnect),
+    /// use [`send_message_with_id`](Self::send_message_with_id) with the id of the
+    /// first attempt ([`new_client_message_id`]): it is then stored once.
+    pub async fn send_message(
+        &self,
+        room_id: &str,
+        text: &str,
+    ) -> Result<v1::ChatMessage, ClientError> {
+        self.send_message_with_id(room_id, text, &new_client_message_id())
+            .await
+    }
+
+    /// Sends a chat message with the client message id `id` (1-64 bytes): the
+    /// server stores a message once per (room, user, id) and answers a repeat
+    /// with the stored message.
+    pub async fn send_message_with_id(
+        &self,
+        room_id: &str,
+        text: &str,
+        id: &str,
+    ) -> Result<v1::ChatMessage, ClientError> {
+        match self
+            .request(request::Body::ChatSend(v1::ChatSendRequest {
+                room_id: room_id.to_owned(),
+                text: text.to_owned(),
+                client_message_id: id.to_owned(),
+            }))
+            .await?
+        {
+            response::Body::ChatSend(v1::ChatSendResponse {
+                message: Some(message),
+            }) => Ok(message),
             other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
         }
     }

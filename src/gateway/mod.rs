@@ -266,10 +266,27 @@ impl Gateway {
         };
         // What the client missed, then live events. Requests are read only after
         // this, so a response proves the session's subscriptions are in place.
-        tokio::select! {
-            _ = self.services.connected(&ctx, &resume) => {}
-            _ = conn.pushes.slow() => {}
-            _ = session.closed() => {}
+        let setup = tokio::select! {
+            r = self.services.connected(&ctx, &resume) => r,
+            _ = conn.pushes.slow() => Ok(()),
+            _ = session.closed() => Ok(()),
+        };
+        if let Err(e) = setup {
+            // Not subscribed to everything it should be: rather than leave it
+            // silently missing events, close it; it reconnects and resumes.
+            tracing::warn!(error = %e, "storage failed while a session was set up");
+            self.close(
+                &session,
+                &control_tx,
+                writer,
+                CloseCode::StorageUnavailable,
+                "storage unavailable: reconnect with backoff and resume".into(),
+            )
+            .await;
+            self.services.disconnected(&ctx).await;
+            conn.pushes.abort();
+            self.metrics.session_ended(kind);
+            return;
         }
         let datagrams = tokio::spawn(datagram_loop(
             conn.clone(),

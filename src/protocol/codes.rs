@@ -63,6 +63,9 @@ codes! {
         InvalidOperation = 109 => "INVALID_OPERATION",
         /// An analytics event type that this server is not configured to accept.
         UnknownEventType = 110 => "UNKNOWN_EVENT_TYPE",
+        /// Storage failed (a full or failing disk); nothing was changed. Retry the
+        /// same request (with the same idempotency key) with backoff.
+        Unavailable = 111 => "UNAVAILABLE",
         /// The answer would be larger than `Limits.max_frame_size`, so it is not
         /// sent; ask for less (a smaller page) or raise the limit.
         ResponseTooLarge = 112 => "RESPONSE_TOO_LARGE",
@@ -100,6 +103,9 @@ codes! {
         /// The user, or the client's address, has as many sessions open as the
         /// server allows; close one or reconnect later, with backoff.
         TooManyConnections = 3005 => "TOO_MANY_CONNECTIONS",
+        /// Storage failed while the session was being set up (its catch-up could
+        /// not be read); reconnect with backoff and resume.
+        StorageUnavailable = 3006 => "STORAGE_UNAVAILABLE",
         /// `Hello` carried no token.
         TokenMissing = 3500 => "TOKEN_MISSING",
         /// The token is malformed, forged or lacks a required claim.
@@ -139,6 +145,7 @@ mod tests {
             (ErrorCode::ResyncRequired, 108, "RESYNC_REQUIRED"),
             (ErrorCode::InvalidOperation, 109, "INVALID_OPERATION"),
             (ErrorCode::UnknownEventType, 110, "UNKNOWN_EVENT_TYPE"),
+            (ErrorCode::Unavailable, 111, "UNAVAILABLE"),
             (ErrorCode::ResponseTooLarge, 112, "RESPONSE_TOO_LARGE"),
             (ErrorCode::FrameTooLarge, 200, "FRAME_TOO_LARGE"),
             (ErrorCode::FrameMalformed, 201, "FRAME_MALFORMED"),
@@ -171,6 +178,12 @@ mod tests {
                 CloseCode::TooManyConnections,
                 3005,
                 "TOO_MANY_CONNECTIONS",
+                true,
+            ),
+            (
+                CloseCode::StorageUnavailable,
+                3006,
+                "STORAGE_UNAVAILABLE",
                 true,
             ),
             (CloseCode::TokenMissing, 3500, "TOKEN_MISSING", false),

@@ -43,6 +43,7 @@ use crate::hub::Subscriber;
 use crate::ids::{RoomId, UserId};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push, room_event};
+use crate::store::dedup::{self, Dedup, Retention};
 use crate::store::registry::Loaded;
 use crate::store::{AppendError, OffsetLog, RedbLog, StoreError};
 use futures_util::future::BoxFuture;
@@ -99,6 +100,9 @@ pub trait Contacts: Send + Sync + std::fmt::Debug {
     fn are_contacts(&self, a: &str, b: &str) -> ServiceResult<bool>;
 }
 
+/// The longest client message id, in bytes.
+pub const MAX_CLIENT_MESSAGE_ID: usize = 64;
+
 /// Chat limits (`[chat]` in the configuration file).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -125,6 +129,12 @@ pub struct ChatConfig {
     /// room list page ends before it would grow past this.
     #[serde(skip)]
     pub max_response_bytes: usize,
+    /// How long a client message id is remembered: a send retried later than
+    /// this is a new message.
+    #[serde(with = "crate::clock::duration_str")]
+    pub idempotency_window: Duration,
+    /// Client message ids remembered at most (the oldest are forgotten first).
+    pub idempotency_max_keys: u64,
 }
 
 impl ChatConfig {
@@ -147,6 +157,8 @@ impl Default for ChatConfig {
             cache_bytes: 64 << 20,
             read_mark_cache_bytes: 64 << 20,
             max_response_bytes: 64 * 1024,
+            idempotency_window: Duration::from_secs(24 * 3600),
+            idempotency_max_keys: 1_000_000,
         }
     }
 }
@@ -258,6 +270,8 @@ pub struct ChatService {
     rooms: crate::store::registry::Registry<RoomState>,
     /// Each room's messages.
     log: RedbLog,
+    /// (room, sender, client message id) → the offset of the message stored for it.
+    sent: Dedup,
     read_marks: crate::store::cache::Cache<(String, String), u64>,
     /// session → rooms it is subscribed to.
     subscribed: Mutex<HashMap<String, HashSet<String>>>,
@@ -361,12 +375,14 @@ impl ChatService {
         let log = RedbLog::open(&deps.store, &deps.writer, "chat_messages", "chat_epochs")?;
         let (cache_bytes, read_mark_cache_bytes) =
             (config.cache_bytes, config.read_mark_cache_bytes);
+        let sent = Dedup::open(&deps.store, "chat_sent", "chat_sent_age")?;
         Ok(Arc::new(Self {
             deps,
             config,
             membership,
             contacts: OnceLock::new(),
             log,
+            sent,
             rooms: crate::store::registry::Registry::new(
                 "rooms",
                 cache_bytes,
@@ -396,17 +412,27 @@ impl ChatService {
     /// A session opened: it gets what it missed in the rooms named in `resume`
     /// (in order), then every room's live messages. See [`super::catch_up`]: the
     /// backlog is streamed outside the room's lock.
-    pub async fn connected(&self, ctx: &SessionCtx, resume: &HashMap<String, u64>) {
-        let rooms = match self.user_rooms(ctx.user_id()) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "listing rooms at connect");
-                return;
-            }
-        };
+    ///
+    /// Fails (with the session subscribed to only some rooms) when storage fails.
+    pub async fn connected(
+        &self,
+        ctx: &SessionCtx,
+        resume: &HashMap<String, u64>,
+    ) -> Result<(), StoreError> {
+        let rooms = self
+            .user_rooms(ctx.user_id())
+            .inspect_err(|e| tracing::warn!(error = %e, "listing rooms at connect"))?;
         for room_id in rooms {
-            let Ok(Some(handle)) = self.load(&room_id).await else {
-                continue;
+            let handle = match self.load(&room_id).await {
+                Ok(Some(handle)) => handle,
+                Ok(None) => continue,
+                Err(e) if e.code == ErrorCode::Unavailable => {
+                    return Err(StoreError::Unavailable(e.message));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e.message, room = %room_id, "loading a room at connect");
+                    continue;
+                }
             };
             let stream = RoomStream {
                 chat: self,
@@ -418,13 +444,14 @@ impl ChatService {
             match catch_up(&stream, ctx.subscriber.as_ref(), StreamKind::Chat, from).await {
                 Ok(CatchUp::Live | CatchUp::Gone) => {}
                 // A slow consumer: the gateway closes the session.
-                Ok(CatchUp::Slow) => return,
+                Ok(CatchUp::Slow) => return Ok(()),
                 Err(e) => {
-                    tracing::error!(error = %e, "reading messages for a catch-up");
-                    return;
+                    tracing::warn!(error = %e, "reading messages for a catch-up");
+                    return Err(e);
                 }
             }
         }
+        Ok(())
     }
 
     fn subscribe(&self, sub: Arc<dyn Subscriber>, room: &str) {
@@ -1001,16 +1028,37 @@ impl ChatService {
         req: v1::ChatSendRequest,
     ) -> ServiceResult<v1::ChatSendResponse> {
         self.deps.rates.check(Action::ChatSend, ctx.user_id())?;
-        let message = self
-            .post(
-                &RoomId::parse(req.room_id)?,
-                Sender::User(ctx.user_id()),
-                req.text,
-            )
+        if req.client_message_id.len() > MAX_CLIENT_MESSAGE_ID {
+            return Err(ServiceError::bad_request(format!(
+                "client_message_id holds at most {MAX_CLIENT_MESSAGE_ID} bytes"
+            )));
+        }
+        let room = RoomId::parse(req.room_id)?;
+        let key = (!req.client_message_id.is_empty())
+            .then(|| dedup::key(&[room.as_str(), ctx.user_id(), &req.client_message_id]));
+        let mut posted = self
+            .post_keyed(&room, Sender::User(ctx.user_id()), vec![req.text], key)
             .await?;
+        let message = posted
+            .pop()
+            .ok_or_else(|| ServiceError::internal("a post returned no message"))?;
         Ok(v1::ChatSendResponse {
             message: Some(message),
         })
+    }
+
+    /// Forgets client message ids past the configured window and count.
+    pub async fn prune_idempotency(&self) -> Result<usize, StoreError> {
+        let keep = Retention {
+            window: self.config.idempotency_window,
+            max_keys: self.config.idempotency_max_keys,
+        };
+        super::prune(&self.deps, &self.sent, keep).await
+    }
+
+    /// Client message ids remembered now.
+    pub fn idempotency_keys(&self) -> Result<u64, StoreError> {
+        self.sent.len(&self.deps.store)
     }
 
     /// Commits a message and publishes it. Used by participants and by the server
@@ -1035,6 +1083,19 @@ impl ChatService {
         room_id: &RoomId,
         sender: Sender<'_>,
         texts: Vec<String>,
+    ) -> ServiceResult<Vec<v1::ChatMessage>> {
+        self.post_keyed(room_id, sender, texts, None).await
+    }
+
+    /// [`post_many`](Self::post_many), once per idempotency `key`: if a post with
+    /// the same key is stored, that one's first message is returned and nothing
+    /// is stored or published.
+    async fn post_keyed(
+        &self,
+        room_id: &RoomId,
+        sender: Sender<'_>,
+        texts: Vec<String>,
+        key: Option<String>,
     ) -> ServiceResult<Vec<v1::ChatMessage>> {
         for text in &texts {
             if text.is_empty() {
@@ -1082,16 +1143,30 @@ impl ChatService {
             let first = room.last_offset.checked_add(1).ok_or_else(full)?;
             let last = first.checked_add(rows.len() as u64 - 1).ok_or_else(full)?;
             let moved = Arc::new(Mutex::new(None));
-            let (id, rows, log, seen) = (
+            let earlier = Arc::new(Mutex::new(None));
+            let (id, rows, log, seen, sent, key, found) = (
                 room.id.clone(),
                 rows.clone(),
                 self.log.clone(),
                 moved.clone(),
+                self.sent.clone(),
+                key.clone(),
+                earlier.clone(),
             );
             let mark_for = (sender != Sender::System).then(|| sender_id.clone());
             self.deps
                 .writer
                 .write(move |txn| {
+                    // Checked in the transaction that would store the message: a
+                    // retry finds the record exactly when the first send committed.
+                    if let Some(key) = &key {
+                        let record = sent.get_in(txn, key)?;
+                        let done = record.is_some();
+                        *found.lock().unwrap_or_else(|e| e.into_inner()) = record;
+                        if done {
+                            return Ok(());
+                        }
+                    }
                     match log.append_in(txn, &id, first - 1, &rows) {
                         Ok(_) => *seen.lock().unwrap_or_else(|e| e.into_inner()) = None,
                         Err(AppendError::Conflict { actual, .. }) => {
@@ -1106,18 +1181,44 @@ impl ChatService {
                         txn.open_table(READ_MARKS)?
                             .insert((u.as_str(), id.as_str()), last)?;
                     }
+                    if let Some(key) = &key {
+                        sent.put_in(txn, key, now, &first.to_le_bytes())?;
+                    }
                     Ok(())
                 })
                 .await?;
+            let earlier = earlier.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(bytes) = earlier {
+                let offset = <[u8; 8]>::try_from(bytes.as_slice())
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| ServiceError::internal("a stored client message id is corrupt"))?;
+                if offset > room.last_offset {
+                    // Stored by a commit whose sender was told it failed (a failed
+                    // fsync that still reached the disk): deliver it now, once.
+                    let last = self.log.last_offset(&room.id).await?;
+                    self.publish_stored(&mut room, last).await?;
+                }
+                let message = self.read_messages(&room.id, offset, offset).await?.pop();
+                // The message may be gone (retention); its offset is the answer.
+                let message = message.unwrap_or_else(|| v1::ChatMessage {
+                    room_id: room.id.clone(),
+                    offset,
+                    message_id: format!("{}:{offset}", room.id),
+                    sender_id: sender_id.clone(),
+                    ..Default::default()
+                });
+                return Ok(vec![message]);
+            }
             let moved = *moved.lock().unwrap_or_else(|e| e.into_inner());
             match moved {
                 None => break (first, last),
                 // A write whose request was abandoned while its commit was in
-                // flight still committed: take the room as stored and go on.
+                // flight, or whose commit was reported failed but reached the
+                // disk, still committed: deliver it, take the room as stored and
+                // go on.
                 Some(actual) if actual > room.last_offset && attempts < 3 => {
                     tracing::warn!(room = %room.id, actual, "room offsets moved under a send");
-                    room.last_message = self.read_messages(&room.id, actual, actual).await?.pop();
-                    room.last_offset = actual;
+                    self.publish_stored(&mut room, actual).await?;
                 }
                 Some(actual) => {
                     return Err(ServiceError::internal(format!(
@@ -1145,6 +1246,28 @@ impl ChatService {
                 .publish(&topic(&room.id), StreamKind::Chat, &message_push(m));
         }
         Ok(messages)
+    }
+
+    /// Publishes the messages after `room.last_offset` up to `last` that are
+    /// stored but were never published (their sender was not told they were
+    /// stored), and takes them into the room's state. Call under the room's lock.
+    async fn publish_stored(&self, room: &mut RoomState, last: u64) -> Result<(), StoreError> {
+        if last <= room.last_offset {
+            return Ok(());
+        }
+        let missed = self
+            .read_messages(&room.id, room.last_offset + 1, last)
+            .await?;
+        for m in &missed {
+            self.deps
+                .hub
+                .publish(&topic(&room.id), StreamKind::Chat, &message_push(m));
+        }
+        if let Some(m) = missed.last() {
+            room.last_message = Some(m.clone());
+        }
+        room.last_offset = last;
+        Ok(())
     }
 
     /// The messages `from..=to` of a room.
@@ -1618,7 +1741,7 @@ mod tests {
         use futures_util::FutureExt;
         let node = Node::new();
         let chat = ChatService::open(node.deps.clone(), Default::default(), open_rooms()).unwrap();
-        let (alice, _) = FakeSession::new("alice", "a", 16);
+        let (alice, mut pushes) = FakeSession::new("alice", "a", 16);
         let alice = alice.ctx();
         chat.create(
             &alice,
@@ -1636,9 +1759,11 @@ mod tests {
                 v1::ChatSendRequest {
                     room_id: "alice~r".into(),
                     text: text.into(),
+                    client_message_id: String::new(),
                 },
             )
         };
+        chat.connected(&alice, &HashMap::new()).await.unwrap();
         let hold = node.deps.writer.hold();
         let mut abandoned = Box::pin(send("abandoned"));
         while node.deps.writer.in_flight() == 0 {
@@ -1664,6 +1789,15 @@ mod tests {
             .unwrap();
         let texts: Vec<&str> = history.messages.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["abandoned", "next"]);
+        // The abandoned one was stored without being published: it is delivered
+        // before the next one, once.
+        let mut delivered = Vec::new();
+        while let Ok((_, p)) = pushes.try_recv() {
+            if let Some(push::Event::ChatMessage(m)) = p.event {
+                delivered.push(m.text);
+            }
+        }
+        assert_eq!(delivered, ["abandoned", "next"]);
     }
 
     /// A session resumes from offset 0 of a room of 1,000 messages through a queue
@@ -1698,6 +1832,7 @@ mod tests {
                 v1::ChatSendRequest {
                     room_id: "alice~r".into(),
                     text,
+                    client_message_id: String::new(),
                 },
             )
         };
@@ -1729,7 +1864,13 @@ mod tests {
             }
         };
         let ctx = bob.ctx();
-        let all = async { tokio::join!(chat.connected(&ctx, &resume), meanwhile, read) };
+        let all = async {
+            tokio::join!(
+                async { chat.connected(&ctx, &resume).await.unwrap() },
+                meanwhile,
+                read
+            )
+        };
         tokio::time::timeout(Duration::from_secs(10), all)
             .await
             .expect("every message arrives");

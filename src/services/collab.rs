@@ -826,7 +826,7 @@ impl CollabService {
             // Memory is ahead of the disk now: retire this copy.
             d.broken = true;
             self.docs.forget(&d.id).await;
-            return Err(ServiceError::internal(e));
+            return Err(ServiceError::from(e));
         }
         if snapshot_taken {
             d.snapshot_revision = revision;

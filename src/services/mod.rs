@@ -77,8 +77,17 @@ impl ServiceError {
     }
 }
 
+/// A storage failure is `UNAVAILABLE` (retryable); any other store error is
+/// `INTERNAL`.
 impl From<crate::store::StoreError> for ServiceError {
     fn from(e: crate::store::StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(cause = %e, "storage unavailable");
+            return Self::new(
+                ErrorCode::Unavailable,
+                "storage is unavailable; retry with backoff",
+            );
+        }
         Self::internal(e)
     }
 }
@@ -86,7 +95,7 @@ impl From<crate::store::StoreError> for ServiceError {
 macro_rules! internal_from {
     ($($t:ty),*) => {$(
         impl From<$t> for ServiceError {
-            fn from(e: $t) -> Self { Self::internal(e) }
+            fn from(e: $t) -> Self { crate::store::StoreError::Db(e.into()).into() }
         }
     )*};
 }
@@ -116,6 +125,66 @@ fn append_failed(e: crate::store::AppendError) -> crate::store::StoreError {
 /// Stored data that does not decode.
 fn corrupt(e: impl std::fmt::Display) -> crate::store::StoreError {
     crate::store::StoreError::Corrupt(e.to_string())
+}
+
+/// Prunes `records`, one bounded batch per write (so that other writes are not
+/// held up), until a batch finds less to drop. Returns how many were dropped.
+pub(super) async fn prune(
+    deps: &ServiceDeps,
+    records: &crate::store::dedup::Dedup,
+    keep: crate::store::dedup::Retention,
+) -> Result<usize, crate::store::StoreError> {
+    let now = deps.clock.now_ms();
+    let mut total = 0;
+    loop {
+        let pruned = Arc::new(std::sync::Mutex::new(0));
+        let (records, out) = (records.clone(), pruned.clone());
+        deps.writer
+            .write(move |txn| {
+                let n = records.prune_in(txn, now, keep)?;
+                *out.lock().unwrap_or_else(|e| e.into_inner()) = n;
+                Ok(())
+            })
+            .await?;
+        let n = *pruned.lock().unwrap_or_else(|e| e.into_inner());
+        total += n;
+        if n < crate::store::dedup::PRUNE_BATCH {
+            return Ok(total);
+        }
+    }
+}
+
+/// How often idempotency records past their window or count are dropped.
+pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Drops old idempotency records of chat sends and API notifications every
+/// [`PRUNE_EVERY`], until `stop`.
+async fn prune_idempotency(
+    chat: std::sync::Weak<chat::ChatService>,
+    notify: std::sync::Weak<notify::NotifyService>,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(PRUNE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let (Some(chat), Some(notify)) = (chat.upgrade(), notify.upgrade()) else {
+            return;
+        };
+        for (what, pruned) in [
+            ("chat", chat.prune_idempotency().await),
+            ("notify", notify.prune_idempotency().await),
+        ] {
+            match pruned {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(what, n, "idempotency records pruned"),
+                Err(e) => tracing::warn!(what, error = %e, "pruning idempotency records"),
+            }
+        }
+    }
 }
 
 /// The topic every session of a user is subscribed to.
@@ -305,6 +374,14 @@ impl Services {
             &collab,
             deps.shutdown.clone(),
         );
+        let prune_work = Background::new(
+            "idempotency_prune",
+            prune_idempotency(
+                Arc::downgrade(&chat),
+                Arc::downgrade(&notify),
+                deps.shutdown.clone(),
+            ),
+        );
         let services = Self {
             hub: deps.hub.clone(),
             analytics,
@@ -316,21 +393,30 @@ impl Services {
         };
         Ok((
             services,
-            vec![analytics_work, presence_work, collab_work, retention_work],
+            vec![
+                analytics_work,
+                presence_work,
+                collab_work,
+                retention_work,
+                prune_work,
+            ],
         ))
     }
 
     /// A session completed its handshake; `resume` is its `Hello.resume`.
+    ///
+    /// Fails when the session's catch-up could not be read (storage failed): the
+    /// session is then not subscribed to everything and must be closed.
     pub async fn connected(
         &self,
         ctx: &SessionCtx,
         resume: &std::collections::HashMap<String, u64>,
-    ) {
+    ) -> Result<(), crate::store::StoreError> {
         self.hub
             .subscribe(&user_topic(ctx.user_id()), ctx.subscriber.clone());
         self.presence.connected(ctx).await;
-        self.notify.connected(ctx, resume).await;
-        self.chat.connected(ctx, resume).await;
+        self.notify.connected(ctx, resume).await?;
+        self.chat.connected(ctx, resume).await
     }
 
     /// Answers a feature request. `None` means the body is not a feature request.

@@ -20,6 +20,7 @@ use futures_util::future::BoxFuture;
 use crate::ids::UserId;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, StreamKind, push};
+use crate::store::dedup::{self, Dedup, Retention};
 use crate::store::{AppendError, OffsetLog, RedbLog, StoreError};
 
 /// The notifications' offset log ([`RedbLog`]) keeps them in this table; marking one
@@ -52,6 +53,12 @@ pub struct NotifyConfig {
     pub max_mark_ids: usize,
     /// Bytes of per-user notification state (offsets) kept cached.
     pub cache_bytes: u64,
+    /// How long an `Idempotency-Key` of the server API is remembered: a request
+    /// retried later than this creates a new notification.
+    #[serde(with = "crate::clock::duration_str")]
+    pub idempotency_window: std::time::Duration,
+    /// Idempotency keys remembered at most (the oldest are forgotten first).
+    pub idempotency_max_keys: u64,
 }
 
 impl NotifyConfig {
@@ -71,6 +78,8 @@ impl Default for NotifyConfig {
             max_data: 16 * 1024,
             max_mark_ids: 1000,
             cache_bytes: 16 << 20,
+            idempotency_window: std::time::Duration::from_secs(24 * 3600),
+            idempotency_max_keys: 1_000_000,
         }
     }
 }
@@ -170,6 +179,8 @@ pub struct NotifyService {
     stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
     /// Each user's notifications.
     log: RedbLog,
+    /// (user, idempotency key) → the offset of the notification created for it.
+    created: Dedup,
     state: crate::store::cache::Cache<String, (u64, u64)>,
     /// The last user retention looked at (it goes on after them next time).
     prune_cursor: std::sync::Mutex<String>,
@@ -185,10 +196,12 @@ impl NotifyService {
         txn.commit()?;
         let log = RedbLog::open(&deps.store, &deps.writer, "notify_notes", "notify_epochs")?;
         let cache_bytes = config.cache_bytes;
+        let created = Dedup::open(&deps.store, "notify_created", "notify_created_age")?;
         Ok(Arc::new(Self {
             deps,
             config,
             log,
+            created,
             stripes: (0..STRIPES)
                 .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),
@@ -251,7 +264,20 @@ impl NotifyService {
         user: &UserId,
         n: NewNotification,
     ) -> ServiceResult<v1::Notification> {
+        Ok(self.create_once(user, n, None).await?.0)
+    }
+
+    /// [`create`](Self::create), once per (`user`, `key`): if a notification was
+    /// created with the same key, that one is returned (with `true`) and nothing
+    /// is stored or pushed.
+    pub async fn create_once(
+        &self,
+        user: &UserId,
+        n: NewNotification,
+        key: Option<&str>,
+    ) -> ServiceResult<(v1::Notification, bool)> {
         let user = user.as_str();
+        let key = key.map(|k| dedup::key(&[user, k]));
         self.validate(&n)?;
         let _guard = self.stripe(user).lock().await;
         let (mut last, mut unread) = self.user_state(user).await?;
@@ -271,15 +297,30 @@ impl NotifyService {
                 ServiceError::new(ErrorCode::LimitExceeded, "no more notifications")
             })?;
             let moved = Arc::new(std::sync::Mutex::new(None));
-            let (u, bytes, log, seen) = (
+            let earlier = Arc::new(std::sync::Mutex::new(None));
+            let (u, bytes, log, seen, created, key, found) = (
                 user.to_owned(),
                 bytes.clone(),
                 self.log.clone(),
                 moved.clone(),
+                self.created.clone(),
+                key.clone(),
+                earlier.clone(),
             );
+            let now = stored.created_at_ms;
             self.deps
                 .writer
                 .write(move |txn| {
+                    // Checked in the transaction that would store the notification:
+                    // a retry finds the record exactly when the first one committed.
+                    if let Some(key) = &key {
+                        let record = created.get_in(txn, key)?;
+                        let done = record.is_some();
+                        *found.lock().unwrap_or_else(|e| e.into_inner()) = record;
+                        if done {
+                            return Ok(());
+                        }
+                    }
                     match log.append_in(txn, &u, last, std::slice::from_ref(&bytes)) {
                         Ok(_) => *seen.lock().unwrap_or_else(|e| e.into_inner()) = None,
                         Err(AppendError::Conflict { actual, .. }) => {
@@ -290,16 +331,42 @@ impl NotifyService {
                     }
                     txn.open_table(STATE)?
                         .insert(u.as_str(), (offset, unread + 1))?;
+                    if let Some(key) = &key {
+                        created.put_in(txn, key, now, &offset.to_le_bytes())?;
+                    }
                     Ok(())
                 })
                 .await?;
+            let earlier = earlier.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(bytes) = earlier {
+                let offset = <[u8; 8]>::try_from(bytes.as_slice())
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| ServiceError::internal("a stored idempotency key is corrupt"))?;
+                if offset > last {
+                    // Stored by a commit whose caller was told it failed (a failed
+                    // fsync that still reached the disk): deliver it now, once.
+                    let stored = self.stored_state(user)?;
+                    self.publish_stored(user, last, stored.0).await?;
+                    self.state.insert(user.to_owned(), stored).await;
+                }
+                let note = self.read_range(user, offset, offset).await?.pop();
+                // The notification may be gone (retention); its id is the answer.
+                let note = note.unwrap_or_else(|| v1::Notification {
+                    notification_id: format!("{user}:{offset}"),
+                    offset,
+                    ..Default::default()
+                });
+                return Ok((note, true));
+            }
             let moved = *moved.lock().unwrap_or_else(|e| e.into_inner());
             match moved {
                 None => break offset,
                 // Notifications whose request was abandoned while their commit was
-                // in flight still committed, unread: count them and go on.
+                // in flight, or whose commit was reported failed but reached the
+                // disk, still committed, unread: deliver them, count them, go on.
                 Some(actual) if actual > last && attempts < 3 => {
                     tracing::warn!(user, actual, "notification offsets moved under a create");
+                    self.publish_stored(user, last, actual).await?;
                     unread += actual - last;
                     last = actual;
                 }
@@ -324,25 +391,44 @@ impl NotifyService {
                 event: Some(push::Event::Notification(note.clone())),
             },
         );
-        Ok(note)
+        Ok((note, false))
+    }
+
+    /// Forgets idempotency keys past the configured window and count.
+    pub async fn prune_idempotency(&self) -> Result<usize, StoreError> {
+        let keep = Retention {
+            window: self.config.idempotency_window,
+            max_keys: self.config.idempotency_max_keys,
+        };
+        super::prune(&self.deps, &self.created, keep).await
+    }
+
+    /// Idempotency keys remembered now.
+    pub fn idempotency_keys(&self) -> Result<u64, StoreError> {
+        self.created.len(&self.deps.store)
     }
 
     /// A session opened: it gets the notifications after its resume offset (if
     /// given), in order, then the live ones. See [`super::catch_up`]: the backlog
     /// is streamed outside the user's lock.
-    pub async fn connected(&self, ctx: &SessionCtx, resume: &HashMap<String, u64>) {
+    ///
+    /// Fails (with the session not subscribed) when storage fails.
+    pub async fn connected(
+        &self,
+        ctx: &SessionCtx,
+        resume: &HashMap<String, u64>,
+    ) -> Result<(), StoreError> {
         let stream = NoteStream { notify: self, ctx };
         let from = resume.get(RESUME_KEY).copied();
-        if let Err(e) = catch_up(
+        catch_up(
             &stream,
             ctx.subscriber.as_ref(),
             StreamKind::Notifications,
             from,
         )
         .await
-        {
-            tracing::error!(error = %e, "reading notifications for a catch-up");
-        }
+        .inspect_err(|e| tracing::warn!(error = %e, "reading notifications for a catch-up"))?;
+        Ok(())
     }
 
     /// A session ended.
@@ -350,6 +436,36 @@ impl NotifyService {
         self.deps
             .hub
             .unsubscribe(&topic(ctx.user_id()), ctx.session_id());
+    }
+
+    /// (last offset, unread) of a user as stored (not cached).
+    fn stored_state(&self, user: &str) -> Result<(u64, u64), StoreError> {
+        let txn = self.deps.store.db().begin_read()?;
+        Ok(txn
+            .open_table(STATE)?
+            .get(user)?
+            .map(|v| v.value())
+            .unwrap_or((0, 0)))
+    }
+
+    /// Publishes the notifications after `last` up to `to`, which are stored but
+    /// were never published. Call under the user's stripe.
+    async fn publish_stored(&self, user: &str, last: u64, to: u64) -> Result<(), StoreError> {
+        if to <= last {
+            return Ok(());
+        }
+        for note in self.read_range(user, last + 1, to).await? {
+            self.deps.hub.publish(
+                &topic(user),
+                StreamKind::Notifications,
+                &v1::Push {
+                    stream: RESUME_KEY.into(),
+                    offset: note.offset,
+                    event: Some(push::Event::Notification(note)),
+                },
+            );
+        }
+        Ok(())
     }
 
     /// The notifications `from..=to` of a user.
@@ -657,6 +773,11 @@ mod tests {
             ..Default::default()
         };
         let alice = UserId::parse("alice").unwrap();
+        let (device, mut pushes) = FakeSession::new("alice", "d", 16);
+        notify
+            .connected(&device.ctx(), &HashMap::new())
+            .await
+            .unwrap();
         let hold = node.deps.writer.hold();
         let mut abandoned = Box::pin(notify.create(&alice, note("abandoned")));
         while node.deps.writer.in_flight() == 0 {
@@ -681,5 +802,14 @@ mod tests {
             .collect();
         assert_eq!(titles, ["abandoned", "next"]);
         assert_eq!(page.unread, 2);
+        // The abandoned one was stored without being published: it is delivered
+        // before the next one, once.
+        let mut delivered = Vec::new();
+        while let Ok((_, p)) = pushes.try_recv() {
+            if let Some(push::Event::Notification(n)) = p.event {
+                delivered.push(n.title);
+            }
+        }
+        assert_eq!(delivered, ["abandoned", "next"]);
     }
 }

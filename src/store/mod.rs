@@ -4,15 +4,21 @@
 //! module opens the file, checks the schema version and hands out the database.
 
 pub mod cache;
+pub mod dedup;
+pub mod fault;
 pub mod offset_log;
 pub mod registry;
 mod writer;
 
 pub use offset_log::{AppendError, Entry, Epoch, OffsetLog, Position, RedbLog};
-pub use writer::{CommitObserver, Hold, Writer, WriterProbe};
+pub use writer::{CommitObserver, Hold, Target, Writer, WriterProbe};
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use fault::FaultSwitch;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -51,6 +57,10 @@ pub enum StoreError {
     /// A group-committed write failed (the message says why).
     #[error("write failed: {0}")]
     Write(String),
+    /// Storage failed (a full or failing disk) or is being reopened after such a
+    /// failure; nothing was written. Retrying later may succeed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     /// redb failed.
     #[error(transparent)]
     Db(#[from] redb::Error),
@@ -71,21 +81,54 @@ from_redb!(
     redb::CommitError
 );
 
-/// The open database.
+impl StoreError {
+    /// Whether the storage failed (disk full, I/O error, a database being
+    /// reopened): the operation changed nothing and may be retried later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Db(e) => fault::is_storage_failure(e),
+            _ => false,
+        }
+    }
+}
+
+/// The open database. Cloning shares it.
+///
+/// After a storage failure redb refuses every operation on the `Database` it
+/// happened in (`StorageError::PreviousIo`) until it is dropped and opened again;
+/// [`Store::reopen`] does that in place, so the handles services keep stay valid.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The database; a stand-in that fails every operation while it is reopened.
+    db: RwLock<Arc<Database>>,
     path: PathBuf,
     node_id: String,
+    /// Set in tests that inject storage faults.
+    faults: Option<FaultSwitch>,
+    /// A storage failure has not been recovered from yet.
+    unavailable: AtomicBool,
+    /// Successful reopens so far.
+    reopens: AtomicU64,
+    /// One reopen at a time.
+    reopening: Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.path)
+            .field("path", &self.inner.path)
             .finish_non_exhaustive()
     }
 }
+
+/// How long [`Store::reopen`] waits for the failed database's last handles (held
+/// only for the length of one read) before it tries anyway.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// Creates `dir` (and missing parents) with mode 0700; warns when an existing one
 /// is readable by others.
@@ -136,6 +179,17 @@ impl Store {
     /// file likewise (0600): it holds every message. Existing ones with looser
     /// permissions are left as they are, with a warning.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_inner(data_dir, None)
+    }
+
+    /// [`Store::open`] on a file backend that fails as `switch` says (storage
+    /// fault tests).
+    #[doc(hidden)]
+    pub fn open_with_faults(data_dir: &Path, switch: FaultSwitch) -> Result<Self, StoreError> {
+        Self::open_inner(data_dir, Some(switch))
+    }
+
+    fn open_inner(data_dir: &Path, faults: Option<FaultSwitch>) -> Result<Self, StoreError> {
         let dir_error = |source| StoreError::Dir {
             path: data_dir.to_owned(),
             source,
@@ -143,13 +197,96 @@ impl Store {
         private_dir(data_dir).map_err(dir_error)?;
         let path = data_dir.join(DB_FILE);
         private_file(&path).map_err(dir_error)?;
-        let db = Database::create(&path)?;
+        let db = open_file(&path, faults.as_ref())?;
         let node_id = Self::init_meta(&db)?;
         Ok(Self {
-            db: Arc::new(db),
-            path,
-            node_id,
+            inner: Arc::new(Inner {
+                db: RwLock::new(Arc::new(db)),
+                path,
+                node_id,
+                faults,
+                unavailable: AtomicBool::new(false),
+                reopens: AtomicU64::new(0),
+                reopening: Mutex::new(()),
+            }),
         })
+    }
+
+    /// Records a storage failure: the node is not ready until [`Store::reopen`]
+    /// succeeds.
+    pub fn mark_unavailable(&self) {
+        if !self.inner.unavailable.swap(true, Ordering::AcqRel) {
+            tracing::error!(path = %self.inner.path.display(), "storage failed; reopening the database");
+        }
+    }
+
+    /// False from a storage failure until the database is reopened.
+    pub fn is_available(&self) -> bool {
+        !self.inner.unavailable.load(Ordering::Acquire)
+    }
+
+    /// How many times the database was reopened after a storage failure.
+    pub fn reopens(&self) -> u64 {
+        self.inner.reopens.load(Ordering::Acquire)
+    }
+
+    /// Closes the database and opens it again (after a storage failure). What
+    /// was committed before is there again: redb recovers the last committed
+    /// transaction when it opens. Meanwhile every operation fails as unavailable;
+    /// if the open fails (the disk is still full), it stays so and this can be
+    /// called again.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let _one = self
+            .inner
+            .reopening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.retire_now();
+        let db = open_file(&self.inner.path, self.inner.faults.as_ref())?;
+        Self::init_meta(&db)?;
+        *self.inner.db.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(db);
+        self.inner.reopens.fetch_add(1, Ordering::AcqRel);
+        self.inner.unavailable.store(false, Ordering::Release);
+        tracing::info!(path = %self.inner.path.display(), "database reopened");
+        Ok(())
+    }
+
+    /// Marks the store unavailable and closes the failed database: from then on
+    /// every operation fails as unavailable (none is answered from the failed
+    /// database's cache) until [`Store::reopen`] succeeds.
+    pub fn retire(&self) {
+        self.mark_unavailable();
+        let _one = self
+            .inner
+            .reopening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.retire_now();
+    }
+
+    /// Puts the stand-in in place of the database and drops the database.
+    fn retire_now(&self) {
+        let failed = std::mem::replace(
+            &mut *self.inner.db.write().unwrap_or_else(|e| e.into_inner()),
+            stand_in(),
+        );
+        // The failed database keeps the file locked until its last handle is
+        // dropped; handles are taken for one read at a time.
+        let deadline = Instant::now() + RELEASE_WAIT;
+        let mut failed = Some(failed);
+        while let Some(db) = failed.take() {
+            if Arc::ptr_eq(&db, &stand_in()) {
+                break;
+            }
+            match Arc::try_unwrap(db) {
+                Ok(db) => drop(db),
+                Err(db) if Instant::now() < deadline => {
+                    failed = Some(db);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => break,
+            }
+        }
     }
 
     /// Writes the schema version on first open; refuses a newer one. Returns the
@@ -197,14 +334,19 @@ impl Store {
         Ok(node_id)
     }
 
-    /// The database, for services that own tables in it.
-    pub fn db(&self) -> &Arc<Database> {
-        &self.db
+    /// The database, for services that own tables in it. Take it for one
+    /// transaction at a time: after a storage failure it is replaced.
+    pub fn db(&self) -> Arc<Database> {
+        self.inner
+            .db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The schema version on disk.
     pub fn schema_version(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let meta = txn.open_table(META)?;
         let v = meta
             .get("schema_version")?
@@ -216,18 +358,68 @@ impl Store {
 
     /// The node id kept in the database.
     pub fn node_id(&self) -> &str {
-        &self.node_id
+        &self.inner.node_id
     }
 
-    /// Whether the database answers a read.
+    /// Whether the database answers a read and no storage failure is pending.
     pub fn is_healthy(&self) -> bool {
-        self.schema_version().is_ok()
+        self.is_available() && self.schema_version().is_ok()
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
+}
+
+/// Opens (or creates) the database file, on the fault-injecting backend if
+/// `faults` is given.
+fn open_file(path: &Path, faults: Option<&FaultSwitch>) -> Result<Database, StoreError> {
+    let Some(switch) = faults else {
+        return Ok(Database::create(path)?);
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let backend = fault::FaultyBackend::new(file, switch.clone())?;
+    Ok(redb::Builder::new().create_with_backend(backend)?)
+}
+
+/// The database a [`Store`] hands out while it reopens: every operation on it
+/// fails as a storage failure (`PreviousIo`), never with stale or empty data.
+fn stand_in() -> Arc<Database> {
+    static STAND_IN: OnceLock<Arc<Database>> = OnceLock::new();
+    STAND_IN
+        .get_or_init(|| {
+            let backend = fault::DeadBackend::default();
+            let dead = backend.dead.clone();
+            let db = redb::Builder::new()
+                .set_cache_size(0)
+                .create_with_backend(backend)
+                .expect("an in-memory database opens");
+            // A table, so that finding any table reads a page (and fails).
+            if let Ok(txn) = db.begin_write() {
+                if let Ok(mut t) = txn.open_table(META) {
+                    let _ = t.insert("stand-in", "");
+                }
+                let _ = txn.commit();
+            }
+            // Fail its storage, then have redb notice: from then on it refuses
+            // everything with `PreviousIo`.
+            dead.store(true, Ordering::SeqCst);
+            if let Ok(txn) = db.begin_write() {
+                if let Ok(mut t) = txn.open_table(META) {
+                    let _ = t.insert("x", "x");
+                }
+                let _ = txn.commit();
+            }
+            Arc::new(db)
+        })
+        .clone()
 }
 
 #[cfg(test)]
@@ -260,6 +452,83 @@ mod tests {
         // Opening again keeps working (and only warns about looser permissions).
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
         Store::open(&data).unwrap();
+    }
+
+    #[test]
+    fn the_stand_in_refuses_reads_and_writes_as_a_storage_failure() {
+        let db = stand_in();
+        for table in [META, TableDefinition::new("chat_rooms")] {
+            let read = db
+                .begin_read()
+                .map_err(StoreError::from)
+                .and_then(|t| t.open_table(table).map(|_| ()).map_err(StoreError::from));
+            assert!(
+                read.as_ref().is_err_and(StoreError::is_unavailable),
+                "{read:?}"
+            );
+        }
+        let write = db.begin_write().map_err(StoreError::from).and_then(|t| {
+            t.open_table(META)?.insert("a", "b")?;
+            t.commit()?;
+            Ok(())
+        });
+        assert!(
+            write.as_ref().is_err_and(StoreError::is_unavailable),
+            "{write:?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_commit_is_recovered_by_reopening_with_what_was_committed() {
+        use fault::{Fault, FaultSwitch};
+        const T: TableDefinition<u64, u64> = TableDefinition::new("t");
+        let dir = tempfile::tempdir().unwrap();
+        let switch = FaultSwitch::new();
+        let store = Store::open_with_faults(dir.path(), switch.clone()).unwrap();
+        let put = |k: u64| -> Result<(), StoreError> {
+            let t = store.db().begin_write()?;
+            t.open_table(T)?.insert(k, k)?;
+            t.commit()?;
+            Ok(())
+        };
+        put(1).unwrap();
+        for fault in [Fault::DiskFull, Fault::Io, Fault::Fsync] {
+            switch.arm(fault);
+            let e = put(2).unwrap_err();
+            assert!(e.is_unavailable(), "{fault:?}: {e}");
+            assert!(put(3).unwrap_err().is_unavailable(), "latched");
+            assert!(
+                store.reopen().unwrap_err().is_unavailable(),
+                "still failing"
+            );
+            assert!(store.db().begin_read().map(|_| ()).is_ok() || !store.is_healthy());
+            switch.disarm();
+            store.reopen().unwrap();
+            let t = store.db().begin_read().unwrap();
+            assert_eq!(t.open_table(T).unwrap().get(1).unwrap().unwrap().value(), 1);
+        }
+        assert!(switch.injected() >= 3);
+        put(4).unwrap();
+        assert_eq!(store.reopens(), 3);
+
+        // A commit whose fsync reached the disk, reported as failed, is there
+        // after the reopen. (Tutti's commits use quick repair: two-phase.)
+        switch.arm(Fault::FsyncAfterSync);
+        let quick = store
+            .db()
+            .begin_write()
+            .map_err(StoreError::from)
+            .and_then(|mut t| {
+                t.set_quick_repair(true);
+                t.open_table(T)?.insert(6, 6)?;
+                t.commit()?;
+                Ok(())
+            });
+        assert!(quick.unwrap_err().is_unavailable());
+        assert_eq!(switch.armed(), None, "once");
+        store.reopen().unwrap();
+        let t = store.db().begin_read().unwrap();
+        assert!(t.open_table(T).unwrap().get(6).unwrap().is_some());
     }
 
     #[test]

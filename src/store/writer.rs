@@ -5,15 +5,20 @@
 //! A write is a closure over the transaction (`Fn`, so it can run twice). If one
 //! fails, the batch is rolled back and its writes are run again one by one, each in
 //! its own transaction, so a bad write never takes good ones down with it.
+//!
+//! Storage failures: when a commit fails because the storage did (a full or
+//! failing disk), its writes fail as unavailable, the store is marked so (the node
+//! is not ready), and the writer reopens the database, retrying with backoff;
+//! writes that arrive meanwhile fail at once as unavailable instead of waiting.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use redb::{Database, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
-use super::StoreError;
+use super::{Store, StoreError};
 
 /// Writes queued at most; past this, callers wait (backpressure).
 const QUEUE: usize = 16 * 1024;
@@ -29,12 +34,80 @@ struct Job {
 
 /// Why a group-committed write failed; every write of a failed commit gets a copy.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-struct WriteFailed(Arc<str>);
+#[error("{message}")]
+struct WriteFailed {
+    message: Arc<str>,
+    /// The storage failed (not the write): the database must be reopened.
+    storage: bool,
+}
 
 impl WriteFailed {
     fn from(e: impl std::fmt::Display) -> Self {
-        Self(e.to_string().into())
+        Self {
+            message: e.to_string().into(),
+            storage: false,
+        }
+    }
+
+    fn from_redb(e: impl Into<redb::Error>) -> Self {
+        let e: redb::Error = e.into();
+        Self {
+            storage: super::fault::is_storage_failure(&e),
+            message: e.to_string().into(),
+        }
+    }
+
+    fn from_store(e: StoreError) -> Self {
+        Self {
+            storage: e.is_unavailable(),
+            message: e.to_string().into(),
+        }
+    }
+
+    fn unavailable() -> Self {
+        Self {
+            message: "the database is being reopened after a storage failure".into(),
+            storage: true,
+        }
+    }
+
+    fn into_store(self) -> StoreError {
+        if self.storage {
+            StoreError::Unavailable(self.message.to_string())
+        } else {
+            StoreError::Write(self.message.to_string())
+        }
+    }
+}
+
+/// What the writer commits to: one database, or a [`Store`] (whose database it
+/// reopens after a storage failure).
+#[derive(Debug)]
+pub enum Target {
+    /// A database that is never reopened.
+    Database(Arc<Database>),
+    /// The store's current database.
+    Store(Store),
+}
+
+impl From<Arc<Database>> for Target {
+    fn from(db: Arc<Database>) -> Self {
+        Target::Database(db)
+    }
+}
+
+impl From<Store> for Target {
+    fn from(store: Store) -> Self {
+        Target::Store(store)
+    }
+}
+
+impl Target {
+    fn db(&self) -> Arc<Database> {
+        match self {
+            Target::Database(db) => db.clone(),
+            Target::Store(s) => s.db(),
+        }
     }
 }
 
@@ -84,11 +157,12 @@ impl Drop for Hold {
 pub type CommitObserver = Arc<dyn Fn(usize, std::time::Duration) + Send + Sync>;
 
 impl Writer {
-    /// Starts the writer thread for `db`.
+    /// Starts the writer thread for `db` (a database, or a [`Store`] to recover).
     pub fn spawn(
-        db: Arc<Database>,
+        db: impl Into<Target>,
         observer: Option<CommitObserver>,
     ) -> (Self, std::thread::JoinHandle<()>) {
+        let db = db.into();
         let (tx, rx) = mpsc::channel(QUEUE);
         let gate = Arc::new(Gate::default());
         let thread_gate = gate.clone();
@@ -134,7 +208,7 @@ impl Writer {
             .map_err(|_| StoreError::Write("the writer has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Write("the writer has stopped".into()))?
-            .map_err(|e| StoreError::Write(e.to_string()))
+            .map_err(WriteFailed::into_store)
     }
 }
 
@@ -165,12 +239,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn run(
-    db: Arc<Database>,
-    mut rx: mpsc::Receiver<Job>,
-    observer: Option<CommitObserver>,
-    gate: &Gate,
-) {
+fn run(db: Target, mut rx: mpsc::Receiver<Job>, observer: Option<CommitObserver>, gate: &Gate) {
     let mut batch = Vec::with_capacity(64);
     while let Some(first) = rx.blocking_recv() {
         gate.wait_open();
@@ -183,19 +252,70 @@ fn run(
         }
         let started = Instant::now();
         let n = batch.len();
-        commit_batch(&db, std::mem::take(&mut batch));
+        let answers = commit_batch(&db.db(), std::mem::take(&mut batch));
         if let Some(observe) = &observer {
             observe(n, started.elapsed());
+        }
+        let storage_failed = answers
+            .iter()
+            .any(|(_, r)| r.as_ref().is_err_and(|e| e.storage));
+        let store = match &db {
+            Target::Store(store) if storage_failed => Some(store),
+            _ => None,
+        };
+        // Before anyone hears of the failure: whoever saw a write fail this way
+        // finds the node not ready, and every read failing until it recovers.
+        if let Some(store) = store {
+            store.retire();
+        }
+        for (done, result) in answers {
+            let _ = done.send(result);
+        }
+        if let Some(store) = store {
+            recover(store, &mut rx);
         }
     }
 }
 
-fn commit_batch(db: &Database, batch: Vec<Job>) {
+/// Longest wait between two attempts to reopen the database.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Reopens the store's database until that works,
+/// failing every write that arrives meanwhile.
+fn recover(store: &Store, rx: &mut mpsc::Receiver<Job>) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match store.reopen() {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "reopening the database"),
+        }
+        let until = Instant::now() + backoff;
+        while Instant::now() < until {
+            match rx.try_recv() {
+                Ok(job) => {
+                    let _ = job.done.send(Err(WriteFailed::unavailable()));
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+type Answer = (
+    oneshot::Sender<Result<(), WriteFailed>>,
+    Result<(), WriteFailed>,
+);
+
+/// Commits a batch; returns the answer for each of its writes.
+fn commit_batch(db: &Database, batch: Vec<Job>) -> Vec<Answer> {
     if batch.len() == 1 {
         let job = batch.into_iter().next().expect("one job");
         let result = commit_one(db, &job.write);
-        let _ = job.done.send(result);
-        return;
+        return vec![(job.done, result)];
     }
     let txn = match db.begin_write() {
         Ok(mut t) => {
@@ -203,39 +323,60 @@ fn commit_batch(db: &Database, batch: Vec<Job>) {
             t
         }
         Err(e) => {
-            let failed = WriteFailed::from(e);
-            for job in batch {
-                let _ = job.done.send(Err(failed.clone()));
-            }
-            return;
+            let failed = WriteFailed::from_redb(e);
+            return batch
+                .into_iter()
+                .map(|job| (job.done, Err(failed.clone())))
+                .collect();
         }
     };
-    let all_ran = batch.iter().all(|job| run_write(&job.write, &txn).is_ok());
-    if !all_ran {
-        let _ = txn.abort();
-        for job in batch {
-            let result = commit_one(db, &job.write);
-            let _ = job.done.send(result);
+    let mut ran = Ok(());
+    for job in &batch {
+        ran = run_write(&job.write, &txn);
+        if ran.is_err() {
+            break;
         }
-        return;
     }
-    let result = txn.commit().map_err(WriteFailed::from);
-    for job in batch {
-        let _ = job.done.send(result.clone());
+    if let Err(e) = ran {
+        let _ = txn.abort();
+        if e.storage {
+            // The database itself failed: running the writes alone would too.
+            return batch
+                .into_iter()
+                .map(|job| (job.done, Err(e.clone())))
+                .collect();
+        }
+        let mut storage = false;
+        let mut answers = Vec::with_capacity(batch.len());
+        for job in batch {
+            let result = if storage {
+                Err(WriteFailed::unavailable())
+            } else {
+                commit_one(db, &job.write)
+            };
+            storage |= result.as_ref().is_err_and(|e| e.storage);
+            answers.push((job.done, result));
+        }
+        return answers;
     }
+    let result = txn.commit().map_err(WriteFailed::from_redb);
+    batch
+        .into_iter()
+        .map(|job| (job.done, result.clone()))
+        .collect()
 }
 
 fn commit_one(db: &Database, write: &WriteFn) -> Result<(), WriteFailed> {
-    let mut txn = db.begin_write().map_err(WriteFailed::from)?;
+    let mut txn = db.begin_write().map_err(WriteFailed::from_redb)?;
     txn.set_quick_repair(true);
     run_write(write, &txn)?;
-    txn.commit().map_err(WriteFailed::from)
+    txn.commit().map_err(WriteFailed::from_redb)
 }
 
 /// Runs one write; a write that panics fails alone instead of stopping the writer.
 fn run_write(write: &WriteFn, txn: &WriteTransaction) -> Result<(), WriteFailed> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(txn))) {
-        Ok(result) => result.map_err(WriteFailed::from),
+        Ok(result) => result.map_err(WriteFailed::from_store),
         Err(_) => Err(WriteFailed::from("the write panicked")),
     }
 }
@@ -353,5 +494,44 @@ mod tests {
         good.unwrap();
         let txn = db.begin_read().unwrap();
         assert_eq!(txn.open_table(T).unwrap().len().unwrap(), 1);
+    }
+}
+
+#[cfg(test)]
+mod recovery_tests {
+    use super::*;
+    use crate::store::fault::FaultSwitch;
+    use redb::{ReadableDatabase, TableDefinition};
+
+    const T: TableDefinition<&str, &str> = TableDefinition::new("t");
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_reported_failed_but_durable_is_there_after_the_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let switch = FaultSwitch::new();
+        let store = Store::open_with_faults(dir.path(), switch.clone()).unwrap();
+        let (writer, _thread) = Writer::spawn(store.clone(), None);
+        writer
+            .write(|txn| {
+                txn.open_table(T)?.insert("a", "first")?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        switch.arm_durable_failure(b"needle-value");
+        let e = writer
+            .write(|txn| {
+                txn.open_table(T)?.insert("b", "needle-value")?;
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+        while !store.is_available() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let txn = store.db().begin_read().unwrap();
+        let t = txn.open_table(T).unwrap();
+        assert_eq!(t.get("b").unwrap().unwrap().value(), "needle-value");
     }
 }

@@ -103,6 +103,26 @@ export interface BackoffOptions {
  * [0, min(maxMs, baseMs * 2^(attempt-1))) ("full jitter"), so that many clients
  * dropped at once do not come back at once.
  */
+/** A new client message id for a chat send: 32 random hex digits. */
+export function newClientMessageId(): string {
+  const bytes = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** ErrorCode UNAVAILABLE: storage failed, nothing was stored; retry with backoff. */
+const UNAVAILABLE = 111;
+
+/**
+ * Whether a chat send that failed with `err` may be retried (with the same client
+ * message id): storage was unavailable, or the session ended before the answer
+ * with a reason to reconnect.
+ */
+export function isRetryableSend(err: unknown): boolean {
+  if (!(err instanceof TuttiError)) return false;
+  return err.code === UNAVAILABLE || err.reconnect;
+}
+
 export function backoffDelay(attempt: number, options: BackoffOptions = {}, random: () => number = Math.random): number {
   const base = options.baseMs ?? 500;
   const max = options.maxMs ?? 30_000;
@@ -413,10 +433,32 @@ export class Tutti {
     await this.call({ case: "roomLeave", value: { roomId } });
   }
 
-  /** Sends a message; resolves with it once the server committed it. */
-  async sendMessage(roomId: string, text: string): Promise<ChatMessage> {
-    const answer = await this.call({ case: "chatSend", value: { roomId, text } });
-    return answer.message!;
+  /**
+   * Sends a message; resolves with it once the server committed it. The message
+   * carries a client message id (a new one unless `options.clientMessageId` is
+   * given), and a send that fails in a way that may pass (storage unavailable,
+   * the session lost before the answer) is retried with the same id after a
+   * backoff, up to `options.attempts` tries in all (default 5): the server stores
+   * a message once per id, so a retry of a send that did commit returns the
+   * stored message instead of a second copy.
+   */
+  async sendMessage(
+    roomId: string,
+    text: string,
+    options: { clientMessageId?: string; attempts?: number } = {},
+  ): Promise<ChatMessage> {
+    const clientMessageId = options.clientMessageId ?? newClientMessageId();
+    const attempts = Math.max(1, options.attempts ?? 5);
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const answer = await this.call({ case: "chatSend", value: { roomId, text, clientMessageId } });
+        return answer.message!;
+      } catch (err) {
+        if (attempt >= attempts || this.stopped || !isRetryableSend(err)) throw err;
+        const delayMs = backoffDelay(attempt, this.options.backoff, this.random);
+        await new Promise<void>((resolve) => this.clock.setTimeout(resolve, delayMs));
+      }
+    }
   }
 
   /**

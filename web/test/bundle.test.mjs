@@ -33,5 +33,5 @@ test("the library builds as an ES module with type declarations", async () => {
   assert.equal(lib.ERROR_CODES[104], "NOT_FOUND");
   const types = readFileSync(join(DIST, "lib", "types", "tutti.d.ts"), "utf8");
   assert.match(types, /export declare class Tutti\b/);
-  assert.match(types, /sendMessage\(roomId: string, text: string\): Promise<ChatMessage>/);
+  assert.match(types, /sendMessage\(roomId: string, text: string, options\?: \{/);
 });

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { importBundle } from "../tools/import-ts.mjs";
 import { FakeWebTransport, serverFrame, welcomeFrame } from "../tools/fake-transport.mjs";
 
-const { Tutti, backoffDelay, TuttiError, StreamKind, CLOSE_CODES } = await importBundle(`
+const { Tutti, backoffDelay, isRetryableSend, TuttiError, StreamKind, CLOSE_CODES } = await importBundle(`
   export * from "./src/tutti";
   export { TuttiError, StreamKind } from "./src/client";
   export { CLOSE_CODES } from "./src/codes";
@@ -236,7 +236,7 @@ test("requests wait while reconnecting; those in flight at the loss reject with 
   const { tutti } = newTutti(server, clock);
   await tutti.connected();
   server.answer = () => undefined; // the first session never answers
-  const inflight = tutti.sendMessage("r1", "lost?");
+  const inflight = tutti.sendMessage("r1", "lost?", { attempts: 1 });
   await until(() => server.last.clientFrames.some((f) => f.kind.case === "request"), "request sent");
   server.last.serverClose(3001);
   await assert.rejects(inflight, (e) => e.code === 3001 && e.reconnect === true);
@@ -253,6 +253,41 @@ test("requests wait while reconnecting; those in flight at the loss reject with 
   assert.equal(server.sessions.length, 2);
   tutti.close();
   await assert.rejects(tutti.rooms(), (e) => e.name === "CLOSED");
+});
+
+test("a chat send carries a client message id and is retried with the same id after a loss or UNAVAILABLE", async () => {
+  const server = new FakeServer();
+  const clock = new VirtualClock();
+  const { tutti } = newTutti(server, clock);
+  await tutti.connected();
+  const sends = () => server.sessions.flatMap((s) => s.clientFrames)
+    .filter((f) => f.kind.case === "request" && f.kind.value.body.case === "chatSend")
+    .map((f) => f.kind.value.body.value);
+  server.answer = () => undefined; // the first session never answers
+  const sent = tutti.sendMessage("r1", "once");
+  await until(() => sends().length === 1, "first attempt sent");
+  server.last.serverClose(3006); // STORAGE_UNAVAILABLE: reconnect and retry
+  server.answer = (body) => body.case === "chatSend"
+    ? { case: "chatSend", value: { message: { roomId: "r1", offset: 7n, text: body.value.text } } }
+    : undefined;
+  // Virtual time runs through the reconnect and the send's backoff.
+  for (let i = 0; i < 2000 && sends().length < 2; i++) {
+    if (clock.next() !== undefined) clock.advance(clock.next() - clock.now);
+    await new Promise((r) => setImmediate(r));
+  }
+  const m = await sent;
+  assert.equal(m.offset, 7n);
+  const [first, second] = sends();
+  assert.match(first.clientMessageId, /^[0-9a-f]{32}$/);
+  assert.equal(second.clientMessageId, first.clientMessageId, "the retry reuses the id");
+  // Two sends are two ids.
+  const other = await tutti.sendMessage("r1", "again");
+  assert.equal(other.text, "again");
+  assert.notEqual(sends()[2].clientMessageId, first.clientMessageId);
+  assert.ok(isRetryableSend(new TuttiError(111, "UNAVAILABLE", "disk full")));
+  assert.ok(!isRetryableSend(new TuttiError(101, "BAD_REQUEST", "no")));
+  assert.ok(!isRetryableSend(new TuttiError(3501, "UNAUTHORIZED", "no")));
+  tutti.close();
 });
 
 test("WebTransport.draining: the client leaves and reconnects (to the next node)", async () => {

@@ -367,6 +367,7 @@ async fn sender(
         let body = request::Body::ChatSend(v1::ChatSendRequest {
             room_id: room_id.clone(),
             text: text.clone(),
+            client_message_id: String::new(),
         });
         let c = client.clone();
         inflight.push(async move { (measured, c.request(body).await.map(|_| ())) });
