@@ -166,6 +166,9 @@ async fn prune_idempotency(
 ) {
     let mut every = tokio::time::interval(PRUNE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: skip it, so a node that just started serves its
+    // first sessions before it prunes.
+    every.tick().await;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
