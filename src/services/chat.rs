@@ -513,8 +513,17 @@ impl ChatService {
     // ---- rooms ----------------------------------------------------------------
 
     fn user_rooms(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        self.rooms_keyed_by(USER_ROOMS, user)
+    }
+
+    /// The rooms of `user` in a table keyed by (user, room), in room id order.
+    fn rooms_keyed_by(
+        &self,
+        table: TableDefinition<(&str, &str), u8>,
+        user: &str,
+    ) -> Result<Vec<String>, StoreError> {
         let txn = self.deps.store.db().begin_read()?;
-        let table = txn.open_table(USER_ROOMS)?;
+        let table = txn.open_table(table)?;
         let mut rooms = Vec::new();
         for entry in table.range((user, "")..)? {
             let (key, _) = entry?;
@@ -553,18 +562,7 @@ impl ChatService {
     }
 
     fn invites_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        let txn = self.deps.store.db().begin_read()?;
-        let table = txn.open_table(INVITES)?;
-        let mut rooms = Vec::new();
-        for entry in table.range((user, "")..)? {
-            let (key, _) = entry?;
-            let (u, room) = key.value();
-            if u != user {
-                break;
-            }
-            rooms.push(room.to_owned());
-        }
-        Ok(rooms)
+        self.rooms_keyed_by(INVITES, user)
     }
 
     fn check_invite_count(&self, user: &str) -> ServiceResult<()> {
