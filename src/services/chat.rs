@@ -207,6 +207,9 @@ struct RoomState {
     meta: RoomMeta,
     last_offset: u64,
     last_message: Option<v1::ChatMessage>,
+    /// The store's recovery generation ([`crate::store::Store::reopens`]) when
+    /// this state last matched the disk. See [`ChatService::reconcile`].
+    generation: u64,
 }
 
 impl RoomState {
@@ -302,7 +305,8 @@ impl CatchUpStream for RoomStream<'_> {
     type Guard = tokio::sync::OwnedMutexGuard<RoomState>;
 
     async fn lock(&self) -> Result<Option<(Self::Guard, u64)>, StoreError> {
-        let room = self.handle.clone().lock_owned().await;
+        let mut room = self.handle.clone().lock_owned().await;
+        self.chat.reconcile(&mut room).await?;
         if !room.meta.participants.contains(self.ctx.user_id()) {
             return Ok(None);
         }
@@ -717,7 +721,7 @@ impl ChatService {
             .load(&id)
             .await?
             .ok_or_else(|| ServiceError::internal("room vanished"))?;
-        let room = handle.lock().await;
+        let room = self.locked(&handle).await?;
         let event = self.room_event(room_event::Kind::Created, &room, ctx.user_id());
         for user in &room.meta.participants {
             for s in self.sessions_of(user) {
@@ -784,7 +788,7 @@ impl ChatService {
         admin: bool,
     ) -> ServiceResult<v1::Room> {
         let handle = self.room_for(room_id).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         self.join(&mut room, user.as_str(), admin).await?;
         Ok(room.wire())
     }
@@ -877,7 +881,7 @@ impl ChatService {
     ) -> ServiceResult<v1::RoomAddResponse> {
         let user = UserId::parse(req.user_id.as_str())?;
         let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         self.require_admin(&room, ctx.user_id())?;
         let user = user.as_str();
         if room.meta.participants.contains(user) || self.joins_directly(ctx.user_id(), user)? {
@@ -898,7 +902,7 @@ impl ChatService {
             let Some(handle) = self.load(&id).await? else {
                 continue;
             };
-            if let Some(i) = handle.lock().await.invite_wire(ctx.user_id()) {
+            if let Some(i) = self.locked(&handle).await?.invite_wire(ctx.user_id()) {
                 invites.push(i);
             }
         }
@@ -914,7 +918,7 @@ impl ChatService {
         req: v1::RoomInviteAcceptRequest,
     ) -> ServiceResult<v1::RoomInviteAcceptResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         let Some(invitation) = room.meta.invitees.get(ctx.user_id()) else {
             return Err(not_found());
         };
@@ -932,7 +936,7 @@ impl ChatService {
         req: v1::RoomInviteDeclineRequest,
     ) -> ServiceResult<v1::RoomInviteDeclineResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         self.uninvite(&mut room, ctx.user_id()).await?;
         Ok(v1::RoomInviteDeclineResponse {})
     }
@@ -957,7 +961,7 @@ impl ChatService {
         req: v1::RoomRemoveRequest,
     ) -> ServiceResult<v1::RoomRemoveResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         self.require_admin(&room, ctx.user_id())?;
         if room.meta.invitees.contains_key(&req.user_id) {
             // Withdraws the invitation.
@@ -976,7 +980,7 @@ impl ChatService {
         req: v1::RoomLeaveRequest,
     ) -> ServiceResult<v1::RoomLeaveResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         if !room.meta.participants.contains(ctx.user_id()) {
             return Err(not_found());
         }
@@ -1115,7 +1119,7 @@ impl ChatService {
             return Ok(vec![]);
         }
         let handle = self.room_for(room_id).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         let sender_id = match sender {
             Sender::User(u) => {
                 if !room.meta.participants.contains(u) {
@@ -1295,7 +1299,7 @@ impl ChatService {
     ) -> ServiceResult<v1::ChatHistoryResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
         let last = {
-            let room = handle.lock().await;
+            let room = self.locked(&handle).await?;
             if !room.meta.participants.contains(ctx.user_id()) {
                 return Err(not_found());
             }
@@ -1346,7 +1350,7 @@ impl ChatService {
         req: v1::ChatMarkReadRequest,
     ) -> ServiceResult<v1::ChatMarkReadResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
-        let room = handle.lock().await;
+        let room = self.locked(&handle).await?;
         let user = ctx.user_id();
         if !room.meta.participants.contains(user) {
             return Err(not_found());
@@ -1424,7 +1428,7 @@ impl ChatService {
             let Some(handle) = self.load(id).await? else {
                 continue;
             };
-            let room = handle.lock().await;
+            let room = self.locked(&handle).await?;
             if !room.meta.participants.contains(ctx.user_id()) {
                 continue;
             }
@@ -1465,7 +1469,7 @@ impl ChatService {
         let mut out = BTreeSet::new();
         for id in self.user_rooms(user)? {
             if let Some(handle) = self.load(&id).await? {
-                let room = handle.lock().await;
+                let room = self.locked(&handle).await?;
                 if room.meta.participants.contains(user) {
                     out.extend(room.meta.participants.iter().cloned());
                 }
@@ -1489,7 +1493,7 @@ impl ChatService {
                 break;
             }
             if let Some(handle) = self.load(&id).await? {
-                let room = handle.lock().await;
+                let room = self.locked(&handle).await?;
                 if room.meta.participants.contains(user) {
                     let others = room.meta.participants.iter().filter(|p| *p != user);
                     for p in others {
@@ -1507,7 +1511,7 @@ impl ChatService {
     /// A room's participants (server API).
     pub async fn participants(&self, room_id: &RoomId) -> ServiceResult<Vec<String>> {
         let handle = self.room_for(room_id).await?;
-        let room = handle.lock().await;
+        let room = self.locked(&handle).await?;
         Ok(room.meta.participants.iter().cloned().collect())
     }
 
@@ -1660,7 +1664,7 @@ impl ChatService {
         let Some(handle) = self.load(id).await? else {
             return Ok((0, false));
         };
-        let room = handle.lock().await;
+        let room = self.locked(&handle).await?;
         if !room.meta.participants.is_empty() {
             return Ok((0, false));
         }
@@ -1695,6 +1699,9 @@ impl ChatService {
     }
 
     fn read_room(&self, id: &str) -> Result<Option<RoomState>, StoreError> {
+        // Before the read: a recovery during it makes the state look older than
+        // it is (reconciled once more for nothing), never newer.
+        let generation = self.deps.store.reopens();
         let txn = self.deps.store.db().begin_read()?;
         let Some(meta) = txn.open_table(ROOMS)?.get(id)? else {
             return Ok(None);
@@ -1717,7 +1724,38 @@ impl ChatService {
             meta,
             last_offset,
             last_message,
+            generation,
         }))
+    }
+
+    /// Locks a loaded room, reconciled with the disk (see [`Self::reconcile`]).
+    async fn locked<'h>(
+        &self,
+        handle: &'h Loaded<RoomState>,
+    ) -> Result<tokio::sync::MutexGuard<'h, RoomState>, StoreError> {
+        let mut room = handle.lock().await;
+        self.reconcile(&mut room).await?;
+        Ok(room)
+    }
+
+    /// Brings a room loaded before the database was last reopened up to what is
+    /// stored. A commit reported failed may have reached the disk anyway (an fsync
+    /// that wrote and then reported an error): its messages are stored but were
+    /// never published, and the room's state in memory stops before them. Here
+    /// they are published, in offset order, once (the state moves past them under
+    /// the room's lock), and the room's record is read again. Call under the
+    /// room's lock; costs one atomic load while nothing was reopened.
+    async fn reconcile(&self, room: &mut RoomState) -> Result<(), StoreError> {
+        let generation = self.deps.store.reopens();
+        if room.generation == generation {
+            return Ok(());
+        }
+        if let Some(stored) = self.read_room(&room.id)? {
+            room.meta = stored.meta;
+            self.publish_stored(room, stored.last_offset).await?;
+        }
+        room.generation = generation;
+        Ok(())
     }
 }
 
