@@ -456,7 +456,8 @@ async fn a_commit_reported_failed_but_durable_is_delivered_once(transport: Trans
     assert_eq!(all_notifications(&bob).await.len(), 2);
 }
 
-/// Fails if `c` gets a chat message or notification on `kind` before the push
+/// Fails if `c` gets a chat message, notification or document operation on
+/// `kind` before the push
 /// answering an echo sent now (a check that what was already pushed to it came
 /// once; a later duplicate shows as the next message being the wrong one).
 async fn assert_no_more_pushes(c: &Client, kind: StreamKind) {
@@ -467,7 +468,11 @@ async fn assert_no_more_pushes(c: &Client, kind: StreamKind) {
             Event::Push(k, p) if k == kind => assert!(
                 !matches!(
                     p.event,
-                    Some(push::Event::ChatMessage(_) | push::Event::Notification(_))
+                    Some(
+                        push::Event::ChatMessage(_)
+                            | push::Event::Notification(_)
+                            | push::Event::DocOperation(_)
+                    )
                 ),
                 "pushed again: {p:?}"
             ),
@@ -477,6 +482,83 @@ async fn assert_no_more_pushes(c: &Client, kind: StreamKind) {
 }
 
 both_transports!(a_commit_reported_failed_but_durable_is_delivered_once);
+
+/// A document operation whose commit reaches the disk but reports an error: its
+/// editor is told `UNAVAILABLE` and opens the document again, whose answer has
+/// the operation; another session that kept the document open gets it pushed,
+/// once; the editor does not get it pushed too; the resend is a duplicate.
+async fn a_document_operation_reported_failed_but_durable_is_pushed_once(transport: TransportKind) {
+    let switch = FaultSwitch::new();
+    let s = start_faulty(tempfile::tempdir().unwrap(), switch.clone()).await;
+    let ann = s.connect(transport, "ann").await;
+    let other = s.connect(transport, "ann").await;
+    create_doc(&ann, "d").await;
+    open_doc(&ann, "ann~d").await;
+    open_doc(&other, "ann~d").await;
+    let edit = |seq: u64, base: u64, text: &str| v1::DocSubmitRequest {
+        doc_id: "ann~d".into(),
+        base_revision: base,
+        op: Some(insert_at_end(base as usize, text)),
+        client_id: "ann-editor".into(),
+        seq,
+    };
+    assert_eq!(submit(&ann, edit(1, 0, "a")).await.unwrap().revision, 1);
+    assert_eq!(next_operation(&ann).await.revision, 1);
+    assert_eq!(next_operation(&other).await.revision, 1);
+
+    switch.arm_durable_failure(b"durable-op");
+    assert_eq!(
+        code(submit(&ann, edit(2, 1, "durable-op")).await),
+        ErrorCode::Unavailable
+    );
+    wait_ready(&s, 200).await;
+    let reopened = match ann
+        .request(request::Body::DocOpen(v1::DocOpenRequest {
+            doc_id: "ann~d".into(),
+            known_revision: Some(1),
+        }))
+        .await
+        .unwrap()
+    {
+        response::Body::DocOpen(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(reopened.revision, 2);
+    let Some(v1::doc_open_response::State::CatchUp(caught_up)) = reopened.state else {
+        panic!("{:?}", reopened.state);
+    };
+    assert_eq!(caught_up.operations.len(), 1);
+    assert_eq!(caught_up.operations[0].revision, 2);
+    assert_eq!(
+        next_operation(&other).await,
+        caught_up.operations[0],
+        "pushed to the session that kept it open"
+    );
+    assert_no_more_pushes(&other, StreamKind::Collab).await;
+    assert_no_more_pushes(&ann, StreamKind::Collab).await;
+    let resent = submit(&ann, edit(2, 1, "durable-op")).await.unwrap();
+    assert_eq!((resent.revision, resent.duplicate), (2, true));
+    let next = v1::DocSubmitRequest {
+        op: Some(insert_at_end("adurable-op".len(), "c")),
+        ..edit(3, 2, "c")
+    };
+    assert_eq!(submit(&ann, next).await.unwrap().revision, 3);
+    assert_eq!(next_operation(&ann).await.revision, 3);
+    assert_eq!(next_operation(&other).await.revision, 3, "and only once");
+}
+
+both_transports!(a_document_operation_reported_failed_but_durable_is_pushed_once);
+
+/// The next document operation pushed to `c`, skipping other events.
+async fn next_operation(c: &Client) -> v1::DocOperation {
+    loop {
+        if let Event::Push(StreamKind::Collab, p) = c.next_event().await.expect("session open")
+            && let Some(push::Event::DocOperation(op)) = p.event
+        {
+            return op;
+        }
+    }
+}
 
 // ---- idempotency ----------------------------------------------------------------
 
