@@ -360,9 +360,11 @@ async fn a_failed_fsync() {
 }
 
 /// A commit reaches the disk but its fsync reports an error: its writers were told
-/// `UNAVAILABLE`. After the recovery, the retried send (same client message id)
-/// finds it and delivers it then, once; likewise a notification, which goes out
-/// before the next one, and whose retry creates nothing.
+/// `UNAVAILABLE`. Once the node has reopened its database, without a retry or any
+/// further write: history shows the message, a session connected throughout gets
+/// it pushed once, and a session resuming from before it gets it once. The retry
+/// (same client message id) then answers it and pushes nothing. Likewise a
+/// notification (listed, pushed, resumed; its retry creates nothing).
 async fn a_commit_reported_failed_but_durable_is_delivered_once(transport: TransportKind) {
     let switch = FaultSwitch::new();
     let s = start_faulty(tempfile::tempdir().unwrap(), switch.clone()).await;
@@ -383,52 +385,180 @@ async fn a_commit_reported_failed_but_durable_is_delivered_once(transport: Trans
         .await;
     assert_eq!(code(r), ErrorCode::Unavailable);
     wait_ready(&s, 200).await;
-    let during = ann
+    // No retry, no other write: history has it...
+    let history = all_messages(&ann, "ann~r").await;
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["before", "durable-but-failed"]);
+    let durable = history[1].clone();
+    assert_eq!(durable.offset, 2);
+    // ...the session connected throughout gets it...
+    assert_eq!(
+        next_message(&bob).await,
+        durable,
+        "pushed after the recovery"
+    );
+    // ...and so does one resuming from before it.
+    let mut config = s.client_config(transport, &s.token("bob"));
+    config.resume = HashMap::from([("room/ann~r".to_string(), before.offset)]);
+    let resumed = Client::connect(config).await.unwrap();
+    assert_eq!(next_message(&resumed).await, durable, "caught up");
+    // Once each.
+    assert_no_more_pushes(&bob, StreamKind::Chat).await;
+    assert_no_more_pushes(&resumed, StreamKind::Chat).await;
+    // The retry finds it stored: the same message, pushed no more.
+    let retried = ann
         .send_message_with_id("ann~r", "durable-but-failed", "m2")
         .await
         .unwrap();
-    assert_eq!(during.offset, 2);
-    assert_eq!(next_message(&bob).await, during, "delivered on the retry");
-    let again = ann
-        .send_message_with_id("ann~r", "durable-but-failed", "m2")
-        .await
-        .unwrap();
-    assert_eq!(again, during);
+    assert_eq!(retried, durable);
     let after = ann
         .send_message_with_id("ann~r", "after", "m3")
         .await
         .unwrap();
     assert_eq!(next_message(&bob).await, after, "and only once");
+    assert_eq!(next_message(&resumed).await, after, "and only once");
     let texts: Vec<String> = all_messages(&ann, "ann~r")
         .await
         .into_iter()
         .map(|m| m.text)
         .collect();
     assert_eq!(texts, ["before", "durable-but-failed", "after"]);
+    drop(resumed);
 
     let note = |title: &str| format!(r#"{{"user_id":"bob","kind":"k","title":"{title}"}}"#);
     switch.arm_durable_failure(b"note-durable-but-failed");
     let (status, _, body) = notify(http, &key, Some("n1"), &note("note-durable-but-failed")).await;
     assert_eq!(status, 503, "{body}");
     wait_ready(&s, 200).await;
-    // The next notification finds it stored and delivers it first.
-    let (status, replayed, _) = notify(http, &key, Some("n2"), &note("n2")).await;
-    assert_eq!((status, replayed.as_str()), (201, "false"));
-    assert_eq!(
-        next_notification(&bob).await.title,
-        "note-durable-but-failed"
-    );
-    assert_eq!(next_notification(&bob).await.title, "n2");
+    // No retry, no other notification: the list has it...
+    let listed = all_notifications(&bob).await;
+    let titles: Vec<&str> = listed.iter().map(|n| n.title.as_str()).collect();
+    assert_eq!(titles, ["note-durable-but-failed"]);
+    // ...the session connected throughout gets it...
+    assert_eq!(next_notification(&bob).await, listed[0]);
+    // ...and so does one resuming from before it.
+    let mut config = s.client_config(transport, &s.token("bob"));
+    config.resume = HashMap::from([("notifications".to_string(), 0)]);
+    let resumed = Client::connect(config).await.unwrap();
+    assert_eq!(next_notification(&resumed).await, listed[0], "caught up");
+    // Once each.
+    assert_no_more_pushes(&bob, StreamKind::Notifications).await;
+    assert_no_more_pushes(&resumed, StreamKind::Notifications).await;
+    // The retry finds it stored and creates nothing.
     let (status, replayed, body) =
         notify(http, &key, Some("n1"), &note("note-durable-but-failed")).await;
     assert_eq!((status, replayed.as_str()), (201, "true"), "{body}");
     assert!(body.contains(r#""offset":1"#), "{body}");
-    notify(http, &key, Some("n3"), &note("n3")).await;
-    assert_eq!(next_notification(&bob).await.title, "n3", "pushed once");
-    assert_eq!(all_notifications(&bob).await.len(), 3);
+    let (status, replayed, _) = notify(http, &key, Some("n2"), &note("n2")).await;
+    assert_eq!((status, replayed.as_str()), (201, "false"));
+    assert_eq!(next_notification(&bob).await.title, "n2", "pushed once");
+    assert_eq!(next_notification(&resumed).await.title, "n2", "pushed once");
+    assert_eq!(all_notifications(&bob).await.len(), 2);
+}
+
+/// Fails if `c` gets a chat message, notification or document operation on
+/// `kind` before the push
+/// answering an echo sent now (a check that what was already pushed to it came
+/// once; a later duplicate shows as the next message being the wrong one).
+async fn assert_no_more_pushes(c: &Client, kind: StreamKind) {
+    c.echo(b"sync".to_vec(), true).await.unwrap();
+    loop {
+        match c.next_event().await.expect("session open") {
+            Event::Push(StreamKind::System, _) => return,
+            Event::Push(k, p) if k == kind => assert!(
+                !matches!(
+                    p.event,
+                    Some(
+                        push::Event::ChatMessage(_)
+                            | push::Event::Notification(_)
+                            | push::Event::DocOperation(_)
+                    )
+                ),
+                "pushed again: {p:?}"
+            ),
+            _ => {}
+        }
+    }
 }
 
 both_transports!(a_commit_reported_failed_but_durable_is_delivered_once);
+
+/// A document operation whose commit reaches the disk but reports an error: its
+/// editor is told `UNAVAILABLE` and opens the document again, whose answer has
+/// the operation; another session that kept the document open gets it pushed,
+/// once; the editor does not get it pushed too; the resend is a duplicate.
+async fn a_document_operation_reported_failed_but_durable_is_pushed_once(transport: TransportKind) {
+    let switch = FaultSwitch::new();
+    let s = start_faulty(tempfile::tempdir().unwrap(), switch.clone()).await;
+    let ann = s.connect(transport, "ann").await;
+    let other = s.connect(transport, "ann").await;
+    create_doc(&ann, "d").await;
+    open_doc(&ann, "ann~d").await;
+    open_doc(&other, "ann~d").await;
+    let edit = |seq: u64, base: u64, text: &str| v1::DocSubmitRequest {
+        doc_id: "ann~d".into(),
+        base_revision: base,
+        op: Some(insert_at_end(base as usize, text)),
+        client_id: "ann-editor".into(),
+        seq,
+    };
+    assert_eq!(submit(&ann, edit(1, 0, "a")).await.unwrap().revision, 1);
+    assert_eq!(next_operation(&ann).await.revision, 1);
+    assert_eq!(next_operation(&other).await.revision, 1);
+
+    switch.arm_durable_failure(b"durable-op");
+    assert_eq!(
+        code(submit(&ann, edit(2, 1, "durable-op")).await),
+        ErrorCode::Unavailable
+    );
+    wait_ready(&s, 200).await;
+    let reopened = match ann
+        .request(request::Body::DocOpen(v1::DocOpenRequest {
+            doc_id: "ann~d".into(),
+            known_revision: Some(1),
+        }))
+        .await
+        .unwrap()
+    {
+        response::Body::DocOpen(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(reopened.revision, 2);
+    let Some(v1::doc_open_response::State::CatchUp(caught_up)) = reopened.state else {
+        panic!("{:?}", reopened.state);
+    };
+    assert_eq!(caught_up.operations.len(), 1);
+    assert_eq!(caught_up.operations[0].revision, 2);
+    assert_eq!(
+        next_operation(&other).await,
+        caught_up.operations[0],
+        "pushed to the session that kept it open"
+    );
+    assert_no_more_pushes(&other, StreamKind::Collab).await;
+    assert_no_more_pushes(&ann, StreamKind::Collab).await;
+    let resent = submit(&ann, edit(2, 1, "durable-op")).await.unwrap();
+    assert_eq!((resent.revision, resent.duplicate), (2, true));
+    let next = v1::DocSubmitRequest {
+        op: Some(insert_at_end("adurable-op".len(), "c")),
+        ..edit(3, 2, "c")
+    };
+    assert_eq!(submit(&ann, next).await.unwrap().revision, 3);
+    assert_eq!(next_operation(&ann).await.revision, 3);
+    assert_eq!(next_operation(&other).await.revision, 3, "and only once");
+}
+
+both_transports!(a_document_operation_reported_failed_but_durable_is_pushed_once);
+
+/// The next document operation pushed to `c`, skipping other events.
+async fn next_operation(c: &Client) -> v1::DocOperation {
+    loop {
+        if let Event::Push(StreamKind::Collab, p) = c.next_event().await.expect("session open")
+            && let Some(push::Event::DocOperation(op)) = p.event
+        {
+            return op;
+        }
+    }
+}
 
 // ---- idempotency ----------------------------------------------------------------
 

@@ -207,6 +207,9 @@ struct RoomState {
     meta: RoomMeta,
     last_offset: u64,
     last_message: Option<v1::ChatMessage>,
+    /// The store's recovery generation ([`crate::store::Store::reopens`]) when
+    /// this state last matched the disk. See [`ChatService::reconcile`].
+    generation: u64,
 }
 
 impl RoomState {
@@ -302,7 +305,8 @@ impl CatchUpStream for RoomStream<'_> {
     type Guard = tokio::sync::OwnedMutexGuard<RoomState>;
 
     async fn lock(&self) -> Result<Option<(Self::Guard, u64)>, StoreError> {
-        let room = self.handle.clone().lock_owned().await;
+        let mut room = self.handle.clone().lock_owned().await;
+        self.chat.reconcile(&mut room).await?;
         if !room.meta.participants.contains(self.ctx.user_id()) {
             return Ok(None);
         }
@@ -715,7 +719,7 @@ impl ChatService {
             .load(&id)
             .await?
             .ok_or_else(|| ServiceError::internal("room vanished"))?;
-        let room = handle.lock().await;
+        let room = self.locked(&handle).await?;
         let event = self.room_event(room_event::Kind::Created, &room, ctx.user_id());
         for user in &room.meta.participants {
             for s in self.sessions_of(user) {
@@ -782,7 +786,7 @@ impl ChatService {
         admin: bool,
     ) -> ServiceResult<v1::Room> {
         let handle = self.room_for(room_id).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         self.join(&mut room, user.as_str(), admin).await?;
         Ok(room.wire())
     }
@@ -875,7 +879,7 @@ impl ChatService {
     ) -> ServiceResult<v1::RoomAddResponse> {
         let user = UserId::parse(req.user_id.as_str())?;
         let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         self.require_admin(&room, ctx.user_id())?;
         let user = user.as_str();
         if room.meta.participants.contains(user) || self.joins_directly(ctx.user_id(), user)? {
@@ -896,7 +900,7 @@ impl ChatService {
             let Some(handle) = self.load(&id).await? else {
                 continue;
             };
-            if let Some(i) = handle.lock().await.invite_wire(ctx.user_id()) {
+            if let Some(i) = self.locked(&handle).await?.invite_wire(ctx.user_id()) {
                 invites.push(i);
             }
         }
@@ -912,7 +916,7 @@ impl ChatService {
         req: v1::RoomInviteAcceptRequest,
     ) -> ServiceResult<v1::RoomInviteAcceptResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         let Some(invitation) = room.meta.invitees.get(ctx.user_id()) else {
             return Err(not_found());
         };
@@ -930,7 +934,7 @@ impl ChatService {
         req: v1::RoomInviteDeclineRequest,
     ) -> ServiceResult<v1::RoomInviteDeclineResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id)?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         self.uninvite(&mut room, ctx.user_id()).await?;
         Ok(v1::RoomInviteDeclineResponse {})
     }
@@ -955,7 +959,7 @@ impl ChatService {
         req: v1::RoomRemoveRequest,
     ) -> ServiceResult<v1::RoomRemoveResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         self.require_admin(&room, ctx.user_id())?;
         if room.meta.invitees.contains_key(&req.user_id) {
             // Withdraws the invitation.
@@ -974,7 +978,7 @@ impl ChatService {
         req: v1::RoomLeaveRequest,
     ) -> ServiceResult<v1::RoomLeaveResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         if !room.meta.participants.contains(ctx.user_id()) {
             return Err(not_found());
         }
@@ -1113,7 +1117,7 @@ impl ChatService {
             return Ok(vec![]);
         }
         let handle = self.room_for(room_id).await?;
-        let mut room = handle.lock().await;
+        let mut room = self.locked(&handle).await?;
         let sender_id = match sender {
             Sender::User(u) => {
                 if !room.meta.participants.contains(u) {
@@ -1293,7 +1297,7 @@ impl ChatService {
     ) -> ServiceResult<v1::ChatHistoryResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
         let last = {
-            let room = handle.lock().await;
+            let room = self.locked(&handle).await?;
             if !room.meta.participants.contains(ctx.user_id()) {
                 return Err(not_found());
             }
@@ -1344,7 +1348,7 @@ impl ChatService {
         req: v1::ChatMarkReadRequest,
     ) -> ServiceResult<v1::ChatMarkReadResponse> {
         let handle = self.room_for(&RoomId::parse(req.room_id.as_str())?).await?;
-        let room = handle.lock().await;
+        let room = self.locked(&handle).await?;
         let user = ctx.user_id();
         if !room.meta.participants.contains(user) {
             return Err(not_found());
@@ -1422,7 +1426,7 @@ impl ChatService {
             let Some(handle) = self.load(id).await? else {
                 continue;
             };
-            let room = handle.lock().await;
+            let room = self.locked(&handle).await?;
             if !room.meta.participants.contains(ctx.user_id()) {
                 continue;
             }
@@ -1463,7 +1467,7 @@ impl ChatService {
         let mut out = BTreeSet::new();
         for id in self.user_rooms(user)? {
             if let Some(handle) = self.load(&id).await? {
-                let room = handle.lock().await;
+                let room = self.locked(&handle).await?;
                 if room.meta.participants.contains(user) {
                     out.extend(room.meta.participants.iter().cloned());
                 }
@@ -1487,7 +1491,7 @@ impl ChatService {
                 break;
             }
             if let Some(handle) = self.load(&id).await? {
-                let room = handle.lock().await;
+                let room = self.locked(&handle).await?;
                 if room.meta.participants.contains(user) {
                     let others = room.meta.participants.iter().filter(|p| *p != user);
                     for p in others {
@@ -1505,7 +1509,7 @@ impl ChatService {
     /// A room's participants (server API).
     pub async fn participants(&self, room_id: &RoomId) -> ServiceResult<Vec<String>> {
         let handle = self.room_for(room_id).await?;
-        let room = handle.lock().await;
+        let room = self.locked(&handle).await?;
         Ok(room.meta.participants.iter().cloned().collect())
     }
 
@@ -1658,7 +1662,7 @@ impl ChatService {
         let Some(handle) = self.load(id).await? else {
             return Ok((0, false));
         };
-        let room = handle.lock().await;
+        let room = self.locked(&handle).await?;
         if !room.meta.participants.is_empty() {
             return Ok((0, false));
         }
@@ -1693,6 +1697,9 @@ impl ChatService {
     }
 
     fn read_room(&self, id: &str) -> Result<Option<RoomState>, StoreError> {
+        // Before the read: a recovery during it makes the state look older than
+        // it is (reconciled once more for nothing), never newer.
+        let generation = self.deps.store.reopens();
         let txn = self.deps.store.db().begin_read()?;
         let Some(meta) = txn.open_table(ROOMS)?.get(id)? else {
             return Ok(None);
@@ -1715,7 +1722,38 @@ impl ChatService {
             meta,
             last_offset,
             last_message,
+            generation,
         }))
+    }
+
+    /// Locks a loaded room, reconciled with the disk (see [`Self::reconcile`]).
+    async fn locked<'h>(
+        &self,
+        handle: &'h Loaded<RoomState>,
+    ) -> Result<tokio::sync::MutexGuard<'h, RoomState>, StoreError> {
+        let mut room = handle.lock().await;
+        self.reconcile(&mut room).await?;
+        Ok(room)
+    }
+
+    /// Brings a room loaded before the database was last reopened up to what is
+    /// stored. A commit reported failed may have reached the disk anyway (an fsync
+    /// that wrote and then reported an error): its messages are stored but were
+    /// never published, and the room's state in memory stops before them. Here
+    /// they are published, in offset order, once (the state moves past them under
+    /// the room's lock), and the room's record is read again. Call under the
+    /// room's lock; costs one atomic load while nothing was reopened.
+    async fn reconcile(&self, room: &mut RoomState) -> Result<(), StoreError> {
+        let generation = self.deps.store.reopens();
+        if room.generation == generation {
+            return Ok(());
+        }
+        if let Some(stored) = self.read_room(&room.id)? {
+            room.meta = stored.meta;
+            self.publish_stored(room, stored.last_offset).await?;
+        }
+        room.generation = generation;
+        Ok(())
     }
 }
 

@@ -188,6 +188,11 @@ struct DocState {
     present: BTreeMap<String, String>,
     /// An in-memory change could not be committed: this copy is stale.
     broken: bool,
+    /// Loaded after a copy was retired by a failed commit, which had published
+    /// up to this revision: the operations after it (a commit reported failed
+    /// that reached the disk) are pushed by the next open. See
+    /// [`CollabService::push_unpublished`].
+    unpublished_after: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -209,6 +214,9 @@ pub struct CollabService {
     docs: crate::store::registry::Registry<DocState>,
     /// Each document's operations since shortly before its snapshot.
     log: RedbLog,
+    /// Documents whose copy was retired by a failed commit → the last revision
+    /// that copy published (taken by the next load).
+    retired: Mutex<HashMap<String, u64>>,
     /// session id → documents it has open.
     sessions: Mutex<HashMap<String, HashMap<String, Loaded<DocState>>>>,
     /// (document, session) → its cursor.
@@ -252,6 +260,7 @@ impl CollabService {
             ),
             log,
             config,
+            retired: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             cursors: Mutex::new(HashMap::new()),
             prune_cursors: Mutex::default(),
@@ -467,6 +476,9 @@ impl CollabService {
         self.check_open_count(ctx, &req.doc_id)?;
         let handle = self.load(&req.doc_id).await?.ok_or_else(not_found)?;
         let mut d = handle.lock().await;
+        if let Some(published) = d.unpublished_after.take() {
+            self.push_unpublished(&d, published, ctx.session_id());
+        }
         let role = d.meta.role_of(ctx.user_id());
         if role == DocRole::Unspecified {
             return Err(not_found());
@@ -549,6 +561,26 @@ impl CollabService {
             state: Some(state),
             participants,
         })
+    }
+
+    /// Publishes the operations after revision `published` that a retired copy of
+    /// the document never published (their commit was reported failed but
+    /// reached the disk), in revision order, once: to the sessions that kept the
+    /// document open, and not to the session `opening` it, which gets them in
+    /// its answer (it is subscribed again by the open). Call under the
+    /// document's lock, before anything else is published from it.
+    fn push_unpublished(&self, d: &DocState, published: u64, opening: &str) {
+        let t = topic(&d.id);
+        self.deps.hub.unsubscribe(&t, opening);
+        for op in d.log.iter().filter(|op| op.revision > published) {
+            tracing::warn!(doc = %d.id, revision = op.revision, "publishing an operation stored by a commit reported failed");
+            let push = v1::Push {
+                stream: t.clone(),
+                offset: op.revision,
+                event: Some(push::Event::DocOperation(op.clone())),
+            };
+            self.deps.hub.publish(&t, StreamKind::Collab, &push);
+        }
     }
 
     /// `LIMIT_EXCEEDED` when the session has `max_open_docs` documents open and
@@ -823,7 +855,13 @@ impl CollabService {
             })
             .await;
         if let Err(e) = write {
-            // Memory is ahead of the disk now: retire this copy.
+            // Memory is ahead of the disk now: retire this copy. The commit may
+            // still have reached the disk (an fsync that wrote, then reported an
+            // error): the next copy pushes what is stored past `revision - 1`.
+            self.retired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(d.id.clone(), revision - 1);
             d.broken = true;
             self.docs.forget(&d.id).await;
             return Err(ServiceError::from(e));
@@ -950,7 +988,18 @@ impl CollabService {
 
     /// The loaded document, loading it from redb if needed. `None`: no such document.
     async fn load(&self, id: &str) -> ServiceResult<Option<Loaded<DocState>>> {
-        Ok(self.docs.get_or_load(id, || self.read_doc(id)).await?)
+        let read = || {
+            let mut doc = self.read_doc(id)?;
+            if let Some(d) = &mut doc {
+                d.unpublished_after = self
+                    .retired
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(id);
+            }
+            Ok::<_, StoreError>(doc)
+        };
+        Ok(self.docs.get_or_load(id, read).await?)
     }
 
     fn read_doc(&self, id: &str) -> Result<Option<DocState>, StoreError> {
@@ -1019,6 +1068,7 @@ impl CollabService {
             snapshot_revision: snap.revision,
             present: BTreeMap::new(),
             broken: false,
+            unpublished_after: None,
         }))
     }
 }

@@ -181,7 +181,8 @@ pub struct NotifyService {
     log: RedbLog,
     /// (user, idempotency key) → the offset of the notification created for it.
     created: Dedup,
-    state: crate::store::cache::Cache<String, (u64, u64)>,
+    /// user → (last offset, unread, the store's recovery generation when read).
+    state: crate::store::cache::Cache<String, (u64, u64, u64)>,
     /// The last user retention looked at (it goes on after them next time).
     prune_cursor: std::sync::Mutex<String>,
 }
@@ -221,18 +222,41 @@ impl NotifyService {
     }
 
     /// (last offset, unread) of a user; call under the user's stripe.
+    ///
+    /// Reconciled with the disk: a commit reported failed may have reached it
+    /// anyway (an fsync that wrote and then reported an error), leaving
+    /// notifications stored but never published, after the last offset cached.
+    /// Once the database was reopened since the cached state was read, the
+    /// stored state is read again and those notifications are published, in
+    /// order, once. Costs one atomic load while nothing was reopened.
     async fn user_state(&self, user: &str) -> Result<(u64, u64), StoreError> {
-        if let Some(s) = self.state.get(user).await {
-            return Ok(s);
+        // Before any read: a recovery meanwhile makes the state look older than it
+        // is (reconciled once more for nothing), never newer.
+        let generation = self.deps.store.reopens();
+        let cached = self.state.get(user).await;
+        if let Some((last, unread, g)) = cached
+            && g == generation
+        {
+            return Ok((last, unread));
         }
-        let txn = self.deps.store.db().begin_read()?;
-        let s = txn
-            .open_table(STATE)?
-            .get(user)?
-            .map(|v| v.value())
-            .unwrap_or((0, 0));
-        self.state.insert(user.to_owned(), s).await;
-        Ok(s)
+        let stored = self.stored_state(user)?;
+        if let Some((last, _, _)) = cached {
+            self.publish_stored(user, last, stored.0).await?;
+        }
+        self.state
+            .insert(user.to_owned(), (stored.0, stored.1, generation))
+            .await;
+        Ok(stored)
+    }
+
+    /// Caches a user's (last offset, unread) as it is on disk now. Call under the
+    /// user's stripe, with the state [`user_state`](Self::user_state) gave moved
+    /// by this node's own committed writes.
+    async fn remember(&self, user: &str, (last, unread): (u64, u64)) {
+        let generation = self.deps.store.reopens();
+        self.state
+            .insert(user.to_owned(), (last, unread, generation))
+            .await;
     }
 
     fn validate(&self, n: &NewNotification) -> ServiceResult<()> {
@@ -347,7 +371,7 @@ impl NotifyService {
                     // fsync that still reached the disk): deliver it now, once.
                     let stored = self.stored_state(user)?;
                     self.publish_stored(user, last, stored.0).await?;
-                    self.state.insert(user.to_owned(), stored).await;
+                    self.remember(user, stored).await;
                 }
                 let note = self.read_range(user, offset, offset).await?.pop();
                 // The notification may be gone (retention); its id is the answer.
@@ -377,9 +401,7 @@ impl NotifyService {
                 }
             }
         };
-        self.state
-            .insert(user.to_owned(), (offset, unread + 1))
-            .await;
+        self.remember(user, (offset, unread + 1)).await;
         let note = wire(user, offset, stored);
         // Published under the user's lock: in offset order, after any catch-up.
         self.deps.hub.publish(
@@ -728,7 +750,7 @@ impl NotifyService {
                     Ok(())
                 })
                 .await?;
-            self.state.insert(user.to_owned(), (last, new_unread)).await;
+            self.remember(user, (last, new_unread)).await;
             let event = v1::NotificationsRead {
                 notification_ids: if all {
                     vec![]
