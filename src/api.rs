@@ -426,7 +426,7 @@ pub struct SeriesQuery {
 
 /// A query's duration in milliseconds; one past 2^64-1 ms is 2^64-1 ms (longer than
 /// any history), never a truncated number.
-fn millis(d: std::time::Duration) -> u64 {
+pub(crate) fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 

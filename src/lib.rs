@@ -38,6 +38,10 @@ pub mod api;
 // Typed configuration: defaults < file < environment < flags.
 #[cfg(feature = "server")]
 pub mod config;
+// The bodies of the fuzz targets in fuzz/ and of their stable tests.
+#[cfg(all(feature = "server", any(test, feature = "fuzzing")))]
+#[doc(hidden)]
+pub mod fuzz_harness;
 // Sessions: handshake, the control stream state machine, requests, push queues.
 #[cfg(feature = "server")]
 pub mod gateway;

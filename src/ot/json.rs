@@ -92,6 +92,9 @@ impl<'de> Deserialize<'de> for RawComponent {
                 Ok(match v {
                     0 => RawComponent::Zero,
                     v if v > 0 => RawComponent::Retain(v.unsigned_abs()),
+                    // A delete of 2^63 would have no JSON form (`to_json` writes
+                    // deletes as an i64), so it would not survive being stored again.
+                    i64::MIN => RawComponent::Invalid(format!("{v} (out of range)")),
                     v => RawComponent::Delete(v.unsigned_abs()),
                 })
             }
@@ -246,6 +249,13 @@ mod tests {
             (
                 "[18446744073709551615, 18446744073709551615]",
                 OtError::LengthOverflow,
+            ),
+            (
+                "[-9223372036854775808]",
+                OtError::InvalidComponent {
+                    index: 0,
+                    found: "-9223372036854775808 (out of range)".into(),
+                },
             ),
         ];
         for (json, expected) in cases {

@@ -5,8 +5,9 @@ pub mod analytics;
 pub mod catch_up;
 pub mod chat;
 pub mod collab;
-#[cfg(test)]
-mod fakes;
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) mod fakes;
 pub mod notify;
 pub mod presence;
 pub mod rate;

@@ -1,0 +1,4 @@
+//! Fuzz target `framing`: see `tutti::fuzz_harness::framing` and docs/security/fuzzing.md.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tutti::fuzz_harness::framing(data));

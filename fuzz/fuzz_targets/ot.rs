@@ -1,0 +1,4 @@
+//! Fuzz target `ot`: see `tutti::fuzz_harness::ot` and docs/security/fuzzing.md.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tutti::fuzz_harness::ot(data));
