@@ -819,7 +819,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         req(
             2,
             B::ChatSend(v1::ChatSendRequest {
-                room_id: "r1".into(),
+                room_id: "ann~r1".into(),
                 text: "hi bob".into(),
                 ..Default::default()
             }),
@@ -827,7 +827,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         req(
             3,
             B::ChatHistory(v1::ChatHistoryRequest {
-                room_id: "r1".into(),
+                room_id: "ann~r1".into(),
                 before_offset: 0,
                 limit: 10,
             }),
@@ -842,7 +842,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         req(
             5,
             B::DocShare(v1::DocShareRequest {
-                doc_id: "d1".into(),
+                doc_id: "ann~d1".into(),
                 user_id: "bob".into(),
                 role: v1::DocRole::Editor as i32,
             }),
@@ -850,14 +850,14 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         req(
             6,
             B::DocOpen(v1::DocOpenRequest {
-                doc_id: "d1".into(),
+                doc_id: "ann~d1".into(),
                 ..Default::default()
             }),
         ),
         req(
             7,
             B::DocSubmit(v1::DocSubmitRequest {
-                doc_id: "d1".into(),
+                doc_id: "ann~d1".into(),
                 base_revision: 0,
                 op: op_wire(&op),
                 client_id: "c1".into(),
@@ -903,7 +903,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         req(
             2,
             B::DocOpen(v1::DocOpenRequest {
-                doc_id: "d1".into(),
+                doc_id: "ann~d1".into(),
                 known_revision: Some(0),
                 ..Default::default()
             }),
@@ -911,7 +911,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         req(
             3,
             B::DocSubmit(v1::DocSubmitRequest {
-                doc_id: "d1".into(),
+                doc_id: "ann~d1".into(),
                 base_revision: 0,
                 op: op_wire(&TextOperation::new().insert("¡").retain(5)),
                 client_id: "c2".into(),
@@ -920,13 +920,19 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ),
         req(
             4,
-            B::ChatMarkRead(v1::ChatMarkReadRequest {
-                room_id: "r1".into(),
-                offset: 1,
+            B::RoomInviteAccept(v1::RoomInviteAcceptRequest {
+                room_id: "ann~r1".into(),
             }),
         ),
         req(
             5,
+            B::ChatMarkRead(v1::ChatMarkReadRequest {
+                room_id: "ann~r1".into(),
+                offset: 1,
+            }),
+        ),
+        req(
+            6,
             B::ContactRequest(v1::ContactRequestRequest {
                 user_id: "ann".into(),
             }),
@@ -934,7 +940,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ]);
     let cursor = v1::Datagram {
         kind: Some(v1::datagram::Kind::Cursor(v1::DocCursor {
-            doc_id: "d1".into(),
+            doc_id: "ann~d1".into(),
             revision: 1,
             anchor: 2,
             head: 4,
@@ -944,7 +950,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     .encode_to_vec();
     let typing = v1::Datagram {
         kind: Some(v1::datagram::Kind::Typing(v1::ChatTyping {
-            room_id: "r1".into(),
+            room_id: "ann~r1".into(),
             typing: true,
             ..Default::default()
         })),
@@ -1131,7 +1137,7 @@ mod tests {
         let seed = |name: &str| seeds().into_iter().find(|s| s.1 == name).expect("a seed").2;
         let report = runtime().block_on(services_async(&seed("ann_and_bob")));
         assert!(report.errors.is_empty(), "{report:?}");
-        assert_eq!(report.ok.len(), 16, "{report:?}");
+        assert_eq!(report.ok.len(), 17, "{report:?}");
         let report = runtime().block_on(services_async(&seed("bad_frames")));
         assert!(
             report.ok.is_empty() && report.errors.is_empty(),
