@@ -308,7 +308,11 @@ async fn stream_bytes(
                 HelloOutcome::NeedMore => s.stage = Stage::Hello(dec),
                 HelloOutcome::Refuse(..) => {}
                 HelloOutcome::Hello(hello) => {
-                    services.connected(&s.ctx, &hello.resume).await;
+                    // Storage works here: a failure to connect is a finding.
+                    services
+                        .connected(&s.ctx, &hello.resume)
+                        .await
+                        .expect("a session connects on working storage");
                     s.stage = Stage::Open(Control::new(dec, MAX_INFLIGHT));
                     drive(services, s, finish, report).await;
                 }
