@@ -9,7 +9,7 @@
 //! that outgrows its limit) or a request that never finishes. The byte layouts
 //! below are the harnesses' own, chosen so that small mutations stay meaningful;
 //! [`seeds`] builds the committed seed corpus from real frames and operations.
-//! docs/security/fuzzing.md lists the targets and how to run them.
+//! docs/SECURITY.md (Fuzzing) lists the targets and how to run them.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -574,7 +574,7 @@ fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// The real `tutti serve` process holds N idle sessions within a stated ceiling
-/// per session (measured: see docs/security/limits.md).
+/// per session (measured: see docs/SECURITY.md (Memory per idle session)).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_per_idle_session_stays_under_the_ceiling() {
     const CEILING: u64 = 256 * 1024;
