@@ -16,7 +16,6 @@ use crate::auth::ApiKey;
 use crate::ids::{RoomId, UserId};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1;
-use crate::services::chat::Sender;
 use crate::services::notify::NewNotification;
 use crate::services::{ServiceError, Services};
 
@@ -210,8 +209,7 @@ async fn create_notification(
     };
     match s
         .services
-        .notify
-        .create_once(&user, req.notification, key.as_deref())
+        .api_notify(&user, req.notification, key.as_deref())
         .await
     {
         Ok((n, replayed)) => (
@@ -284,7 +282,7 @@ async fn post_message(
         Ok(r) => r,
         Err(e) => return Failure::from(ServiceError::from(e)).into_response(),
     };
-    match s.services.chat.post(&room, Sender::System, req.text).await {
+    match s.services.api_post(&room, req.text).await {
         Ok(m) => (StatusCode::CREATED, Json(MessageJson::from(m))).into_response(),
         Err(e) => Failure::from(e).into_response(),
     }
@@ -336,7 +334,7 @@ async fn add_participant(
         (Ok(r), Ok(u)) => (r, u),
         (Err(e), _) | (_, Err(e)) => return Failure::from(ServiceError::from(e)).into_response(),
     };
-    match s.services.chat.add_member(&room, &user, req.admin).await {
+    match s.services.api_add_member(&room, &user, req.admin).await {
         Ok(r) => Json(ParticipantsJson {
             room_id: r.room_id,
             participants: r.participants,

@@ -52,6 +52,8 @@ pub struct Config {
     pub analytics: crate::services::analytics::AnalyticsConfig,
     /// What is kept how long (`[retention]`).
     pub retention: crate::services::retention::RetentionConfig,
+    /// The cluster this node joins (`[cluster]`; none by default).
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// The server API (HTTP, for backends).
@@ -85,6 +87,7 @@ impl Default for Config {
             api: Default::default(),
             analytics: Default::default(),
             retention: Default::default(),
+            cluster: Default::default(),
         }
     }
 }
@@ -206,6 +209,8 @@ pub struct Overrides {
     pub node_id: Option<String>,
     /// `TUTTI_API_KEY`.
     pub api_key: Option<String>,
+    /// `--cluster` / `TUTTI_CLUSTER_URL`: the NATS server(s) of the cluster.
+    pub cluster_url: Option<String>,
 }
 
 /// A configuration that cannot be used.
@@ -294,6 +299,9 @@ impl Config {
         if let Some(v) = o.api_key {
             self.api.key = Some(v);
         }
+        if let Some(v) = o.cluster_url {
+            self.cluster.url = v;
+        }
     }
 
     /// Development mode is refused unless every listen address (QUIC and
@@ -378,6 +386,7 @@ impl Config {
         for checked in services {
             checked.map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
+        self.cluster.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

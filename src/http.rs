@@ -51,6 +51,9 @@ pub struct HttpState {
     pub web_dir: PathBuf,
     /// The server API.
     pub api: crate::api::ApiState,
+    /// The cluster this node belongs to, if any: `/cluster`, and `/readyz`
+    /// requires its connection.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The router of the side port.
@@ -62,6 +65,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/cert-hash", get(cert_hash))
         .route("/api/info", get(info))
+        .route("/cluster", get(cluster_nodes))
         // Unknown API paths are 404 whatever the method (not the static files' 405).
         .route(
             "/api/{*rest}",
@@ -173,8 +177,39 @@ pub async fn serve(
     connections.shutdown().await;
 }
 
+/// `GET /cluster`: the live nodes (public, no secrets): where a client may
+/// connect and how loaded each node is. A single node lists itself.
+async fn cluster_nodes(State(s): State<HttpState>) -> Response {
+    let nodes = match &s.cluster {
+        Some(c) => c.nodes(),
+        None => vec![crate::cluster::NodeInfo {
+            id: s.node_id.clone(),
+            quic: s.quic_addr.to_string(),
+            webtransport_url: s.webtransport_url.clone(),
+            cert_hash: s.certs.pin_hex(),
+            http: String::new(),
+            sessions: (s.metrics.active(crate::transport::TransportKind::Quic)
+                + s.metrics
+                    .active(crate::transport::TransportKind::WebTransport))
+            .max(0) as u64,
+            draining: false,
+            updated_ms: crate::util::unix_millis(),
+        }],
+    };
+    (
+        [(axum::http::header::CACHE_CONTROL, "public, max-age=1")],
+        Json(serde_json::json!({ "node_id": s.node_id, "nodes": nodes })),
+    )
+        .into_response()
+}
+
 async fn readyz(State(s): State<HttpState>) -> Response {
-    if s.ready.load(Ordering::Acquire) && s.store.is_healthy() && s.writer.is_running() {
+    let cluster_ready = s.cluster.as_ref().is_none_or(|c| c.is_ready());
+    if s.ready.load(Ordering::Acquire)
+        && cluster_ready
+        && s.store.is_healthy()
+        && s.writer.is_running()
+    {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()

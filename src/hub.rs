@@ -40,6 +40,11 @@ pub trait Subscriber: Send + Sync + std::fmt::Debug {
     fn push_wait(&self, kind: StreamKind, push: Push) -> BoxFuture<'_, Result<(), SlowConsumer>>;
     /// Sends a datagram (may be lost).
     fn datagram(&self, data: Bytes);
+    /// A session of another node of the cluster, seen while applying its node's
+    /// writes: the hub never subscribes it (its own node delivers to it).
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// Carries publications between the nodes of a cluster. Calls never wait: an
@@ -103,6 +108,9 @@ impl Hub {
 
     /// Adds `sub` to `topic` (idempotent).
     pub fn subscribe(&self, topic: &str, sub: Arc<dyn Subscriber>) {
+        if sub.is_remote() {
+            return;
+        }
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         let first = !topics.contains_key(topic);
         topics

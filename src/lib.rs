@@ -35,6 +35,9 @@ pub mod util;
 // The HTTP server API for backends.
 #[cfg(feature = "server")]
 pub mod api;
+// The cluster on NATS JetStream.
+#[cfg(feature = "server")]
+pub mod cluster;
 // Typed configuration: defaults < file < environment < flags.
 #[cfg(feature = "server")]
 pub mod config;

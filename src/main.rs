@@ -101,6 +101,10 @@ struct ServeArgs {
     /// This node's id [default: generated once and kept in the database].
     #[arg(long, env = "TUTTI_NODE_ID")]
     node_id: Option<String>,
+    /// Join the cluster on these NATS servers (nats://host:port, comma-separated)
+    /// [default: a single node].
+    #[arg(long = "cluster", env = "TUTTI_CLUSTER_URL")]
+    cluster_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -147,6 +151,7 @@ fn main() -> anyhow::Result<()> {
                     http: args.http,
                     web_dir: args.web_dir.clone(),
                     node_id: args.node_id.clone(),
+                    cluster_url: args.cluster_url.clone(),
                     ..Default::default()
                 },
             )?;

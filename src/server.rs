@@ -80,11 +80,25 @@ async fn start_inner(
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     config.check_dev_mode()?;
+    // In a cluster the database is a view of the command log, rebuilt at each
+    // start (docs/CLUSTER.md); it lives apart from a single node's database.
+    let db_dir = if config.cluster.enabled() {
+        let dir = config.data_dir.join("cluster-view");
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context(format!("clearing {}", dir.display())),
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        dir
+    } else {
+        config.data_dir.clone()
+    };
     let store = match faults {
-        None => Store::open(&config.data_dir),
-        Some(switch) => Store::open_with_faults(&config.data_dir, switch),
+        None => Store::open(&db_dir),
+        Some(switch) => Store::open_with_faults(&db_dir, switch),
     }
-    .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
+    .with_context(|| format!("opening the database in {}", db_dir.display()))?;
     let node_id = config
         .node_id
         .clone()
@@ -127,11 +141,24 @@ async fn start_inner(
     let tasks = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     let stop_background = CancellationToken::new();
+    let cluster_conn = if config.cluster.enabled() {
+        Some(crate::cluster::Connection::connect(&config.cluster, &node_id).await?)
+    } else {
+        None
+    };
+    let hub = match &cluster_conn {
+        Some(c) => {
+            let hub = Arc::new(Hub::new(c.broker.clone()));
+            c.broker.attach(Arc::downgrade(&hub));
+            hub
+        }
+        None => Arc::new(Hub::default()),
+    };
     let (services, background) = Services::open(
         ServiceDeps {
             store: store.clone(),
             writer: writer.clone(),
-            hub: Arc::new(Hub::default()),
+            hub,
             metrics: metrics.clone(),
             rates: Arc::new(crate::services::rate::RateLimits::new(
                 &config.limits.rate,
@@ -152,6 +179,37 @@ async fn start_inner(
                 .instrument(tracing::debug_span!("background", name)),
         );
     }
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("binding TCP {}", config.http))?;
+    let http_addr = listener.local_addr()?;
+    let cluster = match cluster_conn {
+        None => None,
+        Some(conn) => {
+            let (certs, sessions) = (certs.clone(), metrics.clone());
+            let me = crate::cluster::SelfInfo {
+                quic: config.cluster.public_addr.unwrap_or(quic_addr),
+                http: http_addr,
+                cert_hash: Arc::new(move || certs.pin_hex()),
+                sessions: Arc::new(move || {
+                    (sessions.active(crate::transport::TransportKind::Quic)
+                        + sessions.active(crate::transport::TransportKind::WebTransport))
+                    .max(0) as u64
+                }),
+            };
+            Some(
+                crate::cluster::Cluster::join(
+                    conn,
+                    services.clone(),
+                    me,
+                    &tasks,
+                    stop_background.clone(),
+                )
+                .await
+                .context("joining the cluster")?,
+            )
+        }
+    };
     let gateway = Gateway::new(
         GatewayConfig {
             limits: config.limits.clone(),
@@ -182,10 +240,6 @@ async fn start_inner(
             .rotation_task(config.tls.check_interval, stop_background.clone()),
     );
 
-    let listener = tokio::net::TcpListener::bind(config.http)
-        .await
-        .with_context(|| format!("binding TCP {}", config.http))?;
-    let http_addr = listener.local_addr()?;
     let router = crate::http::router(crate::http::HttpState {
         auth: auth.clone(),
         certs: certs.clone(),
@@ -203,6 +257,7 @@ async fn start_inner(
             services: services.clone(),
             metrics: metrics.clone(),
         },
+        cluster: cluster.clone(),
     });
     let stop_http = CancellationToken::new();
     let http_stop = stop_http.clone();

@@ -4,10 +4,15 @@ use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `n` random bytes from the system generator, as lowercase hex.
+///
+/// While a replicated command is applied ([`crate::clock::replay`]), the bytes come
+/// from the command's seed instead, so that every node makes the same ids.
 pub fn random_hex(n: usize) -> String {
     let mut bytes = vec![0u8; n];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .expect("the system random generator is available");
+    if !crate::clock::replay::fill(&mut bytes) {
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .expect("the system random generator is available");
+    }
     hex(&bytes)
 }
 

@@ -459,6 +459,9 @@ impl ChatService {
     }
 
     fn subscribe(&self, sub: Arc<dyn Subscriber>, room: &str) {
+        if sub.is_remote() {
+            return;
+        }
         self.subscribed
             .lock()
             .unwrap_or_else(|e| e.into_inner())

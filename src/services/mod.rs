@@ -11,6 +11,7 @@ pub(crate) mod fakes;
 pub mod notify;
 pub mod presence;
 pub mod rate;
+pub mod replica;
 pub mod retention;
 
 use std::sync::Arc;
@@ -340,6 +341,9 @@ impl std::fmt::Debug for Background {
 #[derive(Debug)]
 pub struct Services {
     hub: Arc<Hub>,
+    rates: Arc<rate::RateLimits>,
+    /// In a cluster: the log every write goes through.
+    replicator: std::sync::OnceLock<Arc<dyn replica::Replicator>>,
     /// Analytics and metrics streaming.
     pub analytics: Arc<analytics::AnalyticsService>,
     /// Rooms and messages.
@@ -388,6 +392,8 @@ impl Services {
         );
         let services = Self {
             hub: deps.hub.clone(),
+            rates: deps.rates.clone(),
+            replicator: std::sync::OnceLock::new(),
             analytics,
             presence,
             notify,
@@ -418,13 +424,33 @@ impl Services {
     ) -> Result<(), crate::store::StoreError> {
         self.hub
             .subscribe(&user_topic(ctx.user_id()), ctx.subscriber.clone());
-        self.presence.connected(ctx).await;
+        self.presence_connected(ctx).await;
         self.notify.connected(ctx, resume).await?;
         self.chat.connected(ctx, resume).await
     }
 
     /// Answers a feature request. `None` means the body is not a feature request.
+    /// In a cluster, writes go through the log ([`replica`]).
     pub async fn handle(
+        &self,
+        ctx: &SessionCtx,
+        body: request::Body,
+    ) -> Option<ServiceResult<response::Body>> {
+        if let Some(r) = self.replicator()
+            && replica::is_write(&body)
+        {
+            return Some(self.propose_request(r, ctx, body).await);
+        }
+        self.handle_local(ctx, body).await
+    }
+
+    /// The per-user rate limits.
+    pub(crate) fn deps_rates(&self) -> &rate::RateLimits {
+        &self.rates
+    }
+
+    /// Answers a feature request on this node's own state.
+    async fn handle_local(
         &self,
         ctx: &SessionCtx,
         body: request::Body,
@@ -505,7 +531,7 @@ impl Services {
         self.chat.disconnected(ctx);
         self.notify.disconnected(ctx);
         self.analytics.disconnected(ctx);
-        self.presence.disconnected(ctx).await;
+        self.presence_disconnected(ctx).await;
         self.collab.disconnected(ctx).await;
     }
 }

@@ -85,7 +85,7 @@ impl Default for NotifyConfig {
 }
 
 /// A notification to create.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
 pub struct NewNotification {
     /// What kind ("mention", ...); 1-64 bytes.
     pub kind: String,

@@ -279,6 +279,26 @@ impl PresenceService {
         }
     }
 
+    /// The sessions (id, user) of the node `node` that are online here. Session ids
+    /// are `<node id>-<number>`.
+    pub fn sessions_of_node(&self, node: &str) -> Vec<(String, String)> {
+        let prefix = format!("{node}-");
+        let live = self.live();
+        let mut out = Vec::new();
+        for (user, l) in &live.users {
+            for s in &l.sessions {
+                if s.strip_prefix(&prefix)
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    out.push((s.clone(), user.clone()));
+                }
+            }
+        }
+        // In a stable order, so that every node announces in the same one.
+        out.sort();
+        out
+    }
+
     /// A session ended.
     pub async fn disconnected(&self, ctx: &SessionCtx) {
         let user = ctx.user_id();

@@ -1,0 +1,295 @@
+//! The command log on JetStream: proposing a command, and the node's one reader
+//! that applies every command in log order (`crate::services::replica`).
+//!
+//! - One stream, one subject: the stream sequence is the cluster's single order of
+//!   writes. Its replicas (`cluster.replicas`, 3 in production) make a command
+//!   durable on a majority before the publish is acknowledged.
+//! - `Nats-Msg-Id` (`<node>-<command id>`) makes a publish that is retried after a
+//!   lost acknowledgement land once (within the stream's duplicate window); a
+//!   client's own resend is recognised by the services (client message ids,
+//!   document client sequence numbers), which every node applies alike.
+//! - Each node reads the stream with one ordered consumer (not one per client),
+//!   which the client library recreates from the last sequence it delivered after
+//!   a gap or a reconnect.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, message::PublishMessage as Publish, stream};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use prost::Message;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::ErrorCode;
+use crate::services::replica::{Command, Op, Outcome, Replicator};
+use crate::services::{ServiceError, ServiceResult, Services, SessionCtx};
+
+type Pending = HashMap<u64, (Option<SessionCtx>, oneshot::Sender<Outcome>)>;
+
+/// Proposes this node's commands and matches them with their application.
+#[derive(Debug)]
+pub struct CommandLog {
+    js: jetstream::Context,
+    subject: String,
+    node: String,
+    next_id: AtomicU64,
+    pending: std::sync::Mutex<Pending>,
+    timeout: Duration,
+    /// The last sequence this node applied.
+    applied: watch::Sender<u64>,
+}
+
+fn unavailable(what: impl std::fmt::Display) -> ServiceError {
+    tracing::warn!(cause = %what, "cluster log unavailable");
+    ServiceError::new(
+        ErrorCode::Unavailable,
+        "the cluster log is unavailable; retry with backoff",
+    )
+}
+
+fn random_u64() -> u64 {
+    u64::from_str_radix(&crate::util::random_hex(8), 16).expect("16 hex digits")
+}
+
+impl CommandLog {
+    /// Makes sure the stream exists (`replicas` copies) and returns the log.
+    pub async fn open(
+        js: jetstream::Context,
+        stream_name: &str,
+        subject: &str,
+        replicas: usize,
+        node: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Arc<Self>> {
+        js.get_or_create_stream(stream::Config {
+            name: stream_name.to_owned(),
+            subjects: vec![subject.to_owned()],
+            num_replicas: replicas,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the stream {stream_name}: {e}"))?;
+        Ok(Arc::new(Self {
+            js,
+            subject: subject.to_owned(),
+            node: node.to_owned(),
+            // Random base: ids stay unique when a node restarts with the same id.
+            next_id: AtomicU64::new(random_u64() >> 1),
+            pending: std::sync::Mutex::new(HashMap::new()),
+            timeout,
+            applied: watch::channel(0).0,
+        }))
+    }
+
+    /// The last sequence of the stream now.
+    pub async fn last_sequence(&self, stream_name: &str) -> anyhow::Result<u64> {
+        let mut s = self
+            .js
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = s.info().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Waits until this node has applied everything up to `seq`.
+    pub async fn applied_through(&self, seq: u64) {
+        let mut rx = self.applied.subscribe();
+        let _ = rx.wait_for(|a| *a >= seq).await;
+    }
+
+    /// The last sequence this node applied.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    async fn publish(&self, command: &Command) -> Result<u64, ServiceError> {
+        let publish = Publish::build()
+            .payload(command.encode_to_vec().into())
+            .message_id(format!("{}-{}", command.origin, command.id));
+        let ack = self
+            .js
+            .send_publish(self.subject.clone(), publish)
+            .await
+            .map_err(unavailable)?;
+        match tokio::time::timeout(self.timeout, ack).await {
+            Ok(Ok(ack)) => Ok(ack.sequence),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable("no acknowledgement in time")),
+        }
+    }
+
+    /// Reads the stream from the start and applies every command, in order, until
+    /// `stop`. A command this node proposed is applied with its session and its
+    /// outcome goes to the proposer.
+    pub async fn run_applier(
+        self: Arc<Self>,
+        stream_name: String,
+        services: Arc<Services>,
+        stop: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let start = self.applied() + 1;
+            match self.read_from(&stream_name, start, &services, &stop).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, start, "reading the cluster log; retrying");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn read_from(
+        &self,
+        stream_name: &str,
+        start: u64,
+        services: &Arc<Services>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let stream = self
+            .js
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                m = messages.next() => m,
+            };
+            let Some(msg) = msg else {
+                anyhow::bail!("the consumer ended");
+            };
+            let msg = msg.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let seq = msg
+                .info()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .stream_sequence;
+            if seq <= self.applied() {
+                continue;
+            }
+            match Command::decode(msg.payload.as_ref()) {
+                Ok(command) => self.apply(&command, services, stop).await,
+                // Every node skips it alike.
+                Err(e) => tracing::error!(seq, error = %e, "undecodable command skipped"),
+            }
+            self.applied.send_replace(seq);
+        }
+    }
+
+    async fn apply(&self, command: &Command, services: &Arc<Services>, stop: &CancellationToken) {
+        let mine = (command.origin == self.node)
+            .then(|| {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&command.id)
+            })
+            .flatten();
+        let (ctx, reply) = match mine {
+            Some((ctx, reply)) => (ctx, Some(reply)),
+            None => (None, None),
+        };
+        let mut backoff = Duration::from_millis(10);
+        let outcome = loop {
+            let outcome = crate::clock::replay::scope(
+                command.time_ms,
+                command.seed,
+                services.apply(command, ctx.clone()),
+            )
+            .await;
+            // A failing disk here must not make this node skip what the others
+            // applied: retry until it works.
+            if !outcome_unavailable(&outcome) || stop.is_cancelled() {
+                break outcome;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        };
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+fn outcome_unavailable(o: &Outcome) -> bool {
+    let code = match o {
+        Outcome::Response(Err(e)) => e.code,
+        Outcome::Notified(Err(e)) => e.code,
+        Outcome::Posted(Err(e)) => e.code,
+        Outcome::Added(Err(e)) => e.code,
+        _ => return false,
+    };
+    code == ErrorCode::Unavailable
+}
+
+impl Replicator for CommandLog {
+    fn propose(&self, op: Op, ctx: Option<SessionCtx>) -> BoxFuture<'_, ServiceResult<Outcome>> {
+        Box::pin(async move {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let command = Command {
+                origin: self.node.clone(),
+                id,
+                time_ms: crate::util::unix_millis(),
+                seed: random_u64(),
+                session: ctx
+                    .as_ref()
+                    .map(|c| c.session_id().to_owned())
+                    .unwrap_or_default(),
+                user: ctx
+                    .as_ref()
+                    .map(|c| c.user_id().to_owned())
+                    .unwrap_or_default(),
+                roles: ctx.as_ref().map(|c| c.roles.to_vec()).unwrap_or_default(),
+                op: Some(op),
+            };
+            let (tx, rx) = oneshot::channel();
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, (ctx, tx));
+            let forget = || {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            };
+            if let Err(e) = self.publish(&command).await {
+                forget();
+                return Err(e);
+            }
+            match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(outcome)) => Ok(outcome),
+                _ => {
+                    forget();
+                    Err(unavailable("the command was not applied here in time"))
+                }
+            }
+        })
+    }
+}

