@@ -9,17 +9,16 @@
 
 mod support;
 
-use std::collections::HashMap;
+use support::typing::{follow_until, type_concurrently};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use tokio::io::AsyncBufReadExt;
 use tutti::client::collab::Document;
 use tutti::client::{Client, ClientConfig, ClientError, Event, Trust};
-use tutti::ot::TextOperation;
 use tutti::protocol::ErrorCode;
 use tutti::protocol::v1::{self, DocRole, StreamKind, push, request, response};
 use tutti::transport::TransportKind;
@@ -143,7 +142,7 @@ grace = "300ms"
 
 [cluster]
 heartbeat = "200ms"
-node_ttl = "1500ms"
+node_ttl = "3s"
 write_timeout = "2s"
 "#,
     )
@@ -167,7 +166,10 @@ impl Node {
             .args(["--node-id", id, "--cluster", nats])
             .env("TUTTI_JWT_SECRET", SECRET)
             .env("TUTTI_API_KEY", API_KEY)
-            .env("TUTTI_LOG", "warn")
+            .env(
+                "TUTTI_LOG",
+                std::env::var("TUTTI_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -188,7 +190,16 @@ impl Node {
                 break;
             }
         }
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // The node's log, shown with TUTTI_TEST_NODE_LOG=1 (and TUTTI_LOG for detail).
+        let show = std::env::var_os("TUTTI_TEST_NODE_LOG").is_some();
+        let name = id.to_owned();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if show {
+                    eprintln!("[{name}] {line}");
+                }
+            }
+        });
         let (quic, http) = (
             quic.expect("the node printed its address"),
             http.expect("the node printed its page"),
@@ -221,10 +232,14 @@ impl Node {
         c
     }
 
+    /// Connects `user`, and waits for a first answer: requests are read only once
+    /// the session's subscriptions are in place, so from then on it misses nothing.
     async fn connect(&self, transport: TransportKind, user: &str) -> Client {
-        Client::connect(self.config(transport, user))
+        let c = Client::connect(self.config(transport, user))
             .await
-            .unwrap_or_else(|e| panic!("{user} connects to {}: {e}", self.id))
+            .unwrap_or_else(|e| panic!("{user} connects to {}: {e}", self.id));
+        c.echo(vec![], false).await.unwrap();
+        c
     }
 
     async fn api(&self, method: &str, path: &str, json: Option<&str>) -> (u16, String) {
@@ -339,7 +354,12 @@ async fn receive(c: &Client, n: usize) -> Vec<(u64, String)> {
 /// Messages each sender sends in the concurrent chat test.
 const EACH: usize = 25;
 
+/// Runs one cluster test at a time (each starts several processes; two cores
+/// do not run several clusters at once in good time), bounded by
+/// [`TEST_TIMEOUT`].
 async fn timed<F: std::future::Future>(f: F) -> F::Output {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = SERIAL.lock().await;
     tokio::time::timeout(TEST_TIMEOUT, f)
         .await
         .expect("the test finished in time")
@@ -486,6 +506,270 @@ async fn notifications_read_marks_and_presence_cross_nodes() {
         }
         assert_eq!(status_of(&cat).await, v1::PresenceStatus::Offline);
         let _ = room;
+    })
+    .await;
+}
+
+async fn open_doc(c: &Client, doc: &str, known: Option<u64>) -> v1::DocOpenResponse {
+    match c
+        .request(request::Body::DocOpen(v1::DocOpenRequest {
+            doc_id: doc.into(),
+            known_revision: known,
+        }))
+        .await
+        .unwrap()
+    {
+        response::Body::DocOpen(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_editors_on_three_nodes_converge_with_every_stored_copy() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, nodes) = cluster(dir.path(), 3).await;
+        let ann = nodes[0].connect(TransportKind::Quic, "ann").await;
+        ann.request(request::Body::DocCreate(v1::DocCreateRequest {
+            doc_id: "d".into(),
+            text: "héllo 🌍".into(),
+        }))
+        .await
+        .unwrap();
+        for u in ["bob", "cat"] {
+            ann.request(request::Body::DocShare(v1::DocShareRequest {
+                doc_id: "ann~d".into(),
+                user_id: u.into(),
+                role: DocRole::Editor as i32,
+            }))
+            .await
+            .unwrap();
+        }
+        let bob = nodes[1].connect(TransportKind::WebTransport, "bob").await;
+        let cat = nodes[2].connect(TransportKind::Quic, "cat").await;
+        let mut docs = Vec::new();
+        for (c, id) in [(&ann, "ann-1"), (&bob, "bob-1"), (&cat, "cat-1")] {
+            docs.push(Document::from_open(id, open_doc(c, "ann~d", None).await).unwrap());
+        }
+        let [da, db, dc] = &mut docs[..] else {
+            unreachable!()
+        };
+        let (_, _, _) = tokio::join!(
+            type_concurrently(&ann, da, 60, 11),
+            type_concurrently(&bob, db, 60, 12),
+            type_concurrently(&cat, dc, 60, 13),
+        );
+        // Everyone follows to the last revision any of them saw.
+        let last = docs.iter().map(Document::revision).max().unwrap();
+        for (c, d) in [&ann, &bob, &cat].into_iter().zip(docs.iter_mut()) {
+            follow_until(c, d, last).await;
+        }
+        assert_eq!(docs[0].text(), docs[1].text());
+        assert_eq!(docs[0].text(), docs[2].text());
+        // And every node's stored copy is the same document.
+        for node in &nodes {
+            let dave = node.connect(TransportKind::Quic, "ann").await;
+            let stored = open_doc(&dave, "ann~d", None).await;
+            assert_eq!(stored.revision, last, "node {}", node.id);
+            match stored.state {
+                Some(v1::doc_open_response::State::Snapshot(text)) => {
+                    assert_eq!(text, docs[0].text(), "node {}", node.id)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await;
+}
+
+/// One chatting user's view of a failover run.
+#[derive(Debug, Default)]
+struct ChatReport {
+    /// Offsets of this user's acknowledged messages.
+    acked: Vec<u64>,
+    /// Offsets pushed to this user, in arrival order, across reconnects.
+    received: Vec<u64>,
+    /// From the kill to this user's next acknowledged message on another node.
+    reconnects: Vec<Duration>,
+}
+
+/// Sends `count` messages one by one through `nodes[home]`; when a request
+/// fails, reconnects to the next live node with a resume position and resends
+/// with the same client message id. Then reads pushes until it has `total`.
+async fn chatter(
+    nodes: Vec<(SocketAddr, [u8; 32])>,
+    home: usize,
+    user: String,
+    room: String,
+    count: usize,
+    total: u64,
+    killed: Arc<OnceLock<Instant>>,
+    start: Arc<tokio::sync::Barrier>,
+) -> ChatReport {
+    let config = |i: usize, resume: u64| {
+        let (addr, pin) = nodes[i % nodes.len()];
+        let mut c = ClientConfig::new(
+            addr,
+            TransportKind::Quic,
+            Trust::Pinned(vec![pin]),
+            token(&user),
+        );
+        c.timeout = Duration::from_secs(2);
+        if resume > 0 {
+            c.resume.insert(format!("room/{room}"), resume);
+        }
+        c
+    };
+    let mut report = ChatReport::default();
+    let mut at = home;
+    let mut client = Client::connect(config(at, 0)).await.unwrap();
+    // Subscribed once a first request is answered.
+    client.echo(vec![], false).await.unwrap();
+    // Everyone is connected before anyone sends: each must receive every message.
+    start.wait().await;
+    let mut i = 0;
+    while i < count {
+        match send(
+            &client,
+            &room,
+            &format!("{user} {i}"),
+            &format!("{user}-{i}"),
+        )
+        .await
+        {
+            Ok(m) => {
+                report.acked.push(m.offset);
+                i += 1;
+            }
+            Err(_) => {
+                // What already arrived counts; the rest comes with the resume.
+                while let Ok(Some(ev)) =
+                    tokio::time::timeout(Duration::from_millis(1), client.next_event()).await
+                {
+                    if let Event::Push(StreamKind::Chat, p) = ev
+                        && let Some(push::Event::ChatMessage(m)) = p.event
+                    {
+                        report.received.push(m.offset);
+                    }
+                }
+                let resume = report.received.last().copied().unwrap_or(0);
+                client = loop {
+                    at += 1;
+                    if let Ok(c) = Client::connect(config(at, resume)).await {
+                        break c;
+                    }
+                };
+                // Resend the same message (same client message id).
+                let m = send(
+                    &client,
+                    &room,
+                    &format!("{user} {i}"),
+                    &format!("{user}-{i}"),
+                )
+                .await
+                .unwrap();
+                report.acked.push(m.offset);
+                let since = killed.get().expect("a request fails only after the kill");
+                report.reconnects.push(since.elapsed());
+                i += 1;
+            }
+        }
+    }
+    while (report.received.len() as u64) < total
+        && report.received.last().copied().unwrap_or(0) < total
+    {
+        match client.next_event().await.expect("session open") {
+            Event::Push(StreamKind::Chat, p) => {
+                if let Some(push::Event::ChatMessage(m)) = p.event {
+                    report.received.push(m.offset);
+                }
+            }
+            _ => continue,
+        }
+    }
+    report
+}
+
+/// Checks a failover run: every acknowledged message stored once, offsets dense,
+/// each user received each offset exactly once and in order. Returns the
+/// reconnect times.
+async fn judge(reports: &[ChatReport], total: u64, check: &Client, room: &str) -> Vec<Duration> {
+    let mut acked: Vec<u64> = reports.iter().flat_map(|r| r.acked.clone()).collect();
+    acked.sort();
+    assert_eq!(
+        acked,
+        (1..=total).collect::<Vec<_>>(),
+        "every message acknowledged once, offsets dense"
+    );
+    for r in reports {
+        assert_eq!(
+            r.received,
+            (1..=total).collect::<Vec<_>>(),
+            "each offset delivered once, in order"
+        );
+    }
+    let stored = history_all(check, room).await;
+    assert_eq!(
+        stored.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    let mut texts: Vec<&String> = stored.iter().map(|(_, t)| t).collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len() as u64, total, "no message stored twice");
+    let mut times: Vec<Duration> = reports.iter().flat_map(|r| r.reconnects.clone()).collect();
+    times.sort();
+    times
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_node_under_chat_load_loses_and_duplicates_nothing() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, mut nodes) = cluster(dir.path(), 3).await;
+        let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
+        let owner = nodes[0].connect(TransportKind::Quic, "u0").await;
+        let others: Vec<&str> = users[1..].iter().map(String::as_str).collect();
+        let room = create_room(&owner, "f", &others).await;
+        let addrs: Vec<(SocketAddr, [u8; 32])> = nodes.iter().map(|n| (n.quic, n.pin)).collect();
+        const COUNT: usize = 40;
+        let total = (users.len() * COUNT) as u64;
+        let killed = Arc::new(OnceLock::new());
+        let start = Arc::new(tokio::sync::Barrier::new(users.len()));
+        let mut runs = Vec::new();
+        for (i, u) in users.iter().enumerate() {
+            runs.push(tokio::spawn(chatter(
+                addrs.clone(),
+                i % 3,
+                u.clone(),
+                room.clone(),
+                COUNT,
+                total,
+                killed.clone(),
+                start.clone(),
+            )));
+        }
+        // Kill node 3 once a third of the messages are stored.
+        loop {
+            let h = history_all(&owner, &room).await;
+            if h.len() as u64 >= total / 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        killed.set(Instant::now()).unwrap();
+        nodes[2].kill().await;
+        let mut reports = Vec::new();
+        for r in runs {
+            reports.push(r.await.unwrap());
+        }
+        let times = judge(&reports, total, &owner, &room).await;
+        assert_eq!(times.len(), 2, "both users of node 3 moved: {times:?}");
+        println!("failover: from the kill to the next acknowledged message: {times:?}");
+        assert!(
+            times.iter().all(|t| *t < Duration::from_secs(5)),
+            "{times:?}"
+        );
     })
     .await;
 }

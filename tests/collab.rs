@@ -5,11 +5,11 @@
 
 mod support;
 
+use support::typing::{follow_until, submit, type_concurrently};
+
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use support::{TestServer, test_config};
 use tutti::client::collab::Document;
 use tutti::client::{Client, ClientError, Event};
@@ -62,16 +62,6 @@ async fn open(
     }
 }
 
-async fn submit(
-    c: &Client,
-    req: v1::DocSubmitRequest,
-) -> Result<v1::DocSubmitResponse, ClientError> {
-    match c.request(request::Body::DocSubmit(req)).await? {
-        response::Body::DocSubmit(r) => Ok(r),
-        other => panic!("{other:?}"),
-    }
-}
-
 async fn list(c: &Client) -> v1::DocListResponse {
     match c
         .request(request::Body::DocList(v1::DocListRequest {}))
@@ -110,102 +100,6 @@ fn server_error(r: Result<impl std::fmt::Debug, ClientError>) -> v1::Error {
     match r {
         Err(ClientError::Server(e)) => e,
         other => panic!("expected a server error, got {other:?}"),
-    }
-}
-
-/// A tiny deterministic generator (no randomness in tests without a seed).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-const SNIPPETS: &[&str] = &["a", "é", "🎉", "👩‍👩‍👧", "e\u{301}", "漢字", " ", "xyz", "\n"];
-
-fn random_edit(rng: &mut Rng, text: &str) -> TextOperation {
-    let len = text.chars().count();
-    let pos = rng.below(len + 1);
-    if len > 0 && rng.below(3) == 0 {
-        let n = 1 + rng.below((len - pos.min(len - 1)).min(3));
-        let pos = pos.min(len - n);
-        TextOperation::new()
-            .retain(pos)
-            .delete(n)
-            .retain(len - pos - n)
-    } else {
-        let s = SNIPPETS[rng.below(SNIPPETS.len())];
-        TextOperation::new().retain(pos).insert(s).retain(len - pos)
-    }
-}
-
-/// Types `edits` random edits while applying what the others type, until every
-/// local edit is acknowledged.
-/// Returns the last request sent.
-async fn type_concurrently(
-    client: &Client,
-    doc: &mut Document,
-    edits: usize,
-    seed: u64,
-) -> v1::DocSubmitRequest {
-    let mut rng = Rng(seed);
-    let mut last = None;
-    let mut left = edits;
-    let mut inflight = FuturesUnordered::new();
-    // Keystrokes at a typing rate (a fast typist's 1,000 per second), so edits and
-    // other people's operations interleave; correctness does not depend on it.
-    let mut keys = tokio::time::interval(Duration::from_millis(1));
-    keys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        if left == 0 && inflight.is_empty() && doc.is_synchronized() {
-            return last.expect("at least one edit was sent");
-        }
-        tokio::select! {
-            ev = client.next_event() => match ev {
-                Some(Event::Push(StreamKind::Collab, p)) => {
-                    if let Some(push::Event::DocOperation(op)) = p.event
-                        && let Some(req) = doc.on_operation(op).unwrap()
-                    {
-                        last = Some(req.clone());
-                        inflight.push(submit(client, req));
-                    }
-                }
-                Some(_) => {}
-                None => panic!("session closed"),
-            },
-            Some(r) = inflight.next(), if !inflight.is_empty() => {
-                r.unwrap();
-            }
-            _ = keys.tick(), if left > 0 => {
-                left -= 1;
-                let op = random_edit(&mut rng, doc.text());
-                if let Some(req) = doc.edit(op).unwrap() {
-                    last = Some(req.clone());
-                    inflight.push(submit(client, req));
-                }
-            }
-        }
-    }
-}
-
-/// Applies pushed operations until the document reaches `revision`.
-async fn follow_until(client: &Client, doc: &mut Document, revision: u64) {
-    while doc.revision() < revision {
-        match client.next_event().await {
-            Some(Event::Push(_, p)) => {
-                if let Some(push::Event::DocOperation(op)) = p.event {
-                    assert!(doc.on_operation(op).unwrap().is_none());
-                }
-            }
-            Some(_) => {}
-            None => panic!("session closed"),
-        }
     }
 }
 

@@ -34,6 +34,7 @@ type Pending = HashMap<u64, (Option<SessionCtx>, oneshot::Sender<Outcome>)>;
 #[derive(Debug)]
 pub struct CommandLog {
     js: jetstream::Context,
+    stream: String,
     subject: String,
     node: String,
     next_id: AtomicU64,
@@ -78,6 +79,7 @@ impl CommandLog {
         .map_err(|e| anyhow::anyhow!("creating the stream {stream_name}: {e}"))?;
         Ok(Arc::new(Self {
             js,
+            stream: stream_name.to_owned(),
             subject: subject.to_owned(),
             node: node.to_owned(),
             // Random base: ids stay unique when a node restarts with the same id.
@@ -249,6 +251,18 @@ fn outcome_unavailable(o: &Outcome) -> bool {
 }
 
 impl Replicator for CommandLog {
+    fn sync(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let caught_up = async {
+                match self.last_sequence(&self.stream).await {
+                    Ok(last) => self.applied_through(last).await,
+                    Err(e) => tracing::debug!(error = %e, "reading the log's last sequence"),
+                }
+            };
+            let _ = tokio::time::timeout(self.timeout, caught_up).await;
+        })
+    }
+
     fn propose(&self, op: Op, ctx: Option<SessionCtx>) -> BoxFuture<'_, ServiceResult<Outcome>> {
         Box::pin(async move {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);

@@ -422,6 +422,9 @@ impl Services {
         ctx: &SessionCtx,
         resume: &std::collections::HashMap<String, u64>,
     ) -> Result<(), crate::store::StoreError> {
+        if let Some(r) = self.replicator() {
+            r.sync().await;
+        }
         self.hub
             .subscribe(&user_topic(ctx.user_id()), ctx.subscriber.clone());
         self.presence_connected(ctx).await;

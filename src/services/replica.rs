@@ -135,6 +135,11 @@ pub trait Replicator: Send + Sync + std::fmt::Debug {
     /// of this node's application of it. Fails with `UNAVAILABLE` when the log
     /// could not take it: then nothing was acknowledged.
     fn propose(&self, op: Op, ctx: Option<SessionCtx>) -> BoxFuture<'_, ServiceResult<Outcome>>;
+
+    /// Waits until this node has applied every command the log held when it was
+    /// called (bounded; gives up quietly when the log cannot be reached), so that
+    /// a session starting here sees every write acknowledged anywhere before.
+    fn sync(&self) -> BoxFuture<'_, ()>;
 }
 
 /// Whether a request changes shared state (and so goes through the log in a

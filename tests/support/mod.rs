@@ -2,6 +2,8 @@
 //! connects native clients to it over either transport.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod typing;
+
 use std::time::Duration;
 
 use tutti::client::{Client, ClientConfig, Trust};
