@@ -125,7 +125,7 @@ struct Node {
     pin: [u8; 32],
 }
 
-fn write_config(dir: &Path) -> PathBuf {
+fn write_config(dir: &Path, replicas: usize) -> PathBuf {
     let path = dir.join("tutti.toml");
     std::fs::write(
         &path,
@@ -144,7 +144,9 @@ grace = "300ms"
 heartbeat = "200ms"
 node_ttl = "3s"
 write_timeout = "2s"
-"#,
+replicas = {replicas}
+"#
+        .replace("{replicas}", &replicas.to_string()),
     )
     .unwrap();
     path
@@ -152,9 +154,13 @@ write_timeout = "2s"
 
 impl Node {
     async fn start(dir: &Path, id: &str, nats: &str) -> Self {
+        Self::start_with(dir, id, nats, 1).await
+    }
+
+    async fn start_with(dir: &Path, id: &str, nats: &str, replicas: usize) -> Self {
         let data = dir.join(id);
         std::fs::create_dir_all(&data).unwrap();
-        let config = write_config(dir);
+        let config = write_config(dir, replicas);
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tutti"))
             .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
             .arg("--config")
@@ -770,6 +776,179 @@ async fn sigkill_of_a_node_under_chat_load_loses_and_duplicates_nothing() {
             times.iter().all(|t| *t < Duration::from_secs(5)),
             "{times:?}"
         );
+    })
+    .await;
+}
+
+/// A server error's code, or `None` for success and transport failures.
+fn error_code<T>(r: &Result<T, ClientError>) -> Option<ErrorCode> {
+    match r {
+        Err(ClientError::Server(e)) => ErrorCode::from_u32(e.code),
+        _ => None,
+    }
+}
+
+/// Sends `count` messages through `c`, each retried with its client message id
+/// until acknowledged; returns their offsets and the codes of the refusals seen.
+async fn send_through_outage(c: &Client, room: &str, user: &str, count: usize) -> (Vec<u64>, Vec<ErrorCode>) {
+    let mut offsets = Vec::new();
+    let mut refusals = Vec::new();
+    for i in 0..count {
+        loop {
+            let r = send(c, room, &format!("{user} {i}"), &format!("{user}-{i}")).await;
+            match r {
+                Ok(m) => {
+                    offsets.push(m.offset);
+                    break;
+                }
+                Err(ref e) => {
+                    refusals.push(error_code(&r).unwrap_or_else(|| panic!("untyped failure: {e}")));
+                    // Retry with backoff, as a client does with UNAVAILABLE.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    (offsets, refusals)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_refuses_writes_with_a_typed_code_and_recovers_by_itself() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut nats, nodes) = cluster(dir.path(), 2).await;
+        let ann = nodes[0].connect(TransportKind::Quic, "ann").await;
+        let bob = nodes[1].connect(TransportKind::WebTransport, "bob").await;
+        let room = create_room(&ann, "n", &["bob"]).await;
+        let (first, refused) = send_through_outage(&ann, &room, "ann", 5).await;
+        assert!(refused.is_empty());
+        nats.kill().await;
+        // While NATS is down: writes are refused with UNAVAILABLE (retryable),
+        // /readyz says not ready, and reads of local state go on.
+        let r = send(&ann, &room, "while down", "down-1").await;
+        assert_eq!(error_code(&r), Some(ErrorCode::Unavailable), "{r:?}");
+        let (status, _) = support::http(nodes[0].http, "GET", "/readyz", None).await;
+        assert_eq!(status, 503);
+        assert_eq!(history_all(&bob, &room).await.len(), 5, "reads go on");
+        // A client retrying through the outage gets every message in once NATS is back.
+        let restart = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            nats.restart().await;
+        };
+        let ((later, refused), ()) =
+            tokio::join!(send_through_outage(&ann, &room, "ann2", 5), restart);
+        assert!(
+            refused.iter().all(|c| *c == ErrorCode::Unavailable),
+            "{refused:?}"
+        );
+        // The refused write may still have reached the log (its acknowledgement
+        // was lost): its retry with the same id is answered from the first copy.
+        let again = send(&ann, &room, "while down", "down-1").await.unwrap();
+        let stored = history_all(&bob, &room).await;
+        let total = stored.len() as u64;
+        assert_eq!(
+            stored.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            (1..=total).collect::<Vec<_>>(),
+            "dense"
+        );
+        assert_eq!(total, 11, "5 + 5 + the one retried: {stored:?}");
+        for o in first.iter().chain(&later).chain([&again.offset]) {
+            assert!(*o <= total);
+        }
+        loop {
+            let (status, _) = support::http(nodes[0].http, "GET", "/readyz", None).await;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Bob's node delivers all of them too.
+        let got = receive(&bob, 11).await;
+        assert_eq!(
+            got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            (1..=11).collect::<Vec<_>>()
+        );
+    })
+    .await;
+}
+
+/// A free TCP port on loopback (for the NATS cluster routes, which must be known
+/// before the servers start).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_lose_nothing_when_a_nats_server_dies() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            servers.push(
+                Nats::spawn(
+                    dir.path().join(format!("nats{i}")),
+                    0,
+                    vec![
+                        "-n".into(),
+                        format!("s{i}"),
+                        "--cluster_name".into(),
+                        "tutti-test".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{route}"),
+                        "--routes".into(),
+                        route_list.clone(),
+                    ],
+                )
+                .await,
+            );
+        }
+        let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(",");
+        // A node waits for JetStream to elect its leaders before it serves.
+        let mut nodes = Vec::new();
+        for i in 0..2 {
+            nodes.push(Node::start_with(dir.path(), &format!("n{}", i + 1), &urls, 3).await);
+        }
+        let ann = nodes[0].connect(TransportKind::Quic, "ann").await;
+        let bob = nodes[1].connect(TransportKind::Quic, "bob").await;
+        let room = create_room(&ann, "r3", &["bob"]).await;
+        // Kill a NATS server once some messages are stored, with more to come.
+        let kill = async {
+            loop {
+                if history_all(&ann, &room).await.len() >= 20 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            servers[0].kill().await;
+            history_all(&ann, &room).await.len()
+        };
+        let (((a, ra), (b, rb)), at_kill) = tokio::join!(
+            async {
+                tokio::join!(
+                    send_through_outage(&ann, &room, "ann", 30),
+                    send_through_outage(&bob, &room, "bob", 30)
+                )
+            },
+            kill
+        );
+        assert!(at_kill < 60, "the server died under load ({at_kill} stored)");
+        println!("R3, one of three NATS servers killed: {} writes refused (retried)", ra.len() + rb.len());
+        let mut acked: Vec<u64> = a.into_iter().chain(b).collect();
+        acked.sort();
+        assert_eq!(acked, (1..=60).collect::<Vec<_>>(), "nothing lost, nothing twice");
+        let stored = history_all(&bob, &room).await;
+        assert_eq!(stored.len(), 60);
+        assert_eq!(history_all(&ann, &room).await, stored);
     })
     .await;
 }

@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 use crate::services::Services;
 use crate::services::replica::{Op, Replicator};
 
+/// How long a starting node waits for the cluster log to become available.
+const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+
 /// The `[cluster]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -158,9 +161,15 @@ pub struct Connection {
 impl Connection {
     /// Connects to NATS as node `node`.
     pub async fn connect(config: &ClusterConfig, node: &str) -> anyhow::Result<Self> {
+        let servers = config
+            .url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("cluster.url {:?}: {e}", config.url))?;
         let client = async_nats::ConnectOptions::new()
             .name(format!("tutti {node}"))
-            .connect(config.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| anyhow::anyhow!("connecting to NATS at {}: {e}", config.url))?;
         let broker = Arc::new(broker::NatsBroker::new(
@@ -208,15 +217,28 @@ impl Cluster {
         } = conn;
         let js = jetstream::new(client.clone());
         let subject = format!("{}.cmd", config.prefix);
-        let log = log::CommandLog::open(
-            js.clone(),
-            &config.stream,
-            &subject,
-            config.replicas,
-            &node,
-            config.write_timeout,
-        )
-        .await?;
+        // NATS may be starting too (a JetStream cluster elects its leaders first):
+        // keep trying for a while before giving up.
+        let deadline = Instant::now() + JOIN_PATIENCE;
+        let log = loop {
+            match log::CommandLog::open(
+                js.clone(),
+                &config.stream,
+                &subject,
+                config.replicas,
+                &node,
+                config.write_timeout,
+            )
+            .await
+            {
+                Ok(log) => break log,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::info!(error = %e, "the cluster log is not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let last = log.last_sequence(&config.stream).await?;
         tasks.spawn(
             log.clone()
