@@ -39,6 +39,7 @@ pub struct RunningServer {
     writer_thread: std::thread::JoinHandle<()>,
     endpoint: ServerEndpoint,
     ready: Arc<AtomicBool>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     stop_accepting: CancellationToken,
     stop_background: CancellationToken,
     /// The node's tasks (endpoint, certificate rotation, the services' background
@@ -220,6 +221,9 @@ async fn start_inner(
         metrics.clone(),
         services.clone(),
     );
+    if let Some(c) = &cluster {
+        gateway.set_directory(c.clone());
+    }
 
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -289,6 +293,7 @@ async fn start_inner(
         writer_thread,
         endpoint,
         ready,
+        cluster,
         stop_accepting,
         stop_background,
         tasks,
@@ -364,6 +369,12 @@ impl RunningServer {
     /// close the database.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.ready.store(false, Ordering::Release);
+        if let Some(c) = &self.cluster {
+            // The others stop sending sessions here, and this node's sessions are
+            // told where to go (with a spread-out delay) as they are closed.
+            c.set_draining();
+            c.wait_published().await;
+        }
         self.stop_accepting.cancel();
         let drained = self.gateway.drain(self.config.timeouts.drain).await;
         if !drained {

@@ -790,7 +790,12 @@ fn error_code<T>(r: &Result<T, ClientError>) -> Option<ErrorCode> {
 
 /// Sends `count` messages through `c`, each retried with its client message id
 /// until acknowledged; returns their offsets and the codes of the refusals seen.
-async fn send_through_outage(c: &Client, room: &str, user: &str, count: usize) -> (Vec<u64>, Vec<ErrorCode>) {
+async fn send_through_outage(
+    c: &Client,
+    room: &str,
+    user: &str,
+    count: usize,
+) -> (Vec<u64>, Vec<ErrorCode>) {
     let mut offsets = Vec::new();
     let mut refusals = Vec::new();
     for i in 0..count {
@@ -941,11 +946,21 @@ async fn three_replicas_lose_nothing_when_a_nats_server_dies() {
             },
             kill
         );
-        assert!(at_kill < 60, "the server died under load ({at_kill} stored)");
-        println!("R3, one of three NATS servers killed: {} writes refused (retried)", ra.len() + rb.len());
+        assert!(
+            at_kill < 60,
+            "the server died under load ({at_kill} stored)"
+        );
+        println!(
+            "R3, one of three NATS servers killed: {} writes refused (retried)",
+            ra.len() + rb.len()
+        );
         let mut acked: Vec<u64> = a.into_iter().chain(b).collect();
         acked.sort();
-        assert_eq!(acked, (1..=60).collect::<Vec<_>>(), "nothing lost, nothing twice");
+        assert_eq!(
+            acked,
+            (1..=60).collect::<Vec<_>>(),
+            "nothing lost, nothing twice"
+        );
         let stored = history_all(&bob, &room).await;
         assert_eq!(stored.len(), 60);
         assert_eq!(history_all(&ann, &room).await, stored);

@@ -73,6 +73,18 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// This config aimed at another node of the cluster (from `Welcome.nodes` or a
+    /// `Close`): its address and, for a pinned config, its certificate pin. `None`
+    /// when the node's address or pin does not parse.
+    pub fn for_node(&self, node: &v1::Node) -> Option<ClientConfig> {
+        let mut next = self.clone();
+        next.addr = node.address.parse().ok()?;
+        if let Trust::Pinned(_) = next.trust {
+            next.trust = Trust::Pinned(vec![tls::parse_pin(&node.cert_hash).ok()?]);
+        }
+        Some(next)
+    }
+
     /// A config with defaults for everything but the essentials.
     pub fn new(
         addr: SocketAddr,
@@ -183,7 +195,7 @@ impl ClientEndpoint {
 }
 
 /// How the server closed the session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Closed {
     /// The close code, from the `Close` frame or the QUIC application close.
     pub code: Option<u32>,
@@ -191,6 +203,10 @@ pub struct Closed {
     pub name: String,
     /// The reason.
     pub message: String,
+    /// With `GOING_AWAY` from a draining node: wait this long before reconnecting.
+    pub retry_after_ms: u32,
+    /// With `GOING_AWAY` and `REDIRECT` in a cluster: where to go, best first.
+    pub nodes: Vec<v1::Node>,
 }
 
 impl Closed {
@@ -284,6 +300,7 @@ impl Shared {
             code: None,
             name: String::new(),
             message: "session closed".into(),
+            ..Default::default()
         }))
     }
 }
@@ -367,6 +384,7 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
                                     .map(|c| c.name().to_owned())
                                     .unwrap_or_default(),
                                 message: String::from_utf8_lossy(c.reason()).into_owned(),
+                                ..Default::default()
                             })
                         }
                         e => ClientError::Connect(e.to_string()),
@@ -386,9 +404,22 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
 impl Client {
     /// Connects, sends `Hello` and waits for `Welcome`. A refused session is
     /// [`ClientError::Closed`] with the server's close code.
+    ///
+    /// A node of a cluster that has more than its share of sessions answers
+    /// `REDIRECT` with a less loaded node: the client connects there instead, once,
+    /// trusting the certificate pin the first node gave for it.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         let session = connect_transport(&config).await?;
-        Self::over(session, config).await
+        match Self::over(session, config.clone()).await {
+            Err(ClientError::Closed(c)) if c.close_code() == Some(CloseCode::Redirect) => {
+                let Some(next) = c.nodes.first().and_then(|n| config.for_node(n)) else {
+                    return Err(ClientError::Closed(c));
+                };
+                let session = connect_transport(&next).await?;
+                Self::over(session, next).await
+            }
+            other => other,
+        }
     }
 
     /// Sends `Hello` on a session that is already open (of any transport, such as
@@ -418,6 +449,7 @@ impl Client {
                     .map(|c| c.name().to_owned())
                     .unwrap_or_default(),
                 message: info.reason,
+                ..Default::default()
             }),
             _ => ClientError::Connect(e),
         };
@@ -450,6 +482,8 @@ impl Client {
                     code: Some(c.code),
                     name: c.name,
                     message: c.message,
+                    retry_after_ms: c.retry_after_ms,
+                    nodes: c.nodes,
                 }));
             }
             Some(Ok(other)) => {
@@ -468,6 +502,7 @@ impl Client {
                         .map(|c| c.name().to_owned())
                         .unwrap_or_default(),
                     message: info.reason,
+                    ..Default::default()
                 }));
             }
         };
@@ -777,6 +812,7 @@ fn closed_from_transport(info: crate::transport::CloseInfo) -> Closed {
             .map(|c| c.name().to_owned())
             .unwrap_or_default(),
         message: info.reason,
+        ..Default::default()
     }
 }
 
@@ -831,6 +867,8 @@ async fn control_reader(
                     code: Some(c.code),
                     name: c.name,
                     message: c.message,
+                    retry_after_ms: c.retry_after_ms,
+                    nodes: c.nodes,
                 });
                 // The server waits for us to close once we have read its Close.
                 shared.session.close(CloseCode::Normal as u32, "");

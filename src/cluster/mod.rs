@@ -55,6 +55,15 @@ pub struct ClusterConfig {
     /// How long a write waits for the log before it fails as `UNAVAILABLE`.
     #[serde(with = "crate::clock::duration_str")]
     pub write_timeout: Duration,
+    /// A node with more than this multiple of the cluster's average sessions
+    /// redirects new sessions to a less loaded node.
+    pub max_share: f64,
+    /// ... but only once it has at least this many sessions.
+    pub redirect_min_sessions: u64,
+    /// A draining node's sessions reconnect at random within this time, so that
+    /// the other nodes are not hit all at once.
+    #[serde(with = "crate::clock::duration_str")]
+    pub drain_spread: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -68,6 +77,9 @@ impl Default for ClusterConfig {
             heartbeat: Duration::from_secs(1),
             node_ttl: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
+            max_share: 1.5,
+            redirect_min_sessions: 100,
+            drain_spread: Duration::from_secs(5),
         }
     }
 }
@@ -96,6 +108,9 @@ impl ClusterConfig {
         }
         if self.heartbeat.is_zero() || self.node_ttl < self.heartbeat * 2 {
             return Err("cluster.node_ttl must be at least twice cluster.heartbeat".into());
+        }
+        if !(self.max_share >= 1.0) {
+            return Err("cluster.max_share must be at least 1".into());
         }
         if self.write_timeout.is_zero() {
             return Err("cluster.write_timeout must be positive".into());
@@ -196,6 +211,7 @@ pub struct Cluster {
     nodes: Mutex<HashMap<String, (NodeInfo, Instant)>>,
     draining: AtomicBool,
     heartbeats: AtomicU64,
+    publish_now: tokio::sync::Notify,
 }
 
 impl Cluster {
@@ -270,6 +286,7 @@ impl Cluster {
             nodes: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             heartbeats: AtomicU64::new(0),
+            publish_now: tokio::sync::Notify::new(),
         });
         tasks.spawn(cluster.clone().heartbeat(kv.clone(), me, stop.clone()));
         tasks.spawn(cluster.clone().watch_nodes(kv, services, stop));
@@ -291,9 +308,27 @@ impl Cluster {
         self.log.applied()
     }
 
-    /// Marks this node draining in the node list (it takes no new sessions).
+    /// Marks this node draining in the node list (it takes no new sessions) and
+    /// publishes that at once.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
+        self.publish_now.notify_one();
+    }
+
+    /// Waits (a bounded time) until the node list has this node's next heartbeat.
+    pub async fn wait_published(&self) {
+        let before = self.heartbeats.load(Ordering::Acquire);
+        let _ = tokio::time::timeout(self.config.heartbeat * 2, async {
+            while self.heartbeats.load(Ordering::Acquire) == before {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Whether this node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// The live nodes, this one included, ordered by id.
@@ -321,6 +356,7 @@ impl Cluster {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = every.tick() => {}
+                _ = self.publish_now.notified() => {}
             }
             let info = NodeInfo {
                 id: self.node.clone(),
@@ -427,5 +463,51 @@ impl Cluster {
     /// Closes the NATS connection after pending publishes are flushed.
     pub async fn leave(&self) {
         let _ = self.client.flush().await;
+    }
+}
+
+fn wire(n: &NodeInfo) -> crate::protocol::v1::Node {
+    crate::protocol::v1::Node {
+        node_id: n.id.clone(),
+        address: n.quic.clone(),
+        webtransport_url: n.webtransport_url.clone(),
+        cert_hash: n.cert_hash.clone(),
+        sessions: n.sessions,
+        draining: n.draining,
+    }
+}
+
+impl crate::gateway::Directory for Cluster {
+    fn nodes(&self) -> Vec<crate::protocol::v1::Node> {
+        self.nodes().iter().map(wire).collect()
+    }
+
+    fn redirect(&self, sessions_here: usize) -> Option<Vec<crate::protocol::v1::Node>> {
+        let nodes = self.nodes();
+        let mut others: Vec<&NodeInfo> = nodes
+            .iter()
+            .filter(|n| n.id != self.node && !n.draining)
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        others.sort_by_key(|n| n.sessions);
+        let best = || Some(others.iter().map(|n| wire(n)).collect());
+        if self.is_draining() {
+            return best();
+        }
+        let here = sessions_here as u64;
+        if here < self.config.redirect_min_sessions {
+            return None;
+        }
+        let total: u64 = others.iter().map(|n| n.sessions).sum::<u64>() + here;
+        let average = total as f64 / (others.len() + 1) as f64;
+        let over = here as f64 > self.config.max_share * average;
+        let room_elsewhere = (others[0].sessions as f64) + 1.0 < average;
+        if over && room_elsewhere { best() } else { None }
+    }
+
+    fn reconnect_spread(&self) -> Duration {
+        self.config.drain_spread
     }
 }

@@ -77,6 +77,20 @@ pub struct Gateway {
     tasks: TaskTracker,
     /// Request tasks: they outlive their session, and shutdown waits for them.
     requests: TaskTracker,
+    /// In a cluster: the other nodes, for `Welcome`, redirects and going away.
+    directory: std::sync::OnceLock<Arc<dyn Directory>>,
+}
+
+/// The nodes of a cluster, as the gateway needs them (no NATS type here).
+pub trait Directory: Send + Sync + std::fmt::Debug {
+    /// The live nodes, this one included.
+    fn nodes(&self) -> Vec<v1::Node>;
+    /// `Some(nodes, best first)` when this node should send a new session
+    /// elsewhere: it is draining, or it has more than its share of the sessions.
+    fn redirect(&self, sessions_here: usize) -> Option<Vec<v1::Node>>;
+    /// How long sessions told `GOING_AWAY` by a draining node should spread their
+    /// reconnects over.
+    fn reconnect_spread(&self) -> Duration;
 }
 
 /// Why a session ends.
@@ -107,7 +121,13 @@ impl Gateway {
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             requests: TaskTracker::new(),
+            directory: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Joins the gateway to a cluster's node list.
+    pub fn set_directory(&self, directory: Arc<dyn Directory>) {
+        let _ = self.directory.set(directory);
     }
 
     /// Starts the task of a new session.
@@ -206,6 +226,15 @@ impl Gateway {
             return;
         };
 
+        if let Some(nodes) = self.directory.get().and_then(|d| d.redirect(self.active())) {
+            let mut close = v1::Close::new(
+                CloseCode::Redirect,
+                "this node has more than its share of sessions: connect to the first node listed",
+            );
+            close.nodes = nodes;
+            self.refuse_with(&session, send, close).await;
+            return;
+        }
         let kind = session.kind();
         let session_id = format!("{}-{id}", self.config.node_id);
         let welcome = v1::Welcome {
@@ -222,6 +251,7 @@ impl Gateway {
             server_time_ms: unix_millis(),
             protocol_version: PROTOCOL_VERSION,
             token_expires_at_ms: claims.exp.saturating_mul(1000),
+            nodes: self.directory.get().map(|d| d.nodes()).unwrap_or_default(),
         };
         let (control_tx, control_rx) = mpsc::channel(self.config.limits.control_queue_frames);
         let stalled = CancellationToken::new();
@@ -530,7 +560,16 @@ impl Gateway {
     /// Refuses a session whose `Hello` was read: a `Close` frame with `code` on the
     /// control stream, then the connection close.
     async fn refuse(&self, session: &Session, send: SendStream, code: CloseCode, message: String) {
-        tracing::debug!(%code, message, "session refused");
+        self.refuse_with(session, send, v1::Close::new(code, message))
+            .await;
+    }
+
+    async fn refuse_with(&self, session: &Session, send: SendStream, close: v1::Close) {
+        tracing::debug!(
+            code = close.code,
+            message = close.message,
+            "session refused"
+        );
         let (tx, rx) = mpsc::channel(1);
         let writer = tokio::spawn(write_control(
             send,
@@ -539,7 +578,7 @@ impl Gateway {
             self.config.timeouts.slow_consumer,
             CancellationToken::new(),
         ));
-        self.close(session, &tx, writer, code, message).await;
+        self.close_with(session, &tx, writer, close).await;
     }
 
     /// Runs a request as a task of its own, so that once accepted it completes
@@ -606,15 +645,42 @@ impl Gateway {
         &self,
         session: &Session,
         control: &mpsc::Sender<Queued>,
-        mut writer: tokio::task::JoinHandle<()>,
+        writer: tokio::task::JoinHandle<()>,
         code: CloseCode,
         message: String,
     ) {
+        let mut close = v1::Close::new(code, &message);
+        // A node going away in a cluster says where to go, and when: reconnects
+        // spread over a while rather than all landing on the others at once.
+        if code == CloseCode::GoingAway
+            && let Some(d) = self.directory.get()
+        {
+            close.nodes = d
+                .nodes()
+                .into_iter()
+                .filter(|n| n.node_id != self.config.node_id && !n.draining)
+                .collect();
+            let spread = d.reconnect_spread().as_millis() as u64;
+            let jitter = u64::from_str_radix(&crate::util::random_hex(4), 16).unwrap_or(0);
+            close.retry_after_ms = (jitter % spread.max(1)) as u32;
+        }
+        self.close_with(session, control, writer, close).await;
+    }
+
+    async fn close_with(
+        &self,
+        session: &Session,
+        control: &mpsc::Sender<Queued>,
+        mut writer: tokio::task::JoinHandle<()>,
+        close: v1::Close,
+    ) {
+        let code = CloseCode::from_u32(close.code).unwrap_or(CloseCode::ServerError);
+        let message = close.message.clone();
         if code != CloseCode::Normal {
             self.metrics.closed_with(code);
         }
         let linger = self.config.timeouts.close_linger;
-        let close = frame(server_frame::Kind::Close(v1::Close::new(code, &message)));
+        let close = frame(server_frame::Kind::Close(close));
         let _ = tokio::time::timeout(linger, async {
             if control.send((Box::new(close), 0)).await.is_ok() {
                 // The writer ends once the Close frame is written and the stream

@@ -106,6 +106,9 @@ codes! {
         /// Storage failed while the session was being set up (its catch-up could
         /// not be read); reconnect with backoff and resume.
         StorageUnavailable = 3006 => "STORAGE_UNAVAILABLE",
+        /// This node has more than its share of the cluster's sessions: connect to
+        /// the first of `Close.nodes` instead (once; no backoff needed).
+        Redirect = 3007 => "REDIRECT",
         /// `Hello` carried no token.
         TokenMissing = 3500 => "TOKEN_MISSING",
         /// The token is malformed, forged or lacks a required claim.
@@ -186,6 +189,7 @@ mod tests {
                 "STORAGE_UNAVAILABLE",
                 true,
             ),
+            (CloseCode::Redirect, 3007, "REDIRECT", true),
             (CloseCode::TokenMissing, 3500, "TOKEN_MISSING", false),
             (CloseCode::Unauthorized, 3501, "UNAUTHORIZED", false),
             (CloseCode::TokenExpired, 3502, "TOKEN_EXPIRED", false),

@@ -51,6 +51,7 @@ impl v1::Close {
             code: code as u32,
             name: code.name().to_owned(),
             message: message.into(),
+            ..Default::default()
         }
     }
 }
