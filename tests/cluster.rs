@@ -125,7 +125,7 @@ struct Node {
     pin: [u8; 32],
 }
 
-fn write_config(dir: &Path, replicas: usize) -> PathBuf {
+fn write_config(dir: &Path, replicas: usize, extra: &str) -> PathBuf {
     let path = dir.join("tutti.toml");
     std::fs::write(
         &path,
@@ -145,8 +145,10 @@ heartbeat = "200ms"
 node_ttl = "3s"
 write_timeout = "2s"
 replicas = {replicas}
+{extra}
 "#
-        .replace("{replicas}", &replicas.to_string()),
+        .replace("{replicas}", &replicas.to_string())
+        .replace("{extra}", extra),
     )
     .unwrap();
     path
@@ -158,11 +160,39 @@ impl Node {
     }
 
     async fn start_with(dir: &Path, id: &str, nats: &str, replicas: usize) -> Self {
+        Self::start_cfg(dir, id, nats, replicas, "").await
+    }
+
+    /// A node with `extra` lines in its `[cluster]` section.
+    async fn start_cfg(dir: &Path, id: &str, nats: &str, replicas: usize, extra: &str) -> Self {
+        Self::start_at(
+            dir,
+            id,
+            nats,
+            replicas,
+            extra,
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+    }
+
+    /// A node on the UDP address `listen` (a restarted node keeps its address, as
+    /// in a deployment).
+    async fn start_at(
+        dir: &Path,
+        id: &str,
+        nats: &str,
+        replicas: usize,
+        extra: &str,
+        listen: SocketAddr,
+    ) -> Self {
         let data = dir.join(id);
         std::fs::create_dir_all(&data).unwrap();
-        let config = write_config(dir, replicas);
+        let config = write_config(dir, replicas, extra);
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tutti"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(["serve", "--http", "127.0.0.1:0"])
+            .arg("--listen")
+            .arg(listen.to_string())
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
@@ -254,6 +284,32 @@ impl Node {
 
     async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM: a graceful drain. Waits for the process to exit.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().await.unwrap()
+    }
+
+    /// The node list this node serves at `GET /cluster`.
+    async fn cluster_view(&self) -> Vec<serde_json::Value> {
+        let (status, body) = support::http(self.http, "GET", "/cluster", None).await;
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["nodes"].as_array().unwrap().clone()
+    }
+
+    /// Waits until this node's list shows `n` live nodes.
+    async fn wait_for_nodes(&self, n: usize) {
+        while self.cluster_view().await.len() != n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -612,8 +668,7 @@ async fn chatter(
     killed: Arc<OnceLock<Instant>>,
     start: Arc<tokio::sync::Barrier>,
 ) -> ChatReport {
-    let config = |i: usize, resume: u64| {
-        let (addr, pin) = nodes[i % nodes.len()];
+    let config = |(addr, pin): (SocketAddr, [u8; 32]), resume: u64| {
         let mut c = ClientConfig::new(
             addr,
             TransportKind::Quic,
@@ -626,28 +681,46 @@ async fn chatter(
         }
         c
     };
+    // The nodes this client knows of: refreshed from every Welcome and from a
+    // GOING_AWAY's list, as a real client does.
+    let learn = |list: &[v1::Node]| -> Vec<(SocketAddr, [u8; 32])> {
+        list.iter()
+            .filter(|n| !n.draining)
+            .filter_map(|n| {
+                Some((
+                    n.address.parse().ok()?,
+                    tutti::client::parse_pin(&n.cert_hash).ok()?,
+                ))
+            })
+            .collect()
+    };
+    let mut known = nodes.clone();
     let mut report = ChatReport::default();
     let mut at = home;
-    let mut client = Client::connect(config(at, 0)).await.unwrap();
+    let mut client = Client::connect(config(known[at % known.len()], 0))
+        .await
+        .unwrap();
     // Subscribed once a first request is answered.
     client.echo(vec![], false).await.unwrap();
     // Everyone is connected before anyone sends: each must receive every message.
     start.wait().await;
+    let mut failed_at: Option<Instant> = None;
     let mut i = 0;
     while i < count {
-        match send(
-            &client,
-            &room,
-            &format!("{user} {i}"),
-            &format!("{user}-{i}"),
-        )
-        .await
-        {
+        let text = format!("{user} {i}");
+        match send(&client, &room, &text, &format!("{user}-{i}")).await {
             Ok(m) => {
                 report.acked.push(m.offset);
+                if let Some(failed) = failed_at.take() {
+                    // From the kill (or, in a rolling restart, the failure) to
+                    // the next acknowledged message.
+                    let since = killed.get().copied().unwrap_or(failed);
+                    report.reconnects.push(since.elapsed());
+                }
                 i += 1;
             }
-            Err(_) => {
+            Err(e) => {
+                failed_at.get_or_insert_with(Instant::now);
                 // What already arrived counts; the rest comes with the resume.
                 while let Ok(Some(ev)) =
                     tokio::time::timeout(Duration::from_millis(1), client.next_event()).await
@@ -658,42 +731,83 @@ async fn chatter(
                         report.received.push(m.offset);
                     }
                 }
+                if let ClientError::Closed(c) = &e
+                    && !c.nodes.is_empty()
+                {
+                    known = learn(&c.nodes);
+                    tokio::time::sleep(Duration::from_millis(u64::from(c.retry_after_ms))).await;
+                }
                 let resume = report.received.last().copied().unwrap_or(0);
-                client = loop {
-                    at += 1;
-                    if let Ok(c) = Client::connect(config(at, resume)).await {
-                        break c;
-                    }
-                };
-                // Resend the same message (same client message id).
-                let m = send(
-                    &client,
-                    &room,
-                    &format!("{user} {i}"),
-                    &format!("{user}-{i}"),
-                )
-                .await
-                .unwrap();
-                report.acked.push(m.offset);
-                let since = killed.get().expect("a request fails only after the kill");
-                report.reconnects.push(since.elapsed());
-                i += 1;
+                client = reconnect(&mut known, &mut at, |n| config(n, resume)).await;
+                // The next round resends the same message (same client message id).
             }
         }
     }
     while (report.received.len() as u64) < total
         && report.received.last().copied().unwrap_or(0) < total
     {
-        match client.next_event().await.expect("session open") {
-            Event::Push(StreamKind::Chat, p) => {
+        match client.next_event().await {
+            Some(Event::Push(StreamKind::Chat, p)) => {
                 if let Some(push::Event::ChatMessage(m)) = p.event {
                     report.received.push(m.offset);
                 }
             }
-            _ => continue,
+            Some(_) => continue,
+            None => {
+                // The node went away while this client waited for the others.
+                let closed = client.closed().await;
+                if !closed.nodes.is_empty() {
+                    known = learn(&closed.nodes);
+                }
+                let resume = report.received.last().copied().unwrap_or(0);
+                client = reconnect(&mut known, &mut at, |n| config(n, resume)).await;
+            }
         }
     }
+    if std::env::var_os("TUTTI_TEST_NODE_LOG").is_some() {
+        eprintln!("{user} done");
+    }
     report
+}
+
+/// Connects to the next node of `known` that takes the session, rotating; then
+/// learns the node list from its Welcome.
+async fn reconnect(
+    known: &mut Vec<(SocketAddr, [u8; 32])>,
+    at: &mut usize,
+    config: impl Fn((SocketAddr, [u8; 32])) -> ClientConfig,
+) -> Client {
+    let client = loop {
+        *at += 1;
+        let target = known[*at % known.len()];
+        match Client::connect(config(target)).await {
+            Ok(c) => break c,
+            Err(e) => {
+                if std::env::var_os("TUTTI_TEST_NODE_LOG").is_some() {
+                    eprintln!("reconnect to {} failed: {e}", target.0);
+                }
+            }
+        }
+        if *at % known.len() == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let fresh: Vec<_> = client
+        .welcome()
+        .nodes
+        .iter()
+        .filter(|n| !n.draining)
+        .filter_map(|n| {
+            Some((
+                n.address.parse().ok()?,
+                tutti::client::parse_pin(&n.cert_hash).ok()?,
+            ))
+        })
+        .collect();
+    if !fresh.is_empty() {
+        *known = fresh;
+    }
+    client
 }
 
 /// Checks a failover run: every acknowledged message stored once, offsets dense,
@@ -964,6 +1078,133 @@ async fn three_replicas_lose_nothing_when_a_nats_server_dies() {
         let stored = history_all(&bob, &room).await;
         assert_eq!(stored.len(), 60);
         assert_eq!(history_all(&ann, &room).await, stored);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_over_its_share_redirects_and_a_draining_node_sends_sessions_on() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = Nats::start(dir.path()).await;
+        let extra = "redirect_min_sessions = 2\ndrain_spread = \"2s\"";
+        let mut n1 = Node::start_cfg(dir.path(), "n1", &nats.url(), 1, extra).await;
+        let n2 = Node::start_cfg(dir.path(), "n2", &nats.url(), 1, extra).await;
+        n1.wait_for_nodes(2).await;
+        n2.wait_for_nodes(2).await;
+        let view = n1.cluster_view().await;
+        assert_eq!(view[0]["id"], "n1");
+        assert_eq!(view[1]["quic"], n2.quic.to_string());
+
+        // Welcome lists the nodes; the third session on n1 (which has every
+        // session so far) is redirected to n2, and the client follows.
+        let a = n1.connect(TransportKind::Quic, "ann").await;
+        let ids: Vec<&str> = a
+            .welcome()
+            .nodes
+            .iter()
+            .map(|n| n.node_id.as_str())
+            .collect();
+        assert_eq!(ids, ["n1", "n2"]);
+        assert_eq!(a.welcome().node_id, "n1");
+        let b = n1.connect(TransportKind::WebTransport, "bob").await;
+        assert_eq!(b.welcome().node_id, "n1");
+        // n1 must know its own load from a heartbeat: wait for it to show 2.
+        while n2.cluster_view().await[0]["sessions"] != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let c = n1.connect(TransportKind::Quic, "cat").await;
+        assert_eq!(
+            c.welcome().node_id,
+            "n2",
+            "redirected to the less loaded node"
+        );
+
+        // SIGTERM n1: its sessions hear GOING_AWAY with n2 and a retry-after within
+        // the spread; n1 leaves the node list and exits cleanly.
+        let room = create_room(&a, "d", &["cat"]).await;
+        let status = n1.terminate().await;
+        assert!(status.success(), "{status:?}");
+        let closed = a.closed().await;
+        assert_eq!(
+            closed.close_code(),
+            Some(tutti::protocol::CloseCode::GoingAway)
+        );
+        let to: Vec<&str> = closed.nodes.iter().map(|n| n.node_id.as_str()).collect();
+        assert_eq!(to, ["n2"]);
+        assert!(closed.retry_after_ms < 2000, "{closed:?}");
+        n2.wait_for_nodes(1).await;
+        // Ann follows the list to n2 and finds her room there.
+        let next = n1
+            .config(TransportKind::Quic, "ann")
+            .for_node(&closed.nodes[0])
+            .unwrap();
+        let a2 = Client::connect(next).await.unwrap();
+        assert_eq!(a2.welcome().node_id, "n2");
+        send(&a2, &room, "after the drain", "ann-after")
+            .await
+            .unwrap();
+        assert_eq!(receive(&c, 1).await[0].1, "after the drain");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_under_chat_load_loses_and_duplicates_nothing() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, mut nodes) = cluster(dir.path(), 3).await;
+        for n in &nodes {
+            n.wait_for_nodes(3).await;
+        }
+        let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
+        let owner = nodes[0].connect(TransportKind::Quic, "u0").await;
+        let others: Vec<&str> = users[1..].iter().map(String::as_str).collect();
+        let room = create_room(&owner, "rr", &others).await;
+        drop(owner);
+        let addrs: Vec<(SocketAddr, [u8; 32])> = nodes.iter().map(|n| (n.quic, n.pin)).collect();
+        const COUNT: usize = 60;
+        let total = (users.len() * COUNT) as u64;
+        let start = Arc::new(tokio::sync::Barrier::new(users.len() + 1));
+        let mut runs = Vec::new();
+        for (i, u) in users.iter().enumerate() {
+            runs.push(tokio::spawn(chatter(
+                addrs.clone(),
+                i % 3,
+                u.clone(),
+                room.clone(),
+                COUNT,
+                total,
+                Arc::new(OnceLock::new()),
+                start.clone(),
+            )));
+        }
+        start.wait().await;
+        // Each node in turn: drained (SIGTERM), started again (new ports), and
+        // back in the others' node list before the next one goes.
+        for i in 0..3 {
+            eprintln!("rolling restart: draining {}", nodes[i].id);
+            let status = nodes[i].terminate().await;
+            assert!(status.success(), "{status:?}");
+            let (id, quic, pin) = (nodes[i].id.clone(), nodes[i].quic, nodes[i].pin);
+            nodes[i] = Node::start_at(dir.path(), &id, &_nats.url(), 1, "", quic).await;
+            assert_eq!(nodes[i].pin, pin, "the same certificate");
+            eprintln!("rolling restart: {id} is back");
+            for n in &nodes {
+                n.wait_for_nodes(3).await;
+            }
+        }
+        let mut reports = Vec::new();
+        for r in runs {
+            reports.push(r.await.unwrap());
+        }
+        let check = nodes[1].connect(TransportKind::Quic, "u1").await;
+        let times = judge(&reports, total, &check, &room).await;
+        println!(
+            "rolling restart: {} reconnects, from failure to next ack: {times:?}",
+            times.len()
+        );
+        assert!(!times.is_empty(), "some sends met a draining node");
     })
     .await;
 }
