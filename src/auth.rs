@@ -156,25 +156,32 @@ pub struct AuthPolicy {
     pub max_lifetime: Duration,
 }
 
+/// The default clock-skew leeway (`auth.leeway`).
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// The largest leeway accepted.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+/// The default longest token lifetime (`auth.max_lifetime`).
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 impl Default for AuthPolicy {
     fn default() -> Self {
-        let c = crate::config::AuthConfig::default();
         Self {
             issuer: None,
             audience: None,
-            leeway: c.leeway,
-            max_lifetime: c.max_lifetime,
+            leeway: DEFAULT_LEEWAY,
+            max_lifetime: DEFAULT_MAX_LIFETIME,
         }
     }
 }
 
 impl AuthPolicy {
     /// The policy of an `[auth]` section.
+    #[cfg(feature = "server")]
     pub fn from_config(c: &crate::config::AuthConfig) -> Self {
         Self {
             issuer: c.issuer.clone(),
             audience: c.audience.clone(),
-            leeway: c.leeway.min(crate::config::MAX_LEEWAY),
+            leeway: c.leeway.min(MAX_LEEWAY),
             max_lifetime: c.max_lifetime,
         }
     }
@@ -277,6 +284,7 @@ impl Auth {
     /// development mode (`dev`) with neither, the development secret of `data_dir`
     /// (created on first use). Without any secret outside development mode this is
     /// an error: a server must not run with a secret nobody chose.
+    #[cfg(feature = "server")]
     pub fn from_config(
         config: &crate::config::AuthConfig,
         dev: bool,

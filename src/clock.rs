@@ -125,6 +125,7 @@ pub mod replay {
 }
 
 /// Durations written the human way in configuration files and queries: `"10s"`, `"500ms"`, `"13days"`.
+#[cfg(feature = "server")]
 pub(crate) mod duration_str {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;

@@ -118,7 +118,7 @@ pub struct AuthConfig {
 }
 
 /// The longest `auth.leeway` accepted.
-pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+pub const MAX_LEEWAY: Duration = crate::auth::MAX_LEEWAY;
 
 /// One token key of a rotation (`[[auth.keys]]`).
 #[derive(Clone, Deserialize)]
@@ -178,8 +178,8 @@ impl Default for AuthConfig {
             keys: Vec::new(),
             issuer: None,
             audience: None,
-            leeway: Duration::from_secs(30),
-            max_lifetime: Duration::from_secs(24 * 3600),
+            leeway: crate::auth::DEFAULT_LEEWAY,
+            max_lifetime: crate::auth::DEFAULT_MAX_LIFETIME,
         }
     }
 }

@@ -413,6 +413,19 @@ async fn receive(c: &Client, n: usize) -> Vec<(u64, String)> {
     got
 }
 
+/// Waits until `c` is told that `user` is offline.
+async fn wait_offline(c: &Client, user: &str) {
+    loop {
+        if let Event::Push(StreamKind::Presence, p) = c.next_event().await.unwrap()
+            && let Some(push::Event::Presence(s)) = p.event
+            && s.user_id == user
+            && s.status() == v1::PresenceStatus::Offline
+        {
+            return;
+        }
+    }
+}
+
 /// Messages each sender sends in the concurrent chat test.
 const EACH: usize = 25;
 
@@ -498,13 +511,10 @@ async fn notifications_read_marks_and_presence_cross_nodes() {
             .await;
         assert_eq!(status, 201, "{body}");
         let n = loop {
-            match bob.next_event().await.unwrap() {
-                Event::Push(StreamKind::Notifications, p) => {
-                    if let Some(push::Event::Notification(n)) = p.event {
-                        break n;
-                    }
-                }
-                _ => {}
+            if let Event::Push(StreamKind::Notifications, p) = bob.next_event().await.unwrap()
+                && let Some(push::Event::Notification(n)) = p.event
+            {
+                break n;
             }
         };
         assert_eq!(n.title, "hi");
@@ -553,19 +563,7 @@ async fn notifications_read_marks_and_presence_cross_nodes() {
         assert_eq!(status_of(&cat).await, v1::PresenceStatus::Online);
         ann2.close();
         // Offline once the last device left and the grace period passed: pushed to Cat.
-        loop {
-            match cat.next_event().await.unwrap() {
-                Event::Push(StreamKind::Presence, p) => {
-                    if let Some(push::Event::Presence(s)) = p.event
-                        && s.user_id == "ann"
-                        && s.status() == v1::PresenceStatus::Offline
-                    {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
+        wait_offline(&cat, "ann").await;
         assert_eq!(status_of(&cat).await, v1::PresenceStatus::Offline);
         let _ = room;
     })
@@ -658,6 +656,7 @@ struct ChatReport {
 /// Sends `count` messages one by one through `nodes[home]`; when a request
 /// fails, reconnects to the next live node with a resume position and resends
 /// with the same client message id. Then reads pushes until it has `total`.
+#[allow(clippy::too_many_arguments)] // a test's knobs, named at the call sites
 async fn chatter(
     nodes: Vec<(SocketAddr, [u8; 32])>,
     home: usize,
@@ -788,7 +787,7 @@ async fn reconnect(
                 }
             }
         }
-        if *at % known.len() == 0 {
+        if (*at).is_multiple_of(known.len()) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
@@ -1205,6 +1204,33 @@ async fn a_rolling_restart_of_every_node_under_chat_load_loses_and_duplicates_no
             times.len()
         );
         assert!(!times.is_empty(), "some sends met a draining node");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_of_a_dead_node_go_offline_everywhere() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, mut nodes) = cluster(dir.path(), 2).await;
+        for n in &nodes {
+            n.wait_for_nodes(2).await;
+        }
+        let ann = nodes[0].connect(TransportKind::Quic, "ann").await;
+        create_room(&ann, "w", &["cat"]).await;
+        let cat = nodes[1].connect(TransportKind::Quic, "cat").await;
+        // Ann's node dies without a word: after node_ttl (3 s) and the grace
+        // period (300 ms), Cat's node says she is offline.
+        let killed = Instant::now();
+        nodes[0].kill().await;
+        wait_offline(&cat, "ann").await;
+        let took = killed.elapsed();
+        println!("a dead node's user went offline after {took:?}");
+        assert!(
+            took >= Duration::from_secs(3),
+            "not before node_ttl: {took:?}"
+        );
+        drop(ann);
     })
     .await;
 }

@@ -30,6 +30,14 @@ pub struct RunArgs {
     /// run measures; see loadtest/README.md.
     #[arg(long, requires = "spawn")]
     pub spawn_dir: Option<PathBuf>,
+    /// With --spawn: start a NATS server and this many `tutti serve --cluster`
+    /// nodes, and spread the clients over them (docs/CLUSTER.md).
+    #[arg(long, requires = "spawn")]
+    pub cluster: Option<usize>,
+    /// The NATS server binary for --cluster [default: .venv/bin/nats-server, as
+    /// scripts/test.sh installs it, else `nats-server` on the PATH].
+    #[arg(long, env = "TUTTI_NATS_SERVER")]
+    pub nats_server: Option<PathBuf>,
     /// The UDP address of a running server.
     #[arg(long, required_unless_present = "spawn")]
     pub target: Option<SocketAddr>,
@@ -91,7 +99,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
                 .context("the executable has no directory")?
                 .join("tutti"),
         };
-        target::Target::spawn(bin, args.spawn_dir.as_deref(), transport).await?
+        match args.cluster {
+            Some(n) => {
+                let nats = args.nats_server.clone().unwrap_or_else(|| {
+                    let venv = PathBuf::from(".venv/bin/nats-server");
+                    if venv.is_file() {
+                        venv
+                    } else {
+                        PathBuf::from("nats-server")
+                    }
+                });
+                target::Target::spawn_cluster(bin, nats, args.spawn_dir.as_deref(), transport, n)
+                    .await?
+            }
+            None => target::Target::spawn(bin, args.spawn_dir.as_deref(), transport).await?,
+        }
     } else {
         target::Target::existing(
             target::Existing {
@@ -123,8 +145,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         ctx.scenario.params(),
     );
     let server_pid = ctx.target.server_pid;
+    let server_pids = ctx.target.server_pids();
+    let cpu_of = |pids: &[u32]| -> Option<f64> {
+        pids.iter()
+            .map(|p| procstat::cpu_secs(*p))
+            .sum::<Option<f64>>()
+    };
     let me = std::process::id();
-    let server_cpu0 = server_pid.and_then(procstat::cpu_secs);
+    let server_cpu0 = cpu_of(&server_pids);
     let gen_cpu0 = procstat::cpu_secs(me);
     let started = Instant::now();
     stats::live().errors.reset();
@@ -144,11 +172,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     })
     .await;
     progress.stop().await;
-    let server_cpu = match (server_cpu0, server_pid.and_then(procstat::cpu_secs)) {
-        (Some(a), Some(b)) => Some(b - a),
+    let server_cpu = match (server_cpu0, cpu_of(&server_pids)) {
+        (Some(a), Some(b)) if !server_pids.is_empty() => Some(b - a),
         _ => None,
     };
-    let server_rss = server_pid.and_then(procstat::rss_bytes);
+    let server_rss = server_pids
+        .iter()
+        .map(|p| procstat::rss_bytes(*p))
+        .sum::<Option<u64>>()
+        .filter(|_| !server_pids.is_empty());
     let server_latency = ctx.target.server_stats().await;
     let gen_cpu = match (gen_cpu0, procstat::cpu_secs(me)) {
         (Some(a), Some(b)) => Some(b - a),

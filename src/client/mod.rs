@@ -216,6 +216,28 @@ impl Closed {
     }
 }
 
+/// Chooses a node of a cluster to connect to (from `Welcome.nodes`, a `Close`, or
+/// `GET /cluster`): of two nodes taken at random among those not draining, the one
+/// with fewer sessions (the power of two choices: close to the least loaded node
+/// without every client rushing to the same one). `None` when none is available.
+pub fn pick_node(nodes: &[v1::Node]) -> Option<&v1::Node> {
+    let live: Vec<&v1::Node> = nodes.iter().filter(|n| !n.draining).collect();
+    let random = || u64::from_str_radix(&crate::util::random_hex(8), 16).unwrap_or(0) as usize;
+    match live.len() {
+        0 => None,
+        1 => Some(live[0]),
+        n => {
+            let a = random() % n;
+            let b = (a + 1 + random() % (n - 1)) % n;
+            Some(if live[b].sessions < live[a].sessions {
+                live[b]
+            } else {
+                live[a]
+            })
+        }
+    }
+}
+
 /// A new random client message id (32 hex digits) for
 /// [`Client::send_message_with_id`].
 pub fn new_client_message_id() -> String {
@@ -920,5 +942,45 @@ async fn datagram_reader(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
         if let Some(tx) = tx {
             let _ = tx.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, sessions: u64, draining: bool) -> v1::Node {
+        v1::Node {
+            node_id: id.into(),
+            sessions,
+            draining,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pick_node_prefers_the_less_loaded_of_two_and_skips_draining_nodes() {
+        assert!(pick_node(&[]).is_none());
+        assert!(pick_node(&[node("a", 0, true)]).is_none());
+        let two = [
+            node("a", 10, false),
+            node("b", 3, false),
+            node("c", 0, true),
+        ];
+        for _ in 0..50 {
+            assert_eq!(pick_node(&two).unwrap().node_id, "b", "a against b: b");
+        }
+        // Among three, the busiest is never chosen: it loses every pair it is in.
+        let three = [
+            node("a", 10, false),
+            node("b", 3, false),
+            node("c", 5, false),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            seen.insert(pick_node(&three).unwrap().node_id.clone());
+        }
+        assert!(!seen.contains("a"));
+        assert!(seen.contains("b") && seen.contains("c"), "{seen:?}");
     }
 }

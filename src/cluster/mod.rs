@@ -109,7 +109,7 @@ impl ClusterConfig {
         if self.heartbeat.is_zero() || self.node_ttl < self.heartbeat * 2 {
             return Err("cluster.node_ttl must be at least twice cluster.heartbeat".into());
         }
-        if !(self.max_share >= 1.0) {
+        if self.max_share.is_nan() || self.max_share < 1.0 {
             return Err("cluster.max_share must be at least 1".into());
         }
         if self.write_timeout.is_zero() {
