@@ -168,6 +168,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
             Kind::PresenceChurn => run::presence::run(&ctx).await,
             Kind::Collab => run::collab::run(&ctx).await,
             Kind::Mixed => run::mixed::run(&ctx).await,
+            Kind::Failover => run::failover::run(&ctx).await,
         }
     })
     .await;
@@ -277,6 +278,16 @@ fn measured(kind: Kind, o: &outcome::Outcome) -> slo::Measured {
                 .as_ref()
                 .filter(|h| !h.is_empty())
                 .map(|h| h.value_at_quantile(0.99) as f64 / 1000.0);
+        }
+        Kind::Failover => {
+            // A message delivered twice or out of order is a failure of the
+            // failover, not a delivery.
+            m.delivery = o.messages.map(|x| {
+                (
+                    x.expected,
+                    x.delivered.saturating_sub(x.duplicated + x.out_of_order),
+                )
+            });
         }
         Kind::Knee => {
             // Steps are judged one by one; the run passes when one step passed.

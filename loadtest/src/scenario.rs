@@ -30,6 +30,9 @@ pub enum Kind {
     Collab,
     /// Chat, collaboration, notifications and presence churn at once.
     Mixed,
+    /// Chat on a cluster while one node is killed (`--cluster`): every
+    /// acknowledged message delivered once, every room identical on every node.
+    Failover,
 }
 
 impl Kind {
@@ -43,6 +46,7 @@ impl Kind {
             Kind::PresenceChurn => "presence_churn",
             Kind::Collab => "collab",
             Kind::Mixed => "mixed",
+            Kind::Failover => "failover",
         }
     }
 }
@@ -67,6 +71,9 @@ pub struct Scenario {
     /// Idle-connection parameters.
     #[serde(default)]
     pub idle: IdleParams,
+    /// Failover parameters.
+    #[serde(default)]
+    pub failover: FailoverParams,
     /// Notification-burst parameters (notify_burst, mixed).
     #[serde(default)]
     pub notify: NotifyParams,
@@ -112,6 +119,7 @@ impl Scenario {
                 put("knee", j(&self.knee));
             }
             Kind::Idle => put("idle", j(&self.idle)),
+            Kind::Failover => put("failover", j(&self.failover)),
             Kind::NotifyBurst => put("notify", j(&self.notify)),
             Kind::PresenceChurn => put("presence", j(&self.presence)),
             Kind::Collab => put("collab", j(&self.collab)),
@@ -264,6 +272,40 @@ impl Default for KneeParams {
             max_steps: 8,
             step_warm_up: Duration::from_secs(3),
             step_measure: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[failover]`: chat through a cluster while the last node is SIGKILLed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailoverParams {
+    /// Users, one session each, spread over the nodes round-robin.
+    pub users: usize,
+    /// Participants per room.
+    pub room_size: usize,
+    /// Messages each user sends (each retried with its id until acknowledged).
+    pub messages: usize,
+    /// Messages per second per user.
+    pub rate_per_user: f64,
+    /// When the last node is killed, from the first send.
+    #[serde(with = "dur")]
+    pub kill_after: Duration,
+    /// A request (or a connect) not answered within this fails, and the client
+    /// moves to another node.
+    #[serde(with = "dur")]
+    pub request_timeout: Duration,
+}
+
+impl Default for FailoverParams {
+    fn default() -> Self {
+        Self {
+            users: 60,
+            room_size: 6,
+            messages: 60,
+            rate_per_user: 10.0,
+            kill_after: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(2),
         }
     }
 }

@@ -399,6 +399,42 @@ impl Target {
         })
     }
 
+    /// The nodes of a spawned cluster (UDP address, pin), in order.
+    pub fn nodes(&self) -> Vec<(SocketAddr, [u8; 32])> {
+        if self.cluster.is_empty() {
+            vec![(self.addr, self.pin)]
+        } else {
+            self.cluster.clone()
+        }
+    }
+
+    /// SIGKILLs node `i` of a spawned cluster (1 or more; node 0 is the one whose
+    /// HTTP port the run uses). False when there is no such node.
+    pub fn kill_node(&self, i: usize) -> bool {
+        let Some(&pid) = (i >= 1 && i < self.cluster.len())
+            .then(|| self.cluster_pids.get(i - 1))
+            .flatten()
+        else {
+            return false;
+        };
+        // SAFETY: kill(2) on the pid of a child this run started and still holds.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) == 0 }
+    }
+
+    /// A client configuration for `user` on node `node` of [`nodes`](Self::nodes).
+    pub fn client_config_on(&self, user: &str, node: usize) -> anyhow::Result<ClientConfig> {
+        let nodes = self.nodes();
+        let (addr, pin) = nodes[node % nodes.len()];
+        let mut c = ClientConfig::new(
+            addr,
+            self.transport,
+            Trust::Pinned(vec![pin]),
+            self.token(user)?,
+        );
+        c.timeout = self.client_timeout;
+        Ok(c)
+    }
+
     /// Whether the server was started by this run.
     pub fn is_spawned(&self) -> bool {
         self.spawned.is_some()

@@ -175,3 +175,25 @@ fn smoke_on_a_cluster_of_two_nodes_passes_its_slos() {
 fn smoke_over_webtransport_passes_its_slos() {
     check("smoke-webtransport.toml", "webtransport", &[]);
 }
+
+#[test]
+fn failover_on_a_cluster_of_three_loses_duplicates_and_diverges_nothing() {
+    let nats = nats_server();
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, r, table) = run(
+        "failover.toml",
+        "quic",
+        &["--cluster", "3", "--nats-server", nats.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "the failover run must pass:\n{table}");
+    assert_eq!(r["kind"], "failover");
+    let m = &r["messages"];
+    assert_eq!(m["delivered"], m["expected"], "{m}");
+    assert_eq!(m["lost"], 0);
+    assert_eq!(m["duplicated"], 0);
+    assert_eq!(m["out_of_order"], 0);
+    let extra = &r["details"];
+    assert_eq!(extra["divergent_rooms"], 0, "{extra}");
+    assert_eq!(extra["killed_node"], 3);
+    assert!(extra["moved_users"].as_u64().unwrap() > 0, "{extra}");
+}

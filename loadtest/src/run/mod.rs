@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod collab;
+pub mod failover;
 pub mod idle;
 pub mod knee;
 pub mod mixed;
