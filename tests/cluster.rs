@@ -1234,3 +1234,133 @@ async fn the_sessions_of_a_dead_node_go_offline_everywhere() {
     })
     .await;
 }
+
+/// Cat's editor in the failover test: types `edits` edits one at a time on
+/// `client`, applying what the others type; after `kill_after` edits it asks for
+/// its node to be killed. When its node dies it reconnects to `next`, reopens the
+/// document from its revision and resends what was in flight.
+async fn type_through_failover(
+    client: Client,
+    next: &Node,
+    doc: &mut Document,
+    edits: usize,
+    kill_after: usize,
+    kill: tokio::sync::oneshot::Sender<()>,
+) -> u32 {
+    let mut client = client;
+    let mut rng = support::typing::Rng(99);
+    let mut kill = Some(kill);
+    let mut moves = 0;
+    for k in 0..edits {
+        if k == kill_after
+            && let Some(t) = kill.take()
+        {
+            let _ = t.send(());
+        }
+        let op = support::typing::random_edit(&mut rng, doc.text());
+        let mut req = doc.edit(op).unwrap();
+        loop {
+            let mut lost = false;
+            if let Some(r) = req.take()
+                && support::typing::submit(&client, r).await.is_err()
+            {
+                lost = true;
+            }
+            if !lost {
+                if doc.is_synchronized() {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_secs(2), client.next_event()).await {
+                    Ok(Some(Event::Push(_, p))) => {
+                        if let Some(push::Event::DocOperation(op)) = p.event {
+                            req = doc.on_operation(op).unwrap();
+                        }
+                        continue;
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => lost = true,
+                }
+            }
+            if lost {
+                // The node is gone: another one, from the last revision seen.
+                client = next.connect(TransportKind::Quic, "cat").await;
+                let reopened = open_doc(&client, "ann~d", Some(doc.revision())).await;
+                req = doc.catch_up(reopened).unwrap();
+                moves += 1;
+            }
+        }
+    }
+    moves
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editors_converge_when_a_node_dies_under_them() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, nodes) = cluster(dir.path(), 3).await;
+        let ann = nodes[0].connect(TransportKind::Quic, "ann").await;
+        ann.request(request::Body::DocCreate(v1::DocCreateRequest {
+            doc_id: "d".into(),
+            text: "👋 ".into(),
+        }))
+        .await
+        .unwrap();
+        for u in ["bob", "cat"] {
+            ann.request(request::Body::DocShare(v1::DocShareRequest {
+                doc_id: "ann~d".into(),
+                user_id: u.into(),
+                role: DocRole::Editor as i32,
+            }))
+            .await
+            .unwrap();
+        }
+        let bob = nodes[1].connect(TransportKind::WebTransport, "bob").await;
+        let cat = nodes[2].connect(TransportKind::Quic, "cat").await;
+        let mut da = Document::from_open("ann-1", open_doc(&ann, "ann~d", None).await).unwrap();
+        let mut db = Document::from_open("bob-1", open_doc(&bob, "ann~d", None).await).unwrap();
+        let mut dc = Document::from_open("cat-1", open_doc(&cat, "ann~d", None).await).unwrap();
+        let pid = nodes[2].child.id().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let killer = async {
+            if rx.await.is_ok() {
+                let status = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }
+        };
+        let (_, _, moves, ()) = tokio::join!(
+            type_concurrently(&ann, &mut da, 60, 21),
+            type_concurrently(&bob, &mut db, 60, 22),
+            type_through_failover(cat, &nodes[0], &mut dc, 30, 10, tx),
+            killer,
+        );
+        assert!(moves >= 1, "Cat's node died under her");
+        // Cat's editor moved to node 1: follow everyone to the last revision.
+        let cat = nodes[0].connect(TransportKind::Quic, "cat").await;
+        let reopened = open_doc(&cat, "ann~d", Some(dc.revision())).await;
+        assert!(
+            dc.catch_up(reopened).unwrap().is_none(),
+            "nothing left to send"
+        );
+        let last = [&da, &db, &dc].iter().map(|d| d.revision()).max().unwrap();
+        follow_until(&ann, &mut da, last).await;
+        follow_until(&bob, &mut db, last).await;
+        follow_until(&cat, &mut dc, last).await;
+        assert_eq!(da.text(), db.text());
+        assert_eq!(da.text(), dc.text());
+        for node in &nodes[..2] {
+            let c = node.connect(TransportKind::Quic, "ann").await;
+            let stored = open_doc(&c, "ann~d", None).await;
+            assert_eq!(stored.revision, last, "node {}", node.id);
+            assert_eq!(
+                stored.state,
+                Some(v1::doc_open_response::State::Snapshot(da.text().to_owned())),
+                "node {}",
+                node.id
+            );
+        }
+    })
+    .await;
+}

@@ -39,8 +39,13 @@ pub struct RunArgs {
     #[arg(long, env = "TUTTI_NATS_SERVER")]
     pub nats_server: Option<PathBuf>,
     /// The UDP address of a running server.
-    #[arg(long, required_unless_present = "spawn")]
+    #[arg(long, required_unless_present_any = ["spawn", "nodes"])]
     pub target: Option<SocketAddr>,
+    /// A running cluster: the HTTP side port of any of its nodes, whose
+    /// `GET /cluster` lists the nodes (addresses and pins); clients are spread over
+    /// them round-robin.
+    #[arg(long, conflicts_with_all = ["spawn", "target"])]
+    pub nodes: Option<SocketAddr>,
     /// The server certificate's SHA-256 pin (64 hex digits) for --target.
     #[arg(long)]
     pub pin: Option<String>,
@@ -114,10 +119,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
             }
             None => target::Target::spawn(bin, args.spawn_dir.as_deref(), transport).await?,
         }
+    } else if let Some(http) = args.nodes {
+        target::Target::existing_cluster(
+            http,
+            args.token_secret
+                .clone()
+                .context("--token-secret or TUTTI_JWT_SECRET is needed to mint tokens")?,
+            args.api_key.clone(),
+            transport,
+        )
+        .await?
     } else {
         target::Target::existing(
             target::Existing {
-                addr: args.target.context("--target or --spawn")?,
+                addr: args.target.context("--target, --nodes or --spawn")?,
                 pin: args.pin.clone(),
                 http: args.http,
                 secret: args

@@ -105,6 +105,44 @@ impl Target {
         })
     }
 
+    /// Connects to a running cluster through `GET /cluster` on the HTTP side port
+    /// `http` of any node: every live node's address and pin.
+    pub async fn existing_cluster(
+        http: SocketAddr,
+        secret: String,
+        api_key: Option<String>,
+        transport: TransportKind,
+    ) -> anyhow::Result<Self> {
+        let (status, body) = crate::http::get(http, "/cluster").await?;
+        anyhow::ensure!(status == 200, "GET /cluster: {status} {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let mut nodes = Vec::new();
+        for n in v["nodes"].as_array().context("no nodes in /cluster")? {
+            if n["draining"] == true {
+                continue;
+            }
+            let addr: SocketAddr = n["quic"].as_str().context("a node without quic")?.parse()?;
+            let pin = tutti::client::parse_pin(n["cert_hash"].as_str().unwrap_or_default())
+                .map_err(anyhow::Error::msg)?;
+            nodes.push((addr, pin));
+        }
+        anyhow::ensure!(!nodes.is_empty(), "GET /cluster lists no live node");
+        let mut t = Self::existing(
+            Existing {
+                addr: nodes[0].0,
+                pin: Some(tutti::util::hex(&nodes[0].1)),
+                http: Some(http),
+                secret,
+                api_key,
+                pid: None,
+            },
+            transport,
+        )
+        .await?;
+        t.cluster = nodes;
+        Ok(t)
+    }
+
     /// Starts `server_bin serve` on free loopback ports, with its data in a new
     /// temporary directory (under `parent` if given), and waits for its banner.
     pub async fn spawn(
