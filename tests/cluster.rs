@@ -433,9 +433,14 @@ const EACH: usize = 25;
 /// do not run several clusters at once in good time), bounded by
 /// [`TEST_TIMEOUT`].
 async fn timed<F: std::future::Future>(f: F) -> F::Output {
+    timed_within(TEST_TIMEOUT, f).await
+}
+
+/// [`timed`] with a bound of its own.
+async fn timed_within<F: std::future::Future>(limit: Duration, f: F) -> F::Output {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _turn = SERIAL.lock().await;
-    tokio::time::timeout(TEST_TIMEOUT, f)
+    tokio::time::timeout(limit, f)
         .await
         .expect("the test finished in time")
 }
@@ -1002,7 +1007,10 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_lose_nothing_when_a_nats_server_dies() {
-    timed(async {
+    // JetStream elects a new leader for the stream after a server dies: writes
+    // are refused meanwhile, from a few seconds to, in some runs here, over a
+    // minute. The bound leaves room for that.
+    timed_within(Duration::from_secs(240), async {
         let dir = tempfile::tempdir().unwrap();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_list = routes
@@ -1361,6 +1369,46 @@ async fn editors_converge_when_a_node_dies_under_them() {
                 node.id
             );
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_taken_for_dead_announces_its_sessions_again() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, nodes) = cluster(dir.path(), 2).await;
+        for n in &nodes {
+            n.wait_for_nodes(2).await;
+        }
+        let ann = nodes[0].connect(TransportKind::Quic, "ann").await;
+        create_room(&ann, "z", &["cat"]).await;
+        let cat = nodes[1].connect(TransportKind::Quic, "cat").await;
+        // Node 1 freezes past node_ttl: node 2 takes it for dead, Ann goes offline.
+        let pid = nodes[0].child.id().unwrap().to_string();
+        let signal = |s: &str| {
+            assert!(
+                std::process::Command::new("kill")
+                    .args([s, &pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            )
+        };
+        signal("-STOP");
+        wait_offline(&cat, "ann").await;
+        // It wakes up, applies that command about itself, and says Ann is here.
+        signal("-CONT");
+        loop {
+            if let Event::Push(StreamKind::Presence, p) = cat.next_event().await.unwrap()
+                && let Some(push::Event::Presence(s)) = p.event
+                && s.user_id == "ann"
+                && s.status() == v1::PresenceStatus::Online
+            {
+                break;
+            }
+        }
+        drop(ann);
     })
     .await;
 }

@@ -12,7 +12,7 @@
 //!   which the client library recreates from the last sequence it delivered after
 //!   a gap or a reconnect.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,10 +22,11 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use prost::Message;
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::ErrorCode;
-use crate::services::replica::{Command, Op, Outcome, Replicator};
+use crate::services::replica::{Command, Op, Outcome, RemoteSession, Replicator};
 use crate::services::{ServiceError, ServiceResult, Services, SessionCtx};
 
 type Pending = HashMap<u64, (Option<SessionCtx>, oneshot::Sender<Outcome>)>;
@@ -155,7 +156,7 @@ impl CommandLog {
     }
 
     async fn read_from(
-        &self,
+        self: &Arc<Self>,
         stream_name: &str,
         start: u64,
         services: &Arc<Services>,
@@ -179,32 +180,135 @@ impl CommandLog {
             .messages()
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        loop {
+        // Commands of one room or document are applied one after the other, in log
+        // order; commands of different ones side by side (up to MAX_IN_FLIGHT);
+        // any other command waits for everything before it and runs alone. Each
+        // room's offsets and each document's revisions are assigned in log order
+        // on every node, whatever the interleaving between rooms.
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut seqs: HashMap<tokio::task::Id, u64> = HashMap::new();
+        let mut done: BTreeSet<u64> = BTreeSet::new();
+        let mut chains: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
+        let mut dispatched = self.applied();
+        let result = loop {
             let msg = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => break Ok(()),
+                Some(r) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    self.finished(r, &mut seqs, &mut done);
+                    continue;
+                }
                 m = messages.next() => m,
             };
             let Some(msg) = msg else {
-                anyhow::bail!("the consumer ended");
+                break Err(anyhow::anyhow!("the consumer ended"));
             };
-            let msg = msg.map_err(|e| anyhow::anyhow!("{e}"))?;
-            let seq = msg
-                .info()
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .stream_sequence;
-            if seq <= self.applied() {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => break Err(anyhow::anyhow!("{e}")),
+            };
+            let seq = match msg.info() {
+                Ok(i) => i.stream_sequence,
+                Err(e) => break Err(anyhow::anyhow!("{e}")),
+            };
+            if seq <= dispatched {
                 continue;
             }
-            match Command::decode(msg.payload.as_ref()) {
-                Ok(command) => self.apply(&command, services, stop).await,
-                // Every node skips it alike.
-                Err(e) => tracing::error!(seq, error = %e, "undecodable command skipped"),
+            dispatched = seq;
+            let command = match Command::decode(msg.payload.as_ref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    // Every node skips it alike.
+                    tracing::error!(seq, error = %e, "undecodable command skipped");
+                    done.insert(seq);
+                    self.advance(&mut done);
+                    continue;
+                }
+            };
+            match parallel_key(&command) {
+                None => {
+                    while let Some(r) = tasks.join_next_with_id().await {
+                        self.finished(r, &mut seqs, &mut done);
+                    }
+                    chains.clear();
+                    self.apply(&command, services, stop).await;
+                    done.insert(seq);
+                    self.advance(&mut done);
+                }
+                Some(key) => {
+                    if tasks.is_empty() {
+                        chains.clear();
+                    }
+                    while tasks.len() >= MAX_IN_FLIGHT {
+                        if let Some(r) = tasks.join_next_with_id().await {
+                            self.finished(r, &mut seqs, &mut done);
+                        }
+                    }
+                    let before = chains.remove(&key);
+                    let (tx, rx) = oneshot::channel();
+                    chains.insert(key, rx);
+                    let (this, services, stop) = (self.clone(), services.clone(), stop.clone());
+                    let handle = tasks.spawn(async move {
+                        if let Some(before) = before {
+                            let _ = before.await;
+                        }
+                        this.apply(&command, &services, &stop).await;
+                        let _ = tx.send(());
+                    });
+                    seqs.insert(handle.id(), seq);
+                }
             }
-            self.applied.send_replace(seq);
+        };
+        // Whatever was started finishes before the log is read again.
+        while let Some(r) = tasks.join_next_with_id().await {
+            self.finished(r, &mut seqs, &mut done);
         }
+        result
     }
 
-    async fn apply(&self, command: &Command, services: &Arc<Services>, stop: &CancellationToken) {
+    /// Records a finished command and moves the applied mark over every command
+    /// finished without a gap.
+    fn finished(
+        &self,
+        r: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+        seqs: &mut HashMap<tokio::task::Id, u64>,
+        done: &mut BTreeSet<u64>,
+    ) {
+        let id = match r {
+            Ok((id, ())) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "applying a command failed");
+                e.id()
+            }
+        };
+        if let Some(seq) = seqs.remove(&id) {
+            done.insert(seq);
+        }
+        self.advance(done);
+    }
+
+    fn advance(&self, done: &mut BTreeSet<u64>) {
+        let mut applied = self.applied();
+        while done.remove(&(applied + 1)) {
+            applied += 1;
+        }
+        self.applied.send_replace(applied);
+    }
+
+    async fn apply(
+        self: &Arc<Self>,
+        command: &Command,
+        services: &Arc<Services>,
+        stop: &CancellationToken,
+    ) {
+        // Another node took this one for dead (its heartbeats stopped reaching the
+        // node list for a while) but it is alive: its sessions, gone from presence
+        // everywhere by this command, are announced again once it is applied.
+        let still_here = match &command.op {
+            Some(Op::NodeGone(node)) if *node == self.node && command.origin != self.node => {
+                services.presence.sessions_of_node(&self.node)
+            }
+            _ => Vec::new(),
+        };
         let mine = (command.origin == self.node)
             .then(|| {
                 self.pending
@@ -236,6 +340,43 @@ impl CommandLog {
         if let Some(reply) = reply {
             let _ = reply.send(outcome);
         }
+        if !still_here.is_empty() {
+            tracing::warn!(
+                sessions = still_here.len(),
+                "this node was taken for dead; announcing its sessions again"
+            );
+            // Not from the applier itself: a proposal waits for its application.
+            let this = self.clone();
+            tokio::spawn(async move {
+                for (session, user) in still_here {
+                    let ctx = SessionCtx {
+                        subscriber: Arc::new(RemoteSession::new(session, user)),
+                        roles: Arc::from([]),
+                    };
+                    if let Err(e) = this.propose(Op::Connected(true), Some(ctx)).await {
+                        tracing::warn!(error = %e.message, "announcing a session again");
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Commands applied side by side at most.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// The room or document a command writes to alone, when it is one that may be
+/// applied beside commands of other rooms and documents (chat sends, document
+/// operations: the bulk of the log); `None` for every other command.
+fn parallel_key(command: &Command) -> Option<String> {
+    use crate::protocol::v1::{self, request::Body};
+    let Some(Op::Request(bytes)) = &command.op else {
+        return None;
+    };
+    match v1::Request::decode(bytes.as_slice()).ok()?.body? {
+        Body::ChatSend(r) => Some(format!("room/{}", r.room_id)),
+        Body::DocSubmit(r) => Some(format!("doc/{}", r.doc_id)),
+        _ => None,
     }
 }
 
