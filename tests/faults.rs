@@ -35,36 +35,6 @@ async fn create_room(c: &Client, id: &str, others: &[&str]) {
     }
 }
 
-/// Every message of a room, oldest first (paging back through history).
-async fn all_messages(c: &Client, room: &str) -> Vec<v1::ChatMessage> {
-    let mut out = Vec::new();
-    let mut before = 0;
-    loop {
-        let page = match c
-            .request(request::Body::ChatHistory(v1::ChatHistoryRequest {
-                room_id: room.into(),
-                before_offset: before,
-                limit: 100,
-            }))
-            .await
-            .unwrap()
-        {
-            response::Body::ChatHistory(r) => r,
-            other => panic!("{other:?}"),
-        };
-        let Some(first) = page.messages.first() else {
-            break;
-        };
-        before = first.offset;
-        let more = page.more;
-        out.splice(0..0, page.messages);
-        if !more {
-            break;
-        }
-    }
-    out
-}
-
 /// Every notification of the session's user, oldest first.
 async fn all_notifications(c: &Client) -> Vec<v1::Notification> {
     let mut out = Vec::new();
@@ -318,7 +288,7 @@ async fn storage_fault(transport: TransportKind, fault: Fault) {
     let s = restart(s, |_| {}).await;
     let ann = s.connect(transport, "ann").await;
     assert_eq!(
-        all_messages(&ann, "ann~r").await,
+        support::all_messages(&ann, "ann~r").await,
         vec![before, during.clone()]
     );
     let again = ann
@@ -386,7 +356,7 @@ async fn a_commit_reported_failed_but_durable_is_delivered_once(transport: Trans
     assert_eq!(code(r), ErrorCode::Unavailable);
     wait_ready(&s, 200).await;
     // No retry, no other write: history has it...
-    let history = all_messages(&ann, "ann~r").await;
+    let history = support::all_messages(&ann, "ann~r").await;
     let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, ["before", "durable-but-failed"]);
     let durable = history[1].clone();
@@ -417,7 +387,7 @@ async fn a_commit_reported_failed_but_durable_is_delivered_once(transport: Trans
         .unwrap();
     assert_eq!(next_message(&bob).await, after, "and only once");
     assert_eq!(next_message(&resumed).await, after, "and only once");
-    let texts: Vec<String> = all_messages(&ann, "ann~r")
+    let texts: Vec<String> = support::all_messages(&ann, "ann~r")
         .await
         .into_iter()
         .map(|m| m.text)
@@ -607,7 +577,7 @@ async fn a_resent_chat_message_is_stored_and_delivered_once(transport: Transport
         pushed.push(next_message(&bob).await.offset);
     }
     assert_eq!(pushed, [1, 2, 3, 4]);
-    assert_eq!(all_messages(&bob, "ann~r").await.len(), 4);
+    assert_eq!(support::all_messages(&bob, "ann~r").await.len(), 4);
 }
 
 both_transports!(a_resent_chat_message_is_stored_and_delivered_once);
@@ -912,7 +882,7 @@ async fn verify_and_retry(
     }
 
     // What the node has, then what it should have.
-    let messages = all_messages(ann, "ann~r").await;
+    let messages = support::all_messages(ann, "ann~r").await;
     let notes = all_notifications(bob).await;
     let opened = open_doc(ann, "ann~d").await;
     let l = ledger.lock().unwrap();

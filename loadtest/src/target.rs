@@ -165,46 +165,7 @@ impl Target {
         };
         let secret = tutti::util::random_hex(32);
         let api_key = tutti::util::random_hex(32);
-        let stderr = std::fs::File::create(dir.path().join("server.log"))?;
-        // The scenarios put users into rooms directly (no invitations to accept),
-        // and every simulated client comes from this one address, which the
-        // server's default `limits.max_connections_per_address` would refuse past 1,024.
-        let config = dir.path().join("tutti.toml");
-        std::fs::write(
-            &config,
-            "[rooms]\njoin_policy = \"open\"\n[limits]\nmax_connections_per_address = 1000000\n",
-        )?;
-        let mut cmd = tokio::process::Command::new(&server_bin);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--cert-dir")
-            .arg(dir.path().join("certs"))
-            .arg("--web-dir")
-            .arg(dir.path().join("web"));
-        for v in [
-            "TUTTI_CONFIG",
-            "TUTTI_LISTEN",
-            "TUTTI_HTTP",
-            "TUTTI_CERT",
-            "TUTTI_KEY",
-            "TUTTI_NODE_ID",
-        ] {
-            cmd.env_remove(v);
-        }
-        cmd.env("TUTTI_JWT_SECRET", &secret)
-            .env("TUTTI_API_KEY", &api_key)
-            .env(
-                "TUTTI_LOG",
-                std::env::var("TUTTI_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .kill_on_drop(true);
+        let mut cmd = serve_command(&server_bin, dir.path(), &secret, &api_key)?;
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", server_bin.display()))?;
@@ -374,34 +335,8 @@ impl Target {
             let name = format!("n{}", i + 1);
             let node_dir = dir.path().join(&name);
             std::fs::create_dir_all(&node_dir)?;
-            let config = node_dir.join("tutti.toml");
-            std::fs::write(
-                &config,
-                "[rooms]\njoin_policy = \"open\"\n[limits]\nmax_connections_per_address = 1000000\n",
-            )?;
-            let stderr = std::fs::File::create(node_dir.join("server.log"))?;
-            let mut child = tokio::process::Command::new(&server_bin)
-                .arg("serve")
-                .arg("--config")
-                .arg(&config)
-                .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            let mut child = serve_command(&server_bin, &node_dir, &secret, &api_key)?
                 .args(["--node-id", &name, "--cluster", &url])
-                .arg("--data-dir")
-                .arg(node_dir.join("data"))
-                .arg("--cert-dir")
-                .arg(node_dir.join("certs"))
-                .arg("--web-dir")
-                .arg(node_dir.join("web"))
-                .env("TUTTI_JWT_SECRET", &secret)
-                .env("TUTTI_API_KEY", &api_key)
-                .env(
-                    "TUTTI_LOG",
-                    std::env::var("TUTTI_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(stderr)
-                .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting {}", server_bin.display()))?;
             let stdout = child.stdout.take().context("server stdout")?;
@@ -517,6 +452,59 @@ impl Target {
         drop(s.dir);
         Ok(())
     }
+}
+
+/// `server_bin serve` on free loopback ports with its data, certificates, log
+/// (`server.log`) and configuration in `dir`, the given secrets, and no `TUTTI_*`
+/// setting inherited from this environment that would change where it listens.
+fn serve_command(
+    server_bin: &std::path::Path,
+    dir: &std::path::Path,
+    secret: &str,
+    api_key: &str,
+) -> anyhow::Result<tokio::process::Command> {
+    // The scenarios put users into rooms directly (no invitations to accept),
+    // and every simulated client comes from this one address, which the
+    // server's default `limits.max_connections_per_address` would refuse past 1,024.
+    let config = dir.join("tutti.toml");
+    std::fs::write(
+        &config,
+        "[rooms]\njoin_policy = \"open\"\n[limits]\nmax_connections_per_address = 1000000\n",
+    )?;
+    let stderr = std::fs::File::create(dir.join("server.log"))?;
+    let mut cmd = tokio::process::Command::new(server_bin);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--cert-dir")
+        .arg(dir.join("certs"))
+        .arg("--web-dir")
+        .arg(dir.join("web"));
+    for v in [
+        "TUTTI_CONFIG",
+        "TUTTI_LISTEN",
+        "TUTTI_HTTP",
+        "TUTTI_CERT",
+        "TUTTI_KEY",
+        "TUTTI_NODE_ID",
+        "TUTTI_CLUSTER_URL",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.env("TUTTI_JWT_SECRET", secret)
+        .env("TUTTI_API_KEY", api_key)
+        .env(
+            "TUTTI_LOG",
+            std::env::var("TUTTI_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true);
+    Ok(cmd)
 }
 
 /// The last lines of a log file.

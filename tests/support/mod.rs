@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tutti::client::{Client, ClientConfig, Trust};
 use tutti::config::Config;
+use tutti::protocol::v1::{self, request, response};
 use tutti::transport::TransportKind;
 use tutti::{RunningServer, start};
 
@@ -218,4 +219,34 @@ macro_rules! both_transports {
             }
         }
     )*};
+}
+
+/// Every message of a room, oldest first (paging back through history).
+pub async fn all_messages(c: &Client, room: &str) -> Vec<v1::ChatMessage> {
+    let mut out = Vec::new();
+    let mut before = 0;
+    loop {
+        let page = match c
+            .request(request::Body::ChatHistory(v1::ChatHistoryRequest {
+                room_id: room.into(),
+                before_offset: before,
+                limit: 100,
+            }))
+            .await
+            .unwrap()
+        {
+            response::Body::ChatHistory(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let Some(first) = page.messages.first() else {
+            break;
+        };
+        before = first.offset;
+        let more = page.more;
+        out.splice(0..0, page.messages);
+        if !more {
+            break;
+        }
+    }
+    out
 }
