@@ -326,6 +326,15 @@ fn token(user: &str) -> String {
     auth.mint(user, Duration::from_secs(3600), &[]).unwrap()
 }
 
+/// [`cluster`], once every node's list shows all `n` nodes.
+async fn listed_cluster(dir: &Path, n: usize) -> (Nats, Vec<Node>) {
+    let (nats, nodes) = cluster(dir, n).await;
+    for node in &nodes {
+        node.wait_for_nodes(n).await;
+    }
+    (nats, nodes)
+}
+
 /// A NATS server and `n` nodes on it.
 async fn cluster(dir: &Path, n: usize) -> (Nats, Vec<Node>) {
     let nats = Nats::start(dir).await;
@@ -681,17 +690,6 @@ async fn chatter(
     };
     // The nodes this client knows of: refreshed from every Welcome and from a
     // GOING_AWAY's list, as a real client does.
-    let learn = |list: &[v1::Node]| -> Vec<(SocketAddr, [u8; 32])> {
-        list.iter()
-            .filter(|n| !n.draining)
-            .filter_map(|n| {
-                Some((
-                    n.address.parse().ok()?,
-                    tutti::client::parse_pin(&n.cert_hash).ok()?,
-                ))
-            })
-            .collect()
-    };
     let mut known = nodes.clone();
     let mut report = ChatReport::default();
     let mut at = home;
@@ -768,6 +766,19 @@ async fn chatter(
     report
 }
 
+/// The live nodes of a node list (`Welcome.nodes`, `Close.nodes`): address and pin.
+fn learn(list: &[v1::Node]) -> Vec<(SocketAddr, [u8; 32])> {
+    list.iter()
+        .filter(|n| !n.draining)
+        .filter_map(|n| {
+            Some((
+                n.address.parse().ok()?,
+                tutti::client::parse_pin(&n.cert_hash).ok()?,
+            ))
+        })
+        .collect()
+}
+
 /// Connects to the next node of `known` that takes the session, rotating; then
 /// learns the node list from its Welcome.
 async fn reconnect(
@@ -790,18 +801,7 @@ async fn reconnect(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let fresh: Vec<_> = client
-        .welcome()
-        .nodes
-        .iter()
-        .filter(|n| !n.draining)
-        .filter_map(|n| {
-            Some((
-                n.address.parse().ok()?,
-                tutti::client::parse_pin(&n.cert_hash).ok()?,
-            ))
-        })
-        .collect();
+    let fresh = learn(&client.welcome().nodes);
     if !fresh.is_empty() {
         *known = fresh;
     }
@@ -1167,10 +1167,7 @@ async fn a_node_over_its_share_redirects_and_a_draining_node_sends_sessions_on()
 async fn a_rolling_restart_of_every_node_under_chat_load_loses_and_duplicates_nothing() {
     timed(async {
         let dir = tempfile::tempdir().unwrap();
-        let (_nats, mut nodes) = cluster(dir.path(), 3).await;
-        for n in &nodes {
-            n.wait_for_nodes(3).await;
-        }
+        let (_nats, mut nodes) = listed_cluster(dir.path(), 3).await;
         let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
         let owner = nodes[0].connect(TransportKind::Quic, "u0").await;
         let others: Vec<&str> = users[1..].iter().map(String::as_str).collect();
@@ -1227,10 +1224,7 @@ async fn a_rolling_restart_of_every_node_under_chat_load_loses_and_duplicates_no
 async fn the_sessions_of_a_dead_node_go_offline_everywhere() {
     timed(async {
         let dir = tempfile::tempdir().unwrap();
-        let (_nats, mut nodes) = cluster(dir.path(), 2).await;
-        for n in &nodes {
-            n.wait_for_nodes(2).await;
-        }
+        let (_nats, mut nodes) = listed_cluster(dir.path(), 2).await;
         let ann = nodes[0].connect(TransportKind::Quic, "ann").await;
         create_room(&ann, "w", &["cat"]).await;
         let cat = nodes[1].connect(TransportKind::Quic, "cat").await;
@@ -1357,10 +1351,7 @@ async fn editors_converge_when_a_node_dies_under_them() {
 async fn a_node_taken_for_dead_announces_its_sessions_again() {
     timed(async {
         let dir = tempfile::tempdir().unwrap();
-        let (_nats, nodes) = cluster(dir.path(), 2).await;
-        for n in &nodes {
-            n.wait_for_nodes(2).await;
-        }
+        let (_nats, nodes) = listed_cluster(dir.path(), 2).await;
         let ann = nodes[0].connect(TransportKind::Quic, "ann").await;
         create_room(&ann, "z", &["cat"]).await;
         let cat = nodes[1].connect(TransportKind::Quic, "cat").await;

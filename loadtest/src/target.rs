@@ -213,19 +213,9 @@ impl Target {
 
     /// The client configuration for `user`.
     pub fn client_config(&self, user: &str) -> anyhow::Result<ClientConfig> {
-        let (addr, pin) = if self.cluster.is_empty() {
-            (self.addr, self.pin)
-        } else {
-            let i = self.next_node.fetch_add(1, Ordering::Relaxed);
-            self.cluster[i % self.cluster.len()]
-        };
-        let mut c = ClientConfig::new(
-            addr,
-            self.transport,
-            Trust::Pinned(vec![pin]),
-            self.token(user)?,
-        );
-        c.timeout = self.client_timeout;
+        // Spread over the nodes of a cluster, round-robin (one node otherwise).
+        let node = self.next_node.fetch_add(1, Ordering::Relaxed);
+        let mut c = self.client_config_on(user, node)?;
         if !self.endpoints.is_empty() {
             let i = self.next_endpoint.fetch_add(1, Ordering::Relaxed);
             c.endpoint = Some(self.endpoints[i % self.endpoints.len()].clone());

@@ -289,7 +289,7 @@ impl Cluster {
             publish_now: tokio::sync::Notify::new(),
         });
         tasks.spawn(cluster.clone().heartbeat(kv.clone(), me, stop.clone()));
-        tasks.spawn(cluster.clone().watch_nodes(kv, services, stop));
+        tasks.spawn(cluster.clone().watch_nodes(kv, stop));
         Ok(cluster)
     }
 
@@ -382,12 +382,7 @@ impl Cluster {
 
     /// Follows the node list; proposes that a node is gone once it has not been
     /// heard from within `node_ttl`.
-    async fn watch_nodes(
-        self: Arc<Self>,
-        kv: jetstream::kv::Store,
-        services: Arc<Services>,
-        stop: CancellationToken,
-    ) {
+    async fn watch_nodes(self: Arc<Self>, kv: jetstream::kv::Store, stop: CancellationToken) {
         let mut check = tokio::time::interval(self.config.heartbeat);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'watch: loop {
@@ -408,7 +403,7 @@ impl Cluster {
                         Some(Ok(entry)) => self.saw(entry),
                         _ => continue 'watch,
                     },
-                    _ = check.tick() => self.expire(&services).await,
+                    _ = check.tick() => self.expire().await,
                 }
             }
         }
@@ -438,7 +433,7 @@ impl Cluster {
         }
     }
 
-    async fn expire(&self, _services: &Arc<Services>) {
+    async fn expire(&self) {
         let gone: Vec<String> = {
             let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
             let ttl = self.config.node_ttl;
@@ -458,11 +453,6 @@ impl Cluster {
                 tracing::warn!(error = %e.message, node, "announcing a node gone");
             }
         }
-    }
-
-    /// Closes the NATS connection after pending publishes are flushed.
-    pub async fn leave(&self) {
-        let _ = self.client.flush().await;
     }
 }
 
