@@ -223,6 +223,38 @@ pub struct CollabService {
     cursors: Mutex<HashMap<(String, String), CursorState>>,
     /// Where retention goes on in `collab_clients` and `collab_user_docs`.
     prune_cursors: Mutex<[(String, String); 2]>,
+    /// In a cluster: the sessions of other nodes that have documents open.
+    remote: Mutex<RemotePresence>,
+}
+
+/// Who has which document open on the other nodes of a cluster, as their
+/// commands tell (see [`CollabService::remote_presence`]).
+#[derive(Debug, Default)]
+struct RemotePresence {
+    /// document → session → user.
+    docs: HashMap<String, BTreeMap<String, String>>,
+    /// session → its documents.
+    sessions: HashMap<String, std::collections::HashSet<String>>,
+}
+
+impl RemotePresence {
+    /// Forgets `session` on `doc`; true if it was there.
+    fn remove(&mut self, doc: &str, session: &str) -> bool {
+        let Some(present) = self.docs.get_mut(doc) else {
+            return false;
+        };
+        let was = present.remove(session).is_some();
+        if present.is_empty() {
+            self.docs.remove(doc);
+        }
+        if let Some(docs) = self.sessions.get_mut(session) {
+            docs.remove(doc);
+            if docs.is_empty() {
+                self.sessions.remove(session);
+            }
+        }
+        was
+    }
 }
 
 fn topic(doc_id: &str) -> String {
@@ -264,6 +296,7 @@ impl CollabService {
             sessions: Mutex::new(HashMap::new()),
             cursors: Mutex::new(HashMap::new()),
             prune_cursors: Mutex::default(),
+            remote: Mutex::default(),
         });
         let work = Background::new(
             "collab cursors",
@@ -515,8 +548,10 @@ impl CollabService {
         }
         let participants = {
             let cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
             d.present
                 .iter()
+                .chain(remote.docs.get(&d.id).into_iter().flatten())
                 .filter(|(s, _)| s.as_str() != ctx.session_id())
                 .map(|(s, u)| v1::DocParticipant {
                     user_id: u.clone(),
@@ -708,6 +743,79 @@ impl CollabService {
                 docs.remove(&d.id);
             }
             self.publish_presence(&d.id, user, &session, false);
+        }
+        // Other nodes' sessions of the user: every node applies the same share
+        // command, so each tells its own sessions that they left.
+        let remote: Vec<String> = {
+            let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<String> = r
+                .docs
+                .get(&d.id)
+                .into_iter()
+                .flatten()
+                .filter(|(_, u)| u.as_str() == user)
+                .map(|(s, _)| s.clone())
+                .collect();
+            gone.into_iter().filter(|s| r.remove(&d.id, s)).collect()
+        };
+        for session in remote {
+            self.publish_presence(&d.id, user, &session, false);
+        }
+    }
+
+    /// In a cluster: a session of another node opened (`joined`) or closed a
+    /// document. This node's sessions that have it open see the change, and later
+    /// opens list the session among the participants.
+    pub fn remote_presence(&self, session: &str, user: &str, doc_id: &str, joined: bool) {
+        let local = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(session);
+        if local {
+            // This node's own session, whose proposal timed out here.
+            return;
+        }
+        let changed = {
+            let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            if joined {
+                let docs = r.sessions.entry(session.to_owned()).or_default();
+                // The proposing node enforced the limit; this only bounds memory.
+                if docs.len() >= self.config.max_open_docs && !docs.contains(doc_id) {
+                    false
+                } else {
+                    docs.insert(doc_id.to_owned());
+                    r.docs
+                        .entry(doc_id.to_owned())
+                        .or_default()
+                        .insert(session.to_owned(), user.to_owned())
+                        .is_none()
+                }
+            } else {
+                r.remove(doc_id, session)
+            }
+        };
+        if changed {
+            self.publish_presence(doc_id, user, session, joined);
+        }
+    }
+
+    /// In a cluster: a session of another node ended (or its node is gone): it
+    /// leaves every document it had open.
+    pub fn remote_gone(&self, session: &str, user: &str) {
+        let docs: Vec<String> = {
+            let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let docs: Vec<String> = r
+                .sessions
+                .get(session)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            docs.into_iter().filter(|d| r.remove(d, session)).collect()
+        };
+        for doc in docs {
+            self.publish_presence(&doc, user, session, false);
         }
     }
 

@@ -365,9 +365,20 @@ impl Services {
         deps: ServiceDeps,
         config: ServicesConfig,
     ) -> Result<(Self, Vec<Background>), crate::store::StoreError> {
+        Self::open_with_analytics(deps.clone(), deps, config)
+    }
+
+    /// [`Services::open`] with analytics on a database of its own
+    /// (`analytics_deps`): in a cluster the main database is a view of the log,
+    /// rebuilt at each start, while analytics counts are the node's own.
+    pub fn open_with_analytics(
+        deps: ServiceDeps,
+        analytics_deps: ServiceDeps,
+        config: ServicesConfig,
+    ) -> Result<(Self, Vec<Background>), crate::store::StoreError> {
         let chat = chat::ChatService::open(deps.clone(), config.chat, config.rooms)?;
         let (analytics, analytics_work) =
-            analytics::AnalyticsService::open(deps.clone(), config.analytics)?;
+            analytics::AnalyticsService::open(analytics_deps, config.analytics)?;
         let (presence, presence_work) =
             presence::PresenceService::open(deps.clone(), config.presence, chat.clone())?;
         let (collab, collab_work) = collab::CollabService::open(deps.clone(), config.collab)?;
@@ -443,6 +454,24 @@ impl Services {
             && replica::is_write(&body)
         {
             return Some(self.propose_request(r, ctx, body).await);
+        }
+        if self.replicator().is_some() {
+            // Who has a document open is shared with the other nodes.
+            let closed = match &body {
+                request::Body::DocClose(r) => Some(r.doc_id.clone()),
+                _ => None,
+            };
+            let answer = self.handle_local(ctx, body).await;
+            match (&answer, closed) {
+                (Some(Ok(response::Body::DocOpen(r))), _) => {
+                    self.doc_presence(ctx, &r.doc_id, true).await
+                }
+                (Some(Ok(response::Body::DocClose(_))), Some(doc)) => {
+                    self.doc_presence(ctx, &doc, false).await
+                }
+                _ => {}
+            }
+            return answer;
         }
         self.handle_local(ctx, body).await
     }

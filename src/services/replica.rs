@@ -53,7 +53,7 @@ pub struct Command {
     #[prost(string, repeated, tag = "7")]
     pub roles: Vec<String>,
     /// What it does.
-    #[prost(oneof = "Op", tags = "8, 9, 10, 11, 12, 13, 14")]
+    #[prost(oneof = "Op", tags = "8, 9, 10, 11, 12, 13, 14, 15")]
     pub op: Option<Op>,
 }
 
@@ -81,6 +81,20 @@ pub enum Op {
     /// Server API: a participant added (JSON of [`ApiAddMember`]).
     #[prost(bytes = "vec", tag = "14")]
     ApiAddMember(Vec<u8>),
+    /// The session opened or closed a document (who is here, on every node).
+    #[prost(message, tag = "15")]
+    DocPresence(DocPresence),
+}
+
+/// A session opened or closed a document.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DocPresence {
+    /// The document.
+    #[prost(string, tag = "1")]
+    pub doc_id: String,
+    /// Opened (true) or closed.
+    #[prost(bool, tag = "2")]
+    pub joined: bool,
 }
 
 /// The server API's notification, as a command carries it.
@@ -275,6 +289,21 @@ impl Services {
         }
     }
 
+    /// In a cluster, tells every node that the session opened (`joined`) or closed
+    /// a document, so that their sessions see who is here. Best effort: a failure
+    /// only delays it to the session's end.
+    pub(super) async fn doc_presence(&self, ctx: &SessionCtx, doc_id: &str, joined: bool) {
+        if let Some(r) = self.replicator() {
+            let op = Op::DocPresence(DocPresence {
+                doc_id: doc_id.to_owned(),
+                joined,
+            });
+            if let Err(e) = r.propose(op, Some(ctx.clone())).await {
+                tracing::warn!(error = %e.message, "announcing a document's participant to the cluster");
+            }
+        }
+    }
+
     /// A session connected: in a cluster every node learns it (presence).
     pub(super) async fn presence_connected(&self, ctx: &SessionCtx) {
         match self.replicator() {
@@ -402,16 +431,34 @@ impl Services {
                 Outcome::Done
             }
             Op::Disconnected(_) => {
-                self.presence.disconnected(&ctx()).await;
+                let ctx = ctx();
+                self.presence.disconnected(&ctx).await;
+                if ctx.subscriber.is_remote() {
+                    self.collab.remote_gone(ctx.session_id(), ctx.user_id());
+                }
                 Outcome::Done
             }
             Op::NodeGone(node) => {
                 for (session, user) in self.presence.sessions_of_node(node) {
+                    self.collab.remote_gone(&session, &user);
                     let gone = SessionCtx {
                         subscriber: Arc::new(RemoteSession::new(session, user)),
                         roles: Arc::from([]),
                     };
                     self.presence.disconnected(&gone).await;
+                }
+                Outcome::Done
+            }
+            Op::DocPresence(p) => {
+                // The proposing node has already told its own sessions.
+                let ctx = ctx();
+                if ctx.subscriber.is_remote() {
+                    self.collab.remote_presence(
+                        ctx.session_id(),
+                        ctx.user_id(),
+                        &p.doc_id,
+                        p.joined,
+                    );
                 }
                 Outcome::Done
             }
