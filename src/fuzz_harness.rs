@@ -891,6 +891,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
                 dimension: "page=home".into(),
                 duration_ms: 3_600_000,
                 resolution_ms: 60_000,
+                by_node: false,
             }),
         ),
         req(

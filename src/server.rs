@@ -36,7 +36,11 @@ pub struct RunningServer {
     gateway: Arc<Gateway>,
     services: Arc<Services>,
     writer: Writer,
-    writer_thread: std::thread::JoinHandle<()>,
+    /// The group-commit threads: the main database's, and in a cluster the
+    /// analytics database's.
+    writer_threads: Vec<std::thread::JoinHandle<()>>,
+    /// In a cluster, analytics counts live here (they are not in the log).
+    analytics_store: Option<Store>,
     endpoint: ServerEndpoint,
     ready: Arc<AtomicBool>,
     cluster: Option<Arc<crate::cluster::Cluster>>,
@@ -100,10 +104,25 @@ async fn start_inner(
         Some(switch) => Store::open_with_faults(&db_dir, switch),
     }
     .with_context(|| format!("opening the database in {}", db_dir.display()))?;
-    let node_id = config
-        .node_id
-        .clone()
-        .unwrap_or_else(|| store.node_id().to_owned());
+    // In a cluster, analytics counts are this node's own, not commands of the log:
+    // they live in a database beside the view, which survives restarts (and so
+    // does the node id kept there).
+    let analytics_store = if config.cluster.enabled() {
+        let dir = config.data_dir.join("analytics");
+        Some(
+            Store::open(&dir)
+                .with_context(|| format!("opening the analytics database in {}", dir.display()))?,
+        )
+    } else {
+        None
+    };
+    let node_id = config.node_id.clone().unwrap_or_else(|| {
+        analytics_store
+            .as_ref()
+            .unwrap_or(&store)
+            .node_id()
+            .to_owned()
+    });
     let auth = Auth::from_config(&config.auth, config.dev, &config.data_dir)
         .context("loading the token secret")?;
     if auth.is_development() {
@@ -139,6 +158,12 @@ async fn start_inner(
             commits.committed(writes, took)
         })),
     );
+    let mut writer_threads = vec![writer_thread];
+    let analytics_writer = analytics_store.as_ref().map(|s| {
+        let (w, thread) = Writer::spawn(s.clone(), None);
+        writer_threads.push(thread);
+        (s.clone(), w)
+    });
     let tasks = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     let stop_background = CancellationToken::new();
@@ -155,22 +180,29 @@ async fn start_inner(
         }
         None => Arc::new(Hub::default()),
     };
-    let (services, background) = Services::open(
-        ServiceDeps {
-            store: store.clone(),
-            writer: writer.clone(),
-            hub,
-            metrics: metrics.clone(),
-            rates: Arc::new(crate::services::rate::RateLimits::new(
-                &config.limits.rate,
-                clock.clone(),
-            )),
-            clock,
-            shutdown: stop_background.clone(),
+    let deps = ServiceDeps {
+        store: store.clone(),
+        writer: writer.clone(),
+        hub,
+        metrics: metrics.clone(),
+        rates: Arc::new(crate::services::rate::RateLimits::new(
+            &config.limits.rate,
+            clock.clone(),
+        )),
+        clock,
+        shutdown: stop_background.clone(),
+    };
+    let analytics_deps = match analytics_writer {
+        Some((store, writer)) => ServiceDeps {
+            store,
+            writer,
+            ..deps.clone()
         },
-        ServicesConfig::from(&config),
-    )
-    .context("opening the services")?;
+        None => deps.clone(),
+    };
+    let (services, background) =
+        Services::open_with_analytics(deps, analytics_deps, ServicesConfig::from(&config))
+            .context("opening the services")?;
     let services = Arc::new(services);
     // The services' own work runs with the node's other tasks and stops with them.
     for work in background {
@@ -290,7 +322,8 @@ async fn start_inner(
         gateway,
         services,
         writer,
-        writer_thread,
+        writer_threads,
+        analytics_store,
         endpoint,
         ready,
         cluster,
@@ -398,14 +431,18 @@ impl RunningServer {
             gateway,
             services,
             writer,
-            writer_thread,
+            writer_threads,
+            analytics_store,
             ..
         } = self;
         drop(writer);
         drop(gateway);
         drop(services);
-        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        for thread in writer_threads {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         drop(store);
+        drop(analytics_store);
         Ok(())
     }
 }

@@ -62,6 +62,7 @@ async fn series(
 ) -> v1::AnalyticsSeriesResponse {
     match c
         .request(request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+            by_node: false,
             r#type: t.into(),
             dimension: dim.into(),
             duration_ms,
@@ -247,6 +248,7 @@ async fn a_metrics_subscriber_gets_only_its_series_and_only_changes(t: Transport
     let sub = match ops
         .request(request::Body::MetricsSubscribe(
             v1::MetricsSubscribeRequest {
+                all_nodes: false,
                 event_types: vec!["signup".into()],
                 metrics: vec![
                     "sessions.*".into(),
@@ -365,11 +367,13 @@ async fn queries_and_streams_need_the_metrics_role(t: TransportKind) {
     alice.track(vec![event("signup", 1)]).await.unwrap();
     let bodies = [
         request::Body::MetricsSubscribe(v1::MetricsSubscribeRequest {
+            all_nodes: false,
             event_types: vec!["*".into()],
             metrics: vec!["*".into()],
             interval_ms: 0,
         }),
         request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+            by_node: false,
             r#type: "signup".into(),
             dimension: String::new(),
             duration_ms: 60_000,
@@ -390,6 +394,7 @@ async fn queries_and_streams_need_the_metrics_role(t: TransportKind) {
     let ops = connect_as(&s, t, "ops", &["metrics"]).await;
     let sub = |metrics: &str, types: &str| {
         request::Body::MetricsSubscribe(v1::MetricsSubscribeRequest {
+            all_nodes: false,
             event_types: vec![types.into()],
             metrics: vec![metrics.into()],
             interval_ms: 0,
@@ -427,6 +432,7 @@ async fn huge_durations_and_resolutions_are_exact_or_refused(t: TransportKind) {
     alice.track(vec![event("signup", 3)]).await.unwrap();
     let raw = |duration_ms: u64, resolution_ms: u64| {
         ops.request(request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+            by_node: false,
             r#type: "signup".into(),
             dimension: String::new(),
             duration_ms,

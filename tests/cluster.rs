@@ -11,6 +11,7 @@ mod support;
 
 use support::typing::{follow_until, type_concurrently};
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -314,6 +315,10 @@ impl Node {
 }
 
 fn token(user: &str) -> String {
+    token_with_roles(user, &[])
+}
+
+fn token_with_roles(user: &str, roles: &[String]) -> String {
     let auth = tutti::auth::Auth::from_config(
         &tutti::config::AuthConfig {
             jwt_secret: Some(SECRET.into()),
@@ -323,7 +328,7 @@ fn token(user: &str) -> String {
         Path::new("/nonexistent"),
     )
     .unwrap();
-    auth.mint(user, Duration::from_secs(3600), &[]).unwrap()
+    auth.mint(user, Duration::from_secs(3600), roles).unwrap()
 }
 
 /// [`cluster`], once every node's list shows all `n` nodes.
@@ -1380,6 +1385,282 @@ async fn a_node_taken_for_dead_announces_its_sessions_again() {
             }
         }
         drop(ann);
+    })
+    .await;
+}
+
+async fn track(c: &Client, events: &[(&str, u32)]) {
+    c.request(request::Body::AnalyticsTrack(v1::AnalyticsTrackRequest {
+        events: events
+            .iter()
+            .map(|(t, n)| v1::AnalyticsEvent {
+                r#type: (*t).into(),
+                count: *n,
+                ..Default::default()
+            })
+            .collect(),
+    }))
+    .await
+    .unwrap();
+}
+
+/// The per-node parts of an answer, by node id.
+fn by_node<T, V>(parts: &[T], f: impl Fn(&T) -> (String, V)) -> BTreeMap<String, V> {
+    parts.iter().map(f).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_and_metrics_span_the_cluster_with_a_per_node_breakdown() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, mut nodes) = listed_cluster(dir.path(), 2).await;
+        let t = TransportKind::Quic;
+        let a = nodes[0].connect(t, "ann").await;
+        let b = nodes[1].connect(TransportKind::WebTransport, "bob").await;
+        track(&a, &[("click", 3)]).await;
+        track(&b, &[("click", 5), ("view", 2)]).await;
+        let mut config = nodes[0].config(t, "ops");
+        config.token = token_with_roles("ops", &["metrics".into()]);
+        let ops = Client::connect(config).await.unwrap();
+
+        // A series on node 1 sums both nodes and shows each one's part.
+        let s = match ops
+            .request(request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+                r#type: "click".into(),
+                duration_ms: 60_000,
+                by_node: true,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        {
+            response::Body::AnalyticsSeries(s) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.total, 8, "{s:?}");
+        assert_eq!(s.points.iter().map(|p| p.count).sum::<u64>(), 8);
+        assert!(s.missing_nodes.is_empty(), "{s:?}");
+        let parts = by_node(&s.nodes, |n| {
+            (
+                n.node_id.clone(),
+                (n.total, n.points.iter().map(|p| p.count).sum::<u64>()),
+            )
+        });
+        assert_eq!(parts["n1"], (3, 3), "{s:?}");
+        assert_eq!(parts["n2"], (5, 5), "{s:?}");
+
+        // The top types: exact sums, and each node's own list.
+        let top = match ops
+            .request(request::Body::AnalyticsTop(v1::AnalyticsTopRequest {
+                window_ms: 60_000,
+                limit: 10,
+            }))
+            .await
+            .unwrap()
+        {
+            response::Body::AnalyticsTop(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let pairs = |types: &[v1::AnalyticsTypeCount]| {
+            types
+                .iter()
+                .map(|c| (c.r#type.clone(), c.count))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            pairs(&top.types),
+            [("click".to_owned(), 8), ("view".to_owned(), 2)]
+        );
+        let parts = by_node(&top.nodes, |n| (n.node_id.clone(), pairs(&n.types)));
+        assert_eq!(parts["n1"], [("click".to_owned(), 3)]);
+        assert_eq!(
+            parts["n2"],
+            [("click".to_owned(), 5), ("view".to_owned(), 2)]
+        );
+
+        // Distinct users: the sketches are merged, so Ann counts once although
+        // she tracks on both nodes.
+        track(&nodes[1].connect(t, "ann").await, &[("view", 1)]).await;
+        let users = match ops
+            .request(request::Body::AnalyticsDistinctUsers(
+                v1::AnalyticsDistinctUsersRequest { window_ms: 60_000 },
+            ))
+            .await
+            .unwrap()
+        {
+            response::Body::AnalyticsDistinctUsers(r) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(users.estimate, 2, "{users:?}");
+        let parts = by_node(&users.nodes, |n| (n.node_id.clone(), n.estimate));
+        assert_eq!((parts["n1"], parts["n2"]), (1, 2), "{users:?}");
+
+        // Metrics from every node, each update naming its node.
+        ops.request(request::Body::MetricsSubscribe(
+            v1::MetricsSubscribeRequest {
+                event_types: vec!["click".into()],
+                interval_ms: 100,
+                all_nodes: true,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+        let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+        // Node 2 starts streaming once the subscription reached it: keep
+        // clicking on both nodes until both have reported some (bounded).
+        for _ in 0..100 {
+            if seen.get("n1").is_some_and(|c| *c > 0) && seen.get("n2").is_some_and(|c| *c > 0) {
+                break;
+            }
+            track(&a, &[("click", 1)]).await;
+            track(&b, &[("click", 1)]).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+            while let Ok(Some(event)) = tokio::time::timeout_at(deadline, ops.next_event()).await {
+                if let Event::Push(StreamKind::Analytics, p) = event
+                    && let Some(push::Event::MetricsUpdate(u)) = p.event
+                {
+                    let clicks: u64 = u.events.iter().map(|e| e.count).sum();
+                    *seen.entry(u.node_id.clone()).or_default() += clicks;
+                }
+            }
+        }
+        assert!(seen["n1"] > 0 && seen["n2"] > 0, "{seen:?}");
+        assert_eq!(seen.len(), 2, "only the two nodes' ids: {seen:?}");
+
+        // Node 2's counts are its own and outlive a restart (the view is rebuilt
+        // from the log; analytics live beside it), read here from the minute
+        // rollups.
+        let clicks_on_2 = |ops: Client| async move {
+            let s = match ops
+                .request(request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+                    r#type: "click".into(),
+                    duration_ms: 600_000,
+                    resolution_ms: 60_000,
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+            {
+                response::Body::AnalyticsSeries(s) => s,
+                other => panic!("{other:?}"),
+            };
+            let n2 = s.nodes.iter().find(|n| n.node_id == "n2").map(|n| n.total);
+            (ops, n2, s.missing_nodes)
+        };
+        let (ops, before, _) = clicks_on_2(ops).await;
+        let before = before.expect("node 2 answered");
+        assert!(before >= 5 + seen["n2"], "{before} {seen:?}");
+        drop(b);
+        let addr = nodes[1].quic;
+        nodes[1].terminate().await;
+        nodes[1] = Node::start_at(dir.path(), "n2", &_nats.url(), 1, "", addr).await;
+        nodes[0].wait_for_nodes(2).await;
+        let (ops, after, missing) = clicks_on_2(ops).await;
+        assert!(missing.is_empty(), "{missing:?}");
+        assert_eq!(after, Some(before), "node 2's clicks after its restart");
+
+        // A node that does not answer is named, and the sums leave it out.
+        nodes[1].kill().await;
+        let s = match ops
+            .request(request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+                r#type: "view".into(),
+                duration_ms: 60_000,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+        {
+            response::Body::AnalyticsSeries(s) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.missing_nodes, ["n2"], "{s:?}");
+        assert_eq!(s.total, 0, "node 1 saw no views: {s:?}");
+    })
+    .await;
+}
+
+/// The next document presence change `c` is told of.
+async fn next_doc_presence(c: &Client) -> v1::DocPresence {
+    loop {
+        if let Event::Push(StreamKind::Collab, p) = c.next_event().await.expect("session open")
+            && let Some(push::Event::DocPresence(d)) = p.event
+        {
+            return d;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_is_in_a_document_spans_the_nodes() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nats, nodes) = cluster(dir.path(), 2).await;
+        let ann = nodes[0].connect(TransportKind::Quic, "ann").await;
+        ann.request(request::Body::DocCreate(v1::DocCreateRequest {
+            doc_id: "d".into(),
+            text: "hi".into(),
+        }))
+        .await
+        .unwrap();
+        ann.request(request::Body::DocShare(v1::DocShareRequest {
+            doc_id: "ann~d".into(),
+            user_id: "bob".into(),
+            role: DocRole::Editor as i32,
+        }))
+        .await
+        .unwrap();
+        open_doc(&ann, "ann~d", None).await;
+
+        // Bob opens it on node 2: Ann (node 1) is listed, and she sees him join.
+        let bob = nodes[1].connect(TransportKind::WebTransport, "bob").await;
+        let opened = open_doc(&bob, "ann~d", None).await;
+        let here: Vec<&str> = opened
+            .participants
+            .iter()
+            .map(|p| p.user_id.as_str())
+            .collect();
+        assert_eq!(here, ["ann"], "{opened:?}");
+        let joined = next_doc_presence(&ann).await;
+        assert_eq!((joined.user_id.as_str(), joined.joined), ("bob", true));
+        let bob_session = joined.session_id.clone();
+
+        // He closes it: she sees him leave.
+        bob.request(request::Body::DocClose(v1::DocCloseRequest {
+            doc_id: "ann~d".into(),
+        }))
+        .await
+        .unwrap();
+        let left = next_doc_presence(&ann).await;
+        assert_eq!(
+            (left.session_id.as_str(), left.joined),
+            (bob_session.as_str(), false)
+        );
+
+        // He opens it again and his session ends: she sees him leave again.
+        open_doc(&bob, "ann~d", None).await;
+        assert!(next_doc_presence(&ann).await.joined);
+        bob.close();
+        bob.closed().await;
+        let left = next_doc_presence(&ann).await;
+        assert_eq!((left.user_id.as_str(), left.joined), ("bob", false));
+
+        // Cat opening it on node 2 now finds Ann only.
+        ann.request(request::Body::DocShare(v1::DocShareRequest {
+            doc_id: "ann~d".into(),
+            user_id: "cat".into(),
+            role: DocRole::Viewer as i32,
+        }))
+        .await
+        .unwrap();
+        let cat = nodes[1].connect(TransportKind::Quic, "cat").await;
+        let opened = open_doc(&cat, "ann~d", None).await;
+        let here: Vec<&str> = opened
+            .participants
+            .iter()
+            .map(|p| p.user_id.as_str())
+            .collect();
+        assert_eq!(here, ["ann"], "{opened:?}");
     })
     .await;
 }

@@ -11,6 +11,7 @@
 
 pub mod broker;
 pub mod log;
+pub mod peers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -288,6 +289,16 @@ impl Cluster {
             heartbeats: AtomicU64::new(0),
             publish_now: tokio::sync::Notify::new(),
         });
+        let peers = Arc::new(peers::NatsPeers::new(
+            cluster.client.clone(),
+            &cluster.config.prefix,
+            &cluster.node,
+            Arc::downgrade(&cluster),
+        ));
+        services
+            .analytics
+            .set_peers(Arc::new(peers::SharedPeers(peers.clone())));
+        tasks.spawn(peers.serve(services.analytics.clone(), stop.clone()));
         tasks.spawn(cluster.clone().heartbeat(kv.clone(), me, stop.clone()));
         tasks.spawn(cluster.clone().watch_nodes(kv, stop));
         Ok(cluster)

@@ -16,6 +16,7 @@
 //! estimated with a HyperLogLog sketch per bucket.
 
 mod hll;
+pub mod peers;
 pub mod stream;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -344,6 +345,10 @@ pub struct AnalyticsService {
     /// counts both pending and written.
     flush_lock: tokio::sync::Mutex<()>,
     streams: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// The other nodes, in a cluster.
+    peers: std::sync::OnceLock<Arc<dyn peers::Peers>>,
+    /// Metrics streams run for other nodes' sessions, by subscription id.
+    feeds: Mutex<HashMap<String, peers::RemoteFeed>>,
 }
 
 /// A series answer.
@@ -398,6 +403,8 @@ impl AnalyticsService {
             state: Mutex::new(state),
             flush_lock: tokio::sync::Mutex::new(()),
             streams: Mutex::new(HashMap::new()),
+            peers: std::sync::OnceLock::new(),
+            feeds: Mutex::new(HashMap::new()),
         });
         let every = svc.config.flush_interval.max(Duration::from_millis(100));
         let work = Background::new(
@@ -829,6 +836,12 @@ impl AnalyticsService {
 
     /// Estimated distinct users over the last `window_ms`, and the window covered.
     pub async fn distinct_users(&self, window_ms: u64) -> ServiceResult<(u64, u64)> {
+        let (sketch, covered) = self.users_sketch(window_ms).await?;
+        Ok((sketch.estimate(), covered))
+    }
+
+    /// The sketch of users over the last `window_ms`, and the window covered.
+    async fn users_sketch(&self, window_ms: u64) -> ServiceResult<(Hll, u64)> {
         if window_ms == 0 {
             return Err(ServiceError::bad_request("window must be positive"));
         }
@@ -863,7 +876,7 @@ impl AnalyticsService {
                 }
             }
         }
-        Ok((sketch.estimate(), covered))
+        Ok((sketch, covered))
     }
 
     /// Writes pending minute buckets to the rollups, in one group commit.
@@ -981,6 +994,7 @@ impl AnalyticsService {
         {
             task.abort();
         }
+        self.end_feeds();
         if let Err(e) = self.flush().await {
             tracing::error!(error = %e, "the final analytics flush failed");
         }
@@ -1004,18 +1018,7 @@ impl AnalyticsService {
             Rq::AnalyticsTrack(r) => self.track_request(ctx, r).map(Rs::AnalyticsTrack),
             Rq::AnalyticsSeries(r) => {
                 Self::require_metrics_role(ctx)?;
-                let s = self
-                    .series(&r.r#type, &r.dimension, r.duration_ms, r.resolution_ms)
-                    .await?;
-                Ok(Rs::AnalyticsSeries(v1::AnalyticsSeriesResponse {
-                    resolution_ms: s.resolution_ms,
-                    points: s
-                        .points
-                        .into_iter()
-                        .map(|(start_ms, count)| v1::AnalyticsPoint { start_ms, count })
-                        .collect(),
-                    total: s.total,
-                }))
+                self.cluster_series(r).await.map(Rs::AnalyticsSeries)
             }
             Rq::AnalyticsTop(r) => {
                 Self::require_metrics_role(ctx)?;
@@ -1023,23 +1026,15 @@ impl AnalyticsService {
                     0 => 10,
                     n => n.min(100) as usize,
                 };
-                let types = self.top(r.window_ms, limit).await?;
-                Ok(Rs::AnalyticsTop(v1::AnalyticsTopResponse {
-                    types: types
-                        .into_iter()
-                        .map(|(r#type, count)| v1::AnalyticsTypeCount { r#type, count })
-                        .collect(),
-                }))
+                self.cluster_top(r.window_ms, limit)
+                    .await
+                    .map(Rs::AnalyticsTop)
             }
             Rq::AnalyticsDistinctUsers(r) => {
                 Self::require_metrics_role(ctx)?;
-                let (estimate, window_ms) = self.distinct_users(r.window_ms).await?;
-                Ok(Rs::AnalyticsDistinctUsers(
-                    v1::AnalyticsDistinctUsersResponse {
-                        estimate,
-                        window_ms,
-                    },
-                ))
+                self.cluster_users(r.window_ms)
+                    .await
+                    .map(Rs::AnalyticsDistinctUsers)
             }
             Rq::MetricsSubscribe(r) => {
                 Self::require_metrics_role(ctx)?;

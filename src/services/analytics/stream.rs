@@ -16,10 +16,9 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use super::{AnalyticsService, validate_type};
-use crate::hub::Subscriber;
 use crate::metrics::{Metrics, Percentiles, VALUE_NAMES};
 use crate::protocol::ErrorCode;
-use crate::protocol::v1::{self, Push, StreamKind, push};
+use crate::protocol::v1;
 use crate::services::{ServiceError, ServiceResult, SessionCtx};
 
 /// Event types one subscription may name at most.
@@ -73,27 +72,8 @@ impl AnalyticsService {
         ctx: &SessionCtx,
         req: v1::MetricsSubscribeRequest,
     ) -> ServiceResult<v1::MetricsSubscribeResponse> {
-        if req.event_types.len() > MAX_EVENT_TYPES {
-            return Err(ServiceError::new(
-                ErrorCode::LimitExceeded,
-                format!("at most {MAX_EVENT_TYPES} event types per subscription"),
-            ));
-        }
-        let events = if req.event_types.iter().any(|t| t == "*") {
-            Events::All
-        } else {
-            for t in &req.event_types {
-                validate_type(t)?;
-            }
-            Events::Named(req.event_types.clone())
-        };
-        let metrics = resolve_metrics(&req.metrics)?;
-        let interval_ms = match req.interval_ms {
-            0 => self.config.metrics_interval.as_millis() as u32,
-            n => n,
-        }
-        .clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS);
-
+        let (stream, metrics) = Stream::from_request(self.clone(), &req)?;
+        let interval_ms = stream.interval_ms;
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = streams.remove(ctx.session_id()) {
             old.abort();
@@ -106,9 +86,8 @@ impl AnalyticsService {
                 ),
             ));
         }
-        let stream = Stream::new(self.clone(), events, metrics.clone(), interval_ms);
-        let task = tokio::spawn(stream.run(ctx.subscriber.clone()));
-        streams.insert(ctx.session_id().to_owned(), task.abort_handle());
+        let task = self.spawn_subscription(ctx, stream, req);
+        streams.insert(ctx.session_id().to_owned(), task);
         Ok(v1::MetricsSubscribeResponse {
             interval_ms,
             metrics,
@@ -148,7 +127,7 @@ impl AnalyticsService {
 }
 
 /// One subscription's state: what the client was last told.
-struct Stream {
+pub(super) struct Stream {
     svc: Arc<AnalyticsService>,
     events: Events,
     interval_ms: u32,
@@ -159,6 +138,38 @@ struct Stream {
 }
 
 impl Stream {
+    /// The stream a subscription asks for (checked), and the metric names it
+    /// matched.
+    pub(super) fn from_request(
+        svc: Arc<AnalyticsService>,
+        req: &v1::MetricsSubscribeRequest,
+    ) -> ServiceResult<(Self, Vec<String>)> {
+        if req.event_types.len() > MAX_EVENT_TYPES {
+            return Err(ServiceError::new(
+                ErrorCode::LimitExceeded,
+                format!("at most {MAX_EVENT_TYPES} event types per subscription"),
+            ));
+        }
+        let events = if req.event_types.iter().any(|t| t == "*") {
+            Events::All
+        } else {
+            for t in &req.event_types {
+                validate_type(t)?;
+            }
+            Events::Named(req.event_types.clone())
+        };
+        let metrics = resolve_metrics(&req.metrics)?;
+        let interval_ms = match req.interval_ms {
+            0 => svc.config.metrics_interval.as_millis() as u32,
+            n => n,
+        }
+        .clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS);
+        Ok((
+            Self::new(svc, events, metrics.clone(), interval_ms),
+            metrics,
+        ))
+    }
+
     fn new(
         svc: Arc<AnalyticsService>,
         events: Events,
@@ -189,7 +200,9 @@ impl Stream {
         }
     }
 
-    async fn run(mut self, subscriber: Arc<dyn Subscriber>) {
+    /// Sends an update every interval with something in it, until `send` says
+    /// stop (returns false).
+    pub(super) async fn run(mut self, mut send: impl FnMut(v1::MetricsUpdate) -> bool) {
         let mut tick = tokio::time::interval(Duration::from_millis(u64::from(self.interval_ms)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -198,12 +211,7 @@ impl Stream {
             let Some(update) = self.update() else {
                 continue;
             };
-            let push = Push {
-                stream: String::new(),
-                offset: 0,
-                event: Some(push::Event::MetricsUpdate(update)),
-            };
-            if subscriber.push(StreamKind::Analytics, push).is_err() {
+            if !send(update) {
                 return;
             }
         }
@@ -270,6 +278,7 @@ impl Stream {
             events,
             values,
             latencies,
+            node_id: self.svc.node_id().to_owned(),
         })
     }
 }
