@@ -25,6 +25,7 @@ import {
 import type {
   Datagram,
   EchoResponse,
+  Node as ClusterNode,
   Push,
   Response,
   ServerFrame,
@@ -42,7 +43,7 @@ import { closeCodeName, errorCodeName, shouldReconnect } from "./codes";
 import { DEFAULT_MAX_FRAME_SIZE, FrameDecoder, FrameError, encodeFrame } from "./framing";
 
 export { StreamKind };
-export type { Datagram, EchoResponse, Push, Response, Welcome };
+export type { ClusterNode, Datagram, EchoResponse, Push, Response, Welcome };
 export type {
   AnalyticsEvent,
   AnalyticsTrackResponse,
@@ -61,6 +62,19 @@ export const PROTOCOL_VERSION = 1;
 /** Where an error was decided: by the server (a frame or close code) or by this client. */
 export type TuttiErrorSource = "server" | "client";
 
+/** CloseCode GOING_AWAY: the server is shutting down or draining. */
+export const GOING_AWAY = 3000;
+/** CloseCode REDIRECT: a node of a cluster over its share of sessions sends the client on. */
+export const REDIRECT = 3007;
+
+/** What a server `Close` frame adds to its code (see `TuttiError`). */
+export interface CloseDetails {
+  /** With GOING_AWAY from a draining node: wait this long before reconnecting, in ms. */
+  retryAfterMs?: number;
+  /** With GOING_AWAY and REDIRECT in a cluster: the nodes to go to, best first. */
+  nodes?: readonly ClusterNode[];
+}
+
 /**
  * A typed Tutti error. For server errors `code` and `name` are the protocol's
  * (ErrorCode or CloseCode, e.g. 3501 "UNAUTHORIZED"); client-side errors have code
@@ -72,6 +86,16 @@ export class TuttiError extends Error {
   readonly source: TuttiErrorSource;
   /** Whether reconnecting (with backoff) may help. */
   readonly reconnect: boolean;
+  /**
+   * From a `Close` with GOING_AWAY sent by a draining node of a cluster: how long
+   * to wait before reconnecting, in ms (0: not said).
+   */
+  readonly retryAfterMs: number;
+  /**
+   * From a `Close` with GOING_AWAY or REDIRECT in a cluster: the nodes to go to,
+   * best first (empty otherwise).
+   */
+  readonly nodes: readonly ClusterNode[];
 
   constructor(
     code: number,
@@ -79,12 +103,15 @@ export class TuttiError extends Error {
     message: string,
     source: TuttiErrorSource = "server",
     reconnect?: boolean,
+    details: CloseDetails = {},
   ) {
     super(message);
     this.code = code;
     this.name = name;
     this.source = source;
     this.reconnect = reconnect ?? (source === "server" ? shouldReconnect(code) : false);
+    this.retryAfterMs = details.retryAfterMs ?? 0;
+    this.nodes = details.nodes ?? [];
   }
 
   override toString(): string {
@@ -140,6 +167,69 @@ export interface ConnectOptions {
   maxFrameSize?: number;
   /** Creates the transport; defaults to `new WebTransport(url, options)`. */
   transport?: WebTransportFactory;
+  /**
+   * Follow a REDIRECT (default true): a node of a cluster over its share of the
+   * sessions answers Hello with `Close` REDIRECT and the less loaded nodes, best
+   * first; `connect` then opens the session on the first of them instead (see
+   * `optionsForNode`), once: a second REDIRECT rejects.
+   */
+  followRedirect?: boolean;
+}
+
+/**
+ * `options` aimed at another node of the cluster (from `Welcome.nodes` or a
+ * `Close`): its WebTransport URL and, when `options` pins certificates, the node's
+ * own pin (`cert_hash`) in their place. Undefined when the node has no URL, or
+ * when a pin is needed and the node has none.
+ */
+export function optionsForNode(options: ConnectOptions, node: ClusterNode): ConnectOptions | undefined {
+  if (!node.webtransportUrl) return undefined;
+  const next: ConnectOptions = { ...options, url: node.webtransportUrl };
+  if (options.certificateHashes && options.certificateHashes.length > 0) {
+    if (!/^[0-9a-fA-F]{64}$/.test(node.certHash)) return undefined;
+    next.certificateHashes = [node.certHash.toLowerCase()];
+  }
+  return next;
+}
+
+/**
+ * Chooses a node of a cluster to connect to (from `Welcome.nodes` or a `Close`):
+ * of two nodes taken at random among those not draining, the one with fewer
+ * sessions (the power of two choices: close to the least loaded node without every
+ * client rushing to the same one). Undefined when none is available. `random`
+ * gives numbers in [0, 1).
+ */
+export function pickNode(
+  nodes: readonly ClusterNode[],
+  random: () => number = Math.random,
+): ClusterNode | undefined {
+  const live = nodes.filter((n) => !n.draining);
+  const n = live.length;
+  if (n <= 1) return live[0];
+  const index = (below: number): number => Math.min(below - 1, Math.floor(random() * below));
+  const a = index(n);
+  const b = (a + 1 + index(n - 1)) % n;
+  return live[b]!.sessions < live[a]!.sessions ? live[b] : live[a];
+}
+
+/**
+ * The order in which to try the nodes of a cluster: `pickNode`'s choice first,
+ * then the other nodes not draining, fewest sessions first. Nodes whose id is in
+ * `last` (one just left, say) come after all others.
+ */
+export function failoverOrder(
+  nodes: readonly ClusterNode[],
+  random: () => number = Math.random,
+  last: ReadonlySet<string> = new Set(),
+): ClusterNode[] {
+  const live = nodes.filter((n) => !n.draining);
+  const preferred = live.filter((n) => !last.has(n.nodeId));
+  const first = pickNode(preferred, random);
+  const bySessions = (a: ClusterNode, b: ClusterNode): number =>
+    a.sessions < b.sessions ? -1 : a.sessions > b.sessions ? 1 : 0;
+  const rest = preferred.filter((n) => n !== first).sort(bySessions);
+  const demoted = live.filter((n) => last.has(n.nodeId)).sort(bySessions);
+  return [...(first ? [first] : []), ...rest, ...demoted];
 }
 
 export type RequestBody = MessageInitShape<typeof RequestSchema>["body"];
@@ -162,6 +252,11 @@ export interface MetricsSubscription {
   metrics?: string[];
   /** Update interval in ms; 0 or absent: the server's default. */
   intervalMs?: number;
+  /**
+   * In a cluster, also stream every other node's metrics: each update names its
+   * node in `nodeId` and numbers its `seq` per node (default false: this node's).
+   */
+  allNodes?: boolean;
 }
 
 /** Fetches `/cert-hash` from the server's HTTP port: the hashes to pin, newest first. */
@@ -312,8 +407,25 @@ export class TuttiClient {
     );
   }
 
-  /** Opens a session: connects, sends Hello and resolves on Welcome. */
+  /**
+   * Opens a session: connects, sends Hello and resolves on Welcome. A REDIRECT is
+   * followed once (see `ConnectOptions.followRedirect`).
+   */
   static async connect(options: ConnectOptions): Promise<TuttiClient> {
+    try {
+      return await TuttiClient.connectOnce(options);
+    } catch (err) {
+      if (!(err instanceof TuttiError) || err.source !== "server" || err.code !== REDIRECT) throw err;
+      if (options.followRedirect === false) throw err;
+      const first = err.nodes[0];
+      const next = first && optionsForNode(options, first);
+      if (!next) throw err;
+      return TuttiClient.connectOnce({ ...next, followRedirect: false });
+    }
+  }
+
+  /** One session attempt at `options.url`, without following a REDIRECT. */
+  private static async connectOnce(options: ConnectOptions): Promise<TuttiClient> {
     const factory: WebTransportFactory =
       options.transport ?? ((url, opts) => new WebTransport(url, opts) as WebTransportLike);
     const wtOptions: WebTransportOptions = {};
@@ -465,6 +577,7 @@ export class TuttiClient {
         eventTypes: subscription.eventTypes ?? ["*"],
         metrics: subscription.metrics ?? ["*"],
         intervalMs: subscription.intervalMs ?? 0,
+        allNodes: subscription.allNodes ?? false,
       },
     });
   }
@@ -767,7 +880,10 @@ export class TuttiClient {
         break;
       case "close": {
         const c = kind.value;
-        const err = new TuttiError(c.code, c.name || closeCodeName(c.code), c.message);
+        const err = new TuttiError(c.code, c.name || closeCodeName(c.code), c.message, "server", undefined, {
+          retryAfterMs: c.retryAfterMs,
+          nodes: c.nodes,
+        });
         this.frameReason = err;
         this.shutdown(err);
         break;

@@ -1,6 +1,8 @@
 // The live dashboard (served at /dashboard): connects over WebTransport with a token
-// that has the `metrics` role, subscribes to every event type and server metric,
-// and draws event rates, connections and latency percentiles as updates arrive.
+// that has the `metrics` role, subscribes to every event type and server metric of
+// every node of the cluster (`all_nodes`; one node when not in a cluster), and draws
+// the cluster's event rates, connections and latency percentiles as updates arrive,
+// with a table of each node's sessions, deliveries and fan-out p99.
 //
 // URL parameters: `?token=` (else a development server hands one out),
 // `?interval=<ms>` (default 1000).
@@ -52,6 +54,7 @@ const ui = {
   eventsEmpty: el("events-empty"),
   latencyTable: el<HTMLTableSectionElement>("latency-rows"),
   valuesTable: el<HTMLTableSectionElement>("value-rows"),
+  nodesTable: el<HTMLTableSectionElement>("node-rows"),
 };
 
 const params = new URLSearchParams(location.search);
@@ -139,6 +142,7 @@ function draw(): void {
   drawTiles();
   drawLatencyTable();
   drawValuesTable();
+  drawNodesTable();
   const last = model.lastTime;
   ui.updated.textContent = last ? new Date(last).toLocaleTimeString() : "–";
 }
@@ -198,6 +202,30 @@ function drawValuesTable(): void {
   );
 }
 
+/** One row per node: its sessions, connections, rates and fan-out p99. */
+function drawNodesTable(): void {
+  const nodes = state.nodes;
+  const count = (v: number | null): string => (v === null ? "–" : fmt(v));
+  ui.nodesTable.replaceChildren(
+    ...Object.keys(nodes)
+      .sort()
+      .map((id) => {
+        const n = nodes[id]!;
+        const tr = row([
+          id || state.node || "this node",
+          count(n.sessions),
+          count(n.connections),
+          fmt(n.eventsPerSecond),
+          fmt(n.deliveriesPerSecond),
+          n.fanoutP99 === null ? "–" : n.fanoutP99.toFixed(2),
+          n.atMs > 0 ? new Date(n.atMs).toLocaleTimeString() : "–",
+        ]);
+        tr.dataset["node"] = id;
+        return tr;
+      }),
+  );
+}
+
 // ------------------------------------------------------------------ session
 
 function onUpdate(update: MetricsUpdate): void {
@@ -238,8 +266,11 @@ async function session(): Promise<TuttiError> {
   (window as unknown as { tutti: unknown }).tutti = { client };
   try {
     clockSkewMs = Number(client.welcome.serverTimeMs) - Date.now();
+    // A new subscription's first updates carry every value again: forget the nodes
+    // of the last one (a node that went away meanwhile must not count in the sums).
+    model.resetNodes();
     client.onMetrics(onUpdate);
-    const sub = await client.subscribeMetrics({ eventTypes: ["*"], metrics: ["*"], intervalMs });
+    const sub = await client.subscribeMetrics({ eventTypes: ["*"], metrics: ["*"], intervalMs, allNodes: true });
     state.user = client.welcome.userId;
     state.node = client.welcome.nodeId;
     state.metrics = [...sub.metrics];

@@ -5,9 +5,18 @@
 // values forward: an event type absent from an update had 0 occurrences in that
 // interval, a counter or gauge absent from it kept its value, and a histogram absent
 // from it had no samples (a gap in its line, not a zero).
+//
+// In a cluster (a subscription with `all_nodes`) updates come from every node, each
+// naming its node and numbering its own `seq`. The model keeps each node's state
+// (`nodes`) and draws the cluster: one point per interval holding at most one
+// update of each node, event rates and counters and gauges summed over the nodes,
+// histogram sample counts summed and percentiles the largest node's (an upper
+// bound of the cluster's). Updates without a node id come from a single node.
 
 /** The parts of a MetricsUpdate the model reads (the generated message fits). */
 export interface UpdateLike {
+  /** The node the update is from; empty or absent on a single node. */
+  nodeId?: string;
   seq: bigint | number;
   atMs: bigint | number;
   intervalMs: number;
@@ -37,6 +46,44 @@ export interface Latency {
   atMs: number;
 }
 
+/** One node's latest state (see `MetricsModel.nodes`). */
+export interface NodeMetrics {
+  /** The node's id ("" on a single node). */
+  nodeId: string;
+  /** Updates applied from it. */
+  updates: number;
+  /** Its last update's seq. */
+  lastSeq: number;
+  /** Its updates the seq numbers say were lost. */
+  lostUpdates: number;
+  /** The end of its last update's interval, ms since the epoch. */
+  atMs: number;
+  /** Its counters and gauges, carried forward. */
+  values: Map<string, number>;
+  /** Its latest summary of every histogram. */
+  latencies: Map<string, Latency>;
+  /** Events per second in its last update. */
+  eventsPerSecond: number;
+  /** Deliveries per second in its last update (`latency.fanout` samples). */
+  deliveriesPerSecond: number;
+}
+
+/** A node's state in `snapshot()`. */
+export interface NodeSnapshot {
+  updates: number;
+  lastSeq: number;
+  lostUpdates: number;
+  atMs: number;
+  /** Open sessions: `sessions.quic` + `sessions.webtransport` (null: not known yet). */
+  sessions: number | null;
+  connections: number | null;
+  eventsPerSecond: number;
+  deliveriesPerSecond: number;
+  /** The p99 of `latency.fanout` in its last interval with samples, ms (null: none yet). */
+  fanoutP99: number | null;
+  values: Record<string, number>;
+}
+
 /** One point of a series: [time in ms since the epoch (server clock), value]. */
 export type Point = [number, number | null];
 
@@ -53,6 +100,8 @@ export interface ModelSnapshot {
   updates: number;
   lastSeq: number;
   lostUpdates: number;
+  /** Each node's state, by node id ("" on a single node). */
+  nodes: Record<string, NodeSnapshot>;
   totals: Record<string, number>;
   values: Record<string, number>;
   latencies: Record<string, Latency>;
@@ -79,17 +128,27 @@ interface LatencyColumns {
 
 const num = (v: bigint | number): number => (typeof v === "bigint" ? Number(v) : v);
 
+/** The histogram whose samples are deliveries (one per push delivered). */
+const DELIVERIES = "latency.fanout";
+
+/** The larger of two percentiles, either possibly missing. */
+const larger = (a: number | null | undefined, b: number): number => (a == null ? b : Math.max(a, b));
+
 export class MetricsModel {
   /** How many points each series keeps. */
   readonly capacity: number;
   /** The subscription's interval in ms (updated from each update). */
   intervalMs: number;
-  /** Updates applied. */
+  /** Updates applied, from every node. */
   updates = 0;
-  /** The last update's seq. */
+  /** The last update's seq (of its node). */
   lastSeq = 0;
-  /** Updates the seq numbers say were lost. */
+  /** Updates the seq numbers say were lost, over every node. */
   lostUpdates = 0;
+  /** Each node's state, by node id ("" on a single node). */
+  readonly nodes = new Map<string, NodeMetrics>();
+  /** The nodes whose update the newest point holds. */
+  private pointNodes = new Set<string>();
 
   /** The time axis, ms since the epoch on the server's clock. */
   readonly times: number[] = [];
@@ -99,11 +158,14 @@ export class MetricsModel {
   readonly values = new Map<string, Array<number | null>>();
   /** Histogram percentiles per interval (null: no samples then). */
   readonly latencies = new Map<string, LatencyColumns>();
-  /** Occurrences per event type since the model started. */
+  /** Occurrences per event type since the model started (every node). */
   readonly totals = new Map<string, number>();
-  /** The current value of every counter and gauge seen. */
+  /** The current value of every counter and gauge seen, summed over the nodes. */
   readonly current = new Map<string, number>();
-  /** The latest summary of every histogram seen. */
+  /**
+   * The latest summary of every histogram seen: over the nodes of its newest point
+   * (counts summed, percentiles the largest node's).
+   */
   readonly lastLatency = new Map<string, Latency>();
 
   constructor(options: { capacity?: number; intervalMs?: number } = {}) {
@@ -116,90 +178,157 @@ export class MetricsModel {
     return this.times[this.times.length - 1];
   }
 
-  /** Folds one update in as a new point. */
+  /**
+   * Forgets every node's state (not the series): for a new subscription, whose
+   * first updates carry every value again, so that a node gone meanwhile no
+   * longer counts in the sums.
+   */
+  resetNodes(): void {
+    this.nodes.clear();
+    this.current.clear();
+    this.pointNodes = new Set();
+  }
+
+  /**
+   * Folds one update in: as a new point, or into the newest point when that holds
+   * another node's update but none of this node's yet, and is at most half an
+   * interval older.
+   */
   apply(update: UpdateLike): void {
+    const id = update.nodeId ?? "";
+    let node = this.nodes.get(id);
+    if (!node) {
+      node = {
+        nodeId: id,
+        updates: 0,
+        lastSeq: 0,
+        lostUpdates: 0,
+        atMs: 0,
+        values: new Map(),
+        latencies: new Map(),
+        eventsPerSecond: 0,
+        deliveriesPerSecond: 0,
+      };
+      this.nodes.set(id, node);
+    }
     const seq = num(update.seq);
-    if (this.lastSeq > 0 && seq > this.lastSeq + 1) this.lostUpdates += seq - this.lastSeq - 1;
-    this.lastSeq = seq; // a new subscription starts again at 1
+    if (node.lastSeq > 0 && seq > node.lastSeq + 1) {
+      node.lostUpdates += seq - node.lastSeq - 1;
+      this.lostUpdates += seq - node.lastSeq - 1;
+    }
+    node.lastSeq = seq; // a new subscription starts again at 1
+    this.lastSeq = seq;
+    node.updates++;
     this.updates++;
     if (update.intervalMs > 0) this.intervalMs = update.intervalMs;
     const at = num(update.atMs);
-
-    // No update for a while means nothing changed: the event rates were 0 from the
-    // last point until this update's interval began.
-    const last = this.lastTime;
-    if (last !== undefined && at - this.intervalMs - last > 0.5 * this.intervalMs) {
-      this.quiet(at - this.intervalMs);
-    }
+    node.atMs = at;
 
     const perSecond = 1000 / (update.intervalMs > 0 ? update.intervalMs : this.intervalMs);
     const rates = new Map<string, number>();
+    let events = 0;
     for (const e of update.events) {
       const count = num(e.count);
+      events += count;
       rates.set(e.type, (rates.get(e.type) ?? 0) + count * perSecond);
       this.totals.set(e.type, (this.totals.get(e.type) ?? 0) + count);
     }
-    for (const v of update.values) this.current.set(v.name, v.value);
+    node.eventsPerSecond = events * perSecond;
+    for (const v of update.values) {
+      node.values.set(v.name, v.value);
+      let sum = 0;
+      for (const n of this.nodes.values()) sum += n.values.get(v.name) ?? 0;
+      this.current.set(v.name, sum);
+    }
     const samples = new Map<string, LatencyLike>();
+    node.deliveriesPerSecond = 0;
     for (const l of update.latencies) {
       samples.set(l.name, l);
-      this.lastLatency.set(l.name, {
-        count: num(l.count),
-        p50: l.p50,
-        p90: l.p90,
-        p99: l.p99,
-        p999: l.p999,
-        max: l.max,
-        atMs: at,
-      });
+      const summary = { count: num(l.count), p50: l.p50, p90: l.p90, p99: l.p99, p999: l.p999, max: l.max, atMs: at };
+      node.latencies.set(l.name, summary);
+      if (l.name === DELIVERIES) node.deliveriesPerSecond = summary.count * perSecond;
     }
-    this.push(at, rates, samples);
+
+    const last = this.lastTime;
+    const merge =
+      last !== undefined &&
+      this.pointNodes.size > 0 &&
+      !this.pointNodes.has(id) &&
+      at <= last + 0.5 * this.intervalMs;
+    if (!merge) {
+      // No update for a while means nothing changed: the event rates were 0 from
+      // the last point until this update's interval began.
+      if (last !== undefined && at - this.intervalMs - last > 0.5 * this.intervalMs) {
+        this.quiet(at - this.intervalMs);
+      }
+      this.newPoint(at);
+      this.pointNodes = new Set();
+    }
+    this.pointNodes.add(id);
+    this.addToNewest(rates, samples);
+    this.trim();
   }
 
   /** Adds a point where nothing happened (no update came for a while). */
   quiet(atMs: number): void {
     const last = this.lastTime;
     if (last !== undefined && atMs <= last) return;
-    this.push(atMs, new Map(), new Map());
+    this.newPoint(atMs);
+    this.pointNodes = new Set();
+    this.trim();
   }
 
-  private push(atMs: number, rates: Map<string, number>, samples: Map<string, LatencyLike>): void {
+  /** Appends a point: no events, counters and gauges carried, no samples. */
+  private newPoint(atMs: number): void {
     const last = this.lastTime;
-    const at = last !== undefined && atMs <= last ? last + 1 : atMs;
-    const before = this.times.length;
-    this.times.push(at);
-
-    for (const type of rates.keys()) {
-      if (!this.events.has(type)) this.events.set(type, new Array<number>(before).fill(0));
-    }
-    for (const [type, column] of this.events) column.push(rates.get(type) ?? 0);
-
-    for (const name of this.current.keys()) {
-      if (!this.values.has(name)) this.values.set(name, new Array<number | null>(before).fill(null));
-    }
+    this.times.push(last !== undefined && atMs <= last ? last + 1 : atMs);
+    for (const column of this.events.values()) column.push(0);
     for (const [name, column] of this.values) column.push(this.current.get(name) ?? null);
+    for (const c of this.latencies.values()) {
+      for (const col of [c.p50, c.p90, c.p99, c.max]) col.push(null);
+      c.samples.push(0);
+    }
+  }
 
-    for (const name of samples.keys()) {
-      if (!this.latencies.has(name)) {
-        const empty = (): Array<number | null> => new Array<number | null>(before).fill(null);
-        this.latencies.set(name, {
-          p50: empty(),
-          p90: empty(),
-          p99: empty(),
-          max: empty(),
-          samples: new Array<number>(before).fill(0),
-        });
+  /** Adds one node's update to the newest point. */
+  private addToNewest(rates: Map<string, number>, samples: Map<string, LatencyLike>): void {
+    const length = this.times.length;
+    const i = length - 1;
+    const at = this.times[i]!;
+    for (const [type, rate] of rates) {
+      let column = this.events.get(type);
+      if (!column) this.events.set(type, (column = new Array<number>(length).fill(0)));
+      column[i] = column[i]! + rate;
+    }
+    for (const [name, value] of this.current) {
+      let column = this.values.get(name);
+      if (!column) this.values.set(name, (column = new Array<number | null>(length).fill(null)));
+      column[i] = value;
+    }
+    for (const [name, s] of samples) {
+      let c = this.latencies.get(name);
+      if (!c) {
+        const empty = (): Array<number | null> => new Array<number | null>(length).fill(null);
+        c = { p50: empty(), p90: empty(), p99: empty(), max: empty(), samples: new Array<number>(length).fill(0) };
+        this.latencies.set(name, c);
       }
+      c.p50[i] = larger(c.p50[i], s.p50);
+      c.p90[i] = larger(c.p90[i], s.p90);
+      c.p99[i] = larger(c.p99[i], s.p99);
+      c.max[i] = larger(c.max[i], s.max);
+      c.samples[i] = c.samples[i]! + num(s.count);
+      const seen = this.lastLatency.get(name);
+      const p999 = seen && seen.atMs === at ? Math.max(seen.p999, s.p999) : s.p999;
+      this.lastLatency.set(name, {
+        count: c.samples[i]!,
+        p50: c.p50[i]!,
+        p90: c.p90[i]!,
+        p99: c.p99[i]!,
+        p999,
+        max: c.max[i]!,
+        atMs: at,
+      });
     }
-    for (const [name, c] of this.latencies) {
-      const s = samples.get(name);
-      c.p50.push(s ? s.p50 : null);
-      c.p90.push(s ? s.p90 : null);
-      c.p99.push(s ? s.p99 : null);
-      c.max.push(s ? s.max : null);
-      c.samples.push(s ? num(s.count) : 0);
-    }
-    this.trim();
   }
 
   /** Keeps `capacity` points; forgets series with nothing left in the window. */
@@ -284,11 +413,29 @@ export class MetricsModel {
     }
     const latency: Record<string, { p50: Point[]; p99: Point[] }> = {};
     for (const [name, c] of this.latencies) latency[name] = { p50: points(c.p50), p99: points(c.p99) };
+    const nodes: Record<string, NodeSnapshot> = {};
+    for (const [id, n] of this.nodes) {
+      const quic = n.values.get("sessions.quic");
+      const wt = n.values.get("sessions.webtransport");
+      nodes[id] = {
+        updates: n.updates,
+        lastSeq: n.lastSeq,
+        lostUpdates: n.lostUpdates,
+        atMs: n.atMs,
+        sessions: quic === undefined && wt === undefined ? null : (quic ?? 0) + (wt ?? 0),
+        connections: n.values.get("connections") ?? null,
+        eventsPerSecond: n.eventsPerSecond,
+        deliveriesPerSecond: n.deliveriesPerSecond,
+        fanoutP99: n.latencies.get(DELIVERIES)?.p99 ?? null,
+        values: Object.fromEntries(n.values),
+      };
+    }
     return {
       interval: this.intervalMs,
       updates: this.updates,
       lastSeq: this.lastSeq,
       lostUpdates: this.lostUpdates,
+      nodes,
       totals: Object.fromEntries(this.totals),
       values: Object.fromEntries(this.current),
       latencies: Object.fromEntries(this.lastLatency),

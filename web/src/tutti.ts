@@ -3,6 +3,9 @@
 // close whose code says "reconnect" (and after network loss), never after a "stop"
 // code, resumes rooms and notifications by offset (so each missed event reaches the
 // application exactly once) and offers one typed promise per request of the protocol.
+// In a cluster it keeps the node list of every Welcome and reconnects to the nodes
+// of that list (the power of two choices, then down the list), follows a REDIRECT
+// once and honours a draining node's GOING_AWAY (its retry-after and its list).
 //
 //   const tutti = new Tutti({ url, token, certificateHashes });
 //   tutti.onState((s) => console.log(s.state));
@@ -10,8 +13,9 @@
 //   await tutti.connected();
 //   await tutti.sendMessage("general", "hello");
 
-import { TuttiClient, TuttiError } from "./client";
+import { GOING_AWAY, REDIRECT, TuttiClient, TuttiError, failoverOrder, optionsForNode } from "./client";
 import type {
+  ClusterNode,
   ConnectOptions,
   Datagram,
   MetricsSubscribeResponse,
@@ -98,16 +102,20 @@ export interface BackoffOptions {
   maxMs?: number;
 }
 
-/**
- * The delay before reconnect attempt `attempt` (1, 2, ...): uniform in
- * [0, min(maxMs, baseMs * 2^(attempt-1))) ("full jitter"), so that many clients
- * dropped at once do not come back at once.
- */
 /** A new client message id for a chat send: 32 random hex digits. */
 export function newClientMessageId(): string {
   const bytes = new Uint8Array(16);
   globalThis.crypto.getRandomValues(bytes);
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * Whether a failed session or attempt is worth another: a server close reconnects
+ * unless its code says stop (3500-3999); a client-side failure (network loss,
+ * timeout) when the error says so.
+ */
+function shouldRetry(err: TuttiError): boolean {
+  return err.source === "server" ? !(err.code >= 3500 && err.code < 4000) : err.reconnect;
 }
 
 /** ErrorCode UNAVAILABLE: storage failed, nothing was stored; retry with backoff. */
@@ -123,6 +131,11 @@ export function isRetryableSend(err: unknown): boolean {
   return err.code === UNAVAILABLE || err.reconnect;
 }
 
+/**
+ * The delay before reconnect attempt `attempt` (1, 2, ...): uniform in
+ * [0, min(maxMs, baseMs * 2^(attempt-1))) ("full jitter"), so that many clients
+ * dropped at once do not come back at once.
+ */
 export function backoffDelay(attempt: number, options: BackoffOptions = {}, random: () => number = Math.random): number {
   const base = options.baseMs ?? 500;
   const max = options.maxMs ?? 30_000;
@@ -140,7 +153,13 @@ export interface TuttiOptions {
   /**
    * The WebTransport URL(s) of the server's nodes ("https://127.0.0.1:4433/tutti").
    * After a failed attempt the next one in the list is tried. A function is called
-   * before every attempt.
+   * before every attempt at one of them.
+   *
+   * Once a session's Welcome has listed the nodes of a cluster (`nodes`), reconnects
+   * go to those nodes instead: the less loaded of two taken at random, then the
+   * others, fewest sessions first, at once, one after another; the configured URL
+   * (the next one each round) is tried last, after every listed node failed, and
+   * alone while no list is known.
    */
   url: Lazy<string | readonly string[]>;
   /**
@@ -148,10 +167,15 @@ export interface TuttiOptions {
    * token's expiry to refresh the open session in band.
    */
   token: Lazy<string>;
-  /** Certificate pins (see `fetchCertificateHashes`); a function is called before every attempt. */
+  /**
+   * Certificate pins (see `fetchCertificateHashes`); a function is called before
+   * every attempt at a configured URL. Once it has given a pin, a node of the
+   * cluster's list is pinned to its own `cert_hash` (the list comes from a node
+   * the pins were checked against); without pins, listed nodes are not pinned.
+   */
   certificateHashes?: Lazy<ReadonlyArray<Uint8Array | string>>;
   backoff?: BackoffOptions;
-  /** Random numbers in [0, 1) for the jitter (default Math.random). */
+  /** Random numbers in [0, 1) for the jitter and the choice of a node (default Math.random). */
   random?: () => number;
   /** Timers (default the global ones). */
   clock?: Clock;
@@ -233,7 +257,13 @@ export class Tutti {
   private readonly typingPacer = new Pacer(TYPING_PER_SECOND);
   private readonly cursorPacer = new Pacer(CURSORS_PER_SECOND);
   private readonly reopenHooks = new Set<(client: TuttiClient) => Promise<void>>();
-  private metricsSubscription?: { eventTypes: string[]; metrics: string[]; intervalMs: number };
+  private metricsSubscription?: { eventTypes: string[]; metrics: string[]; intervalMs: number; allNodes: boolean };
+  /** The cluster's nodes, from the last Welcome (or a Close that listed some). */
+  private knownNodes: ClusterNode[] = [];
+  /** The node of the session that ended last: tried after the others. */
+  private leftNode?: string;
+  /** Whether the configured certificate hashes ever gave a pin (undefined: not asked yet). */
+  private pinned?: boolean;
 
   private readonly stateEvents = new Emitter<StateChange>();
   private readonly pushEvents = new Emitter<Push>();
@@ -264,6 +294,22 @@ export class Tutti {
   /** The user id of the current (or last) session. */
   get userId(): string | undefined {
     return this.client?.welcome?.userId;
+  }
+
+  /** The id of the node serving the current (or last) session (`Welcome.node_id`). */
+  get nodeId(): string | undefined {
+    return this.client?.welcome?.nodeId || undefined;
+  }
+
+  /**
+   * The nodes of the cluster as last heard: `Welcome.nodes` of the latest session,
+   * replaced by the `nodes` of a `Close` (GOING_AWAY, REDIRECT) that lists some.
+   * Each has `nodeId`, `webtransportUrl`, `certHash` (lowercase hex SHA-256 of its
+   * certificate), `sessions` and `draining`. Empty on a single node (or before the
+   * first session): reconnects then use the configured URLs.
+   */
+  get nodes(): readonly ClusterNode[] {
+    return [...this.knownNodes];
   }
 
   /** Why the last session ended, if one did. */
@@ -659,9 +705,19 @@ export class Tutti {
     return answer.accepted;
   }
 
-  /** A time series of one event type (role `metrics`). */
-  analyticsSeries(type: string, durationMs: bigint, resolutionMs: bigint, dimension = ""): Promise<AnalyticsSeriesResponse> {
-    return this.call({ case: "analyticsSeries", value: { type, dimension, durationMs, resolutionMs } });
+  /**
+   * A time series of one event type (role `metrics`). In a cluster the points are
+   * summed over the nodes that answered (`nodes` has each node's total, and with
+   * `byNode` its points too; `missingNodes` the nodes that did not answer).
+   */
+  analyticsSeries(
+    type: string,
+    durationMs: bigint,
+    resolutionMs: bigint,
+    dimension = "",
+    byNode = false,
+  ): Promise<AnalyticsSeriesResponse> {
+    return this.call({ case: "analyticsSeries", value: { type, dimension, durationMs, resolutionMs, byNode } });
   }
 
   /** The busiest event types of the last `windowMs` (role `metrics`). */
@@ -683,6 +739,7 @@ export class Tutti {
       eventTypes: subscription.eventTypes ?? ["*"],
       metrics: subscription.metrics ?? ["*"],
       intervalMs: subscription.intervalMs ?? 0,
+      allNodes: subscription.allNodes ?? false,
     };
     const answer = await this.call({ case: "metricsSubscribe", value });
     this.metricsSubscription = value;
@@ -722,39 +779,90 @@ export class Tutti {
     return typeof u === "string" ? [u] : [...u];
   }
 
+  /** The configured certificate pins (and whether any were ever given). */
+  private async configuredPins(): Promise<ReadonlyArray<Uint8Array | string> | undefined> {
+    if (this.options.certificateHashes === undefined) {
+      this.pinned ??= false;
+      return undefined;
+    }
+    const pins = await resolveLazy(this.options.certificateHashes);
+    this.pinned = this.pinned === true || pins.length > 0;
+    return pins;
+  }
+
+  /**
+   * One session attempt: at a node of the cluster's list (its URL, and its own pin
+   * when pins are in use), or at the current configured URL (`node` undefined).
+   */
+  private async connectTo(node: ClusterNode | undefined): Promise<TuttiClient> {
+    const options: ConnectOptions = {
+      url: "",
+      token: await resolveLazy(this.options.token),
+      resume: this.resumeOffsets(),
+    };
+    const token = this.options.token;
+    if (typeof token === "function") options.getToken = () => resolveLazy(token);
+    if (this.options.handshakeTimeoutMs !== undefined) options.handshakeTimeoutMs = this.options.handshakeTimeoutMs;
+    if (this.options.transport) options.transport = this.options.transport;
+    let target: ConnectOptions | undefined = options;
+    if (node) {
+      if (this.pinned === undefined) await this.configuredPins();
+      // When pinning, the node's own pin takes the place of the configured ones.
+      target = optionsForNode(this.pinned ? { ...options, certificateHashes: [node.certHash] } : options, node);
+      if (!target) {
+        throw TuttiError.local("CONNECT_FAILED", `node ${node.nodeId} lists no usable URL or certificate pin`, true);
+      }
+    } else {
+      const urls = await this.urls();
+      options.url = urls[this.urlIndex % urls.length]!;
+      const pins = await this.configuredPins();
+      if (pins !== undefined) options.certificateHashes = pins;
+    }
+    const connect = this.options.connect ?? ((o: ConnectOptions) => TuttiClient.connect(o));
+    return connect(target);
+  }
+
+  /**
+   * One round of attempts: the nodes of the cluster's list in `failoverOrder` (the
+   * node just left last), then the current configured URL, one after another
+   * without a pause. Resolves with the first session, or with the error that ended
+   * the round: the last failure, a refusal for good, or a REDIRECT that reached
+   * here (the redirect was followed once already: the cluster is loaded, so the
+   * round ends and the backoff runs).
+   */
+  private async connectRound(): Promise<TuttiClient | TuttiError> {
+    const avoid = new Set(this.leftNode ? [this.leftNode] : []);
+    const targets: Array<ClusterNode | undefined> = [...failoverOrder(this.knownNodes, this.random, avoid), undefined];
+    let error = TuttiError.local("CONNECT_FAILED", "no node to connect to", true);
+    for (const node of targets) {
+      try {
+        return await this.connectTo(node);
+      } catch (err) {
+        error = err instanceof TuttiError ? err : TuttiError.local("CONNECT_FAILED", String(err), true);
+        if (node === undefined) this.urlIndex++;
+        if (error.nodes.length > 0) this.knownNodes = [...error.nodes];
+        if (this.stopped || !shouldRetry(error)) return error;
+        if (error.source === "server" && error.code === REDIRECT) return error;
+      }
+    }
+    return error;
+  }
+
   private async run(): Promise<void> {
     this.setState({ state: "connecting" });
     while (!this.stopped) {
-      let client: TuttiClient;
-      try {
-        const urls = await this.urls();
-        const url = urls[this.urlIndex % urls.length]!;
-        const options: ConnectOptions = {
-          url,
-          token: await resolveLazy(this.options.token),
-          resume: this.resumeOffsets(),
-        };
-        const token = this.options.token;
-        if (typeof token === "function") options.getToken = () => resolveLazy(token);
-        if (this.options.certificateHashes !== undefined) {
-          options.certificateHashes = await resolveLazy(this.options.certificateHashes);
-        }
-        if (this.options.handshakeTimeoutMs !== undefined) options.handshakeTimeoutMs = this.options.handshakeTimeoutMs;
-        if (this.options.transport) options.transport = this.options.transport;
-        const connect = this.options.connect ?? ((o: ConnectOptions) => TuttiClient.connect(o));
-        client = await connect(options);
-      } catch (err) {
-        const e = err instanceof TuttiError ? err : TuttiError.local("CONNECT_FAILED", String(err), true);
-        if (this.stopped) return;
-        this.urlIndex++;
-        if (!(await this.retryAfter(e))) return;
-        continue;
-      }
+      const result = await this.connectRound();
       if (this.stopped) {
-        client.close();
+        if (result instanceof TuttiClient) result.close();
         return;
       }
+      if (result instanceof TuttiError) {
+        if (!(await this.retryAfter(result))) return;
+        continue;
+      }
+      const client = result;
       this.client = client;
+      this.knownNodes = [...client.welcome.nodes];
       const stops = [
         client.onPush((push) => this.deliver(push)),
         client.onDatagram((d) => this.datagramEvents.emit(d)),
@@ -781,34 +889,40 @@ export class Tutti {
       this.clock.clearTimeout(stable);
       for (const stop of stops) stop();
       if (this.stopped) return;
-      // Going away / draining: move on to the next node first.
-      if (reason.code === 3000 || reason.message === "the server is draining") this.urlIndex++;
+      this.leftNode = client.welcome.nodeId || undefined;
+      // A draining node of a cluster lists where to go (itself excluded).
+      if (reason.nodes.length > 0) this.knownNodes = [...reason.nodes];
+      const goingAway = reason.source === "server" && reason.code === GOING_AWAY;
+      // Going away / draining: move on to the next configured URL first.
+      if (goingAway || reason.message === "the server is draining") this.urlIndex++;
       const err =
         reason.source === "client" && reason.name === "NORMAL"
           ? TuttiError.local("CONNECTION_LOST", reason.message, true)
           : reason;
-      if (!(await this.retryAfter(err))) return;
+      // A draining node says when to come back (spread over its sessions).
+      const delayMs = goingAway && reason.retryAfterMs > 0 ? reason.retryAfterMs : undefined;
+      if (!(await this.retryAfter(err, delayMs))) return;
     }
   }
 
-  /** Waits out the backoff before the next attempt; false when not to reconnect. */
-  private async retryAfter(err: TuttiError): Promise<boolean> {
+  /**
+   * Waits out the backoff (or `delayMs`, when the server said how long) before the
+   * next round; false when not to reconnect.
+   */
+  private async retryAfter(err: TuttiError, delayMs?: number): Promise<boolean> {
     this.lastError = err;
-    // A server close reconnects unless its code says stop (3500-3999); a client-side
-    // failure (network loss, timeout) when the error says so.
-    const retry = err.source === "server" ? !(err.code >= 3500 && err.code < 4000) : err.reconnect;
-    if (!retry || this.stopped) {
+    if (!shouldRetry(err) || this.stopped) {
       this.stopped = true;
       this.failWaiters(err);
       this.setState({ state: "disconnected", error: err });
       return false;
     }
     this.attempt++;
-    const delayMs = backoffDelay(this.attempt, this.options.backoff, this.random);
-    this.setState({ state: "reconnecting", error: err, attempt: this.attempt, delayMs });
+    const delay = delayMs ?? backoffDelay(this.attempt, this.options.backoff, this.random);
+    this.setState({ state: "reconnecting", error: err, attempt: this.attempt, delayMs: delay });
     await new Promise<void>((resolve) => {
       this.wakeTimer = resolve;
-      this.reconnectTimer = this.clock.setTimeout(resolve, delayMs);
+      this.reconnectTimer = this.clock.setTimeout(resolve, delay);
     });
     this.reconnectTimer = undefined;
     this.wakeTimer = undefined;

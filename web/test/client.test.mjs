@@ -12,7 +12,7 @@ const m = await importBundle(`
   export { create, toBinary, fromBinary } from "@bufbuild/protobuf";
 `, "client-test");
 const {
-  TuttiClient, TuttiError, FrameDecoder, encodeFrame, encodeVarint, create, toBinary, fromBinary,
+  TuttiClient, TuttiError, optionsForNode, FrameDecoder, encodeFrame, encodeVarint, create, toBinary, fromBinary,
   ClientFrameSchema, ServerFrameSchema, DatagramSchema, PushSchema, PushStreamHeaderSchema, StreamKind,
 } = m;
 
@@ -311,6 +311,7 @@ test("subscribeMetrics sends MetricsSubscribeRequest; onMetrics gets the analyti
   assert.deepEqual(subscribe.value.eventTypes, ["*"]);
   assert.deepEqual(subscribe.value.metrics, ["*"]);
   assert.equal(subscribe.value.intervalMs, 1000);
+  assert.equal(subscribe.value.allNodes, false);
   assert.equal(sub.intervalMs, 1000);
   assert.deepEqual(sub.metrics, ["connections", "latency.fanout"]);
 
@@ -400,4 +401,98 @@ test("refreshToken rejects a refused token and keeps the old expiry", async () =
   await assert.rejects(client.refreshToken("bob's"), (e) => e.name === "PERMISSION_DENIED");
   assert.equal(client.tokenExpiresAtMs, 5000);
   client.close();
+});
+
+// ------------------------------------------------------------------ clusters
+
+const clusterNode = (nodeId, sessions = 0n) => ({
+  nodeId, address: `${nodeId}:4433`, webtransportUrl: `https://${nodeId}.example:4433/tutti`,
+  certHash: (nodeId + "0".repeat(64)).slice(0, 64).replace(/[^0-9a-f]/g, "e"), sessions, draining: false,
+});
+
+/** A transport factory over per-URL fakes: `redirect` maps a URL to the Close.nodes it redirects with. */
+function redirecting(redirect) {
+  const attempts = [];
+  const factory = (url, opts) => {
+    attempts.push({ url, pins: (opts.serverCertificateHashes ?? []).map((h) => Buffer.from(h.value).toString("hex")) });
+    return new FakeWebTransport({
+      onClientFrame: (frame, s) => {
+        if (frame.kind.case !== "hello") return;
+        const nodes = redirect[url];
+        if (nodes) {
+          s.send(serverFrame({ case: "close", value: { code: 3007, name: "REDIRECT", message: "over its share", nodes } }));
+          s.serverClose(3007);
+        } else {
+          s.send(welcomeFrame({ nodeId: new URL(url).hostname }));
+        }
+      },
+    });
+  };
+  return { attempts, factory };
+}
+
+test("a Close frame carries its retry-after and node list on the error", async () => {
+  const nodes = [clusterNode("b1", 3n), clusterNode("c2", 5n)];
+  const fake = new FakeWebTransport({
+    onClientFrame: (frame, s) => {
+      if (frame.kind.case === "hello") s.send(welcomeFrame({ nodes }));
+    },
+  });
+  const client = await connected(fake);
+  assert.deepEqual(client.welcome.nodes.map((n) => [n.nodeId, n.sessions]), [["b1", 3n], ["c2", 5n]]);
+  fake.send(serverFrame({ case: "close", value: { code: 3000, name: "GOING_AWAY", message: "draining", retryAfterMs: 750, nodes } }));
+  const reason = await client.closed;
+  assert.equal(reason.code, 3000);
+  assert.equal(reason.retryAfterMs, 750);
+  assert.deepEqual(reason.nodes.map((n) => n.webtransportUrl), nodes.map((n) => n.webtransportUrl));
+  assert.equal(new TuttiError(3002, "SERVER_ERROR", "x").retryAfterMs, 0);
+  assert.deepEqual(new TuttiError(3002, "SERVER_ERROR", "x").nodes, []);
+});
+
+test("connect follows a REDIRECT once to the first node listed, with that node's pin", async () => {
+  const first = "https://a0.example:4433/tutti";
+  const [b, c] = [clusterNode("b1"), clusterNode("c2")];
+  const { attempts, factory } = redirecting({ [first]: [b, c] });
+  const client = await TuttiClient.connect({ url: first, token: "t", certificateHashes: ["ff".repeat(32)], transport: factory });
+  assert.equal(client.welcome.nodeId, "b1.example");
+  assert.deepEqual(attempts, [
+    { url: first, pins: ["ff".repeat(32)] },
+    { url: b.webtransportUrl, pins: [b.certHash] },
+  ]);
+  client.close();
+
+  // Without pins (a CA-signed certificate) the node is not pinned either.
+  const plain = redirecting({ [first]: [b] });
+  (await TuttiClient.connect({ url: first, token: "t", transport: plain.factory })).close();
+  assert.deepEqual(plain.attempts[1], { url: b.webtransportUrl, pins: [] });
+});
+
+test("a second REDIRECT, one with no usable node, or followRedirect: false rejects with REDIRECT", async () => {
+  const first = "https://a0.example:4433/tutti";
+  const [b, c] = [clusterNode("b1"), clusterNode("c2")];
+  const twice = redirecting({ [first]: [b], [b.webtransportUrl]: [c] });
+  await assert.rejects(
+    TuttiClient.connect({ url: first, token: "t", transport: twice.factory }),
+    (e) => e.code === 3007 && e.name === "REDIRECT" && e.reconnect && e.nodes[0].nodeId === "c2",
+  );
+  assert.equal(twice.attempts.length, 2, "followed once, not to c2");
+
+  const pinless = { ...b, certHash: "" };
+  const bad = redirecting({ [first]: [pinless] });
+  await assert.rejects(TuttiClient.connect({ url: first, token: "t", certificateHashes: ["ff".repeat(32)], transport: bad.factory }), { code: 3007 });
+  assert.equal(bad.attempts.length, 1, "a pinned client does not go to a node without a pin");
+
+  const off = redirecting({ [first]: [b] });
+  await assert.rejects(TuttiClient.connect({ url: first, token: "t", transport: off.factory, followRedirect: false }), { code: 3007 });
+  assert.equal(off.attempts.length, 1);
+});
+
+test("optionsForNode: the node's URL, and its pin in place of the configured ones", () => {
+  const b = clusterNode("b1");
+  const base = { url: "https://x/tutti", token: "t", certificateHashes: ["ff".repeat(32)], handshakeTimeoutMs: 5 };
+  assert.deepEqual(optionsForNode(base, b), { ...base, url: b.webtransportUrl, certificateHashes: [b.certHash] });
+  assert.equal(optionsForNode({ url: "u", token: "t" }, b).certificateHashes, undefined);
+  assert.equal(optionsForNode(base, { ...b, webtransportUrl: "" }), undefined);
+  assert.equal(optionsForNode(base, { ...b, certHash: "abc" }), undefined);
+  assert.deepEqual(optionsForNode(base, { ...b, certHash: "AB".repeat(32) }).certificateHashes, ["ab".repeat(32)]);
 });

@@ -163,6 +163,12 @@ function suite() {
       assert.ok(sessions("sessions.webtransport") >= 1, `connections: ${JSON.stringify(d.series.connections)}`);
       assert.ok(sessions("sessions.quic") + sessions("sessions.webtransport") >= 1);
       assert.ok(d.values.connections >= 1, `values: ${JSON.stringify(d.values)}`);
+      // One node (not in a cluster: no node id) in the per-node table, with this page's session.
+      assert.deepEqual(Object.keys(d.nodes), [""], `nodes: ${JSON.stringify(d.nodes)}`);
+      assert.ok(d.nodes[""].sessions >= 1, JSON.stringify(d.nodes));
+      const rows = await page.$$eval("#node-rows tr", (trs) => trs.map((tr) => [...tr.cells].map((c) => c.textContent)));
+      assert.equal(rows.length, 1, JSON.stringify(rows));
+      assert.equal(rows[0][0], d.node, "the row is named after the node of Welcome");
 
       // Latency: the native client's track requests were timed.
       const track = d.latencies["latency.request.analytics_track"];

@@ -8,9 +8,10 @@ const { MetricsModel } = await importTs("metrics-model");
 
 const T0 = 1_700_000_000_000;
 let seq = 0;
-function update(i, { events = {}, values = {}, latencies = {}, intervalMs = 1000, s, atMs } = {}) {
+function update(i, { events = {}, values = {}, latencies = {}, intervalMs = 1000, s, atMs, node } = {}) {
   seq = s ?? seq + 1;
   return {
+    ...(node === undefined ? {} : { nodeId: node }),
     seq: BigInt(seq),
     atMs: BigInt(atMs ?? T0 + i * intervalMs),
     intervalMs,
@@ -120,4 +121,102 @@ test("a rolling window: old points go, series with nothing left are dropped", ()
   assert.deepEqual(s.totals, { old: 1, fresh: 9 });
   assert.equal(s.values.errors, 1);
   assert.equal(m.eventsChart().columns[1].length, 3);
+});
+
+// ------------------------------------------------------------------ clusters
+
+/** An update of node `node` with its own seq `s`, at T0 + `ms`. */
+const of = (node, s, ms, parts = {}) => update(0, { ...parts, node, s, atMs: T0 + ms });
+
+test("cluster: one point per interval holds each node's update: rates and gauges summed, the largest percentiles", () => {
+  const m = new MetricsModel();
+  m.apply(of("a", 1, 1000, {
+    events: { x: 10 }, values: { "sessions.quic": 2, "sessions.webtransport": 1, connections: 3 },
+    latencies: { "latency.fanout": { p50: 1, p99: 4, count: 100 } },
+  }));
+  m.apply(of("b", 1, 1300, {
+    events: { x: 5, y: 1 }, values: { "sessions.quic": 1, connections: 1 },
+    latencies: { "latency.fanout": { p50: 2, p99: 9, count: 50 } },
+  }));
+  let s = m.snapshot();
+  assert.deepEqual(s.series.time, [T0 + 1000], "one point for both nodes");
+  assert.deepEqual(s.series.events.x.map((p) => p[1]), [15]);
+  assert.deepEqual(s.series.events.y.map((p) => p[1]), [1]);
+  assert.deepEqual(s.values, { "sessions.quic": 3, "sessions.webtransport": 1, connections: 4 });
+  assert.deepEqual(s.series.latency["latency.fanout"].p99.map((p) => p[1]), [9]);
+  assert.deepEqual(s.series.latency["latency.fanout"].p50.map((p) => p[1]), [2]);
+  assert.equal(s.latencies["latency.fanout"].count, 150);
+  assert.equal(s.latencies["latency.fanout"].p99, 9);
+  assert.deepEqual(s.totals, { x: 15, y: 1 });
+  assert.equal(m.currentRate(), 16);
+
+  // The next interval: a's update starts a point (the newest has a's already), b's
+  // joins it; b's gauges it did not send are carried in the sums.
+  m.apply(of("a", 2, 2000, { values: { "sessions.quic": 5 } }));
+  m.apply(of("b", 2, 2300, { events: { x: 2 } }));
+  s = m.snapshot();
+  assert.deepEqual(s.series.time, [T0 + 1000, T0 + 2000]);
+  assert.deepEqual(s.series.connections["sessions.quic"].map((p) => p[1]), [3, 6]);
+  assert.deepEqual(s.series.connections.connections.map((p) => p[1]), [4, 4]);
+  assert.deepEqual(s.series.events.x.map((p) => p[1]), [15, 2]);
+  assert.deepEqual(s.series.latency["latency.fanout"].p99.map((p) => p[1]), [9, null], "no samples: a gap");
+
+  // Each node's own state, for the per-node table.
+  assert.deepEqual(Object.keys(s.nodes).sort(), ["a", "b"]);
+  assert.deepEqual(
+    { ...s.nodes.a, values: undefined },
+    { updates: 2, lastSeq: 2, lostUpdates: 0, atMs: T0 + 2000, sessions: 6, connections: 3,
+      eventsPerSecond: 0, deliveriesPerSecond: 0, fanoutP99: 4, values: undefined },
+  );
+  assert.equal(s.nodes.b.sessions, 1);
+  assert.equal(s.nodes.b.eventsPerSecond, 2);
+  assert.equal(s.nodes.b.fanoutP99, 9);
+  assert.equal(m.nodes.get("a").values.get("sessions.quic"), 5);
+});
+
+test("cluster: a node's second update before the others' is a new point; deliveries per second per node", () => {
+  const m = new MetricsModel({ intervalMs: 500 });
+  m.apply(of("a", 1, 500, { intervalMs: 500, latencies: { "latency.fanout": { p50: 1, p99: 2, count: 40 } } }));
+  m.apply(of("a", 2, 1000, { intervalMs: 500, events: { x: 1 } }));
+  m.apply(of("b", 1, 1100, { intervalMs: 500, events: { x: 3 }, latencies: { "latency.fanout": { p50: 1, p99: 2, count: 10 } } }));
+  // c's update is more than half an interval after the newest point: a point of its own.
+  m.apply(of("c", 1, 1400, { intervalMs: 500, events: { x: 1 } }));
+  const s = m.snapshot();
+  assert.deepEqual(s.series.time, [T0 + 500, T0 + 1000, T0 + 1400]);
+  assert.deepEqual(s.series.events.x.map((p) => p[1]), [0, 8, 2]);
+  assert.equal(s.nodes.a.deliveriesPerSecond, 0, "a's last update had no deliveries");
+  assert.equal(s.nodes.b.deliveriesPerSecond, 20, "10 in 500 ms");
+});
+
+test("cluster: seq gaps are counted per node (interleaved nodes are not gaps); resetNodes forgets a node gone", () => {
+  const m = new MetricsModel();
+  m.apply(of("a", 1, 1000, { values: { connections: 2 } }));
+  m.apply(of("b", 1, 1100, { values: { connections: 5 } }));
+  m.apply(of("a", 2, 2000));
+  m.apply(of("b", 2, 2100));
+  m.apply(of("a", 3, 3000));
+  m.apply(of("b", 5, 3100));
+  const s = m.snapshot();
+  assert.equal(s.lostUpdates, 2);
+  assert.equal(s.nodes.a.lostUpdates, 0);
+  assert.equal(s.nodes.b.lostUpdates, 2);
+  assert.equal(s.values.connections, 7);
+  // A new subscription: b is gone; a's first update carries its values again.
+  m.resetNodes();
+  m.apply(of("a", 1, 4000, { values: { connections: 2 } }));
+  assert.equal(m.snapshot().values.connections, 2);
+  assert.deepEqual(Object.keys(m.snapshot().nodes), ["a"]);
+  assert.equal(m.snapshot().lostUpdates, 2, "what was lost stays counted");
+});
+
+test("a single node's updates (no node id) are one node, \"\"", () => {
+  seq = 0;
+  const m = new MetricsModel();
+  m.apply(update(1, { values: { "sessions.webtransport": 1 } }));
+  m.apply(update(2, { events: { a: 1 } }));
+  const s = m.snapshot();
+  assert.deepEqual(Object.keys(s.nodes), [""]);
+  assert.equal(s.nodes[""].sessions, 1);
+  assert.equal(s.nodes[""].lastSeq, 2);
+  assert.equal(s.series.time.length, 2);
 });

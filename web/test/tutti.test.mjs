@@ -6,9 +6,9 @@ import assert from "node:assert/strict";
 import { importBundle } from "../tools/import-ts.mjs";
 import { FakeWebTransport, serverFrame, welcomeFrame } from "../tools/fake-transport.mjs";
 
-const { Tutti, backoffDelay, isRetryableSend, TuttiError, StreamKind, CLOSE_CODES } = await importBundle(`
+const { Tutti, backoffDelay, isRetryableSend, TuttiError, StreamKind, CLOSE_CODES, pickNode, failoverOrder } = await importBundle(`
   export * from "./src/tutti";
-  export { TuttiError, StreamKind } from "./src/client";
+  export { TuttiError, StreamKind, pickNode, failoverOrder } from "./src/client";
   export { CLOSE_CODES } from "./src/codes";
 `, "tutti-test");
 
@@ -406,4 +406,223 @@ test("every close code of the protocol: 3000-3499 reconnect, 3500-3999 stop (mid
       tutti.close();
     }
   }
+});
+
+// ------------------------------------------------------------------ clusters
+
+const hex = (id) => Buffer.from(id.padEnd(32, "-")).toString("hex").slice(0, 64);
+const urlOf = (id) => `https://${id}.example:4433/tutti`;
+/** A Node of a Welcome or Close: its URL and pin are derived from its id. */
+const node = (nodeId, sessions, draining = false) => ({
+  nodeId, address: `${nodeId}:4433`, webtransportUrl: urlOf(nodeId), certHash: hex(nodeId), sessions: BigInt(sessions), draining,
+});
+const SEED = "https://127.0.0.1:1/tutti";
+const SEED_PIN = "ab".repeat(32);
+
+/**
+ * A fake cluster behind the WebTransport factory: every URL is a node (the
+ * configured one is "seed") that welcomes with `list` as Welcome.nodes, or is
+ * down, or redirects; every attempt is recorded with the pins it carried.
+ */
+class FakeCluster {
+  list = [];
+  down = new Set();
+  redirects = new Map(); // node id -> the Close.nodes it redirects to
+  attempts = [];
+  sessions = [];
+  idOf(url) { return url === SEED ? "seed" : new URL(url).hostname.replace(/\.example$/, ""); }
+  factory = (url, opts) => {
+    const id = this.idOf(url);
+    const pins = (opts.serverCertificateHashes ?? []).map((h) => Buffer.from(h.value).toString("hex"));
+    this.attempts.push({ id, pins });
+    if (this.down.has(id)) {
+      const fake = new FakeWebTransport({ ready: Promise.reject(new Error("unreachable")) });
+      fake.ready.catch(() => {});
+      fake.closedD.reject(new Error("unreachable"));
+      return fake;
+    }
+    const fake = new FakeWebTransport({
+      onClientFrame: (frame, s) => {
+        if (frame.kind.case === "hello") {
+          const to = this.redirects.get(id);
+          if (to) {
+            s.send(serverFrame({ case: "close", value: { code: 3007, name: "REDIRECT", message: "over its share", nodes: to } }));
+            s.serverClose(3007);
+          } else {
+            s.send(welcomeFrame({ nodeId: id, nodes: this.list }));
+          }
+        } else if (frame.kind.case === "request") {
+          const { id: rid, body } = frame.kind.value;
+          s.send(serverFrame({ case: "response", value: { id: rid, body: { case: "echo", value: { payload: body.value.payload } } } }));
+        }
+      },
+    });
+    this.sessions.push(fake);
+    return fake;
+  };
+  ids() { return this.attempts.map((a) => a.id); }
+  get last() { return this.sessions[this.sessions.length - 1]; }
+}
+
+function clusterTutti(cluster, clock, extra = {}) {
+  const states = [];
+  const tutti = new Tutti({
+    url: SEED, token: "tok", certificateHashes: [SEED_PIN], transport: cluster.factory, clock,
+    random: () => 0.5, backoff: { baseMs: 1000, maxMs: 8000 }, autoStart: false, ...extra,
+  });
+  tutti.onState((s) => states.push(s));
+  tutti.start();
+  return { tutti, states };
+}
+
+test("pickNode: the less loaded of two random nodes, never a draining one; failoverOrder: the choice, then by sessions", () => {
+  const nodes = [node("a", 5), node("b", 1), node("c", 3), node("d", 0, true)];
+  assert.equal(pickNode([]), undefined);
+  assert.equal(pickNode([node("x", 0, true)]), undefined);
+  assert.equal(pickNode([node("x", 7)]).nodeId, "x");
+  // random 0 then 0: a (index 0) against b (index 1): b has fewer sessions.
+  const seq = (...v) => () => v.shift();
+  assert.equal(pickNode(nodes, seq(0, 0)).nodeId, "b");
+  // random 0.99 then 0: c (index 2) against a (index 0): c.
+  assert.equal(pickNode(nodes, seq(0.99, 0)).nodeId, "c");
+  // Over many draws: the busiest live node never wins, the least loaded wins most
+  // (whenever it is one of the two: 2/3 of the time), the draining one never comes.
+  const wins = { a: 0, b: 0, c: 0, d: 0 };
+  for (let i = 0; i < 3000; i++) wins[pickNode(nodes).nodeId]++;
+  assert.equal(wins.a, 0);
+  assert.equal(wins.d, 0);
+  assert.ok(wins.b > 1800 && wins.c > 700, JSON.stringify(wins));
+
+  assert.deepEqual(failoverOrder(nodes, seq(0.99, 0)).map((n) => n.nodeId), ["c", "b", "a"]);
+  assert.deepEqual(failoverOrder(nodes, seq(0, 0), new Set(["b"])).map((n) => n.nodeId), ["c", "a", "b"], "a node just left goes last");
+  assert.deepEqual(failoverOrder([], Math.random), []);
+});
+
+test("cluster: after a loss the power of two choices picks a listed node, failing over down the list at once, with each node's pin", async () => {
+  const cluster = new FakeCluster();
+  cluster.list = [node("seed", 9), node("n1", 1), node("n2", 5), node("n3", 0, true)];
+  const clock = new VirtualClock();
+  const { tutti, states } = clusterTutti(cluster, clock);
+  await tutti.connected();
+  assert.equal(tutti.nodeId, "seed");
+  assert.deepEqual(tutti.nodes.map((n) => n.nodeId), ["seed", "n1", "n2", "n3"]);
+  assert.deepEqual(cluster.attempts[0], { id: "seed", pins: [SEED_PIN] });
+
+  // The seed is lost; n1 (the less loaded of n1 and n2; n3 is draining, the seed
+  // was just left) is down too: n2 is tried at once, pinned to its own hash.
+  cluster.down.add("n1");
+  cluster.down.add("seed");
+  cluster.last.lose();
+  await until(() => tutti.state === "reconnecting", "reconnecting");
+  assert.equal(states[states.length - 1].delayMs, 500, "one backoff after the loss");
+  clock.advance(500);
+  await until(() => tutti.state === "connected", "connected to n2");
+  assert.deepEqual(cluster.attempts.slice(1), [
+    { id: "n1", pins: [hex("n1")] },
+    { id: "n2", pins: [hex("n2")] },
+  ]);
+  assert.equal(tutti.nodeId, "n2");
+  assert.equal(states.filter((s) => s.state === "reconnecting").length, 1, "no backoff between the nodes of a round");
+  assert.equal(states[states.length - 1].nodeId, "n2");
+  tutti.close();
+});
+
+test("cluster: when every listed node fails the configured URL is tried, then the backoff; no pins configured, none sent", async () => {
+  const cluster = new FakeCluster();
+  cluster.list = [node("seed", 0), node("n1", 1), node("n2", 2)];
+  const clock = new VirtualClock();
+  const { tutti, states } = clusterTutti(cluster, clock, { certificateHashes: undefined });
+  await tutti.connected();
+  for (const id of ["n1", "n2", "seed"]) cluster.down.add(id);
+  cluster.last.lose();
+  await until(() => tutti.state === "reconnecting", "reconnecting");
+  clock.advance(states[states.length - 1].delayMs);
+  // Round 1: n1 and n2 (the seed, just left, last), the seed, the configured URL
+  // (the seed again): all down; then the backoff grows.
+  await until(() => states.filter((s) => s.state === "reconnecting").length === 2, "second backoff");
+  assert.deepEqual(cluster.ids(), ["seed", "n1", "n2", "seed", "seed"]);
+  assert.ok(cluster.attempts.every((a) => a.pins.length === 0), "unpinned, as configured");
+  const second = states[states.length - 1];
+  assert.equal(second.attempt, 2);
+  assert.equal(second.delayMs, 1000, "random 0.5 of the second ceiling (2 s)");
+  // The configured URL comes back first: the next round gets there after the list.
+  cluster.down.delete("seed");
+  cluster.list = [];
+  clock.advance(1000);
+  await until(() => tutti.state === "connected", "connected");
+  assert.deepEqual(cluster.ids().slice(5), ["n1", "n2", "seed"]);
+  assert.deepEqual(tutti.nodes, [], "a Welcome without nodes: back to the configured URLs");
+  cluster.last.lose();
+  await until(() => tutti.state === "reconnecting", "reconnecting");
+  clock.advance(states[states.length - 1].delayMs);
+  await until(() => tutti.state === "connected", "connected");
+  assert.deepEqual(cluster.ids().slice(8), ["seed"], "only the configured URL");
+  tutti.close();
+});
+
+test("cluster: a REDIRECT is followed once, at once, with the node's pin; a second one backs off", async () => {
+  const cluster = new FakeCluster();
+  cluster.list = [node("seed", 9), node("n1", 1), node("n2", 2)];
+  cluster.redirects.set("seed", [node("n1", 1), node("n2", 2)]);
+  const clock = new VirtualClock();
+  const { tutti, states } = clusterTutti(cluster, clock);
+  await tutti.connected();
+  assert.deepEqual(cluster.attempts, [{ id: "seed", pins: [SEED_PIN] }, { id: "n1", pins: [hex("n1")] }]);
+  assert.deepEqual(states.map((s) => s.state), ["connecting", "connected"], "no backoff");
+  assert.equal(tutti.nodeId, "n1");
+  assert.deepEqual(tutti.nodes.map((n) => n.nodeId), ["seed", "n1", "n2"]);
+
+  // n1 is lost; the next round picks n2 (n1 was just left), which redirects to
+  // n1... which redirects too: not followed again, the round ends with the backoff.
+  cluster.redirects.set("n2", [node("n1", 1), node("seed", 9)]);
+  cluster.redirects.set("n1", [node("n2", 2)]);
+  cluster.last.lose();
+  await until(() => tutti.state === "reconnecting", "reconnecting");
+  clock.advance(states[states.length - 1].delayMs);
+  await until(() => states.filter((s) => s.state === "reconnecting").length === 2, "backoff after the second REDIRECT");
+  assert.deepEqual(cluster.ids().slice(2), ["n2", "n1"], "followed once, the rest of the list not tried");
+  const r = states[states.length - 1];
+  assert.equal(r.error.code, 3007);
+  assert.equal(r.error.name, "REDIRECT");
+  assert.equal(r.delayMs, 1000, "the backoff's second step");
+  assert.deepEqual(tutti.nodes.map((n) => n.nodeId), ["n2"], "the last Close's list");
+  // The cluster calms down: the next round goes to the node the last Close listed.
+  cluster.redirects.clear();
+  clock.advance(1000);
+  await until(() => tutti.state === "connected", "connected");
+  assert.equal(tutti.nodeId, "n2");
+  assert.deepEqual(cluster.attempts[cluster.attempts.length - 1], { id: "n2", pins: [hex("n2")] });
+  tutti.close();
+});
+
+test("cluster: GOING_AWAY from a draining node waits its retry_after_ms, then goes to a node of its list", async () => {
+  const cluster = new FakeCluster();
+  cluster.list = [node("seed", 3), node("n1", 4), node("n2", 1)];
+  const clock = new VirtualClock();
+  const { tutti, states } = clusterTutti(cluster, clock);
+  await tutti.connected();
+  const to = [node("n1", 4), node("n2", 1)];
+  cluster.last.send(serverFrame({
+    case: "close", value: { code: 3000, name: "GOING_AWAY", message: "draining", retryAfterMs: 1234, nodes: to },
+  }));
+  cluster.last.serverClose(3000);
+  await until(() => tutti.state === "reconnecting", "reconnecting");
+  const r = states[states.length - 1];
+  assert.equal(r.delayMs, 1234, "the server's retry-after, not the backoff's 500");
+  assert.equal(r.error.retryAfterMs, 1234);
+  assert.deepEqual(tutti.nodes.map((n) => n.nodeId), ["n1", "n2"], "the draining node's list");
+  clock.advance(1233);
+  await until(() => true, "");
+  assert.equal(cluster.attempts.length, 1, "nothing before the retry-after");
+  clock.advance(1);
+  await until(() => tutti.state === "connected", "connected");
+  assert.deepEqual(cluster.attempts[1], { id: "n2", pins: [hex("n2")] }, "the less loaded of the list");
+  assert.equal(tutti.nodeId, "n2");
+
+  // GOING_AWAY without a retry-after (a single node shutting down): the backoff.
+  cluster.last.send(serverFrame({ case: "close", value: { code: 3000, name: "GOING_AWAY", message: "bye" } }));
+  cluster.last.serverClose(3000);
+  await until(() => states.filter((s) => s.state === "reconnecting").length === 2, "reconnecting");
+  assert.equal(states[states.length - 1].delayMs, 1000, "backoff (second step: the first session was short)");
+  tutti.close();
 });

