@@ -28,6 +28,11 @@ pub struct Config {
     pub web_dir: PathBuf,
     /// This node's id; defaults to a random one persisted in the data directory.
     pub node_id: Option<String>,
+    /// Threads running the connections and services (the database writer has a
+    /// thread of its own). 0: half the CPUs, at least one. Fewer threads hand work
+    /// between each other less: on a 2-core host one thread used 11% less CPU per
+    /// delivery and reached a 22% higher knee than two (docs/BENCHMARKS.md).
+    pub worker_threads: usize,
     /// Certificates.
     pub tls: TlsConfig,
     /// Token verification.
@@ -66,6 +71,16 @@ pub struct ApiConfig {
     pub key: Option<String>,
 }
 
+impl Config {
+    /// The worker threads to run: `worker_threads`, or half the CPUs (at least one).
+    pub fn worker_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -75,6 +90,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             web_dir: PathBuf::from("web/dist"),
             node_id: None,
+            worker_threads: 0,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),

@@ -155,7 +155,11 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
             )?;
-            tokio::runtime::Runtime::new()?.block_on(tutti::server::serve_until_signal(config))
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads())
+                .enable_all()
+                .build()?
+                .block_on(tutti::server::serve_until_signal(config))
         }
         Command::Token(args) => {
             let config = load(&args.common, Overrides::default())?;

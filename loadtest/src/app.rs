@@ -80,6 +80,11 @@ pub struct RunArgs {
     /// client its own socket.
     #[arg(long, default_value_t = 8)]
     pub sockets: usize,
+    /// With --spawn: run the server (every node, and NATS) on these CPUs only, e.g.
+    /// `0` (a comma-separated list). For the pinned setup, run tutti-load itself
+    /// under `taskset -c` on the other CPUs.
+    #[arg(long, requires = "spawn", value_delimiter = ',')]
+    pub server_cpus: Vec<usize>,
     /// Worker threads of the generator [default: the number of CPUs].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -96,6 +101,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         (None, Some(t)) => t.parse().map_err(anyhow::Error::msg)?,
         (None, None) => TransportKind::Quic,
     };
+    target::pin_servers_to(&args.server_cpus);
     let mut target = if args.spawn {
         let bin = match &args.server_bin {
             Some(b) => b.clone(),

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tutti_load::app::{RunArgs, run};
 
+mod impair;
+
 #[derive(Parser)]
 #[command(
     name = "tutti-load",
@@ -23,6 +25,9 @@ struct Cli {
 enum Command {
     /// Run a scenario file and judge it against its SLOs.
     Run(RunArgs),
+    /// Forward IP packets between two TUN devices with loss, delay, jitter and
+    /// reordering: a network impairment for benchmarks (loadtest/impair/README.md).
+    Impair(impair::ImpairArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,7 +39,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Impair(args) => return impair::main(args),
+    };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
         rt.worker_threads(n.max(1));

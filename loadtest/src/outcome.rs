@@ -77,6 +77,10 @@ pub struct KneeStep {
     pub generator_bound: bool,
     /// Sends that waited for the server to answer earlier requests.
     pub backpressured_sends: u64,
+    /// Server CPU microseconds per delivery over the measured window.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// Server CPU over the measured window, as a share of one core.
+    pub server_cpu_util: Option<f64>,
     /// Whether every SLO held.
     pub pass: bool,
 }

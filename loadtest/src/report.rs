@@ -240,11 +240,13 @@ pub fn table(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> String {
                 &mut t,
                 &format!("knee step {}", i + 1),
                 format!(
-                    "offered {:.0}/s achieved {:.0}/s p99 {:.2} ms lost {} {}{}",
+                    "offered {:.0}/s achieved {:.0}/s p99 {:.2} ms lost {} server {} {}{}",
                     s.offered_deliveries_per_sec,
                     s.deliveries_per_sec,
                     s.p99_ms,
                     s.lost,
+                    s.server_cpu_us_per_delivery
+                        .map_or("?".into(), |us| format!("{us:.1} us/delivery")),
                     if s.pass { "PASS" } else { "FAIL" },
                     if s.generator_bound {
                         " (generator bound)"
@@ -293,6 +295,25 @@ pub fn table(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> String {
                 ),
             );
         }
+    }
+    if let Some(us) = o
+        .extra
+        .get("server_cpu_us_per_delivery")
+        .and_then(|v| v.as_f64())
+    {
+        let window = o
+            .extra
+            .get("server_window_cpu_secs")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0);
+        row(
+            &mut t,
+            "server cpu per delivery",
+            format!(
+                "{us:.1} us (measured window: {window:.2} s cpu, {:.0}% of a core)",
+                100.0 * window / o.measured_secs.max(1e-9)
+            ),
+        );
     }
     if let Some(r) = o.rss_per_conn {
         row(

@@ -289,7 +289,9 @@ impl Target {
             Some(p) => builder.tempdir_in(p)?,
             None => builder.tempdir()?,
         };
-        let mut nats = tokio::process::Command::new(&nats_bin)
+        let mut nats = tokio::process::Command::new(&nats_bin);
+        pin(&mut nats);
+        let mut nats = nats
             .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
             .arg(dir.path().join("nats"))
             .stdout(Stdio::null())
@@ -444,6 +446,35 @@ impl Target {
     }
 }
 
+/// CPUs the spawned server processes are pinned to (empty: not pinned).
+static SERVER_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+
+/// Pins the servers this run spawns (nodes and NATS) to `cpus` (empty: no pinning).
+pub fn pin_servers_to(cpus: &[usize]) {
+    let _ = SERVER_CPUS.set(cpus.to_vec());
+}
+
+/// Sets the CPU affinity of the child `cmd` will start to the configured server CPUs.
+fn pin(cmd: &mut tokio::process::Command) {
+    let Some(cpus) = SERVER_CPUS.get().filter(|c| !c.is_empty()).cloned() else {
+        return;
+    };
+    // SAFETY: between fork and exec the closure only builds a CPU set on the stack
+    // and calls sched_setaffinity, both async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in &cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// `server_bin serve` on free loopback ports with its data, certificates, log
 /// (`server.log`) and configuration in `dir`, the given secrets, and no `TUTTI_*`
 /// setting inherited from this environment that would change where it listens.
@@ -463,6 +494,7 @@ fn serve_command(
     )?;
     let stderr = std::fs::File::create(dir.join("server.log"))?;
     let mut cmd = tokio::process::Command::new(server_bin);
+    pin(&mut cmd);
     cmd.arg("serve")
         .arg("--config")
         .arg(&config)

@@ -105,8 +105,10 @@ const DEFAULTS = {
   lateSendMs: 20,       // a send starting this much after its schedule is late
   lateSendsPct: 1,      // more late sends than this (percent) marks the run generator_bound
   // generator
-  workers: 1,
+  workers: 2,           // generator processes; rooms are split between them
   client: 'raw',        // raw | socket.io-client
+  tls: 0,               // 1: the server speaks wss:// (TLS 1.3, an ECDSA P-256 certificate, as deployed)
+  serverCpus: null,     // e.g. "0": run the server under `taskset -c` (pinned setup)
   connectTimeout: 10,   // s per connection
   // plumbing
   json: null,
@@ -117,7 +119,7 @@ const DEFAULTS = {
 };
 
 const NUMERIC = new Set(Object.keys(DEFAULTS).filter((k) => typeof DEFAULTS[k] === 'number' || DEFAULTS[k] === null)
-  .filter((k) => !['json', 'url', 'scenarioFile'].includes(k)));
+  .filter((k) => !['json', 'url', 'scenarioFile', 'serverCpus'].includes(k)));
 
 // humantime-style durations as tutti-load writes them: "10s", "500ms", "1m 30s", "2min"
 function parseDuration(v) {
@@ -210,6 +212,8 @@ function parseArgs(argv) {
   if (a.clients % a.roomSize !== 0) throw new Error('--clients must be a multiple of --room-size');
   if (a.payload < 48 || a.payload > 4096) throw new Error('--payload must be 48..4096 bytes');
   if (a.workers < 1 || a.workers > 16) throw new Error('--workers must be 1..16');
+  if (![0, 1].includes(a.tls)) throw new Error('--tls must be 0 or 1');
+  if (a.serverCpus !== null && !/^[0-9,-]+$/.test(String(a.serverCpus))) throw new Error('--server-cpus: a CPU list such as 0 or 0-1');
   if (a.factor <= 1) throw new Error('--factor must be above 1');
   if (a.maxSteps < 1 || a.maxSteps > 30) throw new Error('--max-steps must be 1..30');
   for (const k of ['warmup', 'duration', 'drain', 'stepWarmup', 'stepDuration', 'hold', 'rampUp', 'idleRampUp']) {
@@ -218,7 +222,8 @@ function parseArgs(argv) {
   if (a.duration <= 0 || a.stepDuration <= 0) throw new Error('the measured window must be longer than zero');
   if (a.url) {
     const u = new URL(a.url);
-    if (!(u.hostname === 'localhost' || u.hostname.startsWith('127.') || u.hostname === '[::1]')) {
+    // Loopback, or the namespaces of loadtest/impair/netns.sh (10.77.0.0/16).
+    if (!(u.hostname === 'localhost' || u.hostname.startsWith('127.') || u.hostname === '[::1]' || u.hostname.startsWith('10.77.'))) {
       throw new Error(`refusing non-loopback url ${a.url}`);
     }
     if (!a.serverPid) throw new Error('--url needs --server-pid (for CPU and RSS)');
@@ -242,9 +247,29 @@ function pct(part, whole) {
 
 // ---------------------------------------------------------------- server process
 
+// A self-signed ECDSA P-256 certificate for 127.0.0.1 (as Tutti's development
+// certificate), made once per run with openssl in a temporary directory.
+function makeCert() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sio-tls-'));
+  const r = require('node:child_process').spawnSync('openssl', [
+    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', path.join(dir, 'key.pem'), '-out', path.join(dir, 'cert.pem'), '-days', '2',
+    '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost',
+  ], { stdio: ['ignore', 'ignore', 'pipe'] });
+  if (r.status !== 0) throw new Error(`openssl failed: ${r.stderr}`);
+  return dir;
+}
+
 async function startServer(a) {
   if (a.url) return { url: a.url, pid: a.serverPid, stop: async () => {} };
-  const child = spawn(process.execPath, [path.join(__dirname, 'server.js'), '--port', '0'], {
+  const args = [path.join(__dirname, 'server.js'), '--port', '0'];
+  const certDir = a.tls ? makeCert() : null;
+  if (certDir) args.push('--tls', certDir);
+  // Pinned: the server on its own CPUs (run load.js itself under `taskset -c` on the others).
+  const [cmd, argv] = a.serverCpus !== null
+    ? ['taskset', ['-c', String(a.serverCpus), process.execPath, ...args]]
+    : [process.execPath, args];
+  const child = spawn(cmd, argv, {
     stdio: ['pipe', 'pipe', 'inherit'],
   });
   const info = await new Promise((resolve, reject) => {
@@ -263,9 +288,11 @@ async function startServer(a) {
   child.removeAllListeners('exit');
   child.stdout.resume();
   return {
-    url: `http://127.0.0.1:${info.port}`,
+    url: `${a.tls ? 'https' : 'http'}://127.0.0.1:${info.port}`,
+    // taskset execs node in place: the pid is the server's either way.
     pid: child.pid,
     stop: async () => {
+      if (certDir) fs.rmSync(certDir, { recursive: true, force: true });
       if (child.exitCode !== null || child.signalCode !== null) return;
       child.kill('SIGTERM');
       const t0 = Date.now();
@@ -454,6 +481,8 @@ async function phase(a, world, rate, warmSecs, durSecs) {
     server: {
       pid: server.pid, cpu_secs: round(serverCpu, 2),
       cpu_util: serverCpu !== null ? round(serverCpu / durSecs, 3) : null,
+      // The first figure of a comparison: server CPU per delivery over the measured window.
+      cpu_us_per_delivery: serverCpu !== null && delivered > 0 ? round((serverCpu * 1e6) / delivered, 2) : null,
       rss_bytes: rss, rss_per_conn_bytes: rss !== null ? Math.round(rss / established) : null,
     },
     generator: {
@@ -513,7 +542,7 @@ async function scenarioChat(a) {
   } finally {
     await world.teardown();
   }
-  log(a, `  -> p99 ${r.latency_ms.p99} ms, lost ${r.messages.lost}, server cpu ${r.server.cpu_util}, generator cpu ${r.generator.cpu_util}, other cpu ${r.machine.other_cpu_util}`);
+  log(a, `  -> p99 ${r.latency_ms.p99} ms, lost ${r.messages.lost}, server cpu ${r.server.cpu_util} (${r.server.cpu_us_per_delivery} us/delivery), generator cpu ${r.generator.cpu_util}, other cpu ${r.machine.other_cpu_util}`);
   const stable = pct(r.connections.established - r.connections.dropped, r.connections.attempted);
   r.pass = r.pass && stable > a.stabilityPct;
   return report(a, 'chat_fanout', fanoutParams(a), strip(r));
@@ -540,12 +569,13 @@ async function scenarioKnee(a) {
       p99_ms: r.latency_ms.p99 ?? -1, lost: r.messages.lost, dropped: r.newly_dropped,
       generator_bound: r.generator.generator_bound, pass: r.pass,
       duplicated: r.messages.duplicated, out_of_order: r.messages.out_of_order,
-      server_cpu_util: r.server.cpu_util, generator_cpu_util: r.generator.cpu_util,
+      server_cpu_util: r.server.cpu_util, server_cpu_us_per_delivery: r.server.cpu_us_per_delivery,
+      generator_cpu_util: r.generator.cpu_util,
       other_cpu_util: r.machine.other_cpu_util, behind_schedule_max_ms: r.generator.behind_schedule_max_ms,
       loadavg_at_start: r.machine.loadavg_at_start,
     };
     steps.push(step);
-    log(a, `  step ${steps.length}: ${Math.round(rate)}/s -> p99 ${step.p99_ms} ms, lost ${step.lost}, achieved ${step.deliveries_per_sec}/s, server cpu ${step.server_cpu_util}, generator cpu ${step.generator_cpu_util}, other cpu ${step.other_cpu_util}, generator_bound ${step.generator_bound}: ${step.pass ? 'PASS' : 'FAIL'}`);
+    log(a, `  step ${steps.length}: ${Math.round(rate)}/s -> p99 ${step.p99_ms} ms, lost ${step.lost}, achieved ${step.deliveries_per_sec}/s, server cpu ${step.server_cpu_util} (${step.server_cpu_us_per_delivery} us/delivery), generator cpu ${step.generator_cpu_util}, other cpu ${step.other_cpu_util}, generator_bound ${step.generator_bound}: ${step.pass ? 'PASS' : 'FAIL'}`);
     return r;
   };
   try {
@@ -674,9 +704,11 @@ async function master() {
 function makeRawClient(url, room, onPayload, onClose, timeoutMs) {
   const WebSocket = require('ws');
   const u = new URL(url);
-  const wsUrl = `ws://${u.host}/socket.io/?EIO=4&transport=websocket`;
+  const wsUrl = `${u.protocol === 'https:' ? 'wss' : 'ws'}://${u.host}/socket.io/?EIO=4&transport=websocket`;
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(wsUrl, { perMessageDeflate: false });
+    // The benchmark's own self-signed certificate: the client does not verify it
+    // (that costs the generator only, never the server).
+    const ws = new WebSocket(wsUrl, { perMessageDeflate: false, rejectUnauthorized: false });
     let state = 0; // 0 = waiting engine.io OPEN, 1 = waiting socket.io CONNECT, 2 = connected
     const timer = setTimeout(() => { ws.terminate(); reject(new Error('connect timeout')); }, timeoutMs);
     const client = {
@@ -716,7 +748,7 @@ function makeRawClient(url, room, onPayload, onClose, timeoutMs) {
 function makeSioClient(url, room, onPayload, onClose, timeoutMs) {
   const { io } = require('socket.io-client');
   return new Promise((resolve, reject) => {
-    const s = io(url, { transports: ['websocket'], forceNew: true, reconnection: false, auth: { room }, timeout: timeoutMs });
+    const s = io(url, { transports: ['websocket'], forceNew: true, reconnection: false, auth: { room }, timeout: timeoutMs, rejectUnauthorized: false });
     let up = false;
     s.on('connect', () => {
       up = true;

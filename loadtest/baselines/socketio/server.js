@@ -10,7 +10,10 @@
 //   stdout once listening, and exits when its stdin closes (so a dead parent never leaves
 //   it behind) or on SIGTERM/SIGINT.
 //
-// Usage: node server.js [--port 0] [--host 127.0.0.1] [--backlog 1024]
+// - with `--tls DIR` (key.pem and cert.pem in DIR) it serves wss:// over TLS, as
+//   deployed; Node's defaults otherwise (TLS 1.3 with the client's choice of suite)
+//
+// Usage: node server.js [--port 0] [--host 127.0.0.1] [--backlog 1024] [--tls DIR]
 
 'use strict';
 
@@ -26,15 +29,24 @@ const host = arg('host', '127.0.0.1');
 const port = Number(arg('port', '0'));
 const backlog = Number(arg('backlog', '1024'));
 
-if (!['127.0.0.1', 'localhost', '::1'].includes(host) && !host.startsWith('127.')) {
+// Loopback, or 10.77.0.0/16: the addresses loadtest/impair/netns.sh gives the
+// network namespaces it creates for impaired runs.
+if (!['127.0.0.1', 'localhost', '::1'].includes(host) && !host.startsWith('127.') && !host.startsWith('10.77.')) {
   console.error(`refusing to listen on non-loopback host ${host}`);
   process.exit(2);
 }
 
-const httpServer = http.createServer((req, res) => {
+const tlsDir = arg('tls', null);
+const notFound = (req, res) => {
   res.writeHead(404);
   res.end();
-});
+};
+const httpServer = tlsDir
+  ? require('node:https').createServer({
+    key: require('node:fs').readFileSync(require('node:path').join(tlsDir, 'key.pem')),
+    cert: require('node:fs').readFileSync(require('node:path').join(tlsDir, 'cert.pem')),
+  }, notFound)
+  : http.createServer(notFound);
 
 const io = new Server(httpServer, {
   transports: ['websocket'],

@@ -63,6 +63,8 @@ pub struct World {
     payload_bytes: usize,
     max_inflight: usize,
     late_threshold_us: u64,
+    /// The processes whose CPU is the server's (the node, or the nodes and NATS).
+    server_pids: Vec<u32>,
 }
 
 /// One phase's numbers.
@@ -78,6 +80,17 @@ pub struct Phase {
     pub late: LateSnapshot,
     /// Sends that waited because `max_inflight_per_client` requests were unanswered.
     pub backpressured: u64,
+    /// CPU seconds used during the measured window: (server, generator), when
+    /// readable from /proc.
+    pub window_cpu: Option<(f64, f64)>,
+}
+
+impl Phase {
+    /// Server CPU microseconds per delivery over the measured window.
+    pub fn server_cpu_us_per_delivery(&self) -> Option<f64> {
+        let (server, _) = self.window_cpu?;
+        (self.messages.delivered > 0).then(|| server * 1e6 / self.messages.delivered as f64)
+    }
 }
 
 /// Connects `p.clients` users, creates their rooms and starts the receivers.
@@ -162,6 +175,7 @@ pub async fn setup(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<World
         payload_bytes: p.payload_bytes,
         max_inflight: p.max_inflight_per_client.max(1),
         late_threshold_us: (ctx.scenario.slo.late_send_ms * 1000.0) as u64,
+        server_pids: ctx.target.server_pids(),
     })
 }
 
@@ -235,8 +249,13 @@ impl World {
             .collect();
         live().set_phase(format!("{label}: warm-up ({rate:.2} msg/s per client)"));
         tokio::time::sleep_until(base + warm_up).await;
+        let cpu0 = self.cpu();
         live().set_phase(format!("{label}: measuring ({rate:.2} msg/s per client)"));
         tokio::time::sleep_until(base + warm_up + measure).await;
+        let window_cpu = match (cpu0, self.cpu()) {
+            (Some((s0, g0)), Some((s1, g1))) => Some((s1 - s0, g1 - g0)),
+            _ => None,
+        };
         live().set_phase(format!("{label}: draining"));
         let expected = || -> u64 {
             self.rooms
@@ -266,7 +285,21 @@ impl World {
             measured_secs: measure.as_secs_f64(),
             late: lateness.snapshot(),
             backpressured: totals.backpressured.get(),
+            window_cpu,
         }
+    }
+
+    /// CPU seconds so far of the server's processes and of this generator.
+    fn cpu(&self) -> Option<(f64, f64)> {
+        if self.server_pids.is_empty() {
+            return None;
+        }
+        let server = self
+            .server_pids
+            .iter()
+            .map(|p| crate::procstat::cpu_secs(*p))
+            .sum::<Option<f64>>()?;
+        Some((server, crate::procstat::cpu_secs(std::process::id())?))
     }
 
     /// Closes every connection and stops the receivers.
@@ -430,12 +463,23 @@ pub async fn run_with(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<Ou
         .await;
     let mut o = Outcome::default();
     world.connections(&mut o);
+    let cpu_per_delivery = phase.server_cpu_us_per_delivery();
     o.messages = Some(phase.messages);
     o.latency = phase.latency;
     o.measured_secs = phase.measured_secs;
     o.late = phase.late;
     o.extra
         .insert("backpressured_sends".into(), phase.backpressured.into());
+    if let Some((server, generator)) = phase.window_cpu {
+        o.extra
+            .insert("server_window_cpu_secs".into(), server.into());
+        o.extra
+            .insert("generator_window_cpu_secs".into(), generator.into());
+    }
+    if let Some(us) = cpu_per_delivery {
+        o.extra
+            .insert("server_cpu_us_per_delivery".into(), us.into());
+    }
     o.extra.insert(
         "offered_deliveries_per_sec".into(),
         (world.established() as f64 * p.rate_per_client * p.room_size as f64).into(),

@@ -94,6 +94,8 @@ async fn step(ctx: &Ctx, world: &World, rate: f64, n: usize) -> (KneeStep, Phase
         dropped,
         generator_bound,
         backpressured_sends: phase.backpressured,
+        server_cpu_us_per_delivery: phase.server_cpu_us_per_delivery(),
+        server_cpu_util: phase.window_cpu.map(|(s, _)| s / phase.measured_secs),
         pass,
     };
     (step, phase)
