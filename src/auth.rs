@@ -201,6 +201,8 @@ pub struct Auth {
     policy: AuthPolicy,
     source: SecretSource,
     dev: bool,
+    /// The signing secret, from which TLS session ticket keys are derived.
+    ticket_secret: Arc<[u8]>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -259,11 +261,16 @@ impl Auth {
         // With no audience configured, jsonwebtoken refuses any token that carries
         // one (RFC 7519 4.1.3): it was meant for another service.
         validation.set_required_spec_claims(&required);
-        let (encoding, encoding_kid) = match (keys.first(), legacy) {
-            (Some((kid, secret)), _) => (EncodingKey::from_secret(secret), Some(kid.clone())),
-            (None, Some(secret)) => (EncodingKey::from_secret(secret), None),
+        let (encoding, encoding_kid, signing) = match (keys.first(), legacy) {
+            (Some((kid, secret)), _) => (
+                EncodingKey::from_secret(secret),
+                Some(kid.clone()),
+                secret.as_slice(),
+            ),
+            (None, Some(secret)) => (EncodingKey::from_secret(secret), None, secret),
             (None, None) => panic!("Auth::with_keys needs a legacy secret or a key"),
         };
+        let ticket_secret: Arc<[u8]> = signing.into();
         Self {
             keys: Arc::new(
                 keys.iter()
@@ -277,7 +284,15 @@ impl Auth {
             policy,
             source,
             dev: source == SecretSource::Development,
+            ticket_secret,
         }
+    }
+
+    /// Key material for TLS session tickets: the signing secret, which every node
+    /// of a cluster shares, so that each opens the others' tickets
+    /// ([`crate::tls::tickets`] derives the keys from it with HKDF).
+    pub fn ticket_secret(&self) -> &[u8] {
+        &self.ticket_secret
     }
 
     /// The authenticator of a configuration: its keys and legacy secret, or in

@@ -202,6 +202,8 @@ pub struct Metrics {
     /// Connection attempts answered with a QUIC Retry (address validation while
     /// too many handshakes were in progress).
     pub quic_retries: AtomicU64,
+    /// TLS handshakes resumed from a session ticket (no certificate signed).
+    pub tls_resumed: std::sync::Arc<AtomicU64>,
     /// HTTP connections refused because the side port had as many as it allows.
     pub http_refused: AtomicU64,
 }
@@ -221,6 +223,7 @@ pub const VALUE_NAMES: &[&str] = &[
     "errors",
     "frames.rejected",
     "writes.committed",
+    "tls.resumed",
 ];
 
 /// The fixed histograms by the names metrics streaming uses; request types follow
@@ -254,6 +257,7 @@ impl Default for Metrics {
             datagrams_sent: AtomicU64::new(0),
             datagrams_dropped: AtomicU64::new(0),
             quic_retries: AtomicU64::new(0),
+            tls_resumed: Default::default(),
             http_refused: AtomicU64::new(0),
         }
     }
@@ -371,6 +375,7 @@ impl Metrics {
             "errors" => self.errors.iter().map(|a| a.load(Relaxed)).sum::<u64>() as f64,
             "frames.rejected" => self.frames_rejected.load(Relaxed) as f64,
             "writes.committed" => self.writes_committed.load(Relaxed) as f64,
+            "tls.resumed" => self.tls_resumed.load(Relaxed) as f64,
             _ => return None,
         };
         Some(v)
@@ -487,6 +492,12 @@ impl Metrics {
         }
         // Every family with one unlabelled value.
         for (name, kind, help, v) in [
+            (
+                "tutti_tls_resumed_total",
+                "counter",
+                "TLS handshakes resumed from a session ticket.",
+                self.tls_resumed.load(Relaxed) as f64,
+            ),
             (
                 "tutti_quic_retries_total",
                 "counter",

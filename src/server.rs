@@ -137,6 +137,11 @@ async fn start_inner(
         config.listen,
         &certs,
         EndpointSettings {
+            tickets: Some(Arc::new(crate::tls::tickets::SharedTicketer::new(
+                auth.ticket_secret(),
+                crate::tls::tickets::DEFAULT_PERIOD,
+                metrics.tls_resumed.clone(),
+            ))),
             idle_timeout: config.timeouts.idle,
             keep_alive: config.timeouts.heartbeat,
             handshake_timeout: config.timeouts.handshake,
@@ -152,11 +157,12 @@ async fn start_inner(
     .with_context(|| format!("binding UDP {}", config.listen))?;
     let quic_addr = endpoint.local_addr()?;
     let commits = metrics.clone();
-    let (writer, writer_thread) = Writer::spawn(
+    let (writer, writer_thread) = Writer::spawn_with_linger(
         store.clone(),
         Some(Arc::new(move |writes, took| {
             commits.committed(writes, took)
         })),
+        config.commit_linger,
     );
     let mut writer_threads = vec![writer_thread];
     let analytics_writer = analytics_store.as_ref().map(|s| {

@@ -6,6 +6,8 @@
 //! rotation swaps the certificate for every new handshake; open connections keep the
 //! one they started with.
 
+pub mod tickets;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

@@ -29,6 +29,7 @@ both_transports!(
     graceful_shutdown_tells_clients_to_reconnect,
     rotated_certificate_is_served_without_restart,
     clients_share_one_endpoint,
+    a_reconnect_resumes_the_tls_session,
 );
 
 async fn handshake_welcomes_a_valid_token(t: TransportKind) {
@@ -163,6 +164,42 @@ async fn clients_share_one_endpoint(t: TransportKind) {
             Err(ClientError::Connect(_))
         ));
     }
+}
+
+/// The server's count of resumed TLS handshakes.
+fn resumed(s: &TestServer) -> f64 {
+    s.server().metrics().value("tls.resumed").unwrap()
+}
+
+async fn a_reconnect_resumes_the_tls_session(t: TransportKind) {
+    let s = TestServer::start().await;
+    let config = s.client_config(t, &s.token("alice"));
+    let first = Client::connect(config.clone()).await.unwrap();
+    // The ticket comes after the handshake: a request's answer is after it.
+    first.echo(b"x".to_vec(), false).await.unwrap();
+    assert_eq!(resumed(&s), 0.0, "a first connect is a full handshake");
+    first.close();
+    first.closed().await;
+    // The same config again (as after a network change or a failover): resumed.
+    let again = Client::connect(config.clone()).await.unwrap();
+    again.echo(b"x".to_vec(), false).await.unwrap();
+    assert_eq!(resumed(&s), 1.0);
+    // A client without the earlier session runs a full handshake.
+    let fresh = config.clone().with_new_tls_sessions();
+    let other = Client::connect(fresh).await.unwrap();
+    other.echo(b"x".to_vec(), false).await.unwrap();
+    assert_eq!(resumed(&s), 1.0);
+    // A server with another secret (another cluster) cannot open the ticket: a
+    // full handshake, not a failure.
+    let s2 = TestServer::start_with(|c| {
+        c.auth.jwt_secret = Some("another-secret-of-at-least-32-bytes-for-tests".into())
+    })
+    .await;
+    let mut elsewhere = s2.client_config(t, &s2.token("alice"));
+    elsewhere.tls_sessions = config.tls_sessions.clone();
+    let c = Client::connect(elsewhere).await.unwrap();
+    c.echo(b"x".to_vec(), false).await.unwrap();
+    assert_eq!(resumed(&s2), 0.0);
 }
 
 async fn datagram_ping_round_trip(t: TransportKind) {

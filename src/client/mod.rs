@@ -31,7 +31,7 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use tls::{Trust, parse_pin};
+pub use tls::{TlsSessions, Trust, parse_pin};
 
 use crate::protocol::v1::{
     self, ClientFrame, Datagram, Push, PushStreamHeader, ServerFrame, StreamKind, client_frame,
@@ -70,6 +70,12 @@ pub struct ClientConfig {
     /// A UDP endpoint to share with other connections; `None` binds a new one for
     /// this connection. See [`ClientEndpoint`].
     pub endpoint: Option<ClientEndpoint>,
+    /// TLS sessions to resume, shared by the config's clones: a reconnect with
+    /// this config or a clone of it resumes the last session instead of a full
+    /// handshake (on any node of a cluster, whose nodes open each other's tickets,
+    /// when it trusts them alike: with [`Trust::Roots`], or the same pins).
+    /// `None`: every connect is a full handshake.
+    pub tls_sessions: Option<Arc<TlsSessions>>,
 }
 
 impl ClientConfig {
@@ -83,6 +89,13 @@ impl ClientConfig {
             next.trust = Trust::Pinned(vec![tls::parse_pin(&node.cert_hash).ok()?]);
         }
         Some(next)
+    }
+
+    /// This config with a TLS session store of its own, empty (not shared with
+    /// the clones it came from): its next connect is a full handshake.
+    pub fn with_new_tls_sessions(mut self) -> Self {
+        self.tls_sessions = Some(Arc::default());
+        self
     }
 
     /// A config with defaults for everything but the essentials.
@@ -103,6 +116,7 @@ impl ClientConfig {
             timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(5),
             endpoint: None,
+            tls_sessions: Some(Arc::default()),
         }
     }
 }
@@ -165,18 +179,19 @@ impl ClientEndpoint {
                 EndpointKind::Quic(endpoint)
             }
             TransportKind::WebTransport => {
-                let builder = wtransport::ClientConfig::builder().with_bind_socket(socket);
-                let wc = match &config.trust {
-                    Trust::Pinned(pins) => builder.with_server_certificate_hashes(
-                        pins.iter().map(|p| wtransport::tls::Sha256Digest::new(*p)),
-                    ),
-                    Trust::Roots(_) => builder.with_custom_tls(tls::client_config(
-                        &config.trust,
-                        crate::protocol::ALPN_H3,
-                    )),
-                }
-                .keep_alive_interval(Some(config.keep_alive))
-                .build();
+                // Tutti's own TLS config for both kinds of trust (the pin verifier
+                // checks what wtransport's certificate hashes would), so that its
+                // sessions resume like raw QUIC's.
+                let tls = match &config.tls_sessions {
+                    // A clone shares the verifier and the session store.
+                    Some(s) => (*s.config(&config.trust, crate::protocol::ALPN_H3)).clone(),
+                    None => tls::client_config(&config.trust, crate::protocol::ALPN_H3),
+                };
+                let wc = wtransport::ClientConfig::builder()
+                    .with_bind_socket(socket)
+                    .with_custom_tls(tls)
+                    .keep_alive_interval(Some(config.keep_alive))
+                    .build();
                 let endpoint = wtransport::Endpoint::client(wc)
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 EndpointKind::WebTransport(Arc::new(endpoint), Arc::new(config.trust.clone()))
@@ -368,7 +383,10 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
         };
         match (config.transport, endpoint.kind) {
             (TransportKind::Quic, EndpointKind::Quic(endpoint)) => {
-                let tls = tls::client_config(&config.trust, ALPN_NATIVE);
+                let tls = match &config.tls_sessions {
+                    Some(s) => s.config(&config.trust, ALPN_NATIVE),
+                    None => Arc::new(tls::client_config(&config.trust, ALPN_NATIVE)),
+                };
                 let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 let mut qc = quinn::ClientConfig::new(Arc::new(crypto));

@@ -18,6 +18,49 @@ pub enum Trust {
     Roots(Vec<CertificateDer<'static>>),
 }
 
+/// What a client keeps across its connects to resume TLS sessions: the session
+/// tickets, and the rustls configs they were made with. rustls resumes a session
+/// only under the very config (certificate verifier) that made it, so the config of
+/// each trust is built once and reused. Shared by the clones of a
+/// [`super::ClientConfig`].
+#[derive(Debug)]
+pub struct TlsSessions {
+    store: Arc<dyn rustls::client::ClientSessionStore>,
+    configs: std::sync::Mutex<Vec<TrustConfig>>,
+}
+
+/// A trust, an ALPN, and the rustls config made for them.
+type TrustConfig = (Trust, Vec<u8>, Arc<rustls::ClientConfig>);
+
+impl Default for TlsSessions {
+    fn default() -> Self {
+        Self {
+            // A few tickets per server: each resumption uses one and brings another.
+            store: Arc::new(rustls::client::ClientSessionMemoryCache::new(16)),
+            configs: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl TlsSessions {
+    /// The rustls config for `trust` and `alpn`, the same one every time.
+    pub(crate) fn config(&self, trust: &Trust, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, c)) = configs.iter().find(|(t, a, _)| t == trust && a == alpn) {
+            return c.clone();
+        }
+        let mut config = client_config(trust, alpn);
+        config.resumption = rustls::client::Resumption::store(self.store.clone());
+        let config = Arc::new(config);
+        // Bounded: a client meets few trusts (a node's pin, a cluster's nodes).
+        if configs.len() >= 64 {
+            configs.remove(0);
+        }
+        configs.push((trust.clone(), alpn.to_vec(), config.clone()));
+        config
+    }
+}
+
 /// Parses a pin written as 64 hex digits (colons allowed).
 pub fn parse_pin(text: &str) -> Result<[u8; 32], String> {
     let hex: String = text.chars().filter(|c| *c != ':').collect();

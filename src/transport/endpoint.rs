@@ -37,8 +37,11 @@ pub struct Accepted {
 }
 
 /// Transport settings of the endpoint.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EndpointSettings {
+    /// Makes and opens TLS session tickets (resumption); `None`: rustls's default
+    /// (tickets for this process only).
+    pub tickets: Option<Arc<dyn rustls::server::ProducesTickets>>,
     /// A connection with no packet for this long is closed.
     pub idle_timeout: Duration,
     /// The server sends a keep-alive this often when it has nothing to send.
@@ -120,7 +123,13 @@ impl ServerEndpoint {
         settings: EndpointSettings,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Self> {
-        let tls = certs.server_config(&[ALPN_H3, ALPN_NATIVE]);
+        let mut tls = certs.server_config(&[ALPN_H3, ALPN_NATIVE]);
+        if let Some(tickets) = &settings.tickets {
+            tls.ticketer = tickets.clone();
+            // One ticket per handshake is enough for a client that reconnects
+            // one connection at a time; each costs an encryption and its bytes.
+            tls.send_tls13_tickets = 1;
+        }
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(settings.transport()?));
