@@ -33,6 +33,12 @@ pub struct Config {
     /// between each other less: on a 2-core host one thread used 11% less CPU per
     /// delivery and reached a 22% higher knee than two (docs/BENCHMARKS.md).
     pub worker_threads: usize,
+    /// How long a group commit waits after its first write for more to join it
+    /// (0: commits at once). Each commit costs about the same CPU however many
+    /// writes it holds, so waiting trades up to this much latency per write for
+    /// fewer commits (docs/BENCHMARKS.md).
+    #[serde(with = "crate::clock::duration_str")]
+    pub commit_linger: std::time::Duration,
     /// Certificates.
     pub tls: TlsConfig,
     /// Token verification.
@@ -91,6 +97,7 @@ impl Default for Config {
             web_dir: PathBuf::from("web/dist"),
             node_id: None,
             worker_threads: 0,
+            commit_linger: std::time::Duration::ZERO,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
