@@ -25,6 +25,10 @@ fn subject(prefix: &str, topic: &str) -> String {
     format!("{prefix}.dg.{}", crate::util::hex(topic.as_bytes()))
 }
 
+/// Datagrams waiting for the publishing task at most; past this they are dropped,
+/// as the network would.
+const OUTBOX: usize = 4096;
+
 /// A [`Broker`] over core NATS.
 #[derive(Debug)]
 pub struct NatsBroker {
@@ -33,17 +37,31 @@ pub struct NatsBroker {
     node: String,
     hub: OnceLock<Weak<Hub>>,
     subscriptions: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// To the one task that publishes this node's datagrams: (subject, except, data).
+    outbox: tokio::sync::mpsc::Sender<(String, String, Bytes)>,
 }
 
 impl NatsBroker {
-    /// A broker of node `node` on `client`, with subjects under `prefix`.
+    /// A broker of node `node` on `client`, with subjects under `prefix`. Call
+    /// inside a Tokio runtime: it starts the task that publishes datagrams.
     pub fn new(client: async_nats::Client, prefix: &str, node: &str) -> Self {
+        let (outbox, mut rx) = tokio::sync::mpsc::channel::<(String, String, Bytes)>(OUTBOX);
+        let (publisher, origin) = (client.clone(), node.to_owned());
+        tokio::spawn(async move {
+            while let Some((subject, except, data)) = rx.recv().await {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(ORIGIN, origin.as_str());
+                headers.insert(EXCEPT, except.as_str());
+                let _ = publisher.publish_with_headers(subject, headers, data).await;
+            }
+        });
         Self {
             client,
             prefix: prefix.to_owned(),
             node: node.to_owned(),
             hub: OnceLock::new(),
             subscriptions: Mutex::new(HashMap::new()),
+            outbox,
         }
     }
 
@@ -103,18 +121,12 @@ impl Broker for NatsBroker {
     }
 
     fn datagram(&self, topic: &str, except: &str, data: &Bytes) {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(ORIGIN, self.node.as_str());
-        headers.insert(EXCEPT, except);
-        let (client, subject, data) = (
-            self.client.clone(),
-            subject(&self.prefix, topic),
-            data.clone(),
-        );
         // Never waits: a datagram that cannot go now is dropped, as on the wire.
-        tokio::spawn(async move {
-            let _ = client.publish_with_headers(subject, headers, data).await;
-        });
+        let _ = self.outbox.try_send((
+            subject(&self.prefix, topic),
+            except.to_owned(),
+            data.clone(),
+        ));
     }
 
     fn carries(&self) -> bool {
