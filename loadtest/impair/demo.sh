@@ -8,6 +8,8 @@
 #   loadtest/impair/demo.sh LABEL [IMPAIR OPTIONS]
 #   loadtest/impair/demo.sh clean                                  (no impairment)
 #   loadtest/impair/demo.sh lossy --loss 2 --delay 25ms --seed 1   (RTT 50 ms)
+#   SYSTEM=socketio loadtest/impair/demo.sh LABEL [OPTIONS]      (Socket.IO, ws://)
+#   SYSTEM=socketio TLS=1 loadtest/impair/demo.sh LABEL [OPTIONS] (Socket.IO, wss://)
 # Settings from the environment: SCENARIO (loadtest/impair/chat-impaired.toml),
 # OUT (/tmp/tutti-impair), TUTTI_BIN and TUTTI_LOAD_BIN (target/release/...),
 # and netns.sh's TUTTI_IMPAIR_* variables.
@@ -58,33 +60,66 @@ cpu_of() {
 "$NETNS" up "$@" --duration 600s >/dev/null
 FWD_PID=$(cat "$STATE/forwarder.pid")
 
-# The same server configuration as `tutti-load run --spawn`: users are put into
-# rooms directly, and every client comes from the generator's one address.
-printf '[rooms]\njoin_policy = "open"\n[limits]\nmax_connections_per_address = 1000000\n' \
-  >"$WORK/tutti.toml"
-TUTTI_JWT_SECRET=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
-TUTTI_API_KEY=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
-export TUTTI_JWT_SECRET TUTTI_API_KEY
-unset TUTTI_CONFIG TUTTI_LISTEN TUTTI_HTTP TUTTI_CERT TUTTI_KEY TUTTI_NODE_ID TUTTI_CLUSTER_URL
-# `ip netns exec` runs the server itself (no fork), so $! is its pid.
-TUTTI_LOG=${TUTTI_LOG:-warn} "$NETNS" exec-srv "$TUTTI_BIN" serve --config "$WORK/tutti.toml" \
-  --listen "$SRV_ADDR:$QUIC_PORT" --http "$SRV_ADDR:$HTTP_PORT" \
-  --data-dir "$WORK/data" --cert-dir "$WORK/certs" --web-dir "$WORK/web" \
-  >"$WORK/server.out" 2>"$OUT/$LABEL.server.log" </dev/null &
-SERVER_PID=$!
-for _ in $(seq 1 150); do
-  grep -q "raw quic:" "$WORK/server.out" 2>/dev/null && break
-  [ -e "/proc/$SERVER_PID" ] || { cat "$OUT/$LABEL.server.log" >&2; echo "demo.sh: the server exited" >&2; exit 2; }
-  sleep 0.1
-done
-grep -q "raw quic:" "$WORK/server.out" || { echo "demo.sh: no server banner in 15 s" >&2; exit 2; }
+SIO=$ROOT/loadtest/baselines/socketio
+wait_for() { # file pattern what
+  for _ in $(seq 1 150); do
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    [ -e "/proc/$SERVER_PID" ] || { cat "$OUT/$LABEL.server.log" >&2; echo "demo.sh: the $3 exited" >&2; exit 2; }
+    sleep 0.1
+  done
+  echo "demo.sh: no $3 banner in 15 s" >&2
+  exit 2
+}
+
+if [ "${SYSTEM:-tutti}" = socketio ]; then
+  SIO_PORT=3000
+  SCHEME=http
+  TLS_ARGS=()
+  if [ "${TLS:-0}" = 1 ]; then
+    SCHEME=https
+    TLS_ARGS=(--tls "$WORK")
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -days 2 -subj /CN=localhost \
+      -addext "subjectAltName=IP:$SRV_ADDR" 2>/dev/null
+  fi
+  # server.js exits when its stdin closes: hold a FIFO open for it (closed with
+  # this script).
+  mkfifo "$WORK/stdin"
+  exec 3<>"$WORK/stdin"
+  "$NETNS" exec-srv node "$SIO/server.js" --host "$SRV_ADDR" --port "$SIO_PORT" "${TLS_ARGS[@]}" \
+    >"$WORK/server.out" 2>"$OUT/$LABEL.server.log" <"$WORK/stdin" &
+  SERVER_PID=$!
+  wait_for "$WORK/server.out" '"ready":true' "Socket.IO server"
+else
+  # The same server configuration as `tutti-load run --spawn`: users are put into
+  # rooms directly, and every client comes from the generator's one address.
+  printf '[rooms]\njoin_policy = "open"\n[limits]\nmax_connections_per_address = 1000000\n' \
+    >"$WORK/tutti.toml"
+  TUTTI_JWT_SECRET=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+  TUTTI_API_KEY=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+  export TUTTI_JWT_SECRET TUTTI_API_KEY
+  unset TUTTI_CONFIG TUTTI_LISTEN TUTTI_HTTP TUTTI_CERT TUTTI_KEY TUTTI_NODE_ID TUTTI_CLUSTER_URL
+  # `ip netns exec` runs the server itself (no fork), so $! is its pid.
+  TUTTI_LOG=${TUTTI_LOG:-warn} "$NETNS" exec-srv "$TUTTI_BIN" serve --config "$WORK/tutti.toml" \
+    --listen "$SRV_ADDR:$QUIC_PORT" --http "$SRV_ADDR:$HTTP_PORT" \
+    --data-dir "$WORK/data" --cert-dir "$WORK/certs" --web-dir "$WORK/web" \
+    >"$WORK/server.out" 2>"$OUT/$LABEL.server.log" </dev/null &
+  SERVER_PID=$!
+  wait_for "$WORK/server.out" "raw quic:" "server"
+fi
 
 FWD_CPU0=$(cpu_of "$FWD_PID")
 T0=$(date +%s.%N)
 RC=0
-"$NETNS" exec-gen "$TUTTI_LOAD_BIN" run "$SCENARIO" -q \
-  --target "$SRV_ADDR:$QUIC_PORT" --http "$SRV_ADDR:$HTTP_PORT" --server-pid "$SERVER_PID" \
-  --timeout 5m --json "$OUT/$LABEL.json" --hgrm "$OUT/$LABEL.hgrm" >"$OUT/$LABEL.txt" || RC=$?
+if [ "${SYSTEM:-tutti}" = socketio ]; then
+  (cd "$SIO" && "$NETNS" exec-gen node load.js --scenario-file "$SCENARIO" --quiet \
+    --url "$SCHEME://$SRV_ADDR:$SIO_PORT" --server-pid "$SERVER_PID" \
+    --json "$OUT/$LABEL.json") >"$OUT/$LABEL.txt" || RC=$?
+else
+  "$NETNS" exec-gen "$TUTTI_LOAD_BIN" run "$SCENARIO" -q \
+    --target "$SRV_ADDR:$QUIC_PORT" --http "$SRV_ADDR:$HTTP_PORT" --server-pid "$SERVER_PID" \
+    --timeout 5m --json "$OUT/$LABEL.json" --hgrm "$OUT/$LABEL.hgrm" >"$OUT/$LABEL.txt" || RC=$?
+fi
 T1=$(date +%s.%N)
 FWD_CPU1=$(cpu_of "$FWD_PID")
 cleanup

@@ -315,6 +315,21 @@ pub fn table(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> String {
             ),
         );
     }
+    for name in ["resumed", "full"] {
+        let get = |k: String| o.extra.get(&k).and_then(|v| v.as_f64());
+        if let Some(rate) = get(format!("reconnect_{name}_per_sec")) {
+            row(
+                &mut t,
+                &format!("reconnect storm, {name}"),
+                format!(
+                    "{rate:.0}/s ({} connected), server cpu {} per connect",
+                    get(format!("reconnect_{name}_established")).unwrap_or(0.0),
+                    get(format!("server_cpu_ms_per_{name}_connect"))
+                        .map_or("?".into(), |ms| format!("{ms:.2} ms"))
+                ),
+            );
+        }
+    }
     if let Some(r) = o.rss_per_conn {
         row(
             &mut t,

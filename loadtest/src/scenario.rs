@@ -324,6 +324,11 @@ pub struct IdleParams {
     pub hold: Duration,
     /// Connections being set up at once at most.
     pub connect_concurrency: usize,
+    /// After the hold: close every connection and reconnect them all at once
+    /// (a mass disconnect), first with the TLS sessions of the first connects
+    /// (resumed handshakes), then again without (full handshakes); reports both
+    /// rates and the server CPU per connect of each.
+    pub reconnect: bool,
 }
 
 impl Default for IdleParams {
@@ -333,6 +338,7 @@ impl Default for IdleParams {
             ramp_up: Duration::from_secs(10),
             hold: Duration::from_secs(10),
             connect_concurrency: 256,
+            reconnect: false,
         }
     }
 }

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use super::{Ctx, connect_all, ended, join_within};
+use tutti::client::ClientConfig;
+
+use super::{Ctx, Pool, connect_configs, ended, join_within};
 use crate::outcome::Outcome;
 use crate::procstat;
 use crate::stats::live;
@@ -25,20 +27,12 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
     }
     let pid = ctx.target.server_pid;
     let rss_before = pid.and_then(procstat::rss_bytes);
-    let users: Vec<String> = (0..p.connections).map(|i| ctx.user("idle", i)).collect();
-    live().set_phase(format!("idle: connecting {}", p.connections));
-    let mut pool = connect_all(&ctx.target, &users, p.ramp_up, p.connect_concurrency).await;
-    let watchers: Vec<_> = pool
-        .connected()
-        .map(|(_, c)| {
-            let (c, closing, dropped) = (c.clone(), pool.closing.clone(), pool.dropped.clone());
-            tokio::spawn(async move {
-                while c.next_event().await.is_some() {}
-                drop(c);
-                ended(&closing, &dropped);
-            })
-        })
+    let configs: Vec<Option<ClientConfig>> = (0..p.connections)
+        .map(|i| ctx.target.client_config(&ctx.user("idle", i)).ok())
         .collect();
+    live().set_phase(format!("idle: connecting {}", p.connections));
+    let mut pool = connect_configs(&configs, p.ramp_up, p.connect_concurrency).await;
+    let watchers = watch(&pool);
     live().set_phase(format!("idle: holding {} connections", pool.established));
     tokio::time::sleep(p.hold).await;
     let rss_after = pid.and_then(procstat::rss_bytes);
@@ -59,5 +53,72 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
     }
     pool.close_all();
     join_within(watchers, Duration::from_secs(5)).await;
+    if p.reconnect {
+        // Resumed: the same configs hold the sessions of the first connects.
+        let resumed = storm(ctx, &configs, "resumed").await;
+        // Full: the same clients without their sessions.
+        let fresh: Vec<Option<ClientConfig>> = configs
+            .iter()
+            .map(|c| c.clone().map(ClientConfig::with_new_tls_sessions))
+            .collect();
+        let full = storm(ctx, &fresh, "full").await;
+        for (name, (rate, cpu_ms, established)) in [("resumed", resumed), ("full", full)] {
+            o.extra
+                .insert(format!("reconnect_{name}_per_sec"), rate.into());
+            o.extra
+                .insert(format!("reconnect_{name}_established"), established.into());
+            if let Some(ms) = cpu_ms {
+                o.extra
+                    .insert(format!("server_cpu_ms_per_{name}_connect"), ms.into());
+            }
+        }
+    }
     Ok(o)
+}
+
+/// Watches each connection of `pool` until it ends.
+fn watch(pool: &Pool) -> Vec<tokio::task::JoinHandle<()>> {
+    pool.connected()
+        .map(|(_, c)| {
+            let (c, closing, dropped) = (c.clone(), pool.closing.clone(), pool.dropped.clone());
+            tokio::spawn(async move {
+                while c.next_event().await.is_some() {}
+                drop(c);
+                ended(&closing, &dropped);
+            })
+        })
+        .collect()
+}
+
+/// Reconnects every client at once (no ramp): the rate of connects, the server's
+/// CPU milliseconds per connect, and how many connected; then closes them again.
+async fn storm(
+    ctx: &Ctx,
+    configs: &[Option<ClientConfig>],
+    label: &str,
+) -> (f64, Option<f64>, u64) {
+    let p = &ctx.scenario.idle;
+    let pids = ctx.target.server_pids();
+    let cpu = || -> Option<f64> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter().map(|p| procstat::cpu_secs(*p)).sum()
+    };
+    live().set_phase(format!("idle: reconnecting all ({label} handshakes)"));
+    let before = cpu();
+    let mut pool = connect_configs(configs, Duration::ZERO, p.connect_concurrency).await;
+    let after = cpu();
+    let rate = pool.established as f64 / pool.connect_secs.max(1e-9);
+    let cpu_ms = match (before, after) {
+        (Some(b), Some(a)) if pool.established > 0 => {
+            Some((a - b) * 1000.0 / pool.established as f64)
+        }
+        _ => None,
+    };
+    let established = pool.established;
+    let watchers = watch(&pool);
+    pool.close_all();
+    join_within(watchers, Duration::from_secs(5)).await;
+    (rate, cpu_ms, established)
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
-use tutti::client::Client;
+use tutti::client::{Client, ClientConfig};
 
 use crate::scenario::Scenario;
 use crate::stats::{Counter, live};
@@ -84,19 +84,35 @@ pub async fn connect_all(
     ramp: Duration,
     concurrency: usize,
 ) -> Pool {
-    let n = users.len();
+    let configs: Vec<Option<ClientConfig>> = users
+        .iter()
+        .map(|user| match target.client_config(user) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, user, "cannot mint a token");
+                None
+            }
+        })
+        .collect();
+    connect_configs(&configs, ramp, concurrency).await
+}
+
+/// [`connect_all`] with the clients' configs (reconnecting with the same configs
+/// resumes their TLS sessions).
+pub async fn connect_configs(
+    configs: &[Option<ClientConfig>],
+    ramp: Duration,
+    concurrency: usize,
+) -> Pool {
+    let n = configs.len();
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let start = tokio::time::Instant::now();
     let t0 = Instant::now();
     let failures = Arc::new(Counter::default());
     let mut set = tokio::task::JoinSet::new();
-    for (i, user) in users.iter().enumerate() {
-        let config = match target.client_config(user) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, user, "cannot mint a token");
-                continue;
-            }
+    for (i, config) in configs.iter().enumerate() {
+        let Some(config) = config.clone() else {
+            continue;
         };
         let at = start + ramp.mul_f64(i as f64 / n.max(1) as f64);
         let sem = sem.clone();

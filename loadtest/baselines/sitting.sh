@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Server CPU per delivery and knees, Tutti and Socket.IO side by side in one sitting.
+#
+#   loadtest/baselines/sitting.sh [--skip-build] [--no-knee] [--no-pinned]
+#   loadtest/baselines/sitting.sh --table=loadtest/results/sitting-...   (the table again)
+#
+# Runs, one after the other on this machine:
+#   1. chat fan-out at 10,000 and 40,000 deliveries/s (chat-fanout.toml,
+#      chat-fanout-40k.toml): Tutti over raw QUIC and WebTransport (data on
+#      /dev/shm), Socket.IO over ws:// and wss:// (two generator workers);
+#   2. the knee (knee.toml) of Tutti (raw QUIC) and of Socket.IO ws:// and wss://,
+#      with the server and generator sharing every core;
+#   3. the same knees pinned: the server on CPU 0 (`--server-cpus 0`), the
+#      generator on the other CPUs (`taskset -c 1-`).
+# Then prints one table: server CPU per delivery over the measured window (the
+# first figure), p50/p99, and the knees. JSON reports go to
+# loadtest/results/sitting-<UTC time>/. Loopback only; every run has a timeout.
+set -euo pipefail
+
+BUILD=1
+KNEE=1
+PINNED=1
+TABLE_ONLY=""
+for a in "$@"; do
+  case "$a" in
+    --table=*) TABLE_ONLY="${a#--table=}" ;;
+    --skip-build) BUILD=0 ;;
+    --no-knee) KNEE=0 ;;
+    --no-pinned) PINNED=0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "sitting.sh: unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+SIO=$ROOT/loadtest/baselines/socketio
+SCEN=$ROOT/loadtest/scenarios
+OUT=${TABLE_ONLY:-$ROOT/loadtest/results/sitting-$(date -u +%Y%m%dT%H%M%SZ)}
+LOAD=$ROOT/target/release/tutti-load
+SHM=/dev/shm
+[ -d "$SHM" ] || SHM=${TMPDIR:-/tmp}
+mkdir -p "$OUT"
+CPUS=$(nproc)
+OTHERS="1-$((CPUS - 1))"
+
+log() { echo "[sitting $(date -u +%H:%M:%S)] $*" >&2; }
+
+if [ -n "$TABLE_ONLY" ]; then
+  BUILD=0
+fi
+run_all() {
+if [ "$BUILD" = 1 ]; then
+  (cd "$ROOT" && cargo build --release -p tutti -p tutti-load)
+  (cd "$SIO" && npm ci --silent)
+fi
+command -v jq >/dev/null || { echo "sitting.sh: jq is required" >&2; exit 1; }
+
+tutti() { # name scenario [args...]
+  local name=$1 scenario=$2; shift 2
+  log "tutti $name"
+  # shellcheck disable=SC2086 # PIN is a command prefix (empty or taskset -c ...)
+  timeout 900 ${PIN:-} "$LOAD" run "$SCEN/$scenario" --spawn --spawn-dir "$SHM" -q --json "$OUT/tutti-$name.json" "$@" >/dev/null || true
+}
+sio() { # name scenario [args...]
+  local name=$1 scenario=$2; shift 2
+  log "socket.io $name"
+  (cd "$SIO" && timeout 900 node load.js --scenario-file "$SCEN/$scenario" --quiet --json "$OUT/sio-$name.json" "$@") >/dev/null || true
+}
+
+tutti quic-10k chat-fanout.toml
+tutti wt-10k chat-fanout.toml --transport webtransport
+sio ws-10k chat-fanout.toml
+sio wss-10k chat-fanout.toml --tls 1
+tutti quic-40k chat-fanout-40k.toml
+tutti wt-40k chat-fanout-40k.toml --transport webtransport
+sio ws-40k chat-fanout-40k.toml --rate 40000
+sio wss-40k chat-fanout-40k.toml --rate 40000 --tls 1
+if [ "$KNEE" = 1 ]; then
+  tutti knee knee.toml
+  sio knee-ws knee.toml
+  sio knee-wss knee.toml --tls 1
+  if [ "$PINNED" = 1 ] && [ "$CPUS" -ge 2 ]; then
+    log "pinned: servers on CPU 0, generators on $OTHERS"
+    PIN="taskset -c $OTHERS" tutti knee-pinned knee.toml --server-cpus 0
+    (cd "$SIO" && log "socket.io knee-wss-pinned" && timeout 900 taskset -c "$OTHERS" node load.js \
+      --scenario-file "$SCEN/knee.toml" --quiet --json "$OUT/sio-knee-wss-pinned.json" --tls 1 --server-cpus 0) >/dev/null || true
+    (cd "$SIO" && log "socket.io knee-ws-pinned" && timeout 900 taskset -c "$OTHERS" node load.js \
+      --scenario-file "$SCEN/knee.toml" --quiet --json "$OUT/sio-knee-ws-pinned.json" --server-cpus 0) >/dev/null || true
+  fi
+fi
+
+}
+[ -n "$TABLE_ONLY" ] || run_all
+
+# The table. Tutti's reports keep the window CPU per delivery in
+# details.server_cpu_us_per_delivery, Socket.IO's in server.cpu_us_per_delivery;
+# both keep it per knee step.
+row() { # label file
+  local f=$OUT/$2
+  [ -f "$f" ] || { printf '| %s | (no report) | | | |\n' "$1"; return; }
+  jq -r --arg l "$1" '
+    [ $l,
+      ((.details.server_cpu_us_per_delivery // .server.cpu_us_per_delivery // null) | if . == null then "?" else (. * 10 | round / 10 | tostring) end),
+      ((.throughput.deliveries_per_sec // 0) | round | tostring),
+      ((.latency_ms.p50 // 0) * 100 | round / 100 | tostring),
+      ((.latency_ms.p99 // 0) * 100 | round / 100 | tostring) ]
+    | "| " + join(" | ") + " |"' "$f"
+}
+knee() { # label file
+  local f=$OUT/$2
+  [ -f "$f" ] || { printf '| %s | (no report) | |\n' "$1"; return; }
+  jq -r --arg l "$1" '
+    (.knee.deliveries_per_sec // .knee_deliveries_per_sec // 0) as $k
+    | ([ .knee.steps // [] | .[] | select(.pass) ] | max_by(.offered_deliveries_per_sec) | .server_cpu_us_per_delivery? // null) as $cpu
+    | [ $l, ($k | round | tostring),
+        ($cpu | if . == null then "?" else (. * 10 | round / 10 | tostring) end) ]
+    | "| " + join(" | ") + " |"' "$f"
+}
+{
+  echo "| run | server CPU per delivery (us, measured window) | deliveries/s | p50 ms | p99 ms |"
+  echo "| --- | --- | --- | --- | --- |"
+  for r in "Tutti raw QUIC, 10k|tutti-quic-10k" "Tutti WebTransport, 10k|tutti-wt-10k" \
+           "Socket.IO ws://, 10k|sio-ws-10k" "Socket.IO wss://, 10k|sio-wss-10k" \
+           "Tutti raw QUIC, 40k|tutti-quic-40k" "Tutti WebTransport, 40k|tutti-wt-40k" \
+           "Socket.IO ws://, 40k|sio-ws-40k" "Socket.IO wss://, 40k|sio-wss-40k"; do
+    row "${r%%|*}" "${r#*|}.json"
+  done
+  if [ "$KNEE" = 1 ]; then
+    echo
+    echo "| knee | deliveries/s | server CPU per delivery at the knee (us) |"
+    echo "| --- | --- | --- |"
+    for r in "Tutti raw QUIC, shared cores|tutti-knee" "Socket.IO ws://, shared cores|sio-knee-ws" \
+             "Socket.IO wss://, shared cores|sio-knee-wss" "Tutti raw QUIC, pinned|tutti-knee-pinned" \
+             "Socket.IO ws://, pinned|sio-knee-ws-pinned" "Socket.IO wss://, pinned|sio-knee-wss-pinned"; do
+      knee "${r%%|*}" "${r#*|}.json"
+    done
+  fi
+} | tee "$OUT/table.md"
+log "reports in $OUT"
