@@ -30,6 +30,7 @@ both_transports!(
     rotated_certificate_is_served_without_restart,
     clients_share_one_endpoint,
     a_reconnect_resumes_the_tls_session,
+    a_client_whose_address_changes_keeps_its_session,
 );
 
 async fn handshake_welcomes_a_valid_token(t: TransportKind) {
@@ -164,6 +165,39 @@ async fn clients_share_one_endpoint(t: TransportKind) {
             Err(ClientError::Connect(_))
         ));
     }
+}
+
+async fn a_client_whose_address_changes_keeps_its_session(t: TransportKind) {
+    let s = TestServer::start().await;
+    let mut config = s.client_config(t, &s.token("alice"));
+    let endpoint = ClientEndpoint::bind(&config).unwrap();
+    config.endpoint = Some(endpoint.clone());
+    let c = Client::connect(config).await.unwrap();
+    assert_eq!(
+        &c.echo(b"before".to_vec(), false).await.unwrap()[..],
+        b"before"
+    );
+    // A network change: the client's packets now come from another port. QUIC
+    // moves the connection (the server validates the new path); the session, its
+    // streams and its subscriptions go on, with no reconnect.
+    endpoint.rebind().unwrap();
+    assert_eq!(
+        &c.echo(b"after".to_vec(), true).await.unwrap()[..],
+        b"after"
+    );
+    match c.next_event().await {
+        Some(Event::Push(StreamKind::System, p)) => match p.event {
+            Some(push::Event::Echo(e)) => assert_eq!(&e.payload[..], b"after"),
+            other => panic!("unexpected push {other:?}"),
+        },
+        other => panic!("unexpected event {other:?}"),
+    }
+    assert_eq!(
+        s.server().metrics().value("sessions.accepted"),
+        Some(1.0),
+        "one session throughout"
+    );
+    assert_eq!(s.server().metrics().active(t), 1);
 }
 
 /// The server's count of resumed TLS handshakes.

@@ -200,6 +200,27 @@ impl ClientEndpoint {
         Ok(Self { kind })
     }
 
+    /// Moves this endpoint and its open connections to a new UDP socket on a new
+    /// local port, as after a network change: QUIC connection migration keeps the
+    /// sessions (the server sees the new address and validates it). Returns the new
+    /// local address.
+    pub fn rebind(&self) -> Result<SocketAddr, ClientError> {
+        let connect = |e: std::io::Error| ClientError::Connect(e.to_string());
+        let old = match &self.kind {
+            EndpointKind::Quic(e) => e.local_addr(),
+            EndpointKind::WebTransport(e, _) => e.local_addr(),
+        }
+        .map_err(connect)?;
+        let socket = crate::transport::udp_socket((old.ip(), 0).into()).map_err(connect)?;
+        let new = socket.local_addr().map_err(connect)?;
+        match &self.kind {
+            EndpointKind::Quic(e) => e.rebind(socket),
+            EndpointKind::WebTransport(e, _) => e.rebind(socket),
+        }
+        .map_err(connect)?;
+        Ok(new)
+    }
+
     /// The connections open on this endpoint now.
     pub fn open_connections(&self) -> usize {
         match &self.kind {

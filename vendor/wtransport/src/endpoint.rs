@@ -121,6 +121,12 @@ impl<Side> Endpoint<Side> {
     pub fn open_connections(&self) -> usize {
         self.endpoint.open_connections()
     }
+
+    /// Switches to a new UDP socket: open connections move to it (QUIC connection
+    /// migration), as after a network change.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        self.endpoint.rebind(socket)
+    }
 }
 
 impl Endpoint<endpoint_side::Server> {
