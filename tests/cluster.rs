@@ -1404,6 +1404,14 @@ async fn track(c: &Client, events: &[(&str, u32)]) {
     .unwrap();
 }
 
+/// An analytics series asked of the node `c` is connected to.
+async fn series(c: &Client, r: v1::AnalyticsSeriesRequest) -> v1::AnalyticsSeriesResponse {
+    match c.request(request::Body::AnalyticsSeries(r)).await.unwrap() {
+        response::Body::AnalyticsSeries(s) => s,
+        other => panic!("{other:?}"),
+    }
+}
+
 /// The per-node parts of an answer, by node id.
 fn by_node<T, V>(parts: &[T], f: impl Fn(&T) -> (String, V)) -> BTreeMap<String, V> {
     parts.iter().map(f).collect()
@@ -1424,19 +1432,16 @@ async fn analytics_and_metrics_span_the_cluster_with_a_per_node_breakdown() {
         let ops = Client::connect(config).await.unwrap();
 
         // A series on node 1 sums both nodes and shows each one's part.
-        let s = match ops
-            .request(request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+        let s = series(
+            &ops,
+            v1::AnalyticsSeriesRequest {
                 r#type: "click".into(),
                 duration_ms: 60_000,
                 by_node: true,
                 ..Default::default()
-            }))
-            .await
-            .unwrap()
-        {
-            response::Body::AnalyticsSeries(s) => s,
-            other => panic!("{other:?}"),
-        };
+            },
+        )
+        .await;
         assert_eq!(s.total, 8, "{s:?}");
         assert_eq!(s.points.iter().map(|p| p.count).sum::<u64>(), 8);
         assert!(s.missing_nodes.is_empty(), "{s:?}");
@@ -1532,19 +1537,16 @@ async fn analytics_and_metrics_span_the_cluster_with_a_per_node_breakdown() {
         // from the log; analytics live beside it), read here from the minute
         // rollups.
         let clicks_on_2 = |ops: Client| async move {
-            let s = match ops
-                .request(request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+            let s = series(
+                &ops,
+                v1::AnalyticsSeriesRequest {
                     r#type: "click".into(),
                     duration_ms: 600_000,
                     resolution_ms: 60_000,
                     ..Default::default()
-                }))
-                .await
-                .unwrap()
-            {
-                response::Body::AnalyticsSeries(s) => s,
-                other => panic!("{other:?}"),
-            };
+                },
+            )
+            .await;
             let n2 = s.nodes.iter().find(|n| n.node_id == "n2").map(|n| n.total);
             (ops, n2, s.missing_nodes)
         };
@@ -1562,18 +1564,15 @@ async fn analytics_and_metrics_span_the_cluster_with_a_per_node_breakdown() {
 
         // A node that does not answer is named, and the sums leave it out.
         nodes[1].kill().await;
-        let s = match ops
-            .request(request::Body::AnalyticsSeries(v1::AnalyticsSeriesRequest {
+        let s = series(
+            &ops,
+            v1::AnalyticsSeriesRequest {
                 r#type: "view".into(),
                 duration_ms: 60_000,
                 ..Default::default()
-            }))
-            .await
-            .unwrap()
-        {
-            response::Body::AnalyticsSeries(s) => s,
-            other => panic!("{other:?}"),
-        };
+            },
+        )
+        .await;
         assert_eq!(s.missing_nodes, ["n2"], "{s:?}");
         assert_eq!(s.total, 0, "node 1 saw no views: {s:?}");
     })

@@ -85,6 +85,22 @@ function suite() {
     return (Array.isArray(body) ? body : body.nodes).map((n) => n.id ?? n.node_id).sort();
   }
 
+  /** Waits (bounded) until node `id`'s list shows these session counts ({ a: 1, ... }). */
+  async function untilSessions(id, counts) {
+    const deadline = Date.now() + WAIT_MS;
+    const want = JSON.stringify(Object.entries(counts).sort());
+    let seen;
+    for (;;) {
+      seen = await fetch(new URL("/cluster", nodes.get(id).urls.page))
+        .then((r) => r.json())
+        .then((b) => JSON.stringify((Array.isArray(b) ? b : b.nodes).map((n) => [n.id, n.sessions]).sort()))
+        .catch((e) => String(e));
+      if (seen === want) return;
+      if (Date.now() > deadline) assert.fail(`node ${id} shows sessions ${seen}, not ${want}`);
+      await new Promise((r) => setTimeout(r, 50)); // polling interval of a bounded wait
+    }
+  }
+
   /** Waits (bounded) until node `id` lists exactly `ids`. */
   async function untilListed(id, ids) {
     const deadline = Date.now() + WAIT_MS;
@@ -194,6 +210,9 @@ function suite() {
     }
     roomId = (await page.evaluate(() => window.tuttiApp.tutti.createRoom("ops"))).roomId;
     await roundTrip(roomId, "on a");
+    // Redirects are decided on the counts node a has heard: wait until it has heard
+    // that the previous test's dashboard session on b is gone.
+    await untilSessions("a", { a: 1, b: 0, c: 0 });
 
     // Three more sessions through node a's URL, each a Tutti of its own (bob, carol,
     // dave): a keeps the first two; with 4 sessions against none on b and c it sends
