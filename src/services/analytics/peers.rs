@@ -334,15 +334,25 @@ impl AnalyticsService {
         request: FeedRequest,
         send: impl Fn(v1::MetricsUpdate) + Send + 'static,
     ) {
+        let now = self.clock.now_ms();
         let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
-        feeds.retain(|_, f| !f.task.is_finished());
+        // A stream notices its lease ran out only when it has an update to send:
+        // end the expired ones here (every renewal of any stream comes here).
+        feeds.retain(|_, f| {
+            let live = !f.task.is_finished()
+                && now <= f.lease_until.load(std::sync::atomic::Ordering::Acquire);
+            if !live {
+                f.task.abort();
+            }
+            live
+        });
         let Some(subscribe) = request.subscribe else {
             if let Some(f) = feeds.remove(&request.id) {
                 f.task.abort();
             }
             return;
         };
-        let lease_until = self.clock.now_ms() + FEED_LEASE.as_millis() as u64;
+        let lease_until = now + FEED_LEASE.as_millis() as u64;
         if let Some(f) = feeds.get(&request.id) {
             f.lease_until
                 .store(lease_until, std::sync::atomic::Ordering::Release);
@@ -464,4 +474,51 @@ fn type_counts(types: Vec<(String, u64)>) -> Vec<v1::AnalyticsTypeCount> {
         .into_iter()
         .map(|(r#type, count)| v1::AnalyticsTypeCount { r#type, count })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::fakes::Node;
+
+    fn feed(id: &str) -> FeedRequest {
+        FeedRequest {
+            id: id.into(),
+            origin: "n2".into(),
+            subscribe: Some(v1::MetricsSubscribeRequest {
+                metrics: vec!["connections".into()],
+                interval_ms: 100,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remote_streams_end_when_withdrawn_or_not_renewed() {
+        let node = Node::new();
+        let (svc, _work) = AnalyticsService::open(node.deps.clone(), Default::default()).unwrap();
+        let live = || svc.feeds.lock().unwrap().len();
+        svc.serve_feed(feed("a"), |_| {});
+        svc.serve_feed(feed("b"), |_| {});
+        assert_eq!(live(), 2);
+        // Withdrawn: ends at once.
+        svc.serve_feed(
+            FeedRequest {
+                subscribe: None,
+                ..feed("b")
+            },
+            |_| {},
+        );
+        assert_eq!(live(), 1);
+        // Renewed within the lease: kept.
+        node.clock.advance(FEED_LEASE.as_millis() as u64 - 1_000);
+        svc.serve_feed(feed("a"), |_| {});
+        assert_eq!(live(), 1);
+        // Not renewed for longer than the lease (and with nothing to send, so it
+        // never checked itself): the next request of any stream ends it.
+        node.clock.advance(FEED_LEASE.as_millis() as u64 + 1);
+        svc.serve_feed(feed("c"), |_| {});
+        assert_eq!(live(), 1, "only c");
+        assert!(svc.feeds.lock().unwrap().contains_key("c"));
+    }
 }
