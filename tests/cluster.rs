@@ -585,6 +585,26 @@ async fn open_doc(c: &Client, doc: &str, known: Option<u64>) -> v1::DocOpenRespo
     }
 }
 
+/// Ann (`ann`'s session) shares her document `ann~d` with `user` as `role`.
+async fn share(ann: &Client, user: &str, role: DocRole) {
+    ann.request(request::Body::DocShare(v1::DocShareRequest {
+        doc_id: "ann~d".into(),
+        user_id: user.into(),
+        role: role as i32,
+    }))
+    .await
+    .unwrap();
+}
+
+/// The users an open of a document listed as its participants.
+fn participants(opened: &v1::DocOpenResponse) -> Vec<&str> {
+    opened
+        .participants
+        .iter()
+        .map(|p| p.user_id.as_str())
+        .collect()
+}
+
 /// Ann (node 1) creates `ann~d` with `text` and makes Bob (node 2, WebTransport)
 /// and Cat (node 3) editors; returns the three sessions.
 async fn three_editors(nodes: &[Node], text: &str) -> (Client, Client, Client) {
@@ -596,13 +616,7 @@ async fn three_editors(nodes: &[Node], text: &str) -> (Client, Client, Client) {
     .await
     .unwrap();
     for u in ["bob", "cat"] {
-        ann.request(request::Body::DocShare(v1::DocShareRequest {
-            doc_id: "ann~d".into(),
-            user_id: u.into(),
-            role: DocRole::Editor as i32,
-        }))
-        .await
-        .unwrap();
+        share(&ann, u, DocRole::Editor).await;
     }
     let bob = nodes[1].connect(TransportKind::WebTransport, "bob").await;
     let cat = nodes[2].connect(TransportKind::Quic, "cat").await;
@@ -1602,24 +1616,13 @@ async fn who_is_in_a_document_spans_the_nodes() {
         }))
         .await
         .unwrap();
-        ann.request(request::Body::DocShare(v1::DocShareRequest {
-            doc_id: "ann~d".into(),
-            user_id: "bob".into(),
-            role: DocRole::Editor as i32,
-        }))
-        .await
-        .unwrap();
+        share(&ann, "bob", DocRole::Editor).await;
         open_doc(&ann, "ann~d", None).await;
 
         // Bob opens it on node 2: Ann (node 1) is listed, and she sees him join.
         let bob = nodes[1].connect(TransportKind::WebTransport, "bob").await;
         let opened = open_doc(&bob, "ann~d", None).await;
-        let here: Vec<&str> = opened
-            .participants
-            .iter()
-            .map(|p| p.user_id.as_str())
-            .collect();
-        assert_eq!(here, ["ann"], "{opened:?}");
+        assert_eq!(participants(&opened), ["ann"], "{opened:?}");
         let joined = next_doc_presence(&ann).await;
         assert_eq!((joined.user_id.as_str(), joined.joined), ("bob", true));
         let bob_session = joined.session_id.clone();
@@ -1645,21 +1648,10 @@ async fn who_is_in_a_document_spans_the_nodes() {
         assert_eq!((left.user_id.as_str(), left.joined), ("bob", false));
 
         // Cat opening it on node 2 now finds Ann only.
-        ann.request(request::Body::DocShare(v1::DocShareRequest {
-            doc_id: "ann~d".into(),
-            user_id: "cat".into(),
-            role: DocRole::Viewer as i32,
-        }))
-        .await
-        .unwrap();
+        share(&ann, "cat", DocRole::Viewer).await;
         let cat = nodes[1].connect(TransportKind::Quic, "cat").await;
         let opened = open_doc(&cat, "ann~d", None).await;
-        let here: Vec<&str> = opened
-            .participants
-            .iter()
-            .map(|p| p.user_id.as_str())
-            .collect();
-        assert_eq!(here, ["ann"], "{opened:?}");
+        assert_eq!(participants(&opened), ["ann"], "{opened:?}");
     })
     .await;
 }

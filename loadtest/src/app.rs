@@ -167,13 +167,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     );
     let server_pid = ctx.target.server_pid;
     let server_pids = ctx.target.server_pids();
-    let cpu_of = |pids: &[u32]| -> Option<f64> {
-        pids.iter()
-            .map(|p| procstat::cpu_secs(*p))
-            .sum::<Option<f64>>()
-    };
     let me = std::process::id();
-    let server_cpu0 = cpu_of(&server_pids);
+    let server_cpu0 = procstat::cpu_secs_of(&server_pids);
     let gen_cpu0 = procstat::cpu_secs(me);
     let started = Instant::now();
     stats::live().errors.reset();
@@ -194,8 +189,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     })
     .await;
     progress.stop().await;
-    let server_cpu = match (server_cpu0, cpu_of(&server_pids)) {
-        (Some(a), Some(b)) if !server_pids.is_empty() => Some(b - a),
+    let server_cpu = match (server_cpu0, procstat::cpu_secs_of(&server_pids)) {
+        (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
     let server_rss = server_pids

@@ -7,6 +7,15 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     parse_stat_cpu_ticks(&text).map(|ticks| ticks as f64 / clock_ticks_per_sec())
 }
 
+/// CPU time of all of `pids` together, in seconds (`None` if any is unreadable or
+/// there are none).
+pub fn cpu_secs_of(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_secs(*p)).sum()
+}
+
 /// Resident set size of `pid`, in bytes.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -295,9 +295,7 @@ impl Cluster {
             &cluster.node,
             Arc::downgrade(&cluster),
         ));
-        services
-            .analytics
-            .set_peers(Arc::new(peers::SharedPeers(peers.clone())));
+        services.analytics.set_peers(peers.clone());
         tasks.spawn(peers.serve(services.analytics.clone(), stop.clone()));
         tasks.spawn(cluster.clone().heartbeat(kv.clone(), me, stop.clone()));
         tasks.spawn(cluster.clone().watch_nodes(kv, stop));

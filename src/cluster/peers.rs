@@ -30,8 +30,8 @@ const ORIGIN: &str = "Tutti-Origin";
 /// Updates from other nodes a relay holds for its session at most.
 const FEED_BUFFER: usize = 256;
 
-/// [`Peers`] over NATS.
-#[derive(Debug)]
+/// [`Peers`] over NATS. Cloning is cheap (the NATS client is shared).
+#[derive(Debug, Clone)]
 pub struct NatsPeers {
     client: async_nats::Client,
     prefix: String,
@@ -167,7 +167,7 @@ impl NatsPeers {
     }
 
     async fn relay(
-        self: Arc<Self>,
+        self,
         request: v1::MetricsSubscribeRequest,
         tx: mpsc::Sender<v1::MetricsUpdate>,
     ) {
@@ -210,22 +210,18 @@ impl NatsPeers {
     }
 }
 
-/// A handle that lets [`Peers`] spawn the relay with an `Arc` of itself.
-#[derive(Debug)]
-pub struct SharedPeers(pub Arc<NatsPeers>);
-
-impl Peers for SharedPeers {
+impl Peers for NatsPeers {
     fn node_id(&self) -> &str {
-        &self.0.node
+        &self.node
     }
 
     fn ask(&self, query: PeerQuery) -> BoxFuture<'_, (Vec<PeerAnswer>, Vec<String>)> {
-        Box::pin(self.0.gather(query))
+        Box::pin(self.gather(query))
     }
 
     fn feed(&self, request: v1::MetricsSubscribeRequest) -> mpsc::Receiver<v1::MetricsUpdate> {
         let (tx, rx) = mpsc::channel(FEED_BUFFER);
-        tokio::spawn(self.0.clone().relay(request, tx));
+        tokio::spawn(self.clone().relay(request, tx));
         rx
     }
 }

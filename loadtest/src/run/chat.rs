@@ -291,14 +291,7 @@ impl World {
 
     /// CPU seconds so far of the server's processes and of this generator.
     fn cpu(&self) -> Option<(f64, f64)> {
-        if self.server_pids.is_empty() {
-            return None;
-        }
-        let server = self
-            .server_pids
-            .iter()
-            .map(|p| crate::procstat::cpu_secs(*p))
-            .sum::<Option<f64>>()?;
+        let server = crate::procstat::cpu_secs_of(&self.server_pids)?;
         Some((server, crate::procstat::cpu_secs(std::process::id())?))
     }
 

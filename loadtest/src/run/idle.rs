@@ -99,12 +99,7 @@ async fn storm(
 ) -> (f64, Option<f64>, u64) {
     let p = &ctx.scenario.idle;
     let pids = ctx.target.server_pids();
-    let cpu = || -> Option<f64> {
-        if pids.is_empty() {
-            return None;
-        }
-        pids.iter().map(|p| procstat::cpu_secs(*p)).sum()
-    };
+    let cpu = || procstat::cpu_secs_of(&pids);
     live().set_phase(format!("idle: reconnecting all ({label} handshakes)"));
     let before = cpu();
     let mut pool = connect_configs(configs, Duration::ZERO, p.connect_concurrency).await;

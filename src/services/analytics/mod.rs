@@ -824,14 +824,12 @@ impl AnalyticsService {
                 }
             }
         }
-        let mut out: Vec<(String, u64)> = counts
+        let out: Vec<(String, u64)> = counts
             .into_iter()
             .filter(|(_, c)| *c > 0)
             .map(|(id, c)| (names[id as usize].to_string(), c))
             .collect();
-        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        out.truncate(limit);
-        Ok(out)
+        Ok(rank(out, limit))
     }
 
     /// Estimated distinct users over the last `window_ms`, and the window covered.
@@ -1050,6 +1048,13 @@ impl AnalyticsService {
             )),
         }
     }
+}
+
+/// The `limit` largest counts, largest first (ties by name).
+fn rank(mut counts: Vec<(String, u64)>, limit: usize) -> Vec<(String, u64)> {
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts.truncate(limit);
+    counts
 }
 
 fn zeros(res: u64, points: Vec<(u64, u64)>) -> Series {

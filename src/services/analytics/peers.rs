@@ -167,7 +167,6 @@ impl AnalyticsService {
         let mine = mine?;
         let res = mine.resolution_ms;
         let first = mine.points.first().map_or(0, |p| p.0);
-        let mut sum = mine.points.clone();
         let mut nodes = Vec::new();
         if self.peers.get().is_some() {
             nodes.push(node_series(
@@ -177,6 +176,7 @@ impl AnalyticsService {
                 r.by_node,
             ));
         }
+        let mut sum = mine.points;
         for a in answers {
             let Some(peer_answer::Kind::Series(s)) = a.kind else {
                 continue;
@@ -227,11 +227,7 @@ impl AnalyticsService {
             }
             parts.push((a.node_id, types));
         }
-        let ranked = |mut v: Vec<(String, u64)>| {
-            v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            v.truncate(limit);
-            type_counts(v)
-        };
+        let ranked = |v: Vec<(String, u64)>| type_counts(super::rank(v, limit));
         Ok(v1::AnalyticsTopResponse {
             types: ranked(sum.into_iter().collect()),
             nodes: parts
