@@ -39,6 +39,10 @@ pub struct Config {
     /// fewer commits (docs/BENCHMARKS.md).
     #[serde(with = "crate::clock::duration_str")]
     pub commit_linger: std::time::Duration,
+    /// Commit with redb's quick repair, so that the first start after a crash
+    /// does not check the whole database. Costs about 40 us of CPU per commit
+    /// (docs/OPERATIONS.md, "Crash recovery").
+    pub quick_repair: bool,
     /// Certificates.
     pub tls: TlsConfig,
     /// Token verification.
@@ -98,6 +102,7 @@ impl Default for Config {
             node_id: None,
             worker_threads: 0,
             commit_linger: std::time::Duration::ZERO,
+            quick_repair: false,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),

@@ -18,7 +18,7 @@ use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::services::{ServiceDeps, Services, ServicesConfig};
-use crate::store::{Store, Writer};
+use crate::store::{Store, Writer, WriterOptions};
 use crate::tls::CertStore;
 use crate::transport::ServerEndpoint;
 use crate::transport::endpoint::EndpointSettings;
@@ -157,16 +157,20 @@ async fn start_inner(
     .with_context(|| format!("binding UDP {}", config.listen))?;
     let quic_addr = endpoint.local_addr()?;
     let commits = metrics.clone();
-    let (writer, writer_thread) = Writer::spawn_with_linger(
+    let writer_options = WriterOptions {
+        linger: config.commit_linger,
+        quick_repair: config.quick_repair,
+    };
+    let (writer, writer_thread) = Writer::spawn_with(
         store.clone(),
         Some(Arc::new(move |writes, took| {
             commits.committed(writes, took)
         })),
-        config.commit_linger,
+        writer_options,
     );
     let mut writer_threads = vec![writer_thread];
     let analytics_writer = analytics_store.as_ref().map(|s| {
-        let (w, thread) = Writer::spawn(s.clone(), None);
+        let (w, thread) = Writer::spawn_with(s.clone(), None, writer_options);
         writer_threads.push(thread);
         (s.clone(), w)
     });

@@ -28,10 +28,11 @@ pub enum Fault {
     Fsync,
     /// The fsync that makes a commit durable flushes, then reports `EIO`, once
     /// (the switch disarms itself): the commit is durable though its writers are
-    /// told it failed (their retries must find it). Other fsyncs succeed. (A redb commit writes its header, at
-    /// the start of the file, twice: once for the new slot and once to make it
-    /// the primary; the fsync after the second makes the commit durable, in both
-    /// its one- and two-phase commits.)
+    /// told it failed (their retries must find it). Other fsyncs succeed. (A
+    /// two-phase redb commit, with quick repair, writes its header, at the start
+    /// of the file, twice: once for the new slot and once to make it the primary;
+    /// the fsync after the second makes the commit durable. For one-phase commits
+    /// use [`FaultSwitch::arm_durable_failure`].)
     FsyncAfterSync,
 }
 
@@ -77,6 +78,8 @@ struct SwitchState {
     /// fail, and the fsyncs since they were written (`u64::MAX`: not yet).
     needle: std::sync::Mutex<Option<Vec<u8>>>,
     syncs_since_needle: AtomicU64,
+    /// Which fsync after the needle makes its commit durable (1 or 2).
+    durable_sync: AtomicU64,
 }
 
 impl FaultSwitch {
@@ -93,11 +96,24 @@ impl FaultSwitch {
 
     /// The commit that writes `needle` (say, a message's text) is made durable,
     /// and its final fsync then reports `EIO`, once: its writers are told it
-    /// failed though it is on disk. (Tutti commits in two phases, each ending in
-    /// an fsync; the second makes the commit durable.) Other fsyncs succeed.
+    /// failed though it is on disk. Other fsyncs succeed. For Tutti's default
+    /// one-phase commits (a commit writes its pages and header, then syncs once);
+    /// see [`FaultSwitch::arm_durable_failure_two_phase`] for quick repair.
     pub fn arm_durable_failure(&self, needle: &[u8]) {
+        self.arm_needle(needle, 1);
+    }
+
+    /// [`FaultSwitch::arm_durable_failure`] for two-phase commits (quick repair):
+    /// a commit syncs its pages, then writes its header and syncs again; the
+    /// second fsync makes it durable.
+    pub fn arm_durable_failure_two_phase(&self, needle: &[u8]) {
+        self.arm_needle(needle, 2);
+    }
+
+    fn arm_needle(&self, needle: &[u8], durable_sync: u64) {
         *self.0.needle.lock().unwrap_or_else(|e| e.into_inner()) = Some(needle.to_vec());
         self.0.syncs_since_needle.store(u64::MAX, Ordering::SeqCst);
+        self.0.durable_sync.store(durable_sync, Ordering::SeqCst);
         self.arm(Fault::FsyncAfterSync);
     }
 
@@ -144,7 +160,7 @@ impl FaultSwitch {
                 return false;
             }
             syncs.store(seen + 1, Ordering::SeqCst);
-            return seen + 1 == 2;
+            return seen + 1 == self.0.durable_sync.load(Ordering::SeqCst);
         }
         let writes = &self.0.header_writes;
         if writes.load(Ordering::SeqCst) >= 2 {

@@ -11,7 +11,7 @@ pub mod registry;
 mod writer;
 
 pub use offset_log::{AppendError, Entry, Epoch, OffsetLog, Position, RedbLog};
-pub use writer::{CommitObserver, Hold, Target, Writer, WriterProbe};
+pub use writer::{CommitObserver, Hold, Target, Writer, WriterOptions, WriterProbe};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
