@@ -133,7 +133,9 @@ impl Gateway {
     /// Starts the task of a new session.
     pub fn accept(self: &Arc<Self>, accepted: Accepted) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!(
+        // Debug level: entering a span on every poll of the session's task cost 2%
+        // of the server's CPU at 10,000 deliveries/s. `TUTTI_LOG=debug` shows it.
+        let span = tracing::debug_span!(
             "session",
             id,
             transport = %accepted.session.kind(),
@@ -304,7 +306,12 @@ impl Gateway {
         if let Err(e) = setup {
             // Not subscribed to everything it should be: rather than leave it
             // silently missing events, close it; it reconnects and resumes.
-            tracing::warn!(error = %e, "storage failed while a session was set up");
+            tracing::warn!(
+                session = id,
+                user = ctx.user_id(),
+                error = %e,
+                "storage failed while a session was set up"
+            );
             self.close(
                 &session,
                 &control_tx,
