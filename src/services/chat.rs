@@ -1314,13 +1314,30 @@ impl ChatService {
             last,
         )
         .and_then(|p| p.kept_from(first));
-        let messages = match page {
+        let mut messages = match page {
             Some(p) => self.read_messages(&req.room_id, p.from, p.to).await?,
             None => vec![],
         };
+        // A page is one frame: keep the newest messages that fit in it (one at
+        // least), so that large messages make a shorter page rather than an
+        // answer too large to send. The client asks again before the first.
+        let budget = self.config.max_response_bytes.saturating_sub(512);
+        let mut size = 0;
+        let mut keep_from = messages.len();
+        for (i, m) in messages.iter().enumerate().rev() {
+            use prost::Message;
+            let len = m.encoded_len() + 8;
+            if size + len > budget && keep_from < messages.len() {
+                break;
+            }
+            size += len;
+            keep_from = i;
+        }
+        messages.drain(..keep_from);
+        let from = messages.first().map(|m| m.offset).or(page.map(|p| p.from));
         Ok(v1::ChatHistoryResponse {
             messages,
-            more: page.is_some_and(|p| p.from > first),
+            more: from.is_some_and(|from| from > first),
             first_offset: first,
         })
     }
@@ -1837,6 +1854,67 @@ mod tests {
             }
         }
         assert_eq!(delivered, ["abandoned", "next"]);
+    }
+
+    /// A history page of large messages is cut to what fits in a frame, newest
+    /// kept, with `more` set; asking before its first message gets the rest.
+    #[tokio::test]
+    async fn a_history_page_of_large_messages_fits_in_a_frame() {
+        use prost::Message;
+        let node = Node::new();
+        let chat = ChatService::open(node.deps.clone(), Default::default(), open_rooms()).unwrap();
+        let (alice, _pushes) = FakeSession::new("alice", "a", 256);
+        let alice = alice.ctx();
+        chat.create(
+            &alice,
+            v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        let texts: Vec<String> = (1..=100)
+            .map(|i| format!("{i:04}{}", "x".repeat(1996)))
+            .collect();
+        chat.post_many(
+            &RoomId::parse("alice~r").unwrap(),
+            Sender::User("alice"),
+            texts,
+        )
+        .await
+        .unwrap();
+        let limit = ChatConfig::default().max_response_bytes;
+        let mut offsets = Vec::new();
+        let mut before = 0;
+        for _ in 0..10 {
+            let page = chat
+                .history(
+                    &alice,
+                    v1::ChatHistoryRequest {
+                        room_id: "alice~r".into(),
+                        before_offset: before,
+                        limit: 0,
+                    },
+                )
+                .await
+                .unwrap();
+            assert!(page.encoded_len() < limit, "{} bytes", page.encoded_len());
+            assert!(!page.messages.is_empty());
+            let mut got: Vec<u64> = page.messages.iter().map(|m| m.offset).collect();
+            if before == 0 {
+                assert_eq!(got.last(), Some(&100), "the newest first");
+                assert!(got.len() < 100 && page.more);
+            }
+            before = got[0];
+            got.extend(offsets);
+            offsets = got;
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!(offsets, (1..=100).collect::<Vec<u64>>());
     }
 
     /// A session resumes from offset 0 of a room of 1,000 messages through a queue
