@@ -151,6 +151,7 @@ async fn start_inner(
             retry_above_handshakes: config.limits.retry_above_handshakes,
             // Room for a burst of 64 datagrams of the largest size accepted.
             datagram_buffer: 64 * config.limits.max_datagram_size,
+            congestion_control: config.limits.congestion_control,
         },
         metrics.clone(),
     )

@@ -50,6 +50,8 @@ pub struct LimitsConfig {
     /// Bytes the server sends on one connection ahead of the client's
     /// acknowledgements (QUIC's send buffer).
     pub send_window: u64,
+    /// The QUIC congestion controller: `cubic` (the default) or `bbr`.
+    pub congestion_control: crate::transport::CongestionControl,
     /// Bytes of pushes waiting to be written for one session, all kinds together;
     /// past this (as past `push_queue_frames`) the client is a slow consumer.
     pub push_queue_bytes: usize,
@@ -115,6 +117,7 @@ impl Default for LimitsConfig {
             stream_receive_window: 256 * 1024,
             connection_receive_window: 1024 * 1024,
             send_window: 2 * 1024 * 1024,
+            congestion_control: Default::default(),
             push_queue_bytes: 8 * 1024 * 1024,
             control_queue_bytes: 1024 * 1024,
             http_max_connections: 1024,

@@ -62,6 +62,27 @@ pub struct EndpointSettings {
     /// Bytes of datagrams buffered per connection in each direction; past this
     /// the oldest are dropped (datagrams may be lost anyway).
     pub datagram_buffer: usize,
+    /// The congestion controller of every connection.
+    pub congestion_control: CongestionControl,
+}
+
+/// A QUIC congestion controller (quinn's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionControl {
+    /// CUBIC (RFC 9438), quinn's default.
+    #[default]
+    Cubic,
+    /// BBR, opt-in. CUBIC takes every loss as congestion and does not grow its
+    /// window while a connection is application-limited, as a real-time
+    /// connection mostly is: on a path with random loss its window shrinks and
+    /// stays small, so a burst (a history page, a document snapshot) takes many
+    /// round trips. BBR paces by measured bandwidth and round trip instead
+    /// (docs/BENCHMARKS.md, "Through an impaired network"). Not the default:
+    /// quinn marks its BBR experimental, it follows an early draft (quinn issue
+    /// #1254), and it was measured here against random loss, not against
+    /// competing flows or deep queues.
+    Bbr,
 }
 
 impl EndpointSettings {
@@ -92,6 +113,10 @@ impl EndpointSettings {
             // quinn buffers 1.25 MB of datagrams each way by default.
             .datagram_receive_buffer_size(Some(self.datagram_buffer))
             .datagram_send_buffer_size(self.datagram_buffer);
+        if self.congestion_control == CongestionControl::Bbr {
+            transport
+                .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
         Ok(transport)
     }
 }

@@ -9,7 +9,7 @@ pub mod memory;
 mod session;
 
 #[cfg(feature = "server")]
-pub use endpoint::{Accepted, ServerEndpoint};
+pub use endpoint::{Accepted, CongestionControl, ServerEndpoint};
 pub use session::{CloseInfo, RecvStream, SendStream, Session, SessionError, Transport};
 
 /// Which transport carries a session.
