@@ -42,7 +42,7 @@ fn ms(us: u64) -> f64 {
 }
 
 /// Latency percentiles in milliseconds (zeros when nothing was measured).
-fn latency_json(h: &Histogram<u64>) -> Value {
+pub(crate) fn latency_json(h: &Histogram<u64>) -> Value {
     if h.is_empty() {
         return json!({"p50":0.0,"p90":0.0,"p99":0.0,"p999":0.0,"max":0.0,"mean":0.0,"count":0});
     }

@@ -153,6 +153,22 @@ impl Scenario {
             !c.measure.is_zero(),
             "chat.measure must be longer than zero"
         );
+        anyhow::ensure!(
+            (0.0..=100.0).contains(&c.typing_per_client),
+            "chat.typing_per_client must be 0..=100"
+        );
+        anyhow::ensure!(
+            c.history_every.is_zero() || c.history_every >= Duration::from_millis(10),
+            "chat.history_every must be 0 (off) or at least 10ms"
+        );
+        anyhow::ensure!(
+            c.prefill_messages <= 10_000,
+            "chat.prefill_messages must be at most 10,000"
+        );
+        anyhow::ensure!(
+            c.rebind_at < c.measure,
+            "chat.rebind_at must fall inside the measured window (chat.measure)"
+        );
         let k = &self.knee;
         anyhow::ensure!(k.factor > 1.0, "knee.factor must be above 1");
         anyhow::ensure!(k.max_steps > 0, "knee.max_steps must be positive");
@@ -220,6 +236,21 @@ pub struct ChatParams {
     pub connect_concurrency: usize,
     /// Requests one client may have waiting for their response.
     pub max_inflight_per_client: usize,
+    /// Typing indicators each client sends per second (0: none), alternating on
+    /// and off. Tutti sends them as datagrams; their latency is reported apart.
+    pub typing_per_client: f64,
+    /// How often each client fetches its room's latest history page (0: never),
+    /// beside the live traffic: the head-of-line case.
+    #[serde(with = "dur")]
+    pub history_every: Duration,
+    /// Messages of `payload_bytes` each room gets before the run (not measured),
+    /// so that a history page is full.
+    pub prefill_messages: usize,
+    /// When, into the measured window, every shared client endpoint moves to a
+    /// new local port (0: never), as a device changing networks: QUIC migrates
+    /// the connections.
+    #[serde(with = "dur")]
+    pub rebind_at: Duration,
 }
 
 impl Default for ChatParams {
@@ -235,6 +266,10 @@ impl Default for ChatParams {
             drain: Duration::from_secs(5),
             connect_concurrency: 64,
             max_inflight_per_client: 32,
+            typing_per_client: 0.0,
+            history_every: Duration::ZERO,
+            prefill_messages: 0,
+            rebind_at: Duration::ZERO,
         }
     }
 }

@@ -223,6 +223,11 @@ impl Target {
         Ok(c)
     }
 
+    /// The UDP endpoints the clients share (empty: one per client).
+    pub fn shared_endpoints(&self) -> Vec<ClientEndpoint> {
+        self.endpoints.clone()
+    }
+
     /// Makes the clients share `n` UDP endpoints (sockets), round-robin; 0 gives
     /// each client its own, as separate devices would have. Shared endpoints
     /// receive in batches and run one driver task each, so the generator spends

@@ -9,14 +9,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::task::JoinHandle;
 use tutti::client::{Client, Event};
-use tutti::protocol::v1::{self, StreamKind, push, request};
+use tutti::protocol::v1::{self, StreamKind, datagram, push, request, response};
 
 use super::{Ctx, Pool, Rng, connect_all, ended, join_within};
 use crate::outcome::{Messages, Outcome};
@@ -34,7 +34,21 @@ struct Shared {
     duplicated: Counter,
     out_of_order: Counter,
     latency: Latencies,
+    /// Client index by user id (typing indicators name their sender by user).
+    user_index: HashMap<String, usize>,
+    /// Per client: when its latest "on" and "off" typing indicator was sent (µs,
+    /// with [`MEASURED`] set when it is in the measured window; 0: none yet).
+    typing_sent_at: Vec<[AtomicU64; 2]>,
+    typing_received: Counter,
+    typing_latency: Latencies,
+    history_pages: Counter,
+    history_errors: Counter,
+    history_bytes: Counter,
+    history_latency: Latencies,
 }
+
+/// Marks a typing indicator's send time as measured.
+const MEASURED: u64 = 1 << 63;
 
 impl Shared {
     fn reset(&self) {
@@ -42,6 +56,16 @@ impl Shared {
         self.duplicated.reset();
         self.out_of_order.reset();
         self.latency.reset();
+        for at in &self.typing_sent_at {
+            at[0].store(0, Ordering::SeqCst);
+            at[1].store(0, Ordering::SeqCst);
+        }
+        self.typing_received.reset();
+        self.typing_latency.reset();
+        self.history_pages.reset();
+        self.history_errors.reset();
+        self.history_bytes.reset();
+        self.history_latency.reset();
     }
 }
 
@@ -62,6 +86,10 @@ pub struct World {
     receivers: Vec<JoinHandle<()>>,
     payload_bytes: usize,
     max_inflight: usize,
+    typing_per_client: f64,
+    history_every: Duration,
+    /// With `rebind_at`: the endpoints to move, and when into the window.
+    rebind: Option<(Vec<tutti::client::ClientEndpoint>, Duration)>,
     late_threshold_us: u64,
     /// The processes whose CPU is the server's (the node, or the nodes and NATS).
     server_pids: Vec<u32>,
@@ -83,6 +111,42 @@ pub struct Phase {
     /// CPU seconds used during the measured window: (server, generator), when
     /// readable from /proc.
     pub window_cpu: Option<(f64, f64)>,
+    /// Typing indicators, when the scenario sends them.
+    pub typing: Option<Typing>,
+    /// History pages, when the scenario fetches them.
+    pub history: Option<History>,
+    /// Endpoints moved to a new local port during the window, and those that
+    /// failed to, when the scenario moves them.
+    pub rebound: Option<(u64, u64)>,
+}
+
+/// Typing indicators of the measured window. Each one goes to the sender's room
+/// but not back to the sender; datagrams may be lost, so fewer may arrive.
+#[derive(Debug, Clone)]
+pub struct Typing {
+    /// Indicators sent.
+    pub sent: u64,
+    /// Arrivals expected: each indicator times the room's other connected members.
+    pub expected: u64,
+    /// Arrivals (at most one per indicator and receiver).
+    pub received: u64,
+    /// From the send to the arrival (µs). An arrival is timed against its
+    /// sender's latest indicator of the same value (on or off), so one delayed
+    /// past the next indicator of that value (two intervals) is timed short.
+    pub latency: hdrhistogram::Histogram<u64>,
+}
+
+/// History pages fetched in the measured window.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// Pages received.
+    pub pages: u64,
+    /// Fetches that failed or had no answer by the end of the run.
+    pub errors: u64,
+    /// Message text bytes in the pages.
+    pub bytes: u64,
+    /// From the request to the whole page (µs).
+    pub latency: hdrhistogram::Histogram<u64>,
 }
 
 impl Phase {
@@ -95,6 +159,10 @@ impl Phase {
 
 /// Connects `p.clients` users, creates their rooms and starts the receivers.
 pub async fn setup(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<World> {
+    anyhow::ensure!(
+        p.rebind_at.is_zero() || !ctx.target.shared_endpoints().is_empty(),
+        "chat.rebind_at moves the shared sockets: run with --sockets above 0"
+    );
     let users: Vec<String> = (0..p.clients).map(|i| ctx.user(tag, i)).collect();
     live().set_phase(format!("{tag}: connecting {} clients", p.clients));
     let pool = connect_all(&ctx.target, &users, p.ramp_up, p.connect_concurrency).await;
@@ -153,7 +221,12 @@ pub async fn setup(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<World
     for r in results {
         r?;
     }
-    let shared = Arc::new(Shared::default());
+    prefill(&pool, &rooms, p).await?;
+    let shared = Arc::new(Shared {
+        user_index: users.iter().cloned().zip(0..).collect(),
+        typing_sent_at: (0..p.clients).map(|_| Default::default()).collect(),
+        ..Default::default()
+    });
     let receivers = pool
         .connected()
         .map(|(i, c)| {
@@ -174,6 +247,9 @@ pub async fn setup(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<World
         receivers,
         payload_bytes: p.payload_bytes,
         max_inflight: p.max_inflight_per_client.max(1),
+        typing_per_client: p.typing_per_client,
+        history_every: p.history_every,
+        rebind: (!p.rebind_at.is_zero()).then(|| (ctx.target.shared_endpoints(), p.rebind_at)),
         late_threshold_us: (ctx.scenario.slo.late_send_ms * 1000.0) as u64,
         server_pids: ctx.target.server_pids(),
     })
@@ -247,6 +323,63 @@ impl World {
                 ))
             })
             .collect();
+        let room_typed: Arc<Vec<Counter>> =
+            Arc::new(self.rooms.iter().map(|_| Counter::default()).collect());
+        let mut extras: Vec<JoinHandle<()>> = Vec::new();
+        if self.typing_per_client > 0.0 {
+            let typing = Plan {
+                interval_us: (1e6 / self.typing_per_client).max(1.0) as u64,
+                ..plan.clone()
+            };
+            extras.extend(self.pool.connected().map(|(i, c)| {
+                let r = self.room_of[i];
+                tokio::spawn(typer(
+                    c.clone(),
+                    i,
+                    self.rooms[r].id.clone(),
+                    typing.clone(),
+                    self.shared.clone(),
+                    (room_typed.clone(), r),
+                    stop.clone(),
+                ))
+            }));
+        }
+        if !self.history_every.is_zero() {
+            let history = Plan {
+                interval_us: self.history_every.as_micros() as u64,
+                ..plan.clone()
+            };
+            extras.extend(self.pool.connected().map(|(i, c)| {
+                tokio::spawn(fetcher(
+                    c.clone(),
+                    i,
+                    self.rooms[self.room_of[i]].id.clone(),
+                    history.clone(),
+                    self.shared.clone(),
+                    stop.clone(),
+                ))
+            }));
+        }
+        let rebinder = self.rebind.clone().map(|(endpoints, at)| {
+            let when = base + warm_up + at;
+            tokio::spawn(async move {
+                tokio::time::sleep_until(when).await;
+                let mut moved = (0, 0);
+                for e in &endpoints {
+                    match e.rebind() {
+                        Ok(addr) => {
+                            tracing::debug!(%addr, "endpoint moved");
+                            moved.0 += 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "an endpoint could not move");
+                            moved.1 += 1;
+                        }
+                    }
+                }
+                moved
+            })
+        });
         live().set_phase(format!("{label}: warm-up ({rate:.2} msg/s per client)"));
         tokio::time::sleep_until(base + warm_up).await;
         let cpu0 = self.cpu();
@@ -272,6 +405,28 @@ impl World {
         }
         let _ = stop_tx.send(true);
         join_within(senders, Duration::from_secs(2)).await;
+        join_within(extras, Duration::from_secs(2)).await;
+        let rebound = match rebinder {
+            Some(task) => task.await.ok(),
+            None => None,
+        };
+        let typing = (self.typing_per_client > 0.0).then(|| Typing {
+            sent: room_typed.iter().map(Counter::get).sum(),
+            expected: self
+                .rooms
+                .iter()
+                .zip(room_typed.iter())
+                .map(|(room, sent)| sent.get() * room.connected.saturating_sub(1))
+                .sum(),
+            received: self.shared.typing_received.get(),
+            latency: self.shared.typing_latency.merged(),
+        });
+        let history = (!self.history_every.is_zero()).then(|| History {
+            pages: self.shared.history_pages.get(),
+            errors: self.shared.history_errors.get(),
+            bytes: self.shared.history_bytes.get(),
+            latency: self.shared.history_latency.merged(),
+        });
         Phase {
             messages: Messages {
                 sent: totals.sent.get(),
@@ -286,6 +441,9 @@ impl World {
             late: lateness.snapshot(),
             backpressured: totals.backpressured.get(),
             window_cpu,
+            typing,
+            history,
+            rebound,
         }
     }
 
@@ -408,7 +566,14 @@ async fn receiver(
     dropped: Arc<Counter>,
 ) {
     let mut offsets: HashMap<String, OffsetTracker> = HashMap::new();
+    // The last indicator counted per (sender, value): a duplicated datagram
+    // counts once.
+    let mut typed: HashMap<(usize, bool), u64> = HashMap::new();
     while let Some(ev) = client.next_event().await {
+        if let Event::Datagram(datagram::Kind::Typing(t)) = &ev {
+            typing_arrived(&shared, idx, t, &mut typed);
+            continue;
+        }
         let Event::Push(StreamKind::Chat, p) = ev else {
             continue;
         };
@@ -443,6 +608,176 @@ async fn receiver(
     ended(&closing, &dropped);
 }
 
+/// Times a typing indicator's arrival at client `idx`.
+fn typing_arrived(
+    shared: &Shared,
+    idx: usize,
+    t: &v1::ChatTyping,
+    typed: &mut HashMap<(usize, bool), u64>,
+) {
+    let Some(&from) = shared.user_index.get(&t.user_id) else {
+        return;
+    };
+    let at = shared.typing_sent_at[from][usize::from(t.typing)].load(Ordering::SeqCst);
+    if at & MEASURED == 0 || typed.insert((from, t.typing), at) == Some(at) {
+        return;
+    }
+    shared.typing_received.inc();
+    shared
+        .typing_latency
+        .record(idx, now_us().saturating_sub(at & !MEASURED));
+}
+
+/// Waits until `due` (from the plan's start); false when the phase stops first.
+async fn wait_due(
+    plan: &Plan,
+    due_off: u64,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let due = plan.base + Duration::from_micros(due_off);
+    tokio::select! {
+        _ = tokio::time::sleep_until(due) => !*stop.borrow(),
+        _ = stop.changed() => false,
+    }
+}
+
+/// Sends typing indicators (datagrams), alternating on and off, on the plan's
+/// schedule; counts those of the measured window per room.
+async fn typer(
+    client: Arc<Client>,
+    idx: usize,
+    room_id: String,
+    plan: Plan,
+    shared: Arc<Shared>,
+    (room_typed, room): (Arc<Vec<Counter>>, usize),
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut rng = Rng::new(idx as u64 ^ (u64::from(plan.phase) << 32) ^ 0x7479_7065);
+    let offset = rng.below(plan.interval_us);
+    for k in 0u64.. {
+        let due_off = offset + k * plan.interval_us;
+        if !wait_due(&plan, due_off, &mut stop).await {
+            return;
+        }
+        let measured = due_off >= plan.warm_us && due_off < plan.end_us;
+        let on = k % 2 == 0;
+        // Noted before the send, so that no arrival finds an older time.
+        let at = now_us() | if measured { MEASURED } else { 0 };
+        shared.typing_sent_at[idx][usize::from(on)].store(at, Ordering::SeqCst);
+        let sent = client.send_datagram(datagram::Kind::Typing(v1::ChatTyping {
+            room_id: room_id.clone(),
+            user_id: String::new(),
+            typing: on,
+        }));
+        if measured && sent.is_ok() {
+            room_typed[room].inc();
+        }
+    }
+}
+
+/// Fetches the room's latest history page on the plan's schedule, one at a time.
+async fn fetcher(
+    client: Arc<Client>,
+    idx: usize,
+    room_id: String,
+    plan: Plan,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut rng = Rng::new(idx as u64 ^ (u64::from(plan.phase) << 32) ^ 0x6869_7374);
+    let offset = rng.below(plan.interval_us);
+    for k in 0u64.. {
+        let due_off = offset + k * plan.interval_us;
+        if !wait_due(&plan, due_off, &mut stop).await {
+            return;
+        }
+        let measured = due_off >= plan.warm_us && due_off < plan.end_us;
+        let started = now_us();
+        let request = client.request(request::Body::ChatHistory(v1::ChatHistoryRequest {
+            room_id: room_id.clone(),
+            before_offset: 0,
+            limit: 0,
+        }));
+        let answer = tokio::select! {
+            r = request => r,
+            _ = stop.changed() => {
+                if measured {
+                    shared.history_errors.inc();
+                }
+                return;
+            }
+        };
+        if !measured {
+            continue;
+        }
+        match answer {
+            Ok(response::Body::ChatHistory(page)) => {
+                shared.history_pages.inc();
+                shared
+                    .history_bytes
+                    .add(page.messages.iter().map(|m| m.text.len() as u64).sum());
+                shared
+                    .history_latency
+                    .record(idx, now_us().saturating_sub(started));
+            }
+            other => {
+                tracing::debug!(answer = ?other.err(), "history fetch failed");
+                shared.history_errors.inc();
+            }
+        }
+    }
+}
+
+/// Gives every room `p.prefill_messages` messages (not measured) from its first
+/// connected member, so that a history page is full.
+async fn prefill(pool: &Pool, rooms: &[Room], p: &ChatParams) -> anyhow::Result<()> {
+    if p.prefill_messages == 0 {
+        return Ok(());
+    }
+    live().set_phase(format!("prefilling {} rooms", rooms.len()));
+    let fills = rooms.iter().filter_map(|room| {
+        let (idx, client) = room
+            .members
+            .iter()
+            .find_map(|&i| pool.clients[i].clone().map(|c| (i, c)))?;
+        let id = room.id.clone();
+        Some(async move {
+            let mut text = String::new();
+            let sends = (0..p.prefill_messages as u64).map(|seq| {
+                encode_payload(
+                    &mut text,
+                    &Header {
+                        phase: 0,
+                        measured: false,
+                        sender: idx as u32,
+                        seq,
+                        sent_us: now_us(),
+                    },
+                    p.payload_bytes,
+                );
+                client.request(request::Body::ChatSend(v1::ChatSendRequest {
+                    room_id: id.clone(),
+                    text: text.clone(),
+                    client_message_id: String::new(),
+                }))
+            });
+            let results: Vec<_> = futures_util::stream::iter(sends)
+                .buffered(p.max_inflight_per_client.max(1))
+                .collect()
+                .await;
+            for r in results {
+                r.map_err(|e| anyhow::anyhow!("prefilling room {id}: {e}"))?;
+            }
+            anyhow::Ok(())
+        })
+    });
+    let results: Vec<_> = futures_util::stream::iter(fills)
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
 /// The `chat_fanout` scenario.
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
     run_with(ctx, &ctx.scenario.chat, "chat").await
@@ -472,6 +807,39 @@ pub async fn run_with(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<Ou
     if let Some(us) = cpu_per_delivery {
         o.extra
             .insert("server_cpu_us_per_delivery".into(), us.into());
+    }
+    if let Some(t) = &phase.typing {
+        o.extra.insert(
+            "typing".into(),
+            serde_json::json!({
+                "sent": t.sent,
+                "expected": t.expected,
+                "received": t.received,
+                "delivery_pct": if t.expected == 0 { 0.0 } else { t.received as f64 * 100.0 / t.expected as f64 },
+                "latency_ms": crate::report::latency_json(&t.latency),
+            }),
+        );
+    }
+    if let (Some((moved, failed)), Some((_, at))) = (phase.rebound, &world.rebind) {
+        o.extra.insert(
+            "rebind".into(),
+            serde_json::json!({
+                "at_secs": (p.warm_up + *at).as_secs_f64(),
+                "endpoints_moved": moved,
+                "endpoints_failed": failed,
+            }),
+        );
+    }
+    if let Some(h) = &phase.history {
+        o.extra.insert(
+            "history".into(),
+            serde_json::json!({
+                "pages": h.pages,
+                "errors": h.errors,
+                "bytes": h.bytes,
+                "latency_ms": crate::report::latency_json(&h.latency),
+            }),
+        );
     }
     o.extra.insert(
         "offered_deliveries_per_sec".into(),
