@@ -20,6 +20,12 @@
 //   window count. After the window, sending stops and the run waits up to `drain` for the
 //   rest; whatever is missing then is lost.
 // - Latency percentiles by exact sorting of every sample (nearest rank).
+// - Optional chat extras, off by default ([chat] typing_per_client, history_every,
+//   prefill_messages): volatile typing indicators, history pages fetched with an ack, and
+//   messages sent into every room before the warm-up (README.md, "Chat extras").
+// - Optional address change ([chat] rebind_at, off by default): at warm-up end + rebind_at
+//   every connected client drops its connection abruptly and reconnects at once, resuming
+//   with Socket.IO's Connection State Recovery (README.md, "Address change").
 // Every loop is bounded in count and time; only loopback addresses are accepted.
 
 'use strict';
@@ -33,6 +39,9 @@ const { performance } = require('node:perf_hooks');
 const wall = () => performance.timeOrigin + performance.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const CLK_TCK = 100; // getconf CLK_TCK on Linux
+const HISTORY_PAGE = 100; // messages server.js keeps per room and returns in one history page
+const PREFILL_TIMEOUT_MS = 30000; // the prefill waits at most this long for its echoes
+const PREFILL_WINDOW = 10; // prefill messages in flight per sending client
 
 // ---------------------------------------------------------------- /proc readers
 
@@ -88,6 +97,12 @@ const DEFAULTS = {
   duration: 20,         // s, the measured window
   drain: 5,             // s
   connectConcurrency: 256, // handshakes in flight at once, over all workers
+  // optional extras of the chat fan-out (0 = off, and then nothing of them runs)
+  typingPerClient: 0,   // typing indicators per second per client (volatile event "t")
+  historyEvery: 0,      // s between two history fetches of a client (event "h" with an ack)
+  prefillMessages: 0,   // "m" messages sent into each room before the warm-up (not measured)
+  rebindAt: 0,          // s into the measured window: every client drops its connection and reconnects (0 = never)
+  recovery: 1,          // with rebindAt: 1 = the server runs Connection State Recovery (--recovery 1), 0 = without
   // [knee]
   start: 10000,
   factor: 1.5,
@@ -157,6 +172,10 @@ function fromScenarioFile(file) {
   o.duration = parseDuration(c.measure ?? '10s');
   o.drain = parseDuration(c.drain ?? '5s');
   o.connectConcurrency = c.connect_concurrency ?? 64;
+  if (c.typing_per_client !== undefined) o.typingPerClient = c.typing_per_client;
+  if (c.history_every !== undefined) o.historyEvery = parseDuration(c.history_every);
+  if (c.prefill_messages !== undefined) o.prefillMessages = c.prefill_messages;
+  if (c.rebind_at !== undefined) o.rebindAt = parseDuration(c.rebind_at);
   const k = t.knee || {};
   o.start = k.start_deliveries_per_sec ?? 5000;
   o.factor = k.factor ?? 1.5;
@@ -195,7 +214,7 @@ function parseArgs(argv) {
     const v = argv[++i];
     if (v === undefined) throw new Error(`flag ${t} needs a value`);
     if (NUMERIC.has(key)) {
-      const d = ['rampUp', 'warmup', 'duration', 'drain', 'stepWarmup', 'stepDuration', 'idleRampUp', 'hold'].includes(key)
+      const d = ['rampUp', 'warmup', 'duration', 'drain', 'stepWarmup', 'stepDuration', 'idleRampUp', 'hold', 'historyEvery', 'rebindAt'].includes(key)
         ? parseDuration(/^\d+(\.\d+)?$/.test(v) ? `${v}s` : v) : Number(v);
       if (!Number.isFinite(d)) throw new Error(`flag ${t}: not a number: ${v}`);
       cli[key] = d;
@@ -220,6 +239,14 @@ function parseArgs(argv) {
     if (a[k] < 0 || a[k] > 3600) throw new Error(`--${k}: 0..3600 s`);
   }
   if (a.duration <= 0 || a.stepDuration <= 0) throw new Error('the measured window must be longer than zero');
+  if (!(a.typingPerClient >= 0 && a.typingPerClient <= 100)) throw new Error('--typing-per-client (typing_per_client): 0..100 per second');
+  if (!(a.historyEvery === 0 || (a.historyEvery >= 0.01 && a.historyEvery <= 3600))) throw new Error('--history-every (history_every): 0 (off) or 10ms..3600s');
+  if (!(Number.isInteger(a.prefillMessages) && a.prefillMessages >= 0 && a.prefillMessages <= 10000)) throw new Error('--prefill-messages (prefill_messages): an integer 0..10000');
+  // as tutti-load: the address change must fall inside the measured window
+  if (!(a.rebindAt >= 0 && (a.rebindAt === 0 || a.scenario !== 'chat-fanout' || a.rebindAt < a.duration))) {
+    throw new Error('--rebind-at (rebind_at): 0 (off) or a time inside the measured window (below --duration / measure)');
+  }
+  if (![0, 1].includes(a.recovery)) throw new Error('--recovery must be 0 or 1');
   if (a.url) {
     const u = new URL(a.url);
     // Loopback, or the namespaces of loadtest/impair/netns.sh (10.77.0.0/16).
@@ -265,6 +292,13 @@ async function startServer(a) {
   const args = [path.join(__dirname, 'server.js'), '--port', '0'];
   const certDir = a.tls ? makeCert() : null;
   if (certDir) args.push('--tls', certDir);
+  // The chat extras' handlers exist in the server only when the run uses them, so that a
+  // run without them costs the server exactly what it did before.
+  if (a.scenario === 'chat-fanout') {
+    if (a.typingPerClient > 0) args.push('--typing', '1');
+    if (a.historyEvery > 0 || a.prefillMessages > 0) args.push('--history', String(HISTORY_PAGE));
+    if (a.rebindAt > 0 && a.recovery === 1) args.push('--recovery', '1');
+  }
   // Pinned: the server on its own CPUs (run load.js itself under `taskset -c` on the others).
   const [cmd, argv] = a.serverCpus !== null
     ? ['taskset', ['-c', String(a.serverCpus), process.execPath, ...args]]
@@ -354,6 +388,8 @@ async function connectAll(a, workers, url, per, rampSecs, concurrency) {
     cmd: 'connect', url, clients: per[i], impl: a.client, t0, rampMs: rampSecs * 1000,
     concurrency: Math.max(1, Math.ceil(concurrency / workers.length)),
     timeoutMs: a.connectTimeout * 1000, roomSize: a.roomSize,
+    // clients that understand typing frames and history acks (only when the run uses them)
+    extras: a.scenario === 'chat-fanout' && (a.typingPerClient > 0 || a.historyEvery > 0),
   }, totalTimeout)));
   const attempted = res.reduce((s, r) => s + r.attempted, 0);
   const established = res.reduce((s, r) => s + r.established, 0);
@@ -426,8 +462,10 @@ function applyRunCpu(r, cpu) {
   r.generator = { ...r.generator, window_cpu_secs: r.generator.cpu_secs, cpu_secs: round(cpu.generator, 2) };
 }
 
-// One phase at `rate` deliveries/s: warm-up, measured window, drain.
-async function phase(a, world, rate, warmSecs, durSecs) {
+// One phase at `rate` deliveries/s: warm-up, measured window, drain. `extra` (chat
+// fan-out only): { typingPerClient, historyEvery, rebindAt } of the optional typing
+// indicators, history fetches and address change; null or zeros: none.
+async function phase(a, world, rate, warmSecs, durSecs, extra = null) {
   const { server, workers, per } = world;
   const phaseNo = ++world.phases;
   const established = world.conn.established;
@@ -437,10 +475,15 @@ async function phase(a, world, rate, warmSecs, durSecs) {
   const durMs = durSecs * 1000;
   const mStart = t0 + warmMs;
   const mEnd = mStart + durMs;
+  const typingPerSec = extra ? extra.typingPerClient : 0;
+  const historyEveryMs = extra ? extra.historyEvery * 1000 : 0;
+  // the address change, in ms after t0 (warm-up + rebind_at); 0: none
+  const rebindMs = extra && extra.rebindAt > 0 ? warmMs + extra.rebindAt * 1000 : 0;
   const runP = Promise.all(workers.map((w, i) => w.call({
     cmd: 'run', phase: phaseNo, t0, warmMs, durMs, drainMs: a.drain * 1000,
     sendsPerSec: perClient * per[i].length, payload: a.payload, roomSize: a.roomSize, lateSendMs: a.lateSendMs,
-  }, warmMs + durMs + a.drain * 1000 + 60000)));
+    typingPerSec, historyEveryMs, rebindMs, rebindTimeoutMs: a.connectTimeout * 1000 + 5000,
+  }, warmMs + durMs + a.drain * 1000 + (rebindMs > 0 ? a.connectTimeout * 1000 + 5000 : 0) + 60000)));
   await sleep(Math.max(0, mStart - wall()));
   const cpu0 = procCpuSecs(server.pid);
   const busy0 = machineBusySecs();
@@ -472,12 +515,46 @@ async function phase(a, world, rate, warmSecs, durSecs) {
   const newlyDropped = dropped - (world.dropped || 0);
   world.dropped = dropped;
   const pass = expected > 0 && deliveredPct > a.deliveryPct && lat.p99 !== null && lat.p99 < a.p99LimitMs && newlyDropped === 0;
+  const extras = {};
+  if (typingPerSec > 0) {
+    const t = res.map((r) => r.typing);
+    const tSum = (f) => t.reduce((s, x) => s + x[f], 0);
+    const tExp = tSum('expected');
+    const tRecv = tSum('received');
+    const tl = percentiles(concat(t.map((x) => x.samples)));
+    extras.typing = {
+      sent: tSum('sent'), expected: tExp, received: tRecv, delivery_pct: round(pct(tRecv, tExp), 4),
+      latency_ms: { p50: tl.p50, p90: tl.p90, p99: tl.p99, p999: tl.p999, max: tl.max },
+    };
+  }
+  if (historyEveryMs > 0) {
+    const h = res.map((r) => r.history);
+    const hSum = (f) => h.reduce((s, x) => s + x[f], 0);
+    const hl = percentiles(concat(h.map((x) => x.samples)));
+    extras.history = {
+      pages: hSum('pages'), errors: hSum('errors'), bytes: hSum('bytes'),
+      latency_ms: { p50: hl.p50, p99: hl.p99, max: hl.max },
+    };
+  }
+  if (rebindMs > 0) {
+    const b = res.map((r) => r.rebind);
+    const bSum = (f) => b.reduce((s, x) => s + x[f], 0);
+    const bl = percentiles(concat(b.map((x) => x.ms)));
+    extras.rebind = {
+      at_secs: round(rebindMs / 1000, 3), clients: bSum('clients'), reconnected: bSum('reconnected'),
+      recovered: bSum('recovered'), reconnect_ms: { p50: bl.p50, p99: bl.p99, max: bl.max },
+      failed: bSum('failed'), replayed_messages: bSum('replayed'),
+    };
+    const errs = b.flatMap((x) => x.errors).slice(0, 5);
+    if (errs.length > 0) log(a, `  rebind errors: ${JSON.stringify(errs)}`);
+  }
   return {
     rate,
     connections: { ...world.conn, dropped },
     messages: { sent, expected, delivered, lost: Math.max(0, expected - delivered), duplicated: sum('duplicated'), out_of_order: sum('outOfOrder') },
     throughput: { deliveries_per_sec: round(delivered / durSecs, 1), sends_per_sec: round(sent / durSecs, 1) },
     latency_ms: lat,
+    ...extras,
     server: {
       pid: server.pid, cpu_secs: round(serverCpu, 2),
       cpu_util: serverCpu !== null ? round(serverCpu / durSecs, 3) : null,
@@ -532,24 +609,61 @@ function strip(r) {
   return b;
 }
 
+// Before the warm-up: the first connected member of every room sends `prefillMessages`
+// "m" messages (flag 'P': no count ever includes them) and waits for its own copies,
+// so that the server's history ring of each room is full. Bounded by PREFILL_TIMEOUT_MS.
+async function prefillAll(a, world) {
+  const t0 = wall();
+  const res = await Promise.all(world.workers.map((w) => w.call({
+    cmd: 'prefill', count: a.prefillMessages, payload: a.payload, timeoutMs: PREFILL_TIMEOUT_MS, window: PREFILL_WINDOW,
+  }, PREFILL_TIMEOUT_MS + 10000)));
+  const sum = (f) => res.reduce((s, r) => s + r[f], 0);
+  const out = {
+    messages_per_room: a.prefillMessages, rooms: sum('rooms'), sent: sum('sent'), echoed: sum('echoed'),
+    secs: round((wall() - t0) / 1000, 3), complete: res.every((r) => r.complete),
+  };
+  log(a, `prefill: ${out.echoed}/${out.rooms * a.prefillMessages} messages back in ${out.secs} s${out.complete ? '' : ' (TIMED OUT)'}`);
+  return out;
+}
+
 async function scenarioChat(a) {
   log(a, `chat-fanout: ${a.clients} clients, rooms of ${a.roomSize}, ${a.rate} deliveries/s, ${a.warmup}+${a.duration} s, load ${loadavg()}`);
+  if (a.typingPerClient > 0 || a.historyEvery > 0 || a.prefillMessages > 0) {
+    log(a, `  extras: typing ${a.typingPerClient}/s per client, history every ${a.historyEvery} s, prefill ${a.prefillMessages} messages per room`);
+  }
+  if (a.rebindAt > 0) log(a, `  address change ${a.rebindAt} s into the window: every client reconnects, connection state recovery ${a.recovery ? 'on' : 'off'}`);
   const world = await setupWorld(a);
   let r;
+  let pre = null;
   try {
-    r = await phase(a, world, a.rate, a.warmup, a.duration);
+    if (a.prefillMessages > 0) pre = await prefillAll(a, world);
+    r = await phase(a, world, a.rate, a.warmup, a.duration, { typingPerClient: a.typingPerClient, historyEvery: a.historyEvery, rebindAt: a.rebindAt });
     applyRunCpu(r, await runCpu(world));
   } finally {
     await world.teardown();
   }
   log(a, `  -> p99 ${r.latency_ms.p99} ms, lost ${r.messages.lost}, server cpu ${r.server.cpu_util} (${r.server.cpu_us_per_delivery} us/delivery), generator cpu ${r.generator.cpu_util}, other cpu ${r.machine.other_cpu_util}`);
+  if (r.typing) log(a, `  typing: ${r.typing.received}/${r.typing.expected} (${r.typing.delivery_pct} %), p99 ${r.typing.latency_ms.p99} ms`);
+  if (r.history) log(a, `  history: ${r.history.pages} pages, ${r.history.errors} errors, ${r.history.bytes} bytes, p99 ${r.history.latency_ms.p99} ms`);
+  if (r.rebind) log(a, `  rebind: ${r.rebind.reconnected}/${r.rebind.clients} reconnected, ${r.rebind.recovered} recovered, ${r.rebind.replayed_messages} messages replayed, reconnect p50 ${r.rebind.reconnect_ms.p50} ms, max ${r.rebind.reconnect_ms.max} ms`);
   const stable = pct(r.connections.established - r.connections.dropped, r.connections.attempted);
   r.pass = r.pass && stable > a.stabilityPct;
-  return report(a, 'chat_fanout', fanoutParams(a), strip(r));
+  // the extras appear in the report only when used (a run without them: the same shape as before)
+  const params = fanoutParams(a);
+  if (a.typingPerClient > 0) params.typing_per_client = a.typingPerClient;
+  if (a.historyEvery > 0) { params.history_every_secs = a.historyEvery; params.history_page_messages = HISTORY_PAGE; }
+  if (a.prefillMessages > 0) params.prefill_messages = a.prefillMessages;
+  if (a.rebindAt > 0) { params.rebind_at_secs = a.rebindAt; params.connection_state_recovery = a.recovery === 1; }
+  const body = strip(r);
+  if (pre) body.prefill = pre;
+  return report(a, 'chat_fanout', params, body);
 }
 
 async function scenarioKnee(a) {
   log(a, `knee: ${a.clients} clients, rooms of ${a.roomSize}, from ${a.start} deliveries/s x${a.factor}, steps ${a.stepWarmup}+${a.stepDuration} s, load ${loadavg()}`);
+  if (a.typingPerClient > 0 || a.historyEvery > 0 || a.prefillMessages > 0 || a.rebindAt > 0) {
+    log(a, '  note: typing_per_client, history_every, prefill_messages and rebind_at apply to chat fan-out only; ignored here');
+  }
   const world = await setupWorld(a);
   const steps = [];
   let best = null;
@@ -701,62 +815,232 @@ async function master() {
 
 // ---------------------------------------------------------------- worker side
 
-function makeRawClient(url, room, onPayload, onClose, timeoutMs) {
+// Bytes of the payload strings in a history ack frame `43<id>[[<"p1","p2",...>]]`
+// (socket.io's ACK packet; its one argument is the page, oldest first). The generator's
+// payloads are plain ASCII with no quote or backslash, so the strings' lengths follow from
+// the frame length and the number of quotes without parsing 100 x payload bytes;
+// anything else goes through JSON.parse.
+function ackPageBytes(s, j) {
+  if (s.startsWith('[["', j) && s.endsWith('"]]') && s.indexOf('\\', j) < 0) {
+    let quotes = 0;
+    for (let q = s.indexOf('"', j); q >= 0; q = s.indexOf('"', q + 1)) quotes++;
+    const n = quotes / 2;
+    return s.length - j - 4 - 2 * n - (n - 1); // "[[" "]]", the quotes, the commas
+  }
+  let page;
+  try { page = JSON.parse(s.slice(j))[0]; } catch { return 0; }
+  if (!Array.isArray(page)) return 0;
+  let b = 0;
+  for (const x of page) b += String(x).length;
+  return b;
+}
+
+// The typing frame the server relays: 42["t",{"u":<sender>,"typing":<bool>}]
+function parseTyping(s, onTyping) {
+  if (s.startsWith('42["t",{"u":')) {
+    const c = s.indexOf(',', 12);
+    const u = +s.slice(12, c);
+    if (c > 12 && Number.isInteger(u) && s.startsWith(',"typing":', c)) { onTyping(u, s.charCodeAt(c + 10) === 116); return; }
+  }
+  try {
+    const [ev, p] = JSON.parse(s.slice(2));
+    if (ev === 't' && p && Number.isInteger(p.u)) onTyping(p.u, p.typing === true);
+  } catch { /* not ours */ }
+}
+
+// ext (null unless the run has typing indicators or history fetches):
+// { onTyping(sender, bool), onAck(id, pageBytes, receiveTimeMs) }
+//
+// Connection State Recovery (server.js --recovery 1; the wire format of socket.io 4.8,
+// node_modules/socket.io/dist/socket.js, namespace.js, socket.io-adapter/dist/
+// in-memory-adapter.js, as socket.io-client/build/cjs/socket.js speaks it):
+// - the CONNECT ack is 40{"sid":"…","pid":"…"}; without recovery there is no "pid";
+// - every stored broadcast has the server's offset appended as a last string argument,
+//   42["m","<payload>","<offset>"]: the client strips it and keeps the last one;
+// - rebind() drops the connection abruptly (the TCP socket is destroyed, no DISCONNECT
+//   packet) and opens a new one whose CONNECT auth is {"pid","offset","room"}; when the
+//   server restores the session it answers with the same pid (that is socket.io-client's
+//   `recovered`: pid && pid === the previous one) and writes the missed events BEFORE the
+//   CONNECT ack; they are buffered and handled at the ack, in order, before anything
+//   later, as socket.io-client's receiveBuffer does;
+// - frames sent while reconnecting are queued and go out right after the ack (as
+//   socket.io-client's sendBuffer); if the reconnect fails they are never sent.
+const REBIND_QUEUE_MAX = 100000; // frames queued per client while it reconnects (bounded)
+
+function makeRawClient(url, room, onPayload, onClose, timeoutMs, ext = null) {
   const WebSocket = require('ws');
   const u = new URL(url);
   const wsUrl = `${u.protocol === 'https:' ? 'wss' : 'ws'}://${u.host}/socket.io/?EIO=4&transport=websocket`;
-  return new Promise((resolve, reject) => {
+  let ws = null;       // the current connection (null while none is current)
+  let pid = null;      // the session id of the CONNECT ack (recovery on), else null
+  let offset = null;   // the offset of the last broadcast event received (recovery on)
+  let queue = null;    // frames sent while reconnecting; null while connected
+  let dead = false;    // a reconnect failed, or close(): nothing is sent any more
+
+  // An EVENT frame 42[...] on a connected socket
+  const onEvent = (s) => {
+    if (ext === null || s.charCodeAt(4) === 109) {
+      if (pid !== null) {
+        // 42["m","<payload>","<offset>"]: the generator's payloads have no quotes
+        const q = s.lastIndexOf('","');
+        if (q > 7) { offset = s.slice(q + 3, s.length - 2); onPayload(s.slice(8, q)); return; }
+      }
+      onPayload(s.slice(8, s.length - 2));
+      return;
+    }
+    parseTyping(s, ext.onTyping);
+  };
+
+  const frame = (f) => {
+    if (queue === null) ws.send(f);
+    else if (!dead && queue.length < REBIND_QUEUE_MAX) queue.push(f);
+  };
+
+  // One connection: engine.io OPEN, CONNECT with `auth`, and at the CONNECT ack
+  // onUp(ackPid, earlyEvents, ackTimeMs) synchronously (before any later frame is handled).
+  const open = (auth, onUp) => new Promise((resolve, reject) => {
     // The benchmark's own self-signed certificate: the client does not verify it
     // (that costs the generator only, never the server).
-    const ws = new WebSocket(wsUrl, { perMessageDeflate: false, rejectUnauthorized: false });
+    const sock = new WebSocket(wsUrl, { perMessageDeflate: false, rejectUnauthorized: false });
+    ws = sock;
     let state = 0; // 0 = waiting engine.io OPEN, 1 = waiting socket.io CONNECT, 2 = connected
-    const timer = setTimeout(() => { ws.terminate(); reject(new Error('connect timeout')); }, timeoutMs);
-    const client = {
-      send(p) { ws.send('42["m","' + p + '"]'); },
-      close() { ws.terminate(); },
-    };
-    ws.on('message', (data) => {
+    let early = null; // events before the CONNECT ack (a recovery replay)
+    const timer = setTimeout(() => { sock.terminate(); reject(new Error('connect timeout')); }, timeoutMs);
+    sock.on('message', (data) => {
       const s = data.toString();
       if (state === 2) {
-        if (s.charCodeAt(0) === 52 && s.charCodeAt(1) === 50) { onPayload(s.slice(8, s.length - 2)); return; }
-        if (s === '2') { ws.send('3'); return; }
+        // a connection rebind() dropped: frames ws still had buffered when its socket
+        // closed are not received (the replay on the new one brings them)
+        if (sock !== ws) return;
+        if (s.charCodeAt(0) === 52 && s.charCodeAt(1) === 50) { onEvent(s); return; }
+        if (s === '2') { sock.send('3'); return; }
+        if (ext !== null && s.charCodeAt(0) === 52 && s.charCodeAt(1) === 51) {
+          let j = 2;
+          while (j < s.length && s.charCodeAt(j) >= 48 && s.charCodeAt(j) <= 57) j++;
+          if (j > 2) { const now = wall(); ext.onAck(+s.slice(2, j), ackPageBytes(s, j), now); }
+        }
         return;
       }
       if (state === 0 && s[0] === '0') {
         state = 1;
-        ws.send('40' + JSON.stringify({ room }));
+        sock.send('40' + JSON.stringify(auth));
       } else if (state === 1 && s.startsWith('40')) {
+        const now = wall();
         state = 2;
         clearTimeout(timer);
-        resolve(client);
+        let ackPid = null;
+        try { const d = JSON.parse(s.slice(2)); if (d && typeof d.pid === 'string') ackPid = d.pid; } catch { /* no pid */ }
+        onUp(ackPid, early || [], now);
+        resolve();
+      } else if (state === 1 && s.startsWith('42')) {
+        if (early === null) early = [];
+        if (early.length < REBIND_QUEUE_MAX) early.push(s);
       } else if (state === 1 && s.startsWith('44')) {
         clearTimeout(timer);
-        ws.terminate();
+        sock.terminate();
         reject(new Error(`connect error ${s}`));
       } else if (s === '2') {
-        ws.send('3');
+        sock.send('3');
       }
     });
-    ws.on('error', (e) => { if (state < 2) { clearTimeout(timer); reject(e); } });
-    ws.on('close', () => {
+    sock.on('error', (e) => { if (state < 2) { clearTimeout(timer); reject(e); } });
+    sock.on('close', () => {
       if (state < 2) { clearTimeout(timer); reject(new Error('closed during handshake')); }
-      else onClose();
+      else if (sock === ws) onClose(); // not a connection rebind() dropped on purpose
     });
   });
+
+  const client = {
+    send(p) { frame('42["m","' + p + '"]'); },
+    // socket.emit("t", { u, typing }) (the server relays it as a volatile event)
+    typing(u, v) { frame('42["t",{"u":' + u + ',"typing":' + v + '}]'); },
+    // socket.emit("h", ackCallback): an EVENT packet with ack id `id`
+    fetch(id) { frame('42' + id + '["h"]'); },
+    close() { dead = true; if (ws) ws.terminate(); },
+    // The address changed: drop the connection as if the network went away and
+    // reconnect now. Resolves { ms (close -> CONNECT ack), recovered, replayed }.
+    rebind() {
+      const t0 = wall();
+      const old = ws;
+      queue = [];
+      ws = null; // its close event is not a drop
+      old.terminate();
+      const auth = pid !== null ? { pid, offset: offset ?? undefined, room } : { room };
+      let out = null;
+      return open(auth, (ackPid, early, now) => {
+        const recovered = pid !== null && ackPid === pid;
+        pid = ackPid;
+        for (const e of early) onEvent(e); // the replay, before anything later
+        const q = queue;
+        queue = null;
+        if (!dead) for (const f of q) ws.send(f);
+        out = { ms: now - t0, recovered, replayed: early.length };
+      }).then(() => out, (e) => {
+        dead = true;
+        queue = [];
+        throw e;
+      });
+    },
+  };
+  return open({ room }, (ackPid) => { pid = ackPid; }).then(() => client);
 }
 
-function makeSioClient(url, room, onPayload, onClose, timeoutMs) {
+// The official client. rebind() terminates the engine's `ws` WebSocket (no DISCONNECT
+// packet) and lets socket.io-client's own Manager reconnect (1 ms first delay, no
+// jitter): it sends {pid, offset} itself, buffers emits meanwhile and sets `recovered`.
+function makeSioClient(url, room, onPayload, onClose, timeoutMs, ext = null) {
   const { io } = require('socket.io-client');
   return new Promise((resolve, reject) => {
     const s = io(url, { transports: ['websocket'], forceNew: true, reconnection: false, auth: { room }, timeout: timeoutMs, rejectUnauthorized: false });
     let up = false;
+    let rb = null; // the reconnect in progress: { t0, replayed, resolve, reject, timer }
+    const client = {
+      send(p) { s.emit('m', p); },
+      typing(u, v) { s.emit('t', { u, typing: v }); },
+      fetch(id) {
+        s.emit('h', (page) => {
+          const now = wall();
+          let b = 0;
+          if (Array.isArray(page)) for (const x of page) b += String(x).length;
+          ext.onAck(id, b, now);
+        });
+      },
+      close() { s.disconnect(); },
+      rebind() {
+        return new Promise((res, rej) => {
+          const t = s.io.engine && s.io.engine.transport && s.io.engine.transport.ws;
+          if (!t || typeof t.terminate !== 'function') { rej(new Error('no ws transport to drop')); return; }
+          s.io.reconnectionDelay(1).reconnectionDelayMax(1000).randomizationFactor(0).reconnection(true);
+          rb = {
+            t0: wall(), replayed: 0, resolve: res, reject: rej,
+            timer: setTimeout(() => {
+              rb = null;
+              s.io.reconnection(false);
+              s.disconnect();
+              rej(new Error('reconnect timeout'));
+            }, timeoutMs),
+          };
+          t.terminate();
+        });
+      },
+    };
     s.on('connect', () => {
-      up = true;
-      resolve({ send(p) { s.emit('m', p); }, close() { s.disconnect(); } });
+      if (rb !== null) {
+        // the recovery replay has been emitted just before this (emitBuffered)
+        const r = rb;
+        rb = null;
+        clearTimeout(r.timer);
+        s.io.reconnection(false);
+        r.resolve({ ms: wall() - r.t0, recovered: !!s.recovered, replayed: r.replayed });
+        return;
+      }
+      if (!up) { up = true; resolve(client); }
     });
     s.on('connect_error', (e) => { if (!up) { s.close(); reject(e); } });
-    s.on('m', onPayload);
-    s.on('disconnect', (reason) => { if (up && reason !== 'io client disconnect') onClose(); });
+    // the offset socket.io-client leaves as a last argument is ignored here
+    s.on('m', (p) => { if (rb !== null) rb.replayed++; onPayload(p); });
+    if (ext !== null) s.on('t', (p) => { if (p && Number.isInteger(p.u)) ext.onTyping(p.u, p.typing === true); });
+    s.on('disconnect', (reason) => { if (up && rb === null && reason !== 'io client disconnect') onClose(); });
   });
 }
 
@@ -769,9 +1053,108 @@ function worker() {
     received: 0,     // every chat message received, any phase
     closing: false,
     run: null,       // counters of the phase being run
+    rooms: [],       // local index -> local room number
+    roomConn: null,  // local room number -> members connected now
+    alive: null,     // local index -> 1 while connected
+    localOf: new Map(), // global id -> local index
+    ty: null,        // typing indicators of the phase being run (when it has them)
+    hi: null,        // history fetches of the phase being run (when it has them)
+    pre: null,       // the prefill in progress
+    ackId: 0,        // last history ack id used (unique within the worker)
   };
 
-  function onClose() { if (!W.closing) W.dropped++; }
+  function makeOnClose(i) {
+    return () => {
+      if (!W.closing) W.dropped++;
+      if (W.alive[i]) { W.alive[i] = 0; W.roomConn[W.rooms[i]]--; }
+    };
+  }
+
+  function addSample(S, x) {
+    if (S.nSamples === S.samples.length) {
+      const ns = new Float64Array(S.samples.length * 2 + 1024);
+      ns.set(S.samples);
+      S.samples = ns;
+    }
+    S.samples[S.nSamples++] = x;
+  }
+
+  // Typing indicator {u, typing: v} received by local client r. Latency: now - the send
+  // time of sender u's most recent indicator carrying the same value; counted when that
+  // indicator was measured, at most once per (sender, indicator) per receiver.
+  function onTyping(r, u, v) {
+    const T = W.ty;
+    if (T === null) return;
+    const now = wall();
+    const si = W.localOf.get(u);
+    if (si === undefined || si === r) return;
+    const x = si * 2 + (v ? 1 : 0);
+    const idx = T.lastIdx[x];
+    if (idx < 0 || T.measured[x] === 0) return;
+    const key = (r * W.roomSize + (u % W.roomSize)) * 2 + (v ? 1 : 0);
+    if (T.counted[key] === idx) { T.duplicated++; return; }
+    T.counted[key] = idx;
+    T.received++;
+    addSample(T, now - T.lastMs[x]);
+  }
+
+  function onAck(id, bytes, now) {
+    const H = W.hi;
+    if (H === null) return;
+    const p = H.pending.get(id);
+    if (p === undefined) return;
+    H.pending.delete(id);
+    if (!p.measured) return;
+    H.outstanding--;
+    H.pages++;
+    H.bytes += bytes;
+    addSample(H, now - p.start);
+  }
+
+  function makeExt(r) {
+    return { onTyping: (u, v) => onTyping(r, u, v), onAck };
+  }
+
+  // Prefill: the sender of a room keeps `window` messages in flight and sends the next
+  // one when one of its own comes back.
+  function prefillSend(li) {
+    const P = W.pre;
+    const seq = P.sent[li]++;
+    const head = 'P' + W.ids[li] + ':' + seq + ':' + wall().toFixed(4) + ':';
+    W.clients[li].send(head + P.pad.slice(0, P.payload - head.length));
+  }
+
+  function prefillEcho(li) {
+    const P = W.pre;
+    if (P.isSender[li] === 0 || P.got[li] >= P.count) return;
+    P.got[li]++;
+    P.echoed++;
+    if (P.sent[li] < P.count && W.alive[li]) prefillSend(li);
+  }
+
+  async function prefill(m) {
+    const n = W.clients.length;
+    const senders = [];
+    const seenRoom = new Set();
+    for (let li = 0; li < n; li++) {
+      if (W.alive[li] && !seenRoom.has(W.rooms[li])) { seenRoom.add(W.rooms[li]); senders.push(li); }
+    }
+    const P = W.pre = {
+      count: m.count, payload: m.payload, pad: 'x'.repeat(m.payload), echoed: 0,
+      sent: new Int32Array(n), got: new Int32Array(n), isSender: new Uint8Array(n),
+    };
+    for (const li of senders) P.isSender[li] = 1;
+    for (const li of senders) for (let w = 0; w < Math.min(m.window, m.count); w++) prefillSend(li);
+    const target = senders.length * m.count;
+    const end = wall() + m.timeoutMs;
+    const waiting = () => senders.some((li) => W.alive[li] && P.got[li] < P.count);
+    while (P.echoed < target && wall() < end && waiting()) await sleep(5);
+    W.pre = null;
+    return {
+      ev: 'prefilled', rooms: senders.length, sent: P.sent.reduce((x, y) => x + y, 0), echoed: P.echoed,
+      complete: P.echoed === target,
+    };
+  }
 
   // Receive: payload "<flag><sender>:<seq>:<ts>:xxxx". The flag is a lowercase letter
   // per phase for measured messages and 'W' for warm-up ones (ignored).
@@ -779,7 +1162,10 @@ function worker() {
     return (p) => {
       W.received++;
       const R = W.run;
-      if (R === null || p.charCodeAt(0) !== R.flag) return;
+      if (R === null || p.charCodeAt(0) !== R.flag) {
+        if (W.pre !== null && p.charCodeAt(0) === 80) prefillEcho(localIdx); // 'P': prefill
+        return;
+      }
       const now = wall();
       const c1 = p.indexOf(':', 1);
       const c2 = p.indexOf(':', c1 + 1);
@@ -816,6 +1202,16 @@ function worker() {
     let next = 0;
     let established = 0;
     const errors = [];
+    const roomNo = new Map();
+    for (let i = 0; i < n; i++) {
+      const c = m.clients[i];
+      W.ids[i] = c.id;
+      W.localOf.set(c.id, i);
+      if (!roomNo.has(c.room)) roomNo.set(c.room, roomNo.size);
+      W.rooms[i] = roomNo.get(c.room);
+    }
+    W.roomConn = new Int32Array(roomNo.size);
+    W.alive = new Uint8Array(n);
     await sleep(Math.max(0, m.t0 - wall()));
     let firstStart = null;
     let lastDone = wall();
@@ -829,8 +1225,10 @@ function worker() {
         if (wait > 0) await sleep(wait);
         if (firstStart === null) firstStart = wall();
         try {
-          W.clients[i] = await make(m.url, c.room, makeHandler(i), onClose, m.timeoutMs);
+          W.clients[i] = await make(m.url, c.room, makeHandler(i), makeOnClose(i), m.timeoutMs, m.extras ? makeExt(i) : null);
           established++;
+          W.alive[i] = 1;
+          W.roomConn[W.rooms[i]]++;
           lastDone = wall();
         } catch (e) {
           if (errors.length < 5) errors.push(String(e && e.message));
@@ -861,6 +1259,66 @@ function worker() {
       delivered: 0, duplicated: 0, outOfOrder: 0,
     };
     const R = W.run;
+    // Typing indicators and history fetches: per client a fixed period with a random
+    // phase; over the worker, in phase order (event q: client order[q mod n], at
+    // phase + floor(q / n) * period, so the times never decrease).
+    const sched = (periodMs) => {
+      const ph = new Float64Array(n);
+      for (let i = 0; i < n; i++) ph[i] = Math.random() * periodMs;
+      const order = Int32Array.from({ length: n }, (_, i) => i).sort((x, y) => ph[x] - ph[y]);
+      return { ph, order, period: periodMs, q: 0, done: n === 0 };
+    };
+    const TS = m.typingPerSec > 0 ? sched(1000 / m.typingPerSec) : null;
+    const T = W.ty = TS === null ? null : {
+      lastMs: new Float64Array(2 * n), lastIdx: new Int32Array(2 * n).fill(-1), measured: new Uint8Array(2 * n),
+      counted: new Int32Array(2 * n * W.roomSize).fill(-1),
+      samples: new Float64Array(1024), nSamples: 0, sent: 0, expected: 0, received: 0, duplicated: 0,
+    };
+    const HS = m.historyEveryMs > 0 ? sched(m.historyEveryMs) : null;
+    const H = W.hi = HS === null ? null : {
+      pending: new Map(), outstanding: 0, pages: 0, bytes: 0, samples: new Float64Array(1024), nSamples: 0,
+    };
+    // The address change (m.rebindMs after t0, 0: none): every connected client drops
+    // its connection and reconnects at once (each on its own, as separate devices would;
+    // no concurrency limit). While it is away it is not `alive` (no typing indicators or
+    // history fetches, and not counted as a typing receiver); its "m" sends keep their
+    // schedule and send time and are queued until it is back (so they count as sent and
+    // their latency includes the wait); if it does not get back within the connect
+    // timeout it is dropped and they are lost.
+    const RB = m.rebindMs > 0 ? {
+      started: false, clients: 0, reconnected: 0, recovered: 0, failed: 0, replayed: 0,
+      ms: [], errors: [], pending: [],
+    } : null;
+    const rebindAll = () => {
+      RB.started = true;
+      for (let li = 0; li < n; li++) {
+        const cl = W.clients[li];
+        if (!cl || !W.alive[li]) continue;
+        RB.clients++;
+        W.alive[li] = 0;
+        W.roomConn[W.rooms[li]]--;
+        let p;
+        try { p = cl.rebind(); } catch (e) { p = Promise.reject(e); }
+        RB.pending.push(p.then((r) => {
+          RB.reconnected++;
+          if (r.recovered) RB.recovered++;
+          RB.replayed += r.replayed;
+          RB.ms.push(r.ms);
+          if (!W.closing) { W.alive[li] = 1; W.roomConn[W.rooms[li]]++; }
+        }, (e) => {
+          RB.failed++;
+          if (!W.closing) W.dropped++;
+          if (RB.errors.length < 5) RB.errors.push(String(e && e.message));
+        }));
+      }
+    };
+    // the next event of schedule S if it is due at `el` (ms since t0), else -1
+    const nextDue = (S, el) => {
+      const li = S.order[S.q % n];
+      const t = S.ph[li] + Math.floor(S.q / n) * S.period;
+      if (t >= endMs) { S.done = true; return -1; }
+      return t > el ? -1 : li;
+    };
     let k = 0;
     let sentMeasured = 0;
     let late = 0;
@@ -873,6 +1331,7 @@ function worker() {
         const now = wall();
         const el = now - m.t0;
         if (cpu0 === null && el >= m.warmMs) cpu0 = process.cpuUsage();
+        if (RB !== null && !RB.started && el >= m.rebindMs) rebindAll();
         const due = Math.min(total, Math.floor(el / interval) + 1);
         let budget = 200000; // bounded per tick
         while (k < due && budget-- > 0) {
@@ -891,7 +1350,39 @@ function worker() {
           }
           k++;
         }
-        if (k >= total || now > hardEnd) return resolve();
+        if (TS !== null) {
+          let tb = 100000;
+          while (!TS.done && tb-- > 0) {
+            const li = nextDue(TS, el);
+            if (li < 0) break;
+            const j = Math.floor(TS.q / n); // this client's indicator number: true, false, true, ...
+            const measured = TS.ph[li] + j * TS.period >= m.warmMs;
+            TS.q++;
+            if (!W.alive[li]) continue;
+            const v = (j & 1) === 0;
+            const x = li * 2 + (v ? 1 : 0);
+            T.lastMs[x] = wall();
+            T.lastIdx[x] = j;
+            T.measured[x] = measured ? 1 : 0;
+            W.clients[li].typing(W.ids[li], v);
+            if (measured) { T.sent++; T.expected += W.roomConn[W.rooms[li]] - 1; }
+          }
+        }
+        if (HS !== null) {
+          let hb = 100000;
+          while (!HS.done && hb-- > 0) {
+            const li = nextDue(HS, el);
+            if (li < 0) break;
+            const measured = HS.ph[li] + Math.floor(HS.q / n) * HS.period >= m.warmMs;
+            HS.q++;
+            if (!W.alive[li]) continue;
+            const id = ++W.ackId;
+            H.pending.set(id, { start: wall(), measured });
+            if (measured) H.outstanding++;
+            W.clients[li].fetch(id);
+          }
+        }
+        if ((k >= total && (TS === null || TS.done) && (HS === null || HS.done) && (RB === null || RB.started)) || now > hardEnd) return resolve();
         setTimeout(tick, 1);
       };
       setTimeout(tick, Math.max(0, m.t0 - wall()));
@@ -899,10 +1390,27 @@ function worker() {
     const cpu = process.cpuUsage(cpu0 ?? cpuStart);
     const expected = sentMeasured * W.roomSize;
     const drainEnd = wall() + m.drainMs;
-    while (R.delivered < expected && wall() < drainEnd) await sleep(5);
+    while ((R.delivered < expected || (T !== null && T.received < T.expected) || (H !== null && H.outstanding > 0))
+      && wall() < drainEnd) await sleep(5);
+    // every reconnect ends within the connect timeout (bounded wait, in case)
+    if (RB !== null) await Promise.race([Promise.allSettled(RB.pending), sleep(m.rebindTimeoutMs ?? 15000)]);
     W.run = null;
+    W.ty = null;
+    W.hi = null;
     return {
       ev: 'result', sent: sentMeasured, expected, delivered: R.delivered,
+      typing: T === null ? null : {
+        sent: T.sent, expected: T.expected, received: T.received, duplicated: T.duplicated,
+        samples: T.samples.slice(0, T.nSamples),
+      },
+      // measured fetches still outstanding at the end of the drain are errors
+      history: H === null ? null : {
+        pages: H.pages, errors: H.outstanding, bytes: H.bytes, samples: H.samples.slice(0, H.nSamples),
+      },
+      rebind: RB === null ? null : {
+        clients: RB.clients, reconnected: RB.reconnected, recovered: RB.recovered, failed: RB.failed,
+        replayed: RB.replayed, ms: Float64Array.from(RB.ms), errors: RB.errors,
+      },
       duplicated: R.duplicated, outOfOrder: R.outOfOrder, dropped: W.dropped,
       samples: R.samples.slice(0, R.nSamples), late, behindMax,
       cpuSecs: (cpu.user + cpu.system) / 1e6,
@@ -913,6 +1421,7 @@ function worker() {
     try {
       if (m.cmd === 'connect') process.send(await connect(m));
       else if (m.cmd === 'run') process.send(await run(m));
+      else if (m.cmd === 'prefill') process.send(await prefill(m));
       else if (m.cmd === 'quiesce') {
         // wait until nothing has arrived for quietMs (bounded by maxMs): the backlog of
         // an overloaded step must not spill into the next one
