@@ -10,6 +10,7 @@
 #   loadtest/impair/demo.sh lossy --loss 2 --delay 25ms --seed 1   (RTT 50 ms)
 #   SYSTEM=socketio loadtest/impair/demo.sh LABEL [OPTIONS]      (Socket.IO, ws://)
 #   SYSTEM=socketio TLS=1 loadtest/impair/demo.sh LABEL [OPTIONS] (Socket.IO, wss://)
+#   CONGESTION=bbr loadtest/impair/demo.sh LABEL [OPTIONS]        (Tutti with BBR)
 # Settings from the environment: SCENARIO (loadtest/impair/chat-impaired.toml),
 # OUT (/tmp/tutti-impair), TUTTI_BIN and TUTTI_LOAD_BIN (target/release/...),
 # and netns.sh's TUTTI_IMPAIR_* variables.
@@ -17,7 +18,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 NETNS="$ROOT/loadtest/impair/netns.sh"
-SCENARIO=${SCENARIO:-$ROOT/loadtest/impair/chat-impaired.toml}
+SCENARIO=$(realpath "${SCENARIO:-$ROOT/loadtest/impair/chat-impaired.toml}")
 OUT=${OUT:-/tmp/tutti-impair}
 TUTTI_BIN=${TUTTI_BIN:-$ROOT/target/release/tutti}
 export TUTTI_LOAD_BIN=${TUTTI_LOAD_BIN:-$ROOT/target/release/tutti-load}
@@ -86,7 +87,13 @@ if [ "${SYSTEM:-tutti}" = socketio ]; then
   # this script).
   mkfifo "$WORK/stdin"
   exec 3<>"$WORK/stdin"
-  "$NETNS" exec-srv node "$SIO/server.js" --host "$SRV_ADDR" --port "$SIO_PORT" "${TLS_ARGS[@]}" \
+  # Typing relay and the history ring only when the scenario uses them.
+  FEATURE_ARGS=()
+  grep -Eq '^typing_per_client *= *[1-9.]' "$SCENARIO" && FEATURE_ARGS+=(--typing 1)
+  grep -Eq '^(history_every|prefill_messages) *=' "$SCENARIO" && FEATURE_ARGS+=(--history 100)
+  # An address change: the clients reconnect and resume (Connection State Recovery).
+  grep -Eq '^rebind_at *=' "$SCENARIO" && FEATURE_ARGS+=(--recovery 1)
+  "$NETNS" exec-srv node "$SIO/server.js" --host "$SRV_ADDR" --port "$SIO_PORT" "${TLS_ARGS[@]}" "${FEATURE_ARGS[@]}" \
     >"$WORK/server.out" 2>"$OUT/$LABEL.server.log" <"$WORK/stdin" &
   SERVER_PID=$!
   wait_for "$WORK/server.out" '"ready":true' "Socket.IO server"
@@ -95,6 +102,10 @@ else
   # rooms directly, and every client comes from the generator's one address.
   printf '[rooms]\njoin_policy = "open"\n[limits]\nmax_connections_per_address = 1000000\n' \
     >"$WORK/tutti.toml"
+  # CONGESTION=bbr: the server's limits.congestion_control (default cubic).
+  if [ -n "${CONGESTION:-}" ]; then
+    printf 'congestion_control = "%s"\n' "$CONGESTION" >>"$WORK/tutti.toml"
+  fi
   TUTTI_JWT_SECRET=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
   TUTTI_API_KEY=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
   export TUTTI_JWT_SECRET TUTTI_API_KEY
@@ -135,6 +146,11 @@ if [ -s "$OUT/$LABEL.json" ] && command -v jq >/dev/null; then
       latency_ms: (.latency_ms | {p50, p90, p99, p999, max, mean}),
       messages: (.messages | {expected, delivered, lost, duplicated, out_of_order}),
       connections: (.connections | {attempted, established, dropped}),
+      typing: ((.details.typing // .typing) | if . == null then null else
+        {sent, expected, received, delivery_pct} + (.latency_ms | {p50, p90, p99, p999, max}) end),
+      history: ((.details.history // .history) | if . == null then null else
+        {pages, errors, bytes} + (.latency_ms | {p50, p99, max}) end),
+      rebind: (.details.rebind // .rebind),
       deliveries_per_sec: .throughput.deliveries_per_sec,
       cpu_secs: {server: .server.cpu_secs, generator: .generator.cpu_secs,
                  forwarder: $fwd_cpu, wall: $wall},
