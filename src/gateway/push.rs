@@ -335,6 +335,14 @@ mod tests {
         }
     }
 
+    /// A session pair whose streams take 1 KiB before the writer waits.
+    fn narrow_pair() -> (Session, Session) {
+        pair(PairConfig {
+            window: 1024,
+            ..PairConfig::default()
+        })
+    }
+
     fn queues(server: Session, capacity: usize, bytes: usize) -> PushQueues {
         PushQueues::new(server, capacity, bytes, Arc::new(Metrics::default()))
     }
@@ -376,10 +384,7 @@ mod tests {
     async fn pushes_arrive_in_order_whether_written_at_once_or_queued() {
         // A window of 1 KiB: most of the 300 pushes (about 110 bytes each) wait
         // in the queue, the rest are written by the publisher.
-        let (server, client) = pair(PairConfig {
-            window: 1024,
-            ..PairConfig::default()
-        });
+        let (server, client) = narrow_pair();
         let q = queues(server, 4096, 1 << 20);
         for n in 0..300 {
             q.push(StreamKind::Chat, echo(n)).unwrap();
@@ -415,10 +420,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_refuses_and_marks_the_session_slow() {
         // Nobody reads: the window fills, then the queue of 8 frames.
-        let (server, _client) = pair(PairConfig {
-            window: 1024,
-            ..PairConfig::default()
-        });
+        let (server, _client) = narrow_pair();
         let q = queues(server, 8, 1 << 20);
         let mut refused = None;
         for n in 0..100 {
@@ -439,10 +441,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn push_wait_waits_for_room_then_gives_up() {
-        let (server, client) = pair(PairConfig {
-            window: 1024,
-            ..PairConfig::default()
-        });
+        let (server, client) = narrow_pair();
         let q = queues(server, 4, 1 << 20);
         // Fill the window and the queue.
         let mut n = 0;
@@ -453,10 +452,7 @@ mod tests {
         let taken = n;
         // Unread: a waiting push gives up after its patience and marks the session
         // slow.
-        let (server2, _client2) = pair(PairConfig {
-            window: 1024,
-            ..PairConfig::default()
-        });
+        let (server2, _client2) = narrow_pair();
         let stuck = queues(server2, 4, 1 << 20);
         while stuck.push(StreamKind::Chat, echo(0)).is_ok() {
             tokio::task::yield_now().await;

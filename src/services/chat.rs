@@ -1779,6 +1779,20 @@ impl ChatService {
 
 #[cfg(test)]
 mod tests {
+    /// Creates room `r` as `ctx`'s user, with no other participant.
+    async fn create_room_r(chat: &ChatService, ctx: &SessionCtx) {
+        chat.create(
+            ctx,
+            v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    }
+
     fn open_rooms() -> RoomsConfig {
         RoomsConfig {
             join_policy: JoinPolicy::Open,
@@ -1799,16 +1813,7 @@ mod tests {
         let chat = ChatService::open(node.deps.clone(), Default::default(), open_rooms()).unwrap();
         let (alice, mut pushes) = FakeSession::new("alice", "a", 16);
         let alice = alice.ctx();
-        chat.create(
-            &alice,
-            v1::RoomCreateRequest {
-                room_id: "r".into(),
-                name: "r".into(),
-                participants: vec![],
-            },
-        )
-        .await
-        .unwrap();
+        create_room_r(&chat, &alice).await;
         let send = |text: &str| {
             chat.send(
                 &alice,
@@ -1865,16 +1870,7 @@ mod tests {
         let chat = ChatService::open(node.deps.clone(), Default::default(), open_rooms()).unwrap();
         let (alice, _pushes) = FakeSession::new("alice", "a", 256);
         let alice = alice.ctx();
-        chat.create(
-            &alice,
-            v1::RoomCreateRequest {
-                room_id: "r".into(),
-                name: "r".into(),
-                participants: vec![],
-            },
-        )
-        .await
-        .unwrap();
+        create_room_r(&chat, &alice).await;
         let texts: Vec<String> = (1..=100)
             .map(|i| format!("{i:04}{}", "x".repeat(1996)))
             .collect();

@@ -628,16 +628,37 @@ fn typing_arrived(
         .record(idx, now_us().saturating_sub(at & !MEASURED));
 }
 
-/// Waits until `due` (from the plan's start); false when the phase stops first.
-async fn wait_due(
-    plan: &Plan,
-    due_off: u64,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> bool {
-    let due = plan.base + Duration::from_micros(due_off);
-    tokio::select! {
-        _ = tokio::time::sleep_until(due) => !*stop.borrow(),
-        _ = stop.changed() => false,
+/// One client's schedule for extra traffic (typing, history) on a plan: a random
+/// phase in the first interval, seeded by client and `salt`, then one tick per
+/// interval.
+struct Ticks {
+    plan: Plan,
+    offset: u64,
+    k: u64,
+}
+
+impl Ticks {
+    fn new(plan: Plan, idx: usize, salt: u64) -> Self {
+        let mut rng = Rng::new(idx as u64 ^ (u64::from(plan.phase) << 32) ^ salt);
+        let offset = rng.below(plan.interval_us);
+        Self { plan, offset, k: 0 }
+    }
+
+    /// Waits for the next tick; gives its number and whether it falls in the
+    /// measured window, or `None` once the phase stops.
+    async fn next(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<(u64, bool)> {
+        let k = self.k;
+        self.k += 1;
+        let due_off = self.offset + k * self.plan.interval_us;
+        let due = self.plan.base + Duration::from_micros(due_off);
+        let go = tokio::select! {
+            _ = tokio::time::sleep_until(due) => !*stop.borrow(),
+            _ = stop.changed() => false,
+        };
+        go.then_some((
+            k,
+            due_off >= self.plan.warm_us && due_off < self.plan.end_us,
+        ))
     }
 }
 
@@ -652,14 +673,8 @@ async fn typer(
     (room_typed, room): (Arc<Vec<Counter>>, usize),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut rng = Rng::new(idx as u64 ^ (u64::from(plan.phase) << 32) ^ 0x7479_7065);
-    let offset = rng.below(plan.interval_us);
-    for k in 0u64.. {
-        let due_off = offset + k * plan.interval_us;
-        if !wait_due(&plan, due_off, &mut stop).await {
-            return;
-        }
-        let measured = due_off >= plan.warm_us && due_off < plan.end_us;
+    let mut ticks = Ticks::new(plan, idx, 0x7479_7065);
+    while let Some((k, measured)) = ticks.next(&mut stop).await {
         let on = k % 2 == 0;
         // Noted before the send, so that no arrival finds an older time.
         let at = now_us() | if measured { MEASURED } else { 0 };
@@ -684,14 +699,8 @@ async fn fetcher(
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut rng = Rng::new(idx as u64 ^ (u64::from(plan.phase) << 32) ^ 0x6869_7374);
-    let offset = rng.below(plan.interval_us);
-    for k in 0u64.. {
-        let due_off = offset + k * plan.interval_us;
-        if !wait_due(&plan, due_off, &mut stop).await {
-            return;
-        }
-        let measured = due_off >= plan.warm_us && due_off < plan.end_us;
+    let mut ticks = Ticks::new(plan, idx, 0x6869_7374);
+    while let Some((_, measured)) = ticks.next(&mut stop).await {
         let started = now_us();
         let request = client.request(request::Body::ChatHistory(v1::ChatHistoryRequest {
             room_id: room_id.clone(),
