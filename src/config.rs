@@ -495,6 +495,21 @@ mod tests {
             Config::from_toml("lisen = \"x\"", Path::new("t.toml")),
             Err(ConfigError::Parse { .. })
         ));
+        assert!(matches!(
+            Config::from_toml(
+                "[limits]\ncongestion_control = \"reno\"",
+                Path::new("t.toml")
+            ),
+            Err(ConfigError::Parse { .. })
+        ));
+        let bbr = Config::from_toml(
+            "[limits]\ncongestion_control = \"bbr\"",
+            Path::new("t.toml"),
+        );
+        assert_eq!(
+            bbr.unwrap().limits.congestion_control,
+            crate::transport::CongestionControl::Bbr
+        );
         let mut c = Config::default();
         c.tls.validity = Duration::from_secs(15 * 24 * 3600);
         assert!(matches!(c.validate(), Err(ConfigError::Invalid(_))));

@@ -31,6 +31,7 @@ both_transports!(
     clients_share_one_endpoint,
     a_reconnect_resumes_the_tls_session,
     a_client_whose_address_changes_keeps_its_session,
+    a_server_on_bbr_answers_and_pushes,
 );
 
 async fn handshake_welcomes_a_valid_token(t: TransportKind) {
@@ -260,6 +261,29 @@ async fn push_arrives_on_its_stream(t: TransportKind) {
             other => panic!("unexpected push {other:?}"),
         },
         other => panic!("unexpected event {other:?}"),
+    }
+}
+
+/// `limits.congestion_control = "bbr"`: answers and a burst of pushes (20 of 32
+/// KiB, past BBR's initial window) arrive whole and in order.
+async fn a_server_on_bbr_answers_and_pushes(t: TransportKind) {
+    let s = TestServer::start_with(|c| {
+        c.limits.congestion_control = tutti::transport::CongestionControl::Bbr;
+    })
+    .await;
+    let c = s.connect(t, "alice").await;
+    for i in 0..20u8 {
+        let answer = c.echo(vec![i; 32 * 1024], true).await.unwrap();
+        assert_eq!(answer.len(), 32 * 1024);
+    }
+    for i in 0..20u8 {
+        match c.next_event().await {
+            Some(Event::Push(StreamKind::System, p)) => match p.event {
+                Some(push::Event::Echo(e)) => assert_eq!(e.payload, vec![i; 32 * 1024]),
+                other => panic!("unexpected push {other:?}"),
+            },
+            other => panic!("unexpected event {other:?}"),
+        }
     }
 }
 

@@ -115,16 +115,18 @@ impl PushQueues {
             self.0.slow.cancel();
             return Err(SlowConsumer);
         }
-        match self.offer(kind, frame) {
-            Ok(()) => Ok(()),
-            Err(refused) => {
-                self.0.bytes.release(len);
-                if let Refused::Full = refused {
-                    self.0.slow.cancel();
-                }
-                Err(SlowConsumer)
-            }
+        self.offer(kind, frame)
+            .map_err(|refused| self.refuse(len, refused))
+    }
+
+    /// Gives back the `len` bytes of a refused push; a full queue marks the
+    /// session slow (one that has ended is not).
+    fn refuse(&self, len: usize, refused: Refused) -> SlowConsumer {
+        self.0.bytes.release(len);
+        if let Refused::Full = refused {
+            self.0.slow.cancel();
         }
+        SlowConsumer
     }
 
     /// Bytes queued now, all kinds together.
@@ -157,15 +159,10 @@ impl PushQueues {
                 Ok(()) => return Ok(()),
                 Err(Refused::Full) => {
                     if tokio::time::timeout_at(deadline, room).await.is_err() {
-                        self.0.bytes.release(len);
-                        self.0.slow.cancel();
-                        return Err(SlowConsumer);
+                        return Err(self.refuse(len, Refused::Full));
                     }
                 }
-                Err(Refused::Gone) => {
-                    self.0.bytes.release(len);
-                    return Err(SlowConsumer);
-                }
+                Err(gone) => return Err(self.refuse(len, gone)),
             }
         }
     }

@@ -1321,12 +1321,16 @@ impl ChatService {
         // A page is one frame: keep the newest messages that fit in it (one at
         // least), so that large messages make a shorter page rather than an
         // answer too large to send. The client asks again before the first.
-        let budget = self.config.max_response_bytes.saturating_sub(512);
+        use prost::Message;
+        // Room for the response's envelope and other fields, and for each
+        // message's field tag and length prefix.
+        const ENVELOPE: usize = 512;
+        const PER_MESSAGE: usize = 8;
+        let budget = self.config.max_response_bytes.saturating_sub(ENVELOPE);
         let mut size = 0;
         let mut keep_from = messages.len();
         for (i, m) in messages.iter().enumerate().rev() {
-            use prost::Message;
-            let len = m.encoded_len() + 8;
+            let len = m.encoded_len() + PER_MESSAGE;
             if size + len > budget && keep_from < messages.len() {
                 break;
             }

@@ -113,11 +113,20 @@ impl EndpointSettings {
             // quinn buffers 1.25 MB of datagrams each way by default.
             .datagram_receive_buffer_size(Some(self.datagram_buffer))
             .datagram_send_buffer_size(self.datagram_buffer);
-        if self.congestion_control == CongestionControl::Bbr {
-            transport
-                .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        if let Some(factory) = self.congestion_control.factory() {
+            transport.congestion_controller_factory(factory);
         }
         Ok(transport)
+    }
+}
+
+impl CongestionControl {
+    /// The controller factory to set, or `None` for quinn's default (CUBIC).
+    fn factory(self) -> Option<Arc<dyn quinn::congestion::ControllerFactory + Send + Sync>> {
+        match self {
+            Self::Cubic => None,
+            Self::Bbr => Some(Arc::new(quinn::congestion::BbrConfig::default())),
+        }
     }
 }
 
@@ -297,4 +306,23 @@ async fn handshake(incoming: quinn::Incoming) -> anyhow::Result<Session> {
         anyhow::bail!("unknown WebTransport path");
     }
     Ok(Session::webtransport(request.accept().await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bbr_builds_quinns_bbr_controller_and_cubic_keeps_the_default() {
+        let bbr = CongestionControl::Bbr.factory().expect("a factory for BBR");
+        let controller = bbr.build(std::time::Instant::now(), 1200);
+        assert!(
+            controller
+                .into_any()
+                .downcast::<quinn::congestion::Bbr>()
+                .is_ok(),
+            "not quinn's BBR"
+        );
+        assert!(CongestionControl::Cubic.factory().is_none());
+    }
 }
