@@ -833,6 +833,8 @@ async fn acknowledged_messages_survive_sigkill() {
             acked
         );
         assert_eq!(list(&b).await["alice~r"].unread, 20);
+        // The room's offsets go on from its stored log.
+        assert_eq!(send(&b, "alice~r", "after").await.unwrap().offset, 21);
     })
     .await
     .expect("test timed out");

@@ -49,6 +49,8 @@ use crate::store::{AppendError, OffsetLog, RedbLog, StoreError};
 use futures_util::future::BoxFuture;
 
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("chat_rooms");
+/// Every room ever created: 0 while it lives (its last offset is its log's last
+/// entry), its last offset once removed, so that the id is never reused.
 const OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("chat_room_offsets");
 /// The messages' offset log ([`RedbLog`]) keeps them in this table.
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chat_messages");
@@ -1181,7 +1183,8 @@ impl ChatService {
                         }
                         Err(e) => return Err(append_failed(e)),
                     }
-                    txn.open_table(OFFSETS)?.insert(id.as_str(), last)?;
+                    // The room's last offset is its log's last entry; the
+                    // offsets table keeps it only for a removed room.
                     if let Some(u) = &mark_for {
                         txn.open_table(READ_MARKS)?
                             .insert((u.as_str(), id.as_str()), last)?;
@@ -1695,6 +1698,14 @@ impl ChatService {
         self.deps
             .writer
             .write(move |txn| {
+                // The last offset outlives the messages: the id is not reused.
+                let mut offsets = txn.open_table(OFFSETS)?;
+                let recorded = offsets.get(room_id.as_str())?.map_or(0, |v| v.value());
+                let last = log.last_offset_in(txn, &room_id)?;
+                if last > recorded {
+                    offsets.insert(room_id.as_str(), last)?;
+                }
+                drop(offsets);
                 let n = log.remove_in(txn, &room_id, u64::MAX, budget)?;
                 let gone = log.last_offset_in(txn, &room_id)? == 0;
                 if gone {
@@ -1729,11 +1740,8 @@ impl ChatService {
             return Ok(None);
         };
         let meta: RoomMeta = serde_json::from_slice(meta.value()).map_err(corrupt)?;
-        let last_offset = txn
-            .open_table(OFFSETS)?
-            .get(id)?
-            .map(|v| v.value())
-            .unwrap_or(0);
+        // The log's last entry (never trimmed while the room lives).
+        let last_offset = self.log.last_offset_in_read(&txn, id)?;
         let last_message = match txn.open_table(MESSAGES)?.get((id, last_offset))? {
             Some(v) => {
                 let m: StoredMessage = serde_json::from_slice(v.value()).map_err(corrupt)?;
