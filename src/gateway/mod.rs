@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,8 +42,9 @@ use limits::{ByteBudget, Tally};
 /// How often a session's QUIC round-trip estimate is sampled into the histogram.
 const RTT_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
-/// Bytes read from the control stream at a time (requests are small; a large frame
-/// takes several reads). Held by every session, so kept small.
+/// Bytes taken from the control stream at a time at most (a chunk is what arrived
+/// in one packet, so usually less; a large frame takes several). Nothing of this
+/// size is held while a session waits: the stream hands over its own buffers.
 const READ_CHUNK: usize = 2 * 1024;
 /// Control frames written in one write at most (coalesced when they queue up).
 const WRITE_COALESCE: usize = 16 * 1024;
@@ -418,7 +419,6 @@ impl Gateway {
         replies: &mut mpsc::Receiver<Reply>,
         out: ControlOut<'_>,
     ) -> End {
-        let mut buf = vec![0u8; READ_CHUNK];
         let mut rtt_sample = tokio::time::interval(RTT_SAMPLE_EVERY);
         // The session ends when its token does, unless a refresh moves this.
         // tokio's clock measures the wait, so tests can run it on paused time.
@@ -489,14 +489,14 @@ impl Gateway {
                         return end;
                     }
                 }
-                read = recv.read(&mut buf) => match read {
-                    Ok(0) => {
+                read = recv.read_chunk(READ_CHUNK) => match read {
+                    Ok(None) => {
                         let Action::Close(code, message) = control.finished() else {
                             unreachable!("finishing the stream closes the session")
                         };
                         return End::Close(code, message);
                     }
-                    Ok(n) => control.received(&buf[..n]),
+                    Ok(Some(bytes)) => control.received(&bytes),
                     Err(_) => return End::Gone,
                 },
             }
@@ -626,7 +626,6 @@ impl Gateway {
         let (send, mut recv) = session.accept_bi().await.map_err(|_| HelloFailure::Gone)?;
         self.metrics.streams_opened.fetch_add(1, Ordering::Relaxed);
         let mut decoder = FrameDecoder::new(self.config.limits.max_frame_size);
-        let mut buf = vec![0u8; READ_CHUNK];
         let hello = loop {
             match control::read_hello(&mut decoder) {
                 HelloOutcome::Hello(hello) => break hello,
@@ -635,9 +634,9 @@ impl Gateway {
                 }
                 HelloOutcome::NeedMore => {}
             }
-            match recv.read(&mut buf).await {
-                Ok(0) | Err(_) => return Err(HelloFailure::Gone),
-                Ok(n) => decoder.extend(&buf[..n]),
+            match recv.read_chunk(READ_CHUNK).await {
+                Ok(None) | Err(_) => return Err(HelloFailure::Gone),
+                Ok(Some(bytes)) => decoder.extend(&bytes),
             }
         };
         match self.auth.verify(&hello.token) {

@@ -156,6 +156,14 @@ impl FrameDecoder {
                 self.skip = len - here;
                 Err(FrameError::TooLarge { len, max })
             }
+            Ok(Some(m)) => {
+                // A session's decoder waits empty most of its life: it keeps no
+                // allocation then (the next bytes bring their own).
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                }
+                Ok(Some(m))
+            }
             other => other,
         }
     }
@@ -211,6 +219,7 @@ mod tests {
         assert_eq!(dec.decode::<ClientFrame>(), Ok(Some(frame)));
         assert_eq!(dec.decode::<ClientFrame>(), Ok(None));
         assert_eq!(dec.buffered(), 0);
+        assert_eq!(dec.buf.capacity(), 0, "an emptied decoder keeps no buffer");
     }
 
     #[test]

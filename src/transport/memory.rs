@@ -165,7 +165,7 @@ impl Transport for End {
     fn accept_bi(&self) -> BoxFuture<'_, Result<(SendStream, RecvStream), SessionError>> {
         Box::pin(async move {
             let (send, recv) = self.recv(&self.accept_bi).await?;
-            Ok((Box::new(send) as SendStream, Box::new(recv) as RecvStream))
+            Ok((Box::new(send) as SendStream, RecvStream::new(recv)))
         })
     }
 
@@ -181,7 +181,7 @@ impl Transport for End {
                 .map_err(|_| self.shared.error())?;
             Ok((
                 Box::new(self.guarded(my_send)) as SendStream,
-                Box::new(self.guarded(my_recv)) as RecvStream,
+                RecvStream::new(self.guarded(my_recv)),
             ))
         })
     }
@@ -201,7 +201,7 @@ impl Transport for End {
     fn accept_uni(&self) -> BoxFuture<'_, Result<RecvStream, SessionError>> {
         Box::pin(async move {
             let recv = self.recv(&self.accept_uni).await?;
-            Ok(Box::new(recv) as RecvStream)
+            Ok(RecvStream::new(recv))
         })
     }
 
@@ -330,12 +330,14 @@ mod tests {
 
         let mut uni = b.open_uni().await.unwrap();
         let mut auni = a.accept_uni().await.unwrap();
-        uni.write_all(b"x").await.unwrap();
+        uni.write_all(b"xyz").await.unwrap();
         uni.shutdown().await.unwrap();
         drop(uni);
+        assert_eq!(auni.read_chunk(2).await.unwrap().unwrap(), &b"xy"[..]);
         let mut all = Vec::new();
         auni.read_to_end(&mut all).await.unwrap();
-        assert_eq!(all, b"x");
+        assert_eq!(all, b"z");
+        assert_eq!(auni.read_chunk(2).await.unwrap(), None, "finished");
 
         a.send_datagram(Bytes::from_static(b"d")).unwrap();
         assert_eq!(b.read_datagram().await.unwrap(), Bytes::from_static(b"d"));

@@ -15,8 +15,71 @@ use super::TransportKind;
 
 /// The sending half of a stream.
 pub type SendStream = Box<dyn AsyncWrite + Send + Unpin>;
-/// The receiving half of a stream.
-pub type RecvStream = Box<dyn AsyncRead + Send + Unpin>;
+/// The receiving half of a stream: an [`AsyncRead`], which can also hand over
+/// what has arrived without a buffer of the caller's ([`read_chunk`](Self::read_chunk)).
+pub struct RecvStream(Recv);
+
+enum Recv {
+    Quic(quinn::RecvStream),
+    WebTransport(wtransport::RecvStream),
+    Other(Box<dyn AsyncRead + Send + Unpin>),
+}
+
+impl RecvStream {
+    /// A stream over any byte source (the in-memory transport's).
+    pub fn new(stream: impl AsyncRead + Send + Unpin + 'static) -> Self {
+        Self(Recv::Other(Box::new(stream)))
+    }
+
+    /// Up to `max` bytes that have arrived, in order; `None` once the peer has
+    /// finished the stream.
+    ///
+    /// Over QUIC (raw or WebTransport) this takes the bytes out of the stream's
+    /// receive buffer as they are, so a reader that spends most of its life waiting
+    /// holds no buffer of its own while it does. Cancel safe: bytes are taken only
+    /// when the future completes.
+    pub async fn read_chunk(&mut self, max: usize) -> std::io::Result<Option<Bytes>> {
+        // A WebTransport stream's header is read when the stream is accepted; what
+        // follows on the QUIC stream is the application's bytes.
+        let quic = match &mut self.0 {
+            Recv::Quic(s) => s,
+            Recv::WebTransport(s) => s.quic_stream_mut(),
+            Recv::Other(s) => {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0; max];
+                let n = s.read(&mut buf).await?;
+                buf.truncate(n);
+                return Ok((n > 0).then(|| buf.into()));
+            }
+        };
+        Ok(quic.read_chunk(max, true).await?.map(|chunk| chunk.bytes))
+    }
+}
+
+impl std::fmt::Debug for RecvStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.0 {
+            Recv::Quic(_) => "quic",
+            Recv::WebTransport(_) => "webtransport",
+            Recv::Other(_) => "other",
+        };
+        f.debug_tuple("RecvStream").field(&kind).finish()
+    }
+}
+
+impl AsyncRead for RecvStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            Recv::Quic(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Recv::WebTransport(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Recv::Other(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
 
 /// How a session ended, as seen from this side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,7 +269,7 @@ impl Transport for QuicTransport {
                 .accept_bi()
                 .await
                 .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-            Ok((Box::new(s) as SendStream, Box::new(r) as RecvStream))
+            Ok((Box::new(s) as SendStream, RecvStream(Recv::Quic(r))))
         })
     }
 
@@ -217,7 +280,7 @@ impl Transport for QuicTransport {
                 .open_bi()
                 .await
                 .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-            Ok((Box::new(s) as SendStream, Box::new(r) as RecvStream))
+            Ok((Box::new(s) as SendStream, RecvStream(Recv::Quic(r))))
         })
     }
 
@@ -239,7 +302,7 @@ impl Transport for QuicTransport {
                 .accept_uni()
                 .await
                 .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-            Ok(Box::new(r) as RecvStream)
+            Ok(RecvStream(Recv::Quic(r)))
         })
     }
 
@@ -301,7 +364,7 @@ impl Transport for WebTransportTransport {
                 .accept_bi()
                 .await
                 .map_err(|e| SessionError::Closed(wt_close(e)))?;
-            Ok((Box::new(s) as SendStream, Box::new(r) as RecvStream))
+            Ok((Box::new(s) as SendStream, RecvStream(Recv::WebTransport(r))))
         })
     }
 
@@ -313,7 +376,7 @@ impl Transport for WebTransportTransport {
                 .await
                 .map_err(|e| SessionError::Closed(wt_close(e)))?;
             let (s, r) = opening.await.map_err(opening_failed)?;
-            Ok((Box::new(s) as SendStream, Box::new(r) as RecvStream))
+            Ok((Box::new(s) as SendStream, RecvStream(Recv::WebTransport(r))))
         })
     }
 
@@ -336,7 +399,7 @@ impl Transport for WebTransportTransport {
                 .accept_uni()
                 .await
                 .map_err(|e| SessionError::Closed(wt_close(e)))?;
-            Ok(Box::new(r) as RecvStream)
+            Ok(RecvStream(Recv::WebTransport(r)))
         })
     }
 
