@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use tls::{TlsSessions, Trust, parse_pin};
@@ -882,16 +882,16 @@ async fn read_frame<M: Message + Default>(
     recv: &mut RecvStream,
     decoder: &mut FrameDecoder,
 ) -> Option<Result<M, crate::protocol::FrameError>> {
-    let mut buf = [0u8; 16 * 1024];
     loop {
         match decoder.decode::<M>() {
             Ok(Some(m)) => return Some(Ok(m)),
             Ok(None) => {}
             Err(e) => return Some(Err(e)),
         }
-        match recv.read(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => decoder.extend(&buf[..n]),
+        // The stream's own chunks: no buffer held while the reader waits.
+        match recv.read_chunk(16 * 1024).await {
+            Ok(None) | Err(_) => return None,
+            Ok(Some(bytes)) => decoder.extend(&bytes),
         }
     }
 }
