@@ -45,7 +45,7 @@ impl Connecting {
         handle: ConnectionHandle,
         conn: proto::Connection,
         endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
-        conn_events: mpsc::UnboundedReceiver<ConnectionEvent>,
+        conn_events: mpsc::UnboundedReceiver<Box<ConnectionEvent>>,
         socket: Arc<dyn AsyncUdpSocket>,
         runtime: Arc<dyn Runtime>,
     ) -> Self {
@@ -899,7 +899,7 @@ impl ConnectionRef {
         handle: ConnectionHandle,
         conn: proto::Connection,
         endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
-        conn_events: mpsc::UnboundedReceiver<ConnectionEvent>,
+        conn_events: mpsc::UnboundedReceiver<Box<ConnectionEvent>>,
         on_handshake_data: oneshot::Sender<()>,
         on_connected: oneshot::Sender<bool>,
         socket: Arc<dyn AsyncUdpSocket>,
@@ -997,7 +997,7 @@ pub(crate) struct State {
     connected: bool,
     timer: Option<Pin<Box<dyn AsyncTimer>>>,
     timer_deadline: Option<Instant>,
-    conn_events: mpsc::UnboundedReceiver<ConnectionEvent>,
+    conn_events: mpsc::UnboundedReceiver<Box<ConnectionEvent>>,
     endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
     pub(crate) blocked_writers: FxHashMap<StreamId, Waker>,
     pub(crate) blocked_readers: FxHashMap<StreamId, Waker>,
@@ -1040,7 +1040,16 @@ impl State {
                             };
                             t
                         }
-                        None => break,
+                        None => {
+                            // A burst (the handshake's flight, a large write) grows
+                            // the buffer to several datagrams, and it was kept for the
+                            // connection's life. Past one MTU it is let go; the next
+                            // transmit reserves one MTU again (vendor/quinn/PATCHES.md).
+                            if self.send_buffer.capacity() > self.inner.current_mtu() as usize {
+                                self.send_buffer = Vec::new();
+                            }
+                            break;
+                        }
                     }
                 }
             };
@@ -1095,7 +1104,7 @@ impl State {
         cx: &mut Context,
     ) -> Result<(), ConnectionError> {
         loop {
-            match self.conn_events.poll_recv(cx) {
+            match self.conn_events.poll_recv(cx).map(|event| event.map(|event| *event)) {
                 Poll::Ready(Some(ConnectionEvent::Rebind(socket))) => {
                     self.socket = socket;
                     self.io_poller = self.socket.clone().create_io_poller();

@@ -259,7 +259,7 @@ impl Endpoint {
         // Update connection socket references
         for sender in inner.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
-            let _ = sender.send(ConnectionEvent::Rebind(inner.socket.clone()));
+            let _ = sender.send(Box::new(ConnectionEvent::Rebind(inner.socket.clone())));
         }
         if let Some(driver) = inner.driver.take() {
             // Ensure the driver can register for wake-ups from the new socket
@@ -302,10 +302,10 @@ impl Endpoint {
         endpoint.recv_state.connections.close = Some((error_code, reason.clone()));
         for sender in endpoint.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
-            let _ = sender.send(ConnectionEvent::Close {
+            let _ = sender.send(Box::new(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
-            });
+            }));
         }
         self.inner.shared.incoming.notify_waiters();
     }
@@ -545,7 +545,7 @@ impl State {
                 .senders
                 .get_mut(&ch)
                 .unwrap()
-                .send(ConnectionEvent::Proto(event));
+                .send(Box::new(ConnectionEvent::Proto(event)));
         }
 
         true
@@ -596,7 +596,7 @@ fn proto_ecn(ecn: udp::EcnCodepoint) -> proto::EcnCodepoint {
 #[derive(Debug)]
 struct ConnectionSet {
     /// Senders for communicating with the endpoint's connections
-    senders: FxHashMap<ConnectionHandle, mpsc::UnboundedSender<ConnectionEvent>>,
+    senders: FxHashMap<ConnectionHandle, mpsc::UnboundedSender<Box<ConnectionEvent>>>,
     /// Stored to give out clones to new ConnectionInners
     sender: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
     /// Set if the endpoint has been manually closed
@@ -611,12 +611,16 @@ impl ConnectionSet {
         socket: Arc<dyn AsyncUdpSocket>,
         runtime: Arc<dyn Runtime>,
     ) -> Connecting {
+        // The events are boxed: tokio allocates an unbounded channel's first block
+        // of 32 slots when the channel is made, and a `ConnectionEvent` is about
+        // 176 bytes, so every connection held 5.6 KiB for a queue that is nearly
+        // always empty. Boxed, a slot is a pointer (vendor/quinn/PATCHES.md).
         let (send, recv) = mpsc::unbounded_channel();
         if let Some((error_code, ref reason)) = self.close {
-            send.send(ConnectionEvent::Close {
+            send.send(Box::new(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
-            })
+            }))
             .unwrap();
         }
         self.senders.insert(handle, send);
@@ -824,7 +828,7 @@ impl RecvState {
                                         .senders
                                         .get_mut(&handle)
                                         .unwrap()
-                                        .send(ConnectionEvent::Proto(event));
+                                        .send(Box::new(ConnectionEvent::Proto(event)));
                                 }
                                 Some(DatagramEvent::Response(transmit)) => {
                                     respond(transmit, &response_buffer, socket);
