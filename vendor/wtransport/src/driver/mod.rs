@@ -14,7 +14,7 @@ use crate::error::SendDatagramError;
 use crate::stream::OpeningBiStream;
 use crate::stream::OpeningUniStream;
 use crate::SessionId;
-use tokio::sync::mpsc;
+use boxed_mpsc as mpsc;
 use tokio::sync::Mutex;
 use tracing::debug;
 use tracing::debug_span;
@@ -673,5 +673,6 @@ mod worker {
     }
 }
 
+mod boxed_mpsc;
 pub(crate) mod streams;
 pub(crate) mod utils;
