@@ -299,8 +299,12 @@ impl Gateway {
         };
         // What the client missed, then live events. Requests are read only after
         // this, so a response proves the session's subscriptions are in place.
+        // Boxed, as are the sends in `serve`: the task lives as long as the session
+        // and is as large as its largest phase, and this one (the catch-up of what
+        // the client missed) and a send in progress are brief. Inline, they made
+        // every session's task 3.1 KiB instead of 2.4.
         let setup = tokio::select! {
-            r = self.services.connected(&ctx, &resume) => r,
+            r = Box::pin(self.services.connected(&ctx, &resume)) => r,
             _ = conn.pushes.slow() => Ok(()),
             _ = session.closed() => Ok(()),
         };
@@ -438,7 +442,7 @@ impl Gateway {
                             .as_mut()
                             .reset(tokio::time::Instant::now() + token.remaining(now));
                         if let Action::Send(reply) = control.completed(id, reply)
-                            && let Err(end) = self.send(out, reply).await
+                            && let Err(end) = Box::pin(self.send(out, reply)).await
                         {
                             return end;
                         }
@@ -451,7 +455,7 @@ impl Gateway {
                             self.metrics.frame_rejected();
                             self.metrics.error(code);
                         }
-                        if let Err(end) = self.send(out, reply).await {
+                        if let Err(end) = Box::pin(self.send(out, reply)).await {
                             return end;
                         }
                     }
@@ -484,7 +488,7 @@ impl Gateway {
                 }
                 Some((id, reply)) = replies.recv() => {
                     if let Action::Send(reply) = control.completed(id, *reply)
-                        && let Err(end) = self.send(out, reply).await
+                        && let Err(end) = Box::pin(self.send(out, reply)).await
                     {
                         return end;
                     }
