@@ -576,7 +576,15 @@ impl Iter {
         let ty = self.bytes.get::<FrameType>()?;
         self.last_ty = Some(ty);
         Ok(match ty {
-            FrameType::PADDING => Frame::Padding,
+            FrameType::PADDING => {
+                // A run of padding is yielded as one frame. Every zero byte is a
+                // PADDING frame of its own (RFC 9000, 19.1), and a padded datagram
+                // (a client's Initial, an MTU probe) carries a thousand of them;
+                // yielding each one cost more than the rest of the packet.
+                let run = self.bytes.iter().take_while(|&&b| b == 0).count();
+                self.bytes.advance(run);
+                Frame::Padding
+            }
             FrameType::RESET_STREAM => Frame::ResetStream(ResetStream {
                 id: self.bytes.get()?,
                 error_code: self.bytes.get()?,
