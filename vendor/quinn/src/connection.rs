@@ -1041,13 +1041,12 @@ impl State {
                             t
                         }
                         None => {
-                            // A burst (the handshake's flight, a large write) grows
-                            // the buffer to several datagrams, and it was kept for the
-                            // connection's life. Past one MTU it is let go; the next
-                            // transmit reserves one MTU again (vendor/quinn/PATCHES.md).
-                            if self.send_buffer.capacity() > self.inner.current_mtu() as usize {
-                                self.send_buffer = Vec::new();
-                            }
+                            // Nothing more to send: the buffer is let go, so an idle
+                            // connection holds none (a burst grew it to several
+                            // datagrams, and it was kept for the connection's life).
+                            // The next transmit reserves one MTU again
+                            // (vendor/quinn/PATCHES.md).
+                            self.send_buffer = Vec::new();
                             break;
                         }
                     }
