@@ -192,52 +192,20 @@ impl Gateway {
             );
             return;
         };
-        let deadline =
-            tokio::time::Instant::from_std(accepted.started + self.config.timeouts.handshake);
-        let hello = tokio::select! {
-            r = tokio::time::timeout_at(deadline, self.read_hello(&session)) => r,
-            _ = self.stop.cancelled() => {
-                self.metrics.closed_with(CloseCode::GoingAway);
-                session.close(CloseCode::GoingAway as u32, "server shutting down");
-                return;
-            }
-        };
-        let (send, recv, decoder, claims, resume) = match hello {
-            Err(_elapsed) => {
-                tracing::debug!("no Hello in time");
-                self.metrics.closed_with(CloseCode::HandshakeTimeout);
-                session.close(CloseCode::HandshakeTimeout as u32, "no Hello in time");
-                return;
-            }
-            Ok(Err(HelloFailure::Gone)) => return,
-            Ok(Err(HelloFailure::Refused(send, code, message))) => {
-                self.refuse(&session, send, code, message).await;
-                return;
-            }
-            Ok(Ok(ok)) => ok,
-        };
-        let Some(_user) = self
-            .users
-            .enter(claims.sub.clone(), self.config.limits.max_sessions_per_user)
+        // The Hello and the checks on it are a phase of their own, boxed: the task
+        // lives as long as the session and is as large as its largest phase, and
+        // the Hello (264 bytes) and a refusal's send (about 1 KiB) are brief.
+        let Some(Admitted {
+            send,
+            recv,
+            decoder,
+            claims,
+            resume,
+            _user,
+        }) = Box::pin(self.admit(&session, accepted.started)).await
         else {
-            let message = format!(
-                "{} has {} sessions open already",
-                claims.sub, self.config.limits.max_sessions_per_user
-            );
-            self.refuse(&session, send, CloseCode::TooManyConnections, message)
-                .await;
             return;
         };
-
-        if let Some(nodes) = self.directory.get().and_then(|d| d.redirect(self.active())) {
-            let mut close = v1::Close::new(
-                CloseCode::Redirect,
-                "this node has more than its share of sessions: connect to the first node listed",
-            );
-            close.nodes = nodes;
-            self.refuse_with(&session, send, close).await;
-            return;
-        }
         let kind = session.kind();
         let session_id = format!("{}-{id}", self.config.node_id);
         let welcome = v1::Welcome {
@@ -408,6 +376,64 @@ impl Gateway {
         conn.pushes.abort();
         conn.report_transfer();
         self.metrics.session_ended(kind);
+    }
+
+    /// Reads the session's Hello and admits it: `None` when it was refused (told
+    /// why) or gone. The guard counts the session against its user's limit.
+    async fn admit(&self, session: &Session, started: std::time::Instant) -> Option<Admitted<'_>> {
+        let deadline = tokio::time::Instant::from_std(started + self.config.timeouts.handshake);
+        let hello = tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.read_hello(session)) => r,
+            _ = self.stop.cancelled() => {
+                self.metrics.closed_with(CloseCode::GoingAway);
+                session.close(CloseCode::GoingAway as u32, "server shutting down");
+                return None;
+            }
+        };
+        let (send, recv, decoder, claims, resume) = match hello {
+            Err(_elapsed) => {
+                tracing::debug!("no Hello in time");
+                self.metrics.closed_with(CloseCode::HandshakeTimeout);
+                session.close(CloseCode::HandshakeTimeout as u32, "no Hello in time");
+                return None;
+            }
+            Ok(Err(HelloFailure::Gone)) => return None,
+            Ok(Err(HelloFailure::Refused(send, code, message))) => {
+                self.refuse(session, send, code, message).await;
+                return None;
+            }
+            Ok(Ok(ok)) => ok,
+        };
+        let Some(_user) = self
+            .users
+            .enter(claims.sub.clone(), self.config.limits.max_sessions_per_user)
+        else {
+            let message = format!(
+                "{} has {} sessions open already",
+                claims.sub, self.config.limits.max_sessions_per_user
+            );
+            self.refuse(session, send, CloseCode::TooManyConnections, message)
+                .await;
+            return None;
+        };
+
+        if let Some(nodes) = self.directory.get().and_then(|d| d.redirect(self.active())) {
+            let mut close = v1::Close::new(
+                CloseCode::Redirect,
+                "this node has more than its share of sessions: connect to the first node listed",
+            );
+            close.nodes = nodes;
+            self.refuse_with(session, send, close).await;
+            return None;
+        }
+        Some(Admitted {
+            send,
+            recv,
+            decoder,
+            claims,
+            resume,
+            _user,
+        })
     }
 
     /// Reads the control stream and answers requests until the session ends.
@@ -753,6 +779,17 @@ impl Drop for ActiveGuard<'_> {
 
 /// `Hello.resume`: stream name → last offset the client has.
 type Resume = std::collections::HashMap<String, u64>;
+
+/// A session whose Hello was read and accepted: its control stream, what was
+/// already read of it, who it is, what it resumes, and its place in its user's count.
+struct Admitted<'a> {
+    send: SendStream,
+    recv: RecvStream,
+    decoder: FrameDecoder,
+    claims: Claims,
+    resume: Resume,
+    _user: limits::TallyGuard<'a, String>,
+}
 
 enum HelloFailure {
     /// The peer went away.
