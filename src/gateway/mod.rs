@@ -16,7 +16,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -224,7 +223,10 @@ impl Gateway {
             token_expires_at_ms: claims.exp.saturating_mul(1000),
             nodes: self.directory.get().map(|d| d.nodes()).unwrap_or_default(),
         };
-        let (control_tx, control_rx) = mpsc::channel(self.config.limits.control_queue_frames);
+        // The session's queues are flume's: about 150 bytes each until used, where
+        // a tokio channel takes about 1 KiB when made (cache-line padding and a
+        // first block of 32 slots), and a session holds two for its whole life.
+        let (control_tx, control_rx) = flume::bounded(self.config.limits.control_queue_frames);
         let stalled = CancellationToken::new();
         let control_bytes = Arc::new(ByteBudget::new(self.config.limits.control_queue_bytes));
         let writer = tokio::spawn(write_control(
@@ -235,7 +237,7 @@ impl Gateway {
             stalled.clone(),
         ));
         if control_tx
-            .send((Box::new(frame(server_frame::Kind::Welcome(welcome))), 0))
+            .send_async((Box::new(frame(server_frame::Kind::Welcome(welcome))), 0))
             .await
             .is_err()
         {
@@ -307,8 +309,7 @@ impl Gateway {
         let mut control = Control::new(decoder, self.config.limits.max_inflight_requests);
         // Request tasks answer here; never more than `max_inflight` at once, so a
         // task never waits to hand in its answer.
-        let (replies_tx, mut replies) =
-            mpsc::channel(self.config.limits.max_inflight_requests.max(1));
+        let (replies_tx, replies) = flume::bounded(self.config.limits.max_inflight_requests.max(1));
         let out = ControlOut {
             tx: &control_tx,
             bytes: &control_bytes,
@@ -322,7 +323,7 @@ impl Gateway {
                 &mut control,
                 &mut token,
                 &replies_tx,
-                &mut replies,
+                &replies,
                 out,
             )
             .await;
@@ -344,13 +345,13 @@ impl Gateway {
                 let linger = self.config.timeouts.close_linger;
                 let _ = tokio::time::timeout(linger, async {
                     while control.inflight() > 0 {
-                        let Some((id, reply)) = replies.recv().await else {
+                        let Ok((id, reply)) = replies.recv_async().await else {
                             break;
                         };
                         let Action::Send(reply) = control.completed(id, *reply) else {
                             continue;
                         };
-                        if control_tx.send((Box::new(reply), 0)).await.is_err() {
+                        if control_tx.send_async((Box::new(reply), 0)).await.is_err() {
                             break;
                         }
                     }
@@ -365,11 +366,11 @@ impl Gateway {
         // the session (they are tasks of their own); its subscriptions are removed
         // only after the last one, so none can subscribe the ended session again.
         while control.inflight() > 0 {
-            match replies.recv().await {
-                Some((id, reply)) => {
+            match replies.recv_async().await {
+                Ok((id, reply)) => {
                     control.completed(id, *reply);
                 }
-                None => break,
+                Err(_) => break,
             }
         }
         self.services.disconnected(&ctx).await;
@@ -445,8 +446,8 @@ impl Gateway {
         mut recv: RecvStream,
         control: &mut Control,
         token: &mut SessionToken,
-        replies_tx: &mpsc::Sender<Reply>,
-        replies: &mut mpsc::Receiver<Reply>,
+        replies_tx: &flume::Sender<Reply>,
+        replies: &flume::Receiver<Reply>,
         out: ControlOut<'_>,
     ) -> End {
         let mut rtt_sample = tokio::time::interval(RTT_SAMPLE_EVERY);
@@ -512,7 +513,7 @@ impl Gateway {
                 _ = conn.control_stalled.cancelled() => {
                     return End::Close(CloseCode::SlowConsumer, "control stream not read: reconnect and resume".into());
                 }
-                Some((id, reply)) = replies.recv() => {
+                Ok((id, reply)) = replies.recv_async() => {
                     if let Action::Send(reply) = control.completed(id, *reply)
                         && let Err(end) = self.send(out, reply).await
                     {
@@ -570,13 +571,13 @@ impl Gateway {
         }
         // A zero duration still takes a free slot (the send is tried first).
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match out.tx.send_timeout((Box::new(reply), len), left).await {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                out.bytes.release(len);
-                Err(slow())
-            }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(End::Gone),
+        match tokio::time::timeout(left, out.tx.send_async((Box::new(reply), len))).await {
+            Ok(Ok(())) => Ok(()),
+            // The bytes taken are not given back: the session closes as a slow
+            // consumer and takes no more, and a frame that the writer took just as
+            // the wait ran out gives them back once written.
+            Err(_elapsed) => Err(slow()),
+            Ok(Err(_disconnected)) => Err(End::Gone),
         }
     }
 
@@ -618,7 +619,7 @@ impl Gateway {
             message = close.message,
             "session refused"
         );
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, rx) = flume::bounded(1);
         let writer = tokio::spawn(write_control(
             send,
             rx,
@@ -637,7 +638,7 @@ impl Gateway {
         conn: &Arc<Connection>,
         ctx: &SessionCtx,
         req: v1::Request,
-        replies: &mpsc::Sender<Reply>,
+        replies: &flume::Sender<Reply>,
     ) {
         let task = handle_request(
             conn.clone(),
@@ -691,7 +692,7 @@ impl Gateway {
     async fn close(
         &self,
         session: &Session,
-        control: &mpsc::Sender<Queued>,
+        control: &flume::Sender<Queued>,
         writer: tokio::task::JoinHandle<()>,
         code: CloseCode,
         message: String,
@@ -717,7 +718,7 @@ impl Gateway {
     async fn close_with(
         &self,
         session: &Session,
-        control: &mpsc::Sender<Queued>,
+        control: &flume::Sender<Queued>,
         mut writer: tokio::task::JoinHandle<()>,
         close: v1::Close,
     ) {
@@ -729,7 +730,7 @@ impl Gateway {
         let linger = self.config.timeouts.close_linger;
         let close = frame(server_frame::Kind::Close(close));
         let _ = tokio::time::timeout(linger, async {
-            if control.send((Box::new(close), 0)).await.is_ok() {
+            if control.send_async((Box::new(close), 0)).await.is_ok() {
                 // The writer ends once the Close frame is written and the stream
                 // finished; the client closes the session when it has read it.
                 let _ = (&mut writer).await;
@@ -748,14 +749,14 @@ impl Gateway {
 type Queued = (Box<ServerFrame>, usize);
 
 /// A request's answer on its way back to the session loop: its id and the frame,
-/// boxed so that the channel's slots (allocated 32 at a time, when the session
-/// starts) stay small: 16 bytes instead of a `ServerFrame`'s 152.
+/// boxed so that the queue's slots, which it keeps once grown, stay small: 16
+/// bytes instead of a `ServerFrame`'s 152.
 type Reply = (u64, Box<ServerFrame>);
 
 /// Where the serve loop queues control frames.
 #[derive(Clone, Copy)]
 struct ControlOut<'a> {
-    tx: &'a mpsc::Sender<Queued>,
+    tx: &'a flume::Sender<Queued>,
     bytes: &'a ByteBudget,
     /// Cancelled when the writer stopped on a stream that took nothing.
     stalled: &'a CancellationToken,
@@ -1011,13 +1012,13 @@ async fn datagram_loop(
 /// then a slow consumer, even when its queue never fills.
 async fn write_control(
     mut send: SendStream,
-    mut rx: mpsc::Receiver<Queued>,
+    rx: flume::Receiver<Queued>,
     bytes: Arc<ByteBudget>,
     patience: Duration,
     stalled: CancellationToken,
 ) {
     let mut buf = BytesMut::new();
-    while let Some((first, taken)) = rx.recv().await {
+    while let Ok((first, taken)) = rx.recv_async().await {
         let mut last_is_close = matches!(first.kind, Some(server_frame::Kind::Close(_)));
         let mut taken_total = taken;
         crate::protocol::encode_frame(&first, &mut buf);
