@@ -14,7 +14,7 @@ use crate::error::SendDatagramError;
 use crate::stream::OpeningBiStream;
 use crate::stream::OpeningUniStream;
 use crate::SessionId;
-use boxed_mpsc as mpsc;
+use lean_mpsc as mpsc;
 use tokio::sync::Mutex;
 use tracing::debug;
 use tracing::debug_span;
@@ -676,6 +676,6 @@ mod worker {
     }
 }
 
-mod boxed_mpsc;
+mod lean_mpsc;
 pub(crate) mod streams;
 pub(crate) mod utils;

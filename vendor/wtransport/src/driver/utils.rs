@@ -1,7 +1,7 @@
 use crate::StreamId;
 use crate::VarInt;
 use std::sync::Arc;
-use crate::driver::boxed_mpsc as mpsc;
+use crate::driver::lean_mpsc as mpsc;
 use tokio::sync::watch;
 use tokio::sync::Mutex;
 
