@@ -41,6 +41,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (the server, then the load-test smoke run against the built binary)"
 cargo build --workspace --locked --bins --examples
 cargo test --workspace --locked
+# The queues the vendored quinn and wtransport use are Tutti's own (their PATCHES.md).
+cargo test --locked -p quinn -p wtransport --lib
 
 step "web client: install, build, unit and browser tests"
 npm --prefix web ci --no-audit --no-fund

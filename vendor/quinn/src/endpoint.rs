@@ -596,7 +596,7 @@ fn proto_ecn(ecn: udp::EcnCodepoint) -> proto::EcnCodepoint {
 #[derive(Debug)]
 struct ConnectionSet {
     /// Senders for communicating with the endpoint's connections
-    senders: FxHashMap<ConnectionHandle, mpsc::UnboundedSender<Box<ConnectionEvent>>>,
+    senders: FxHashMap<ConnectionHandle, crate::event_queue::Sender<Box<ConnectionEvent>>>,
     /// Stored to give out clones to new ConnectionInners
     sender: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
     /// Set if the endpoint has been manually closed
@@ -611,17 +611,16 @@ impl ConnectionSet {
         socket: Arc<dyn AsyncUdpSocket>,
         runtime: Arc<dyn Runtime>,
     ) -> Connecting {
-        // The events are boxed: tokio allocates an unbounded channel's first block
-        // of 32 slots when the channel is made, and a `ConnectionEvent` is about
-        // 176 bytes, so every connection held 5.6 KiB for a queue that is nearly
-        // always empty. Boxed, a slot is a pointer (vendor/quinn/PATCHES.md).
-        let (send, recv) = mpsc::unbounded_channel();
+        // The events are boxed: a `ConnectionEvent` is about 176 bytes, and a
+        // queue keeps the slots it grew to, so boxed a slot is a pointer
+        // (`event_queue`, vendor/quinn/PATCHES.md).
+        let (send, recv) = crate::event_queue::channel();
         if let Some((error_code, ref reason)) = self.close {
-            send.send(Box::new(ConnectionEvent::Close {
+            let sent = send.send(Box::new(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
-            }))
-            .unwrap();
+            }));
+            debug_assert!(sent.is_ok(), "the receiver is right here");
         }
         self.senders.insert(handle, send);
         Connecting::new(handle, conn, self.sender.clone(), recv, socket, runtime)

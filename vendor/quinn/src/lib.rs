@@ -45,6 +45,7 @@ use std::sync::Arc;
 
 mod connection;
 mod endpoint;
+mod event_queue;
 mod incoming;
 mod mutex;
 mod recv_stream;
@@ -89,9 +90,6 @@ pub use crate::runtime::SmolRuntime;
 pub use crate::runtime::TokioRuntime;
 pub use crate::runtime::{AsyncTimer, AsyncUdpSocket, Runtime, UdpPoller, default_runtime};
 pub use crate::send_stream::{SendStream, StoppedError, WriteError};
-
-#[cfg(test)]
-mod tests;
 
 #[derive(Debug)]
 enum ConnectionEvent {
