@@ -31,6 +31,7 @@ both_transports!(
     clients_share_one_endpoint,
     a_reconnect_resumes_the_tls_session,
     a_client_whose_address_changes_keeps_its_session,
+    a_key_update_keeps_the_session,
     a_server_on_bbr_answers_and_pushes,
 );
 
@@ -199,6 +200,25 @@ async fn a_client_whose_address_changes_keeps_its_session(t: TransportKind) {
         "one session throughout"
     );
     assert_eq!(s.server().metrics().active(t), 1);
+}
+
+async fn a_key_update_keeps_the_session(t: TransportKind) {
+    let s = TestServer::start().await;
+    let c = s.connect(t, "alice").await;
+    assert_eq!(&c.echo(b"one".to_vec(), false).await.unwrap()[..], b"one");
+    // The client moves to the next key phase; the server derives that phase's
+    // keys when the first packet in it arrives (they are not kept in advance),
+    // answers in it, and the session goes on both ways.
+    c.update_keys();
+    assert_eq!(&c.echo(b"two".to_vec(), true).await.unwrap()[..], b"two");
+    match c.next_event().await {
+        Some(Event::Push(StreamKind::System, p)) => match p.event {
+            Some(push::Event::Echo(e)) => assert_eq!(&e.payload[..], b"two"),
+            other => panic!("unexpected push {other:?}"),
+        },
+        other => panic!("unexpected event {other:?}"),
+    }
+    assert_eq!(s.server().metrics().value("sessions.accepted"), Some(1.0));
 }
 
 /// The server's count of resumed TLS handshakes.

@@ -612,6 +612,13 @@ impl Client {
         self.shared.session.kind()
     }
 
+    /// Starts a TLS key update on the connection (RFC 9001, section 6): its
+    /// packets move to new keys and the session goes on. QUIC stacks do this
+    /// themselves before a key wears out; this starts one now.
+    pub fn update_keys(&self) {
+        self.shared.session.update_keys()
+    }
+
     /// Sends a request and waits for its response.
     pub async fn request(&self, body: request::Body) -> Result<response::Body, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

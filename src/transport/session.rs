@@ -132,6 +132,10 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     fn transferred(&self) -> (u64, u64);
     /// The current round-trip time estimate.
     fn rtt(&self) -> Duration;
+    /// Starts a TLS key update: the connection's packets move to new keys (QUIC
+    /// key phases, RFC 9001 section 6) and the session goes on. Transports
+    /// without packet keys ignore it.
+    fn update_keys(&self) {}
 }
 
 /// A session over any [`Transport`]. Cloning is cheap (one reference count).
@@ -217,6 +221,11 @@ impl Session {
     /// The current round-trip time estimate.
     pub fn rtt(&self) -> Duration {
         self.0.rtt()
+    }
+
+    /// Starts a TLS key update; see [`Transport::update_keys`].
+    pub fn update_keys(&self) {
+        self.0.update_keys()
     }
 }
 
@@ -346,6 +355,10 @@ impl Transport for QuicTransport {
     fn rtt(&self) -> Duration {
         self.0.rtt()
     }
+
+    fn update_keys(&self) {
+        self.0.force_key_update();
+    }
 }
 
 /// WebTransport over HTTP/3.
@@ -443,5 +456,9 @@ impl Transport for WebTransportTransport {
 
     fn rtt(&self) -> Duration {
         self.0.rtt()
+    }
+
+    fn update_keys(&self) {
+        self.0.quic_connection().force_key_update();
     }
 }

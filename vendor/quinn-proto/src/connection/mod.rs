@@ -2191,14 +2191,9 @@ impl Connection {
             "already reached packet space {space:?}"
         );
         trace!("{:?} keys ready", space);
-        if space == SpaceId::Data {
-            // Precompute the first key update
-            self.next_crypto = Some(
-                self.crypto
-                    .next_1rtt_keys()
-                    .expect("handshake should be complete"),
-            );
-        }
+        // The keys of the next key phase are derived when first needed (a packet in
+        // the next phase arrives, or a key update starts), not here: a connection
+        // that never updates its keys does not hold them (about 0.9 KiB).
 
         self.spaces[space].crypto = Some(crypto);
         debug_assert!(space as usize > self.highest_space as usize);
@@ -3540,6 +3535,15 @@ impl Connection {
         now: Instant,
         packet: &mut Packet,
     ) -> Result<Option<u64>, Option<TransportError>> {
+        if self.next_crypto.is_none()
+            && packet.header.is_1rtt()
+            && packet.header.key_phase() != self.key_phase
+        {
+            // A packet in another key phase than ours: it may need the next phase's
+            // keys. Deriving them is deterministic, so a forged packet only moves
+            // this derivation earlier.
+            self.next_crypto = self.crypto.next_1rtt_keys();
+        }
         let result = packet_crypto::decrypt_packet_body(
             packet,
             &self.spaces,
@@ -3575,10 +3579,15 @@ impl Connection {
         // Generate keys for the key phase after the one we're switching to, store them in
         // `next_crypto`, make the contents of `next_crypto` current, and move the current keys into
         // `prev_crypto`.
-        let new = self
-            .crypto
-            .next_1rtt_keys()
-            .expect("only called for `Data` packets");
+        // The next phase's keys become current; the phase after it gets its keys
+        // when first needed (see `decrypt_packet`).
+        let new = match self.next_crypto.take() {
+            Some(keys) => keys,
+            None => self
+                .crypto
+                .next_1rtt_keys()
+                .expect("only called for `Data` packets"),
+        };
         self.key_phase_size = new
             .local
             .confidentiality_limit()
@@ -3589,7 +3598,7 @@ impl Connection {
                 .as_mut()
                 .unwrap() // safe because update_keys() can only be triggered by short packets
                 .packet,
-            mem::replace(self.next_crypto.as_mut().unwrap(), new),
+            new,
         );
         self.spaces[SpaceId::Data].sent_with_keys = 0;
         self.prev_crypto = Some(PrevCrypto {

@@ -101,7 +101,9 @@ pub(super) fn decrypt_packet_body(
         // lower-numbered packet. The key phase mismatch must therefore represent a new
         // remotely-initiated key update.
         crypto_update = true;
-        &next_crypto.unwrap().remote
+        // Derived by the caller for a packet in another key phase; without them
+        // (no 1-RTT keys yet) the packet is dropped.
+        &next_crypto.ok_or(None)?.remote
     };
 
     crypto
