@@ -881,6 +881,9 @@ const LONG_RESERVED_BITS: u8 = 0x0c;
 const KEY_PHASE_BIT: u8 = 0x04;
 
 /// Packet number space identifiers
+// Crate-internal since the spaces are indexed through `Spaces` rather than an array
+// (vendor/quinn-proto/PATCHES.md): `pub` as published.
+#[allow(unreachable_pub)]
 #[derive(Debug, Copy, Clone, Eq, PartialEq, Ord, PartialOrd)]
 pub enum SpaceId {
     /// Unprotected packets, used to bootstrap the handshake
@@ -891,6 +894,7 @@ pub enum SpaceId {
 }
 
 impl SpaceId {
+    #[allow(unreachable_pub)]
     pub fn iter() -> impl Iterator<Item = Self> {
         [Self::Initial, Self::Handshake, Self::Data].iter().cloned()
     }

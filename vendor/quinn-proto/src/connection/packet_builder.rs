@@ -78,9 +78,12 @@ impl PacketBuilder {
             }
         }
 
+        // The thread's generator, a CSPRNG like the `StdRng` each connection kept
+        // before (320 bytes of it; PATCHES.md).
+        let mut rng = rand::rng();
         let space = &mut conn.spaces[space_id];
         let exact_number = match space_id {
-            SpaceId::Data => conn.packet_number_filter.allocate(&mut conn.rng, space),
+            SpaceId::Data => conn.packet_number_filter.allocate(&mut rng, space),
             _ => space.get_tx_number(),
         };
 
@@ -94,7 +97,7 @@ impl PacketBuilder {
                 spin: if conn.spin_enabled {
                     conn.spin
                 } else {
-                    conn.rng.random()
+                    rng.random()
                 },
                 key_phase: conn.key_phase,
             },
@@ -124,7 +127,7 @@ impl PacketBuilder {
             }),
         };
         let partial_encode = header.encode(buffer);
-        if conn.peer_params.grease_quic_bit && conn.rng.random() {
+        if conn.peer_params.grease_quic_bit && rng.random() {
             buffer[partial_encode.start] ^= FIXED_BIT;
         }
 
