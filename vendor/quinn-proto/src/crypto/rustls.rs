@@ -39,16 +39,88 @@ pub struct TlsSession {
     version: Version,
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    inner: Tls,
     suite: Suite,
 }
 
+/// The rustls connection while it has work to do, then what is still asked of it.
+///
+/// A server's rustls connection has nothing left to do once the handshake is over and
+/// its session tickets are written: QUIC carries no TLS records, clients send no TLS
+/// message after their Finished, and the keys of later key phases come from the
+/// secrets kept in [`TlsSession::next_secrets`]. It still held about 2.5 KiB per
+/// connection (its state, the handshake's leftovers, and a TLS record layer QUIC never
+/// uses), so a server keeps only what [`crypto::Session`] is asked afterwards.
+enum Tls {
+    Live(Box<Connection>),
+    Done(Box<Finished>),
+}
+
+/// What a server's session answers once its rustls connection is let go.
+struct Finished {
+    protocol: Option<Vec<u8>>,
+    server_name: Option<String>,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
+    #[cfg(feature = "__rustls-post-quantum-test")]
+    negotiated_key_exchange_group: NamedGroup,
+}
+
 impl TlsSession {
-    fn side(&self) -> Side {
-        match self.inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
+    fn new(version: Version, suite: Suite, inner: Connection) -> Self {
+        Self {
+            version,
+            got_handshake_data: false,
+            next_secrets: None,
+            inner: Tls::Live(Box::new(inner)),
+            suite,
         }
+    }
+
+    fn side(&self) -> Side {
+        match &self.inner {
+            Tls::Live(inner) => match **inner {
+                Connection::Client(_) => Side::Client,
+                Connection::Server(_) => Side::Server,
+            },
+            Tls::Done(_) => Side::Server,
+        }
+    }
+
+    /// Lets a server's rustls connection go once the handshake is over and all it had
+    /// to write is written (see [`Tls`]).
+    fn release_if_done(&mut self) {
+        let Tls::Live(inner) = &self.inner else {
+            return;
+        };
+        let Connection::Server(server) = &**inner else {
+            return;
+        };
+        if server.is_handshaking() || server.wants_write() {
+            return;
+        }
+        self.inner = Tls::Done(Box::new(Finished {
+            protocol: server.alpn_protocol().map(Vec::from),
+            server_name: server.server_name().map(String::from),
+            peer_certificates: server
+                .peer_certificates()
+                .map(|v| v.iter().map(|c| c.clone().into_owned()).collect()),
+            #[cfg(feature = "__rustls-post-quantum-test")]
+            negotiated_key_exchange_group: server
+                .negotiated_key_exchange_group()
+                .expect("key exchange group is negotiated")
+                .name(),
+        }));
+    }
+}
+
+/// The error for TLS data that arrives after a server's handshake is over: a TLS 1.3
+/// client sends nothing after its Finished over QUIC, as rustls would also answer.
+fn after_handshake() -> TransportError {
+    TransportError {
+        // unexpected_message
+        code: TransportErrorCode::crypto(10),
+        frame: None,
+        reason: "TLS data after the handshake".into(),
     }
 }
 
@@ -61,15 +133,25 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
+        let inner = match &self.inner {
+            Tls::Live(inner) => inner,
+            Tls::Done(done) => {
+                return Some(Box::new(HandshakeData {
+                    protocol: done.protocol.clone(),
+                    server_name: done.server_name.clone(),
+                    #[cfg(feature = "__rustls-post-quantum-test")]
+                    negotiated_key_exchange_group: done.negotiated_key_exchange_group,
+                }));
+            }
+        };
         Some(Box::new(HandshakeData {
-            protocol: self.inner.alpn_protocol().map(|x| x.into()),
-            server_name: match self.inner {
+            protocol: inner.alpn_protocol().map(|x| x.into()),
+            server_name: match **inner {
                 Connection::Client(_) => None,
                 Connection::Server(ref session) => session.server_name().map(|x| x.into()),
             },
             #[cfg(feature = "__rustls-post-quantum-test")]
-            negotiated_key_exchange_group: self
-                .inner
+            negotiated_key_exchange_group: inner
                 .negotiated_key_exchange_group()
                 .expect("key exchange group is negotiated")
                 .name(),
@@ -78,7 +160,16 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|v| -> Box<dyn Any> {
+        let inner = match &self.inner {
+            Tls::Live(inner) => inner,
+            Tls::Done(done) => {
+                return done
+                    .peer_certificates
+                    .clone()
+                    .map(|v| -> Box<dyn Any> { Box::new(v) });
+            }
+        };
+        inner.peer_certificates().map(|v| -> Box<dyn Any> {
             Box::new(
                 v.iter()
                     .map(|v| v.clone().into_owned())
@@ -88,24 +179,36 @@ impl crypto::Session for TlsSession {
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
-        let keys = self.inner.zero_rtt_keys()?;
+        let Tls::Live(inner) = &self.inner else {
+            return None;
+        };
+        let keys = inner.zero_rtt_keys()?;
         Some((Box::new(keys.header), Box::new(keys.packet)))
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
-        match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
-            _ => None,
+        match &self.inner {
+            Tls::Live(inner) => match **inner {
+                Connection::Client(ref session) => Some(session.is_early_data_accepted()),
+                _ => None,
+            },
+            Tls::Done(_) => None,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        match &self.inner {
+            Tls::Live(inner) => inner.is_handshaking(),
+            Tls::Done(_) => false,
+        }
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        self.inner.read_hs(buf).map_err(|e| {
-            if let Some(alert) = self.inner.alert() {
+        let Tls::Live(inner) = &mut self.inner else {
+            return Err(after_handshake());
+        };
+        inner.read_hs(buf).map_err(|e| {
+            if let Some(alert) = inner.alert() {
                 TransportError {
                     code: TransportErrorCode::crypto(alert.into()),
                     frame: None,
@@ -119,11 +222,11 @@ impl crypto::Session for TlsSession {
             // Hack around the lack of an explicit signal from rustls to reflect ClientHello being
             // ready on incoming connections, or ALPN negotiation completing on outgoing
             // connections.
-            let have_server_name = match self.inner {
+            let have_server_name = match **inner {
                 Connection::Client(_) => false,
                 Connection::Server(ref session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if inner.alpn_protocol().is_some() || have_server_name || !inner.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -132,7 +235,11 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        let Tls::Live(inner) = &self.inner else {
+            // Read during the handshake, never asked afterwards.
+            return Ok(None);
+        };
+        match inner.quic_transport_parameters() {
             None => Ok(None),
             Some(buf) => match TransportParameters::read(self.side(), &mut io::Cursor::new(buf)) {
                 Ok(params) => Ok(Some(params)),
@@ -142,7 +249,15 @@ impl crypto::Session for TlsSession {
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
+        let Tls::Live(inner) = &mut self.inner else {
+            return None;
+        };
+        let change = inner.write_hs(buf);
+        if change.is_none() {
+            // Everything the connection had to write is in `buf` now.
+            self.release_if_done();
+        }
+        let keys = match change? {
             KeyChange::Handshake { keys } => keys,
             KeyChange::OneRtt { keys, next } => {
                 self.next_secrets = Some(next);
@@ -204,7 +319,11 @@ impl crypto::Session for TlsSession {
         label: &[u8],
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
-        self.inner
+        // A server's exporter secret goes with its rustls connection (see `Tls`).
+        let Tls::Live(inner) = &self.inner else {
+            return Err(ExportKeyingMaterialError);
+        };
+        inner
             .export_keying_material(output, label, Some(context))
             .map_err(|_| ExportKeyingMaterialError)?;
         Ok(())
@@ -361,11 +480,10 @@ impl crypto::ClientConfig for QuicClientConfig {
         params: &TransportParameters,
     ) -> Result<Box<dyn crypto::Session>, ConnectError> {
         let version = interpret_version(version)?;
-        Ok(Box::new(TlsSession {
+        Ok(Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Client(
+            self.initial,
+            rustls::quic::Connection::Client(
                 rustls::quic::ClientConnection::new(
                     self.inner.clone(),
                     version,
@@ -376,8 +494,7 @@ impl crypto::ClientConfig for QuicClientConfig {
                 )
                 .unwrap(),
             ),
-            suite: self.initial,
-        }))
+        )))
     }
 }
 
@@ -517,16 +634,14 @@ impl crypto::ServerConfig for QuicServerConfig {
     ) -> Box<dyn crypto::Session> {
         // Safe: `start_session()` is never called if `initial_keys()` rejected `version`
         let version = interpret_version(version).unwrap();
-        Box::new(TlsSession {
+        Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Server(
+            self.initial,
+            rustls::quic::Connection::Server(
                 rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
                     .unwrap(),
             ),
-            suite: self.initial,
-        })
+        ))
     }
 
     fn initial_keys(
