@@ -300,12 +300,6 @@ impl Gateway {
             self.metrics.session_ended(kind);
             return;
         }
-        let datagrams = tokio::spawn(datagram_loop(
-            conn.clone(),
-            ctx.clone(),
-            self.services.clone(),
-            self.config.limits.max_datagram_size,
-        ));
         let mut control = Control::new(decoder, self.config.limits.max_inflight_requests);
         // Request tasks answer here; never more than `max_inflight` at once, so a
         // task never waits to hand in its answer.
@@ -327,7 +321,6 @@ impl Gateway {
                 out,
             )
             .await;
-        datagrams.abort();
         drop(replies_tx);
         // A control writer that gave up on an unread stream ends the loop as if the
         // session were gone; it is a slow consumer, and told so.
@@ -455,6 +448,12 @@ impl Gateway {
         // tokio's clock measures the wait, so tests can run it on paused time.
         let expiry = tokio::time::sleep(token.remaining(unix_millis()));
         tokio::pin!(expiry);
+        // Datagrams are read here rather than by a task of their own (a task per
+        // session is about 0.35 KiB); their handling never waits. The read is kept
+        // across iterations, and a new one is made only when it completes.
+        let max_datagram = self.config.limits.max_datagram_size;
+        let mut datagram = conn.session.read_datagram();
+        let mut datagrams_open = true;
         loop {
             // Frames already buffered are handled before reading more.
             while let Some(action) = control.poll_action(unix_millis()) {
@@ -520,6 +519,14 @@ impl Gateway {
                         return end;
                     }
                 }
+                read = &mut datagram, if datagrams_open => match read {
+                    Ok(data) => {
+                        received_datagram(conn, ctx, &self.services, max_datagram, data);
+                        datagram = conn.session.read_datagram();
+                    }
+                    // The session is closing; the control stream ends the loop.
+                    Err(_) => datagrams_open = false,
+                },
                 read = recv.read_chunk(READ_CHUNK) => match read {
                     Ok(None) => {
                         let Action::Close(code, message) = control.finished() else {
@@ -970,37 +977,35 @@ async fn answer(
     )
 }
 
-/// Answers datagram pings until the session ends.
-async fn datagram_loop(
-    conn: Arc<Connection>,
-    ctx: SessionCtx,
-    services: Arc<Services>,
+/// Handles one datagram from the client: a ping is answered, anything else goes to
+/// the services (typing indicators, cursors). Oversized or undecodable datagrams are
+/// dropped, as datagrams may be.
+fn received_datagram(
+    conn: &Connection,
+    ctx: &SessionCtx,
+    services: &Services,
     max_size: usize,
+    data: Bytes,
 ) {
-    let mut out = BytesMut::new();
-    while let Ok(data) = conn.session.read_datagram().await {
-        if data.len() > max_size {
-            continue;
+    if data.len() > max_size {
+        return;
+    }
+    let Ok(dgram) = Datagram::decode(data) else {
+        return;
+    };
+    match dgram.kind {
+        Some(datagram::Kind::Ping(p)) => {
+            let pong = Datagram {
+                kind: Some(datagram::Kind::Pong(v1::DatagramPong {
+                    nonce: p.nonce,
+                    sent_at_us: p.sent_at_us,
+                    server_time_ms: unix_millis(),
+                })),
+            };
+            conn.send_datagram(pong.encode_to_vec().into());
         }
-        let Ok(dgram) = Datagram::decode(data) else {
-            continue;
-        };
-        match dgram.kind {
-            Some(datagram::Kind::Ping(p)) => {
-                let pong = Datagram {
-                    kind: Some(datagram::Kind::Pong(v1::DatagramPong {
-                        nonce: p.nonce,
-                        sent_at_us: p.sent_at_us,
-                        server_time_ms: unix_millis(),
-                    })),
-                };
-                out.clear();
-                pong.encode(&mut out).expect("BytesMut grows");
-                conn.send_datagram(Bytes::copy_from_slice(&out));
-            }
-            Some(other) => services.datagram(&ctx, other),
-            None => {}
-        }
+        Some(other) => services.datagram(ctx, other),
+        None => {}
     }
 }
 

@@ -188,9 +188,10 @@ impl Session {
         self.0.send_datagram(data)
     }
 
-    /// Waits for the next datagram.
-    pub async fn read_datagram(&self) -> Result<Bytes, SessionError> {
-        self.0.read_datagram().await
+    /// Waits for the next datagram. The future is boxed (and so `Unpin`): a caller
+    /// may keep it across loop iterations and poll it by reference.
+    pub fn read_datagram(&self) -> BoxFuture<'_, Result<Bytes, SessionError>> {
+        self.0.read_datagram()
     }
 
     /// The largest datagram payload the path allows now, if datagrams are supported.
