@@ -449,11 +449,15 @@ impl Gateway {
         let expiry = tokio::time::sleep(token.remaining(unix_millis()));
         tokio::pin!(expiry);
         // Datagrams are read here rather than by a task of their own (a task per
-        // session is about 0.35 KiB); their handling never waits. The read is kept
-        // across iterations, and a new one is made only when it completes.
+        // session is about 0.35 KiB); their handling never waits. This read and the
+        // wait for request answers are kept across iterations, and a new one is
+        // made only when one completes: a flume wait that goes pending registers
+        // (allocates) a waiter, which a wait made anew each iteration would redo.
         let max_datagram = self.config.limits.max_datagram_size;
         let mut datagram = conn.session.read_datagram();
         let mut datagrams_open = true;
+        let mut answer = replies.recv_async();
+        let mut answers_open = true;
         loop {
             // Frames already buffered are handled before reading more.
             while let Some(action) = control.poll_action(unix_millis()) {
@@ -512,11 +516,18 @@ impl Gateway {
                 _ = conn.control_stalled.cancelled() => {
                     return End::Close(CloseCode::SlowConsumer, "control stream not read: reconnect and resume".into());
                 }
-                Ok((id, reply)) = replies.recv_async() => {
-                    if let Action::Send(reply) = control.completed(id, *reply)
-                        && let Err(end) = self.send(out, reply).await
-                    {
-                        return end;
+                received = &mut answer, if answers_open => {
+                    answer = replies.recv_async();
+                    match received {
+                        Ok((id, reply)) => {
+                            if let Action::Send(reply) = control.completed(id, *reply)
+                                && let Err(end) = self.send(out, reply).await
+                            {
+                                return end;
+                            }
+                        }
+                        // Not while the caller holds `replies_tx`.
+                        Err(_) => answers_open = false,
                     }
                 }
                 read = &mut datagram, if datagrams_open => match read {

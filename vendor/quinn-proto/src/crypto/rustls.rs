@@ -103,7 +103,7 @@ impl TlsSession {
             server_name: server.server_name().map(String::from),
             peer_certificates: server
                 .peer_certificates()
-                .map(|v| v.iter().map(|c| c.clone().into_owned()).collect()),
+                .map(owned),
             #[cfg(feature = "__rustls-post-quantum-test")]
             negotiated_key_exchange_group: server
                 .negotiated_key_exchange_group()
@@ -111,6 +111,11 @@ impl TlsSession {
                 .name(),
         }));
     }
+}
+
+/// The peer's certificate chain, owned.
+fn owned(certificates: &[CertificateDer<'_>]) -> Vec<CertificateDer<'static>> {
+    certificates.iter().map(|c| c.clone().into_owned()).collect()
 }
 
 /// The error for TLS data that arrives after a server's handshake is over: a TLS 1.3
@@ -160,22 +165,11 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        let inner = match &self.inner {
-            Tls::Live(inner) => inner,
-            Tls::Done(done) => {
-                return done
-                    .peer_certificates
-                    .clone()
-                    .map(|v| -> Box<dyn Any> { Box::new(v) });
-            }
+        let certificates = match &self.inner {
+            Tls::Live(inner) => inner.peer_certificates().map(owned),
+            Tls::Done(done) => done.peer_certificates.clone(),
         };
-        inner.peer_certificates().map(|v| -> Box<dyn Any> {
-            Box::new(
-                v.iter()
-                    .map(|v| v.clone().into_owned())
-                    .collect::<Vec<CertificateDer<'static>>>(),
-            )
-        })
+        certificates.map(|v| -> Box<dyn Any> { Box::new(v) })
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
