@@ -159,7 +159,7 @@ async fn start_inner(
     let quic_addr = endpoint.local_addr()?;
     let commits = metrics.clone();
     let writer_options = WriterOptions {
-        linger: config.commit_linger,
+        interval: config.commit_interval,
         quick_repair: config.quick_repair,
     };
     let (writer, writer_thread) = Writer::spawn_with(

@@ -159,9 +159,9 @@ pub type CommitObserver = Arc<dyn Fn(usize, std::time::Duration) + Send + Sync>;
 /// How the writer commits.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WriterOptions {
-    /// How long a batch waits after its first write for more to join it (see
+    /// The least time between the starts of two commits (see
     /// [`Writer::spawn_with`]).
-    pub linger: Duration,
+    pub interval: Duration,
     /// Commit with redb's quick repair: each commit also records the allocator
     /// state (and commits in two phases), so opening after a crash does not walk
     /// the database to rebuild it. It costs CPU on every commit: 70 against 31 us
@@ -180,10 +180,15 @@ impl Writer {
         Self::spawn_with(db, observer, WriterOptions::default())
     }
 
-    /// [`Writer::spawn`] with options. With a `linger`, it waits that long after
-    /// the first write of a batch for more to join it: fewer commits (each costs
-    /// the same CPU however many writes it holds) for at most `linger` more latency
-    /// per write.
+    /// [`Writer::spawn`] with options.
+    ///
+    /// A commit costs about the same CPU however many writes it holds. With an
+    /// `interval`, a commit starts no sooner than that after the previous
+    /// one started: while writes come slower than one per interval, each commits at
+    /// once; when they come faster, those that arrive meanwhile wait for the next
+    /// commit and share it. Busy, the writer commits at most once per interval
+    /// (its CPU no longer grows with the write rate) for at most `interval` more
+    /// latency per write; idle, it adds nothing.
     pub fn spawn_with(
         db: impl Into<Target>,
         observer: Option<CommitObserver>,
@@ -274,11 +279,15 @@ fn run(
     options: WriterOptions,
 ) {
     let mut batch = Vec::with_capacity(64);
+    let mut last_start: Option<Instant> = None;
     while let Some(first) = rx.blocking_recv() {
         gate.wait_open();
         batch.push(first);
-        if !options.linger.is_zero() {
-            std::thread::sleep(options.linger);
+        if let Some(wait) = last_start
+            .map(|last| (last + options.interval).saturating_duration_since(Instant::now()))
+            .filter(|wait| !wait.is_zero())
+        {
+            std::thread::sleep(wait);
         }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -287,6 +296,7 @@ fn run(
             }
         }
         let started = Instant::now();
+        last_start = Some(started);
         let n = batch.len();
         let answers = commit_batch(&db.db(), std::mem::take(&mut batch), options.quick_repair);
         if let Some(observe) = &observer {
@@ -455,6 +465,53 @@ mod tests {
         assert!(n < 200, "group commit should batch; {n} commits");
         let txn = db.begin_read().unwrap();
         assert_eq!(txn.open_table(T).unwrap().len().unwrap(), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_an_interval_writes_arriving_meanwhile_share_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("db")).unwrap());
+        let commits = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c = commits.clone();
+        let interval = Duration::from_millis(500);
+        let options = WriterOptions {
+            interval,
+            ..Default::default()
+        };
+        let (writer, thread) = Writer::spawn_with(
+            db.clone(),
+            Some(Arc::new(move |n, took| {
+                // The observer runs right after the commit: its start is `took` ago.
+                c.lock().unwrap().push((n, Instant::now() - took));
+            })),
+            options,
+        );
+        let write = |w: &Writer, i: u64| {
+            let w = w.clone();
+            tokio::spawn(async move {
+                w.write(move |txn| {
+                    txn.open_table(T)?.insert(i, i)?;
+                    Ok(())
+                })
+                .await
+            })
+        };
+        // The first write finds no commit before it and commits at once.
+        write(&writer, 0).await.unwrap().unwrap();
+        // The next ones arrive within the interval: one commit takes them all.
+        let writes: Vec<_> = (1..=20).map(|i| write(&writer, i)).collect();
+        for w in futures_util::future::join_all(writes).await {
+            w.unwrap().unwrap();
+        }
+        drop(writer);
+        thread.join().unwrap();
+        let commits = commits.lock().unwrap();
+        let sizes: Vec<usize> = commits.iter().map(|(n, _)| *n).collect();
+        assert_eq!(sizes, [1, 20]);
+        // (Each start is known to within the observer's call, hence the margin.)
+        assert!(commits[1].1 - commits[0].1 >= interval * 9 / 10);
+        let read = db.begin_read().unwrap();
+        assert_eq!(read.open_table(T).unwrap().len().unwrap(), 21);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
