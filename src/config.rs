@@ -93,9 +93,10 @@ impl Config {
 }
 
 /// `commit_interval` by default: for at most 5 ms more latency per write, a
-/// busy node commits at most 200 times a second; at 10,000 and 40,000 chat
-/// deliveries a second that took 20% off the server's CPU per delivery, and its
-/// pinned knee rose by a fifth (docs/BENCHMARKS.md).
+/// busy node commits at most 200 times a second. At 10,000 and 40,000 chat
+/// deliveries a second that took 22% and 17% off the server's CPU per delivery,
+/// and a server on one core kept up with 85,000 a second, where it fell behind
+/// without it (docs/BENCHMARKS.md, "What each change bought").
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The longest `commit_interval`: every write may wait this long, and the update
