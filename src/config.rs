@@ -97,7 +97,7 @@ impl Config {
 /// deliveries a second that took 22% and 17% off the server's CPU per delivery,
 /// and a server on one core kept up with 85,000 a second, where it fell behind
 /// without it (docs/BENCHMARKS.md, "What each change bought").
-pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(5);
+const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The longest `commit_interval`: every write may wait this long, and the update
 /// latency target (p99) is 100 ms.
