@@ -43,6 +43,9 @@ cargo build --workspace --locked --bins --examples
 cargo test --workspace --locked
 # The queues the vendored quinn and wtransport use are Tutti's own (their PATCHES.md).
 cargo test --locked -p quinn -p wtransport --lib
+# The vendored quinn-proto with its own protocol tests and those of Tutti's changes
+# (vendor/quinn-proto/PATCHES.md); a workspace of its own, for their dev-dependencies.
+cargo test --locked --lib --manifest-path vendor/quinn-proto/Cargo.toml --target-dir target
 
 step "web client: install, build, unit and browser tests"
 npm --prefix web ci --no-audit --no-fund

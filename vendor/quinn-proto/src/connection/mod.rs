@@ -1339,6 +1339,23 @@ impl Connection {
         &*self.crypto
     }
 
+    /// Whether the Initial and Handshake packet spaces are let go (for tests).
+    #[cfg(test)]
+    pub(crate) fn early_spaces_released(&self) -> bool {
+        self.spaces.early_released()
+    }
+
+    /// Queues `data` as CRYPTO data in the 1-RTT space, where a TLS 1.3 endpoint sends
+    /// nothing after its handshake but session tickets (for tests of what a peer does
+    /// with more).
+    #[cfg(test)]
+    pub(crate) fn queue_1rtt_crypto(&mut self, data: Bytes) {
+        let space = &mut self.spaces[SpaceId::Data];
+        let offset = space.crypto_offset;
+        space.crypto_offset += data.len() as u64;
+        space.pending.crypto.push_back(frame::Crypto { offset, data });
+    }
+
     /// Whether the connection is in the process of being established
     ///
     /// If this returns `false`, the connection may be either established or closed, signaled by the

@@ -293,6 +293,12 @@ impl Spaces {
     pub(super) fn release_early(&mut self) {
         self.early = None;
     }
+
+    /// Whether the Initial and Handshake spaces are let go (for tests).
+    #[cfg(test)]
+    pub(super) fn early_released(&self) -> bool {
+        self.early.is_none()
+    }
 }
 
 /// What a released Initial or Handshake space reads as: one new, empty space per thread,

@@ -1,0 +1,110 @@
+//! Tests of Tutti's changes to quinn-proto (PATCHES.md), on the same simulated
+//! network as quinn-proto's own tests.
+
+use super::*;
+
+/// The Initial and Handshake spaces are let go once the handshake is over, and stay
+/// let go through what looks at every space afterwards: stream data both ways, a
+/// lost flight, the loss probes and retransmissions that recover it, and idle ACKs.
+#[test]
+fn early_spaces_are_released_after_the_handshake_and_stay_released() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, server_ch) = pair.connect();
+    pair.drive();
+    assert!(pair.client_conn_mut(client_ch).early_spaces_released());
+    assert!(pair.server_conn_mut(server_ch).early_spaces_released());
+
+    const MSG: &[u8] = b"hello";
+    let s = pair.client_streams(client_ch).open(Dir::Bi).unwrap();
+    pair.client_send(client_ch, s).write(MSG).unwrap();
+    pair.drive_client();
+    // Lose the client's flight: the stream data comes back by a loss probe.
+    assert!(!pair.server.inbound.is_empty());
+    pair.server.inbound.clear();
+    pair.drive();
+    assert!(pair.client_conn_mut(client_ch).stats().path.lost_packets > 0);
+    assert_matches!(
+        pair.server_streams(server_ch).accept(Dir::Bi),
+        Some(stream) if stream == s
+    );
+    let mut recv = pair.server_recv(server_ch, s);
+    let mut chunks = recv.read(false).unwrap();
+    assert_matches!(
+        chunks.next(usize::MAX),
+        Ok(Some(chunk)) if chunk.offset == 0 && chunk.bytes == MSG
+    );
+    let _ = chunks.finalize();
+    pair.server_send(server_ch, s).write(MSG).unwrap();
+    pair.drive();
+
+    assert!(pair.client_conn_mut(client_ch).early_spaces_released());
+    assert!(pair.server_conn_mut(server_ch).early_spaces_released());
+}
+
+/// A client sends no TLS message after its Finished over QUIC (RFC 9001, 6: not even
+/// a KeyUpdate). A server that has let its rustls connection go refuses one the way
+/// rustls would: it closes the connection with `unexpected_message`.
+#[test]
+fn a_server_refuses_tls_data_after_its_handshake() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, server_ch) = pair.connect();
+    pair.drive();
+    // A TLS 1.3 KeyUpdate message: type 24, length 1, update_not_requested.
+    pair.client_conn_mut(client_ch)
+        .queue_1rtt_crypto(Bytes::from_static(&[24, 0, 0, 1, 0]));
+    pair.drive();
+    let unexpected_message = TransportErrorCode::crypto(10);
+    assert_matches!(
+        pair.client_conn_mut(client_ch).poll(),
+        Some(Event::ConnectionLost { reason: ConnectionError::ConnectionClosed(close) })
+            if close.error_code == unexpected_message
+    );
+    assert_matches!(
+        pair.server_conn_mut(server_ch).poll(),
+        Some(Event::ConnectionLost { reason: ConnectionError::TransportError(e) })
+            if e.code == unexpected_message
+    );
+}
+
+/// What a server is asked about its handshake after its rustls connection is let go:
+/// the negotiated protocol and the server name are kept; exporting keying material is
+/// what it can no longer do (a client still can).
+#[test]
+fn a_server_keeps_its_handshake_data_after_letting_rustls_go() {
+    let _guard = subscribe();
+    let server_config = ServerConfig::with_crypto(Arc::new(server_crypto_with_alpn(vec![
+        "foo".into(),
+        "bar".into(),
+    ])));
+    let mut pair = Pair::new(Arc::new(EndpointConfig::default()), server_config);
+    let client_config = ClientConfig::new(Arc::new(client_crypto_with_alpn(vec![
+        "bar".into(),
+    ])));
+    let (client_ch, server_ch) = pair.connect_with(client_config);
+    pair.drive();
+
+    let server = pair.server_conn_mut(server_ch);
+    let data = server
+        .crypto_session()
+        .handshake_data()
+        .unwrap()
+        .downcast::<crypto::rustls::HandshakeData>()
+        .unwrap();
+    assert_eq!(data.protocol.as_deref(), Some(&b"bar"[..]));
+    assert_eq!(data.server_name.as_deref(), Some("localhost"));
+    let mut buf = [0u8; 32];
+    assert!(
+        server
+            .crypto_session()
+            .export_keying_material(&mut buf, b"label", b"context")
+            .is_err()
+    );
+    assert!(
+        pair.client_conn_mut(client_ch)
+            .crypto_session()
+            .export_keying_material(&mut buf, b"label", b"context")
+            .is_ok()
+    );
+}
