@@ -41,10 +41,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (the server, then the load-test smoke run against the built binary)"
 cargo build --workspace --locked --bins --examples
 cargo test --workspace --locked
-# The queues the vendored quinn and wtransport use are Tutti's own (their PATCHES.md).
-cargo test --locked -p quinn -p wtransport --lib
-# The vendored quinn-proto with its own protocol tests and those of Tutti's changes
-# (vendor/quinn-proto/PATCHES.md); a workspace of its own, for their dev-dependencies.
+# The vendored quinn, quinn-proto and wtransport carry changes of Tutti's (their
+# PATCHES.md): their own tests, and those of the changes. quinn and quinn-proto are
+# workspaces of their own, for their dev-dependencies.
+cargo test --locked -p wtransport --lib
+cargo test --locked --lib --manifest-path vendor/quinn/Cargo.toml --target-dir target
 cargo test --locked --lib --manifest-path vendor/quinn-proto/Cargo.toml --target-dir target
 
 step "web client: install, build, unit and browser tests"
