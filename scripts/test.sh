@@ -43,10 +43,9 @@ cargo build --workspace --locked --bins --examples
 cargo test --workspace --locked
 # The vendored quinn, quinn-proto and wtransport carry changes of Tutti's (their
 # PATCHES.md): their own tests, and those of the changes. quinn and quinn-proto are
-# workspaces of their own, for their dev-dependencies.
+# a workspace of their own (vendor/Cargo.toml), for their dev-dependencies.
 cargo test --locked -p wtransport --lib
-cargo test --locked --lib --manifest-path vendor/quinn/Cargo.toml --target-dir target
-cargo test --locked --lib --manifest-path vendor/quinn-proto/Cargo.toml --target-dir target
+cargo test --locked --workspace --lib --manifest-path vendor/Cargo.toml --target-dir target
 
 step "web client: install, build, unit and browser tests"
 npm --prefix web ci --no-audit --no-fund
