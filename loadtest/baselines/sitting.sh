@@ -2,6 +2,7 @@
 # Server CPU per delivery and knees, Tutti and Socket.IO side by side in one sitting.
 #
 #   loadtest/baselines/sitting.sh [--skip-build] [--no-knee] [--no-pinned]
+#   loadtest/baselines/sitting.sh [--skip-build] --pairs=N
 #   loadtest/baselines/sitting.sh --table=loadtest/results/sitting-...   (the table again)
 #
 # Runs, one after the other on this machine:
@@ -13,21 +14,27 @@
 #   3. the same knees pinned: the server on CPU 0 (`--server-cpus 0`), the
 #      generator on the other CPUs (`taskset -c 1-`).
 # Then prints one table: server CPU per delivery over the measured window (the
-# first figure), p50/p99, and the knees. JSON reports go to
-# loadtest/results/sitting-<UTC time>/. Loopback only; every run has a timeout.
+# first figure), p50/p99, and the knees. With --pairs=N it runs only N rounds of
+# Tutti raw QUIC against Socket.IO wss:// at 40,000 then 10,000 deliveries/s,
+# alternated (Tutti first in odd rounds, Socket.IO first in even ones, so that a
+# drift of the host weighs on both), and prints each round's CPU per delivery and
+# ratio. JSON reports go to loadtest/results/sitting-<UTC time>/. Loopback only;
+# every run has a timeout.
 set -euo pipefail
 
 BUILD=1
 KNEE=1
 PINNED=1
 TABLE_ONLY=""
+PAIRS=0
 for a in "$@"; do
   case "$a" in
     --table=*) TABLE_ONLY="${a#--table=}" ;;
+    --pairs=*) PAIRS="${a#--pairs=}" ;;
     --skip-build) BUILD=0 ;;
     --no-knee) KNEE=0 ;;
     --no-pinned) PINNED=0 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "sitting.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -67,6 +74,23 @@ sio() { # name scenario [args...]
   (cd "$SIO" && timeout 900 node load.js --scenario-file "$SCEN/$scenario" --quiet --json "$OUT/sio-$name.json" "$@") >/dev/null || true
 }
 
+if [ "$PAIRS" -gt 0 ]; then
+  for r in $(seq "$PAIRS"); do
+    if [ $((r % 2)) = 1 ]; then
+      tutti "quic-40k-$r" chat-fanout-40k.toml
+      sio "wss-40k-$r" chat-fanout-40k.toml --rate 40000 --tls 1
+      tutti "quic-10k-$r" chat-fanout.toml
+      sio "wss-10k-$r" chat-fanout.toml --tls 1
+    else
+      sio "wss-40k-$r" chat-fanout-40k.toml --rate 40000 --tls 1
+      tutti "quic-40k-$r" chat-fanout-40k.toml
+      sio "wss-10k-$r" chat-fanout.toml --tls 1
+      tutti "quic-10k-$r" chat-fanout.toml
+    fi
+  done
+  echo "$PAIRS" > "$OUT/pairs"
+  return
+fi
 tutti quic-10k chat-fanout.toml
 tutti wt-10k chat-fanout.toml --transport webtransport
 sio ws-10k chat-fanout.toml
@@ -116,6 +140,36 @@ knee() { # label file
         ($cpu | if . == null then "?" else (. * 10 | round / 10 | tostring) end) ]
     | "| " + join(" | ") + " |"' "$f"
 }
+cpu() { # file: the window CPU per delivery, or nothing
+  [ -f "$OUT/$1" ] && jq -r '(.details.server_cpu_us_per_delivery // .server.cpu_us_per_delivery // empty)' "$OUT/$1"
+}
+[ -f "$OUT/pairs" ] && PAIRS=$(cat "$OUT/pairs")
+if [ "$PAIRS" -gt 0 ]; then
+  {
+    echo "| rate | round | Tutti raw QUIC (us per delivery) | Socket.IO wss:// (us per delivery) | ratio |"
+    echo "| --- | --- | --- | --- | --- |"
+    for rate in 40k 10k; do
+      ratios=()
+      for r in $(seq "$PAIRS"); do
+        t=$(cpu "tutti-quic-$rate-$r.json"); w=$(cpu "sio-wss-$rate-$r.json")
+        if [ -n "$t" ] && [ -n "$w" ]; then
+          ratio=$(awk -v t="$t" -v w="$w" 'BEGIN { printf "%.2f", t / w }')
+          ratios+=("$ratio")
+          awk -v rate="$rate" -v r="$r" -v t="$t" -v w="$w" -v q="$ratio" \
+            'BEGIN { printf "| %s/s | %s | %.1f | %.1f | %s |\n", rate, r, t, w, q }'
+        else
+          echo "| $rate/s | $r | ${t:-(no report)} | ${w:-(no report)} | |"
+        fi
+      done
+      if ((${#ratios[@]})); then
+        printf '%s\n' "${ratios[@]}" | awk -v rate="$rate" \
+          '{ s += $1; n++ } END { printf "| %s/s | mean of %d | | | %.2f |\n", rate, n, s / n }'
+      fi
+    done
+  } | tee "$OUT/table.md"
+  log "reports in $OUT"
+  exit 0
+fi
 {
   echo "| run | server CPU per delivery (us, measured window) | deliveries/s | p50 ms | p99 ms |"
   echo "| --- | --- | --- | --- | --- |"
