@@ -280,15 +280,27 @@ fn run(
 ) {
     let mut batch = Vec::with_capacity(64);
     let mut last_start: Option<Instant> = None;
-    while let Some(first) = rx.blocking_recv() {
-        gate.wait_open();
-        batch.push(first);
+    loop {
+        // The interval is waited out before the queue is looked at: what arrives
+        // meanwhile shares the next commit, and a busy writer wakes once per commit
+        // (its timer) rather than also for the first write of each, which its
+        // sender would have to wake it for.
         if let Some(wait) = last_start
             .map(|last| (last + options.interval).saturating_duration_since(Instant::now()))
             .filter(|wait| !wait.is_zero())
         {
             std::thread::sleep(wait);
         }
+        let first = match rx.try_recv() {
+            Ok(job) => job,
+            Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
+                Some(job) => job,
+                None => return,
+            },
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+        };
+        gate.wait_open();
+        batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
