@@ -38,6 +38,7 @@ for a in "$@"; do
     *) echo "sitting.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
+[[ "$PAIRS" =~ ^[0-9]+$ ]] || { echo "sitting.sh: --pairs takes a number of rounds" >&2; exit 2; }
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SIO=$ROOT/loadtest/baselines/socketio
@@ -74,19 +75,20 @@ sio() { # name scenario [args...]
   (cd "$SIO" && timeout 900 node load.js --scenario-file "$SCEN/$scenario" --quiet --json "$OUT/sio-$name.json" "$@") >/dev/null || true
 }
 
+pair() { # round rate scenario [socket.io args...]: Tutti first in odd rounds
+  local r=$1 rate=$2 scenario=$3; shift 3
+  if [ $((r % 2)) = 1 ]; then
+    tutti "quic-$rate-$r" "$scenario"
+    sio "wss-$rate-$r" "$scenario" "$@" --tls 1
+  else
+    sio "wss-$rate-$r" "$scenario" "$@" --tls 1
+    tutti "quic-$rate-$r" "$scenario"
+  fi
+}
 if [ "$PAIRS" -gt 0 ]; then
   for r in $(seq "$PAIRS"); do
-    if [ $((r % 2)) = 1 ]; then
-      tutti "quic-40k-$r" chat-fanout-40k.toml
-      sio "wss-40k-$r" chat-fanout-40k.toml --rate 40000 --tls 1
-      tutti "quic-10k-$r" chat-fanout.toml
-      sio "wss-10k-$r" chat-fanout.toml --tls 1
-    else
-      sio "wss-40k-$r" chat-fanout-40k.toml --rate 40000 --tls 1
-      tutti "quic-40k-$r" chat-fanout-40k.toml
-      sio "wss-10k-$r" chat-fanout.toml --tls 1
-      tutti "quic-10k-$r" chat-fanout.toml
-    fi
+    pair "$r" 40k chat-fanout-40k.toml --rate 40000
+    pair "$r" 10k chat-fanout.toml
   done
   echo "$PAIRS" > "$OUT/pairs"
   return
@@ -119,12 +121,13 @@ fi
 # The table. Tutti's reports keep the window CPU per delivery in
 # details.server_cpu_us_per_delivery, Socket.IO's in server.cpu_us_per_delivery;
 # both keep it per knee step.
+WINDOW_CPU='(.details.server_cpu_us_per_delivery // .server.cpu_us_per_delivery // null)'
 row() { # label file
   local f=$OUT/$2
   [ -f "$f" ] || { printf '| %s | (no report) | | | |\n' "$1"; return; }
-  jq -r --arg l "$1" '
+  jq -r --arg l "$1" "$WINDOW_CPU as \$cpu | "'
     [ $l,
-      ((.details.server_cpu_us_per_delivery // .server.cpu_us_per_delivery // null) | if . == null then "?" else (. * 10 | round / 10 | tostring) end),
+      ($cpu | if . == null then "?" else (. * 10 | round / 10 | tostring) end),
       ((.throughput.deliveries_per_sec // 0) | round | tostring),
       ((.latency_ms.p50 // 0) * 100 | round / 100 | tostring),
       ((.latency_ms.p99 // 0) * 100 | round / 100 | tostring) ]
@@ -141,7 +144,7 @@ knee() { # label file
     | "| " + join(" | ") + " |"' "$f"
 }
 cpu() { # file: the window CPU per delivery, or nothing
-  [ -f "$OUT/$1" ] && jq -r '(.details.server_cpu_us_per_delivery // .server.cpu_us_per_delivery // empty)' "$OUT/$1"
+  [ -f "$OUT/$1" ] && jq -r "$WINDOW_CPU // empty" "$OUT/$1"
 }
 [ -f "$OUT/pairs" ] && PAIRS=$(cat "$OUT/pairs")
 if [ "$PAIRS" -gt 0 ]; then
