@@ -488,6 +488,7 @@ pub struct AckFrequencyConfig {
     pub(crate) ack_eliciting_threshold: VarInt,
     pub(crate) max_ack_delay: Option<Duration>,
     pub(crate) reordering_threshold: VarInt,
+    pub(crate) exact_max_ack_delay: bool,
 }
 
 impl AckFrequencyConfig {
@@ -512,12 +513,29 @@ impl AckFrequencyConfig {
     /// an ACK when the ack-eliciting threshold hasn't been reached.
     ///
     /// The effective `max_ack_delay` will be clamped to be at least the peer's `min_ack_delay`
-    /// transport parameter, and at most the greater of the current path RTT or 25ms.
+    /// transport parameter, and at most the greater of the current path RTT or 25ms (unless
+    /// [`exact_max_ack_delay`](Self::exact_max_ack_delay) is set).
     ///
     /// Defaults to `None`, in which case the peer's original `max_ack_delay` will be used, as
     /// obtained from its transport parameters.
     pub fn max_ack_delay(&mut self, value: Option<Duration>) -> &mut Self {
         self.max_ack_delay = value;
+        self
+    }
+
+    /// Whether the configured [`max_ack_delay`](Self::max_ack_delay) is requested as it is
+    ///
+    /// By default the requested delay is clamped to at most the greater of the current path
+    /// RTT or 25ms. With `true`, a configured `max_ack_delay` is requested as it is (still at
+    /// least the peer's `min_ack_delay`), above the RTT too. That suits a sender of sparse,
+    /// application-limited traffic (a few small packets a second per connection), for which
+    /// one ACK per packet costs more than the slower recovery of a lost last packet: its
+    /// probe timeout includes the requested delay. Losses followed by other packets are
+    /// still found at once if the [`reordering_threshold`](Self::reordering_threshold) is 1.
+    ///
+    /// Defaults to `false`. (A change of Tutti's vendored copy, see `PATCHES.md`.)
+    pub fn exact_max_ack_delay(&mut self, value: bool) -> &mut Self {
+        self.exact_max_ack_delay = value;
         self
     }
 
@@ -546,6 +564,7 @@ impl Default for AckFrequencyConfig {
             ack_eliciting_threshold: VarInt(1),
             max_ack_delay: None,
             reordering_threshold: VarInt(2),
+            exact_max_ack_delay: false,
         }
     }
 }

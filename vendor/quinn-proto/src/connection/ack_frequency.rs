@@ -46,12 +46,15 @@ impl AckFrequencyState {
         // Use the peer's max_ack_delay if no custom max_ack_delay was provided in the config
         let candidate = config.max_ack_delay.unwrap_or(self.peer_max_ack_delay);
 
-        // Must be no smaller than the `min_ack_delay` advertised by the peer
-        Ord::max(
+        // Tutti's change (PATCHES.md): a configured delay asked for as it is
+        let candidate = match config.max_ack_delay {
+            Some(configured) if config.exact_max_ack_delay => configured,
             // Should be less than the RTT (itself at least `MIN_AUTOMATIC_ACK_DELAY`)
-            Ord::min(candidate, Ord::max(rtt, MIN_AUTOMATIC_ACK_DELAY)),
-            min_ack_delay,
-        )
+            _ => Ord::min(candidate, Ord::max(rtt, MIN_AUTOMATIC_ACK_DELAY)),
+        };
+
+        // Must be no smaller than the `min_ack_delay` advertised by the peer
+        Ord::max(candidate, min_ack_delay)
     }
 
     /// Returns the `max_ack_delay` for the purposes of calculating the PTO

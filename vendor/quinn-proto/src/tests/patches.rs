@@ -108,3 +108,100 @@ fn a_server_keeps_its_handshake_data_after_letting_rustls_go() {
             .is_ok()
     );
 }
+
+/// Connects a client that asks the server, by an ACK_FREQUENCY frame, to wait up to
+/// 200 ms before acknowledging (`exact`: as configured; otherwise clamped to the
+/// RTT, here 20 ms, or 25 ms), and returns the delay the server acknowledged a
+/// PING after.
+fn ack_delay_of_a_ping(exact: bool) -> Duration {
+    let mut client_config = client_config_with_deterministic_pns();
+    let mut ack_frequency = AckFrequencyConfig::default();
+    ack_frequency
+        .ack_eliciting_threshold(10u32.into())
+        .max_ack_delay(Some(Duration::from_millis(200)))
+        .reordering_threshold(1u32.into())
+        .exact_max_ack_delay(exact);
+    Arc::get_mut(&mut client_config.transport)
+        .unwrap()
+        .ack_frequency_config(Some(ack_frequency))
+        .mtu_discovery_config(None);
+    let mut pair = Pair::default_with_deterministic_pns();
+    pair.latency = Duration::from_millis(10);
+    let (client_ch, server_ch) = pair.connect_with(client_config);
+    pair.drive();
+    assert_eq!(
+        pair.server_conn_mut(server_ch).stats().frame_rx.ack_frequency,
+        1
+    );
+
+    pair.client_conn_mut(client_ch).ping();
+    pair.drive_client();
+    pair.time += pair.latency;
+    pair.drive_server();
+    let received = pair.time;
+    let acks = pair.server_conn_mut(server_ch).stats().frame_tx.acks;
+    // Step through time until the server acknowledges the PING.
+    for _ in 0..100 {
+        pair.time += Duration::from_millis(5);
+        pair.drive_server();
+        if pair.server_conn_mut(server_ch).stats().frame_tx.acks > acks {
+            return pair.time - received;
+        }
+    }
+    panic!("the PING was not acknowledged within 500 ms");
+}
+
+/// With `exact_max_ack_delay`, a peer is asked for the configured delay even above
+/// the RTT, and honours it; without, the request is clamped as upstream.
+#[test]
+fn an_exact_max_ack_delay_is_requested_above_the_rtt() {
+    let _guard = subscribe();
+    let exact = ack_delay_of_a_ping(true);
+    assert!(
+        (Duration::from_millis(200)..=Duration::from_millis(205)).contains(&exact),
+        "{exact:?}"
+    );
+    let clamped = ack_delay_of_a_ping(false);
+    assert!(
+        (Duration::from_millis(20)..=Duration::from_millis(30)).contains(&clamped),
+        "{clamped:?}"
+    );
+}
+
+/// With a long requested delay and a reordering threshold of 1, a gap (a lost
+/// packet) is still acknowledged at once, so the sender finds the loss by the next
+/// packet and not by a probe timeout.
+#[test]
+fn a_gap_is_acknowledged_at_once_despite_a_long_ack_delay() {
+    let _guard = subscribe();
+    let mut client_config = client_config_with_deterministic_pns();
+    let mut ack_frequency = AckFrequencyConfig::default();
+    ack_frequency
+        .ack_eliciting_threshold(10u32.into())
+        .max_ack_delay(Some(Duration::from_millis(200)))
+        .reordering_threshold(1u32.into())
+        .exact_max_ack_delay(true);
+    Arc::get_mut(&mut client_config.transport)
+        .unwrap()
+        .ack_frequency_config(Some(ack_frequency))
+        .mtu_discovery_config(None);
+    let mut pair = Pair::default_with_deterministic_pns();
+    pair.latency = Duration::from_millis(10);
+    let (client_ch, server_ch) = pair.connect_with(client_config);
+    pair.drive();
+
+    // The first PING is lost, the second arrives: a gap.
+    pair.client_conn_mut(client_ch).ping();
+    pair.drive_client();
+    pair.server.inbound.clear();
+    pair.client_conn_mut(client_ch).ping();
+    pair.drive_client();
+    pair.time += pair.latency;
+    let acks = pair.server_conn_mut(server_ch).stats().frame_tx.acks;
+    pair.drive_server();
+    assert_eq!(
+        pair.server_conn_mut(server_ch).stats().frame_tx.acks,
+        acks + 1,
+        "the gap is acknowledged without waiting"
+    );
+}
