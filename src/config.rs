@@ -379,6 +379,9 @@ impl Config {
         if self.commit_interval > MAX_COMMIT_INTERVAL {
             return bad("commit_interval must be at most 100ms (the latency target)");
         }
+        if self.timeouts.ack_delay > TimeoutsConfig::MAX_ACK_DELAY {
+            return bad("timeouts.ack_delay must be at most 1s");
+        }
         if self.limits.max_frame_size < 1024 || self.limits.max_frame_size > 16 << 20 {
             return bad("limits.max_frame_size must be between 1 KiB and 16 MiB");
         }
@@ -548,6 +551,13 @@ mod tests {
         assert!(err.contains("commit_interval"), "{err}");
         let c = Config::from_toml("commit_interval = \"0s\"", Path::new("t.toml")).unwrap();
         c.validate().unwrap();
+        let c =
+            Config::from_toml("[timeouts]\nack_delay = \"1001ms\"", Path::new("t.toml")).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("timeouts.ack_delay"), "{err}");
+        let c = Config::from_toml("[timeouts]\nack_delay = \"0s\"", Path::new("t.toml")).unwrap();
+        c.validate().unwrap();
+        assert!(c.timeouts.ack_delay.is_zero());
     }
 
     #[test]

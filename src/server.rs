@@ -152,6 +152,7 @@ async fn start_inner(
             // Room for a burst of 64 datagrams of the largest size accepted.
             datagram_buffer: 64 * config.limits.max_datagram_size,
             congestion_control: config.limits.congestion_control,
+            ack_delay: config.timeouts.ack_delay,
         },
         metrics.clone(),
     )

@@ -33,6 +33,7 @@ both_transports!(
     a_client_whose_address_changes_keeps_its_session,
     a_key_update_keeps_the_session,
     a_server_on_bbr_answers_and_pushes,
+    the_server_asks_native_clients_to_acknowledge_later,
 );
 
 async fn handshake_welcomes_a_valid_token(t: TransportKind) {
@@ -219,6 +220,55 @@ async fn a_key_update_keeps_the_session(t: TransportKind) {
         other => panic!("unexpected event {other:?}"),
     }
     assert_eq!(s.server().metrics().value("sessions.accepted"), Some(1.0));
+}
+
+/// Whether the server asked the client to acknowledge later (an ACK_FREQUENCY
+/// frame), and how long after a lone packet from the server (a datagram pong) the
+/// client acknowledged it: the longest of a few tries, as another packet from the
+/// server (quinn's occasional PING, for instance) may follow the pong closely and
+/// have it acknowledged at once, by the every-second-packet rule.
+async fn ack_of_a_lone_packet(s: &TestServer, t: TransportKind) -> (bool, Duration) {
+    let c = s.connect(t, "alice").await;
+    c.echo(b"ready".to_vec(), false).await.unwrap();
+    let mut longest = None;
+    for _ in 0..5 {
+        // The ping carries the client's pending ACKs; the pong is then the one
+        // packet left to acknowledge. A datagram may be lost even on loopback.
+        if c.ping_datagram().await.is_err() {
+            continue;
+        }
+        let (received, before) = (std::time::Instant::now(), c.ack_counts().sent);
+        let acked = tokio::time::timeout(Duration::from_secs(2), async {
+            while c.ack_counts().sent == before {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        if acked.is_ok() {
+            longest = longest.max(Some(received.elapsed()));
+        }
+    }
+    let longest = longest.expect("a datagram pong acknowledged in 5 tries");
+    (c.ack_counts().frequency_requests > 0, longest)
+}
+
+/// Both transports run on quinn, which offers QUIC's ACK-frequency extension: the
+/// server asks the client to wait up to `timeouts.ack_delay` (100 ms) before it
+/// acknowledges a lone packet, where it would otherwise wait 25 ms. With
+/// `ack_delay = 0s` nothing is asked.
+async fn the_server_asks_native_clients_to_acknowledge_later(t: TransportKind) {
+    let s = TestServer::start().await;
+    let (asked, after) = ack_of_a_lone_packet(&s, t).await;
+    assert!(asked, "the server asks for later ACKs by default");
+    // At least the 100 ms asked for, less the time the pong took from its
+    // arrival to this task (a lower bound: a slow machine only adds to it).
+    assert!(
+        after >= Duration::from_millis(50),
+        "acknowledged after {after:?}"
+    );
+    let s = TestServer::start_with(|c| c.timeouts.ack_delay = Duration::ZERO).await;
+    let (asked, _) = ack_of_a_lone_packet(&s, t).await;
+    assert!(!asked, "nothing is asked with ack_delay = 0s");
 }
 
 /// The server's count of resumed TLS handshakes.

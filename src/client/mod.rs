@@ -619,6 +619,13 @@ impl Client {
         self.shared.session.update_keys()
     }
 
+    /// The connection's acknowledgement traffic so far: ACK frames sent and
+    /// received, and the server's requests to acknowledge less often
+    /// (`timeouts.ack_delay`).
+    pub fn ack_counts(&self) -> crate::transport::AckCounts {
+        self.shared.session.ack_counts()
+    }
+
     /// Sends a request and waits for its response.
     pub async fn request(&self, body: request::Body) -> Result<response::Body, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

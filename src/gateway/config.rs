@@ -139,6 +139,16 @@ pub struct TimeoutsConfig {
     /// QUIC keep-alive interval, also announced as the client heartbeat.
     #[serde(with = "duration_str")]
     pub heartbeat: Duration,
+    /// The longest a client may wait before it acknowledges the server's packets,
+    /// asked of it with QUIC's ACK-frequency extension (a client that does not offer
+    /// the extension keeps its own, 25 ms by default); `0s` asks nothing. A
+    /// connection gets a few small packets a second, each acknowledged by a packet
+    /// the server must receive, decrypt and process; a longer delay lets one ACK
+    /// cover two. Delivery is not delayed, and a lost packet followed by another is
+    /// still acknowledged (and resent) at once, but a lost packet that is the last
+    /// for a while waits up to this much longer for its resend.
+    #[serde(with = "duration_str")]
+    pub ack_delay: Duration,
     /// How long shutdown waits for sessions to close.
     #[serde(with = "duration_str")]
     pub drain: Duration,
@@ -157,12 +167,20 @@ pub struct TimeoutsConfig {
     pub http_header_read: Duration,
 }
 
+impl TimeoutsConfig {
+    /// `ack_delay` by default (docs/BENCHMARKS.md, "What each change bought").
+    pub const DEFAULT_ACK_DELAY: Duration = Duration::from_millis(100);
+    /// The longest `ack_delay` accepted.
+    pub const MAX_ACK_DELAY: Duration = Duration::from_secs(1);
+}
+
 impl Default for TimeoutsConfig {
     fn default() -> Self {
         Self {
             handshake: Duration::from_secs(10),
             idle: Duration::from_secs(30),
             heartbeat: Duration::from_secs(10),
+            ack_delay: Self::DEFAULT_ACK_DELAY,
             drain: Duration::from_secs(10),
             close_linger: Duration::from_millis(500),
             slow_consumer: Duration::from_secs(5),

@@ -10,7 +10,7 @@ mod session;
 
 #[cfg(feature = "server")]
 pub use endpoint::{Accepted, CongestionControl, ServerEndpoint};
-pub use session::{CloseInfo, RecvStream, SendStream, Session, SessionError, Transport};
+pub use session::{AckCounts, CloseInfo, RecvStream, SendStream, Session, SessionError, Transport};
 
 /// Which transport carries a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -136,6 +136,33 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     /// key phases, RFC 9001 section 6) and the session goes on. Transports
     /// without packet keys ignore it.
     fn update_keys(&self) {}
+    /// Acknowledgement traffic over the connection so far (zeros for transports
+    /// that do not count it).
+    fn ack_counts(&self) -> AckCounts {
+        AckCounts::default()
+    }
+}
+
+/// Acknowledgement traffic of a QUIC connection, from this end's side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AckCounts {
+    /// ACK frames this end sent.
+    pub sent: u64,
+    /// ACK frames this end received.
+    pub received: u64,
+    /// ACK_FREQUENCY frames this end received: requests of the peer to acknowledge
+    /// less often (QUIC's ACK-frequency extension).
+    pub frequency_requests: u64,
+}
+
+impl AckCounts {
+    fn of(stats: &quinn::ConnectionStats) -> Self {
+        Self {
+            sent: stats.frame_tx.acks,
+            received: stats.frame_rx.acks,
+            frequency_requests: stats.frame_rx.ack_frequency,
+        }
+    }
 }
 
 /// A session over any [`Transport`]. Cloning is cheap (one reference count).
@@ -227,6 +254,11 @@ impl Session {
     /// Starts a TLS key update; see [`Transport::update_keys`].
     pub fn update_keys(&self) {
         self.0.update_keys()
+    }
+
+    /// Acknowledgement traffic so far; see [`Transport::ack_counts`].
+    pub fn ack_counts(&self) -> AckCounts {
+        self.0.ack_counts()
     }
 }
 
@@ -360,6 +392,10 @@ impl Transport for QuicTransport {
     fn update_keys(&self) {
         self.0.force_key_update();
     }
+
+    fn ack_counts(&self) -> AckCounts {
+        AckCounts::of(&self.0.stats())
+    }
 }
 
 /// WebTransport over HTTP/3.
@@ -461,5 +497,9 @@ impl Transport for WebTransportTransport {
 
     fn update_keys(&self) {
         self.0.quic_connection().force_key_update();
+    }
+
+    fn ack_counts(&self) -> AckCounts {
+        AckCounts::of(&self.0.quic_connection().stats())
     }
 }
