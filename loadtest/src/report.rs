@@ -315,6 +315,13 @@ pub fn table(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> String {
             ),
         );
     }
+    if let Some(acks) = o
+        .extra
+        .get("client_acks_per_delivery")
+        .and_then(|v| v.as_f64())
+    {
+        row(&mut t, "client acks per delivery", format!("{acks:.2}"));
+    }
     for name in ["resumed", "full"] {
         let get = |k: String| o.extra.get(&k).and_then(|v| v.as_f64());
         if let Some(rate) = get(format!("reconnect_{name}_per_sec")) {

@@ -111,6 +111,9 @@ pub struct Phase {
     /// CPU seconds used during the measured window: (server, generator), when
     /// readable from /proc.
     pub window_cpu: Option<(f64, f64)>,
+    /// ACK frames the clients sent during the measured window (QUIC; the server
+    /// receives and processes each).
+    pub window_acks: u64,
     /// Typing indicators, when the scenario sends them.
     pub typing: Option<Typing>,
     /// History pages, when the scenario fetches them.
@@ -154,6 +157,12 @@ impl Phase {
     pub fn server_cpu_us_per_delivery(&self) -> Option<f64> {
         let (server, _) = self.window_cpu?;
         (self.messages.delivered > 0).then(|| server * 1e6 / self.messages.delivered as f64)
+    }
+
+    /// ACK frames the clients sent per delivery over the measured window.
+    pub fn client_acks_per_delivery(&self) -> Option<f64> {
+        (self.messages.delivered > 0)
+            .then(|| self.window_acks as f64 / self.messages.delivered as f64)
     }
 }
 
@@ -383,12 +392,14 @@ impl World {
         live().set_phase(format!("{label}: warm-up ({rate:.2} msg/s per client)"));
         tokio::time::sleep_until(base + warm_up).await;
         let cpu0 = self.cpu();
+        let acks0 = self.acks_sent();
         live().set_phase(format!("{label}: measuring ({rate:.2} msg/s per client)"));
         tokio::time::sleep_until(base + warm_up + measure).await;
         let window_cpu = match (cpu0, self.cpu()) {
             (Some((s0, g0)), Some((s1, g1))) => Some((s1 - s0, g1 - g0)),
             _ => None,
         };
+        let window_acks = self.acks_sent().saturating_sub(acks0);
         live().set_phase(format!("{label}: draining"));
         let expected = || -> u64 {
             self.rooms
@@ -441,6 +452,7 @@ impl World {
             late: lateness.snapshot(),
             backpressured: totals.backpressured.get(),
             window_cpu,
+            window_acks,
             typing,
             history,
             rebound,
@@ -451,6 +463,14 @@ impl World {
     fn cpu(&self) -> Option<(f64, f64)> {
         let server = crate::procstat::cpu_secs_of(&self.server_pids)?;
         Some((server, crate::procstat::cpu_secs(std::process::id())?))
+    }
+
+    /// ACK frames sent so far by the connected clients.
+    fn acks_sent(&self) -> u64 {
+        self.pool
+            .connected()
+            .map(|(_, c)| c.ack_counts().sent)
+            .sum()
     }
 
     /// Closes every connection and stops the receivers.
@@ -801,6 +821,7 @@ pub async fn run_with(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<Ou
     let mut o = Outcome::default();
     world.connections(&mut o);
     let cpu_per_delivery = phase.server_cpu_us_per_delivery();
+    let acks_per_delivery = phase.client_acks_per_delivery();
     o.messages = Some(phase.messages);
     o.latency = phase.latency;
     o.measured_secs = phase.measured_secs;
@@ -816,6 +837,10 @@ pub async fn run_with(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<Ou
     if let Some(us) = cpu_per_delivery {
         o.extra
             .insert("server_cpu_us_per_delivery".into(), us.into());
+    }
+    if let Some(acks) = acks_per_delivery {
+        o.extra
+            .insert("client_acks_per_delivery".into(), acks.into());
     }
     if let Some(t) = &phase.typing {
         o.extra.insert(
