@@ -225,8 +225,8 @@ async fn a_key_update_keeps_the_session(t: TransportKind) {
 /// Whether the server asked the client to acknowledge later (an ACK_FREQUENCY
 /// frame), and how long after a lone packet from the server (a datagram pong) the
 /// client acknowledged it: the longest of a few tries, as another packet from the
-/// server (quinn's occasional PING, for instance) may follow the pong closely and
-/// have it acknowledged at once, by the every-second-packet rule.
+/// server may follow the pong closely and have it acknowledged at once, by the
+/// every-second-packet rule.
 async fn ack_of_a_lone_packet(s: &TestServer, t: TransportKind) -> (bool, Duration) {
     let c = s.connect(t, "alice").await;
     c.echo(b"ready".to_vec(), false).await.unwrap();

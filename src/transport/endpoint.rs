@@ -119,11 +119,11 @@ impl EndpointSettings {
         if !self.ack_delay.is_zero() {
             // A client that offers the extension (quinn does) is asked to
             // acknowledge after `ack_delay` instead of its own 25 ms. The rest
-            // stays RFC 9000's: an ACK for every second packet (a burst, a history
-            // page, keeps its ACK clock: asking for one per ten packets made a
-            // page through a lossy path 40% slower at p99)
-            // and one at once when a packet is missing, so that a loss followed
-            // by another packet is found and resent without waiting. quinn clamps
+            // stays RFC 9000's: an ACK for every second packet, so that a burst
+            // (a history page) keeps its ACK clock (asking for one per ten
+            // packets made a page through a lossy path 40% slower at p99), and
+            // one at once when a packet is missing, so that a loss followed by
+            // another packet is found and resent without waiting. quinn clamps
             // the delay it asks for to the RTT (or 25 ms) unless told to ask for
             // it as it is: `exact_max_ack_delay`, a change of the vendored
             // quinn-proto (vendor/quinn-proto/PATCHES.md).
