@@ -291,13 +291,9 @@ fn run(
         {
             std::thread::sleep(wait);
         }
-        let first = match rx.try_recv() {
-            Ok(job) => job,
-            Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
-                Some(job) => job,
-                None => return,
-            },
-            Err(mpsc::error::TryRecvError::Disconnected) => return,
+        // Returns at once with a queued write; blocks only on an empty queue.
+        let Some(first) = rx.blocking_recv() else {
+            return;
         };
         gate.wait_open();
         batch.push(first);

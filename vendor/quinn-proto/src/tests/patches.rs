@@ -109,11 +109,10 @@ fn a_server_keeps_its_handshake_data_after_letting_rustls_go() {
     );
 }
 
-/// Connects a client that asks the server, by an ACK_FREQUENCY frame, to wait up to
-/// 200 ms before acknowledging (`exact`: as configured; otherwise clamped to the
-/// RTT, here 20 ms, or 25 ms), and returns the delay the server acknowledged a
-/// PING after.
-fn ack_delay_of_a_ping(exact: bool) -> Duration {
+/// A connected pair whose client asks the server, by an ACK_FREQUENCY frame, to
+/// acknowledge after up to 200 ms or ten packets, at once on a gap (`exact`: the
+/// delay as configured; otherwise clamped to the RTT, here 20 ms, or 25 ms).
+fn ack_frequency_pair(exact: bool) -> (Pair, ConnectionHandle, ConnectionHandle) {
     let mut client_config = client_config_with_deterministic_pns();
     let mut ack_frequency = AckFrequencyConfig::default();
     ack_frequency
@@ -129,6 +128,13 @@ fn ack_delay_of_a_ping(exact: bool) -> Duration {
     pair.latency = Duration::from_millis(10);
     let (client_ch, server_ch) = pair.connect_with(client_config);
     pair.drive();
+    (pair, client_ch, server_ch)
+}
+
+/// The delay after which the server of an [`ack_frequency_pair`] acknowledges a
+/// PING.
+fn ack_delay_of_a_ping(exact: bool) -> Duration {
+    let (mut pair, client_ch, server_ch) = ack_frequency_pair(exact);
     assert_eq!(
         pair.server_conn_mut(server_ch).stats().frame_rx.ack_frequency,
         1
@@ -174,21 +180,7 @@ fn an_exact_max_ack_delay_is_requested_above_the_rtt() {
 #[test]
 fn a_gap_is_acknowledged_at_once_despite_a_long_ack_delay() {
     let _guard = subscribe();
-    let mut client_config = client_config_with_deterministic_pns();
-    let mut ack_frequency = AckFrequencyConfig::default();
-    ack_frequency
-        .ack_eliciting_threshold(10u32.into())
-        .max_ack_delay(Some(Duration::from_millis(200)))
-        .reordering_threshold(1u32.into())
-        .exact_max_ack_delay(true);
-    Arc::get_mut(&mut client_config.transport)
-        .unwrap()
-        .ack_frequency_config(Some(ack_frequency))
-        .mtu_discovery_config(None);
-    let mut pair = Pair::default_with_deterministic_pns();
-    pair.latency = Duration::from_millis(10);
-    let (client_ch, server_ch) = pair.connect_with(client_config);
-    pair.drive();
+    let (mut pair, client_ch, server_ch) = ack_frequency_pair(true);
 
     // The first PING is lost, the second arrives: a gap.
     pair.client_conn_mut(client_ch).ping();
