@@ -489,6 +489,7 @@ pub struct AckFrequencyConfig {
     pub(crate) max_ack_delay: Option<Duration>,
     pub(crate) reordering_threshold: VarInt,
     pub(crate) exact_max_ack_delay: bool,
+    pub(crate) loss_fallback: Duration,
 }
 
 impl AckFrequencyConfig {
@@ -539,6 +540,23 @@ impl AckFrequencyConfig {
         self
     }
 
+    /// For how long after a loss an [`exact_max_ack_delay`](Self::exact_max_ack_delay) is
+    /// set aside
+    ///
+    /// When an ack-eliciting packet is declared lost, the peer is asked for the
+    /// `max_ack_delay` of its own transport parameters (or the configured one, if lower)
+    /// until this long has passed without another loss; then for the configured delay
+    /// again. On a path that loses packets, the probe timeout, which includes the delay
+    /// asked for, stays as short as without the extension; on a path that does not, the
+    /// peer keeps acknowledging late. Each change is one ACK_FREQUENCY frame.
+    ///
+    /// Defaults to zero: the delay is never set aside. (A change of Tutti's vendored
+    /// copy, see `PATCHES.md`.)
+    pub fn loss_fallback(&mut self, value: Duration) -> &mut Self {
+        self.loss_fallback = value;
+        self
+    }
+
     /// The reordering threshold we will request the peer to use
     ///
     /// This threshold represents the amount of out-of-order packets that will trigger an endpoint
@@ -565,6 +583,7 @@ impl Default for AckFrequencyConfig {
             max_ack_delay: None,
             reordering_threshold: VarInt(2),
             exact_max_ack_delay: false,
+            loss_fallback: Duration::ZERO,
         }
     }
 }

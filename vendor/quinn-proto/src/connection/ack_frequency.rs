@@ -2,7 +2,7 @@ use crate::Duration;
 use crate::connection::spaces::PendingAcks;
 use crate::frame::AckFrequency;
 use crate::transport_parameters::TransportParameters;
-use crate::{AckFrequencyConfig, TIMER_GRANULARITY, TransportError, VarInt};
+use crate::{AckFrequencyConfig, Instant, TIMER_GRANULARITY, TransportError, VarInt};
 
 /// State associated to ACK frequency
 pub(super) struct AckFrequencyState {
@@ -12,6 +12,8 @@ pub(super) struct AckFrequencyState {
     in_flight_ack_frequency_frame: Option<(u64, Duration)>,
     next_outgoing_sequence_number: VarInt,
     pub(super) peer_max_ack_delay: Duration,
+    /// Until when an exact `max_ack_delay` is set aside after a loss (Tutti's change)
+    fallback_until: Option<Instant>,
 
     //
     // Receiving ACK_FREQUENCY frames
@@ -26,6 +28,7 @@ impl AckFrequencyState {
             in_flight_ack_frequency_frame: None,
             next_outgoing_sequence_number: VarInt(0),
             peer_max_ack_delay: default_max_ack_delay,
+            fallback_until: None,
 
             last_ack_frequency_frame: None,
             max_ack_delay: default_max_ack_delay,
@@ -36,6 +39,7 @@ impl AckFrequencyState {
     /// ACK_FREQUENCY frame
     pub(super) fn candidate_max_ack_delay(
         &self,
+        now: Instant,
         rtt: Duration,
         config: &AckFrequencyConfig,
         peer_params: &TransportParameters,
@@ -48,6 +52,13 @@ impl AckFrequencyState {
 
         // Tutti's change (PATCHES.md): a configured delay asked for as it is
         let candidate = match config.max_ack_delay {
+            // ... unless a packet was lost lately: then the peer's own delay
+            Some(configured)
+                if config.exact_max_ack_delay && self.fallback_until.is_some_and(|t| now < t) =>
+            {
+                let own = Duration::from_millis(peer_params.max_ack_delay.into());
+                Ord::min(configured, own)
+            }
             Some(configured) if config.exact_max_ack_delay => configured,
             // Should be less than the RTT (itself at least `MIN_AUTOMATIC_ACK_DELAY`)
             _ => Ord::min(candidate, Ord::max(rtt, MIN_AUTOMATIC_ACK_DELAY)),
@@ -83,6 +94,7 @@ impl AckFrequencyState {
     /// Returns true if we should send an ACK_FREQUENCY frame
     pub(super) fn should_send_ack_frequency(
         &self,
+        now: Instant,
         rtt: Duration,
         config: &AckFrequencyConfig,
         peer_params: &TransportParameters,
@@ -94,7 +106,7 @@ impl AckFrequencyState {
         let current = self
             .in_flight_ack_frequency_frame
             .map_or(self.peer_max_ack_delay, |(_, pending)| pending);
-        let desired = self.candidate_max_ack_delay(rtt, config, peer_params);
+        let desired = self.candidate_max_ack_delay(now, rtt, config, peer_params);
         let error = (desired.as_secs_f32() / current.as_secs_f32()) - 1.0;
         error.abs() > MAX_RTT_ERROR
     }
@@ -102,6 +114,14 @@ impl AckFrequencyState {
     /// Notifies the [`AckFrequencyState`] that a packet containing an ACK_FREQUENCY frame was sent
     pub(super) fn ack_frequency_sent(&mut self, pn: u64, requested_max_ack_delay: Duration) {
         self.in_flight_ack_frequency_frame = Some((pn, requested_max_ack_delay));
+    }
+
+    /// Notifies the [`AckFrequencyState`] that an ack-eliciting packet of the data space
+    /// was declared lost (Tutti's change: [`AckFrequencyConfig::loss_fallback`])
+    pub(super) fn on_lost(&mut self, now: Instant, config: &AckFrequencyConfig) {
+        if config.exact_max_ack_delay && !config.loss_fallback.is_zero() {
+            self.fallback_until = Some(now + config.loss_fallback);
+        }
     }
 
     /// Notifies the [`AckFrequencyState`] that a packet has been ACKed
@@ -180,6 +200,7 @@ mod tests {
             .expect("peer parameters must pass wire-level validation");
         let state = AckFrequencyState::new(Duration::from_millis(100));
         let delay = state.candidate_max_ack_delay(
+            Instant::now(),
             Duration::from_millis(5),
             &AckFrequencyConfig::default(),
             &params,
@@ -200,6 +221,7 @@ mod tests {
             .expect("peer parameters must pass wire-level validation");
         let state = AckFrequencyState::new(Duration::from_millis(100));
         let delay = state.candidate_max_ack_delay(
+            Instant::now(),
             Duration::from_millis(5),
             &AckFrequencyConfig::default(),
             &params,

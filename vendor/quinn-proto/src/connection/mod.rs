@@ -517,7 +517,7 @@ impl Connection {
         if let Some(config) = &self.config.ack_frequency_config {
             self.spaces[SpaceId::Data].pending.ack_frequency = self
                 .ack_frequency
-                .should_send_ack_frequency(self.path.rtt.get(), config, &self.peer_params)
+                .should_send_ack_frequency(now, self.path.rtt.get(), config, &self.peer_params)
                 && self.highest_space == SpaceId::Data
                 && self.peer_supports_ack_frequency();
         }
@@ -1827,6 +1827,12 @@ impl Connection {
             let lost_ack_eliciting = old_bytes_in_flight != self.path.in_flight.bytes;
 
             if lost_ack_eliciting {
+                // Tutti's change (PATCHES.md): an exact ACK delay is set aside for a while
+                if let (SpaceId::Data, Some(config)) =
+                    (pn_space, self.config.ack_frequency_config.as_ref())
+                {
+                    self.ack_frequency.on_lost(now, config);
+                }
                 self.stats.path.congestion_events += 1;
                 self.path.congestion.on_congestion_event(
                     now,
@@ -3238,6 +3244,7 @@ impl Connection {
 
             // Ensure the delay is within bounds to avoid a PROTOCOL_VIOLATION error
             let max_ack_delay = self.ack_frequency.candidate_max_ack_delay(
+                now,
                 self.path.rtt.get(),
                 config,
                 &self.peer_params,

@@ -79,9 +79,7 @@ fn a_server_keeps_its_handshake_data_after_letting_rustls_go() {
         "bar".into(),
     ])));
     let mut pair = Pair::new(Arc::new(EndpointConfig::default()), server_config);
-    let client_config = ClientConfig::new(Arc::new(client_crypto_with_alpn(vec![
-        "bar".into(),
-    ])));
+    let client_config = ClientConfig::new(Arc::new(client_crypto_with_alpn(vec!["bar".into()])));
     let (client_ch, server_ch) = pair.connect_with(client_config);
     pair.drive();
 
@@ -112,14 +110,18 @@ fn a_server_keeps_its_handshake_data_after_letting_rustls_go() {
 /// A connected pair whose client asks the server, by an ACK_FREQUENCY frame, to
 /// acknowledge after up to 200 ms or ten packets, at once on a gap (`exact`: the
 /// delay as configured; otherwise clamped to the RTT, here 20 ms, or 25 ms).
-fn ack_frequency_pair(exact: bool) -> (Pair, ConnectionHandle, ConnectionHandle) {
+fn ack_frequency_pair(
+    exact: bool,
+    loss_fallback: Duration,
+) -> (Pair, ConnectionHandle, ConnectionHandle) {
     let mut client_config = client_config_with_deterministic_pns();
     let mut ack_frequency = AckFrequencyConfig::default();
     ack_frequency
         .ack_eliciting_threshold(10u32.into())
         .max_ack_delay(Some(Duration::from_millis(200)))
         .reordering_threshold(1u32.into())
-        .exact_max_ack_delay(exact);
+        .exact_max_ack_delay(exact)
+        .loss_fallback(loss_fallback);
     Arc::get_mut(&mut client_config.transport)
         .unwrap()
         .ack_frequency_config(Some(ack_frequency))
@@ -134,12 +136,24 @@ fn ack_frequency_pair(exact: bool) -> (Pair, ConnectionHandle, ConnectionHandle)
 /// The delay after which the server of an [`ack_frequency_pair`] acknowledges a
 /// PING.
 fn ack_delay_of_a_ping(exact: bool) -> Duration {
-    let (mut pair, client_ch, server_ch) = ack_frequency_pair(exact);
+    let (mut pair, client_ch, server_ch) = ack_frequency_pair(exact, Duration::ZERO);
     assert_eq!(
-        pair.server_conn_mut(server_ch).stats().frame_rx.ack_frequency,
+        pair.server_conn_mut(server_ch)
+            .stats()
+            .frame_rx
+            .ack_frequency,
         1
     );
+    ping_ack_delay(&mut pair, client_ch, server_ch)
+}
 
+/// Sends a PING from the client and returns how long the server waits before it
+/// acknowledges it.
+fn ping_ack_delay(
+    pair: &mut Pair,
+    client_ch: ConnectionHandle,
+    server_ch: ConnectionHandle,
+) -> Duration {
     pair.client_conn_mut(client_ch).ping();
     pair.drive_client();
     pair.time += pair.latency;
@@ -151,7 +165,10 @@ fn ack_delay_of_a_ping(exact: bool) -> Duration {
         pair.time += Duration::from_millis(5);
         pair.drive_server();
         if pair.server_conn_mut(server_ch).stats().frame_tx.acks > acks {
-            return pair.time - received;
+            let delay = pair.time - received;
+            // Let the ACK reach the client, and anything it starts settle.
+            pair.drive();
+            return delay;
         }
     }
     panic!("the PING was not acknowledged within 500 ms");
@@ -180,7 +197,7 @@ fn an_exact_max_ack_delay_is_requested_above_the_rtt() {
 #[test]
 fn a_gap_is_acknowledged_at_once_despite_a_long_ack_delay() {
     let _guard = subscribe();
-    let (mut pair, client_ch, server_ch) = ack_frequency_pair(true);
+    let (mut pair, client_ch, server_ch) = ack_frequency_pair(true, Duration::ZERO);
 
     // The first PING is lost, the second arrives: a gap.
     pair.client_conn_mut(client_ch).ping();
@@ -195,5 +212,80 @@ fn a_gap_is_acknowledged_at_once_despite_a_long_ack_delay() {
         pair.server_conn_mut(server_ch).stats().frame_tx.acks,
         acks + 1,
         "the gap is acknowledged without waiting"
+    );
+}
+
+/// With `loss_fallback`, a loss sets the exact delay aside: the peer is asked for
+/// the delay of its own transport parameters (25 ms) until the fallback period has
+/// passed without another loss, then for the configured delay again.
+#[test]
+fn after_a_loss_the_peer_is_asked_for_its_own_ack_delay_for_a_while() {
+    let _guard = subscribe();
+    let fallback = Duration::from_secs(2);
+    let (mut pair, client_ch, server_ch) = ack_frequency_pair(true, fallback);
+    let long = Duration::from_millis(200)..=Duration::from_millis(205);
+    let own = Duration::from_millis(25)..=Duration::from_millis(30);
+    let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
+    assert!(long.contains(&delay), "before any loss: {delay:?}");
+
+    // The first PING is lost, the second arrives; the client finds the loss.
+    let requests = pair
+        .client_conn_mut(client_ch)
+        .stats()
+        .frame_tx
+        .ack_frequency;
+    pair.client_conn_mut(client_ch).ping();
+    pair.drive_client();
+    pair.server.inbound.clear();
+    pair.client_conn_mut(client_ch).ping();
+    pair.drive();
+    let stats = pair.client_conn_mut(client_ch).stats();
+    assert_eq!(stats.path.lost_packets, 1);
+    assert_eq!(stats.frame_tx.ack_frequency, requests + 1, "a new request");
+    let lost_at = pair.time;
+    let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
+    assert!(own.contains(&delay), "after the loss: {delay:?}");
+
+    // Within the fallback period the request stands...
+    pair.time = lost_at + fallback - Duration::from_millis(300);
+    let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
+    assert!(own.contains(&delay), "within the period: {delay:?}");
+    // ... and after it the next packet asks for the configured delay again; the
+    // PING after that is acknowledged late.
+    pair.time = lost_at + fallback;
+    ping_ack_delay(&mut pair, client_ch, server_ch);
+    assert_eq!(
+        pair.client_conn_mut(client_ch)
+            .stats()
+            .frame_tx
+            .ack_frequency,
+        requests + 2
+    );
+    let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
+    assert!(long.contains(&delay), "after the period: {delay:?}");
+}
+
+/// Without `loss_fallback` (the default) a loss changes nothing.
+#[test]
+fn without_a_loss_fallback_a_loss_keeps_the_exact_ack_delay() {
+    let _guard = subscribe();
+    let (mut pair, client_ch, server_ch) = ack_frequency_pair(true, Duration::ZERO);
+    let requests = pair
+        .client_conn_mut(client_ch)
+        .stats()
+        .frame_tx
+        .ack_frequency;
+    pair.client_conn_mut(client_ch).ping();
+    pair.drive_client();
+    pair.server.inbound.clear();
+    pair.client_conn_mut(client_ch).ping();
+    pair.drive();
+    let stats = pair.client_conn_mut(client_ch).stats();
+    assert_eq!(stats.path.lost_packets, 1);
+    assert_eq!(stats.frame_tx.ack_frequency, requests);
+    let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
+    assert!(
+        (Duration::from_millis(200)..=Duration::from_millis(205)).contains(&delay),
+        "{delay:?}"
     );
 }
