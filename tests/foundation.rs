@@ -34,6 +34,7 @@ both_transports!(
     a_key_update_keeps_the_session,
     a_server_on_bbr_answers_and_pushes,
     the_server_asks_native_clients_to_acknowledge_later,
+    after_a_loss_a_client_is_asked_for_its_own_ack_delay,
 );
 
 async fn handshake_welcomes_a_valid_token(t: TransportKind) {
@@ -269,6 +270,90 @@ async fn the_server_asks_native_clients_to_acknowledge_later(t: TransportKind) {
     let s = TestServer::start_with(|c| c.timeouts.ack_delay = Duration::ZERO).await;
     let (asked, _) = ack_of_a_lone_packet(&s, t).await;
     assert!(!asked, "nothing is asked with ack_delay = 0s");
+}
+
+/// A UDP relay between clients and the server that drops the server's next small
+/// packets when asked (small: not a path MTU probe, whose loss is not a loss).
+struct LossyRelay {
+    addr: std::net::SocketAddr,
+    drop_next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyRelay {
+    async fn start(server: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        back.connect(server).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let drop_next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dropping = drop_next.clone();
+        let task = tokio::spawn(async move {
+            let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut up) => {
+                        client = Some(from);
+                        let _ = back.send(&up[..n]).await;
+                    }
+                    Ok(n) = back.recv(&mut down) => {
+                        let lose = n < 1000
+                            && dropping
+                                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
+                                .is_ok();
+                        if let (false, Some(to)) = (lose, client) {
+                            let _ = front.send_to(&down[..n], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            drop_next,
+            task,
+        }
+    }
+}
+
+impl Drop for LossyRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Once a packet to a client is lost, the server asks that client for its own ACK
+/// delay again (a second ACK_FREQUENCY request; what it asks for is checked in
+/// the vendored quinn-proto's tests, `vendor/quinn-proto/src/tests/patches.rs`), so
+/// a lossy path recovers a lost last packet as fast as without the extension.
+async fn after_a_loss_a_client_is_asked_for_its_own_ack_delay(t: TransportKind) {
+    let s = TestServer::start().await;
+    let relay = LossyRelay::start(s.server().quic_addr()).await;
+    let mut config = s.client_config(t, &s.token("alice"));
+    config.addr = relay.addr;
+    let c = Client::connect(config).await.unwrap();
+    c.echo(b"ready".to_vec(), false).await.unwrap();
+    assert_eq!(c.ack_counts().frequency_requests, 1, "asked once");
+    // The server's answer is lost and resent. The dropped packet could be one
+    // without anything to resend (an ACK alone), so a few tries bound the test.
+    for _ in 0..5 {
+        relay
+            .drop_next
+            .store(1, std::sync::atomic::Ordering::Release);
+        c.echo(b"lost".to_vec(), false).await.unwrap();
+        let asked = tokio::time::timeout(Duration::from_secs(1), async {
+            while c.ack_counts().frequency_requests < 2 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        if asked.is_ok() {
+            return;
+        }
+    }
+    panic!("no new ACK_FREQUENCY request after five losses");
 }
 
 /// The server's count of resumed TLS handshakes.

@@ -69,6 +69,12 @@ pub struct EndpointSettings {
     pub ack_delay: Duration,
 }
 
+/// For how long after a packet to a client is lost that client is asked for its
+/// own ACK delay rather than [`EndpointSettings::ack_delay`]. At 2% loss and ten
+/// packets a second a connection loses a packet every 5 s on average, so it stays
+/// on its own delay; on a clean path one stray loss costs 10 s of earlier ACKs.
+pub const ACK_DELAY_LOSS_FALLBACK: Duration = Duration::from_secs(10);
+
 /// A QUIC congestion controller (quinn's).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,12 +132,17 @@ impl EndpointSettings {
             // another packet is found and resent without waiting. quinn clamps
             // the delay it asks for to the RTT (or 25 ms) unless told to ask for
             // it as it is: `exact_max_ack_delay`, a change of the vendored
-            // quinn-proto (vendor/quinn-proto/PATCHES.md).
+            // quinn-proto (vendor/quinn-proto/PATCHES.md). A lost packet that is
+            // the last for a while is resent after a probe timeout, which
+            // includes the delay asked for; so for `ACK_DELAY_LOSS_FALLBACK`
+            // after a loss the client is asked for its own delay again, and a
+            // lossy path recovers as fast as without the extension.
             let mut ack = quinn::AckFrequencyConfig::default();
             ack.ack_eliciting_threshold(quinn::VarInt::from_u32(1))
                 .max_ack_delay(Some(self.ack_delay))
                 .reordering_threshold(quinn::VarInt::from_u32(1))
-                .exact_max_ack_delay(true);
+                .exact_max_ack_delay(true)
+                .loss_fallback(ACK_DELAY_LOSS_FALLBACK);
             transport.ack_frequency_config(Some(ack));
         }
         if let Some(factory) = self.congestion_control.factory() {
