@@ -293,12 +293,14 @@ impl LossyRelay {
             let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
             let mut client = None;
             loop {
+                // A receive error (an ICMP error reported on a UDP socket) is
+                // skipped: the relay goes on, as a router would.
                 tokio::select! {
-                    Ok((n, from)) = front.recv_from(&mut up) => {
+                    r = front.recv_from(&mut up) => if let Ok((n, from)) = r {
                         client = Some(from);
                         let _ = back.send(&up[..n]).await;
-                    }
-                    Ok(n) = back.recv(&mut down) => {
+                    },
+                    r = back.recv(&mut down) => if let Ok(n) = r {
                         let lose = n < 1000
                             && dropping
                                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
@@ -306,7 +308,7 @@ impl LossyRelay {
                         if let (false, Some(to)) = (lose, client) {
                             let _ = front.send_to(&down[..n], to).await;
                         }
-                    }
+                    },
                 }
             }
         });
