@@ -70,9 +70,10 @@ pub struct EndpointSettings {
 }
 
 /// For how long after a packet to a client is lost that client is asked for its
-/// own ACK delay rather than [`EndpointSettings::ack_delay`]. At 2% loss and ten
-/// packets a second a connection loses a packet every 5 s on average, so it stays
-/// on its own delay; on a clean path one stray loss costs 10 s of earlier ACKs.
+/// own ACK delay rather than [`EndpointSettings::ack_delay`], and for an ACK every
+/// second packet rather than every tenth. At 2% loss and ten packets a second a
+/// connection loses a packet every 5 s on average, so it stays on its own delay;
+/// on a clean path one stray loss costs 10 s of more ACKs.
 pub const ACK_DELAY_LOSS_FALLBACK: Duration = Duration::from_secs(10);
 
 /// A QUIC congestion controller (quinn's).
@@ -124,21 +125,20 @@ impl EndpointSettings {
             .datagram_send_buffer_size(self.datagram_buffer);
         if !self.ack_delay.is_zero() {
             // A client that offers the extension (quinn does) is asked to
-            // acknowledge after `ack_delay` instead of its own 25 ms. The rest
-            // stays RFC 9000's: an ACK for every second packet, so that a burst
-            // (a history page) keeps its ACK clock (asking for one per ten
-            // packets made a page through a lossy path 40% slower at p99), and
-            // one at once when a packet is missing, so that a loss followed by
-            // another packet is found and resent without waiting. quinn clamps
-            // the delay it asks for to the RTT (or 25 ms) unless told to ask for
-            // it as it is: `exact_max_ack_delay`, a change of the vendored
-            // quinn-proto (vendor/quinn-proto/PATCHES.md). A lost packet that is
-            // the last for a while is resent after a probe timeout, which
-            // includes the delay asked for; so for `ACK_DELAY_LOSS_FALLBACK`
-            // after a loss the client is asked for its own delay again, and a
-            // lossy path recovers as fast as without the extension.
+            // acknowledge after `ack_delay` instead of its own 25 ms, or after ten
+            // packets instead of two, and at once when a packet is missing, so
+            // that a loss followed by another packet is found and resent without
+            // waiting. quinn clamps the delay it asks for to the RTT (or 25 ms)
+            // unless told to ask for it as it is: `exact_max_ack_delay`, a change
+            // of the vendored quinn-proto (vendor/quinn-proto/PATCHES.md). On a
+            // lossy path both cost time: a lost packet that is the last for a
+            // while is resent after a probe timeout, which includes the delay
+            // asked for, and a burst (a history page) needs its ACK clock. So for
+            // `ACK_DELAY_LOSS_FALLBACK` after a loss the client is asked to
+            // acknowledge as without the extension (its own delay, every second
+            // packet), and a lossy path recovers as fast as without it.
             let mut ack = quinn::AckFrequencyConfig::default();
-            ack.ack_eliciting_threshold(quinn::VarInt::from_u32(1))
+            ack.ack_eliciting_threshold(quinn::VarInt::from_u32(9))
                 .max_ack_delay(Some(self.ack_delay))
                 .reordering_threshold(quinn::VarInt::from_u32(1))
                 .exact_max_ack_delay(true)

@@ -544,9 +544,10 @@ impl AckFrequencyConfig {
     /// set aside
     ///
     /// When an ack-eliciting packet is declared lost, the peer is asked for the
-    /// `max_ack_delay` of its own transport parameters (or the configured one, if lower)
-    /// until this long has passed without another loss; then for the configured delay
-    /// again. On a path that loses packets, the probe timeout, which includes the delay
+    /// `max_ack_delay` of its own transport parameters (or the configured one, if lower),
+    /// and for an [`ack_eliciting_threshold`](Self::ack_eliciting_threshold) of at most 1
+    /// (an ACK for every second packet, as without the extension), until this long has
+    /// passed without another loss; then for the configured values again. On a path that loses packets, the probe timeout, which includes the delay
     /// asked for, stays as short as without the extension; on a path that does not, the
     /// peer keeps acknowledging late. Each change is one ACK_FREQUENCY frame.
     ///

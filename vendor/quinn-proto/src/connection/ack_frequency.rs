@@ -14,6 +14,8 @@ pub(super) struct AckFrequencyState {
     pub(super) peer_max_ack_delay: Duration,
     /// Until when an exact `max_ack_delay` is set aside after a loss (Tutti's change)
     fallback_until: Option<Instant>,
+    /// The ack-eliciting threshold of the last ACK_FREQUENCY frame sent (Tutti's change)
+    requested_threshold: Option<VarInt>,
 
     //
     // Receiving ACK_FREQUENCY frames
@@ -29,6 +31,7 @@ impl AckFrequencyState {
             next_outgoing_sequence_number: VarInt(0),
             peer_max_ack_delay: default_max_ack_delay,
             fallback_until: None,
+            requested_threshold: None,
 
             last_ack_frequency_frame: None,
             max_ack_delay: default_max_ack_delay,
@@ -53,9 +56,7 @@ impl AckFrequencyState {
         // Tutti's change (PATCHES.md): a configured delay asked for as it is
         let candidate = match config.max_ack_delay {
             // ... unless a packet was lost lately: then the peer's own delay
-            Some(configured)
-                if config.exact_max_ack_delay && self.fallback_until.is_some_and(|t| now < t) =>
-            {
+            Some(configured) if config.exact_max_ack_delay && self.in_fallback(now) => {
                 let own = Duration::from_millis(peer_params.max_ack_delay.into());
                 Ord::min(configured, own)
             }
@@ -66,6 +67,26 @@ impl AckFrequencyState {
 
         // Must be no smaller than the `min_ack_delay` advertised by the peer
         Ord::max(candidate, min_ack_delay)
+    }
+
+    /// Whether an exact `max_ack_delay` is set aside now, after a loss (Tutti's change)
+    fn in_fallback(&self, now: Instant) -> bool {
+        self.fallback_until.is_some_and(|t| now < t)
+    }
+
+    /// Returns the ack-eliciting threshold to request of the peer: the configured one,
+    /// or at most 1 (an ACK for every second packet, as without the extension) while
+    /// an exact `max_ack_delay` is set aside after a loss (Tutti's change)
+    pub(super) fn candidate_ack_eliciting_threshold(
+        &self,
+        now: Instant,
+        config: &AckFrequencyConfig,
+    ) -> VarInt {
+        if config.exact_max_ack_delay && self.in_fallback(now) {
+            Ord::min(config.ack_eliciting_threshold, VarInt(1))
+        } else {
+            config.ack_eliciting_threshold
+        }
     }
 
     /// Returns the `max_ack_delay` for the purposes of calculating the PTO
@@ -103,6 +124,9 @@ impl AckFrequencyState {
             // Always send at startup
             return true;
         }
+        if self.requested_threshold != Some(self.candidate_ack_eliciting_threshold(now, config)) {
+            return true;
+        }
         let current = self
             .in_flight_ack_frequency_frame
             .map_or(self.peer_max_ack_delay, |(_, pending)| pending);
@@ -112,8 +136,14 @@ impl AckFrequencyState {
     }
 
     /// Notifies the [`AckFrequencyState`] that a packet containing an ACK_FREQUENCY frame was sent
-    pub(super) fn ack_frequency_sent(&mut self, pn: u64, requested_max_ack_delay: Duration) {
+    pub(super) fn ack_frequency_sent(
+        &mut self,
+        pn: u64,
+        requested_max_ack_delay: Duration,
+        requested_threshold: VarInt,
+    ) {
         self.in_flight_ack_frequency_frame = Some((pn, requested_max_ack_delay));
+        self.requested_threshold = Some(requested_threshold);
     }
 
     /// Notifies the [`AckFrequencyState`] that an ack-eliciting packet of the data space

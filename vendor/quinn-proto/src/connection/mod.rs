@@ -3250,11 +3250,15 @@ impl Connection {
                 &self.peer_params,
             );
 
+            let ack_eliciting_threshold = self
+                .ack_frequency
+                .candidate_ack_eliciting_threshold(now, config);
+
             trace!(?max_ack_delay, "ACK_FREQUENCY");
 
             frame::AckFrequency {
                 sequence: sequence_number,
-                ack_eliciting_threshold: config.ack_eliciting_threshold,
+                ack_eliciting_threshold,
                 request_max_ack_delay: max_ack_delay.as_micros().try_into().unwrap_or(VarInt::MAX),
                 reordering_threshold: config.reordering_threshold,
             }
@@ -3262,7 +3266,8 @@ impl Connection {
 
             sent.retransmits.get_or_create().ack_frequency = true;
 
-            self.ack_frequency.ack_frequency_sent(pn, max_ack_delay);
+            self.ack_frequency
+                .ack_frequency_sent(pn, max_ack_delay, ack_eliciting_threshold);
             self.stats.frame_tx.ack_frequency += 1;
         }
 

@@ -215,11 +215,31 @@ fn a_gap_is_acknowledged_at_once_despite_a_long_ack_delay() {
     );
 }
 
+/// Whether the server of an [`ack_frequency_pair`] acknowledges two PINGs in a row
+/// at once (an ack-eliciting threshold of 1 or less; the pair asks for 10).
+fn two_pings_acked_at_once(
+    pair: &mut Pair,
+    client_ch: ConnectionHandle,
+    server_ch: ConnectionHandle,
+) -> bool {
+    let acks = pair.server_conn_mut(server_ch).stats().frame_tx.acks;
+    for _ in 0..2 {
+        pair.client_conn_mut(client_ch).ping();
+        pair.drive_client();
+    }
+    pair.time += pair.latency;
+    pair.drive_server();
+    let at_once = pair.server_conn_mut(server_ch).stats().frame_tx.acks > acks;
+    pair.drive();
+    at_once
+}
+
 /// With `loss_fallback`, a loss sets the exact delay aside: the peer is asked for
-/// the delay of its own transport parameters (25 ms) until the fallback period has
-/// passed without another loss, then for the configured delay again.
+/// the delay of its own transport parameters (25 ms) and an ACK for every second
+/// packet until the fallback period has passed without another loss, then for the
+/// configured values again.
 #[test]
-fn after_a_loss_the_peer_is_asked_for_its_own_ack_delay_for_a_while() {
+fn after_a_loss_the_peer_acknowledges_as_without_the_extension_for_a_while() {
     let _guard = subscribe();
     let fallback = Duration::from_secs(2);
     let (mut pair, client_ch, server_ch) = ack_frequency_pair(true, fallback);
@@ -227,6 +247,7 @@ fn after_a_loss_the_peer_is_asked_for_its_own_ack_delay_for_a_while() {
     let own = Duration::from_millis(25)..=Duration::from_millis(30);
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
     assert!(long.contains(&delay), "before any loss: {delay:?}");
+    assert!(!two_pings_acked_at_once(&mut pair, client_ch, server_ch));
 
     // The first PING is lost, the second arrives; the client finds the loss.
     let requests = pair
@@ -245,6 +266,7 @@ fn after_a_loss_the_peer_is_asked_for_its_own_ack_delay_for_a_while() {
     let lost_at = pair.time;
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
     assert!(own.contains(&delay), "after the loss: {delay:?}");
+    assert!(two_pings_acked_at_once(&mut pair, client_ch, server_ch));
 
     // Within the fallback period the request stands...
     pair.time = lost_at + fallback - Duration::from_millis(300);
@@ -263,6 +285,7 @@ fn after_a_loss_the_peer_is_asked_for_its_own_ack_delay_for_a_while() {
     );
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
     assert!(long.contains(&delay), "after the period: {delay:?}");
+    assert!(!two_pings_acked_at_once(&mut pair, client_ch, server_ch));
 }
 
 /// Without `loss_fallback` (the default) a loss changes nothing.
