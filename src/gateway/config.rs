@@ -140,13 +140,15 @@ pub struct TimeoutsConfig {
     #[serde(with = "duration_str")]
     pub heartbeat: Duration,
     /// The longest a client may wait before it acknowledges the server's packets,
-    /// asked of it with QUIC's ACK-frequency extension (a client that does not offer
-    /// the extension keeps its own, 25 ms by default); `0s` asks nothing. A
-    /// connection gets a few small packets a second, each acknowledged by a packet
-    /// the server must receive, decrypt and process; a longer delay lets one ACK
-    /// cover two. Delivery is not delayed, and a lost packet followed by another is
-    /// still acknowledged (and resent) at once, but a lost packet that is the last
-    /// for a while waits up to this much longer for its resend.
+    /// asked of it with QUIC's ACK-frequency extension together with an ACK every
+    /// tenth packet (a client that does not offer the extension keeps its own 25 ms
+    /// and every second packet); `0s` asks nothing. A connection gets a few small
+    /// packets a second, each ACK a packet the server must receive, decrypt and
+    /// process; a longer delay lets one ACK cover several. Delivery is not
+    /// delayed, and a lost packet followed by another is still acknowledged (and
+    /// resent) at once. For 10 s after a packet to a client is lost, that client is
+    /// asked to acknowledge as without the extension, so a lost last packet is
+    /// resent as soon as without it (`transport::endpoint::ACK_DELAY_LOSS_FALLBACK`).
     #[serde(with = "duration_str")]
     pub ack_delay: Duration,
     /// How long shutdown waits for sessions to close.
