@@ -490,6 +490,7 @@ pub struct AckFrequencyConfig {
     pub(crate) reordering_threshold: VarInt,
     pub(crate) exact_max_ack_delay: bool,
     pub(crate) loss_fallback: Duration,
+    pub(crate) sparse_fallback: bool,
 }
 
 impl AckFrequencyConfig {
@@ -558,6 +559,27 @@ impl AckFrequencyConfig {
         self
     }
 
+    /// Whether an [`exact_max_ack_delay`](Self::exact_max_ack_delay) is set aside while
+    /// ack-eliciting packets are sent sparsely
+    ///
+    /// A long `max_ack_delay` saves ACKs only when several ack-eliciting packets fall
+    /// within it; a connection that sends one packet at a time, seconds apart, gets an ACK
+    /// for each anyway, and a lost packet of it, found only by the probe timeout, waits for
+    /// the delay as well. With `true`, the mean time between the ack-eliciting packets of
+    /// the data space (smoothed as the RTT is, over one eighth) decides: while it exceeds
+    /// the configured `max_ack_delay`, the peer is asked for its own `max_ack_delay` (or the
+    /// configured one, if lower), as after a loss with
+    /// [`loss_fallback`](Self::loss_fallback); once it is at most half the configured delay,
+    /// for the configured one again. A connection starts as if its packets were dense. The
+    /// [`ack_eliciting_threshold`](Self::ack_eliciting_threshold) stays as configured. Each
+    /// change is one ACK_FREQUENCY frame.
+    ///
+    /// Defaults to `false`. (A change of Tutti's vendored copy, see `PATCHES.md`.)
+    pub fn sparse_fallback(&mut self, value: bool) -> &mut Self {
+        self.sparse_fallback = value;
+        self
+    }
+
     /// The reordering threshold we will request the peer to use
     ///
     /// This threshold represents the amount of out-of-order packets that will trigger an endpoint
@@ -585,6 +607,7 @@ impl Default for AckFrequencyConfig {
             reordering_threshold: VarInt(2),
             exact_max_ack_delay: false,
             loss_fallback: Duration::ZERO,
+            sparse_fallback: false,
         }
     }
 }

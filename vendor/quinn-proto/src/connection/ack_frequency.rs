@@ -16,6 +16,12 @@ pub(super) struct AckFrequencyState {
     fallback_until: Option<Instant>,
     /// The ack-eliciting threshold of the last ACK_FREQUENCY frame sent (Tutti's change)
     requested_threshold: Option<VarInt>,
+    /// When the last ack-eliciting packet of the data space was sent (Tutti's change)
+    last_sent: Option<Instant>,
+    /// The smoothed time between ack-eliciting packets of the data space (Tutti's change)
+    send_interval: Option<Duration>,
+    /// Whether those packets come sparsely, with hysteresis (Tutti's change)
+    sparse: bool,
 
     //
     // Receiving ACK_FREQUENCY frames
@@ -32,6 +38,9 @@ impl AckFrequencyState {
             peer_max_ack_delay: default_max_ack_delay,
             fallback_until: None,
             requested_threshold: None,
+            last_sent: None,
+            send_interval: None,
+            sparse: false,
 
             last_ack_frequency_frame: None,
             max_ack_delay: default_max_ack_delay,
@@ -55,8 +64,12 @@ impl AckFrequencyState {
 
         // Tutti's change (PATCHES.md): a configured delay asked for as it is
         let candidate = match config.max_ack_delay {
-            // ... unless a packet was lost lately: then the peer's own delay
-            Some(configured) if config.exact_max_ack_delay && self.in_fallback(now) => {
+            // ... unless a packet was lost lately, or packets go out sparsely: then the
+            // peer's own delay
+            Some(configured)
+                if config.exact_max_ack_delay
+                    && (self.in_fallback(now) || config.sparse_fallback && self.sparse) =>
+            {
                 let own = Duration::from_millis(peer_params.max_ack_delay.into());
                 Ord::min(configured, own)
             }
@@ -151,6 +164,29 @@ impl AckFrequencyState {
     pub(super) fn on_lost(&mut self, now: Instant, config: &AckFrequencyConfig) {
         if config.exact_max_ack_delay && !config.loss_fallback.is_zero() {
             self.fallback_until = Some(now + config.loss_fallback);
+        }
+    }
+
+    /// Notifies the [`AckFrequencyState`] that an ack-eliciting packet of the data space was
+    /// sent (Tutti's change: [`AckFrequencyConfig::sparse_fallback`])
+    pub(super) fn on_ack_eliciting_sent(&mut self, now: Instant, config: &AckFrequencyConfig) {
+        let last = self.last_sent.replace(now);
+        let (Some(configured), Some(last)) = (config.max_ack_delay, last) else {
+            return;
+        };
+        if !(config.exact_max_ack_delay && config.sparse_fallback) {
+            return;
+        }
+        let sample = now.saturating_duration_since(last);
+        let smoothed = match self.send_interval {
+            Some(s) => (s * 7 + sample) / 8,
+            None => sample,
+        };
+        self.send_interval = Some(smoothed);
+        if smoothed > configured {
+            self.sparse = true;
+        } else if smoothed <= configured / 2 {
+            self.sparse = false;
         }
     }
 

@@ -243,6 +243,11 @@ impl PacketBuilder {
         if size != 0 {
             if ack_eliciting {
                 conn.spaces[space_id].time_of_last_ack_eliciting_packet = Some(now);
+                // Tutti's change (PATCHES.md): the pace of ack-eliciting packets
+                if let (SpaceId::Data, Some(config)) = (space_id, &conn.config.ack_frequency_config)
+                {
+                    conn.ack_frequency.on_ack_eliciting_sent(now, config);
+                }
                 if conn.permit_idle_reset {
                     conn.reset_idle_timeout(now, space_id);
                 }

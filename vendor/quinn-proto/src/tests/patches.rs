@@ -114,6 +114,15 @@ fn ack_frequency_pair(
     exact: bool,
     loss_fallback: Duration,
 ) -> (Pair, ConnectionHandle, ConnectionHandle) {
+    ack_frequency_pair_with(exact, loss_fallback, false)
+}
+
+/// [`ack_frequency_pair`], with [`AckFrequencyConfig::sparse_fallback`] as given.
+fn ack_frequency_pair_with(
+    exact: bool,
+    loss_fallback: Duration,
+    sparse_fallback: bool,
+) -> (Pair, ConnectionHandle, ConnectionHandle) {
     let mut client_config = client_config_with_deterministic_pns();
     let mut ack_frequency = AckFrequencyConfig::default();
     ack_frequency
@@ -121,7 +130,8 @@ fn ack_frequency_pair(
         .max_ack_delay(Some(Duration::from_millis(200)))
         .reordering_threshold(1u32.into())
         .exact_max_ack_delay(exact)
-        .loss_fallback(loss_fallback);
+        .loss_fallback(loss_fallback)
+        .sparse_fallback(sparse_fallback);
     Arc::get_mut(&mut client_config.transport)
         .unwrap()
         .ack_frequency_config(Some(ack_frequency))
@@ -311,4 +321,73 @@ fn without_a_loss_fallback_a_loss_keeps_the_exact_ack_delay() {
         (Duration::from_millis(200)..=Duration::from_millis(205)).contains(&delay),
         "{delay:?}"
     );
+}
+
+/// The ACK_FREQUENCY frames the client of an [`ack_frequency_pair`] has sent.
+fn frequency_requests(pair: &mut Pair, client_ch: ConnectionHandle) -> u64 {
+    pair.client_conn_mut(client_ch)
+        .stats()
+        .frame_tx
+        .ack_frequency
+}
+
+/// With `sparse_fallback`, a sender whose ack-eliciting packets come further apart
+/// than the configured delay asks for the peer's own delay (25 ms), since a long one
+/// would save it no ACK; once they come at most half the delay apart, for the
+/// configured one again. One ACK_FREQUENCY frame per switch.
+#[test]
+fn a_sparse_sender_asks_for_the_peers_own_ack_delay() {
+    let _guard = subscribe();
+    let (mut pair, client_ch, server_ch) = ack_frequency_pair_with(true, Duration::ZERO, true);
+    let long = Duration::from_millis(200)..=Duration::from_millis(205);
+    let own = Duration::from_millis(25)..=Duration::from_millis(30);
+    // A connection starts as if its packets were dense.
+    let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
+    assert!(long.contains(&delay), "at first: {delay:?}");
+    let requests = frequency_requests(&mut pair, client_ch);
+
+    // A PING a second: after a few, the peer is asked for its own delay.
+    let mut sparse_pings = 0;
+    loop {
+        sparse_pings += 1;
+        assert!(sparse_pings <= 6, "still asking for the long delay");
+        pair.time += Duration::from_secs(1);
+        let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
+        if own.contains(&delay) {
+            break;
+        }
+        assert!(long.contains(&delay), "{delay:?}");
+    }
+    assert!(sparse_pings >= 2, "switched on the first sparse packet");
+    assert_eq!(frequency_requests(&mut pair, client_ch), requests + 1);
+
+    // PINGs 20 ms apart (not waiting for their ACKs): once the mean gap is down to
+    // half the delay, the configured delay is asked for again.
+    for _ in 0..30 {
+        pair.client_conn_mut(client_ch).ping();
+        pair.drive_client();
+        pair.time += Duration::from_millis(20);
+        pair.drive_server();
+    }
+    pair.drive();
+    assert_eq!(frequency_requests(&mut pair, client_ch), requests + 2);
+    let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
+    assert!(long.contains(&delay), "dense again: {delay:?}");
+}
+
+/// Without `sparse_fallback` (the default) a sparse sender keeps the exact delay.
+#[test]
+fn without_a_sparse_fallback_a_sparse_sender_keeps_the_exact_ack_delay() {
+    let _guard = subscribe();
+    let (mut pair, client_ch, server_ch) = ack_frequency_pair(true, Duration::ZERO);
+    let requests = frequency_requests(&mut pair, client_ch);
+    for _ in 0..6 {
+        pair.time += Duration::from_secs(1);
+        let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
+        assert!(
+            (Duration::from_millis(200)..=Duration::from_millis(205)).contains(&delay),
+            "{delay:?}"
+        );
+    }
+    assert_eq!(frequency_requests(&mut pair, client_ch), requests);
 }
