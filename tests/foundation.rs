@@ -35,6 +35,7 @@ both_transports!(
     a_server_on_bbr_answers_and_pushes,
     the_server_asks_native_clients_to_acknowledge_later,
     after_a_loss_a_client_is_asked_for_its_own_ack_delay,
+    a_sparse_connection_asks_its_client_for_its_own_ack_delay,
 );
 
 async fn handshake_welcomes_a_valid_token(t: TransportKind) {
@@ -260,11 +261,11 @@ async fn ack_of_a_lone_packet(s: &TestServer, t: TransportKind) -> (bool, Durati
 }
 
 /// Both transports run on quinn, which offers QUIC's ACK-frequency extension: the
-/// server asks the client to wait up to `timeouts.ack_delay` (100 ms) before it
-/// acknowledges a lone packet, where it would otherwise wait 25 ms. With
-/// `ack_delay = 0s` nothing is asked.
+/// server asks the client to wait up to `timeouts.ack_delay` (here 100 ms, for a
+/// short test) before it acknowledges a lone packet, where it would otherwise wait
+/// 25 ms. With `ack_delay = 0s` nothing is asked.
 async fn the_server_asks_native_clients_to_acknowledge_later(t: TransportKind) {
-    let s = TestServer::start().await;
+    let s = TestServer::start_with(|c| c.timeouts.ack_delay = Duration::from_millis(100)).await;
     let (asked, after) = ack_of_a_lone_packet(&s, t).await;
     assert!(asked, "the server asks for later ACKs by default");
     // At least the 100 ms asked for, less the time the pong took from its
@@ -1401,3 +1402,39 @@ both_transports!(
     tokens_are_checked_for_key_id_issuer_audience_and_lifetime,
     a_session_ends_when_its_token_expires_unless_refreshed,
 );
+
+/// A connection whose packets come further apart than `timeouts.ack_delay` would
+/// save no ACK by the long delay, only wait longer for a lost packet: its client is
+/// asked for its own delay (a second ACK_FREQUENCY request), and for the long one
+/// again (a third) once its packets come close together. What is asked is checked
+/// in the vendored quinn-proto's tests (`vendor/quinn-proto/src/tests/patches.rs`).
+async fn a_sparse_connection_asks_its_client_for_its_own_ack_delay(t: TransportKind) {
+    let s = TestServer::start_with(|c| c.timeouts.ack_delay = Duration::from_millis(40)).await;
+    let c = s.connect(t, "alice").await;
+    c.echo(b"ready".to_vec(), false).await.unwrap();
+    assert_eq!(c.ack_counts().frequency_requests, 1, "asked once");
+    // An answer every 100 ms: the mean gap (smoothed over one eighth) passes
+    // 40 ms after a few.
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
+    let mut sparse = false;
+    for _ in 0..20 {
+        pace.tick().await;
+        c.echo(b"sparse".to_vec(), false).await.unwrap();
+        if c.ack_counts().frequency_requests >= 2 {
+            sparse = true;
+            break;
+        }
+    }
+    assert!(sparse, "no new request after 20 answers 100 ms apart");
+    assert_eq!(c.ack_counts().frequency_requests, 2);
+    // Answers back to back bring the mean gap under 20 ms.
+    for _ in 0..40 {
+        c.echo(b"dense".to_vec(), false).await.unwrap();
+    }
+    assert!(
+        within(Duration::from_secs(1), || c.ack_counts().frequency_requests
+            >= 3)
+        .await,
+        "no request for the long delay again"
+    );
+}

@@ -148,7 +148,9 @@ pub struct TimeoutsConfig {
     /// delayed, and a lost packet followed by another is still acknowledged (and
     /// resent) at once. For 10 s after a packet to a client is lost, that client is
     /// asked to acknowledge as without the extension, so a lost last packet is
-    /// resent as soon as without it (`transport::endpoint::ACK_DELAY_LOSS_FALLBACK`).
+    /// resent as soon as without it (`transport::endpoint::ACK_DELAY_LOSS_FALLBACK`);
+    /// so is a client whose packets come further apart than this on average, as the
+    /// long delay would save it no ACK.
     #[serde(with = "duration_str")]
     pub ack_delay: Duration,
     /// How long shutdown waits for sessions to close.
@@ -171,7 +173,7 @@ pub struct TimeoutsConfig {
 
 impl TimeoutsConfig {
     /// `ack_delay` by default (docs/BENCHMARKS.md, "What each change bought").
-    pub const DEFAULT_ACK_DELAY: Duration = Duration::from_millis(100);
+    pub const DEFAULT_ACK_DELAY: Duration = Duration::from_millis(500);
     /// The longest `ack_delay` accepted.
     pub const MAX_ACK_DELAY: Duration = Duration::from_secs(1);
 }

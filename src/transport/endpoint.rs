@@ -136,13 +136,20 @@ impl EndpointSettings {
             // asked for, and a burst (a history page) needs its ACK clock. So for
             // `ACK_DELAY_LOSS_FALLBACK` after a loss the client is asked to
             // acknowledge as without the extension (its own delay, every second
-            // packet), and a lossy path recovers as fast as without it.
+            // packet), and a lossy path recovers as fast as without it. A long
+            // delay saves ACKs only when several packets fall within it; a
+            // connection whose packets come further apart than `ack_delay` (a few
+            // notifications a minute) would save none and only wait longer for a
+            // lost one, so while its mean gap (smoothed as the RTT is) exceeds the
+            // delay, its client is asked for its own delay too (`sparse_fallback`,
+            // another vendored change), until the gap is half the delay again.
             let mut ack = quinn::AckFrequencyConfig::default();
             ack.ack_eliciting_threshold(quinn::VarInt::from_u32(9))
                 .max_ack_delay(Some(self.ack_delay))
                 .reordering_threshold(quinn::VarInt::from_u32(1))
                 .exact_max_ack_delay(true)
-                .loss_fallback(ACK_DELAY_LOSS_FALLBACK);
+                .loss_fallback(ACK_DELAY_LOSS_FALLBACK)
+                .sparse_fallback(true);
             transport.ack_frequency_config(Some(ack));
         }
         if let Some(factory) = self.congestion_control.factory() {
