@@ -20,7 +20,8 @@ pub(super) struct AckFrequencyState {
     last_sent: Option<Instant>,
     /// The smoothed time between ack-eliciting packets of the data space (Tutti's change)
     send_interval: Option<Duration>,
-    /// Whether those packets come sparsely, with hysteresis (Tutti's change)
+    /// Whether those packets come sparsely, with hysteresis; only ever set with
+    /// `sparse_fallback` (Tutti's change)
     sparse: bool,
 
     //
@@ -67,8 +68,7 @@ impl AckFrequencyState {
             // ... unless a packet was lost lately, or packets go out sparsely: then the
             // peer's own delay
             Some(configured)
-                if config.exact_max_ack_delay
-                    && (self.in_fallback(now) || config.sparse_fallback && self.sparse) =>
+                if config.exact_max_ack_delay && (self.in_fallback(now) || self.sparse) =>
             {
                 let own = Duration::from_millis(peer_params.max_ack_delay.into());
                 Ord::min(configured, own)
@@ -170,13 +170,13 @@ impl AckFrequencyState {
     /// Notifies the [`AckFrequencyState`] that an ack-eliciting packet of the data space was
     /// sent (Tutti's change: [`AckFrequencyConfig::sparse_fallback`])
     pub(super) fn on_ack_eliciting_sent(&mut self, now: Instant, config: &AckFrequencyConfig) {
+        if !(config.exact_max_ack_delay && config.sparse_fallback) {
+            return;
+        }
         let last = self.last_sent.replace(now);
         let (Some(configured), Some(last)) = (config.max_ack_delay, last) else {
             return;
         };
-        if !(config.exact_max_ack_delay && config.sparse_fallback) {
-            return;
-        }
         let sample = now.saturating_duration_since(last);
         let smoothed = match self.send_interval {
             Some(s) => (s * 7 + sample) / 8,

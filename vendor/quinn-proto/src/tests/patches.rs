@@ -184,16 +184,29 @@ fn ping_ack_delay(
     panic!("the PING was not acknowledged within 500 ms");
 }
 
+/// The ACK_FREQUENCY frames the client of an [`ack_frequency_pair`] has sent.
+fn frequency_requests(pair: &mut Pair, client_ch: ConnectionHandle) -> u64 {
+    pair.client_conn_mut(client_ch)
+        .stats()
+        .frame_tx
+        .ack_frequency
+}
+
+/// How long the server of an [`ack_frequency_pair`] waits to acknowledge a PING when
+/// asked for the configured delay (200 ms)...
+const LONG_DELAY: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(200)..=Duration::from_millis(205);
+/// ... and when asked for its own (25 ms).
+const OWN_DELAY: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(25)..=Duration::from_millis(30);
+
 /// With `exact_max_ack_delay`, a peer is asked for the configured delay even above
 /// the RTT, and honours it; without, the request is clamped as upstream.
 #[test]
 fn an_exact_max_ack_delay_is_requested_above_the_rtt() {
     let _guard = subscribe();
     let exact = ack_delay_of_a_ping(true);
-    assert!(
-        (Duration::from_millis(200)..=Duration::from_millis(205)).contains(&exact),
-        "{exact:?}"
-    );
+    assert!(LONG_DELAY.contains(&exact), "{exact:?}");
     let clamped = ack_delay_of_a_ping(false);
     assert!(
         (Duration::from_millis(20)..=Duration::from_millis(30)).contains(&clamped),
@@ -253,18 +266,12 @@ fn after_a_loss_the_peer_acknowledges_as_without_the_extension_for_a_while() {
     let _guard = subscribe();
     let fallback = Duration::from_secs(2);
     let (mut pair, client_ch, server_ch) = ack_frequency_pair(true, fallback);
-    let long = Duration::from_millis(200)..=Duration::from_millis(205);
-    let own = Duration::from_millis(25)..=Duration::from_millis(30);
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
-    assert!(long.contains(&delay), "before any loss: {delay:?}");
+    assert!(LONG_DELAY.contains(&delay), "before any loss: {delay:?}");
     assert!(!two_pings_acked_at_once(&mut pair, client_ch, server_ch));
 
     // The first PING is lost, the second arrives; the client finds the loss.
-    let requests = pair
-        .client_conn_mut(client_ch)
-        .stats()
-        .frame_tx
-        .ack_frequency;
+    let requests = frequency_requests(&mut pair, client_ch);
     pair.client_conn_mut(client_ch).ping();
     pair.drive_client();
     pair.server.inbound.clear();
@@ -275,26 +282,20 @@ fn after_a_loss_the_peer_acknowledges_as_without_the_extension_for_a_while() {
     assert_eq!(stats.frame_tx.ack_frequency, requests + 1, "a new request");
     let lost_at = pair.time;
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
-    assert!(own.contains(&delay), "after the loss: {delay:?}");
+    assert!(OWN_DELAY.contains(&delay), "after the loss: {delay:?}");
     assert!(two_pings_acked_at_once(&mut pair, client_ch, server_ch));
 
     // Within the fallback period the request stands...
     pair.time = lost_at + fallback - Duration::from_millis(300);
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
-    assert!(own.contains(&delay), "within the period: {delay:?}");
+    assert!(OWN_DELAY.contains(&delay), "within the period: {delay:?}");
     // ... and after it the next packet asks for the configured delay again; the
     // PING after that is acknowledged late.
     pair.time = lost_at + fallback;
     ping_ack_delay(&mut pair, client_ch, server_ch);
-    assert_eq!(
-        pair.client_conn_mut(client_ch)
-            .stats()
-            .frame_tx
-            .ack_frequency,
-        requests + 2
-    );
+    assert_eq!(frequency_requests(&mut pair, client_ch), requests + 2);
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
-    assert!(long.contains(&delay), "after the period: {delay:?}");
+    assert!(LONG_DELAY.contains(&delay), "after the period: {delay:?}");
     assert!(!two_pings_acked_at_once(&mut pair, client_ch, server_ch));
 }
 
@@ -303,11 +304,7 @@ fn after_a_loss_the_peer_acknowledges_as_without_the_extension_for_a_while() {
 fn without_a_loss_fallback_a_loss_keeps_the_exact_ack_delay() {
     let _guard = subscribe();
     let (mut pair, client_ch, server_ch) = ack_frequency_pair(true, Duration::ZERO);
-    let requests = pair
-        .client_conn_mut(client_ch)
-        .stats()
-        .frame_tx
-        .ack_frequency;
+    let requests = frequency_requests(&mut pair, client_ch);
     pair.client_conn_mut(client_ch).ping();
     pair.drive_client();
     pair.server.inbound.clear();
@@ -317,18 +314,7 @@ fn without_a_loss_fallback_a_loss_keeps_the_exact_ack_delay() {
     assert_eq!(stats.path.lost_packets, 1);
     assert_eq!(stats.frame_tx.ack_frequency, requests);
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
-    assert!(
-        (Duration::from_millis(200)..=Duration::from_millis(205)).contains(&delay),
-        "{delay:?}"
-    );
-}
-
-/// The ACK_FREQUENCY frames the client of an [`ack_frequency_pair`] has sent.
-fn frequency_requests(pair: &mut Pair, client_ch: ConnectionHandle) -> u64 {
-    pair.client_conn_mut(client_ch)
-        .stats()
-        .frame_tx
-        .ack_frequency
+    assert!(LONG_DELAY.contains(&delay), "{delay:?}");
 }
 
 /// With `sparse_fallback`, a sender whose ack-eliciting packets come further apart
@@ -339,11 +325,9 @@ fn frequency_requests(pair: &mut Pair, client_ch: ConnectionHandle) -> u64 {
 fn a_sparse_sender_asks_for_the_peers_own_ack_delay() {
     let _guard = subscribe();
     let (mut pair, client_ch, server_ch) = ack_frequency_pair_with(true, Duration::ZERO, true);
-    let long = Duration::from_millis(200)..=Duration::from_millis(205);
-    let own = Duration::from_millis(25)..=Duration::from_millis(30);
     // A connection starts as if its packets were dense.
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
-    assert!(long.contains(&delay), "at first: {delay:?}");
+    assert!(LONG_DELAY.contains(&delay), "at first: {delay:?}");
     let requests = frequency_requests(&mut pair, client_ch);
 
     // A PING a second: after a few, the peer is asked for its own delay.
@@ -353,10 +337,10 @@ fn a_sparse_sender_asks_for_the_peers_own_ack_delay() {
         assert!(sparse_pings <= 6, "still asking for the long delay");
         pair.time += Duration::from_secs(1);
         let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
-        if own.contains(&delay) {
+        if OWN_DELAY.contains(&delay) {
             break;
         }
-        assert!(long.contains(&delay), "{delay:?}");
+        assert!(LONG_DELAY.contains(&delay), "{delay:?}");
     }
     assert!(sparse_pings >= 2, "switched on the first sparse packet");
     assert_eq!(frequency_requests(&mut pair, client_ch), requests + 1);
@@ -372,7 +356,7 @@ fn a_sparse_sender_asks_for_the_peers_own_ack_delay() {
     pair.drive();
     assert_eq!(frequency_requests(&mut pair, client_ch), requests + 2);
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
-    assert!(long.contains(&delay), "dense again: {delay:?}");
+    assert!(LONG_DELAY.contains(&delay), "dense again: {delay:?}");
 }
 
 /// Without `sparse_fallback` (the default) a sparse sender keeps the exact delay.
@@ -384,10 +368,7 @@ fn without_a_sparse_fallback_a_sparse_sender_keeps_the_exact_ack_delay() {
     for _ in 0..6 {
         pair.time += Duration::from_secs(1);
         let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
-        assert!(
-            (Duration::from_millis(200)..=Duration::from_millis(205)).contains(&delay),
-            "{delay:?}"
-        );
+        assert!(LONG_DELAY.contains(&delay), "{delay:?}");
     }
     assert_eq!(frequency_requests(&mut pair, client_ch), requests);
 }
