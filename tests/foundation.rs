@@ -246,6 +246,13 @@ async fn ack_of_a_lone_packet(s: &TestServer, t: TransportKind) -> (bool, Durati
     c.echo(b"ready".to_vec(), false).await.unwrap();
     let mut longest = None;
     for _ in 0..5 {
+        // A few answers just before keep the server's packets dense: a pong that
+        // only came after the last one's ACK, each one `ack_delay` apart, would
+        // soon make the connection sparse, and its client is then asked for its
+        // own delay instead (a_sparse_connection_asks_its_client_for_its_own_ack_delay).
+        for _ in 0..3 {
+            c.echo(b"dense".to_vec(), false).await.unwrap();
+        }
         // The ping carries the client's pending ACKs; the pong is then the one
         // packet left to acknowledge. A datagram may be lost even on loopback.
         if c.ping_datagram().await.is_err() {
