@@ -322,6 +322,14 @@ pub fn table(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> String {
     {
         row(&mut t, "client acks per delivery", format!("{acks:.2}"));
     }
+    if let Some(n) = o
+        .extra
+        .get("client_ack_frequency_requests")
+        .and_then(|v| v.as_u64())
+        .filter(|n| *n > 0)
+    {
+        row(&mut t, "ack-frequency requests", n.to_string());
+    }
     for name in ["resumed", "full"] {
         let get = |k: String| o.extra.get(&k).and_then(|v| v.as_f64());
         if let Some(rate) = get(format!("reconnect_{name}_per_sec")) {

@@ -114,6 +114,10 @@ pub struct Phase {
     /// ACK frames the clients sent during the measured window (QUIC; the server
     /// receives and processes each).
     pub window_acks: u64,
+    /// ACK_FREQUENCY frames the clients received during the measured window: the
+    /// server's requests to acknowledge later or sooner (`timeouts.ack_delay` and
+    /// its fallbacks after a loss and for sparse traffic).
+    pub window_ack_frequency_requests: u64,
     /// Typing indicators, when the scenario sends them.
     pub typing: Option<Typing>,
     /// History pages, when the scenario fetches them.
@@ -392,14 +396,18 @@ impl World {
         live().set_phase(format!("{label}: warm-up ({rate:.2} msg/s per client)"));
         tokio::time::sleep_until(base + warm_up).await;
         let cpu0 = self.cpu();
-        let acks0 = self.acks_sent();
+        let acks0 = self.ack_counts();
         live().set_phase(format!("{label}: measuring ({rate:.2} msg/s per client)"));
         tokio::time::sleep_until(base + warm_up + measure).await;
         let window_cpu = match (cpu0, self.cpu()) {
             (Some((s0, g0)), Some((s1, g1))) => Some((s1 - s0, g1 - g0)),
             _ => None,
         };
-        let window_acks = self.acks_sent().saturating_sub(acks0);
+        let acks1 = self.ack_counts();
+        let window_acks = acks1.sent.saturating_sub(acks0.sent);
+        let window_ack_frequency_requests = acks1
+            .frequency_requests
+            .saturating_sub(acks0.frequency_requests);
         live().set_phase(format!("{label}: draining"));
         let expected = || -> u64 {
             self.rooms
@@ -453,6 +461,7 @@ impl World {
             backpressured: totals.backpressured.get(),
             window_cpu,
             window_acks,
+            window_ack_frequency_requests,
             typing,
             history,
             rebound,
@@ -465,12 +474,17 @@ impl World {
         Some((server, crate::procstat::cpu_secs(std::process::id())?))
     }
 
-    /// ACK frames sent so far by the connected clients.
-    fn acks_sent(&self) -> u64 {
+    /// ACK frames sent and ACK_FREQUENCY frames received so far by the connected
+    /// clients.
+    fn ack_counts(&self) -> tutti::transport::AckCounts {
         self.pool
             .connected()
-            .map(|(_, c)| c.ack_counts().sent)
-            .sum()
+            .map(|(_, c)| c.ack_counts())
+            .fold(Default::default(), |sum, c| tutti::transport::AckCounts {
+                sent: sum.sent + c.sent,
+                received: sum.received + c.received,
+                frequency_requests: sum.frequency_requests + c.frequency_requests,
+            })
     }
 
     /// Closes every connection and stops the receivers.
@@ -842,6 +856,10 @@ pub async fn run_with(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<Ou
         o.extra
             .insert("client_acks_per_delivery".into(), acks.into());
     }
+    o.extra.insert(
+        "client_ack_frequency_requests".into(),
+        phase.window_ack_frequency_requests.into(),
+    );
     if let Some(t) = &phase.typing {
         o.extra.insert(
             "typing".into(),
