@@ -30,6 +30,12 @@ enum Command {
     Impair(impair::ImpairArgs),
 }
 
+// mimalloc, as in the server: the generator's QUIC clients allocate per packet and
+// per frame too, and on the shared-cores setup every cycle the generator spends is
+// one the server cannot (docs/BENCHMARKS.md, "What each change bought").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
