@@ -1,12 +1,23 @@
 //! The knee search: chat fan-out on one set of connections, stepping the offered
 //! rate up by `factor` until a step breaks an SLO (delivery, p99 latency, or a
 //! dropped connection), then one bisection between the last passing and the first
-//! failing rate. The knee is the highest passing rate.
+//! failing rate. The knee is the highest passing rate. Before every step after the
+//! first, the run waits (at most [`SETTLE_MAX`]) until no message has arrived for
+//! [`SETTLE_QUIET`]: a failed step leaves a backlog in the server, which would
+//! otherwise be charged to the next step (the Socket.IO baseline's `load.js` waits
+//! the same way).
 
 use super::Ctx;
 use super::chat::{Phase, World, setup};
 use crate::outcome::{Knee, KneeStep, Outcome};
 use crate::slo::percent;
+use crate::stats::live;
+use std::time::Duration;
+
+/// How long no message may arrive before the next step starts.
+const SETTLE_QUIET: Duration = Duration::from_secs(1);
+/// The longest wait for a backlog to flush before a step.
+const SETTLE_MAX: Duration = Duration::from_secs(60);
 
 /// The `knee` scenario.
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
@@ -68,6 +79,13 @@ async fn step(ctx: &Ctx, world: &World, rate: f64, n: usize) -> (KneeStep, Phase
     let per_client = rate / (world.established().max(1) as f64 * p.room_size as f64);
     let before = world.dropped();
     let label = format!("knee step {n} ({rate:.0} deliveries/s)");
+    if n > 1 {
+        live().set_phase(format!("{label}: waiting for the last step's backlog"));
+        let waited = settle().await;
+        if waited > SETTLE_QUIET + Duration::from_millis(500) {
+            tracing::info!(?waited, "the previous step's backlog flushed");
+        }
+    }
     let phase = world
         .phase(&label, per_client, k.step_warm_up, k.step_measure, p.drain)
         .await;
@@ -99,4 +117,23 @@ async fn step(ctx: &Ctx, world: &World, rate: f64, n: usize) -> (KneeStep, Phase
         pass,
     };
     (step, phase)
+}
+
+/// Waits until no message has arrived for [`SETTLE_QUIET`], at most [`SETTLE_MAX`];
+/// returns how long it waited.
+async fn settle() -> Duration {
+    let start = tokio::time::Instant::now();
+    let mut seen = live().deliveries.get();
+    let mut quiet_since = start;
+    while start.elapsed() < SETTLE_MAX {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = live().deliveries.get();
+        if now != seen {
+            seen = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= SETTLE_QUIET {
+            break;
+        }
+    }
+    start.elapsed()
 }
