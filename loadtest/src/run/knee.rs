@@ -11,7 +11,7 @@ use super::Ctx;
 use super::chat::{Phase, World, setup};
 use crate::outcome::{Knee, KneeStep, Outcome};
 use crate::slo::percent;
-use crate::stats::live;
+use crate::stats::{Counter, live};
 use std::time::Duration;
 
 /// How long no message may arrive before the next step starts.
@@ -81,7 +81,7 @@ async fn step(ctx: &Ctx, world: &World, rate: f64, n: usize) -> (KneeStep, Phase
     let label = format!("knee step {n} ({rate:.0} deliveries/s)");
     if n > 1 {
         live().set_phase(format!("{label}: waiting for the last step's backlog"));
-        let waited = settle().await;
+        let waited = settle(&live().deliveries).await;
         if waited > SETTLE_QUIET + Duration::from_millis(500) {
             tracing::info!(?waited, "the previous step's backlog flushed");
         }
@@ -119,15 +119,15 @@ async fn step(ctx: &Ctx, world: &World, rate: f64, n: usize) -> (KneeStep, Phase
     (step, phase)
 }
 
-/// Waits until no message has arrived for [`SETTLE_QUIET`], at most [`SETTLE_MAX`];
-/// returns how long it waited.
-async fn settle() -> Duration {
+/// Waits until `arrivals` (messages received) has not moved for [`SETTLE_QUIET`],
+/// at most [`SETTLE_MAX`]; returns how long it waited.
+async fn settle(arrivals: &Counter) -> Duration {
     let start = tokio::time::Instant::now();
-    let mut seen = live().deliveries.get();
+    let mut seen = arrivals.get();
     let mut quiet_since = start;
     while start.elapsed() < SETTLE_MAX {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = live().deliveries.get();
+        let now = arrivals.get();
         if now != seen {
             seen = now;
             quiet_since = tokio::time::Instant::now();
@@ -136,4 +136,53 @@ async fn settle() -> Duration {
         }
     }
     start.elapsed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Counts one arrival every 100 ms for `for_how_long`.
+    fn arriving(arrivals: &Arc<Counter>, for_how_long: Duration) -> tokio::task::JoinHandle<()> {
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            let end = tokio::time::Instant::now() + for_how_long;
+            while tokio::time::Instant::now() < end {
+                arrivals.inc();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_run_starts_the_next_step_after_one_quiet_second() {
+        let waited = settle(&Counter::default()).await;
+        assert!(waited >= SETTLE_QUIET && waited < SETTLE_QUIET + Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_waited_out_until_a_second_after_its_last_message() {
+        let arrivals = Arc::new(Counter::default());
+        let backlog = arriving(&arrivals, Duration::from_secs(3));
+        let waited = settle(&arrivals).await;
+        backlog.await.unwrap();
+        let after = Duration::from_secs(3) + SETTLE_QUIET;
+        assert!(
+            waited >= after && waited < after + Duration::from_millis(300),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_that_never_ends_is_waited_for_at_most_a_minute() {
+        let arrivals = Arc::new(Counter::default());
+        let endless = arriving(&arrivals, SETTLE_MAX * 2);
+        let waited = settle(&arrivals).await;
+        endless.abort();
+        assert!(
+            waited >= SETTLE_MAX && waited < SETTLE_MAX + Duration::from_millis(200),
+            "{waited:?}"
+        );
+    }
 }
