@@ -43,6 +43,9 @@ struct Shared {
     typing_latency: Latencies,
     history_pages: Counter,
     history_errors: Counter,
+    /// Measured fetches sent and not yet answered: the drain waits for them, so
+    /// that a slow page at the end of the window is timed rather than dropped.
+    history_outstanding: Counter,
     history_bytes: Counter,
     history_latency: Latencies,
 }
@@ -148,7 +151,7 @@ pub struct Typing {
 pub struct History {
     /// Pages received.
     pub pages: u64,
-    /// Fetches that failed or had no answer by the end of the run.
+    /// Fetches that failed, or had no answer by the end of the drain.
     pub errors: u64,
     /// Message text bytes in the pages.
     pub bytes: u64,
@@ -419,7 +422,12 @@ impl World {
         let drain_end = tokio::time::Instant::now() + drain;
         // Give the last measured sends time to be issued before comparing.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        while tokio::time::Instant::now() < drain_end && self.shared.delivered.get() < expected() {
+        // As the Socket.IO baseline's drain: every measured message delivered and
+        // every measured history fetch answered, or the drain's end.
+        while tokio::time::Instant::now() < drain_end
+            && (self.shared.delivered.get() < expected()
+                || self.shared.history_outstanding.get() > 0)
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = stop_tx.send(true);
@@ -741,15 +749,22 @@ async fn fetcher(
             before_offset: 0,
             limit: 0,
         }));
+        if measured {
+            shared.history_outstanding.inc();
+        }
         let answer = tokio::select! {
             r = request => r,
             _ = stop.changed() => {
                 if measured {
+                    shared.history_outstanding.dec();
                     shared.history_errors.inc();
                 }
                 return;
             }
         };
+        if measured {
+            shared.history_outstanding.dec();
+        }
         if !measured {
             continue;
         }
