@@ -165,6 +165,17 @@ impl AckCounts {
     }
 }
 
+/// The counts of several connections together.
+impl std::iter::Sum for AckCounts {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |sum, c| Self {
+            sent: sum.sent + c.sent,
+            received: sum.received + c.received,
+            frequency_requests: sum.frequency_requests + c.frequency_requests,
+        })
+    }
+}
+
 /// A session over any [`Transport`]. Cloning is cheap (one reference count).
 #[derive(Clone, Debug)]
 pub struct Session(Arc<dyn Transport>);

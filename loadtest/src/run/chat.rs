@@ -485,14 +485,7 @@ impl World {
     /// ACK frames sent and ACK_FREQUENCY frames received so far by the connected
     /// clients.
     fn ack_counts(&self) -> tutti::transport::AckCounts {
-        self.pool
-            .connected()
-            .map(|(_, c)| c.ack_counts())
-            .fold(Default::default(), |sum, c| tutti::transport::AckCounts {
-                sent: sum.sent + c.sent,
-                received: sum.received + c.received,
-                frequency_requests: sum.frequency_requests + c.frequency_requests,
-            })
+        self.pool.connected().map(|(_, c)| c.ack_counts()).sum()
     }
 
     /// Closes every connection and stops the receivers.
@@ -762,12 +755,10 @@ async fn fetcher(
                 return;
             }
         };
-        if measured {
-            shared.history_outstanding.dec();
-        }
         if !measured {
             continue;
         }
+        shared.history_outstanding.dec();
         match answer {
             Ok(response::Body::ChatHistory(page)) => {
                 shared.history_pages.inc();
