@@ -270,6 +270,12 @@ async fn read_marks_and_unread_counts_are_exact(t: TransportKind) {
     let summary = &list(&b).await["alice~r"];
     assert_eq!((summary.unread, summary.read_offset), (1, 5));
     assert_eq!(summary.last_message.as_ref().unwrap().text, "one more");
+    // Alice's mark was read (and cached) by her list above: the send moved it.
+    assert_eq!(
+        list(&a).await["alice~r"].unread,
+        0,
+        "a send moves a cached mark"
+    );
     // After a restart the counts are the same.
     drop((a, b));
     s.shutdown().await;

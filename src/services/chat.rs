@@ -26,6 +26,7 @@
 //! what you answer), so counts stay exact with one stored number per user and room.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -277,7 +278,11 @@ pub struct ChatService {
     log: RedbLog,
     /// (room, sender, client message id) → the offset of the message stored for it.
     sent: Dedup,
-    read_marks: crate::store::cache::Cache<(String, String), u64>,
+    /// (user, room) → the user's read mark there. Shared values: a send moves its
+    /// sender's cached mark with a read of the cache, not a write (a moka insert
+    /// costs more than the rest of a send's bookkeeping), and a miss is filled
+    /// from redb on the next read. Marks are read and moved under the room's lock.
+    read_marks: crate::store::cache::Cache<(String, String), Arc<AtomicU64>>,
     /// session → rooms it is subscribed to.
     subscribed: Mutex<HashMap<String, HashSet<String>>>,
     /// session → (window start, typing indicators in it).
@@ -687,7 +692,7 @@ impl ChatService {
                     // reused, so no stale resume offset points into another room.
                     let exists = rooms.get(room_id.as_str())?.is_some()
                         || txn.open_table(OFFSETS)?.get(room_id.as_str())?.is_some();
-                    flag.store(exists, std::sync::atomic::Ordering::Relaxed);
+                    flag.store(exists, Ordering::Relaxed);
                     if exists {
                         return Ok(());
                     }
@@ -704,7 +709,7 @@ impl ChatService {
                     Ok(())
                 })
                 .await?;
-            if !taken.load(std::sync::atomic::Ordering::Relaxed) {
+            if !taken.load(Ordering::Relaxed) {
                 break;
             }
             // Only the caller's own chosen ids can be taken: they are in the
@@ -1242,10 +1247,10 @@ impl ChatService {
             .map(|(offset, m)| message_wire(&room.id, offset, m))
             .collect();
         room.last_message = messages.last().cloned();
-        if sender != Sender::System {
-            self.read_marks
-                .insert((sender_id, room.id.clone()), last)
-                .await;
+        if sender != Sender::System
+            && let Some(mark) = self.read_marks.get(&(sender_id, room.id.clone())).await
+        {
+            mark.fetch_max(last, Ordering::Relaxed);
         }
         // Published under the room lock: in offset order, after any catch-up.
         for m in &messages {
@@ -1361,10 +1366,12 @@ impl ChatService {
     async fn read_mark(&self, user: &str, room: &str) -> ServiceResult<u64> {
         let key = (user.to_owned(), room.to_owned());
         if let Some(v) = self.read_marks.get(&key).await {
-            return Ok(v);
+            return Ok(v.load(Ordering::Relaxed));
         }
         let v = self.read_mark_stored(user, room)?;
-        self.read_marks.insert(key, v).await;
+        self.read_marks
+            .insert(key, Arc::new(AtomicU64::new(v)))
+            .await;
         Ok(v)
     }
 
@@ -1392,9 +1399,16 @@ impl ChatService {
                     Ok(())
                 })
                 .await?;
-            self.read_marks
-                .insert((user.to_owned(), room.id.clone()), target)
-                .await;
+            let key = (user.to_owned(), room.id.clone());
+            match self.read_marks.get(&key).await {
+                Some(mark) => {
+                    mark.fetch_max(target, Ordering::Relaxed);
+                }
+                None => {
+                    let mark = Arc::new(AtomicU64::new(target));
+                    self.read_marks.insert(key, mark).await;
+                }
+            }
             let receipt = v1::Push {
                 stream: String::new(),
                 offset: 0,
@@ -1675,11 +1689,11 @@ impl ChatService {
                 // Never the last message: the room's offsets never move back.
                 let end = keep.min(log.last_offset_in(txn, &room)?);
                 let k = log.remove_in(txn, &room, end, budget)?;
-                n.store(k, std::sync::atomic::Ordering::Relaxed);
+                n.store(k, Ordering::Relaxed);
                 Ok(())
             })
             .await?;
-        Ok(removed.load(std::sync::atomic::Ordering::Relaxed))
+        Ok(removed.load(Ordering::Relaxed))
     }
 
     /// Removes a room nobody is in: up to `budget` of its messages, and the room
