@@ -593,6 +593,9 @@ async fn an_api_notification_with_an_idempotency_key_is_created_once() {
         let key = s.api_key();
         let http = s.server().http_addr();
         let bob = s.connect(TransportKind::Quic, "bob").await;
+        // The session subscribes as it connects; a round trip makes sure before the
+        // first notification is created (docs/PROTOCOL.md, "Handshake").
+        assert!(all_notifications(&bob).await.is_empty());
         let body = r#"{"user_id":"bob","kind":"k","title":"once"}"#;
         let (status, replayed, first) = notify(http, &key, Some("order-17"), body).await;
         assert_eq!((status, replayed.as_str()), (201, "false"), "{first}");
