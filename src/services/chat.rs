@@ -1247,10 +1247,8 @@ impl ChatService {
             .map(|(offset, m)| message_wire(&room.id, offset, m))
             .collect();
         room.last_message = messages.last().cloned();
-        if sender != Sender::System
-            && let Some(mark) = self.read_marks.get(&(sender_id, room.id.clone())).await
-        {
-            mark.fetch_max(last, Ordering::Relaxed);
+        if sender != Sender::System {
+            self.raise_cached_mark(sender_id, &room.id, last).await;
         }
         // Published under the room lock: in offset order, after any catch-up.
         for m in &messages {
@@ -1375,6 +1373,15 @@ impl ChatService {
         Ok(v)
     }
 
+    /// Raises `user`'s cached mark in `room` to `to` after the stored one was
+    /// written; a mark not cached is left to be read from redb when next needed.
+    /// Call under the room's lock.
+    async fn raise_cached_mark(&self, user: String, room: &str, to: u64) {
+        if let Some(mark) = self.read_marks.get(&(user, room.to_owned())).await {
+            mark.fetch_max(to, Ordering::Relaxed);
+        }
+    }
+
     /// Moves the caller's read mark forward.
     pub async fn mark_read(
         &self,
@@ -1399,16 +1406,8 @@ impl ChatService {
                     Ok(())
                 })
                 .await?;
-            let key = (user.to_owned(), room.id.clone());
-            match self.read_marks.get(&key).await {
-                Some(mark) => {
-                    mark.fetch_max(target, Ordering::Relaxed);
-                }
-                None => {
-                    let mark = Arc::new(AtomicU64::new(target));
-                    self.read_marks.insert(key, mark).await;
-                }
-            }
+            self.raise_cached_mark(user.to_owned(), &room.id, target)
+                .await;
             let receipt = v1::Push {
                 stream: String::new(),
                 offset: 0,
