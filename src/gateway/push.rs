@@ -7,13 +7,12 @@
 //! writes the queue in order. A stalled kind never blocks another.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -183,15 +182,16 @@ impl PushQueues {
         if k.queue.len() >= shared.capacity {
             return Err(Refused::Full);
         }
-        let queued_at = Instant::now();
         let mut rest = frame;
         // The stream is here only while no drain task runs, and so while nothing
         // of this kind waits: writing now keeps the order.
         if let Some(stream) = k.stream.as_mut() {
-            match write_now(stream, &rest) {
+            match stream.try_write_chunk(&rest) {
                 Poll::Ready(Ok(n)) if n == rest.len() => {
                     shared.bytes.release(n);
-                    shared.metrics.fanout.record(queued_at.elapsed());
+                    // Written as it was offered: it waited for nothing, and the
+                    // clock need not be read to say so.
+                    shared.metrics.fanout.record(Duration::ZERO);
                     return Ok(());
                 }
                 Poll::Ready(Ok(n)) => {
@@ -206,7 +206,7 @@ impl PushQueues {
                 }
             }
         }
-        k.queue.push_back((rest, queued_at));
+        k.queue.push_back((rest, Instant::now()));
         if !k.draining() {
             k.drain = Some(tokio::spawn(drain(self.0.clone(), kind, k.stream.take())));
         }
@@ -231,15 +231,6 @@ impl PushQueues {
             task.abort();
         }
     }
-}
-
-/// One write attempt that does not wait: what QUIC takes now (flow control and
-/// the send buffer permitting), or `Pending` when it takes nothing.
-fn write_now(stream: &mut SendStream, data: &[u8]) -> Poll<std::io::Result<usize>> {
-    // A no-op waker: a `Pending` here is followed by the drain task's own poll,
-    // which registers the waker that counts.
-    let mut cx = Context::from_waker(Waker::noop());
-    Pin::new(stream).poll_write(&mut cx, data)
 }
 
 /// Writes the queue of `kind` until it is empty, then gives the stream back and

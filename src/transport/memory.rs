@@ -165,7 +165,7 @@ impl Transport for End {
     fn accept_bi(&self) -> BoxFuture<'_, Result<(SendStream, RecvStream), SessionError>> {
         Box::pin(async move {
             let (send, recv) = self.recv(&self.accept_bi).await?;
-            Ok((Box::new(send) as SendStream, RecvStream::new(recv)))
+            Ok((SendStream::new(send), RecvStream::new(recv)))
         })
     }
 
@@ -180,7 +180,7 @@ impl Transport for End {
                 .await
                 .map_err(|_| self.shared.error())?;
             Ok((
-                Box::new(self.guarded(my_send)) as SendStream,
+                SendStream::new(self.guarded(my_send)),
                 RecvStream::new(self.guarded(my_recv)),
             ))
         })
@@ -194,7 +194,7 @@ impl Transport for End {
                 .send(self.guarded(theirs))
                 .await
                 .map_err(|_| self.shared.error())?;
-            Ok(Box::new(self.guarded(mine)) as SendStream)
+            Ok(SendStream::new(self.guarded(mine)))
         })
     }
 

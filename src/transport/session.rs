@@ -4,7 +4,9 @@
 //! boxed byte streams.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,8 +15,94 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::TransportKind;
 
-/// The sending half of a stream.
-pub type SendStream = Box<dyn AsyncWrite + Send + Unpin>;
+/// The sending half of a stream: an [`AsyncWrite`], which over QUIC (raw or
+/// WebTransport) can also take a shared buffer without copying it
+/// ([`try_write_chunk`](Self::try_write_chunk)).
+pub struct SendStream(Tx);
+
+enum Tx {
+    Quic(quinn::SendStream),
+    WebTransport(wtransport::SendStream),
+    Other(Box<dyn AsyncWrite + Send + Unpin>),
+}
+
+impl SendStream {
+    /// A stream over any byte sink (the in-memory transport's).
+    pub fn new(stream: impl AsyncWrite + Send + Unpin + 'static) -> Self {
+        Self(Tx::Other(Box::new(stream)))
+    }
+
+    /// One write attempt that does not wait: how much of `chunk` the stream takes
+    /// now (flow control and its send buffer permitting), or `Pending` when it
+    /// takes nothing. The caller's own poll registers the waker that counts.
+    ///
+    /// Over QUIC the stream keeps a reference to `chunk`'s bytes rather than a
+    /// copy, so one publication encoded once is shared by every subscriber's
+    /// stream until each has been acknowledged: no allocation and no copy per
+    /// subscriber. Other streams copy.
+    pub fn try_write_chunk(&mut self, chunk: &Bytes) -> Poll<std::io::Result<usize>> {
+        use futures_util::FutureExt;
+        let quic = match &mut self.0 {
+            Tx::Quic(s) => s,
+            // A WebTransport stream's header went with its opening; what follows
+            // on the QUIC stream is the application's bytes.
+            Tx::WebTransport(s) => s.quic_stream_mut(),
+            Tx::Other(s) => {
+                let mut cx = Context::from_waker(Waker::noop());
+                return Pin::new(s).poll_write(&mut cx, chunk);
+            }
+        };
+        let mut chunks = [chunk.clone()];
+        // `now_or_never` polls once with a no-op waker.
+        match quic.write_chunks(&mut chunks).now_or_never() {
+            None => Poll::Pending,
+            Some(Ok(written)) => Poll::Ready(Ok(written.bytes)),
+            Some(Err(e)) => Poll::Ready(Err(e.into())),
+        }
+    }
+}
+
+impl std::fmt::Debug for SendStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.0 {
+            Tx::Quic(_) => "quic",
+            Tx::WebTransport(_) => "webtransport",
+            Tx::Other(_) => "other",
+        };
+        f.debug_tuple("SendStream").field(&kind).finish()
+    }
+}
+
+impl AsyncWrite for SendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.get_mut().0 {
+            // The trait's, not quinn's inherent `poll_write` (which returns its own error).
+            Tx::Quic(s) => AsyncWrite::poll_write(Pin::new(s), cx, buf),
+            Tx::WebTransport(s) => Pin::new(s).poll_write(cx, buf),
+            Tx::Other(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            Tx::Quic(s) => Pin::new(s).poll_flush(cx),
+            Tx::WebTransport(s) => Pin::new(s).poll_flush(cx),
+            Tx::Other(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            Tx::Quic(s) => Pin::new(s).poll_shutdown(cx),
+            Tx::WebTransport(s) => Pin::new(s).poll_shutdown(cx),
+            Tx::Other(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 /// The receiving half of a stream: an [`AsyncRead`], which can also hand over
 /// what has arrived without a buffer of the caller's ([`read_chunk`](Self::read_chunk)).
 pub struct RecvStream(Recv);
@@ -69,14 +157,14 @@ impl std::fmt::Debug for RecvStream {
 
 impl AsyncRead for RecvStream {
     fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    ) -> Poll<std::io::Result<()>> {
         match &mut self.get_mut().0 {
-            Recv::Quic(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Recv::WebTransport(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Recv::Other(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Recv::Quic(s) => Pin::new(s).poll_read(cx, buf),
+            Recv::WebTransport(s) => Pin::new(s).poll_read(cx, buf),
+            Recv::Other(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -322,7 +410,7 @@ impl Transport for QuicTransport {
                 .accept_bi()
                 .await
                 .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-            Ok((Box::new(s) as SendStream, RecvStream(Recv::Quic(r))))
+            Ok((SendStream(Tx::Quic(s)), RecvStream(Recv::Quic(r))))
         })
     }
 
@@ -333,7 +421,7 @@ impl Transport for QuicTransport {
                 .open_bi()
                 .await
                 .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-            Ok((Box::new(s) as SendStream, RecvStream(Recv::Quic(r))))
+            Ok((SendStream(Tx::Quic(s)), RecvStream(Recv::Quic(r))))
         })
     }
 
@@ -344,7 +432,7 @@ impl Transport for QuicTransport {
                 .open_uni()
                 .await
                 .map_err(|e| SessionError::Closed(quinn_close(e)))?;
-            Ok(Box::new(s) as SendStream)
+            Ok(SendStream(Tx::Quic(s)))
         })
     }
 
@@ -425,7 +513,10 @@ impl Transport for WebTransportTransport {
                 .accept_bi()
                 .await
                 .map_err(|e| SessionError::Closed(wt_close(e)))?;
-            Ok((Box::new(s) as SendStream, RecvStream(Recv::WebTransport(r))))
+            Ok((
+                SendStream(Tx::WebTransport(s)),
+                RecvStream(Recv::WebTransport(r)),
+            ))
         })
     }
 
@@ -437,7 +528,10 @@ impl Transport for WebTransportTransport {
                 .await
                 .map_err(|e| SessionError::Closed(wt_close(e)))?;
             let (s, r) = opening.await.map_err(opening_failed)?;
-            Ok((Box::new(s) as SendStream, RecvStream(Recv::WebTransport(r))))
+            Ok((
+                SendStream(Tx::WebTransport(s)),
+                RecvStream(Recv::WebTransport(r)),
+            ))
         })
     }
 
@@ -449,7 +543,7 @@ impl Transport for WebTransportTransport {
                 .await
                 .map_err(|e| SessionError::Closed(wt_close(e)))?;
             let s = opening.await.map_err(opening_failed)?;
-            Ok(Box::new(s) as SendStream)
+            Ok(SendStream(Tx::WebTransport(s)))
         })
     }
 
