@@ -103,6 +103,7 @@ impl AsyncWrite for SendStream {
         }
     }
 }
+
 /// The receiving half of a stream: an [`AsyncRead`], which can also hand over
 /// what has arrived without a buffer of the caller's ([`read_chunk`](Self::read_chunk)).
 pub struct RecvStream(Recv);
