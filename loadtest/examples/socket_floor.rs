@@ -93,6 +93,12 @@ fn udp(n: usize, bytes: usize, batch: usize) -> std::io::Result<(f64, f64)> {
         .map(|p| p.local_addr())
         .collect::<Result<_, _>>()?;
     let payload = vec![7u8; bytes];
+    let names = sockaddrs(&addrs);
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    let mut msgs = Vec::with_capacity(batch);
     let mut buf = vec![0u8; 65536];
     let (mut sending, mut draining) = (Duration::ZERO, Duration::ZERO);
     let (mut sent, mut received) = (0, 0);
@@ -105,7 +111,7 @@ fn udp(n: usize, bytes: usize, batch: usize) -> std::io::Result<(f64, f64)> {
             if batch == 1 {
                 sender.send_to(&payload, addrs[(sent + i) % PEERS])?;
             } else {
-                send_batch(&sender, &payload, &addrs, sent + i, k)?;
+                send_batch(&sender, &mut iov, &names, &mut msgs, sent + i, k)?;
             }
             i += k;
         }
@@ -125,16 +131,11 @@ fn udp(n: usize, bytes: usize, batch: usize) -> std::io::Result<(f64, f64)> {
     Ok((per_message(sending, n), per_message(draining, n)))
 }
 
-/// One `sendmmsg` of `k` datagrams, to the peers from `first` on, round-robin.
-fn send_batch(
-    sender: &UdpSocket,
-    payload: &[u8],
-    addrs: &[SocketAddr],
-    first: usize,
-    k: usize,
-) -> std::io::Result<()> {
-    let names: Vec<libc::sockaddr_in> = (0..k)
-        .map(|j| match addrs[(first + j) % PEERS] {
+/// The peers' addresses as `sendmmsg` takes them.
+fn sockaddrs(addrs: &[SocketAddr]) -> Vec<libc::sockaddr_in> {
+    addrs
+        .iter()
+        .map(|a| match a {
             SocketAddr::V4(a) => libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
@@ -145,27 +146,35 @@ fn send_batch(
             },
             SocketAddr::V6(_) => unreachable!("peers are bound to 127.0.0.1"),
         })
-        .collect();
-    let mut iovs: Vec<libc::iovec> = (0..k)
-        .map(|_| libc::iovec {
-            iov_base: payload.as_ptr() as *mut libc::c_void,
-            iov_len: payload.len(),
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = (0..k)
-        .map(|j| {
-            // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control data).
-            let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-            h.msg_name = &names[j] as *const libc::sockaddr_in as *mut libc::c_void;
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_iov = &mut iovs[j];
-            h.msg_iovlen = 1;
-            libc::mmsghdr {
-                msg_hdr: h,
-                msg_len: 0,
-            }
-        })
-        .collect();
+        .collect()
+}
+
+/// One `sendmmsg` of `k` datagrams of `iov`, to the peers from `first` on,
+/// round-robin. `msgs` is reused from call to call, so nothing is allocated in
+/// the timed loop.
+fn send_batch(
+    sender: &UdpSocket,
+    iov: &mut libc::iovec,
+    names: &[libc::sockaddr_in],
+    msgs: &mut Vec<libc::mmsghdr>,
+    first: usize,
+    k: usize,
+) -> std::io::Result<()> {
+    let iov: *mut libc::iovec = iov;
+    msgs.clear();
+    msgs.extend((0..k).map(|j| {
+        // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control data).
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        h.msg_name = &names[(first + j) % PEERS] as *const libc::sockaddr_in as *mut libc::c_void;
+        h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // Every datagram carries the same bytes; the kernel only reads the iovec.
+        h.msg_iov = iov;
+        h.msg_iovlen = 1;
+        libc::mmsghdr {
+            msg_hdr: h,
+            msg_len: 0,
+        }
+    }));
     let mut done = 0;
     while done < k {
         // SAFETY: each header points at a live address, iovec and payload, all of
