@@ -171,6 +171,7 @@ both_transports!(
     reconnect_resumes_exactly_the_missed_messages,
     resuming_from_zero_in_a_large_room_does_not_stall_it,
     resume_and_history_offsets_at_the_extremes,
+    a_burst_of_sends_into_one_room_shares_commits,
 );
 
 async fn every_device_of_every_participant_receives_messages(t: TransportKind) {
@@ -204,6 +205,51 @@ async fn every_device_of_every_participant_receives_messages(t: TransportKind) {
     assert_eq!(m2.offset, 2);
     assert_eq!(next_message(&laptop).await, m2);
     assert_eq!(next_message(&bob).await, m2);
+}
+
+/// Sends that arrive while a room's commit is paced share the next commit: a
+/// burst from every participant at once is stored in a few writes, each send
+/// answered with its own offset, and every participant receives all of them
+/// once, in offset order.
+async fn a_burst_of_sends_into_one_room_shares_commits(t: TransportKind) {
+    const USERS: usize = 6;
+    const EACH: usize = 8;
+    // The longest pacing: a send that waited for a commit of its own would
+    // take a tenth of a second each.
+    let s = TestServer::start_with(|c| c.commit_interval = Duration::from_millis(100)).await;
+    let names: Vec<String> = (0..USERS).map(|i| format!("u{i}")).collect();
+    let mut clients = Vec::new();
+    for n in &names {
+        clients.push(s.connect(t, n).await);
+    }
+    let others: Vec<&str> = names[1..].iter().map(String::as_str).collect();
+    create_room(&clients[0], "busy", &others).await;
+    let before = s.server().metrics().value("writes.committed").unwrap();
+    let burst = clients.iter().enumerate().flat_map(|(u, c)| {
+        (0..EACH).map(move |i| async move { (u, i, send(c, "u0~busy", &format!("{u}/{i}")).await) })
+    });
+    let sent = futures_util::future::join_all(burst).await;
+    let writes = s.server().metrics().value("writes.committed").unwrap() - before;
+    let mut offsets: Vec<u64> = sent
+        .iter()
+        .map(|(u, i, r)| {
+            let m = r.as_ref().expect("every send is stored");
+            assert_eq!(m.text, format!("{u}/{i}"));
+            m.offset
+        })
+        .collect();
+    offsets.sort_unstable();
+    let total = (USERS * EACH) as u64;
+    assert_eq!(offsets, (1..=total).collect::<Vec<_>>());
+    assert!(
+        writes <= (total / 4) as f64,
+        "{total} sends took {writes} writes"
+    );
+    for c in &clients {
+        for offset in 1..=total {
+            assert_eq!(next_message(c).await.offset, offset);
+        }
+    }
 }
 
 async fn history_pages_are_stable_while_messages_arrive(t: TransportKind) {

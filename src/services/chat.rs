@@ -38,6 +38,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::catch_up::{CatchUp, CatchUpStream, catch_up};
+use super::gather::{Answer, Gather};
 use super::rate::Action;
 use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json};
 use crate::hub::Subscriber;
@@ -256,6 +257,49 @@ impl RoomState {
     }
 }
 
+/// Posts one write stores at most (the rest wait for the next).
+const MAX_POSTS_PER_COMMIT: usize = 256;
+
+/// A post waiting for its room.
+#[derive(Debug)]
+struct Post {
+    /// `None`: the system sender.
+    sender: Option<String>,
+    texts: Vec<String>,
+    key: Option<String>,
+}
+
+/// A post as its write stores it.
+#[derive(Debug)]
+struct PostRows {
+    rows: Vec<Vec<u8>>,
+    key: Option<String>,
+    /// The sender whose read mark moves to the post's last message.
+    mark_for: Option<String>,
+}
+
+/// What the write did with one post.
+#[derive(Debug)]
+enum Stored {
+    /// Stored at these offsets.
+    Appended { first: u64, last: u64 },
+    /// A post with its key was stored before: the record (its first offset).
+    Earlier(Vec<u8>),
+}
+
+/// A waiting post's answer, or why there is none.
+fn answered(
+    answer: Answer<ServiceResult<Vec<v1::ChatMessage>>>,
+) -> ServiceResult<Vec<v1::ChatMessage>> {
+    match answer {
+        Answer::Ready(r) => r,
+        Answer::Queued | Answer::Dropped => Err(ServiceError::new(
+            ErrorCode::Unavailable,
+            "the send was interrupted and may have been stored; retry with the same client_message_id",
+        )),
+    }
+}
+
 /// Who sends a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sender<'a> {
@@ -283,6 +327,8 @@ pub struct ChatService {
     /// costs more than the rest of a send's bookkeeping), and a miss is filled
     /// from redb on the next read. Marks are read and moved under the room's lock.
     read_marks: crate::store::cache::Cache<(String, String), Arc<AtomicU64>>,
+    /// room → posts waiting for its lock (see [`ChatService::post_keyed`]).
+    waiting: Gather<Post, ServiceResult<Vec<v1::ChatMessage>>>,
     /// session → rooms it is subscribed to.
     subscribed: Mutex<HashMap<String, HashSet<String>>>,
     /// session → (window start, typing indicators in it).
@@ -407,6 +453,7 @@ impl ChatService {
             .build_weighed("read_marks", |(user, room): &(String, String), _| {
                 user.len() + room.len() + 8
             }),
+            waiting: Gather::default(),
             subscribed: Mutex::new(HashMap::new()),
             typing: Mutex::new(HashMap::new()),
             prune_cursor: Mutex::new(String::new()),
@@ -1102,6 +1149,12 @@ impl ChatService {
     /// [`post_many`](Self::post_many), once per idempotency `key`: if a post with
     /// the same key is stored, that one's first message is returned and nothing
     /// is stored or published.
+    ///
+    /// Posts to one room share commits: a post queues up for the room (see
+    /// [`super::gather`]), then waits for its answer or for the room's lock.
+    /// Whoever takes the lock stores every post queued by then in one write and
+    /// answers each, so a busy room takes as many posts per commit as arrive
+    /// while the previous commit is paced or written, instead of one.
     async fn post_keyed(
         &self,
         room_id: &RoomId,
@@ -1127,111 +1180,167 @@ impl ChatService {
             return Ok(vec![]);
         }
         let handle = self.room_for(room_id).await?;
-        let mut room = self.locked(&handle).await?;
-        let sender_id = match sender {
-            Sender::User(u) => {
-                if !room.meta.participants.contains(u) {
-                    return Err(not_found());
-                }
-                u.to_owned()
-            }
-            Sender::System => String::new(),
+        let post = Post {
+            sender: match sender {
+                Sender::User(u) => Some(u.to_owned()),
+                Sender::System => None,
+            },
+            texts,
+            key,
         };
+        let mut ticket = self.waiting.join(room_id.as_str(), post);
+        let mut room = tokio::select! {
+            biased;
+            answer = ticket.answered() => return answered(answer),
+            room = self.locked(&handle) => room?,
+        };
+        loop {
+            match ticket.try_answer() {
+                Answer::Queued => {}
+                answer => return answered(answer),
+            }
+            if self.post_waiting(&mut room).await == 0 {
+                return Err(ServiceError::internal("a queued post was not found"));
+            }
+        }
+    }
+
+    /// Stores the posts waiting for `room` in one write, publishes their messages
+    /// in offset order and answers each. Returns how many posts it took. Call
+    /// under the room's lock.
+    async fn post_waiting(&self, room: &mut RoomState) -> usize {
+        let taken = self.waiting.take(&room.id, MAX_POSTS_PER_COMMIT);
+        let count = taken.len();
         let now = self.deps.clock.now_ms();
-        let stored: Vec<StoredMessage> = texts
-            .into_iter()
-            .map(|text| StoredMessage {
-                sender: sender_id.clone(),
-                text,
-                sent_at_ms: now,
-                system: sender == Sender::System,
-            })
-            .collect();
-        let rows: Vec<Vec<u8>> = stored.iter().map(json).collect();
-        let full = || ServiceError::new(ErrorCode::LimitExceeded, "the room is full");
+        let mut batch = Vec::with_capacity(count);
+        for (post, reply) in taken {
+            if let Some(u) = &post.sender
+                && !room.meta.participants.contains(u)
+            {
+                let _ = reply.send(Err(not_found()));
+                continue;
+            }
+            let stored: Vec<StoredMessage> = post
+                .texts
+                .into_iter()
+                .map(|text| StoredMessage {
+                    sender: post.sender.clone().unwrap_or_default(),
+                    text,
+                    sent_at_ms: now,
+                    system: post.sender.is_none(),
+                })
+                .collect();
+            let row = PostRows {
+                rows: stored.iter().map(json).collect(),
+                key: post.key,
+                mark_for: post.sender,
+            };
+            batch.push((row, stored, reply));
+        }
+        if batch.is_empty() {
+            return count;
+        }
+        let (rows, rest): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|(r, s, tx)| (r, (s, tx))).unzip();
+        match self.store_posts(room, Arc::new(rows), now).await {
+            Err(e) => {
+                for (_, reply) in rest {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+            Ok((rows, outcomes)) => {
+                for ((row, (stored, reply)), outcome) in rows.iter().zip(rest).zip(outcomes) {
+                    let answer = self.posted(room, row, stored, outcome).await;
+                    let _ = reply.send(answer);
+                }
+            }
+        }
+        count
+    }
+
+    /// Writes `posts` after the room's last offset in one transaction, each
+    /// with its idempotency record and its sender's read mark. Retries once the
+    /// room is caught up if its log moved (a write whose sender was told it
+    /// failed, or gave up, that still committed). Call under the room's lock.
+    async fn store_posts(
+        &self,
+        room: &mut RoomState,
+        posts: Arc<Vec<PostRows>>,
+        now: u64,
+    ) -> ServiceResult<(Arc<Vec<PostRows>>, Vec<Stored>)> {
+        let count: usize = posts.iter().map(|p| p.rows.len()).sum();
         let mut attempts = 0;
-        let (first, last) = loop {
+        loop {
             attempts += 1;
-            let first = room.last_offset.checked_add(1).ok_or_else(full)?;
-            let last = first.checked_add(rows.len() as u64 - 1).ok_or_else(full)?;
-            let moved = Arc::new(Mutex::new(None));
-            let earlier = Arc::new(Mutex::new(None));
-            let (id, rows, log, seen, sent, key, found) = (
+            let base = room.last_offset;
+            if base.checked_add(count as u64).is_none() {
+                return Err(ServiceError::new(
+                    ErrorCode::LimitExceeded,
+                    "the room is full",
+                ));
+            }
+            let result = Arc::new(Mutex::new((Vec::new(), None)));
+            let (id, log, sent, posts2, out) = (
                 room.id.clone(),
-                rows.clone(),
                 self.log.clone(),
-                moved.clone(),
                 self.sent.clone(),
-                key.clone(),
-                earlier.clone(),
+                posts.clone(),
+                result.clone(),
             );
-            let mark_for = (sender != Sender::System).then(|| sender_id.clone());
             self.deps
                 .writer
                 .write(move |txn| {
-                    // Checked in the transaction that would store the message: a
-                    // retry finds the record exactly when the first send committed.
-                    if let Some(key) = &key {
-                        let record = sent.get_in(txn, key)?;
-                        let done = record.is_some();
-                        *found.lock().unwrap_or_else(|e| e.into_inner()) = record;
-                        if done {
-                            return Ok(());
+                    let mut outcomes = Vec::with_capacity(posts2.len());
+                    let mut last = base;
+                    let mut marks: HashMap<&str, u64> = HashMap::new();
+                    for post in posts2.iter() {
+                        // Checked in the transaction that would store the post: a
+                        // retry finds the record exactly when the first one
+                        // committed (in this same write, too).
+                        if let Some(key) = &post.key
+                            && let Some(record) = sent.get_in(txn, key)?
+                        {
+                            outcomes.push(Stored::Earlier(record));
+                            continue;
+                        }
+                        let first = last + 1;
+                        match log.append_in(txn, &id, last, &post.rows) {
+                            Ok(l) => last = l,
+                            Err(AppendError::Conflict { actual, .. }) if last == base => {
+                                // Nothing written yet; the room is caught up below.
+                                *out.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    (Vec::new(), Some(actual));
+                                return Ok(());
+                            }
+                            Err(e) => return Err(append_failed(e)),
+                        }
+                        outcomes.push(Stored::Appended { first, last });
+                        if let Some(u) = &post.mark_for {
+                            marks.insert(u, last);
+                        }
+                        if let Some(key) = &post.key {
+                            sent.put_in(txn, key, now, &first.to_le_bytes())?;
                         }
                     }
-                    match log.append_in(txn, &id, first - 1, &rows) {
-                        Ok(_) => *seen.lock().unwrap_or_else(|e| e.into_inner()) = None,
-                        Err(AppendError::Conflict { actual, .. }) => {
-                            // Nothing written; the room is re-read below.
-                            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(actual);
-                            return Ok(());
+                    // The room's last offset is its log's last entry; the offsets
+                    // table keeps it only for a removed room.
+                    if !marks.is_empty() {
+                        let mut table = txn.open_table(READ_MARKS)?;
+                        for (user, mark) in marks {
+                            table.insert((user, id.as_str()), mark)?;
                         }
-                        Err(e) => return Err(append_failed(e)),
                     }
-                    // The room's last offset is its log's last entry; the
-                    // offsets table keeps it only for a removed room.
-                    if let Some(u) = &mark_for {
-                        txn.open_table(READ_MARKS)?
-                            .insert((u.as_str(), id.as_str()), last)?;
-                    }
-                    if let Some(key) = &key {
-                        sent.put_in(txn, key, now, &first.to_le_bytes())?;
-                    }
+                    *out.lock().unwrap_or_else(|e| e.into_inner()) = (outcomes, None);
                     Ok(())
                 })
                 .await?;
-            let earlier = earlier.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(bytes) = earlier {
-                let offset = <[u8; 8]>::try_from(bytes.as_slice())
-                    .map(u64::from_le_bytes)
-                    .map_err(|_| ServiceError::internal("a stored client message id is corrupt"))?;
-                if offset > room.last_offset {
-                    // Stored by a commit whose sender was told it failed (a failed
-                    // fsync that still reached the disk): deliver it now, once.
-                    let last = self.log.last_offset(&room.id).await?;
-                    self.publish_stored(&mut room, last).await?;
-                }
-                let message = self.read_messages(&room.id, offset, offset).await?.pop();
-                // The message may be gone (retention); its offset is the answer.
-                let message = message.unwrap_or_else(|| v1::ChatMessage {
-                    room_id: room.id.clone(),
-                    offset,
-                    message_id: format!("{}:{offset}", room.id),
-                    sender_id: sender_id.clone(),
-                    ..Default::default()
-                });
-                return Ok(vec![message]);
-            }
-            let moved = *moved.lock().unwrap_or_else(|e| e.into_inner());
+            let (outcomes, moved) =
+                std::mem::take(&mut *result.lock().unwrap_or_else(|e| e.into_inner()));
             match moved {
-                None => break (first, last),
-                // A write whose request was abandoned while its commit was in
-                // flight, or whose commit was reported failed but reached the
-                // disk, still committed: deliver it, take the room as stored and
-                // go on.
+                None => return Ok((posts, outcomes)),
                 Some(actual) if actual > room.last_offset && attempts < 3 => {
                     tracing::warn!(room = %room.id, actual, "room offsets moved under a send");
-                    self.publish_stored(&mut room, actual).await?;
+                    self.publish_stored(room, actual).await?;
                 }
                 Some(actual) => {
                     return Err(ServiceError::internal(format!(
@@ -1240,6 +1349,42 @@ impl ChatService {
                     )));
                 }
             }
+        }
+    }
+
+    /// Takes one stored post into the room's state, publishes its messages and
+    /// returns them (or, for a post stored before, the earlier one's first
+    /// message). Call under the room's lock, in the order the posts were stored.
+    async fn posted(
+        &self,
+        room: &mut RoomState,
+        post: &PostRows,
+        stored: Vec<StoredMessage>,
+        outcome: Stored,
+    ) -> ServiceResult<Vec<v1::ChatMessage>> {
+        let (first, last) = match outcome {
+            Stored::Appended { first, last } => (first, last),
+            Stored::Earlier(bytes) => {
+                let offset = <[u8; 8]>::try_from(bytes.as_slice())
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| ServiceError::internal("a stored client message id is corrupt"))?;
+                if offset > room.last_offset {
+                    // Stored by a commit whose sender was told it failed (a failed
+                    // fsync that still reached the disk): deliver it now, once.
+                    let last = self.log.last_offset(&room.id).await?;
+                    self.publish_stored(room, last).await?;
+                }
+                let message = self.read_messages(&room.id, offset, offset).await?.pop();
+                // The message may be gone (retention); its offset is the answer.
+                let message = message.unwrap_or_else(|| v1::ChatMessage {
+                    room_id: room.id.clone(),
+                    offset,
+                    message_id: format!("{}:{offset}", room.id),
+                    sender_id: post.mark_for.clone().unwrap_or_default(),
+                    ..Default::default()
+                });
+                return Ok(vec![message]);
+            }
         };
         room.last_offset = last;
         let messages: Vec<v1::ChatMessage> = (first..)
@@ -1247,8 +1392,8 @@ impl ChatService {
             .map(|(offset, m)| message_wire(&room.id, offset, m))
             .collect();
         room.last_message = messages.last().cloned();
-        if sender != Sender::System {
-            self.raise_cached_mark(sender_id, &room.id, last).await;
+        if let Some(user) = &post.mark_for {
+            self.raise_cached_mark(user.clone(), &room.id, last).await;
         }
         // Published under the room lock: in offset order, after any catch-up.
         for m in &messages {
@@ -1884,6 +2029,137 @@ mod tests {
             }
         }
         assert_eq!(delivered, ["abandoned", "next"]);
+    }
+
+    /// Sends that queue up behind a room's commit share the next one: one write
+    /// stores them all, with consecutive offsets in the order they came, each
+    /// sender's read mark and idempotency record in it (a retry in the same
+    /// write finds the first), and a sender who is not a participant refused
+    /// alone.
+    #[tokio::test]
+    async fn sends_waiting_on_a_room_share_one_commit() {
+        use futures_util::FutureExt;
+        let node = Node::new();
+        let chat = ChatService::open(node.deps.clone(), Default::default(), open_rooms()).unwrap();
+        let ctx = |user: &str| FakeSession::new(user, user, 64);
+        let (alice, mut pushes) = ctx("alice");
+        let (alice, bob, carol, dave) = (
+            alice.ctx(),
+            ctx("bob").0.ctx(),
+            ctx("carol").0.ctx(),
+            ctx("dave").0.ctx(),
+        );
+        chat.create(
+            &alice,
+            v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec!["bob".into(), "carol".into()],
+            },
+        )
+        .await
+        .unwrap();
+        chat.connected(&alice, &HashMap::new()).await.unwrap();
+        let send = |who: &SessionCtx, text: &str, key: &str| {
+            let req = v1::ChatSendRequest {
+                room_id: "alice~r".into(),
+                text: text.into(),
+                client_message_id: key.into(),
+            };
+            let (chat, who) = (&chat, who.clone());
+            Box::pin(async move { chat.send(&who, req).await })
+        };
+        let hold = node.deps.writer.hold();
+        let mut sends = vec![send(&alice, "a1", "")];
+        while node.deps.writer.in_flight() == 0 {
+            assert!(sends[0].as_mut().now_or_never().is_none(), "held");
+            tokio::task::yield_now().await;
+        }
+        // The first send holds the room while its commit waits; these queue up.
+        for (who, text, key) in [
+            (&bob, "b1", "k"),
+            (&carol, "c1", ""),
+            (&dave, "d1", ""),
+            (&alice, "a2", ""),
+            (&bob, "b1 again", "k"),
+        ] {
+            let mut s = send(who, text, key);
+            assert!(s.as_mut().now_or_never().is_none(), "waits for the room");
+            sends.push(s);
+        }
+        assert_eq!(chat.waiting.queued("alice~r"), 5);
+        let before = node.deps.metrics.writes_committed.load(Ordering::Relaxed);
+        drop(hold);
+        let results = futures_util::future::join_all(sends).await;
+        let writes = node.deps.metrics.writes_committed.load(Ordering::Relaxed) - before;
+        assert_eq!(writes, 2, "the first send's write, then one for the rest");
+        let answers: Vec<_> = results
+            .into_iter()
+            .map(|r| r.map(|r| r.message.map(|m| (m.offset, m.text))))
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                Ok(Some((1, "a1".into()))),
+                Ok(Some((2, "b1".into()))),
+                Ok(Some((3, "c1".into()))),
+                Err(not_found()),
+                Ok(Some((4, "a2".into()))),
+                Ok(Some((2, "b1".into()))),
+            ]
+        );
+        let mut delivered = Vec::new();
+        while let Ok((_, p)) = pushes.try_recv() {
+            if let Some(push::Event::ChatMessage(m)) = p.event {
+                delivered.push((m.offset, m.text));
+            }
+        }
+        let expected: Vec<(u64, String)> = [(1, "a1"), (2, "b1"), (3, "c1"), (4, "a2")]
+            .map(|(o, t)| (o, t.to_owned()))
+            .into();
+        assert_eq!(delivered, expected, "published once each, in offset order");
+        let marks: Vec<u64> = ["alice", "bob", "carol"]
+            .iter()
+            .map(|u| chat.read_mark_stored(u, "alice~r").unwrap())
+            .collect();
+        assert_eq!(marks, [4, 2, 3]);
+        assert_eq!(chat.waiting.queued("alice~r"), 0);
+    }
+
+    /// A send whose caller gives up while it waits for the room is not stored.
+    #[tokio::test]
+    async fn a_send_given_up_while_waiting_is_not_stored() {
+        use futures_util::FutureExt;
+        let node = Node::new();
+        let chat = ChatService::open(node.deps.clone(), Default::default(), open_rooms()).unwrap();
+        let (alice, _pushes) = FakeSession::new("alice", "a", 16);
+        let alice = alice.ctx();
+        create_room_r(&chat, &alice).await;
+        let send = |text: &str| {
+            Box::pin(chat.send(
+                &alice,
+                v1::ChatSendRequest {
+                    room_id: "alice~r".into(),
+                    text: text.into(),
+                    client_message_id: String::new(),
+                },
+            ))
+        };
+        let hold = node.deps.writer.hold();
+        let mut first = send("first");
+        while node.deps.writer.in_flight() == 0 {
+            assert!(first.as_mut().now_or_never().is_none(), "held");
+            tokio::task::yield_now().await;
+        }
+        let mut gone = send("gone");
+        assert!(gone.as_mut().now_or_never().is_none());
+        assert_eq!(chat.waiting.queued("alice~r"), 1);
+        drop(gone);
+        assert_eq!(chat.waiting.queued("alice~r"), 0);
+        drop(hold);
+        assert_eq!(first.await.unwrap().message.unwrap().offset, 1);
+        let next = send("next").await.unwrap().message.unwrap();
+        assert_eq!((next.offset, next.text.as_str()), (2, "next"));
     }
 
     /// A history page of large messages is cut to what fits in a frame, newest

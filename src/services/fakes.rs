@@ -34,14 +34,21 @@ impl Node {
     pub(crate) fn new_in(parent: &std::path::Path) -> Self {
         let dir = tempfile::tempdir_in(parent).unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let (writer, _thread) = Writer::spawn(store.db().clone(), None);
+        let metrics = Arc::new(Metrics::default());
+        let observed = metrics.clone();
+        let (writer, _thread) = Writer::spawn(
+            store.db().clone(),
+            Some(Arc::new(move |writes, took| {
+                observed.committed(writes, took)
+            })),
+        );
         let clock = Clock::manual(1_800_000_000_000);
         Self {
             deps: ServiceDeps {
                 store,
                 writer,
                 hub: Arc::new(Hub::default()),
-                metrics: Arc::new(Metrics::default()),
+                metrics,
                 rates: Arc::new(super::rate::RateLimits::new(
                     &Default::default(),
                     clock.clone(),

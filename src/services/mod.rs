@@ -8,6 +8,7 @@ pub mod collab;
 #[cfg(any(test, feature = "fuzzing"))]
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod fakes;
+mod gather;
 pub mod notify;
 pub mod presence;
 pub mod rate;
