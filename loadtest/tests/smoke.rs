@@ -146,6 +146,28 @@ fn smoke_over_quic_passes_its_slos() {
     check("smoke.toml", "quic", &[]);
 }
 
+/// Collaboration through the harness: documents created under the ids the
+/// server answers with, shared, edited at once by their editors, and converged.
+#[test]
+fn collab_smoke_converges() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, r, table) = run("smoke-collab.toml", "quic", &[]);
+    assert_eq!(
+        code, 0,
+        "the collaboration smoke run must pass its SLOs:\n{table}"
+    );
+    assert_eq!(r["kind"], "collab");
+    let c = &r["collab"];
+    assert_eq!(c["documents"], 4, "{c}");
+    assert_eq!(c["editors"], 12, "{c}");
+    let submitted = c["ops_submitted"].as_u64().unwrap();
+    assert!(submitted > 0, "{c}");
+    assert_eq!(c["ops_acked"].as_u64().unwrap(), submitted, "{c}");
+    assert_eq!(c["final_revisions"].as_u64().unwrap(), submitted, "{c}");
+    assert_eq!(c["divergent_documents"], 0, "{c}");
+    assert_eq!(c["unsettled_editors"], 0, "{c}");
+}
+
 /// The NATS server for `--cluster`: `TUTTI_NATS_SERVER`, else the workspace's
 /// `.venv/bin/nats-server` (scripts/test.sh installs it there).
 fn nats_server() -> PathBuf {

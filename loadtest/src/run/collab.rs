@@ -42,23 +42,31 @@ pub async fn run_with(ctx: &Ctx, p: &CollabParams, tag: &str) -> anyhow::Result<
     let users: Vec<String> = (0..p.documents * e)
         .map(|i| ctx.user(&format!("{tag}d{}e", i / e), i % e))
         .collect();
-    let doc_id = |d: usize| format!("{}-{tag}-doc{d}", ctx.run_id);
+    // The name each document is created with; the server answers with its id
+    // (a chosen id is namespaced per creator: "<owner>~<name>").
+    let doc_name = |d: usize| format!("{}-{tag}-doc{d}", ctx.run_id);
     live().set_phase(format!("{tag}: connecting {} editors", users.len()));
     let mut pool = connect_all(&ctx.target, &users, p.ramp_up, 64).await;
 
     live().set_phase(format!("{tag}: creating {} documents", p.documents));
+    let mut doc_ids = Vec::with_capacity(p.documents);
     for d in 0..p.documents {
         let Some(owner) = pool.clients[d * e].clone() else {
             anyhow::bail!("the owner of document {d} could not connect");
         };
-        req(
+        let created = req(
             &owner,
             request::Body::DocCreate(v1::DocCreateRequest {
-                doc_id: doc_id(d),
+                doc_id: doc_name(d),
                 text: "Tutti load test\n".into(),
             }),
         )
         .await?;
+        let response::Body::DocCreate(created) = created else {
+            anyhow::bail!("unexpected answer to DocCreate: {created:?}");
+        };
+        doc_ids.push(created.doc_id);
+        let doc_id = |d: usize| doc_ids[d].clone();
         for i in 1..e {
             req(
                 &owner,
@@ -72,6 +80,7 @@ pub async fn run_with(ctx: &Ctx, p: &CollabParams, tag: &str) -> anyhow::Result<
         }
     }
 
+    let doc_id = |d: usize| doc_ids[d].clone();
     let shared = Arc::new(Shared::default());
     let lateness = Arc::new(Lateness::default());
     lateness
