@@ -1212,7 +1212,8 @@ impl ChatService {
         let taken = self.waiting.take(&room.id, MAX_POSTS_PER_COMMIT);
         let count = taken.len();
         let now = self.deps.clock.now_ms();
-        let mut batch = Vec::with_capacity(count);
+        // What the write stores, and beside it what each post's answer needs.
+        let (mut rows, mut waiting) = (Vec::with_capacity(count), Vec::with_capacity(count));
         for (post, reply) in taken {
             if let Some(u) = &post.sender
                 && !room.meta.participants.contains(u)
@@ -1230,26 +1231,25 @@ impl ChatService {
                     system: post.sender.is_none(),
                 })
                 .collect();
-            let row = PostRows {
+            rows.push(PostRows {
                 rows: stored.iter().map(json).collect(),
                 key: post.key,
                 mark_for: post.sender,
-            };
-            batch.push((row, stored, reply));
+            });
+            waiting.push((stored, reply));
         }
-        if batch.is_empty() {
+        if rows.is_empty() {
             return count;
         }
-        let (rows, rest): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|(r, s, tx)| (r, (s, tx))).unzip();
-        match self.store_posts(room, Arc::new(rows), now).await {
+        let rows = Arc::new(rows);
+        match self.store_posts(room, rows.clone(), now).await {
             Err(e) => {
-                for (_, reply) in rest {
+                for (_, reply) in waiting {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
-            Ok((rows, outcomes)) => {
-                for ((row, (stored, reply)), outcome) in rows.iter().zip(rest).zip(outcomes) {
+            Ok(outcomes) => {
+                for ((row, (stored, reply)), outcome) in rows.iter().zip(waiting).zip(outcomes) {
                     let answer = self.posted(room, row, stored, outcome).await;
                     let _ = reply.send(answer);
                 }
@@ -1267,7 +1267,7 @@ impl ChatService {
         room: &mut RoomState,
         posts: Arc<Vec<PostRows>>,
         now: u64,
-    ) -> ServiceResult<(Arc<Vec<PostRows>>, Vec<Stored>)> {
+    ) -> ServiceResult<Vec<Stored>> {
         let count: usize = posts.iter().map(|p| p.rows.len()).sum();
         let mut attempts = 0;
         loop {
@@ -1280,7 +1280,7 @@ impl ChatService {
                 ));
             }
             let result = Arc::new(Mutex::new((Vec::new(), None)));
-            let (id, log, sent, posts2, out) = (
+            let (id, log, sent, posts, out) = (
                 room.id.clone(),
                 self.log.clone(),
                 self.sent.clone(),
@@ -1290,10 +1290,10 @@ impl ChatService {
             self.deps
                 .writer
                 .write(move |txn| {
-                    let mut outcomes = Vec::with_capacity(posts2.len());
+                    let mut outcomes = Vec::with_capacity(posts.len());
                     let mut last = base;
                     let mut marks: HashMap<&str, u64> = HashMap::new();
-                    for post in posts2.iter() {
+                    for post in posts.iter() {
                         // Checked in the transaction that would store the post: a
                         // retry finds the record exactly when the first one
                         // committed (in this same write, too).
@@ -1337,7 +1337,7 @@ impl ChatService {
             let (outcomes, moved) =
                 std::mem::take(&mut *result.lock().unwrap_or_else(|e| e.into_inner()));
             match moved {
-                None => return Ok((posts, outcomes)),
+                None => return Ok(outcomes),
                 Some(actual) if actual > room.last_offset && attempts < 3 => {
                     tracing::warn!(room = %room.id, actual, "room offsets moved under a send");
                     self.publish_stored(room, actual).await?;
@@ -1973,12 +1973,20 @@ mod tests {
     use super::*;
     use crate::services::fakes::{FakeSession, Node};
 
+    /// Polls `send` until its write is queued at the (held) writer.
+    async fn until_committing<F: Future + Unpin>(node: &Node, send: &mut F) {
+        use futures_util::FutureExt;
+        while node.deps.writer.in_flight() == 0 {
+            assert!((&mut *send).now_or_never().is_none(), "held");
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// A send abandoned while its commit is in flight (its future dropped) still
     /// commits; the next send takes the room as stored and follows it, instead
     /// of writing over it or failing.
     #[tokio::test]
     async fn a_send_after_an_abandoned_one_follows_it() {
-        use futures_util::FutureExt;
         let node = Node::new();
         let chat = ChatService::open(node.deps.clone(), Default::default(), open_rooms()).unwrap();
         let (alice, mut pushes) = FakeSession::new("alice", "a", 16);
@@ -1997,10 +2005,7 @@ mod tests {
         chat.connected(&alice, &HashMap::new()).await.unwrap();
         let hold = node.deps.writer.hold();
         let mut abandoned = Box::pin(send("abandoned"));
-        while node.deps.writer.in_flight() == 0 {
-            assert!(abandoned.as_mut().now_or_never().is_none(), "held");
-            tokio::task::yield_now().await;
-        }
+        until_committing(&node, &mut abandoned).await;
         drop(abandoned);
         drop(hold);
         // Writes commit in order: once this one is durable, so is the abandoned one.
@@ -2071,10 +2076,7 @@ mod tests {
         };
         let hold = node.deps.writer.hold();
         let mut sends = vec![send(&alice, "a1", "")];
-        while node.deps.writer.in_flight() == 0 {
-            assert!(sends[0].as_mut().now_or_never().is_none(), "held");
-            tokio::task::yield_now().await;
-        }
+        until_committing(&node, &mut sends[0]).await;
         // The first send holds the room while its commit waits; these queue up.
         for (who, text, key) in [
             (&bob, "b1", "k"),
@@ -2147,10 +2149,7 @@ mod tests {
         };
         let hold = node.deps.writer.hold();
         let mut first = send("first");
-        while node.deps.writer.in_flight() == 0 {
-            assert!(first.as_mut().now_or_never().is_none(), "held");
-            tokio::task::yield_now().await;
-        }
+        until_committing(&node, &mut first).await;
         let mut gone = send("gone");
         assert!(gone.as_mut().now_or_never().is_none());
         assert_eq!(chat.waiting.queued("alice~r"), 1);

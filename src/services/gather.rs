@@ -55,22 +55,27 @@ pub(crate) enum Answer<R> {
 #[derive(Debug)]
 pub(crate) struct Ticket<'a, T, R> {
     gather: &'a Gather<T, R>,
-    key: String,
+    key: &'a str,
     rx: oneshot::Receiver<R>,
     answered: bool,
 }
 
 impl<T, R> Gather<T, R> {
     /// Queues `request` under `key`.
-    pub(crate) fn join(&self, key: &str, request: T) -> Ticket<'_, T, R> {
+    pub(crate) fn join<'a>(&'a self, key: &'a str, request: T) -> Ticket<'a, T, R> {
         let (tx, rx) = oneshot::channel();
-        self.lock()
-            .entry(key.to_owned())
-            .or_default()
-            .push_back((request, tx));
+        let mut queues = self.lock();
+        // The key is copied only for a queue that starts here.
+        match queues.get_mut(key) {
+            Some(queue) => queue.push_back((request, tx)),
+            None => {
+                queues.insert(key.to_owned(), VecDeque::from([(request, tx)]));
+            }
+        }
+        drop(queues);
         Ticket {
             gather: self,
-            key: key.to_owned(),
+            key,
             rx,
             answered: false,
         }
@@ -139,10 +144,10 @@ impl<T, R> Drop for Ticket<'_, T, R> {
         // Closed first, so `take` and the sweep below both see it as given up.
         self.rx.close();
         let mut queues = self.gather.lock();
-        if let Some(queue) = queues.get_mut(&self.key) {
+        if let Some(queue) = queues.get_mut(self.key) {
             queue.retain(|(_, tx)| !tx.is_closed());
             if queue.is_empty() {
-                queues.remove(&self.key);
+                queues.remove(self.key);
             }
         }
     }

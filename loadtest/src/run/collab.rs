@@ -65,19 +65,18 @@ pub async fn run_with(ctx: &Ctx, p: &CollabParams, tag: &str) -> anyhow::Result<
         let response::Body::DocCreate(created) = created else {
             anyhow::bail!("unexpected answer to DocCreate: {created:?}");
         };
-        doc_ids.push(created.doc_id);
-        let doc_id = |d: usize| doc_ids[d].clone();
         for i in 1..e {
             req(
                 &owner,
                 request::Body::DocShare(v1::DocShareRequest {
-                    doc_id: doc_id(d),
+                    doc_id: created.doc_id.clone(),
                     user_id: users[d * e + i].clone(),
                     role: DocRole::Editor as i32,
                 }),
             )
             .await?;
         }
+        doc_ids.push(created.doc_id);
     }
 
     let doc_id = |d: usize| doc_ids[d].clone();
