@@ -38,7 +38,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::catch_up::{CatchUp, CatchUpStream, catch_up};
-use super::gather::{Answer, Gather};
+use super::gather::Gather;
 use super::rate::Action;
 use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json};
 use crate::hub::Subscriber;
@@ -285,19 +285,6 @@ enum Stored {
     Appended { first: u64, last: u64 },
     /// A post with its key was stored before: the record (its first offset).
     Earlier(Vec<u8>),
-}
-
-/// A waiting post's answer, or why there is none.
-fn answered(
-    answer: Answer<ServiceResult<Vec<v1::ChatMessage>>>,
-) -> ServiceResult<Vec<v1::ChatMessage>> {
-    match answer {
-        Answer::Ready(r) => r,
-        Answer::Queued | Answer::Dropped => Err(ServiceError::new(
-            ErrorCode::Unavailable,
-            "the send was interrupted and may have been stored; retry with the same client_message_id",
-        )),
-    }
 }
 
 /// Who sends a message.
@@ -1188,21 +1175,18 @@ impl ChatService {
             texts,
             key,
         };
-        let mut ticket = self.waiting.join(room_id.as_str(), post);
-        let mut room = tokio::select! {
-            biased;
-            answer = ticket.answered() => return answered(answer),
-            room = self.locked(&handle) => room?,
-        };
-        loop {
-            match ticket.try_answer() {
-                Answer::Queued => {}
-                answer => return answered(answer),
-            }
-            if self.post_waiting(&mut room).await == 0 {
-                return Err(ServiceError::internal("a queued post was not found"));
-            }
-        }
+        self.waiting
+            .wait_or_serve(
+                room_id.as_str(),
+                post,
+                self.locked(&handle),
+                self,
+                |chat, room| Box::pin(chat.post_waiting(room)),
+            )
+            .await?
+            .into_result(
+                "the send was interrupted and may have been stored; retry with the same client_message_id",
+            )
     }
 
     /// Stores the posts waiting for `room` in one write, publishes their messages
@@ -1973,15 +1957,6 @@ mod tests {
     use super::*;
     use crate::services::fakes::{FakeSession, Node};
 
-    /// Polls `send` until its write is queued at the (held) writer.
-    async fn until_committing<F: Future + Unpin>(node: &Node, send: &mut F) {
-        use futures_util::FutureExt;
-        while node.deps.writer.in_flight() == 0 {
-            assert!((&mut *send).now_or_never().is_none(), "held");
-            tokio::task::yield_now().await;
-        }
-    }
-
     /// A send abandoned while its commit is in flight (its future dropped) still
     /// commits; the next send takes the room as stored and follows it, instead
     /// of writing over it or failing.
@@ -2005,7 +1980,7 @@ mod tests {
         chat.connected(&alice, &HashMap::new()).await.unwrap();
         let hold = node.deps.writer.hold();
         let mut abandoned = Box::pin(send("abandoned"));
-        until_committing(&node, &mut abandoned).await;
+        node.until_committing(&mut abandoned).await;
         drop(abandoned);
         drop(hold);
         // Writes commit in order: once this one is durable, so is the abandoned one.
@@ -2076,7 +2051,7 @@ mod tests {
         };
         let hold = node.deps.writer.hold();
         let mut sends = vec![send(&alice, "a1", "")];
-        until_committing(&node, &mut sends[0]).await;
+        node.until_committing(&mut sends[0]).await;
         // The first send holds the room while its commit waits; these queue up.
         for (who, text, key) in [
             (&bob, "b1", "k"),
@@ -2149,7 +2124,7 @@ mod tests {
         };
         let hold = node.deps.writer.hold();
         let mut first = send("first");
-        until_committing(&node, &mut first).await;
+        node.until_committing(&mut first).await;
         let mut gone = send("gone");
         assert!(gone.as_mut().now_or_never().is_none());
         assert_eq!(chat.waiting.queued("alice~r"), 1);

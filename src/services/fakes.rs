@@ -62,6 +62,17 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Polls `work` until a write it made is queued at the (held) writer.
+    pub(crate) async fn until_committing<F: std::future::Future + Unpin>(&self, work: &mut F) {
+        use futures_util::FutureExt;
+        while self.deps.writer.in_flight() == 0 {
+            assert!((&mut *work).now_or_never().is_none(), "held");
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 /// A session whose pushes go to a bounded queue, as the gateway's do: `push` never
 /// waits (a full queue marks it slow), `push_wait` waits for room.
 #[derive(Debug)]

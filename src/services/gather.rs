@@ -1,8 +1,9 @@
 //! Requests gathered behind a lock, so that whoever holds it serves them all.
 //!
-//! A room's sends are committed under the room's lock, and with commit pacing a
-//! commit may wait up to `commit_interval`. Taken one at a time, each send waits
-//! for a commit of its own and a room takes at most one send per interval. Here
+//! A room's sends (a document's operations) are committed under the room's
+//! lock, and with commit pacing a commit may wait up to `commit_interval`. Taken
+//! one at a time, each waits for a commit of its own and a room takes at most
+//! one send per interval. Here
 //! a request first [`join`](Gather::join)s its key's queue, then waits for
 //! either its answer or the lock. Whoever gets the lock [`take`](Gather::take)s
 //! every request queued, serves them together (one write, one commit) and
@@ -14,12 +15,21 @@
 //! answering, their waiters see [`Answer::Dropped`].
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::ops::DerefMut;
+use std::pin::Pin;
 use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
+use super::{ServiceError, ServiceResult};
+use crate::protocol::ErrorCode;
+
 /// A queued request and where its answer goes.
 type Entry<T, R> = (T, oneshot::Sender<R>);
+
+/// A batch being served: resolves to how many requests it took.
+pub(crate) type Serving<'g> = Pin<Box<dyn Future<Output = usize> + Send + 'g>>;
 
 /// Each key's queue.
 type Queues<T, R> = HashMap<String, VecDeque<Entry<T, R>>>;
@@ -50,6 +60,19 @@ pub(crate) enum Answer<R> {
     Dropped,
 }
 
+impl<V> Answer<ServiceResult<V>> {
+    /// The service's answer. A request whose server went away gets
+    /// `UNAVAILABLE` with `interrupted` (which tells the client how to retry
+    /// safely); one never served is an internal error.
+    pub(crate) fn into_result(self, interrupted: &str) -> ServiceResult<V> {
+        match self {
+            Answer::Ready(r) => r,
+            Answer::Dropped => Err(ServiceError::new(ErrorCode::Unavailable, interrupted)),
+            Answer::Queued => Err(ServiceError::internal("a queued request was not served")),
+        }
+    }
+}
+
 /// A request's place in its queue. Dropping it unanswered takes the request out
 /// of the queue, unless it was already taken.
 #[derive(Debug)]
@@ -78,6 +101,46 @@ impl<T, R> Gather<T, R> {
             key,
             rx,
             answered: false,
+        }
+    }
+
+    /// Queues `request` under `key`, then waits for its answer or for `lock`,
+    /// whichever comes first. Holding the lock, calls `serve(with, guarded)`
+    /// (which [`take`](Self::take)s what is queued under `key`, answers it and
+    /// returns how many it took) until `request` is answered. A `lock` that
+    /// fails gives up the request. [`Answer::Queued`] means `serve` took nothing
+    /// while the request was still queued.
+    ///
+    /// `serve` returns a boxed future (one allocation per batch served), which
+    /// may borrow `with` and the guarded state: an async closure capturing them
+    /// is not `Send` for every lifetime (rust-lang/rust#110338), and requests
+    /// run on spawned tasks.
+    pub(crate) async fn wait_or_serve<C, G, S, E>(
+        &self,
+        key: &str,
+        request: T,
+        lock: impl Future<Output = Result<G, E>>,
+        with: &C,
+        serve: impl for<'g> Fn(&'g C, &'g mut S) -> Serving<'g>,
+    ) -> Result<Answer<R>, E>
+    where
+        G: DerefMut<Target = S>,
+        S: ?Sized,
+    {
+        let mut ticket = self.join(key, request);
+        let mut guard = tokio::select! {
+            biased;
+            answer = ticket.answered() => return Ok(answer),
+            guard = lock => guard?,
+        };
+        loop {
+            match ticket.try_answer() {
+                Answer::Queued => {}
+                answer => return Ok(answer),
+            }
+            if serve(with, &mut guard).await == 0 {
+                return Ok(Answer::Queued);
+            }
         }
     }
 
