@@ -264,7 +264,79 @@ both_transports!(
     doc_list_shows_each_users_documents_and_roles,
     another_editor_cannot_reuse_a_client_id,
     a_revoked_editor_stops_receiving_the_document,
+    a_burst_of_edits_into_one_document_shares_commits,
 );
+
+/// Operations that arrive while a document's commit is paced share the next
+/// commit: a burst from every editor at once, each made on the same revision,
+/// is stored in a few writes, each answered with its own revision, and every
+/// editor follows all of them to the text the server stores.
+async fn a_burst_of_edits_into_one_document_shares_commits(t: TransportKind) {
+    const USERS: usize = 6;
+    const EACH: usize = 8;
+    // The longest pacing: an operation that waited for a commit of its own
+    // would take a tenth of a second each.
+    let s = TestServer::start_with(|c| c.commit_interval = Duration::from_millis(100)).await;
+    let mut clients = Vec::new();
+    for u in 0..USERS {
+        clients.push(s.connect(t, &format!("u{u}")).await);
+    }
+    create(&clients[0], "busy", "").await;
+    let mut docs = Vec::new();
+    for (u, c) in clients.iter().enumerate() {
+        if u > 0 {
+            share(&clients[0], "u0~busy", &format!("u{u}"), DocRole::Editor).await;
+        }
+        let opened = open(c, "u0~busy", None).await.unwrap();
+        docs.push(Document::from_open(format!("follow-{u}"), opened).unwrap());
+    }
+    let before = s.server().metrics().value("writes.committed").unwrap();
+    // Each from a client of its own, all made on revision 0.
+    let burst = clients.iter().enumerate().flat_map(|(u, c)| {
+        (0..EACH).map(move |i| {
+            let req = v1::DocSubmitRequest {
+                doc_id: "u0~busy".into(),
+                client_id: format!("c{u}-{i}"),
+                seq: 1,
+                base_revision: 0,
+                op: Some(tutti::protocol::ot_wire::op_to_wire(
+                    &TextOperation::new().insert(&format!("<{u}.{i}>")),
+                )),
+            };
+            submit(c, req)
+        })
+    });
+    let answers = futures_util::future::join_all(burst).await;
+    let writes = s.server().metrics().value("writes.committed").unwrap() - before;
+    let mut revisions: Vec<u64> = answers
+        .into_iter()
+        .map(|r| {
+            let r = r.expect("every operation is applied");
+            assert!(!r.duplicate);
+            r.revision
+        })
+        .collect();
+    revisions.sort_unstable();
+    let total = (USERS * EACH) as u64;
+    assert_eq!(revisions, (1..=total).collect::<Vec<_>>());
+    assert!(
+        writes <= (total / 4) as f64,
+        "{total} operations took {writes} writes"
+    );
+    let stored = match open(&clients[0], "u0~busy", None).await.unwrap().state {
+        Some(doc_open_response::State::Snapshot(text)) => text,
+        other => panic!("{other:?}"),
+    };
+    for u in 0..USERS {
+        for i in 0..EACH {
+            assert!(stored.contains(&format!("<{u}.{i}>")), "{stored}");
+        }
+    }
+    for (c, doc) in clients.iter().zip(&mut docs) {
+        follow_until(c, doc, total).await;
+        assert_eq!(doc.text(), stored, "converged on the stored text");
+    }
+}
 
 /// Revoking a share closes the document for the user's open sessions: they get the
 /// `DocShared` push with no role, then none of its operations; the others see them

@@ -2,7 +2,9 @@
 //! (the ot.js model). A client submits an operation with the revision it was made
 //! on; the server transforms it against every operation since, applies it, commits
 //! operation and revision to redb, acknowledges, and broadcasts it in revision order
-//! on the COLLAB push stream. Cursors travel as datagrams and settle reliably.
+//! on the COLLAB push stream. Operations that arrive while the document is
+//! committing are transformed in turn and committed together in its next write
+//! (see `super::gather`). Cursors travel as datagrams and settle reliably.
 //!
 //! Storage (all keyed by document id):
 //! - `collab_docs`: owner and access list;
@@ -30,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use tokio_util::sync::CancellationToken;
 
+use super::gather::Gather;
 use super::{
     Background, ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt, json,
     user_topic,
@@ -225,6 +228,9 @@ pub struct CollabService {
     prune_cursors: Mutex<[(String, String); 2]>,
     /// In a cluster: the sessions of other nodes that have documents open.
     remote: Mutex<RemotePresence>,
+    /// Operations waiting for their document, by document id: whoever holds
+    /// the document's lock applies and stores them together.
+    waiting: Gather<Edit, ServiceResult<v1::DocSubmitResponse>>,
 }
 
 /// Who has which document open on the other nodes of a cluster, as their
@@ -259,6 +265,52 @@ impl RemotePresence {
 
 fn topic(doc_id: &str) -> String {
     format!("doc/{doc_id}")
+}
+
+/// Operations stored in one write at most.
+const MAX_OPS_PER_COMMIT: usize = 256;
+
+/// An operation waiting for its document.
+#[derive(Debug)]
+struct Edit {
+    /// The copy of the document the session opened.
+    copy: Loaded<DocState>,
+    user: String,
+    client_id: String,
+    seq: u64,
+    base_revision: u64,
+    op: TextOperation,
+}
+
+/// An operation applied in memory, to be stored.
+#[derive(Debug)]
+struct Transformed {
+    /// As pushed to the editors.
+    event: v1::DocOperation,
+    /// As stored in the log.
+    row: Vec<u8>,
+    /// Its client's [`dedup_key`].
+    dedup: String,
+    /// Transformed against operations it had not seen.
+    concurrent: bool,
+}
+
+/// What became of a waiting operation that was not refused.
+#[derive(Debug)]
+enum Outcome<A> {
+    /// Applied (at this revision, or as this [`Transformed`]).
+    Applied(A),
+    /// A resend of the operation applied at this revision.
+    Duplicate(u64),
+    /// Its base revision is older than the kept history.
+    Resync,
+}
+
+fn reloaded() -> ServiceError {
+    ServiceError::new(
+        ErrorCode::Internal,
+        "the document was reloaded; open it again",
+    )
 }
 
 fn not_found() -> ServiceError {
@@ -297,6 +349,7 @@ impl CollabService {
             cursors: Mutex::new(HashMap::new()),
             prune_cursors: Mutex::default(),
             remote: Mutex::default(),
+            waiting: Gather::default(),
         });
         let work = Background::new(
             "collab cursors",
@@ -830,13 +883,14 @@ impl CollabService {
         &self.deps.metrics.collab
     }
 
-    /// Applies an operation: transform, commit, acknowledge, broadcast.
+    /// Applies an operation: transform, commit, acknowledge, broadcast. An
+    /// operation that arrives while its document is committing waits, and is
+    /// stored with the others that waited in the document's next write.
     pub async fn submit(
         &self,
         ctx: &SessionCtx,
         req: v1::DocSubmitRequest,
     ) -> ServiceResult<v1::DocSubmitResponse> {
-        use std::sync::atomic::Ordering::Relaxed;
         self.deps
             .rates
             .check(super::rate::Action::DocSubmit, ctx.user_id())?;
@@ -874,14 +928,117 @@ impl CollabService {
                 e.to_string(),
             ))
         })?;
-        let mut d = handle.lock().await;
-        if d.broken {
-            return Err(ServiceError::new(
-                ErrorCode::Internal,
-                "the document was reloaded; open it again",
-            ));
+        let edit = Edit {
+            copy: handle.clone(),
+            user: ctx.user_id().to_owned(),
+            client_id: req.client_id,
+            seq: req.seq,
+            base_revision: req.base_revision,
+            op,
+        };
+        let lock = async {
+            let d = handle.lock().await;
+            if d.broken {
+                return Err(reloaded());
+            }
+            Ok(d)
+        };
+        self.waiting
+            .wait_or_serve(&req.doc_id, edit, lock, &(self, &handle), |(s, h), d| {
+                Box::pin(s.apply_waiting(h, d))
+            })
+            .await?
+            .into_result(
+                "the operation was interrupted and may have been applied; resend it with the same client_id and seq",
+            )
+    }
+
+    /// Transforms the operations waiting for the document in the order they
+    /// came, stores them in one write, publishes them in revision order and
+    /// answers each. Returns how many it took. Call under the document's lock,
+    /// on the copy `copy` (not retired).
+    async fn apply_waiting(&self, copy: &Loaded<DocState>, d: &mut DocState) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        let taken = self.waiting.take(&d.id, MAX_OPS_PER_COMMIT);
+        let count = taken.len();
+        let base = d.authority.revision();
+        let mut applied: Vec<Transformed> = Vec::new();
+        // Answered once the write is durable: their answer tells of state it stores.
+        let mut settled = Vec::new();
+        for (edit, reply) in taken {
+            if !Arc::ptr_eq(&edit.copy, copy) {
+                // Opened on a copy retired since: the session opens it again.
+                let _ = reply.send(Err(reloaded()));
+                continue;
+            }
+            match self.transform(d, edit) {
+                Ok(Outcome::Applied(t)) => {
+                    settled.push((reply, Outcome::Applied(t.event.revision)));
+                    applied.push(t);
+                }
+                Ok(Outcome::Duplicate(revision)) => {
+                    settled.push((reply, Outcome::Duplicate(revision)));
+                }
+                Ok(Outcome::Resync) => settled.push((reply, Outcome::Resync)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
         }
-        match d.meta.role_of(ctx.user_id()) {
+        if !applied.is_empty()
+            && let Err(e) = self.store_applied(d, base, &applied).await
+        {
+            for (reply, _) in settled {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return count;
+        }
+        self.counters()
+            .applied
+            .fetch_add(applied.len() as u64, Relaxed);
+        let transformed = applied.iter().filter(|t| t.concurrent).count();
+        self.counters()
+            .transformed
+            .fetch_add(transformed as u64, Relaxed);
+        // Published under the document lock: pushes go out in revision order.
+        let t = topic(&d.id);
+        for Transformed { event, .. } in applied {
+            d.log.push_back(event.clone());
+            self.deps.hub.publish(
+                &t,
+                StreamKind::Collab,
+                &v1::Push {
+                    stream: t.clone(),
+                    offset: event.revision,
+                    event: Some(push::Event::DocOperation(event)),
+                },
+            );
+        }
+        while d.log.len() > self.config.history {
+            d.log.pop_front();
+        }
+        for (reply, outcome) in settled {
+            let answer = match outcome {
+                Outcome::Applied(revision) => Ok(v1::DocSubmitResponse {
+                    revision,
+                    duplicate: false,
+                }),
+                Outcome::Duplicate(revision) => Ok(v1::DocSubmitResponse {
+                    revision,
+                    duplicate: true,
+                }),
+                Outcome::Resync => Err(self.resync(d)),
+            };
+            let _ = reply.send(answer);
+        }
+        count
+    }
+
+    /// Checks one waiting operation against the document and applies it in
+    /// memory (its client's seq included). Nothing is stored yet: if the write
+    /// that follows fails, this copy is retired.
+    fn transform(&self, d: &mut DocState, edit: Edit) -> ServiceResult<Outcome<Transformed>> {
+        match d.meta.role_of(&edit.user) {
             DocRole::Owner | DocRole::Editor => {}
             DocRole::Viewer => {
                 return Err(self.reject(ServiceError::new(
@@ -893,22 +1050,20 @@ impl CollabService {
         }
         // Keyed by the user too: client ids are broadcast to every editor, and one
         // editor must not be able to mark another's next edit as already applied.
-        let dedup = dedup_key(ctx.user_id(), &req.client_id);
+        let dedup = dedup_key(&edit.user, &edit.client_id);
         if let Some(&(seq, revision)) = d.clients.get(&dedup) {
-            if req.seq == seq {
-                return Ok(v1::DocSubmitResponse {
-                    revision,
-                    duplicate: true,
-                });
+            if edit.seq == seq {
+                return Ok(Outcome::Duplicate(revision));
             }
-            if req.seq < seq {
+            if edit.seq < seq {
                 return Err(self.reject(ServiceError::new(
                     ErrorCode::Conflict,
-                    format!("seq {} is older than the last applied ({seq})", req.seq),
+                    format!("seq {} is older than the last applied ({seq})", edit.seq),
                 )));
             }
         }
-        let inserted: usize = op
+        let inserted: usize = edit
+            .op
             .components()
             .iter()
             .map(|c| match c {
@@ -925,20 +1080,13 @@ impl CollabService {
                 ),
             )));
         }
-        let applied = match d.authority.receive(req.base_revision, op, None) {
+        let applied = match d.authority.receive(edit.base_revision, edit.op, None) {
             Ok(a) => a,
             Err(OtError::TooOld { .. }) => {
-                self.counters().resyncs.fetch_add(1, Relaxed);
-                let mut e = ServiceError::new(
-                    ErrorCode::ResyncRequired,
-                    "the base revision is older than the kept history",
-                );
-                e.detail = Some(v1::error::Detail::Resync(v1::DocSnapshot {
-                    doc_id: d.id.clone(),
-                    revision: d.authority.revision(),
-                    text: d.authority.doc().to_owned(),
-                }));
-                return Err(e);
+                self.counters()
+                    .resyncs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(Outcome::Resync);
             }
             Err(e @ OtError::FutureRevision { .. }) => {
                 return Err(self.reject(ServiceError::bad_request(e.to_string())));
@@ -950,15 +1098,44 @@ impl CollabService {
                 )));
             }
         };
-        let revision = applied.revision;
-
-        // Persist: the operation, the client's seq, and a snapshot when due.
-        let stored = json(&StoredOp {
+        d.clients
+            .insert(dedup.clone(), (edit.seq, applied.revision));
+        let row = json(&StoredOp {
             op: applied.op.clone(),
-            user: ctx.user_id().to_owned(),
-            client_id: req.client_id.clone(),
-            seq: req.seq,
+            user: edit.user.clone(),
+            client_id: edit.client_id.clone(),
+            seq: edit.seq,
         });
+        Ok(Outcome::Applied(Transformed {
+            event: v1::DocOperation {
+                doc_id: d.id.clone(),
+                revision: applied.revision,
+                op: Some(op_to_wire(&applied.op)),
+                user_id: edit.user,
+                client_id: edit.client_id,
+                seq: edit.seq,
+            },
+            row,
+            dedup,
+            concurrent: applied.concurrent > 0,
+        }))
+    }
+
+    /// Stores operations applied in memory after revision `base`, in one
+    /// write: the operations, each client's seq, and a snapshot when due. If the
+    /// write fails, this copy is retired. Call under the document's lock.
+    async fn store_applied(
+        &self,
+        d: &mut DocState,
+        base: u64,
+        applied: &[Transformed],
+    ) -> ServiceResult<()> {
+        let revision = d.authority.revision();
+        let rows: Vec<Vec<u8>> = applied.iter().map(|t| t.row.clone()).collect();
+        let clients: Vec<(String, u64, u64)> = applied
+            .iter()
+            .map(|t| (t.dedup.clone(), t.event.seq, t.event.revision))
+            .collect();
         let snapshot = (revision - d.snapshot_revision >= self.config.snapshot_every).then(|| {
             json(&StoredSnapshot {
                 revision,
@@ -967,16 +1144,18 @@ impl CollabService {
         });
         let history = self.config.history as u64;
         let snapshot_taken = snapshot.is_some();
-        let (id, client_key, seq) = (d.id.clone(), dedup.clone(), req.seq);
+        let id = d.id.clone();
         let log = self.log.clone();
         let write = self
             .deps
             .writer
             .write(move |txn| {
-                log.append_in(txn, &id, revision - 1, std::slice::from_ref(&stored))
+                log.append_in(txn, &id, base, &rows)
                     .map_err(append_failed)?;
-                txn.open_table(CLIENTS)?
-                    .insert((id.as_str(), client_key.as_str()), (seq, revision))?;
+                let mut table = txn.open_table(CLIENTS)?;
+                for (client, seq, revision) in &clients {
+                    table.insert((id.as_str(), client.as_str()), (*seq, *revision))?;
+                }
                 if let Some(snap) = &snapshot {
                     txn.open_table(SNAPSHOTS)?
                         .insert(id.as_str(), snap.as_slice())?;
@@ -990,11 +1169,11 @@ impl CollabService {
         if let Err(e) = write {
             // Memory is ahead of the disk now: retire this copy. The commit may
             // still have reached the disk (an fsync that wrote, then reported an
-            // error): the next copy pushes what is stored past `revision - 1`.
+            // error): the next copy pushes what is stored past `base`.
             self.retired
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(d.id.clone(), revision - 1);
+                .insert(d.id.clone(), base);
             d.broken = true;
             self.docs.forget(&d.id).await;
             return Err(ServiceError::from(e));
@@ -1002,7 +1181,6 @@ impl CollabService {
         if snapshot_taken {
             d.snapshot_revision = revision;
         }
-        d.clients.insert(dedup, (req.seq, revision));
         // As retention does on disk: a client whose last operation is older than
         // the history is forgotten (its resends get RESYNC_REQUIRED anyway), so a
         // loaded document remembers at most about 2 × `history` clients.
@@ -1010,37 +1188,21 @@ impl CollabService {
             let floor = revision.saturating_sub(history);
             d.clients.retain(|_, (_, rev)| *rev >= floor);
         }
-        self.counters().applied.fetch_add(1, Relaxed);
-        if applied.concurrent > 0 {
-            self.counters().transformed.fetch_add(1, Relaxed);
-        }
-        let event = v1::DocOperation {
-            doc_id: d.id.clone(),
-            revision,
-            op: Some(op_to_wire(&applied.op)),
-            user_id: ctx.user_id().to_owned(),
-            client_id: req.client_id,
-            seq: req.seq,
-        };
-        d.log.push_back(event.clone());
-        while d.log.len() > self.config.history {
-            d.log.pop_front();
-        }
-        // Published under the document lock: pushes go out in revision order.
-        let t = topic(&d.id);
-        self.deps.hub.publish(
-            &t,
-            StreamKind::Collab,
-            &v1::Push {
-                stream: t.clone(),
-                offset: revision,
-                event: Some(push::Event::DocOperation(event)),
-            },
+        Ok(())
+    }
+
+    /// `RESYNC_REQUIRED` with the document as stored now.
+    fn resync(&self, d: &DocState) -> ServiceError {
+        let mut e = ServiceError::new(
+            ErrorCode::ResyncRequired,
+            "the base revision is older than the kept history",
         );
-        Ok(v1::DocSubmitResponse {
-            revision,
-            duplicate: false,
-        })
+        e.detail = Some(v1::error::Detail::Resync(v1::DocSnapshot {
+            doc_id: d.id.clone(),
+            revision: d.authority.revision(),
+            text: d.authority.doc().to_owned(),
+        }));
+        e
     }
 
     /// A cursor datagram: relayed to the others in the document (at most
@@ -1353,5 +1515,160 @@ async fn settle_cursors(service: Weak<CollabService>, stop: CancellationToken) {
             Some(s) => s.settle(),
             None => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use futures_util::FutureExt;
+
+    use super::*;
+    use crate::services::fakes::{FakeSession, Node};
+
+    fn insert(at: usize, text: &str, len: usize) -> Option<v1::TextOp> {
+        Some(op_to_wire(
+            &TextOperation::new()
+                .retain(at)
+                .insert(text)
+                .retain(len - at),
+        ))
+    }
+
+    /// While one operation's commit is held, the operations that arrive for the
+    /// document wait; one write then stores all of them, each transformed
+    /// against those before it, answered with its own revision and pushed in
+    /// revision order. Refusals, a resend and a base older than the history are
+    /// answered among them.
+    #[tokio::test]
+    async fn edits_waiting_on_a_document_share_one_commit() {
+        let node = Node::new();
+        let config = CollabConfig {
+            history: 2,
+            ..Default::default()
+        };
+        let (collab, _work) = CollabService::open(node.deps.clone(), config).unwrap();
+        let (alice, mut pushes) = FakeSession::new("alice", "a", 64);
+        let alice = alice.ctx();
+        let [bob, carol, dave] =
+            ["bob", "carol", "dave"].map(|u| FakeSession::new(u, u, 64).0.ctx());
+        collab
+            .create(
+                &alice,
+                v1::DocCreateRequest {
+                    doc_id: "d".into(),
+                    text: "abc".into(),
+                },
+            )
+            .await
+            .unwrap();
+        for (user, role) in [
+            ("bob", DocRole::Editor),
+            ("carol", DocRole::Viewer),
+            ("dave", DocRole::Editor),
+        ] {
+            let req = v1::DocShareRequest {
+                doc_id: "alice~d".into(),
+                user_id: user.into(),
+                role: role as i32,
+            };
+            collab.share(&alice, req).await.unwrap();
+        }
+        for who in [&alice, &bob, &carol, &dave] {
+            let req = v1::DocOpenRequest {
+                doc_id: "alice~d".into(),
+                known_revision: None,
+            };
+            collab.open_doc(who, req).await.unwrap();
+        }
+        let submit = |who: &SessionCtx, client: &str, seq, base, op| {
+            let req = v1::DocSubmitRequest {
+                doc_id: "alice~d".into(),
+                client_id: client.into(),
+                seq,
+                base_revision: base,
+                op,
+            };
+            let (collab, who) = (&collab, who.clone());
+            Box::pin(async move { collab.submit(&who, req).await })
+        };
+        let hold = node.deps.writer.hold();
+        // "abc" → "Aabc" at revision 1, held in its commit.
+        let mut edits = vec![submit(&alice, "a", 1, 0, insert(0, "A", 3))];
+        node.until_committing(&mut edits[0]).await;
+        for (who, client, seq, base, op) in [
+            // Made on "abc": transformed to "AabcB".
+            (&bob, "b", 1, 0, insert(3, "B", 3)),
+            (&carol, "c", 1, 1, insert(0, "C", 4)),
+            // Made on "Aabc": "AabcB" → "AXabcB".
+            (&alice, "a", 2, 1, insert(1, "X", 4)),
+            (&bob, "b", 1, 0, insert(3, "B", 3)),
+            // Three revisions behind, with two kept.
+            (&dave, "d", 1, 0, insert(0, "D", 3)),
+        ] {
+            let mut e = submit(who, client, seq, base, op);
+            assert!(
+                e.as_mut().now_or_never().is_none(),
+                "waits for the document"
+            );
+            edits.push(e);
+        }
+        assert_eq!(collab.waiting.queued("alice~d"), 5);
+        let before = node.deps.metrics.writes_committed.load(Ordering::Relaxed);
+        drop(hold);
+        let answers: Vec<_> = futures_util::future::join_all(edits)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(r) => Ok((r.revision, r.duplicate)),
+                Err(e) => Err((e.code, e.detail)),
+            })
+            .collect();
+        let writes = node.deps.metrics.writes_committed.load(Ordering::Relaxed) - before;
+        assert_eq!(
+            writes, 2,
+            "the first operation's write, then one for the rest"
+        );
+        let resync = v1::error::Detail::Resync(v1::DocSnapshot {
+            doc_id: "alice~d".into(),
+            revision: 3,
+            text: "AXabcB".into(),
+        });
+        assert_eq!(
+            answers,
+            [
+                Ok((1, false)),
+                Ok((2, false)),
+                Err((ErrorCode::PermissionDenied, None)),
+                Ok((3, false)),
+                Ok((2, true)),
+                Err((ErrorCode::ResyncRequired, Some(resync))),
+            ]
+        );
+        let mut pushed = Vec::new();
+        while let Ok((_, p)) = pushes.try_recv() {
+            if let Some(push::Event::DocOperation(op)) = p.event {
+                pushed.push((op.revision, op.user_id));
+            }
+        }
+        let expected = [(1, "alice"), (2, "bob"), (3, "alice")].map(|(r, u)| (r, u.to_owned()));
+        assert_eq!(pushed, expected, "published once each, in revision order");
+        let stored = collab.read_doc("alice~d").unwrap().unwrap();
+        assert_eq!(
+            (stored.authority.revision(), stored.authority.doc()),
+            (3, "AXabcB")
+        );
+        let clients = |k: &str| {
+            stored
+                .clients
+                .get(&dedup_key(k, k.get(..1).unwrap()))
+                .copied()
+        };
+        assert_eq!(
+            (clients("alice"), clients("bob"), clients("dave")),
+            (Some((2, 3)), Some((1, 2)), None)
+        );
+        assert_eq!(collab.waiting.queued("alice~d"), 0);
     }
 }
