@@ -38,6 +38,9 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo doc --workspace --no-deps (warnings are errors: broken links, stray HTML)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 step "cargo test (the server, then the load-test smoke run against the built binary)"
 cargo build --workspace --locked --bins --examples
 cargo test --workspace --locked

@@ -48,7 +48,7 @@ impl Clock {
 }
 
 /// The application of a replicated command (`crate::services::replica`): inside
-/// [`scope`], [`Clock::now_ms`] is the command's time and
+/// [`scope`](replay::scope), [`Clock::now_ms`] is the command's time and
 /// [`crate::util::random_hex`] draws from the command's seed, so every node that
 /// applies the command computes the same timestamps and ids.
 ///

@@ -1,4 +1,4 @@
-//! Fan-out: topics ("doc/<id>", "room/<id>", "user/<id>") to the sessions
+//! Fan-out: topics (`doc/<id>`, `room/<id>`, `user/<id>`) to the sessions
 //! subscribed to them. Services publish protocol events; the gateway implements
 //! [`Subscriber`] for each session, so services never see a transport type.
 //!

@@ -24,7 +24,7 @@ macro_rules! id_type {
         pub struct $name(String);
 
         impl $name {
-            #[doc = concat!("Parses a ", $kind, " id: ", $rule, ".")]
+            #[doc = concat!("Parses a ", $kind, " id (", $kind, " ids `", $rule, "`).")]
             pub fn parse(s: impl Into<String>) -> Result<Self, IdError> {
                 let s = s.into();
                 if $check(&s) {

@@ -2,8 +2,8 @@
 //! rate up by `factor` until a step breaks an SLO (delivery, p99 latency, or a
 //! dropped connection), then one bisection between the last passing and the first
 //! failing rate. The knee is the highest passing rate. Before every step after the
-//! first, the run waits (at most [`SETTLE_MAX`]) until no message has arrived for
-//! [`SETTLE_QUIET`]: a failed step leaves a backlog in the server, which would
+//! first, the run waits (at most `SETTLE_MAX`, 60 s) until no message has arrived for
+//! `SETTLE_QUIET` (1 s): a failed step leaves a backlog in the server, which would
 //! otherwise be charged to the next step (the Socket.IO baseline's `load.js` waits
 //! the same way).
 
