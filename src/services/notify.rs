@@ -36,8 +36,8 @@ pub const RESUME_KEY: &str = "notifications";
 /// its stripe through its commit, so the users of one stripe wait for each
 /// other's commits, and with commit pacing a stripe takes about one notification
 /// per `commit_interval`. Hence many: with 64, 128 concurrent API requests to
-/// distinct users went at about 6,000 a second with p99 over 400 ms; with 1,024,
-/// at 13,000–15,000 with p99 about 20 ms (docs/BENCHMARKS.md, "Notification
+/// distinct users went at 5,400–6,100 a second with p99 over 400 ms; with
+/// 1,024, at 12,900–18,500 with p99 15–21 ms (docs/BENCHMARKS.md, "Notification
 /// bursts"). Each is one small mutex.
 const STRIPES: usize = 1024;
 
