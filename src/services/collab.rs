@@ -282,24 +282,25 @@ struct Edit {
     op: TextOperation,
 }
 
-/// An operation applied in memory, to be stored.
-#[derive(Debug)]
-struct Transformed {
+/// The operations of one batch applied in memory, side by side: what the write
+/// stores, and what is published once it is durable.
+#[derive(Debug, Default)]
+struct Batch {
+    /// As stored in the log, at consecutive revisions.
+    rows: Vec<Vec<u8>>,
+    /// Each operation's client ([`dedup_key`]), seq and revision.
+    clients: Vec<(String, u64, u64)>,
     /// As pushed to the editors.
-    event: v1::DocOperation,
-    /// As stored in the log.
-    row: Vec<u8>,
-    /// Its client's [`dedup_key`].
-    dedup: String,
-    /// Transformed against operations it had not seen.
-    concurrent: bool,
+    events: Vec<v1::DocOperation>,
+    /// How many were transformed against operations they had not seen.
+    transformed: u64,
 }
 
 /// What became of a waiting operation that was not refused.
 #[derive(Debug)]
-enum Outcome<A> {
-    /// Applied (at this revision, or as this [`Transformed`]).
-    Applied(A),
+enum Outcome {
+    /// Applied at this revision.
+    Applied(u64),
     /// A resend of the operation applied at this revision.
     Duplicate(u64),
     /// Its base revision is older than the kept history.
@@ -962,7 +963,7 @@ impl CollabService {
         let taken = self.waiting.take(&d.id, MAX_OPS_PER_COMMIT);
         let count = taken.len();
         let base = d.authority.revision();
-        let mut applied: Vec<Transformed> = Vec::new();
+        let mut batch = Batch::default();
         // Answered once the write is durable: their answer tells of state it stores.
         let mut settled = Vec::new();
         for (edit, reply) in taken {
@@ -971,22 +972,21 @@ impl CollabService {
                 let _ = reply.send(Err(reloaded()));
                 continue;
             }
-            match self.transform(d, edit) {
-                Ok(Outcome::Applied(t)) => {
-                    settled.push((reply, Outcome::Applied(t.event.revision)));
-                    applied.push(t);
-                }
-                Ok(Outcome::Duplicate(revision)) => {
-                    settled.push((reply, Outcome::Duplicate(revision)));
-                }
-                Ok(Outcome::Resync) => settled.push((reply, Outcome::Resync)),
+            match self.transform(d, edit, &mut batch) {
+                Ok(outcome) => settled.push((reply, outcome)),
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
             }
         }
-        if !applied.is_empty()
-            && let Err(e) = self.store_applied(d, base, &applied).await
+        let Batch {
+            rows,
+            clients,
+            events,
+            transformed,
+        } = batch;
+        if !rows.is_empty()
+            && let Err(e) = self.store_applied(d, base, rows, clients).await
         {
             for (reply, _) in settled {
                 let _ = reply.send(Err(e.clone()));
@@ -995,14 +995,11 @@ impl CollabService {
         }
         self.counters()
             .applied
-            .fetch_add(applied.len() as u64, Relaxed);
-        let transformed = applied.iter().filter(|t| t.concurrent).count();
-        self.counters()
-            .transformed
-            .fetch_add(transformed as u64, Relaxed);
+            .fetch_add(events.len() as u64, Relaxed);
+        self.counters().transformed.fetch_add(transformed, Relaxed);
         // Published under the document lock: pushes go out in revision order.
         let t = topic(&d.id);
-        for Transformed { event, .. } in applied {
+        for event in events {
             d.log.push_back(event.clone());
             self.deps.hub.publish(
                 &t,
@@ -1035,9 +1032,9 @@ impl CollabService {
     }
 
     /// Checks one waiting operation against the document and applies it in
-    /// memory (its client's seq included). Nothing is stored yet: if the write
-    /// that follows fails, this copy is retired.
-    fn transform(&self, d: &mut DocState, edit: Edit) -> ServiceResult<Outcome<Transformed>> {
+    /// memory (its client's seq included), adding it to `batch`. Nothing is
+    /// stored yet: if the write that follows fails, this copy is retired.
+    fn transform(&self, d: &mut DocState, edit: Edit, batch: &mut Batch) -> ServiceResult<Outcome> {
         match d.meta.role_of(&edit.user) {
             DocRole::Owner | DocRole::Editor => {}
             DocRole::Viewer => {
@@ -1098,44 +1095,39 @@ impl CollabService {
                 )));
             }
         };
-        d.clients
-            .insert(dedup.clone(), (edit.seq, applied.revision));
-        let row = json(&StoredOp {
+        let revision = applied.revision;
+        d.clients.insert(dedup.clone(), (edit.seq, revision));
+        batch.rows.push(json(&StoredOp {
             op: applied.op.clone(),
             user: edit.user.clone(),
             client_id: edit.client_id.clone(),
             seq: edit.seq,
+        }));
+        batch.clients.push((dedup, edit.seq, revision));
+        batch.events.push(v1::DocOperation {
+            doc_id: d.id.clone(),
+            revision,
+            op: Some(op_to_wire(&applied.op)),
+            user_id: edit.user,
+            client_id: edit.client_id,
+            seq: edit.seq,
         });
-        Ok(Outcome::Applied(Transformed {
-            event: v1::DocOperation {
-                doc_id: d.id.clone(),
-                revision: applied.revision,
-                op: Some(op_to_wire(&applied.op)),
-                user_id: edit.user,
-                client_id: edit.client_id,
-                seq: edit.seq,
-            },
-            row,
-            dedup,
-            concurrent: applied.concurrent > 0,
-        }))
+        batch.transformed += u64::from(applied.concurrent > 0);
+        Ok(Outcome::Applied(revision))
     }
 
     /// Stores operations applied in memory after revision `base`, in one
-    /// write: the operations, each client's seq, and a snapshot when due. If the
-    /// write fails, this copy is retired. Call under the document's lock.
+    /// write: their log `rows`, each client's (key, seq, revision), and a
+    /// snapshot when due. If the write fails, this copy is retired. Call under
+    /// the document's lock.
     async fn store_applied(
         &self,
         d: &mut DocState,
         base: u64,
-        applied: &[Transformed],
+        rows: Vec<Vec<u8>>,
+        clients: Vec<(String, u64, u64)>,
     ) -> ServiceResult<()> {
         let revision = d.authority.revision();
-        let rows: Vec<Vec<u8>> = applied.iter().map(|t| t.row.clone()).collect();
-        let clients: Vec<(String, u64, u64)> = applied
-            .iter()
-            .map(|t| (t.dedup.clone(), t.event.seq, t.event.revision))
-            .collect();
         let snapshot = (revision - d.snapshot_revision >= self.config.snapshot_every).then(|| {
             json(&StoredSnapshot {
                 revision,
