@@ -696,9 +696,22 @@ const ENDINGS: [Ending; 6] = [
     Ending::CloseRacingCommit(16),
 ];
 
+/// A server that makes no writes of its own while a test lasts (the analytics
+/// flush and retention runs are an hour apart), so that a test holding the writer
+/// sees only the writes of its own requests.
+async fn server_without_background_writes() -> TestServer {
+    TestServer::start_with(|c| {
+        c.analytics.flush_interval = Duration::from_secs(3600);
+        c.retention.interval = Duration::from_secs(3600);
+    })
+    .await
+}
+
 /// Sends `body` on `client`, waits until its write is queued behind a held writer,
 /// ends the session as `ending` says, releases the writer, and returns once the
-/// session is closed.
+/// session is closed. The server must be one from
+/// [`server_without_background_writes`]: any other write would be taken for the
+/// request's, and the session could end before the request was even read.
 async fn end_session_during_commit(
     s: &TestServer,
     client: Client,
@@ -707,6 +720,7 @@ async fn end_session_during_commit(
 ) {
     let writer = s.server().writer().clone();
     let hold = writer.hold();
+    assert_eq!(writer.in_flight(), 0, "no write but the request's");
     let client = std::sync::Arc::new(client);
     let c = client.clone();
     let request = tokio::spawn(async move { c.request(body).await });
@@ -778,7 +792,7 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
     use tutti::client::collab::Document;
     use tutti::ot::TextOperation;
 
-    let s = TestServer::start().await;
+    let s = server_without_background_writes().await;
     let owner = s.connect(t, "ann").await;
     doc_request(
         &owner,
@@ -881,7 +895,7 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
 /// A `ChatSend` whose session ends while its commit is in flight is delivered to
 /// every participant once, and the room's offsets stay contiguous.
 async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
-    let s = TestServer::start().await;
+    let s = server_without_background_writes().await;
     let ann = s.connect(t, "ann").await;
     doc_request(
         &ann,
@@ -907,9 +921,18 @@ async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
         )
         .await;
         for c in [&ann, &bob] {
-            let m = tokio::time::timeout(Duration::from_secs(10), next_message(c))
-                .await
-                .unwrap_or_else(|_| panic!("{ending:?}: the message never arrived"));
+            let Ok(m) = tokio::time::timeout(Duration::from_secs(10), next_message(c)).await else {
+                // Say whether it was stored and not pushed, or not stored at all.
+                let history = doc_request(
+                    &bob,
+                    v1::request::Body::ChatHistory(v1::ChatHistoryRequest {
+                        room_id: "ann~lifecycle".into(),
+                        ..Default::default()
+                    }),
+                )
+                .await;
+                panic!("{ending:?}: the message never arrived; the room holds {history:?}");
+            };
             assert_eq!(m.offset, i as u64 + 1, "{ending:?}: offsets are contiguous");
             assert_eq!(m.text, format!("m{i}"));
         }
