@@ -72,7 +72,43 @@ both_transports!(
     reconnect_resumes_the_missed_notifications,
     resume_offsets_at_the_extremes,
     server_api_posts_to_rooms_and_lists_participants,
+    a_burst_of_notifications_to_one_user_shares_commits,
 );
+
+/// Notifications to one user that arrive while a commit for them is paced share
+/// the next commit: a burst of API requests is stored in a few writes, each
+/// answered with its own offset, and the user's device receives all of them once,
+/// in offset order, with the unread count exact.
+async fn a_burst_of_notifications_to_one_user_shares_commits(t: TransportKind) {
+    const BURST: u64 = 48;
+    // The longest pacing: a notification that waited for a commit of its own
+    // would take a tenth of a second each.
+    let s =
+        TestServer::start_with(|c| c.commit_interval = std::time::Duration::from_millis(100)).await;
+    let device = s.connect(t, "ann").await;
+    let before = s.server().metrics().value("writes.committed").unwrap();
+    let titles: Vec<String> = (0..BURST).map(|i| format!("n{i}")).collect();
+    let created = futures_util::future::join_all(titles.iter().map(|t| notify(&s, "ann", t))).await;
+    let writes = s.server().metrics().value("writes.committed").unwrap() - before;
+    let mut offsets: Vec<u64> = created
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            assert_eq!(n.title, format!("n{i}"));
+            n.offset
+        })
+        .collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=BURST).collect::<Vec<_>>());
+    assert!(
+        writes <= (BURST / 4) as f64,
+        "{BURST} notifications took {writes} writes"
+    );
+    for offset in 1..=BURST {
+        assert_eq!(next_notification(&device).await.offset, offset);
+    }
+    assert_eq!(list(&device, 0, 1).await.unread, BURST);
+}
 
 async fn notifications_reach_every_device_and_count_exactly(t: TransportKind) {
     let s = TestServer::start().await;

@@ -14,6 +14,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::catch_up::{CatchUpStream, catch_up};
+use super::gather::Gather;
 use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt};
 use futures_util::future::BoxFuture;
 
@@ -34,12 +35,15 @@ pub const RESUME_KEY: &str = "notifications";
 
 /// Lock stripes: a user's writes are serialized on one of these. A write holds
 /// its stripe through its commit, so the users of one stripe wait for each
-/// other's commits, and with commit pacing a stripe takes about one notification
-/// per `commit_interval`. Hence many: with 64, 128 concurrent API requests to
-/// distinct users went at 5,400–6,100 a second with p99 over 400 ms; with
-/// 1,024, at 12,900–18,500 with p99 15–21 ms (docs/BENCHMARKS.md, "Notification
-/// bursts"). Each is one small mutex.
+/// other's commits, and with commit pacing a stripe takes about one user's
+/// waiting notifications per `commit_interval`. Hence many: with 64, 128
+/// concurrent API requests to distinct users went at 5,400–6,100 a second with
+/// p99 over 400 ms; with 1,024, at 12,900–18,500 with p99 15–21 ms
+/// (docs/BENCHMARKS.md, "Notification bursts"). Each is one small mutex.
 const STRIPES: usize = 1024;
+
+/// Notifications to one user stored in one write at most.
+const MAX_NOTES_PER_COMMIT: usize = 256;
 
 /// Notification limits (`[notify]` in the configuration file).
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +195,27 @@ pub struct NotifyService {
     state: crate::store::cache::Cache<String, (u64, u64, u64)>,
     /// The last user retention looked at (it goes on after them next time).
     prune_cursor: std::sync::Mutex<String>,
+    /// Notifications waiting for their user's stripe, by user.
+    waiting: Gather<Pending, ServiceResult<(v1::Notification, bool)>>,
+}
+
+/// A notification waiting to be stored.
+#[derive(Debug)]
+struct Pending {
+    note: StoredNote,
+    /// `note` as stored.
+    bytes: Vec<u8>,
+    /// Its idempotency record's key.
+    key: Option<String>,
+}
+
+/// What a write did with one notification.
+#[derive(Debug)]
+enum Stored {
+    /// Appended at this offset.
+    Appended(u64),
+    /// Its key was used before: the idempotency record (the offset created then).
+    Earlier(Vec<u8>),
 }
 
 impl NotifyService {
@@ -218,6 +243,7 @@ impl NotifyService {
             )
             .build_weighed("notify_state", |user: &String, _| user.len() + 16),
             prune_cursor: std::sync::Mutex::new(String::new()),
+            waiting: Gather::default(),
         }))
     }
 
@@ -300,6 +326,12 @@ impl NotifyService {
     /// [`create`](Self::create), once per (`user`, `key`): if a notification was
     /// created with the same key, that one is returned (with `true`) and nothing
     /// is stored or pushed.
+    ///
+    /// Notifications to one user wait for the user's stripe together: whoever
+    /// takes it stores every one queued for the user (up to
+    /// [`MAX_NOTES_PER_COMMIT`]) in one write, then publishes them in offset order
+    /// and answers each, so a burst to one user is not one commit per
+    /// notification.
     pub async fn create_once(
         &self,
         user: &UserId,
@@ -307,11 +339,8 @@ impl NotifyService {
         key: Option<&str>,
     ) -> ServiceResult<(v1::Notification, bool)> {
         let user = user.as_str();
-        let key = key.map(|k| dedup::key(&[user, k]));
         self.validate(&n)?;
-        let _guard = self.stripe(user).lock().await;
-        let (mut last, mut unread) = self.user_state(user).await?;
-        let stored = StoredNote {
+        let note = StoredNote {
             kind: n.kind,
             title: n.title,
             body: n.body,
@@ -319,78 +348,125 @@ impl NotifyService {
             created_at_ms: self.deps.clock.now_ms(),
             read: false,
         };
-        let bytes = serde_json::to_vec(&stored).expect("plain data");
+        let pending = Pending {
+            bytes: serde_json::to_vec(&note).expect("plain data"),
+            note,
+            key: key.map(|k| dedup::key(&[user, k])),
+        };
+        let stripe = async { Ok::<_, ServiceError>(self.stripe(user).lock().await) };
+        self.waiting
+            .wait_or_serve(user, pending, stripe, &(self, user), |(svc, user), _| {
+                Box::pin(svc.create_waiting(user))
+            })
+            .await?
+            .into_result(
+                "the notification was interrupted and may have been stored; \
+                 retry with the same Idempotency-Key",
+            )
+    }
+
+    /// Stores the notifications waiting for `user` in one write, publishes them
+    /// in offset order and answers each. Returns how many it took. Call under the
+    /// user's stripe.
+    async fn create_waiting(&self, user: &str) -> usize {
+        let taken = self.waiting.take(user, MAX_NOTES_PER_COMMIT);
+        let count = taken.len();
+        if count == 0 {
+            return 0;
+        }
+        let (pending, replies): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
+        match self.store_notes(user, pending).await {
+            Ok(answers) => {
+                for (answer, reply) in answers.into_iter().zip(replies) {
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+        count
+    }
+
+    /// Writes `pending` after the user's last offset in one transaction, each
+    /// with its idempotency record, then publishes the new notifications and
+    /// returns each one's answer, in order. Retries once caught up if the user's
+    /// log moved (a write whose caller gave up, or was told it failed, that still
+    /// committed). Call under the user's stripe.
+    async fn store_notes(
+        &self,
+        user: &str,
+        pending: Vec<Pending>,
+    ) -> ServiceResult<Vec<ServiceResult<(v1::Notification, bool)>>> {
+        let (mut last, mut unread) = self.user_state(user).await?;
+        let now = self.deps.clock.now_ms();
+        let (notes, rows): (Vec<_>, Vec<_>) = pending
+            .into_iter()
+            .map(|p| (p.note, (p.bytes, p.key)))
+            .unzip();
+        let rows = Arc::new(rows);
         let mut attempts = 0;
-        let offset = loop {
+        let outcomes = loop {
             attempts += 1;
-            let offset = last.checked_add(1).ok_or_else(|| {
-                ServiceError::new(ErrorCode::LimitExceeded, "no more notifications")
-            })?;
-            let moved = Arc::new(std::sync::Mutex::new(None));
-            let earlier = Arc::new(std::sync::Mutex::new(None));
-            let (u, bytes, log, seen, created, key, found) = (
+            let base = last;
+            if base.checked_add(rows.len() as u64).is_none() {
+                return Err(ServiceError::new(
+                    ErrorCode::LimitExceeded,
+                    "no more notifications",
+                ));
+            }
+            let result = Arc::new(std::sync::Mutex::new((Vec::new(), None)));
+            let (u, log, created, rows, out) = (
                 user.to_owned(),
-                bytes.clone(),
                 self.log.clone(),
-                moved.clone(),
                 self.created.clone(),
-                key.clone(),
-                earlier.clone(),
+                rows.clone(),
+                result.clone(),
             );
-            let now = stored.created_at_ms;
             self.deps
                 .writer
                 .write(move |txn| {
-                    // Checked in the transaction that would store the notification:
-                    // a retry finds the record exactly when the first one committed.
-                    if let Some(key) = &key {
-                        let record = created.get_in(txn, key)?;
-                        let done = record.is_some();
-                        *found.lock().unwrap_or_else(|e| e.into_inner()) = record;
-                        if done {
-                            return Ok(());
+                    let mut outcomes = Vec::with_capacity(rows.len());
+                    let mut at = base;
+                    for (bytes, key) in rows.iter() {
+                        // Checked in the transaction that would store the
+                        // notification: a retry finds the record exactly when the
+                        // first one committed (in this same write, too).
+                        if let Some(key) = key
+                            && let Some(record) = created.get_in(txn, key)?
+                        {
+                            outcomes.push(Stored::Earlier(record));
+                            continue;
+                        }
+                        match log.append_in(txn, &u, at, std::slice::from_ref(bytes)) {
+                            Ok(l) => at = l,
+                            Err(AppendError::Conflict { actual, .. }) if at == base => {
+                                // Nothing written yet; caught up below.
+                                *out.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    (Vec::new(), Some(actual));
+                                return Ok(());
+                            }
+                            Err(e) => return Err(append_failed(e)),
+                        }
+                        outcomes.push(Stored::Appended(at));
+                        if let Some(key) = key {
+                            created.put_in(txn, key, now, &at.to_le_bytes())?;
                         }
                     }
-                    match log.append_in(txn, &u, last, std::slice::from_ref(&bytes)) {
-                        Ok(_) => *seen.lock().unwrap_or_else(|e| e.into_inner()) = None,
-                        Err(AppendError::Conflict { actual, .. }) => {
-                            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(actual);
-                            return Ok(());
-                        }
-                        Err(e) => return Err(append_failed(e)),
+                    if at > base {
+                        txn.open_table(STATE)?
+                            .insert(u.as_str(), (at, unread + (at - base)))?;
                     }
-                    txn.open_table(STATE)?
-                        .insert(u.as_str(), (offset, unread + 1))?;
-                    if let Some(key) = &key {
-                        created.put_in(txn, key, now, &offset.to_le_bytes())?;
-                    }
+                    *out.lock().unwrap_or_else(|e| e.into_inner()) = (outcomes, None);
                     Ok(())
                 })
                 .await?;
-            let earlier = earlier.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(bytes) = earlier {
-                let offset = <[u8; 8]>::try_from(bytes.as_slice())
-                    .map(u64::from_le_bytes)
-                    .map_err(|_| ServiceError::internal("a stored idempotency key is corrupt"))?;
-                if offset > last {
-                    // Stored by a commit whose caller was told it failed (a failed
-                    // fsync that still reached the disk): deliver it now, once.
-                    let stored = self.stored_state(user)?;
-                    self.publish_stored(user, last, stored.0).await?;
-                    self.remember(user, stored).await;
-                }
-                let note = self.read_range(user, offset, offset).await?.pop();
-                // The notification may be gone (retention); its id is the answer.
-                let note = note.unwrap_or_else(|| v1::Notification {
-                    notification_id: format!("{user}:{offset}"),
-                    offset,
-                    ..Default::default()
-                });
-                return Ok((note, true));
-            }
-            let moved = *moved.lock().unwrap_or_else(|e| e.into_inner());
+            let (outcomes, moved) =
+                std::mem::take(&mut *result.lock().unwrap_or_else(|e| e.into_inner()));
             match moved {
-                None => break offset,
+                None => break outcomes,
                 // Notifications whose request was abandoned while their commit was
                 // in flight, or whose commit was reported failed but reached the
                 // disk, still committed, unread: deliver them, count them, go on.
@@ -407,19 +483,65 @@ impl NotifyService {
                 }
             }
         };
-        self.remember(user, (offset, unread + 1)).await;
-        let note = wire(user, offset, stored);
-        // Published under the user's lock: in offset order, after any catch-up.
-        self.deps.hub.publish(
-            &topic(user),
-            StreamKind::Notifications,
-            &v1::Push {
-                stream: RESUME_KEY.into(),
-                offset,
-                event: Some(push::Event::Notification(note.clone())),
-            },
-        );
-        Ok((note, false))
+        let mut answers = Vec::with_capacity(outcomes.len());
+        for (outcome, note) in outcomes.into_iter().zip(notes) {
+            answers.push(match outcome {
+                Stored::Appended(offset) => {
+                    last = offset;
+                    unread += 1;
+                    let note = wire(user, offset, note);
+                    // Published under the user's lock: in offset order, after any
+                    // catch-up.
+                    self.deps.hub.publish(
+                        &topic(user),
+                        StreamKind::Notifications,
+                        &v1::Push {
+                            stream: RESUME_KEY.into(),
+                            offset,
+                            event: Some(push::Event::Notification(note.clone())),
+                        },
+                    );
+                    Ok((note, false))
+                }
+                Stored::Earlier(record) => {
+                    self.created_before(user, &record, &mut last, &mut unread)
+                        .await
+                }
+            });
+        }
+        self.remember(user, (last, unread)).await;
+        Ok(answers)
+    }
+
+    /// The answer to a notification whose idempotency key was used before: the
+    /// notification created then. `(last, unread)` is the user's state so far,
+    /// moved if that one was stored by a commit its caller was told failed and
+    /// was never published.
+    async fn created_before(
+        &self,
+        user: &str,
+        record: &[u8],
+        last: &mut u64,
+        unread: &mut u64,
+    ) -> ServiceResult<(v1::Notification, bool)> {
+        let offset = <[u8; 8]>::try_from(record)
+            .map(u64::from_le_bytes)
+            .map_err(|_| ServiceError::internal("a stored idempotency key is corrupt"))?;
+        if offset > *last {
+            // Stored by a commit whose caller was told it failed (a failed fsync
+            // that still reached the disk): deliver it now, once.
+            let stored = self.stored_state(user)?;
+            self.publish_stored(user, *last, stored.0).await?;
+            (*last, *unread) = stored;
+        }
+        let note = self.read_range(user, offset, offset).await?.pop();
+        // The notification may be gone (retention); its id is the answer.
+        let note = note.unwrap_or_else(|| v1::Notification {
+            notification_id: format!("{user}:{offset}"),
+            offset,
+            ..Default::default()
+        });
+        Ok((note, true))
     }
 
     /// Forgets idempotency keys past the configured window and count.
@@ -839,5 +961,103 @@ mod tests {
             }
         }
         assert_eq!(delivered, ["abandoned", "next"]);
+    }
+
+    /// Notifications queued for one user while a commit for them is in flight are
+    /// stored together in the next write: in order, with their idempotency keys
+    /// checked against earlier writes and against each other.
+    #[tokio::test]
+    async fn notifications_waiting_on_a_user_share_one_commit() {
+        let node = Node::new();
+        let notify = NotifyService::open(node.deps.clone(), Default::default()).unwrap();
+        let alice = UserId::parse("alice").unwrap();
+        let (device, mut pushes) = FakeSession::new("alice", "d", 16);
+        notify
+            .connected(&device.ctx(), &HashMap::new())
+            .await
+            .unwrap();
+        let create = |title: &str, key: &'static str| {
+            let n = NewNotification {
+                kind: "k".into(),
+                title: title.into(),
+                ..Default::default()
+            };
+            let (notify, alice) = (&notify, &alice);
+            Box::pin(async move {
+                let key = (!key.is_empty()).then_some(key);
+                let (n, replayed) = notify.create_once(alice, n, key).await?;
+                Ok::<_, ServiceError>((n.offset, n.title, replayed))
+            })
+        };
+        let hold = node.deps.writer.hold();
+        let mut creates = vec![create("n1", "a")];
+        node.until_committing(&mut creates[0]).await;
+        // The first holds alice's stripe while its commit waits; these queue up.
+        for (title, key) in [
+            ("n2", "k"),
+            ("n3", ""),
+            ("n2 again", "k"),
+            ("n1 again", "a"),
+            ("n4", ""),
+        ] {
+            let mut c = create(title, key);
+            assert!(c.as_mut().now_or_never().is_none(), "waits for the stripe");
+            creates.push(c);
+        }
+        assert_eq!(notify.waiting.queued("alice"), 5);
+        let before = node
+            .deps
+            .metrics
+            .writes_committed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        drop(hold);
+        let answers = futures_util::future::join_all(creates).await;
+        let writes = node
+            .deps
+            .metrics
+            .writes_committed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - before;
+        assert_eq!(writes, 2, "the first one's write, then one for the rest");
+        let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+        let expected = [
+            (1, "n1", false),
+            (2, "n2", false),
+            (3, "n3", false),
+            (2, "n2", true),
+            (1, "n1", true),
+            (4, "n4", false),
+        ];
+        assert_eq!(
+            answers,
+            expected.map(|(o, t, r)| (o, t.to_owned(), r)),
+            "each answered with its own notification, a repeated key with the first"
+        );
+        let mut delivered = Vec::new();
+        while let Ok((_, p)) = pushes.try_recv() {
+            if let Some(push::Event::Notification(n)) = p.event {
+                delivered.push((n.offset, n.title));
+            }
+        }
+        let expected = [(1, "n1"), (2, "n2"), (3, "n3"), (4, "n4")];
+        assert_eq!(delivered, expected.map(|(o, t)| (o, t.to_owned())));
+        assert_eq!(
+            notify.stored_state("alice").unwrap(),
+            (4, 4),
+            "(last, unread)"
+        );
+        let next = notify.create(
+            &alice,
+            NewNotification {
+                kind: "k".into(),
+                title: "n5".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            next.await.unwrap().offset,
+            5,
+            "the cached state moved with them"
+        );
     }
 }
