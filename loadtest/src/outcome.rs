@@ -52,6 +52,9 @@ pub struct CollabCounts {
     pub ops_acked: u64,
     /// Operations refused by the server (or failed in transit).
     pub ops_rejected: u64,
+    /// Refusals with `RATE_LIMITED`, each operation sent again after the server's
+    /// `retry_after_ms` (not counted in `ops_rejected`).
+    pub ops_rate_limited: u64,
     /// Documents where some editor's text differs from the server's at the end.
     pub divergent_documents: u64,
     /// Editors that had not caught up with the server's final revision in time.

@@ -209,8 +209,13 @@ pub fn table(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> String {
             &mut t,
             "collaboration",
             format!(
-                "{} docs, {} editors: {} ops submitted, {} acked, {} rejected",
-                c.documents, c.editors, c.ops_submitted, c.ops_acked, c.ops_rejected
+                "{} docs, {} editors: {} ops submitted, {} acked, {} rejected, {} rate-limited and sent again",
+                c.documents,
+                c.editors,
+                c.ops_submitted,
+                c.ops_acked,
+                c.ops_rejected,
+                c.ops_rate_limited
             ),
         );
         row(

@@ -4,6 +4,10 @@
 //! stops and every editor's edits are acknowledged, the server's copy of each
 //! document is read on a fresh session, every editor follows the operations up to
 //! that revision, and a document whose copies differ from it is divergent.
+//!
+//! An operation refused with `RATE_LIMITED` (an editor typing faster than
+//! `limits.rate.doc_submit`) is sent again after the server's `retry_after_ms`,
+//! as a client would; the edits typed meanwhile wait behind it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tutti::client::collab::Document;
 use tutti::client::{Client, ClientError, Event};
 use tutti::ot::TextOperation;
+use tutti::protocol::ErrorCode;
 use tutti::protocol::v1::{self, DocRole, StreamKind, doc_open_response, push, request, response};
 
 use super::{Ctx, Rng, connect_all};
@@ -27,6 +32,7 @@ struct Shared {
     submitted: Counter,
     acked: Counter,
     rejected: Counter,
+    limited: Counter,
     dropped: Counter,
     latency: Latencies,
 }
@@ -179,6 +185,7 @@ pub async fn run_with(ctx: &Ctx, p: &CollabParams, tag: &str) -> anyhow::Result<
         ops_submitted: shared.submitted.get(),
         ops_acked: shared.acked.get(),
         ops_rejected: shared.rejected.get(),
+        ops_rate_limited: shared.limited.get(),
         divergent_documents: divergent.iter().filter(|d| **d).count() as u64,
         unsettled_editors: unsettled,
         final_revisions,
@@ -263,8 +270,11 @@ async fn editor(
     keys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut ticks = 0u64;
     let mut inflight = FuturesUnordered::new();
-    let submit = |req: v1::DocSubmitRequest| {
-        shared.submitted.inc();
+    // `fresh`: not a resend of a refused operation.
+    let submit = |req: v1::DocSubmitRequest, fresh: bool| {
+        if fresh {
+            shared.submitted.inc();
+        }
         live().sends.inc();
         let c = client.clone();
         async move {
@@ -276,6 +286,8 @@ async fn editor(
     let mut reported = false;
     let mut target: Option<u64> = None;
     let mut broken = false;
+    // When to send the operation refused with `RATE_LIMITED` again.
+    let mut resend_at: Option<tokio::time::Instant> = None;
     loop {
         let now = tokio::time::Instant::now();
         let typing = now < plan.typing_end && !broken;
@@ -305,7 +317,7 @@ async fn editor(
                     live().deliveries.inc();
                     if let Some(push::Event::DocOperation(op)) = p.event {
                         match doc.on_operation(op) {
-                            Ok(Some(req)) => inflight.push(submit(req)),
+                            Ok(Some(req)) => inflight.push(submit(req, true)),
                             Ok(None) => {}
                             Err(e) => {
                                 tracing::warn!(error = %e, "the document could not follow the server");
@@ -332,6 +344,11 @@ async fn editor(
                         shared.acked.inc();
                         shared.latency.record(plan.seed as usize, now_us().saturating_sub(t));
                     }
+                    Err(ClientError::Server(e)) if e.error_code() == Some(ErrorCode::RateLimited) => {
+                        shared.limited.inc();
+                        let wait = Duration::from_millis(e.retry_after_ms.max(1));
+                        resend_at = Some(tokio::time::Instant::now() + wait);
+                    }
                     Err(e) => {
                         shared.rejected.inc();
                         live().errors.inc();
@@ -347,12 +364,18 @@ async fn editor(
                 ticks += 1;
                 let op = random_edit(&mut rng, doc.text());
                 match doc.edit(op) {
-                    Ok(Some(req)) => inflight.push(submit(req)),
+                    Ok(Some(req)) => inflight.push(submit(req, true)),
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "a local edit failed");
                         broken = true;
                     }
+                }
+            }
+            _ = tokio::time::sleep_until(resend_at.unwrap_or(now)), if resend_at.is_some() => {
+                resend_at = None;
+                if let Some(req) = doc.pending() {
+                    inflight.push(submit(req, false));
                 }
             }
             _ = truth.changed(), if target.is_none() => {}
