@@ -36,6 +36,7 @@ both_transports!(
     the_server_asks_native_clients_to_acknowledge_later,
     after_a_loss_a_client_is_asked_for_its_own_ack_delay,
     a_sparse_connection_asks_its_client_for_its_own_ack_delay,
+    a_large_answer_is_not_held_up_by_the_ack_delay,
 );
 
 async fn handshake_welcomes_a_valid_token(t: TransportKind) {
@@ -284,6 +285,31 @@ async fn the_server_asks_native_clients_to_acknowledge_later(t: TransportKind) {
     let s = TestServer::start_with(|c| c.timeouts.ack_delay = Duration::ZERO).await;
     let (asked, _) = ack_of_a_lone_packet(&s, t).await;
     assert!(!asked, "nothing is asked with ack_delay = 0s");
+}
+
+/// A client asked to acknowledge only every tenth packet would leave the server
+/// waiting out the whole ACK delay whenever its congestion window filled first: a
+/// large answer (here 60,000 bytes, some fifty packets, where the initial window
+/// holds ten of 1,200 bytes) stalled for `timeouts.ack_delay`. The last packet the
+/// window lets out asks for an ACK at once instead.
+async fn a_large_answer_is_not_held_up_by_the_ack_delay(t: TransportKind) {
+    const ACK_DELAY: Duration = Duration::from_secs(1);
+    let s = TestServer::start_with(|c| c.timeouts.ack_delay = ACK_DELAY).await;
+    let c = s.connect(t, "alice").await;
+    c.echo(b"ready".to_vec(), false).await.unwrap();
+    let before = c.ack_counts().immediate_requests;
+    let started = std::time::Instant::now();
+    let answer = c.echo(vec![7; 60_000], false).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(answer.len(), 60_000);
+    assert!(
+        c.ack_counts().immediate_requests > before,
+        "the server asked for an ACK at once"
+    );
+    assert!(
+        took < ACK_DELAY,
+        "the answer took {took:?}: held up by the ACK delay"
+    );
 }
 
 /// A UDP relay between clients and the server that drops the server's next small

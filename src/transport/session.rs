@@ -242,6 +242,9 @@ pub struct AckCounts {
     /// ACK_FREQUENCY frames this end received: requests of the peer to acknowledge
     /// less often (QUIC's ACK-frequency extension).
     pub frequency_requests: u64,
+    /// IMMEDIATE_ACK frames this end received: requests of the peer to acknowledge
+    /// a packet at once (the same extension).
+    pub immediate_requests: u64,
 }
 
 impl AckCounts {
@@ -250,6 +253,7 @@ impl AckCounts {
             sent: stats.frame_tx.acks,
             received: stats.frame_rx.acks,
             frequency_requests: stats.frame_rx.ack_frequency,
+            immediate_requests: stats.frame_rx.immediate_ack,
         }
     }
 }
@@ -261,6 +265,7 @@ impl std::iter::Sum for AckCounts {
             sent: sum.sent + c.sent,
             received: sum.received + c.received,
             frequency_requests: sum.frequency_requests + c.frequency_requests,
+            immediate_requests: sum.immediate_requests + c.immediate_requests,
         })
     }
 }

@@ -491,6 +491,7 @@ pub struct AckFrequencyConfig {
     pub(crate) exact_max_ack_delay: bool,
     pub(crate) loss_fallback: Duration,
     pub(crate) sparse_fallback: bool,
+    pub(crate) immediate_ack_when_window_fills: bool,
 }
 
 impl AckFrequencyConfig {
@@ -580,6 +581,25 @@ impl AckFrequencyConfig {
         self
     }
 
+    /// Whether the last packet the congestion window lets out asks the peer, by an
+    /// IMMEDIATE_ACK frame, to acknowledge it at once
+    ///
+    /// With a high [`ack_eliciting_threshold`](Self::ack_eliciting_threshold), a sender
+    /// whose congestion window fills before the threshold is reached waits for the peer's
+    /// `max_ack_delay` before it may send again: ten packets of 1,200 bytes do not fit in
+    /// the initial window, so a burst (a page of history, a run of large messages) would
+    /// stall for the whole delay. With `true`, an ack-eliciting packet of the data space
+    /// after which another full-size one would not fit in the window carries an
+    /// IMMEDIATE_ACK (at most one outstanding: the next may go once a packet at or after
+    /// it is acknowledged), so the sender waits about one round trip instead. Only with a
+    /// peer that supports the extension.
+    ///
+    /// Defaults to `false`. (A change of Tutti's vendored copy, see `PATCHES.md`.)
+    pub fn immediate_ack_when_window_fills(&mut self, value: bool) -> &mut Self {
+        self.immediate_ack_when_window_fills = value;
+        self
+    }
+
     /// The reordering threshold we will request the peer to use
     ///
     /// This threshold represents the amount of out-of-order packets that will trigger an endpoint
@@ -608,6 +628,7 @@ impl Default for AckFrequencyConfig {
             exact_max_ack_delay: false,
             loss_fallback: Duration::ZERO,
             sparse_fallback: false,
+            immediate_ack_when_window_fills: false,
         }
     }
 }

@@ -23,6 +23,9 @@ pub(super) struct AckFrequencyState {
     /// Whether those packets come sparsely, with hysteresis; only ever set with
     /// `sparse_fallback` (Tutti's change)
     sparse: bool,
+    /// The packet that last asked for an ACK at once as the congestion window filled
+    /// (Tutti's change: [`AckFrequencyConfig::immediate_ack_when_window_fills`])
+    window_ack_pn: Option<u64>,
 
     //
     // Receiving ACK_FREQUENCY frames
@@ -42,6 +45,7 @@ impl AckFrequencyState {
             last_sent: None,
             send_interval: None,
             sparse: false,
+            window_ack_pn: None,
 
             last_ack_frequency_frame: None,
             max_ack_delay: default_max_ack_delay,
@@ -188,6 +192,23 @@ impl AckFrequencyState {
         } else if smoothed <= configured / 2 {
             self.sparse = false;
         }
+    }
+
+    /// Whether a packet may ask for an ACK at once as the congestion window fills: none
+    /// did yet, or the one that did, or a later one, was acknowledged (Tutti's change:
+    /// [`AckFrequencyConfig::immediate_ack_when_window_fills`])
+    pub(super) fn window_ack_allowed(&self, largest_acked: Option<u64>) -> bool {
+        match (self.window_ack_pn, largest_acked) {
+            (None, _) => true,
+            (Some(pn), Some(acked)) => acked >= pn,
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Notes that packet `pn` asks for an ACK at once as the congestion window fills
+    /// (Tutti's change)
+    pub(super) fn on_window_ack_requested(&mut self, pn: u64) {
+        self.window_ack_pn = Some(pn);
     }
 
     /// Notifies the [`AckFrequencyState`] that a packet has been ACKed

@@ -890,6 +890,13 @@ impl Connection {
                 }
             }
 
+            // Tutti's change (PATCHES.md): the last packet the congestion window lets
+            // out asks for an ACK at once, so the peer's ACK delay does not hold it up
+            if space_id == SpaceId::Data && ack_eliciting && self.window_ack_due(segment_size) {
+                self.spaces[SpaceId::Data].immediate_ack_pending = true;
+                self.ack_frequency.on_window_ack_requested(builder.exact_number);
+            }
+
             let sent =
                 self.populate_packet(now, space_id, buf, builder.max_size, builder.exact_number);
 
@@ -3654,6 +3661,22 @@ impl Connection {
 
     fn peer_supports_ack_frequency(&self) -> bool {
         self.peer_params.min_ack_delay.is_some()
+    }
+
+    /// Whether the data packet about to be built should ask for an ACK at once: after
+    /// it, another of `segment_size` bytes would not fit in the congestion window, and
+    /// no such request is outstanding (Tutti's change:
+    /// [`AckFrequencyConfig::immediate_ack_when_window_fills`])
+    fn window_ack_due(&self, segment_size: usize) -> bool {
+        let Some(config) = &self.config.ack_frequency_config else {
+            return false;
+        };
+        config.immediate_ack_when_window_fills
+            && self.peer_supports_ack_frequency()
+            && self.path.in_flight.bytes + 2 * segment_size as u64 >= self.path.congestion.window()
+            && self
+                .ack_frequency
+                .window_ack_allowed(self.spaces[SpaceId::Data].largest_acked_packet)
     }
 
     /// Send an IMMEDIATE_ACK frame to the remote endpoint

@@ -114,14 +114,16 @@ fn ack_frequency_pair(
     exact: bool,
     loss_fallback: Duration,
 ) -> (Pair, ConnectionHandle, ConnectionHandle) {
-    ack_frequency_pair_with(exact, loss_fallback, false)
+    ack_frequency_pair_with(exact, loss_fallback, false, false)
 }
 
-/// [`ack_frequency_pair`], with [`AckFrequencyConfig::sparse_fallback`] as given.
+/// [`ack_frequency_pair`], with [`AckFrequencyConfig::sparse_fallback`] and
+/// [`AckFrequencyConfig::immediate_ack_when_window_fills`] as given.
 fn ack_frequency_pair_with(
     exact: bool,
     loss_fallback: Duration,
     sparse_fallback: bool,
+    window_ack: bool,
 ) -> (Pair, ConnectionHandle, ConnectionHandle) {
     let mut client_config = client_config_with_deterministic_pns();
     let mut ack_frequency = AckFrequencyConfig::default();
@@ -131,7 +133,8 @@ fn ack_frequency_pair_with(
         .reordering_threshold(1u32.into())
         .exact_max_ack_delay(exact)
         .loss_fallback(loss_fallback)
-        .sparse_fallback(sparse_fallback);
+        .sparse_fallback(sparse_fallback)
+        .immediate_ack_when_window_fills(window_ack);
     Arc::get_mut(&mut client_config.transport)
         .unwrap()
         .ack_frequency_config(Some(ack_frequency))
@@ -324,7 +327,8 @@ fn without_a_loss_fallback_a_loss_keeps_the_exact_ack_delay() {
 #[test]
 fn a_sparse_sender_asks_for_the_peers_own_ack_delay() {
     let _guard = subscribe();
-    let (mut pair, client_ch, server_ch) = ack_frequency_pair_with(true, Duration::ZERO, true);
+    let (mut pair, client_ch, server_ch) =
+        ack_frequency_pair_with(true, Duration::ZERO, true, false);
     // A connection starts as if its packets were dense.
     let delay = ping_ack_delay(&mut pair, client_ch, server_ch);
     assert!(LONG_DELAY.contains(&delay), "at first: {delay:?}");
@@ -371,4 +375,71 @@ fn without_a_sparse_fallback_a_sparse_sender_keeps_the_exact_ack_delay() {
         assert!(LONG_DELAY.contains(&delay), "{delay:?}");
     }
     assert_eq!(frequency_requests(&mut pair, client_ch), requests);
+}
+
+/// How long a burst of `BURST_BYTES` written at once on a client's stream takes to
+/// reach the server of an [`ack_frequency_pair`] (200 ms delay, an ACK every eleventh
+/// packet, a 20 ms round trip), with or without
+/// [`AckFrequencyConfig::immediate_ack_when_window_fills`]; and the IMMEDIATE_ACK
+/// frames the client sent meanwhile.
+fn burst_delivery(window_ack: bool) -> (Duration, u64) {
+    const BURST_BYTES: usize = 40_000;
+    let (mut pair, client_ch, server_ch) =
+        ack_frequency_pair_with(true, Duration::ZERO, false, window_ack);
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+    let start = pair.time;
+    let written = pair
+        .client_send(client_ch, s)
+        .write(&vec![7u8; BURST_BYTES])
+        .unwrap();
+    assert_eq!(written, BURST_BYTES);
+    let mut received = 0;
+    loop {
+        // A step handles what is due now, then moves the clock to the next event.
+        let now = pair.time;
+        if !pair.step() {
+            panic!("idle with {received} of {BURST_BYTES} bytes received");
+        }
+        if received == 0 {
+            if pair.server_streams(server_ch).accept(Dir::Uni).is_none() {
+                continue;
+            }
+        }
+        let mut recv = pair.server_recv(server_ch, s);
+        let mut chunks = recv.read(false).unwrap();
+        while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+            received += chunk.bytes.len();
+        }
+        let _ = chunks.finalize();
+        if received == BURST_BYTES {
+            let took = now - start;
+            let immediate = pair
+                .client_conn_mut(client_ch)
+                .stats()
+                .frame_tx
+                .immediate_ack;
+            return (took, immediate);
+        }
+        assert!(
+            pair.time - start < Duration::from_secs(5),
+            "the burst never arrived"
+        );
+    }
+}
+
+/// A burst larger than the congestion window fills it before the peer's threshold of
+/// ACKs is reached: the sender then waits for the peer's 200 ms delay, unless the last
+/// packet that fits asks for an ACK at once (then a few round trips of 20 ms).
+#[test]
+fn a_burst_larger_than_the_window_is_not_held_up_by_the_ack_delay() {
+    let _guard = subscribe();
+    let (held, none) = burst_delivery(false);
+    assert_eq!(none, 0);
+    assert!(held >= Duration::from_millis(200), "{held:?}");
+    let (prompt, asked) = burst_delivery(true);
+    assert!(prompt < Duration::from_millis(120), "{prompt:?}");
+    assert!(
+        (1..=4).contains(&asked),
+        "about one request per round trip of the burst, not one per packet: {asked}"
+    );
 }
