@@ -17,7 +17,7 @@ use crate::ids::{RoomId, UserId};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1;
 use crate::services::notify::NewNotification;
-use crate::services::{ServiceError, Services};
+use crate::services::{ServiceError, ServiceResult, Services};
 
 /// What the API handlers need.
 #[derive(Debug, Clone)]
@@ -191,6 +191,20 @@ fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Se
     Ok(Some(key.to_owned()))
 }
 
+/// Runs `work`, a request that changes state, on a task of its own and waits for
+/// it. A backend that hangs up makes the HTTP server drop its handler; a request
+/// already started still finishes then (committed, published, counted), as one
+/// whose caller waited, and never half-way (stored but not yet pushed) until some
+/// later request catches it up.
+async fn to_the_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = ServiceResult<T>> + Send + 'static,
+) -> ServiceResult<T> {
+    tokio::spawn(work).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "an API request's task failed");
+        Err(ServiceError::internal("the request failed"))
+    })
+}
+
 /// Creates a notification. With an `Idempotency-Key` header, a retry with the
 /// same key for the same user gets the first answer (with `Idempotent-Replayed:
 /// true`) and creates nothing.
@@ -207,11 +221,13 @@ async fn create_notification(
         Ok(k) => k,
         Err(e) => return Failure::from(e).into_response(),
     };
-    match s
-        .services
-        .api_notify(&user, req.notification, key.as_deref())
-        .await
-    {
+    let services = s.services.clone();
+    let created = to_the_end(async move {
+        services
+            .api_notify(&user, req.notification, key.as_deref())
+            .await
+    });
+    match created.await {
         Ok((n, replayed)) => (
             StatusCode::CREATED,
             [(
@@ -282,7 +298,8 @@ async fn post_message(
         Ok(r) => r,
         Err(e) => return Failure::from(ServiceError::from(e)).into_response(),
     };
-    match s.services.api_post(&room, req.text).await {
+    let services = s.services.clone();
+    match to_the_end(async move { services.api_post(&room, req.text).await }).await {
         Ok(m) => (StatusCode::CREATED, Json(MessageJson::from(m))).into_response(),
         Err(e) => Failure::from(e).into_response(),
     }
@@ -334,7 +351,9 @@ async fn add_participant(
         (Ok(r), Ok(u)) => (r, u),
         (Err(e), _) | (_, Err(e)) => return Failure::from(ServiceError::from(e)).into_response(),
     };
-    match s.services.api_add_member(&room, &user, req.admin).await {
+    let services = s.services.clone();
+    let added = to_the_end(async move { services.api_add_member(&room, &user, req.admin).await });
+    match added.await {
         Ok(r) => Json(ParticipantsJson {
             room_id: r.room_id,
             participants: r.participants,

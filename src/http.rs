@@ -101,6 +101,22 @@ pub struct HttpLimits {
     pub drain: Duration,
 }
 
+/// Counts an HTTP connection in `Metrics::http_open` while it is open.
+struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.http_open.fetch_add(1, Ordering::Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.http_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves `router` on `listener` until `stop` fires, within `limits`. Then it
 /// accepts no more connections, lets requests in progress finish for at most
 /// `limits.drain`, and drops the connections still open (a client that never
@@ -141,8 +157,9 @@ pub async fn serve(
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let stop = stop.clone();
+        let open = OpenConnection::new(metrics.clone());
         connections.spawn(async move {
-            let _slot = slot;
+            let (_slot, _open) = (slot, open);
             let mut builder = hyper::server::conn::http1::Builder::new();
             // axum::serve has no header timeout; hyper's own connection builder
             // does, once it has a timer.

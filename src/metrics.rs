@@ -206,6 +206,8 @@ pub struct Metrics {
     pub tls_resumed: std::sync::Arc<AtomicU64>,
     /// HTTP connections refused because the side port had as many as it allows.
     pub http_refused: AtomicU64,
+    /// HTTP connections open on the side port.
+    pub http_open: AtomicI64,
 }
 
 /// Counters and gauges by the names metrics streaming uses (see docs/OPERATIONS.md).
@@ -224,6 +226,7 @@ pub const VALUE_NAMES: &[&str] = &[
     "frames.rejected",
     "writes.committed",
     "tls.resumed",
+    "http.connections",
 ];
 
 /// The fixed histograms by the names metrics streaming uses; request types follow
@@ -259,6 +262,7 @@ impl Default for Metrics {
             quic_retries: AtomicU64::new(0),
             tls_resumed: Default::default(),
             http_refused: AtomicU64::new(0),
+            http_open: AtomicI64::new(0),
         }
     }
 }
@@ -376,6 +380,7 @@ impl Metrics {
             "frames.rejected" => self.frames_rejected.load(Relaxed) as f64,
             "writes.committed" => self.writes_committed.load(Relaxed) as f64,
             "tls.resumed" => self.tls_resumed.load(Relaxed) as f64,
+            "http.connections" => self.http_open.load(Relaxed) as f64,
             _ => return None,
         };
         Some(v)
@@ -509,6 +514,12 @@ impl Metrics {
                 "counter",
                 "HTTP connections refused at the side port's connection cap.",
                 self.http_refused.load(Relaxed) as f64,
+            ),
+            (
+                "tutti_http_connections_open",
+                "gauge",
+                "HTTP connections open on the side port.",
+                self.http_open.load(Relaxed) as f64,
             ),
             (
                 "tutti_frames_rejected_total",

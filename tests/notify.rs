@@ -73,7 +73,54 @@ both_transports!(
     resume_offsets_at_the_extremes,
     server_api_posts_to_rooms_and_lists_participants,
     a_burst_of_notifications_to_one_user_shares_commits,
+    an_api_notification_finishes_after_its_caller_hangs_up,
 );
+
+/// A backend that hangs up while its notification's commit is in flight does not
+/// cancel it: the notification is stored, pushed at once and counted, as one whose
+/// caller waited (the request runs on a task of its own), and the next one follows
+/// it.
+async fn an_api_notification_finishes_after_its_caller_hangs_up(t: TransportKind) {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    // No writes but the request's own while the writer is held.
+    let s = TestServer::start_with(|c| {
+        c.analytics.flush_interval = Duration::from_secs(3600);
+        c.retention.interval = Duration::from_secs(3600);
+    })
+    .await;
+    let device = s.connect(t, "ann").await;
+    let metrics = s.server().metrics();
+    let writer = s.server().writer().clone();
+    let hold = writer.hold();
+    let body = serde_json::json!({"user_id": "ann", "kind": "k", "title": "abandoned"}).to_string();
+    let mut caller = tokio::net::TcpStream::connect(s.server().http_addr())
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /api/v1/notifications HTTP/1.1\r\nHost: tutti\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        s.api_key(),
+        body.len()
+    );
+    caller.write_all(request.as_bytes()).await.unwrap();
+    while writer.in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The backend hangs up, and the server sees its connection end.
+    drop(caller);
+    while metrics.value("http.connections").unwrap() > 0.0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(hold);
+    let pushed = tokio::time::timeout(Duration::from_secs(5), next_notification(&device))
+        .await
+        .expect("the abandoned notification is pushed without waiting for another");
+    assert_eq!((pushed.offset, pushed.title.as_str()), (1, "abandoned"));
+    let next = notify(&s, "ann", "next").await;
+    assert_eq!(next.offset, 2);
+    assert_eq!(next_notification(&device).await.offset, 2, "nothing twice");
+    assert_eq!(list(&device, 0, 10).await.unread, 2);
+}
 
 /// Notifications to one user that arrive while a commit for them is paced share
 /// the next commit: a burst of API requests is stored in a few writes, each
