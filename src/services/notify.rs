@@ -911,23 +911,36 @@ mod tests {
     use crate::services::fakes::{FakeSession, Node};
     use futures_util::FutureExt;
 
-    /// A notification abandoned while its commit is in flight still commits; the
-    /// next one follows it, and both count as unread.
-    #[tokio::test]
-    async fn a_notification_after_an_abandoned_one_follows_it() {
+    /// A service, the user alice, and the pushes to one connected device of hers.
+    async fn alice_with_a_device() -> (
+        Node,
+        Arc<NotifyService>,
+        UserId,
+        tokio::sync::mpsc::Receiver<(StreamKind, v1::Push)>,
+    ) {
         let node = Node::new();
         let notify = NotifyService::open(node.deps.clone(), Default::default()).unwrap();
-        let note = |title: &str| NewNotification {
-            kind: "k".into(),
-            title: title.into(),
-            ..Default::default()
-        };
-        let alice = UserId::parse("alice").unwrap();
-        let (device, mut pushes) = FakeSession::new("alice", "d", 16);
+        let (device, pushes) = FakeSession::new("alice", "d", 16);
         notify
             .connected(&device.ctx(), &HashMap::new())
             .await
             .unwrap();
+        (node, notify, UserId::parse("alice").unwrap(), pushes)
+    }
+
+    fn note(title: &str) -> NewNotification {
+        NewNotification {
+            kind: "k".into(),
+            title: title.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A notification abandoned while its commit is in flight still commits; the
+    /// next one follows it, and both count as unread.
+    #[tokio::test]
+    async fn a_notification_after_an_abandoned_one_follows_it() {
+        let (node, notify, alice, mut pushes) = alice_with_a_device().await;
         let hold = node.deps.writer.hold();
         let mut abandoned = Box::pin(notify.create(&alice, note("abandoned")));
         while node.deps.writer.in_flight() == 0 {
@@ -968,20 +981,9 @@ mod tests {
     /// checked against earlier writes and against each other.
     #[tokio::test]
     async fn notifications_waiting_on_a_user_share_one_commit() {
-        let node = Node::new();
-        let notify = NotifyService::open(node.deps.clone(), Default::default()).unwrap();
-        let alice = UserId::parse("alice").unwrap();
-        let (device, mut pushes) = FakeSession::new("alice", "d", 16);
-        notify
-            .connected(&device.ctx(), &HashMap::new())
-            .await
-            .unwrap();
+        let (node, notify, alice, mut pushes) = alice_with_a_device().await;
         let create = |title: &str, key: &'static str| {
-            let n = NewNotification {
-                kind: "k".into(),
-                title: title.into(),
-                ..Default::default()
-            };
+            let n = note(title);
             let (notify, alice) = (&notify, &alice);
             Box::pin(async move {
                 let key = (!key.is_empty()).then_some(key);
@@ -1046,14 +1048,7 @@ mod tests {
             (4, 4),
             "(last, unread)"
         );
-        let next = notify.create(
-            &alice,
-            NewNotification {
-                kind: "k".into(),
-                title: "n5".into(),
-                ..Default::default()
-            },
-        );
+        let next = notify.create(&alice, note("n5"));
         assert_eq!(
             next.await.unwrap().offset,
             5,
