@@ -43,6 +43,11 @@ pub struct CommandLog {
     timeout: Duration,
     /// The last sequence this node applied.
     applied: watch::Sender<u64>,
+    /// Messages the reader has received from the stream.
+    received: AtomicU64,
+    /// Wakes the reader when a command stored in the stream has not reached it in
+    /// time while it received nothing: it reads again from what it applied.
+    stalled: tokio::sync::Notify,
 }
 
 fn unavailable(what: impl std::fmt::Display) -> ServiceError {
@@ -88,6 +93,8 @@ impl CommandLog {
             pending: std::sync::Mutex::new(HashMap::new()),
             timeout,
             applied: watch::channel(0).0,
+            received: AtomicU64::new(0),
+            stalled: tokio::sync::Notify::new(),
         }))
     }
 
@@ -193,6 +200,9 @@ impl CommandLog {
         let result = loop {
             let msg = tokio::select! {
                 _ = stop.cancelled() => break Ok(()),
+                _ = self.stalled.notified() => {
+                    break Err(anyhow::anyhow!("a stored command did not arrive in time"));
+                }
                 Some(r) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     self.finished(r, &mut seqs, &mut done);
                     continue;
@@ -202,6 +212,7 @@ impl CommandLog {
             let Some(msg) = msg else {
                 break Err(anyhow::anyhow!("the consumer ended"));
             };
+            self.received.fetch_add(1, Ordering::Relaxed);
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => break Err(anyhow::anyhow!("{e}")),
@@ -434,14 +445,27 @@ impl Replicator for CommandLog {
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id);
             };
-            if let Err(e) = self.publish(&command).await {
-                forget();
-                return Err(e);
-            }
+            let received = self.received.load(Ordering::Relaxed);
+            let seq = match self.publish(&command).await {
+                Ok(seq) => seq,
+                Err(e) => {
+                    forget();
+                    return Err(e);
+                }
+            };
             match tokio::time::timeout(self.timeout, rx).await {
                 Ok(Ok(outcome)) => Ok(outcome),
                 _ => {
                     forget();
+                    // The command is in the stream, and the reader got nothing
+                    // meanwhile: its pull may have died with the NATS server it
+                    // went to (the client only notices after two missed 15 s
+                    // heartbeats, then recreates the consumer with backoff, over a
+                    // minute in all). It reads again from what it applied.
+                    if self.applied() < seq && self.received.load(Ordering::Relaxed) == received {
+                        tracing::warn!(seq, "the cluster log reader stalled; reading again");
+                        self.stalled.notify_waiters();
+                    }
                     Err(unavailable("the command was not applied here in time"))
                 }
             }
