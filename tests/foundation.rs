@@ -722,21 +722,10 @@ const ENDINGS: [Ending; 6] = [
     Ending::CloseRacingCommit(16),
 ];
 
-/// A server that makes no writes of its own while a test lasts (the analytics
-/// flush and retention runs are an hour apart), so that a test holding the writer
-/// sees only the writes of its own requests.
-async fn server_without_background_writes() -> TestServer {
-    TestServer::start_with(|c| {
-        c.analytics.flush_interval = Duration::from_secs(3600);
-        c.retention.interval = Duration::from_secs(3600);
-    })
-    .await
-}
-
 /// Sends `body` on `client`, waits until its write is queued behind a held writer,
 /// ends the session as `ending` says, releases the writer, and returns once the
 /// session is closed. The server must be one from
-/// [`server_without_background_writes`]: any other write would be taken for the
+/// `TestServer::start_without_background_writes`: any other write would be taken for the
 /// request's, and the session could end before the request was even read.
 async fn end_session_during_commit(
     s: &TestServer,
@@ -818,7 +807,7 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
     use tutti::client::collab::Document;
     use tutti::ot::TextOperation;
 
-    let s = server_without_background_writes().await;
+    let s = TestServer::start_without_background_writes().await;
     let owner = s.connect(t, "ann").await;
     doc_request(
         &owner,
@@ -921,7 +910,7 @@ async fn a_doc_submit_finishes_after_its_session_ends(t: TransportKind) {
 /// A `ChatSend` whose session ends while its commit is in flight is delivered to
 /// every participant once, and the room's offsets stay contiguous.
 async fn a_chat_send_finishes_after_its_session_ends(t: TransportKind) {
-    let s = server_without_background_writes().await;
+    let s = TestServer::start_without_background_writes().await;
     let ann = s.connect(t, "ann").await;
     doc_request(
         &ann,

@@ -84,11 +84,7 @@ async fn an_api_notification_finishes_after_its_caller_hangs_up(t: TransportKind
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
     // No writes but the request's own while the writer is held.
-    let s = TestServer::start_with(|c| {
-        c.analytics.flush_interval = Duration::from_secs(3600);
-        c.retention.interval = Duration::from_secs(3600);
-    })
-    .await;
+    let s = TestServer::start_without_background_writes().await;
     let device = s.connect(t, "ann").await;
     let metrics = s.server().metrics();
     let writer = s.server().writer().clone();

@@ -133,6 +133,15 @@ fn wire(user: &str, offset: u64, n: StoredNote) -> v1::Notification {
     }
 }
 
+/// A notification as a push on the user's resumable stream.
+fn note_push(note: v1::Notification) -> v1::Push {
+    v1::Push {
+        stream: RESUME_KEY.into(),
+        offset: note.offset,
+        event: Some(push::Event::Notification(note)),
+    }
+}
+
 fn topic(user: &str) -> String {
     format!("notify/{user}")
 }
@@ -160,11 +169,7 @@ impl CatchUpStream for NoteStream<'_> {
                 .read_range(self.ctx.user_id(), from, to)
                 .await?
                 .into_iter()
-                .map(|note| v1::Push {
-                    stream: RESUME_KEY.into(),
-                    offset: note.offset,
-                    event: Some(push::Event::Notification(note)),
-                })
+                .map(note_push)
                 .collect())
         })
     }
@@ -491,15 +496,7 @@ impl NotifyService {
                     let note = wire(user, offset, note);
                     // Published under the user's lock: in offset order, after any
                     // catch-up.
-                    self.deps.hub.publish(
-                        &topic(user),
-                        StreamKind::Notifications,
-                        &v1::Push {
-                            stream: RESUME_KEY.into(),
-                            offset,
-                            event: Some(push::Event::Notification(note.clone())),
-                        },
-                    );
+                    self.publish(user, note.clone());
                     Ok((note, false))
                 }
                 Stored::Earlier(record) => {
@@ -604,17 +601,17 @@ impl NotifyService {
             return Ok(());
         }
         for note in self.read_range(user, last + 1, to).await? {
-            self.deps.hub.publish(
-                &topic(user),
-                StreamKind::Notifications,
-                &v1::Push {
-                    stream: RESUME_KEY.into(),
-                    offset: note.offset,
-                    event: Some(push::Event::Notification(note)),
-                },
-            );
+            self.publish(user, note);
         }
         Ok(())
+    }
+
+    /// Pushes `note` to every session of `user`. Call under the user's stripe, in
+    /// offset order.
+    fn publish(&self, user: &str, note: v1::Notification) {
+        self.deps
+            .hub
+            .publish(&topic(user), StreamKind::Notifications, &note_push(note));
     }
 
     /// The notifications `from..=to` of a user.

@@ -58,6 +58,17 @@ impl TestServer {
         }
     }
 
+    /// A server that makes no writes of its own while a test lasts (the analytics
+    /// flush and retention runs are an hour apart), so that a test holding the
+    /// writer sees only the writes of its own requests.
+    pub async fn start_without_background_writes() -> Self {
+        Self::start_with(|c| {
+            c.analytics.flush_interval = Duration::from_secs(3600);
+            c.retention.interval = Duration::from_secs(3600);
+        })
+        .await
+    }
+
     /// A server whose services read `clock` (a manual one, in tests that cross
     /// time boundaries without sleeping).
     pub async fn start_with_clock(
