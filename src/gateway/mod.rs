@@ -658,14 +658,18 @@ impl Gateway {
         req: v1::Request,
         replies: &flume::Sender<Reply>,
     ) {
-        let task = handle_request(
+        // Boxed: the request's future is a few KiB, and the task's own future,
+        // moved several times on its way into tokio's task cell and overwritten
+        // with the output at the end, is then a pointer and a sender, not a copy
+        // of it each time (about 1% of the server's CPU at 80,000 deliveries/s).
+        let task = Box::pin(handle_request(
             conn.clone(),
             ctx.clone(),
             self.services.clone(),
             self.metrics.clone(),
             req,
             self.config.limits.max_frame_size,
-        );
+        ));
         let replies = replies.clone();
         self.requests.spawn(
             async move {
