@@ -196,13 +196,20 @@ fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Se
 /// already started still finishes then (committed, published, counted), as one
 /// whose caller waited, and never half-way (stored but not yet pushed) until some
 /// later request catches it up.
-async fn to_the_end<T: Send + 'static>(
-    work: impl std::future::Future<Output = ServiceResult<T>> + Send + 'static,
-) -> ServiceResult<T> {
-    tokio::spawn(work).await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "an API request's task failed");
-        Err(ServiceError::internal("the request failed"))
-    })
+async fn to_the_end<T, F>(
+    services: &Arc<Services>,
+    work: impl FnOnce(Arc<Services>) -> F,
+) -> ServiceResult<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = ServiceResult<T>> + Send + 'static,
+{
+    tokio::spawn(work(services.clone()))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "an API request's task failed");
+            Err(ServiceError::internal("the request failed"))
+        })
 }
 
 /// Creates a notification. With an `Idempotency-Key` header, a retry with the
@@ -221,8 +228,7 @@ async fn create_notification(
         Ok(k) => k,
         Err(e) => return Failure::from(e).into_response(),
     };
-    let services = s.services.clone();
-    let created = to_the_end(async move {
+    let created = to_the_end(&s.services, |services| async move {
         services
             .api_notify(&user, req.notification, key.as_deref())
             .await
@@ -298,8 +304,10 @@ async fn post_message(
         Ok(r) => r,
         Err(e) => return Failure::from(ServiceError::from(e)).into_response(),
     };
-    let services = s.services.clone();
-    match to_the_end(async move { services.api_post(&room, req.text).await }).await {
+    let posted = to_the_end(&s.services, |services| async move {
+        services.api_post(&room, req.text).await
+    });
+    match posted.await {
         Ok(m) => (StatusCode::CREATED, Json(MessageJson::from(m))).into_response(),
         Err(e) => Failure::from(e).into_response(),
     }
@@ -351,8 +359,9 @@ async fn add_participant(
         (Ok(r), Ok(u)) => (r, u),
         (Err(e), _) | (_, Err(e)) => return Failure::from(ServiceError::from(e)).into_response(),
     };
-    let services = s.services.clone();
-    let added = to_the_end(async move { services.api_add_member(&room, &user, req.admin).await });
+    let added = to_the_end(&s.services, |services| async move {
+        services.api_add_member(&room, &user, req.admin).await
+    });
     match added.await {
         Ok(r) => Json(ParticipantsJson {
             room_id: r.room_id,

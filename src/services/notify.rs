@@ -333,9 +333,10 @@ impl NotifyService {
     /// is stored or pushed.
     ///
     /// Notifications to one user wait for the user's stripe together: whoever
-    /// takes it stores every one queued for the user (up to 256) in one write,
-    /// then publishes them in offset order and answers each, so a burst to one
-    /// user is not one commit per notification.
+    /// takes it stores every one queued for the user (up to
+    /// `MAX_NOTES_PER_COMMIT`) in one write, then publishes them in offset order
+    /// and answers each, so a burst to one user is not one commit per
+    /// notification.
     pub async fn create_once(
         &self,
         user: &UserId,
