@@ -251,6 +251,10 @@ pub struct ChatParams {
     /// the connections.
     #[serde(with = "dur")]
     pub rebind_at: Duration,
+    /// Each send carries a new client message id, as Tutti's client libraries
+    /// send them, so that the server keeps an idempotency record with the message
+    /// (off: the plain send, as Socket.IO's emit).
+    pub client_message_ids: bool,
 }
 
 impl Default for ChatParams {
@@ -270,6 +274,7 @@ impl Default for ChatParams {
             history_every: Duration::ZERO,
             prefill_messages: 0,
             rebind_at: Duration::ZERO,
+            client_message_ids: false,
         }
     }
 }

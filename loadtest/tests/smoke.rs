@@ -97,7 +97,7 @@ fn run(scenario: &str, transport: &str, extra: &[&str]) -> (i32, serde_json::Val
 /// machine would measure the machine.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn check(scenario: &str, transport: &str, extra: &[&str]) {
+fn check(scenario: &str, transport: &str, extra: &[&str]) -> serde_json::Value {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (code, r, table) = run(scenario, transport, extra);
     assert_eq!(code, 0, "the smoke run must pass its SLOs:\n{table}");
@@ -139,11 +139,15 @@ fn check(scenario: &str, transport: &str, extra: &[&str]) {
             .iter()
             .all(|v| v["pass"] == true)
     );
+    r
 }
 
 #[test]
 fn smoke_over_quic_passes_its_slos() {
-    check("smoke.toml", "quic", &[]);
+    let r = check("smoke.toml", "quic", &[]);
+    // Every send carried a client message id: the idempotent send, stored and
+    // delivered once each under load.
+    assert_eq!(r["params"]["chat"]["client_message_ids"], true);
 }
 
 /// Collaboration through the harness: documents created under the ids the
@@ -195,7 +199,8 @@ fn smoke_on_a_cluster_of_two_nodes_passes_its_slos() {
 
 #[test]
 fn smoke_over_webtransport_passes_its_slos() {
-    check("smoke-webtransport.toml", "webtransport", &[]);
+    let r = check("smoke-webtransport.toml", "webtransport", &[]);
+    assert_eq!(r["params"]["chat"]["client_message_ids"], false);
 }
 
 #[test]

@@ -89,6 +89,7 @@ pub struct World {
     receivers: Vec<JoinHandle<()>>,
     payload_bytes: usize,
     max_inflight: usize,
+    client_message_ids: bool,
     typing_per_client: f64,
     history_every: Duration,
     /// With `rebind_at`: the endpoints to move, and when into the window.
@@ -263,6 +264,7 @@ pub async fn setup(ctx: &Ctx, p: &ChatParams, tag: &str) -> anyhow::Result<World
         receivers,
         payload_bytes: p.payload_bytes,
         max_inflight: p.max_inflight_per_client.max(1),
+        client_message_ids: p.client_message_ids,
         typing_per_client: p.typing_per_client,
         history_every: p.history_every,
         rebind: (!p.rebind_at.is_zero()).then(|| (ctx.target.shared_endpoints(), p.rebind_at)),
@@ -320,6 +322,7 @@ impl World {
             end_us: (warm_up + measure).as_micros() as u64,
             payload: self.payload_bytes,
             max_inflight: self.max_inflight,
+            client_message_ids: self.client_message_ids,
         };
         let senders: Vec<JoinHandle<()>> = self
             .pool
@@ -512,6 +515,8 @@ struct Plan {
     end_us: u64,
     payload: usize,
     max_inflight: usize,
+    /// Each send with a new client message id.
+    client_message_ids: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -586,7 +591,11 @@ async fn sender(
         let body = request::Body::ChatSend(v1::ChatSendRequest {
             room_id: room_id.clone(),
             text: text.clone(),
-            client_message_id: String::new(),
+            client_message_id: if plan.client_message_ids {
+                tutti::client::new_client_message_id()
+            } else {
+                String::new()
+            },
         });
         let c = client.clone();
         inflight.push(async move { (measured, c.request(body).await.map(|_| ())) });
