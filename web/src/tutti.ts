@@ -481,19 +481,20 @@ export class Tutti {
 
   /**
    * Sends a message; resolves with it once the server committed it. The message
-   * carries a client message id (a new one unless `options.clientMessageId` is
-   * given), and a send that fails in a way that may pass (storage unavailable,
-   * the session lost before the answer) is retried with the same id after a
-   * backoff, up to `options.attempts` tries in all (default 5): the server stores
-   * a message once per id, so a retry of a send that did commit returns the
-   * stored message instead of a second copy.
+   * carries a client message id (a new one unless a non-empty
+   * `options.clientMessageId` is given), and a send that fails in a way that
+   * may pass (storage unavailable, the session lost before the answer) is
+   * retried with the same id after a backoff, up to `options.attempts` tries
+   * in all (default 5): the server stores a message once per id, so a retry of
+   * a send that did commit returns the stored message instead of a second copy.
    */
   async sendMessage(
     roomId: string,
     text: string,
     options: { clientMessageId?: string; attempts?: number } = {},
   ): Promise<ChatMessage> {
-    const clientMessageId = options.clientMessageId ?? newClientMessageId();
+    // An empty id would store nothing to find a retry by: it gets a new one too.
+    const clientMessageId = options.clientMessageId || newClientMessageId();
     const attempts = Math.max(1, options.attempts ?? 5);
     for (let attempt = 1; ; attempt++) {
       try {

@@ -284,6 +284,11 @@ test("a chat send carries a client message id and is retried with the same id af
   const other = await tutti.sendMessage("r1", "again");
   assert.equal(other.text, "again");
   assert.notEqual(sends()[2].clientMessageId, first.clientMessageId);
+  // An empty id is not sent: retries need one to be stored once.
+  await tutti.sendMessage("r1", "third", { clientMessageId: "" });
+  assert.match(sends()[3].clientMessageId, /^[0-9a-f]{32}$/);
+  await tutti.sendMessage("r1", "fourth", { clientMessageId: "mine" });
+  assert.equal(sends()[4].clientMessageId, "mine");
   assert.ok(isRetryableSend(new TuttiError(111, "UNAVAILABLE", "disk full")));
   assert.ok(!isRetryableSend(new TuttiError(101, "BAD_REQUEST", "no")));
   assert.ok(!isRetryableSend(new TuttiError(3501, "UNAUTHORIZED", "no")));
