@@ -136,6 +136,11 @@ impl Dedup {
 }
 
 /// An unambiguous record key from parts (each may hold any character).
+///
+/// Records are kept in key order, and a record whose key falls next to the last
+/// one written shares its B-tree leaf: put a part that grows with time (such as
+/// a client message id that starts with its creation time) first, and the
+/// records of one commit go to one leaf instead of one each.
 pub fn key(parts: &[&str]) -> String {
     let mut k = String::new();
     for p in parts {
@@ -144,6 +149,57 @@ pub fn key(parts: &[&str]) -> String {
         k.push_str(p);
     }
     k
+}
+
+/// The parts of a [`key`]; `None` for a string that is not one.
+pub fn parts(key: &str) -> Option<Vec<&str>> {
+    let mut out = Vec::new();
+    let mut rest = key;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_once(':')?;
+        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let len: usize = len.parse().ok()?;
+        out.push(tail.get(..len)?);
+        rest = &tail[len..];
+    }
+    Some(out)
+}
+
+/// Copies every record of the tables `from` (keys, ages) into the tables `to`
+/// under the key `rekey` makes of its key's parts, then deletes `from`; inside the
+/// caller's write transaction (a schema migration). Returns how many records were
+/// copied. A key that is not a [`key`], or that `rekey` leaves alone (`None`), is
+/// copied as it is. The records stream from one table to the other: nothing is
+/// gathered in memory on the way.
+pub fn rekey_in(
+    txn: &WriteTransaction,
+    from: (&'static str, &'static str),
+    to: (&'static str, &'static str),
+    rekey: impl Fn(&[&str]) -> Option<String>,
+) -> Result<usize, StoreError> {
+    let from: (KeyTable, AgeTable) = (TableDefinition::new(from.0), TableDefinition::new(from.1));
+    let to: (KeyTable, AgeTable) = (TableDefinition::new(to.0), TableDefinition::new(to.1));
+    let mut copied = 0;
+    {
+        let old = txn.open_table(from.0)?;
+        let mut keys = txn.open_table(to.0)?;
+        let mut ages = txn.open_table(to.1)?;
+        for entry in old.iter()? {
+            let (k, v) = entry?;
+            let key = parts(k.value())
+                .and_then(|p| rekey(&p))
+                .unwrap_or_else(|| k.value().to_owned());
+            let (at, answer) = v.value();
+            keys.insert(key.as_str(), (at, answer))?;
+            ages.insert((at, key.as_str()), ())?;
+            copied += 1;
+        }
+    }
+    txn.delete_table(from.0)?;
+    txn.delete_table(from.1)?;
+    Ok(copied)
 }
 
 #[cfg(test)]
@@ -197,5 +253,91 @@ mod tests {
     fn keys_do_not_collide() {
         assert_ne!(key(&["a:b", "c"]), key(&["a", "b:c"]));
         assert_ne!(key(&["ab", ""]), key(&["a", "b"]));
+    }
+
+    #[test]
+    fn keys_parse_back_into_their_parts() {
+        for p in [
+            vec!["room", "user", "id"],
+            vec!["a:b", "", "12:x"],
+            vec!["é😀", "3:"],
+            vec![],
+        ] {
+            assert_eq!(parts(&key(&p)).unwrap(), p);
+        }
+        for bad in ["x", "3:ab", "a:b", ":", "2:abc", "-1:a", "1"] {
+            assert_eq!(parts(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rekeying_copies_records_and_their_ages_to_new_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = Dedup::open(&store, "r_keys", "r_ages").unwrap();
+        let db = store.db();
+        let txn = db.begin_write().unwrap();
+        old.put_in(&txn, &key(&["room", "ann", "id1"]), 5, b"one")
+            .unwrap();
+        old.put_in(&txn, &key(&["room", "bob", "id2"]), 7, b"two")
+            .unwrap();
+        old.put_in(&txn, "not a key", 9, b"odd").unwrap();
+        txn.commit().unwrap();
+
+        let txn = db.begin_write().unwrap();
+        let copied = rekey_in(
+            &txn,
+            ("r_keys", "r_ages"),
+            ("n_keys", "n_ages"),
+            |p| match p {
+                [room, user, id] => Some(key(&[id, room, user])),
+                _ => None,
+            },
+        )
+        .unwrap();
+        assert_eq!(copied, 3);
+        txn.commit().unwrap();
+        let new = Dedup::open(&store, "n_keys", "n_ages").unwrap();
+        assert_eq!(
+            new.get(&store, &key(&["id1", "room", "ann"]))
+                .unwrap()
+                .unwrap(),
+            b"one"
+        );
+        assert_eq!(
+            new.get(&store, &key(&["id2", "room", "bob"]))
+                .unwrap()
+                .unwrap(),
+            b"two"
+        );
+        assert!(
+            new.get(&store, &key(&["room", "ann", "id1"]))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(new.get(&store, "not a key").unwrap().unwrap(), b"odd");
+        assert_eq!(new.len(&store).unwrap(), 3);
+        // The old tables are gone (opening them again makes them anew, empty).
+        assert_eq!(
+            Dedup::open(&store, "r_keys", "r_ages")
+                .unwrap()
+                .len(&store)
+                .unwrap(),
+            0
+        );
+        // The ages came along: pruning by age removes the two older records.
+        let txn = db.begin_write().unwrap();
+        let keep = Retention {
+            window: Duration::from_millis(1),
+            max_keys: 100,
+        };
+        assert_eq!(new.prune_in(&txn, 9, keep).unwrap(), 2);
+        txn.commit().unwrap();
+        assert!(
+            new.get(&store, &key(&["id2", "room", "bob"]))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(new.len(&store).unwrap(), 1);
     }
 }

@@ -26,7 +26,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 pub const DB_FILE: &str = "tutti.redb";
 
 /// The schema version this build writes. Bump it with a migration in [`Store::open`].
-pub const SCHEMA_VERSION: u64 = 1;
+///
+/// 2: chat idempotency records keyed by client message id first
+/// ([`crate::services::chat`]'s `sent_key`); version 1 put the room first.
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// Key/value metadata of the database itself (`schema_version`, `node_id`).
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -314,7 +317,15 @@ impl Store {
                             supported: SCHEMA_VERSION,
                         });
                     }
-                    // Migrations from older versions go here, in order.
+                    // Migrations from older versions, in order, in the transaction
+                    // that records the new version: a crash repeats them whole.
+                    if found < 2 {
+                        let moved = migrate_chat_sent_keys(&txn)?;
+                        tracing::info!(
+                            records = moved,
+                            "chat idempotency records re-keyed (schema 1 to 2)"
+                        );
+                    }
                     if found < SCHEMA_VERSION {
                         meta.insert("schema_version", SCHEMA_VERSION.to_string().as_str())?;
                     }
@@ -387,6 +398,23 @@ fn open_file(path: &Path, faults: Option<&FaultSwitch>) -> Result<Database, Stor
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
     let backend = fault::FaultyBackend::new(file, switch.clone())?;
     Ok(redb::Builder::new().create_with_backend(backend)?)
+}
+
+/// Schema 1 to 2: the chat idempotency records, keyed (room, user, client message
+/// id) in the tables `chat_sent` and `chat_sent_age`, are copied into the chat
+/// service's tables keyed (client message id, room, user), so that a retry of a
+/// send made before the upgrade still finds its record.
+fn migrate_chat_sent_keys(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
+    use crate::services::chat::{SENT_AGES, SENT_KEYS, sent_key};
+    dedup::rekey_in(
+        txn,
+        ("chat_sent", "chat_sent_age"),
+        (SENT_KEYS, SENT_AGES),
+        |parts| match parts {
+            [room, user, id] => Some(sent_key(id, room, user)),
+            _ => None,
+        },
+    )
 }
 
 /// The database a [`Store`] hands out while it reopens: every operation on it
@@ -529,6 +557,42 @@ mod tests {
         store.reopen().unwrap();
         let t = store.db().begin_read().unwrap();
         assert!(t.open_table(T).unwrap().get(6).unwrap().is_some());
+    }
+
+    #[test]
+    fn schema_1_chat_idempotency_records_are_rekeyed_on_open() {
+        use crate::services::chat::{SENT_AGES, SENT_KEYS, sent_key};
+        let dir = tempfile::tempdir().unwrap();
+        let old = dedup::key(&["room-1", "ann", "id-1"]);
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let sent = dedup::Dedup::open(&s, "chat_sent", "chat_sent_age").unwrap();
+            let txn = s.db().begin_write().unwrap();
+            // As schema 1 kept them: room, user, client message id, in its tables.
+            sent.put_in(&txn, &old, 1_000, &7u64.to_le_bytes()).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", "1")
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let sent = dedup::Dedup::open(&s, SENT_KEYS, SENT_AGES).unwrap();
+        let new = sent_key("id-1", "room-1", "ann");
+        assert_eq!(
+            sent.get(&s, &new).unwrap(),
+            Some(7u64.to_le_bytes().to_vec())
+        );
+        assert_eq!(sent.get(&s, &old).unwrap(), None);
+        assert_eq!(sent.len(&s).unwrap(), 1);
+        let gone = dedup::Dedup::open(&s, "chat_sent", "chat_sent_age").unwrap();
+        assert_eq!(gone.len(&s).unwrap(), 0, "schema 1's tables were deleted");
+        // Opening again migrates nothing twice.
+        drop((sent, s));
+        let s = Store::open(dir.path()).unwrap();
+        let sent = dedup::Dedup::open(&s, SENT_KEYS, SENT_AGES).unwrap();
+        assert!(sent.get(&s, &new).unwrap().is_some());
     }
 
     #[test]

@@ -102,11 +102,15 @@ export interface BackoffOptions {
   maxMs?: number;
 }
 
-/** A new client message id for a chat send: 32 random hex digits. */
+/** A new client message id for a chat send: 32 hex digits, the time first. */
 export function newClientMessageId(): string {
-  const bytes = new Uint8Array(16);
+  // 12 hex digits of the Unix time in milliseconds, then 80 random bits: the
+  // server keeps its idempotency records in id order, and ids that start with the
+  // time are stored next to each other, at less cost than random ones.
+  const time = (Date.now() % 2 ** 48).toString(16).padStart(12, "0");
+  const bytes = new Uint8Array(10);
   globalThis.crypto.getRandomValues(bytes);
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return time + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 /**

@@ -279,6 +279,9 @@ test("a chat send carries a client message id and is retried with the same id af
   assert.equal(m.offset, 7n);
   const [first, second] = sends();
   assert.match(first.clientMessageId, /^[0-9a-f]{32}$/);
+  // The id starts with the time in milliseconds (the virtual clock is not the wall clock).
+  const ms = parseInt(first.clientMessageId.slice(0, 12), 16);
+  assert.ok(Math.abs(ms - Date.now()) < 60_000, first.clientMessageId);
   assert.equal(second.clientMessageId, first.clientMessageId, "the retry reuses the id");
   // Two sends are two ids.
   const other = await tutti.sendMessage("r1", "again");
