@@ -62,7 +62,8 @@ const READ_MARKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cha
 /// room's record).
 const INVITES: TableDefinition<(&str, &str), u8> = TableDefinition::new("chat_invites");
 /// The idempotency records of sends with a client message id, keyed by
-/// [`sent_key`] (schema 2; schema 1 kept them in `chat_sent`, room first).
+/// [`sent_key`] (older builds kept them in `chat_sent`, room first; the store
+/// moves those at start).
 pub(crate) const SENT_KEYS: &str = "chat_sent_ids";
 /// Their ages, for pruning the oldest first.
 pub(crate) const SENT_AGES: &str = "chat_sent_ids_age";
@@ -71,8 +72,9 @@ pub(crate) const SENT_AGES: &str = "chat_sent_ids_age";
 /// libraries start their ids with the time (see
 /// [`crate::client::new_client_message_id`]), so the records of one commit fall
 /// next to each other in the key table instead of each in a leaf of its own
-/// (about a quarter of the writer's CPU at 40,000 deliveries/s; docs/BENCHMARKS.md,
-/// "The price of client message ids"). Any id works; others just cost more.
+/// (a fifth of the writer's CPU at 40,000 deliveries/s in the load test, whose
+/// clients share one clock; docs/BENCHMARKS.md, "The price of client message
+/// ids"). Any id works; others just cost more.
 pub(crate) fn sent_key(client_message_id: &str, room: &str, user: &str) -> String {
     dedup::key(&[client_message_id, room, user])
 }

@@ -26,10 +26,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 pub const DB_FILE: &str = "tutti.redb";
 
 /// The schema version this build writes. Bump it with a migration in [`Store::open`].
-///
-/// 2: chat idempotency records keyed by client message id first
-/// ([`crate::services::chat`]'s `sent_key`); version 1 put the room first.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 1;
 
 /// Key/value metadata of the database itself (`schema_version`, `node_id`).
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -317,19 +314,18 @@ impl Store {
                             supported: SCHEMA_VERSION,
                         });
                     }
-                    // Migrations from older versions, in order, in the transaction
-                    // that records the new version: a crash repeats them whole.
-                    if found < 2 {
-                        let moved = migrate_chat_sent_keys(&txn)?;
-                        tracing::info!(
-                            records = moved,
-                            "chat idempotency records re-keyed (schema 1 to 2)"
-                        );
-                    }
+                    // Migrations from older versions go here, in order.
                     if found < SCHEMA_VERSION {
                         meta.insert("schema_version", SCHEMA_VERSION.to_string().as_str())?;
                     }
                 }
+            }
+            // Not a schema version: a build from before still opens the database
+            // (it sees none of the records moved here, and its own go to the old
+            // tables, which the next start of this build moves again).
+            let moved = rekey_chat_sent(&txn)?;
+            if moved > 0 {
+                tracing::info!(records = moved, "chat idempotency records re-keyed");
             }
             let existing = meta.get("node_id")?.map(|v| v.value().to_owned());
             node_id = match existing {
@@ -400,18 +396,28 @@ fn open_file(path: &Path, faults: Option<&FaultSwitch>) -> Result<Database, Stor
     Ok(redb::Builder::new().create_with_backend(backend)?)
 }
 
-/// Schema 1 to 2: the chat idempotency records, keyed (room, user, client message
-/// id) in the tables `chat_sent` and `chat_sent_age`, are copied into the chat
-/// service's tables keyed (client message id, room, user), so that a retry of a
-/// send made before the upgrade still finds its record.
-fn migrate_chat_sent_keys(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
-    use crate::services::chat::{SENT_AGES, SENT_KEYS, sent_key};
+/// Chat idempotency records kept by older builds, keyed (room, user, client
+/// message id) in the tables `chat_sent` and `chat_sent_age`, are copied into the
+/// tables the chat service now keeps them in, `chat_sent_ids` and
+/// `chat_sent_ids_age`, keyed (client message id, room, user), and the old tables
+/// deleted: a retry of a send made before an upgrade still finds its record.
+/// Nothing to do (and nothing written) when the old tables are not there. The
+/// layouts are spelled out here, not taken from the chat service, so that a later
+/// change there does not change what this step does.
+fn rekey_chat_sent(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
+    use redb::TableHandle;
+    let old_there = txn
+        .list_tables()?
+        .any(|t| t.name() == "chat_sent" || t.name() == "chat_sent_age");
+    if !old_there {
+        return Ok(0);
+    }
     dedup::rekey_in(
         txn,
         ("chat_sent", "chat_sent_age"),
-        (SENT_KEYS, SENT_AGES),
+        ("chat_sent_ids", "chat_sent_ids_age"),
         |parts| match parts {
-            [room, user, id] => Some(sent_key(id, room, user)),
+            [room, user, id] => Some(dedup::key(&[id, room, user])),
             _ => None,
         },
     )
@@ -560,7 +566,7 @@ mod tests {
     }
 
     #[test]
-    fn schema_1_chat_idempotency_records_are_rekeyed_on_open() {
+    fn older_chat_idempotency_records_are_rekeyed_on_open() {
         use crate::services::chat::{SENT_AGES, SENT_KEYS, sent_key};
         let dir = tempfile::tempdir().unwrap();
         let old = dedup::key(&["room-1", "ann", "id-1"]);
@@ -568,12 +574,8 @@ mod tests {
             let s = Store::open(dir.path()).unwrap();
             let sent = dedup::Dedup::open(&s, "chat_sent", "chat_sent_age").unwrap();
             let txn = s.db().begin_write().unwrap();
-            // As schema 1 kept them: room, user, client message id, in its tables.
+            // As older builds kept them: room, user, client message id.
             sent.put_in(&txn, &old, 1_000, &7u64.to_le_bytes()).unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .insert("schema_version", "1")
-                .unwrap();
             txn.commit().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
@@ -586,13 +588,28 @@ mod tests {
         );
         assert_eq!(sent.get(&s, &old).unwrap(), None);
         assert_eq!(sent.len(&s).unwrap(), 1);
-        let gone = dedup::Dedup::open(&s, "chat_sent", "chat_sent_age").unwrap();
-        assert_eq!(gone.len(&s).unwrap(), 0, "schema 1's tables were deleted");
-        // Opening again migrates nothing twice.
+        {
+            use redb::{ReadableDatabase, TableHandle};
+            let r = s.db().begin_read().unwrap();
+            let names: Vec<String> = r
+                .list_tables()
+                .unwrap()
+                .map(|t| t.name().to_owned())
+                .collect();
+            assert!(
+                !names
+                    .iter()
+                    .any(|n| n == "chat_sent_age" || n == "chat_sent"),
+                "{names:?}"
+            );
+        }
+        // Opening again moves nothing twice, and a database without the old
+        // tables opens without creating them.
         drop((sent, s));
         let s = Store::open(dir.path()).unwrap();
         let sent = dedup::Dedup::open(&s, SENT_KEYS, SENT_AGES).unwrap();
         assert!(sent.get(&s, &new).unwrap().is_some());
+        assert_eq!(sent.len(&s).unwrap(), 1);
     }
 
     #[test]
