@@ -86,16 +86,13 @@ impl Dedup {
         now_ms: u64,
         answer: &[u8],
     ) -> Result<(), StoreError> {
-        let old = txn
-            .open_table(self.keys)?
-            .insert(key, (now_ms, answer))?
-            .map(|v| v.value().0);
-        let mut ages = txn.open_table(self.ages)?;
-        if let Some(at) = old {
-            ages.remove((at, key))?;
-        }
-        ages.insert((now_ms, key), ())?;
-        Ok(())
+        put(
+            &mut txn.open_table(self.keys)?,
+            &mut txn.open_table(self.ages)?,
+            key,
+            now_ms,
+            answer,
+        )
     }
 
     /// Drops the records older than `keep.window` and the oldest beyond
@@ -135,6 +132,23 @@ impl Dedup {
     }
 }
 
+/// Records `answer` for `key` at `at` in open tables: a record it replaces takes
+/// its age entry along, so that each key has exactly one.
+fn put(
+    keys: &mut redb::Table<&'static str, (u64, &'static [u8])>,
+    ages: &mut redb::Table<(u64, &'static str), ()>,
+    key: &str,
+    at: u64,
+    answer: &[u8],
+) -> Result<(), StoreError> {
+    let old = keys.insert(key, (at, answer))?.map(|v| v.value().0);
+    if let Some(old) = old {
+        ages.remove((old, key))?;
+    }
+    ages.insert((at, key), ())?;
+    Ok(())
+}
+
 /// An unambiguous record key from parts (each may hold any character).
 ///
 /// Records are kept in key order, and a record whose key falls next to the last
@@ -169,7 +183,7 @@ pub fn parts(key: &str) -> Option<Vec<&str>> {
 
 /// Copies every record of the tables `from` (keys, ages) into the tables `to`
 /// under the key `rekey` makes of its key's parts, then deletes `from`; inside the
-/// caller's write transaction (a schema migration). Returns how many records were
+/// caller's write transaction (a change of key layout). Returns how many records were
 /// copied. A key that is not a [`key`], or that `rekey` leaves alone (`None`), is
 /// copied as it is. The records stream from one table to the other: nothing is
 /// gathered in memory on the way.
@@ -192,8 +206,7 @@ pub fn rekey_in(
                 .and_then(|p| rekey(&p))
                 .unwrap_or_else(|| k.value().to_owned());
             let (at, answer) = v.value();
-            keys.insert(key.as_str(), (at, answer))?;
-            ages.insert((at, key.as_str()), ())?;
+            put(&mut keys, &mut ages, &key, at, answer)?;
             copied += 1;
         }
     }
@@ -271,6 +284,40 @@ mod tests {
     }
 
     #[test]
+    fn a_rekeyed_record_that_replaces_one_leaves_one_age_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (old, new) = (
+            Dedup::open(&store, "r_keys", "r_ages").unwrap(),
+            Dedup::open(&store, "n_keys", "n_ages").unwrap(),
+        );
+        let db = store.db();
+        let txn = db.begin_write().unwrap();
+        old.put_in(&txn, &key(&["room", "ann", "id1"]), 5, b"old")
+            .unwrap();
+        new.put_in(&txn, &key(&["id1", "room", "ann"]), 100, b"new")
+            .unwrap();
+        txn.commit().unwrap();
+        let txn = db.begin_write().unwrap();
+        rekey_in(
+            &txn,
+            ("r_keys", "r_ages"),
+            ("n_keys", "n_ages"),
+            |p| match p {
+                [room, user, id] => Some(key(&[id, room, user])),
+                _ => None,
+            },
+        )
+        .unwrap();
+        txn.commit().unwrap();
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let r = db.begin_read().unwrap();
+        let ages: AgeTable = TableDefinition::new("n_ages");
+        assert_eq!(r.open_table(ages).unwrap().len().unwrap(), 1);
+        assert_eq!(new.len(&store).unwrap(), 1);
+    }
+
+    #[test]
     fn rekeying_copies_records_and_their_ages_to_new_tables() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -325,6 +372,13 @@ mod tests {
                 .unwrap(),
             0
         );
+        // Each key has one age entry.
+        {
+            use redb::{ReadableDatabase, ReadableTableMetadata};
+            let r = db.begin_read().unwrap();
+            let ages: AgeTable = TableDefinition::new("n_ages");
+            assert_eq!(r.open_table(ages).unwrap().len().unwrap(), 3);
+        }
         // The ages came along: pruning by age removes the two older records.
         let txn = db.begin_write().unwrap();
         let keep = Retention {
