@@ -455,6 +455,7 @@ impl From<&Config> for crate::services::ServicesConfig {
             },
             analytics: c.analytics.clone(),
             retention: c.retention.clone(),
+            clustered: c.cluster.enabled(),
         }
     }
 }

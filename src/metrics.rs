@@ -208,6 +208,9 @@ pub struct Metrics {
     pub http_refused: AtomicU64,
     /// HTTP connections open on the side port.
     pub http_open: AtomicI64,
+    /// Idempotency records forgotten past their window or count: chat sends'
+    /// client message ids, then the server API's idempotency keys.
+    pub idempotency_pruned: [AtomicU64; 2],
 }
 
 /// Counters and gauges by the names metrics streaming uses (see docs/OPERATIONS.md).
@@ -263,6 +266,7 @@ impl Default for Metrics {
             tls_resumed: Default::default(),
             http_refused: AtomicU64::new(0),
             http_open: AtomicI64::new(0),
+            idempotency_pruned: Default::default(),
         }
     }
 }
@@ -484,6 +488,14 @@ impl Metrics {
                 "tutti_sessions_closed_total{{code=\"{}\"}} {}",
                 code.name(),
                 self.sessions_closed[i].load(Relaxed)
+            );
+        }
+        out.push_str("# HELP tutti_idempotency_pruned_total Idempotency records forgotten past their window or count, by service.\n# TYPE tutti_idempotency_pruned_total counter\n");
+        for (service, n) in ["chat", "notify"].iter().zip(&self.idempotency_pruned) {
+            let _ = writeln!(
+                out,
+                "tutti_idempotency_pruned_total{{service=\"{service}\"}} {}",
+                n.load(Relaxed)
             );
         }
         out.push_str("# HELP tutti_errors_total Errors answered, by code.\n# TYPE tutti_errors_total counter\n");

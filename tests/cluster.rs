@@ -495,6 +495,74 @@ async fn chat_through_three_nodes_has_one_dense_order_on_both_transports() {
     .await;
 }
 
+/// Client message ids this node has forgotten (`tutti_idempotency_pruned_total`).
+async fn forgotten_ids(node: &Node) -> u64 {
+    let (status, body) = support::http(node.http, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("tutti_idempotency_pruned_total{service=\"chat\"} "))
+        .expect("the counter is rendered")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Idempotency records are forgotten by a command of the log, at the same point
+/// on every node: a resend of a forgotten id is a new message everywhere, even
+/// where the node's own timer would not have pruned yet (n2's runs every hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_client_message_id_is_forgotten_on_every_node_alike() {
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = Nats::start(dir.path()).await;
+        let keep = "\n[chat]\nidempotency_max_keys = 3\n\n[retention]\ninterval";
+        let n1 = Node::start_cfg(
+            dir.path(),
+            "n1",
+            &nats.url(),
+            1,
+            &format!("{keep} = \"1s\""),
+        )
+        .await;
+        let n2 = Node::start_cfg(
+            dir.path(),
+            "n2",
+            &nats.url(),
+            1,
+            &format!("{keep} = \"1h\""),
+        )
+        .await;
+        let ann = n1.connect(TransportKind::Quic, "ann").await;
+        let room = create_room(&ann, "kept", &[]).await;
+        for i in 0..10 {
+            send(&ann, &room, &format!("m{i}"), &format!("id-{i}"))
+                .await
+                .unwrap();
+        }
+        // n1's run forgets the seven oldest ids.
+        while forgotten_ids(&n1).await < 7 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let on_n2 = n2.connect(TransportKind::WebTransport, "ann").await;
+        let again = send(&on_n2, &room, "m0 again", "id-0").await.unwrap();
+        assert_eq!(again.offset, 11, "a forgotten id makes a new message");
+        let kept = send(&on_n2, &room, "m9", "id-9").await.unwrap();
+        assert_eq!(
+            kept.offset, 10,
+            "a remembered id is answered with its message"
+        );
+        assert!(forgotten_ids(&n2).await >= 7, "n2 applied n1's run");
+        let on_n1 = n1.connect(TransportKind::Quic, "ann").await;
+        let (h1, h2) = (
+            history_all(&on_n1, &room).await,
+            history_all(&on_n2, &room).await,
+        );
+        assert_eq!(h1.len(), 11);
+        assert_eq!(h1, h2, "every node holds the same history");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_read_marks_and_presence_cross_nodes() {
     timed(async {

@@ -1110,13 +1110,24 @@ impl ChatService {
         })
     }
 
-    /// Forgets client message ids past the configured window and count.
+    /// Forgets client message ids past the configured window and count, in as many
+    /// bounded writes as it takes. Returns how many.
     pub async fn prune_idempotency(&self) -> Result<usize, StoreError> {
+        Ok(self.prune_idempotency_batches(usize::MAX).await?.0)
+    }
+
+    /// [`Self::prune_idempotency`] in at most `batches` writes: returns how many
+    /// were forgotten and whether more may be left.
+    pub async fn prune_idempotency_batches(
+        &self,
+        batches: usize,
+    ) -> Result<(usize, bool), StoreError> {
         let keep = Retention {
             window: self.config.idempotency_window,
             max_keys: self.config.idempotency_max_keys,
         };
-        super::prune(&self.deps, &self.sent, keep).await
+        let counter = &self.deps.metrics.idempotency_pruned[0];
+        super::prune(&self.deps, &self.sent, keep, batches, counter).await
     }
 
     /// Client message ids remembered now.

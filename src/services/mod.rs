@@ -131,15 +131,19 @@ fn corrupt(e: impl std::fmt::Display) -> crate::store::StoreError {
 }
 
 /// Prunes `records`, one bounded batch per write (so that other writes are not
-/// held up), until a batch finds less to drop. Returns how many were dropped.
+/// held up), at most `batches` writes, stopping early once a batch finds less to
+/// drop. Counts what it drops in `counter`. Returns how many were dropped and
+/// whether the last batch was full (so that more may be left).
 pub(super) async fn prune(
     deps: &ServiceDeps,
     records: &crate::store::dedup::Dedup,
     keep: crate::store::dedup::Retention,
-) -> Result<usize, crate::store::StoreError> {
+    batches: usize,
+    counter: &std::sync::atomic::AtomicU64,
+) -> Result<(usize, bool), crate::store::StoreError> {
     let now = deps.clock.now_ms();
     let mut total = 0;
-    loop {
+    for _ in 0..batches {
         let pruned = Arc::new(std::sync::Mutex::new(0));
         let (records, out) = (records.clone(), pruned.clone());
         deps.writer
@@ -150,47 +154,13 @@ pub(super) async fn prune(
             })
             .await?;
         let n = *pruned.lock().unwrap_or_else(|e| e.into_inner());
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         total += n;
         if n < crate::store::dedup::PRUNE_BATCH {
-            return Ok(total);
+            return Ok((total, false));
         }
     }
-}
-
-/// How often idempotency records past their window or count are dropped.
-pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Drops old idempotency records of chat sends and API notifications every
-/// [`PRUNE_EVERY`], until `stop`.
-async fn prune_idempotency(
-    chat: std::sync::Weak<chat::ChatService>,
-    notify: std::sync::Weak<notify::NotifyService>,
-    stop: CancellationToken,
-) {
-    let mut every = tokio::time::interval(PRUNE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is immediate: skip it, so a node that just started serves its
-    // first sessions before it prunes.
-    every.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        let (Some(chat), Some(notify)) = (chat.upgrade(), notify.upgrade()) else {
-            return;
-        };
-        for (what, pruned) in [
-            ("chat", chat.prune_idempotency().await),
-            ("notify", notify.prune_idempotency().await),
-        ] {
-            match pruned {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(what, n, "idempotency records pruned"),
-                Err(e) => tracing::warn!(what, error = %e, "pruning idempotency records"),
-            }
-        }
-    }
+    Ok((total, batches > 0))
 }
 
 /// The topic every session of a user is subscribed to.
@@ -262,6 +232,9 @@ pub struct ServicesConfig {
     pub analytics: analytics::AnalyticsConfig,
     /// Retention of messages, notifications and bookkeeping rows.
     pub retention: retention::RetentionConfig,
+    /// The node is part of a cluster: its writes will go through the log set with
+    /// [`Services::set_replicator`], and periodic pruning waits for it.
+    pub clustered: bool,
 }
 
 /// The result of a request handler.
@@ -343,8 +316,9 @@ impl std::fmt::Debug for Background {
 pub struct Services {
     hub: Arc<Hub>,
     rates: Arc<rate::RateLimits>,
-    /// In a cluster: the log every write goes through.
-    replicator: std::sync::OnceLock<Arc<dyn replica::Replicator>>,
+    /// In a cluster: the log every write goes through (shared with retention,
+    /// which proposes its runs there).
+    replicator: Arc<std::sync::OnceLock<Arc<dyn replica::Replicator>>>,
     /// Analytics and metrics streaming.
     pub analytics: Arc<analytics::AnalyticsService>,
     /// Rooms and messages.
@@ -386,26 +360,22 @@ impl Services {
         let contacts: Arc<dyn chat::Contacts> = presence.clone();
         chat.set_contacts(Arc::downgrade(&contacts));
         let notify = notify::NotifyService::open(deps.clone(), config.notify)?;
+        let replicator = Arc::new(std::sync::OnceLock::new());
         let (retention, retention_work) = retention::Retention::open(
             config.retention,
             deps.clock.clone(),
-            &chat,
-            &notify,
-            &collab,
+            retention::Parts {
+                chat: &chat,
+                notify: &notify,
+                collab: &collab,
+                log: config.clustered.then(|| replicator.clone()),
+            },
             deps.shutdown.clone(),
-        );
-        let prune_work = Background::new(
-            "idempotency_prune",
-            prune_idempotency(
-                Arc::downgrade(&chat),
-                Arc::downgrade(&notify),
-                deps.shutdown.clone(),
-            ),
         );
         let services = Self {
             hub: deps.hub.clone(),
             rates: deps.rates.clone(),
-            replicator: std::sync::OnceLock::new(),
+            replicator,
             analytics,
             presence,
             notify,
@@ -415,13 +385,7 @@ impl Services {
         };
         Ok((
             services,
-            vec![
-                analytics_work,
-                presence_work,
-                collab_work,
-                retention_work,
-                prune_work,
-            ],
+            vec![analytics_work, presence_work, collab_work, retention_work],
         ))
     }
 

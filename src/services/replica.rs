@@ -53,7 +53,7 @@ pub struct Command {
     #[prost(string, repeated, tag = "7")]
     pub roles: Vec<String>,
     /// What it does.
-    #[prost(oneof = "Op", tags = "8, 9, 10, 11, 12, 13, 14, 15")]
+    #[prost(oneof = "Op", tags = "8, 9, 10, 11, 12, 13, 14, 15, 16")]
     pub op: Option<Op>,
 }
 
@@ -84,6 +84,26 @@ pub enum Op {
     /// The session opened or closed a document (who is here, on every node).
     #[prost(message, tag = "15")]
     DocPresence(DocPresence),
+    /// A run of periodic pruning (`crate::services::retention`): every node removes
+    /// the same rows at the same point of the log.
+    #[prost(message, tag = "16")]
+    Prune(Prune),
+}
+
+/// A run of periodic pruning, as a command. Every node proposes one each
+/// `retention.interval` of its own; applying them in log order, at the command's
+/// time, makes every node remove the same rows, so that what a later command finds
+/// (an idempotency record, a room) is the same everywhere.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Prune {
+    /// Idempotency records only: the follow-up of a run whose batch was full.
+    #[prost(bool, tag = "1")]
+    pub records_only: bool,
+    /// The proposer's `retention.interval` in milliseconds. A full run less than
+    /// half of it (in command time) after the previous full run is skipped, so
+    /// that nodes proposing on their own timers prune about once per interval.
+    #[prost(uint64, tag = "2")]
+    pub every_ms: u64,
 }
 
 /// A session opened or closed a document.
@@ -139,6 +159,9 @@ pub enum Outcome {
     Posted(ServiceResult<v1::ChatMessage>),
     /// The room after a direct add.
     Added(ServiceResult<v1::Room>),
+    /// A pruning run: whether a batch of idempotency records was full (more may
+    /// be left, and the proposer follows up).
+    Pruned(ServiceResult<bool>),
     /// Done (presence and node changes answer nothing).
     Done,
 }
@@ -491,6 +514,7 @@ impl Services {
                 },
                 Err(e) => Err(e),
             }),
+            Op::Prune(p) => Outcome::Pruned(self.retention.apply(p).await),
         }
     }
 }

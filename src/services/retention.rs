@@ -20,8 +20,21 @@
 //!
 //! Each run looks at most at `retention.batch` rooms and users and removes at most
 //! `retention.batch` rows per kind, continuing where the previous run stopped.
+//! The same task forgets idempotency records (chat's client message ids, the
+//! server API's idempotency keys) past their window and count.
+//!
+//! In a cluster a run is a command of the log ([`super::replica::Prune`]), not
+//! something each node does on its own clock: what a later command finds (an
+//! idempotency record, an empty room) must be the same on every node, or a retry
+//! would be a duplicate on one node and a new message on another. Each node
+//! proposes a run every interval; a run less than half an interval after the
+//! previous one is skipped at application, so a cluster prunes about once per
+//! interval whatever its size. The batches' cursors are kept in memory, which is
+//! the same on every node because every node builds its view by applying the log
+//! from the start.
 
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -30,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use super::chat::ChatService;
 use super::collab::CollabService;
 use super::notify::NotifyService;
+use super::replica::{Op, Outcome, Prune, Replicator};
 use super::{Background, ServiceResult};
 use crate::clock::Clock;
 
@@ -97,6 +111,25 @@ pub struct Pruned {
     pub access_rows: u64,
 }
 
+/// The services a retention task prunes, and in a cluster the log its runs go
+/// through.
+#[derive(Debug)]
+pub struct Parts<'a> {
+    /// Rooms and messages, and client message ids.
+    pub chat: &'a Arc<ChatService>,
+    /// Notifications, and the server API's idempotency keys.
+    pub notify: &'a Arc<NotifyService>,
+    /// Collaboration bookkeeping.
+    pub collab: &'a Arc<CollabService>,
+    /// In a cluster: where the log will be once the node has caught up with it
+    /// (`None` on a single node).
+    pub log: Option<Arc<OnceLock<Arc<dyn Replicator>>>>,
+}
+
+/// How many follow-ups one periodic run proposes at most while idempotency
+/// batches come back full; the next run goes on.
+const MAX_FOLLOW_UPS: usize = 100;
+
 /// The retention task of a node.
 #[derive(Debug)]
 pub struct Retention {
@@ -105,6 +138,10 @@ pub struct Retention {
     chat: Weak<ChatService>,
     notify: Weak<NotifyService>,
     collab: Weak<CollabService>,
+    /// In a cluster: the log (set once the node has caught up with it).
+    log: Option<Arc<OnceLock<Arc<dyn Replicator>>>>,
+    /// The command time of the last full run applied from the log (0: none yet).
+    last_applied_ms: AtomicU64,
     /// One run at a time (the periodic one, or one a test or operator asks for).
     running: tokio::sync::Mutex<()>,
 }
@@ -115,18 +152,18 @@ impl Retention {
     pub fn open(
         config: RetentionConfig,
         clock: Clock,
-        chat: &Arc<ChatService>,
-        notify: &Arc<NotifyService>,
-        collab: &Arc<CollabService>,
+        parts: Parts<'_>,
         shutdown: CancellationToken,
     ) -> (Arc<Self>, Background) {
         let every = config.interval.max(Duration::from_secs(1));
         let retention = Arc::new(Self {
             config,
             clock,
-            chat: Arc::downgrade(chat),
-            notify: Arc::downgrade(notify),
-            collab: Arc::downgrade(collab),
+            chat: Arc::downgrade(parts.chat),
+            notify: Arc::downgrade(parts.notify),
+            collab: Arc::downgrade(parts.collab),
+            log: parts.log,
+            last_applied_ms: AtomicU64::new(0),
             running: tokio::sync::Mutex::new(()),
         });
         let work = Background::new(
@@ -141,7 +178,8 @@ impl Retention {
         &self.config
     }
 
-    /// Runs once now: one bounded batch of each kind.
+    /// Runs once now, on this node alone: one bounded batch of each kind
+    /// (idempotency records aside, see [`Retention::tick`]).
     pub async fn run_once(&self) -> ServiceResult<Pruned> {
         let _one = self.running.lock().await;
         let (c, now, batch) = (&self.config, self.clock.now_ms(), self.config.batch);
@@ -164,6 +202,83 @@ impl Retention {
         }
         Ok(pruned)
     }
+
+    /// Forgets idempotency records past their window and count, at most
+    /// `batches` bounded writes per service. Returns whether a service has more
+    /// left.
+    async fn prune_records(&self, batches: usize) -> ServiceResult<bool> {
+        let mut more = false;
+        if let Some(chat) = self.chat.upgrade() {
+            let (n, left) = chat.prune_idempotency_batches(batches).await?;
+            if n > 0 {
+                tracing::debug!(what = "chat", n, "idempotency records pruned");
+            }
+            more |= left;
+        }
+        if let Some(notify) = self.notify.upgrade() {
+            let (n, left) = notify.prune_idempotency_batches(batches).await?;
+            if n > 0 {
+                tracing::debug!(what = "notify", n, "idempotency records pruned");
+            }
+            more |= left;
+        }
+        Ok(more)
+    }
+
+    /// One periodic run. On a single node: a retention batch of each kind, and
+    /// idempotency records until none is left to forget. In a cluster it is a
+    /// command of the log ([`super::replica::Prune`]), followed up while
+    /// idempotency batches come back full; a node still catching up with the log
+    /// does nothing (it applies the other nodes' runs as it goes).
+    pub async fn tick(&self) {
+        let Some(log) = &self.log else {
+            if let Err(e) = self.run_once().await {
+                tracing::warn!(error = %e.message, "retention run failed");
+            }
+            if let Err(e) = self.prune_records(usize::MAX).await {
+                tracing::warn!(error = %e.message, "pruning idempotency records");
+            }
+            return;
+        };
+        let Some(log) = log.get() else { return };
+        let every_ms = self.config.interval.as_millis() as u64;
+        for n in 0..=MAX_FOLLOW_UPS {
+            let op = Op::Prune(Prune {
+                records_only: n > 0,
+                every_ms,
+            });
+            match log.propose(op, None).await {
+                Ok(Outcome::Pruned(Ok(true))) => continue,
+                Ok(Outcome::Pruned(Ok(false))) => return,
+                Ok(Outcome::Pruned(Err(e))) | Err(e) => {
+                    tracing::warn!(error = %e.message, "retention run failed");
+                    return;
+                }
+                Ok(other) => {
+                    tracing::warn!(?other, "unexpected outcome of a retention run");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies a run of the log (inside the command's replay scope, so that
+    /// "now" is the command's time): the retention batch unless the previous
+    /// full run is less than half the proposer's interval before, then one batch
+    /// of idempotency records per service. Returns whether one of those batches
+    /// was full.
+    pub(super) async fn apply(&self, p: &Prune) -> ServiceResult<bool> {
+        if !p.records_only {
+            let now = self.clock.now_ms();
+            let last = self.last_applied_ms.load(Ordering::Relaxed);
+            if last != 0 && now < last.saturating_add(p.every_ms / 2) {
+                return Ok(false);
+            }
+            self.last_applied_ms.store(now, Ordering::Relaxed);
+            self.run_once().await?;
+        }
+        self.prune_records(1).await
+    }
 }
 
 async fn run_periodically(retention: Weak<Retention>, every: Duration, stop: CancellationToken) {
@@ -176,9 +291,7 @@ async fn run_periodically(retention: Weak<Retention>, every: Duration, stop: Can
             _ = stop.cancelled() => return,
         }
         let Some(r) = retention.upgrade() else { return };
-        if let Err(e) = r.run_once().await {
-            tracing::warn!(error = %e.message, "retention run failed");
-        }
+        r.tick().await;
     }
 }
 
