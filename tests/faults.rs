@@ -540,7 +540,10 @@ async fn a_resent_chat_message_is_stored_and_delivered_once(transport: Transport
     let ann = s.connect(transport, "ann").await;
     let bob = s.connect(transport, "bob").await;
     create_room(&ann, "r", &["bob"]).await;
-    let id = tutti::client::new_client_message_id();
+    // The id starts with the server's time, as its Welcome gave it.
+    let id = ann.new_message_id();
+    let ms = u64::from_str_radix(&id[..12], 16).unwrap();
+    assert!((ann.welcome().server_time_ms..=ann.server_now_ms()).contains(&ms));
     let first = ann
         .send_message_with_id("ann~r", "hello", &id)
         .await

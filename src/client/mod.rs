@@ -278,8 +278,15 @@ pub fn pick_node(nodes: &[v1::Node]) -> Option<&v1::Node> {
 /// the first 12 the Unix time in milliseconds and the rest random (80 bits). The
 /// server keeps its idempotency records in id order, so ids that start with the
 /// time are stored next to each other, at less cost than random ones.
+///
+/// It takes this machine's clock; [`Client::new_message_id`] takes the server's,
+/// so that the ids of clients whose clocks disagree still line up.
 pub fn new_client_message_id() -> String {
-    let ms = crate::util::unix_millis();
+    client_message_id_at(crate::util::unix_millis())
+}
+
+/// A client message id that starts with the time `ms`.
+fn client_message_id_at(ms: u64) -> String {
     format!(
         "{:012x}{}",
         ms & 0xffff_ffff_ffff,
@@ -614,6 +621,24 @@ impl Client {
         &self.welcome
     }
 
+    /// The server's clock now, in milliseconds since the Unix epoch:
+    /// `Welcome.server_time_ms` plus the time since it arrived (this machine's
+    /// clock when the server sent none).
+    pub fn server_now_ms(&self) -> u64 {
+        match self.welcome.server_time_ms {
+            0 => crate::util::unix_millis(),
+            t => t.saturating_add(self.shared.epoch.elapsed().as_millis() as u64),
+        }
+    }
+
+    /// A new client message id for [`Client::send_message_with_id`], as
+    /// [`new_client_message_id`] makes them but starting with the server's time
+    /// ([`Client::server_now_ms`]): ids of clients whose clocks disagree are still
+    /// recorded next to each other.
+    pub fn new_message_id(&self) -> String {
+        client_message_id_at(self.server_now_ms())
+    }
+
     /// Which transport carries the session.
     pub fn transport(&self) -> TransportKind {
         self.shared.session.kind()
@@ -708,14 +733,14 @@ impl Client {
     /// Sends a chat message with a fresh client message id; returns the stored
     /// message. This does not retry, and the id it made is not returned: to send
     /// a message that may need a retry (after a timeout, a reconnect), make its id
-    /// with [`new_client_message_id`] and send every attempt with
+    /// with [`Client::new_message_id`] and send every attempt with
     /// [`send_message_with_id`](Self::send_message_with_id); it is then stored once.
     pub async fn send_message(
         &self,
         room_id: &str,
         text: &str,
     ) -> Result<v1::ChatMessage, ClientError> {
-        self.send_message_with_id(room_id, text, &new_client_message_id())
+        self.send_message_with_id(room_id, text, &self.new_message_id())
             .await
     }
 
@@ -1034,6 +1059,8 @@ mod tests {
             assert!((before..=after).contains(&ms), "{id}");
         }
         assert_ne!(a, b);
+        assert!(client_message_id_at(0x0123_4567_89ab).starts_with("0123456789ab"));
+        assert!(client_message_id_at(1 << 48 | 7).starts_with("000000000007"));
     }
 
     #[test]

@@ -365,6 +365,10 @@ export class TuttiClient {
   private refreshTimer?: ReturnType<typeof setTimeout>;
   /** Server clock minus local clock, from Welcome (for the token's expiry). */
   private skewMs = 0;
+  /** The server's clock now, in ms since the epoch (the local clock corrected by Welcome's time). */
+  serverNow(): number {
+    return Date.now() + this.skewMs;
+  }
   /** When the session's token expires, server time in ms since the epoch (0: unknown). */
   tokenExpiresAtMs = 0;
   private lastSentAt = 0;
@@ -493,7 +497,7 @@ export class TuttiClient {
       this.maxOutgoingFrame = limits.maxFrameSize;
     }
     if (limits?.maxInflightRequests) this.maxInflight = limits.maxInflightRequests;
-    this.skewMs = Number(welcome.serverTimeMs) - Date.now();
+    if (welcome.serverTimeMs > 0n) this.skewMs = Number(welcome.serverTimeMs) - Date.now();
     this.tokenExpiresAtMs = Number(welcome.tokenExpiresAtMs);
     this.scheduleRefresh();
     if (welcome.heartbeatIntervalMs > 0) {

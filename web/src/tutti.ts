@@ -102,12 +102,18 @@ export interface BackoffOptions {
   maxMs?: number;
 }
 
-/** A new client message id for a chat send: 32 hex digits, the time first. */
-export function newClientMessageId(): string {
+/**
+ * A new client message id for a chat send: 32 hex digits, the time first.
+ * `nowMs` is the time it starts with (default: this device's clock); `Tutti`
+ * passes the server's clock as its last Welcome gave it.
+ */
+export function newClientMessageId(nowMs: number = Date.now()): string {
   // 12 hex digits of the Unix time in milliseconds, then 80 random bits: the
   // server keeps its idempotency records in id order, and ids that start with the
-  // time are stored next to each other, at less cost than random ones.
-  const time = (Date.now() % 2 ** 48).toString(16).padStart(12, "0");
+  // time are stored next to each other, at less cost than random ones. Taken from
+  // the server's clock, they line up with other clients' whatever this device's
+  // clock says.
+  const time = (Math.floor(nowMs) % 2 ** 48).toString(16).padStart(12, "0");
   const bytes = new Uint8Array(10);
   globalThis.crypto.getRandomValues(bytes);
   return time + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
@@ -306,6 +312,14 @@ export class Tutti {
   }
 
   /**
+   * The server's clock now, in ms since the epoch: this device's clock corrected
+   * by the current (or last) session's `Welcome.server_time_ms`.
+   */
+  serverNow(): number {
+    return this.client ? this.client.serverNow() : Date.now();
+  }
+
+  /**
    * The nodes of the cluster as last heard: `Welcome.nodes` of the latest session,
    * replaced by the `nodes` of a `Close` (GOING_AWAY, REDIRECT) that lists some.
    * Each has `nodeId`, `webtransportUrl`, `certHash` (lowercase hex SHA-256 of its
@@ -498,7 +512,7 @@ export class Tutti {
     options: { clientMessageId?: string; attempts?: number } = {},
   ): Promise<ChatMessage> {
     // An empty id would store nothing to find a retry by: it gets a new one too.
-    const clientMessageId = options.clientMessageId || newClientMessageId();
+    const clientMessageId = options.clientMessageId || newClientMessageId(this.serverNow());
     const attempts = Math.max(1, options.attempts ?? 5);
     for (let attempt = 1; ; attempt++) {
       try {

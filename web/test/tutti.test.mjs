@@ -56,6 +56,8 @@ class FakeServer {
   failConnects = 0;
   urls = [];
   answer = (body) => ({ case: "roomList", value: { rooms: [] } });
+  /** Welcome's server time (unset: 0, as if unknown). */
+  serverTimeMs = undefined;
   factory = (url) => {
     this.urls.push(url);
     if (this.failConnects > 0) {
@@ -73,7 +75,7 @@ class FakeServer {
             s.send(serverFrame({ case: "close", value: { code: this.refuseWith, name: "", message: "refused" } }));
             s.serverClose(this.refuseWith);
           } else {
-            s.send(welcomeFrame({ nodeId: `node-${this.sessions.length}` }));
+            s.send(welcomeFrame({ nodeId: `node-${this.sessions.length}`, serverTimeMs: this.serverTimeMs?.() ?? 0n }));
           }
         } else if (frame.kind.case === "request") {
           const { id, body } = frame.kind.value;
@@ -292,6 +294,19 @@ test("a chat send carries a client message id and is retried with the same id af
   assert.match(sends()[3].clientMessageId, /^[0-9a-f]{32}$/);
   await tutti.sendMessage("r1", "fourth", { clientMessageId: "mine" });
   assert.equal(sends()[4].clientMessageId, "mine");
+  // Ids take the server's clock from Welcome: a device whose clock is an hour
+  // behind makes ids that line up with everyone else's.
+  const hourAhead = BigInt(Date.now() + 3_600_000);
+  server.serverTimeMs = () => hourAhead;
+  const before = server.sessions.length;
+  server.last.serverClose(3006);
+  for (let i = 0; i < 2000 && !(server.sessions.length > before && tutti.session); i++) {
+    if (clock.next() !== undefined) clock.advance(clock.next() - clock.now);
+    await new Promise((r) => setImmediate(r));
+  }
+  await tutti.sendMessage("r1", "server clock");
+  const skewed = parseInt(sends().at(-1).clientMessageId.slice(0, 12), 16);
+  assert.ok(Math.abs(skewed - Number(hourAhead)) < 60_000, `${skewed} against ${hourAhead}`);
   assert.ok(isRetryableSend(new TuttiError(111, "UNAVAILABLE", "disk full")));
   assert.ok(!isRetryableSend(new TuttiError(101, "BAD_REQUEST", "no")));
   assert.ok(!isRetryableSend(new TuttiError(3501, "UNAUTHORIZED", "no")));

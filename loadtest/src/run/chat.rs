@@ -592,7 +592,7 @@ async fn sender(
             room_id: room_id.clone(),
             text: text.clone(),
             client_message_id: if plan.client_message_ids {
-                tutti::client::new_client_message_id()
+                client.new_message_id()
             } else {
                 String::new()
             },
