@@ -397,6 +397,7 @@ fn outcome_unavailable(o: &Outcome) -> bool {
         Outcome::Notified(Err(e)) => e.code,
         Outcome::Posted(Err(e)) => e.code,
         Outcome::Added(Err(e)) => e.code,
+        Outcome::Pruned(Err(e)) => e.code,
         _ => return false,
     };
     code == ErrorCode::Unavailable

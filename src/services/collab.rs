@@ -1361,12 +1361,28 @@ impl CollabService {
 }
 
 impl CollabService {
+    /// One retention batch (`prune_batch`, below). A batch that fails
+    /// leaves the cursor where it was, so the next one looks at the same rows
+    /// again (and a command of the log applied again does the same work).
+    pub async fn prune(&self, budget: usize) -> ServiceResult<(u64, u64)> {
+        let before = self
+            .prune_cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let result = self.prune_batch(budget).await;
+        if result.is_err() {
+            *self.prune_cursors.lock().unwrap_or_else(|e| e.into_inner()) = before;
+        }
+        result
+    }
+
     /// One retention batch (see [`super::retention`]): looks at up to `budget`
     /// duplicate-detection rows and `budget` access rows after the previous
     /// batch's, and removes (a) a client's row once its last operation is more
     /// than `history` operations old, or its document is gone, and (b) access rows
     /// of documents that are gone. Returns (dedup rows, access rows) removed.
-    pub async fn prune(&self, budget: usize) -> ServiceResult<(u64, u64)> {
+    async fn prune_batch(&self, budget: usize) -> ServiceResult<(u64, u64)> {
         let history = self.config.history as u64;
         let [after_clients, after_access] = self
             .prune_cursors

@@ -668,12 +668,33 @@ impl NotifyService {
         })
     }
 
+    /// One retention batch (`prune_batch`, below). A batch that fails
+    /// leaves the cursor where it was, so the next one looks at the same users
+    /// again (and a command of the log applied again does the same work).
+    pub async fn prune(
+        &self,
+        r: &super::retention::RetentionConfig,
+        now: u64,
+        budget: usize,
+    ) -> ServiceResult<u64> {
+        let before = self
+            .prune_cursor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let result = self.prune_batch(r, now, budget).await;
+        if result.is_err() {
+            *self.prune_cursor.lock().unwrap_or_else(|e| e.into_inner()) = before;
+        }
+        result
+    }
+
     /// One retention batch (see [`super::retention`]): looks at up to `budget`
     /// users after the previous batch's last one and removes their notifications
     /// past the configured count and age (at most `budget`; the newest one always
     /// stays). A removed unread notification no longer counts as unread. Returns
     /// how many were removed.
-    pub async fn prune(
+    async fn prune_batch(
         &self,
         r: &super::retention::RetentionConfig,
         now: u64,

@@ -100,8 +100,9 @@ pub struct Prune {
     #[prost(bool, tag = "1")]
     pub records_only: bool,
     /// The proposer's `retention.interval` in milliseconds. A full run less than
-    /// half of it (in command time) after the previous full run is skipped, so
-    /// that nodes proposing on their own timers prune about once per interval.
+    /// half of it (in command time, either way) from the previous full run is
+    /// skipped, so that nodes proposing on their own timers prune once or twice
+    /// per interval.
     #[prost(uint64, tag = "2")]
     pub every_ms: u64,
 }

@@ -27,9 +27,9 @@
 //! something each node does on its own clock: what a later command finds (an
 //! idempotency record, an empty room) must be the same on every node, or a retry
 //! would be a duplicate on one node and a new message on another. Each node
-//! proposes a run every interval; a run less than half an interval after the
-//! previous one is skipped at application, so a cluster prunes about once per
-//! interval whatever its size. The batches' cursors are kept in memory, which is
+//! proposes a run every interval; a run less than half an interval from the
+//! previous one is skipped at application, so a cluster prunes once or twice
+//! per interval whatever its size. The batches' cursors are kept in memory, which is
 //! the same on every node because every node builds its view by applying the log
 //! from the start.
 
@@ -44,7 +44,7 @@ use super::chat::ChatService;
 use super::collab::CollabService;
 use super::notify::NotifyService;
 use super::replica::{Op, Outcome, Prune, Replicator};
-use super::{Background, ServiceResult};
+use super::{Background, ServiceError, ServiceResult};
 use crate::clock::Clock;
 
 /// What is kept how long (`[retention]` in the configuration file).
@@ -142,6 +142,9 @@ pub struct Retention {
     log: Option<Arc<OnceLock<Arc<dyn Replicator>>>>,
     /// The command time of the last full run applied from the log (0: none yet).
     last_applied_ms: AtomicU64,
+    /// The steps of a run from the log that were done when its application
+    /// failed: the log's applier applies it again, and those are not done twice.
+    retried: std::sync::Mutex<Steps>,
     /// One run at a time (the periodic one, or one a test or operator asks for).
     running: tokio::sync::Mutex<()>,
 }
@@ -164,6 +167,7 @@ impl Retention {
             collab: Arc::downgrade(parts.collab),
             log: parts.log,
             last_applied_ms: AtomicU64::new(0),
+            retried: std::sync::Mutex::new(Steps::default()),
             running: tokio::sync::Mutex::new(()),
         });
         let work = Background::new(
@@ -179,8 +183,14 @@ impl Retention {
     }
 
     /// Runs once now, on this node alone: one bounded batch of each kind
-    /// (idempotency records aside, see [`Retention::tick`]).
+    /// (idempotency records aside, see [`Retention::tick`]). Refused in a
+    /// cluster, where every node must prune at the same point of the log.
     pub async fn run_once(&self) -> ServiceResult<Pruned> {
+        if self.log.is_some() {
+            return Err(ServiceError::internal(
+                "in a cluster, retention runs as a command of the log",
+            ));
+        }
         let _one = self.running.lock().await;
         let (c, now, batch) = (&self.config, self.clock.now_ms(), self.config.batch);
         let mut pruned = Pruned::default();
@@ -204,25 +214,24 @@ impl Retention {
     }
 
     /// Forgets idempotency records past their window and count, at most
-    /// `batches` bounded writes per service. Returns whether a service has more
-    /// left.
+    /// `batches` bounded writes per service (both are tried; the first error is
+    /// returned). Returns whether a service has more left.
     async fn prune_records(&self, batches: usize) -> ServiceResult<bool> {
-        let mut more = false;
-        if let Some(chat) = self.chat.upgrade() {
-            let (n, left) = chat.prune_idempotency_batches(batches).await?;
+        let chat = match self.chat.upgrade() {
+            Some(chat) => chat.prune_idempotency_batches(batches).await,
+            None => Ok((0, false)),
+        };
+        let notify = match self.notify.upgrade() {
+            Some(notify) => notify.prune_idempotency_batches(batches).await,
+            None => Ok((0, false)),
+        };
+        let (chat, notify) = (chat?, notify?);
+        for (what, (n, _)) in [("chat", chat), ("notify", notify)] {
             if n > 0 {
-                tracing::debug!(what = "chat", n, "idempotency records pruned");
+                tracing::debug!(what, n, "idempotency records pruned");
             }
-            more |= left;
         }
-        if let Some(notify) = self.notify.upgrade() {
-            let (n, left) = notify.prune_idempotency_batches(batches).await?;
-            if n > 0 {
-                tracing::debug!(what = "notify", n, "idempotency records pruned");
-            }
-            more |= left;
-        }
-        Ok(more)
+        Ok(chat.1 || notify.1)
     }
 
     /// One periodic run. On a single node: a retention batch of each kind, and
@@ -263,22 +272,101 @@ impl Retention {
     }
 
     /// Applies a run of the log (inside the command's replay scope, so that
-    /// "now" is the command's time): the retention batch unless the previous
-    /// full run is less than half the proposer's interval before, then one batch
-    /// of idempotency records per service. Returns whether one of those batches
-    /// was full.
+    /// "now" is the command's time): the retention batch of each kind unless the
+    /// previous full run is less than half the proposer's interval away, then
+    /// one batch of idempotency records per service. Returns whether one of those
+    /// batches was full.
+    ///
+    /// When storage fails, the log's applier applies the command again (nothing
+    /// else is applied in between): the steps already done are skipped, and a
+    /// failed step's cursor is where it was. A step of several writes that
+    /// failed after some of them committed redoes the rest with the budget those
+    /// left, so another node may remove a few rows more or less in that batch
+    /// (the next batches catch up); idempotency batches are one write each.
     pub(super) async fn apply(&self, p: &Prune) -> ServiceResult<bool> {
-        if !p.records_only {
-            let now = self.clock.now_ms();
+        let now = self.clock.now_ms();
+        let full = !p.records_only;
+        if full {
             let last = self.last_applied_ms.load(Ordering::Relaxed);
-            if last != 0 && now < last.saturating_add(p.every_ms / 2) {
+            // Either way: a proposer whose clock runs ahead must not stop the others'.
+            if last != 0 && now.abs_diff(last) < p.every_ms / 2 {
                 return Ok(false);
             }
-            self.last_applied_ms.store(now, Ordering::Relaxed);
-            self.run_once().await?;
         }
-        self.prune_records(1).await
+        let mut steps =
+            std::mem::take(&mut *self.retried.lock().unwrap_or_else(|e| e.into_inner()));
+        match self.apply_steps(full, now, &mut steps).await {
+            Ok(more) => {
+                if full {
+                    self.last_applied_ms.store(now, Ordering::Relaxed);
+                }
+                Ok(more)
+            }
+            Err(e) => {
+                *self.retried.lock().unwrap_or_else(|e| e.into_inner()) = steps;
+                Err(e)
+            }
+        }
     }
+
+    async fn apply_steps(&self, full: bool, now: u64, steps: &mut Steps) -> ServiceResult<bool> {
+        let (c, batch) = (&self.config, self.config.batch);
+        let mut pruned = Pruned::default();
+        if full && !steps.rooms {
+            if let Some(chat) = self.chat.upgrade() {
+                (pruned.messages, pruned.rooms) = chat.prune(c, now, batch).await?;
+            }
+            steps.rooms = true;
+        }
+        if full && !steps.notifications {
+            if let Some(notify) = self.notify.upgrade() {
+                pruned.notifications = notify.prune(c, now, batch).await?;
+            }
+            steps.notifications = true;
+        }
+        if full && !steps.collab {
+            if let Some(collab) = self.collab.upgrade() {
+                (pruned.dedup_rows, pruned.access_rows) = collab.prune(batch).await?;
+            }
+            steps.collab = true;
+        }
+        if pruned != Pruned::default() {
+            tracing::info!(?pruned, "retention");
+        }
+        if !steps.chat_ids {
+            if let Some(chat) = self.chat.upgrade() {
+                let (n, more) = chat.prune_idempotency_batches(1).await?;
+                steps.more |= more;
+                if n > 0 {
+                    tracing::debug!(what = "chat", n, "idempotency records pruned");
+                }
+            }
+            steps.chat_ids = true;
+        }
+        if !steps.api_keys {
+            if let Some(notify) = self.notify.upgrade() {
+                let (n, more) = notify.prune_idempotency_batches(1).await?;
+                steps.more |= more;
+                if n > 0 {
+                    tracing::debug!(what = "notify", n, "idempotency records pruned");
+                }
+            }
+            steps.api_keys = true;
+        }
+        Ok(steps.more)
+    }
+}
+
+/// The steps of one run from the log done so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct Steps {
+    rooms: bool,
+    notifications: bool,
+    collab: bool,
+    chat_ids: bool,
+    api_keys: bool,
+    /// An idempotency batch came back full.
+    more: bool,
 }
 
 async fn run_periodically(retention: Weak<Retention>, every: Duration, stop: CancellationToken) {
@@ -373,5 +461,136 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().is_err());
+    }
+}
+
+/// Runs applied from the log, as every node of a cluster applies them.
+#[cfg(test)]
+mod log_tests {
+    use std::time::Duration;
+
+    use prost::Message;
+
+    use crate::clock::replay;
+    use crate::protocol::v1::{self, request, response};
+    use crate::services::fakes::Node;
+    use crate::services::replica::{Command, Op, Outcome, Prune};
+    use crate::services::{Services, ServicesConfig};
+
+    const T: u64 = 1_800_000_000_000;
+
+    /// A node of a cluster that has not been given its log: only what it applies
+    /// changes its database.
+    fn clustered(node: &Node) -> Services {
+        let mut config = ServicesConfig {
+            clustered: true,
+            ..Default::default()
+        };
+        config.chat.idempotency_window = Duration::from_secs(10);
+        Services::open(node.deps.clone(), config).unwrap().0
+    }
+
+    async fn apply(services: &Services, time_ms: u64, op: Op) -> Outcome {
+        let command = Command {
+            origin: "n1".into(),
+            id: time_ms,
+            time_ms,
+            seed: time_ms,
+            session: "s-ann".into(),
+            user: "ann".into(),
+            roles: vec![],
+            op: Some(op),
+        };
+        replay::scope(time_ms, time_ms, services.apply(&command, None)).await
+    }
+
+    fn request(body: request::Body) -> Op {
+        Op::Request(
+            v1::Request {
+                id: 0,
+                body: Some(body),
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    /// The offset a chat send with client message id `id` was answered with.
+    async fn send(services: &Services, time_ms: u64, room: &str, id: &str) -> u64 {
+        let op = request(request::Body::ChatSend(v1::ChatSendRequest {
+            room_id: room.into(),
+            text: id.into(),
+            client_message_id: id.into(),
+        }));
+        match apply(services, time_ms, op).await {
+            Outcome::Response(Ok(response::Body::ChatSend(r))) => r.message.unwrap().offset,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn prune(services: &Services, time_ms: u64) -> bool {
+        let op = Op::Prune(Prune {
+            records_only: false,
+            every_ms: 60_000,
+        });
+        match apply(services, time_ms, op).await {
+            Outcome::Pruned(r) => r.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Two nodes whose clocks are an hour apart apply the same commands: they
+    /// forget the same client message ids at the same point (by the commands'
+    /// time, not their own), skip the same run that comes too soon after the
+    /// previous one, and answer every resend alike.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_from_the_log_forget_the_same_records_whatever_the_node_s_clock() {
+        let (a, b) = (Node::new(), Node::new());
+        b.clock.advance(3_600_000);
+        let nodes = [clustered(&a), clustered(&b)];
+        let mut answers = Vec::new();
+        for services in &nodes {
+            let op = request(request::Body::RoomCreate(v1::RoomCreateRequest {
+                room_id: "r".into(),
+                name: "r".into(),
+                participants: vec![],
+            }));
+            let room = match apply(services, T, op).await {
+                Outcome::Response(Ok(response::Body::RoomCreate(r))) => r.room.unwrap().room_id,
+                other => panic!("{other:?}"),
+            };
+            let mut got = vec![
+                send(services, T + 1_000, &room, "a").await,
+                send(services, T + 20_000, &room, "b").await,
+            ];
+            // At T + 25 s, "a" is past the 10 s window and "b" is not.
+            assert!(!prune(services, T + 25_000).await);
+            got.push(send(services, T + 26_000, &room, "a").await);
+            got.push(send(services, T + 27_000, &room, "b").await);
+            // 15 s after the previous run, less than half of 60 s: skipped, so
+            // "b" (20 s old, past the window) is still remembered.
+            assert!(!prune(services, T + 40_000).await);
+            got.push(send(services, T + 41_000, &room, "b").await);
+            // 35 s after the previous run: both records are past the window.
+            assert!(!prune(services, T + 60_000).await);
+            got.push(send(services, T + 61_000, &room, "b").await);
+            answers.push((got, services.chat.idempotency_keys().unwrap()));
+        }
+        assert_eq!(
+            answers[0].0,
+            [1, 2, 3, 2, 2, 4],
+            "new, new, a forgotten (new), b remembered, b remembered (the run \
+             was skipped), b forgotten (new)"
+        );
+        assert_eq!(answers[0].0, answers[1].0, "both nodes answered alike");
+        assert_eq!(answers[0].1, 1, "only the last b is remembered");
+        assert_eq!(answers[0].1, answers[1].1);
+    }
+
+    /// On a node of a cluster, a run that is not from the log is refused.
+    #[tokio::test]
+    async fn a_local_run_is_refused_in_a_cluster() {
+        let node = Node::new();
+        let services = clustered(&node);
+        assert!(services.retention.run_once().await.is_err());
     }
 }

@@ -365,9 +365,17 @@ export class TuttiClient {
   private refreshTimer?: ReturnType<typeof setTimeout>;
   /** Server clock minus local clock, from Welcome (for the token's expiry). */
   private skewMs = 0;
-  /** The server's clock now, in ms since the epoch (the local clock corrected by Welcome's time). */
+  /** Welcome's server time and `performance.now()` when it arrived (0: none yet). */
+  private serverTimeAtWelcome = 0;
+  private welcomeAt = 0;
+  /**
+   * The server's clock now, in ms since the epoch: Welcome's time plus the
+   * monotonic time since it arrived (so a change of the device's clock during
+   * the session does not move it); the device's clock before a Welcome with one.
+   */
   serverNow(): number {
-    return Date.now() + this.skewMs;
+    if (this.serverTimeAtWelcome === 0) return Date.now();
+    return this.serverTimeAtWelcome + (performance.now() - this.welcomeAt);
   }
   /** When the session's token expires, server time in ms since the epoch (0: unknown). */
   tokenExpiresAtMs = 0;
@@ -497,7 +505,11 @@ export class TuttiClient {
       this.maxOutgoingFrame = limits.maxFrameSize;
     }
     if (limits?.maxInflightRequests) this.maxInflight = limits.maxInflightRequests;
-    if (welcome.serverTimeMs > 0n) this.skewMs = Number(welcome.serverTimeMs) - Date.now();
+    if (welcome.serverTimeMs > 0n) {
+      this.skewMs = Number(welcome.serverTimeMs) - Date.now();
+      this.serverTimeAtWelcome = Number(welcome.serverTimeMs);
+      this.welcomeAt = performance.now();
+    }
     this.tokenExpiresAtMs = Number(welcome.tokenExpiresAtMs);
     this.scheduleRefresh();
     if (welcome.heartbeatIntervalMs > 0) {
