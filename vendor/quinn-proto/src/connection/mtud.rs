@@ -260,6 +260,12 @@ impl EnabledMtuDiscovery {
         if let Phase::Searching(state) = &mut self.phase {
             state.in_flight_probe = None;
             state.lost_probe_count += 1;
+            // Tutti: the first probe, at the upper bound, is not sent again; its
+            // loss most likely means that the path's MTU is smaller, and the
+            // binary search below the upper bound starts at once.
+            if state.upper_first == Some(false) {
+                state.lost_probe_count = MAX_PROBE_RETRANSMITS;
+            }
         }
     }
 
@@ -295,6 +301,10 @@ struct SearchState {
     in_flight_probe: Option<u64>,
     /// Lost probes at the current probe size
     lost_probe_count: usize,
+    /// Tutti: the first probe of a search is at the upper bound (`Some(true)`
+    /// before it is sent, `Some(false)` while it is the last one sent, `None`
+    /// after): most paths carry it, and then one probe ends the search.
+    upper_first: Option<bool>,
 }
 
 impl SearchState {
@@ -313,6 +323,7 @@ impl SearchState {
         Self {
             in_flight_probe: None,
             lost_probe_count: 0,
+            upper_first: Some(true),
             lower_bound,
             upper_bound,
             minimum_change: config.minimum_change,
@@ -325,6 +336,20 @@ impl SearchState {
     /// Determines the next MTU to probe using binary search
     fn next_mtu_to_probe(&mut self, last_probe_succeeded: bool) -> Option<u16> {
         debug_assert_eq!(self.in_flight_probe, None);
+
+        // Tutti: the upper bound first; if it is acknowledged the search ends
+        // below (the bounds meet), if it is lost the binary search goes on under it.
+        match self.upper_first {
+            Some(true) => {
+                self.upper_first = Some(false);
+                if self.upper_bound.saturating_sub(self.lower_bound) >= self.minimum_change {
+                    return Some(self.upper_bound);
+                }
+                self.upper_first = None;
+            }
+            Some(false) => self.upper_first = None,
+            None => {}
+        }
 
         if last_probe_succeeded {
             self.lower_bound = self.last_probed_mtu;
@@ -671,10 +696,11 @@ mod tests {
         assert!(completed(&mtud));
         assert_eq!(mtud.current_mtu, 1_471);
 
-        // Polling after the interval has passed does (taking the current mtu as lower bound)
+        // Polling after the interval has passed does (taking the current mtu as lower bound),
+        // the upper bound first (Tutti)
         assert_eq!(
             mtud.poll_transmit(now + Duration::from_secs(600), 43),
-            Some(5235)
+            Some(9_000)
         );
 
         match mtud.state.unwrap().phase {
@@ -700,19 +726,16 @@ mod tests {
             probe_size.unwrap()
         });
 
-        // After the first probe is lost, it gets retransmitted twice
+        // Tutti: the first probe, at the upper bound, is not retransmitted: the
+        // binary search goes on below it at once
+        assert_eq!(probe_sizes.next().unwrap(), 1_452);
         let first_probe_size = probe_sizes.next().unwrap();
+        assert_eq!(first_probe_size, 1_200 + (1_451 - 1_200) / 2);
+
+        // After a probe of the search is lost, it gets retransmitted twice
         for _ in 0..2 {
             assert_eq!(probe_sizes.next().unwrap(), first_probe_size)
         }
-
-        // After the third probe is lost, we decrement our probe size
-        let fourth_probe_size = probe_sizes.next().unwrap();
-        assert!(fourth_probe_size < first_probe_size);
-        assert_eq!(
-            fourth_probe_size,
-            first_probe_size - (first_probe_size - 1_200) / 2 - 1
-        );
     }
 
     #[test]
@@ -724,7 +747,8 @@ mod tests {
 
         assert_eq!(mtud.state.as_ref().unwrap().peer_max_udp_payload_size, 1300);
         assert_eq!(mtud.current_mtu, 1300);
-        let expected_probed_sizes = &[1250, 1275, 1300];
+        // Tutti: the upper bound first, which the path carries
+        let expected_probed_sizes = &[1300];
         assert_eq!(probed_sizes, expected_probed_sizes);
         assert!(completed(&mtud));
     }
@@ -762,7 +786,8 @@ mod tests {
 
         let probed_sizes = drive_to_completion(&mut mtud, Instant::now(), 1500);
 
-        let expected_probed_sizes = &[1326, 1389, 1420, 1452];
+        // Tutti: the upper bound first, which the path carries
+        let expected_probed_sizes = &[1452];
         assert_eq!(probed_sizes, expected_probed_sizes);
         assert_eq!(mtud.current_mtu, 1452);
         assert!(completed(&mtud));
@@ -776,9 +801,11 @@ mod tests {
 
         let probed_sizes = drive_to_completion(&mut mtud, Instant::now(), 1500);
 
+        // Tutti: the upper bound first, lost once and not retransmitted, then the
+        // binary search below it
         let expected_probed_sizes = &[
-            5600, 5600, 5600, 3399, 3399, 3399, 2299, 2299, 2299, 1749, 1749, 1749, 1474, 1611,
-            1611, 1611, 1542, 1542, 1542, 1507, 1507, 1507,
+            10000, 5599, 5599, 5599, 3399, 3399, 3399, 2299, 2299, 2299, 1749, 1749, 1749, 1474,
+            1611, 1611, 1611, 1542, 1542, 1542, 1507, 1507, 1507,
         ];
         assert_eq!(probed_sizes, expected_probed_sizes);
         assert_eq!(mtud.current_mtu, 1474);
@@ -839,8 +866,10 @@ mod tests {
             }
         }
 
+        // Tutti: the first probe, at the upper bound, is the one lost here (odd
+        // iterations lose theirs), so the search ends a byte under it
         assert_eq!(iterations, 25);
-        assert_eq!(mtud.current_mtu, 65527);
+        assert_eq!(mtud.current_mtu, 65526);
         assert!(completed(&mtud));
     }
 
