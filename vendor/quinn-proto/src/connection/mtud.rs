@@ -718,7 +718,7 @@ mod tests {
     fn mtu_discovery_lost_three_probes_lowers_probe_size() {
         let mut mtud = default_mtud();
 
-        let mut probe_sizes = (0..4).map(|i| {
+        let mut probe_sizes = (0..5).map(|i| {
             let probe_size = mtud.poll_transmit(Instant::now(), i);
             assert!(probe_size.is_some(), "no probe returned for packet {i}");
 
@@ -736,6 +736,33 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(probe_sizes.next().unwrap(), first_probe_size)
         }
+
+        // After the third loss, we decrement our probe size
+        let next_probe_size = probe_sizes.next().unwrap();
+        assert!(next_probe_size < first_probe_size);
+        assert_eq!(
+            next_probe_size,
+            first_probe_size - (first_probe_size - 1_200) / 2 - 1
+        );
+    }
+
+    /// Tutti: a first probe lost by chance on a path that carries the upper bound
+    /// is not resent; the search below it ends a byte under the bound (and stays
+    /// there: a later search sees less than `minimum_change` to gain).
+    #[test]
+    fn mtu_discovery_first_probe_lost_by_chance_ends_a_byte_under_the_upper_bound() {
+        let mut mtud = default_mtud();
+        let now = Instant::now();
+        assert_eq!(mtud.poll_transmit(now, 0), Some(1_452));
+        mtud.on_probe_lost();
+        let probed_sizes = drive_to_completion(&mut mtud, now, 1_500);
+        assert_eq!(probed_sizes, &[1_325, 1_388, 1_419, 1_451]);
+        assert_eq!(mtud.current_mtu, 1_451);
+        assert!(completed(&mtud));
+        assert_eq!(
+            mtud.poll_transmit(now + Duration::from_secs(600), 1_000),
+            None
+        );
     }
 
     #[test]
