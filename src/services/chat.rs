@@ -1760,16 +1760,8 @@ impl ChatService {
         now: u64,
         budget: usize,
     ) -> ServiceResult<(u64, u64)> {
-        let before = self
-            .prune_cursor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let result = self.prune_batch(r, now, budget).await;
-        if result.is_err() {
-            *self.prune_cursor.lock().unwrap_or_else(|e| e.into_inner()) = before;
-        }
-        result
+        super::retention::restoring_cursor(&self.prune_cursor, self.prune_batch(r, now, budget))
+            .await
     }
 
     /// One retention batch (see [`super::retention`]): looks at up to `budget`

@@ -1365,16 +1365,7 @@ impl CollabService {
     /// leaves the cursor where it was, so the next one looks at the same rows
     /// again (and a command of the log applied again does the same work).
     pub async fn prune(&self, budget: usize) -> ServiceResult<(u64, u64)> {
-        let before = self
-            .prune_cursors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let result = self.prune_batch(budget).await;
-        if result.is_err() {
-            *self.prune_cursors.lock().unwrap_or_else(|e| e.into_inner()) = before;
-        }
-        result
+        super::retention::restoring_cursor(&self.prune_cursors, self.prune_batch(budget)).await
     }
 
     /// One retention batch (see [`super::retention`]): looks at up to `budget`

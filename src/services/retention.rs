@@ -383,6 +383,21 @@ async fn run_periodically(retention: Weak<Retention>, every: Duration, stop: Can
     }
 }
 
+/// Runs one batch of retention (`work`) that moves `cursor`; if it fails, the
+/// cursor goes back to where it was, so that the next batch (or the log's applier
+/// applying a command again) looks at the same rows.
+pub(crate) async fn restoring_cursor<C: Clone, T>(
+    cursor: &std::sync::Mutex<C>,
+    work: impl std::future::Future<Output = ServiceResult<T>>,
+) -> ServiceResult<T> {
+    let before = cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let result = work.await;
+    if result.is_err() {
+        *cursor.lock().unwrap_or_else(|e| e.into_inner()) = before;
+    }
+    result
+}
+
 /// The first offset to keep of a stream holding `first..=last`: at most `max_count`
 /// entries (0: any number), never past `last` (the newest entry stays), and at
 /// most `budget` removed.
