@@ -192,20 +192,32 @@ impl Retention {
             ));
         }
         let _one = self.running.lock().await;
-        let (c, now, batch) = (&self.config, self.clock.now_ms(), self.config.batch);
+        self.retention_steps(self.clock.now_ms(), &mut Steps::default())
+            .await
+    }
+
+    /// The retention batch of each kind not yet done in `steps`, at `now`.
+    /// Returns what it removed.
+    async fn retention_steps(&self, now: u64, steps: &mut Steps) -> ServiceResult<Pruned> {
+        let (c, batch) = (&self.config, self.config.batch);
         let mut pruned = Pruned::default();
-        if let Some(chat) = self.chat.upgrade() {
-            let (messages, rooms) = chat.prune(c, now, batch).await?;
-            pruned.messages = messages;
-            pruned.rooms = rooms;
+        if !steps.rooms {
+            if let Some(chat) = self.chat.upgrade() {
+                (pruned.messages, pruned.rooms) = chat.prune(c, now, batch).await?;
+            }
+            steps.rooms = true;
         }
-        if let Some(notify) = self.notify.upgrade() {
-            pruned.notifications = notify.prune(c, now, batch).await?;
+        if !steps.notifications {
+            if let Some(notify) = self.notify.upgrade() {
+                pruned.notifications = notify.prune(c, now, batch).await?;
+            }
+            steps.notifications = true;
         }
-        if let Some(collab) = self.collab.upgrade() {
-            let (dedup, access) = collab.prune(batch).await?;
-            pruned.dedup_rows = dedup;
-            pruned.access_rows = access;
+        if !steps.collab {
+            if let Some(collab) = self.collab.upgrade() {
+                (pruned.dedup_rows, pruned.access_rows) = collab.prune(batch).await?;
+            }
+            steps.collab = true;
         }
         if pruned != Pruned::default() {
             tracing::info!(?pruned, "retention");
@@ -214,24 +226,30 @@ impl Retention {
     }
 
     /// Forgets idempotency records past their window and count, at most
-    /// `batches` bounded writes per service (both are tried; the first error is
-    /// returned). Returns whether a service has more left.
-    async fn prune_records(&self, batches: usize) -> ServiceResult<bool> {
-        let chat = match self.chat.upgrade() {
-            Some(chat) => chat.prune_idempotency_batches(batches).await,
-            None => Ok((0, false)),
-        };
-        let notify = match self.notify.upgrade() {
-            Some(notify) => notify.prune_idempotency_batches(batches).await,
-            None => Ok((0, false)),
-        };
-        let (chat, notify) = (chat?, notify?);
-        for (what, (n, _)) in [("chat", chat), ("notify", notify)] {
-            if n > 0 {
-                tracing::debug!(what, n, "idempotency records pruned");
-            }
-        }
-        Ok(chat.1 || notify.1)
+    /// `batches` bounded writes per service not yet done in `steps` (both are
+    /// tried; the first error is returned). Returns whether a batch came back
+    /// full, so that more may be left.
+    async fn record_steps(&self, batches: usize, steps: &mut Steps) -> ServiceResult<bool> {
+        let (chat, notify) = (self.chat.upgrade(), self.notify.upgrade());
+        let chat = record_step(
+            "chat",
+            &mut steps.chat_ids,
+            &mut steps.more,
+            chat.as_deref()
+                .map(|c| c.prune_idempotency_batches(batches)),
+        )
+        .await;
+        let notify = record_step(
+            "notify",
+            &mut steps.api_keys,
+            &mut steps.more,
+            notify
+                .as_deref()
+                .map(|n| n.prune_idempotency_batches(batches)),
+        )
+        .await;
+        chat.and(notify)?;
+        Ok(steps.more)
     }
 
     /// One periodic run. On a single node: a retention batch of each kind, and
@@ -244,7 +262,7 @@ impl Retention {
             if let Err(e) = self.run_once().await {
                 tracing::warn!(error = %e.message, "retention run failed");
             }
-            if let Err(e) = self.prune_records(usize::MAX).await {
+            if let Err(e) = self.record_steps(usize::MAX, &mut Steps::default()).await {
                 tracing::warn!(error = %e.message, "pruning idempotency records");
             }
             return;
@@ -310,54 +328,40 @@ impl Retention {
     }
 
     async fn apply_steps(&self, full: bool, now: u64, steps: &mut Steps) -> ServiceResult<bool> {
-        let (c, batch) = (&self.config, self.config.batch);
-        let mut pruned = Pruned::default();
-        if full && !steps.rooms {
-            if let Some(chat) = self.chat.upgrade() {
-                (pruned.messages, pruned.rooms) = chat.prune(c, now, batch).await?;
-            }
-            steps.rooms = true;
+        if full {
+            self.retention_steps(now, steps).await?;
         }
-        if full && !steps.notifications {
-            if let Some(notify) = self.notify.upgrade() {
-                pruned.notifications = notify.prune(c, now, batch).await?;
-            }
-            steps.notifications = true;
-        }
-        if full && !steps.collab {
-            if let Some(collab) = self.collab.upgrade() {
-                (pruned.dedup_rows, pruned.access_rows) = collab.prune(batch).await?;
-            }
-            steps.collab = true;
-        }
-        if pruned != Pruned::default() {
-            tracing::info!(?pruned, "retention");
-        }
-        if !steps.chat_ids {
-            if let Some(chat) = self.chat.upgrade() {
-                let (n, more) = chat.prune_idempotency_batches(1).await?;
-                steps.more |= more;
-                if n > 0 {
-                    tracing::debug!(what = "chat", n, "idempotency records pruned");
-                }
-            }
-            steps.chat_ids = true;
-        }
-        if !steps.api_keys {
-            if let Some(notify) = self.notify.upgrade() {
-                let (n, more) = notify.prune_idempotency_batches(1).await?;
-                steps.more |= more;
-                if n > 0 {
-                    tracing::debug!(what = "notify", n, "idempotency records pruned");
-                }
-            }
-            steps.api_keys = true;
-        }
-        Ok(steps.more)
+        self.record_steps(1, steps).await
     }
 }
 
-/// The steps of one run from the log done so far.
+/// One service's step of [`Retention::record_steps`]: `batch` (none when the
+/// service is gone) unless `done`; marks it done and notes in `more` whether the
+/// batch came back full.
+async fn record_step(
+    what: &'static str,
+    done: &mut bool,
+    more: &mut bool,
+    batch: Option<
+        impl std::future::Future<Output = Result<(usize, bool), crate::store::StoreError>>,
+    >,
+) -> ServiceResult<()> {
+    if *done {
+        return Ok(());
+    }
+    if let Some(batch) = batch {
+        let (n, left) = batch.await?;
+        *more |= left;
+        if n > 0 {
+            tracing::debug!(what, n, "idempotency records pruned");
+        }
+    }
+    *done = true;
+    Ok(())
+}
+
+/// The steps of a run done so far (a run from the log that storage failed is
+/// applied again without the steps it completed).
 #[derive(Debug, Default, Clone, Copy)]
 struct Steps {
     rooms: bool,

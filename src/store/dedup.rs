@@ -299,8 +299,20 @@ mod tests {
             .unwrap();
         txn.commit().unwrap();
         let txn = db.begin_write().unwrap();
+        rekey_id_first(&txn).unwrap();
+        txn.commit().unwrap();
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let r = db.begin_read().unwrap();
+        let ages: AgeTable = TableDefinition::new("n_ages");
+        assert_eq!(r.open_table(ages).unwrap().len().unwrap(), 1);
+        assert_eq!(new.len(&store).unwrap(), 1);
+    }
+
+    /// Copies `r_keys`/`r_ages`, keyed (room, user, id), to `n_keys`/`n_ages`,
+    /// keyed (id, room, user), as the chat store's copy does.
+    fn rekey_id_first(txn: &WriteTransaction) -> Result<usize, StoreError> {
         rekey_in(
-            &txn,
+            txn,
             ("r_keys", "r_ages"),
             ("n_keys", "n_ages"),
             |p| match p {
@@ -308,13 +320,6 @@ mod tests {
                 _ => None,
             },
         )
-        .unwrap();
-        txn.commit().unwrap();
-        use redb::{ReadableDatabase, ReadableTableMetadata};
-        let r = db.begin_read().unwrap();
-        let ages: AgeTable = TableDefinition::new("n_ages");
-        assert_eq!(r.open_table(ages).unwrap().len().unwrap(), 1);
-        assert_eq!(new.len(&store).unwrap(), 1);
     }
 
     #[test]
@@ -332,16 +337,7 @@ mod tests {
         txn.commit().unwrap();
 
         let txn = db.begin_write().unwrap();
-        let copied = rekey_in(
-            &txn,
-            ("r_keys", "r_ages"),
-            ("n_keys", "n_ages"),
-            |p| match p {
-                [room, user, id] => Some(key(&[id, room, user])),
-                _ => None,
-            },
-        )
-        .unwrap();
+        let copied = rekey_id_first(&txn).unwrap();
         assert_eq!(copied, 3);
         txn.commit().unwrap();
         let new = Dedup::open(&store, "n_keys", "n_ages").unwrap();
