@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Server CPU per delivery and knees, Tutti and Socket.IO side by side in one sitting.
 #
-#   loadtest/baselines/sitting.sh [--skip-build] [--no-knee] [--no-pinned]
+#   loadtest/baselines/sitting.sh [--skip-build] [--no-knee] [--no-pinned] [--no-connects]
+#   loadtest/baselines/sitting.sh [--skip-build] --connects-only
 #   loadtest/baselines/sitting.sh [--skip-build] --pairs=N
 #   loadtest/baselines/sitting.sh --table=loadtest/results/sitting-...   (the table again)
 #
@@ -12,9 +13,14 @@
 #   2. the knee (knee.toml) of Tutti (raw QUIC) and of Socket.IO ws:// and wss://,
 #      with the server and generator sharing every core;
 #   3. the same knees pinned: the server on CPU 0 (`--server-cpus 0`), the
-#      generator on the other CPUs (`taskset -c 1-`).
-# Then prints one table: server CPU per delivery over the measured window (the
-# first figure), p50/p99, and the knees. With --pairs=N it runs only N rounds of
+#      generator on the other CPUs (`taskset -c 1-`);
+#   4. connects (Tutti): 10,000 idle raw QUIC connections and 3,000 WebTransport
+#      ones (idle.toml: connect rate, server memory per connection), and a mass
+#      reconnect (reconnect.toml: resumed against full handshakes) with the
+#      generated ECDSA P-256 certificate and with an RSA-2048 one (made here with
+#      openssl, passed through `tutti-load run --server-config`).
+# Then prints the tables: server CPU per delivery over the measured window (the
+# first figure), p50/p99, the knees, and the connects. With --pairs=N it runs only N rounds of
 # Tutti raw QUIC against Socket.IO wss:// at 40,000 then 10,000 deliveries/s,
 # alternated (Tutti first in odd rounds, Socket.IO first in even ones, so that a
 # drift of the host weighs on both), and prints each round's CPU per delivery and
@@ -25,6 +31,8 @@ set -euo pipefail
 BUILD=1
 KNEE=1
 PINNED=1
+CONNECTS=1
+CHAT=1
 TABLE_ONLY=""
 PAIRS=0
 for a in "$@"; do
@@ -34,7 +42,9 @@ for a in "$@"; do
     --skip-build) BUILD=0 ;;
     --no-knee) KNEE=0 ;;
     --no-pinned) PINNED=0 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --no-connects) CONNECTS=0 ;;
+    --connects-only) CHAT=0; KNEE=0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "sitting.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -63,11 +73,12 @@ if [ "$BUILD" = 1 ]; then
 fi
 command -v jq >/dev/null || { echo "sitting.sh: jq is required" >&2; exit 1; }
 
-tutti() { # name scenario [args...]
+tutti() { # name scenario (in loadtest/scenarios, or a path) [args...]
   local name=$1 scenario=$2; shift 2
+  case $scenario in /*) ;; *) scenario=$SCEN/$scenario ;; esac
   log "tutti $name"
   # shellcheck disable=SC2086 # PIN is a command prefix (empty or taskset -c ...)
-  timeout 900 ${PIN:-} "$LOAD" run "$SCEN/$scenario" --spawn --spawn-dir "$SHM" -q --json "$OUT/tutti-$name.json" "$@" >/dev/null || true
+  timeout 900 ${PIN:-} "$LOAD" run "$scenario" --spawn --spawn-dir "$SHM" -q --json "$OUT/tutti-$name.json" "$@" >/dev/null || true
 }
 sio() { # name scenario [args...]
   local name=$1 scenario=$2; shift 2
@@ -93,14 +104,16 @@ if [ "$PAIRS" -gt 0 ]; then
   echo "$PAIRS" > "$OUT/pairs"
   return
 fi
-tutti quic-10k chat-fanout.toml
-tutti wt-10k chat-fanout.toml --transport webtransport
-sio ws-10k chat-fanout.toml
-sio wss-10k chat-fanout.toml --tls 1
-tutti quic-40k chat-fanout-40k.toml
-tutti wt-40k chat-fanout-40k.toml --transport webtransport
-sio ws-40k chat-fanout-40k.toml --rate 40000
-sio wss-40k chat-fanout-40k.toml --rate 40000 --tls 1
+if [ "$CHAT" = 1 ]; then
+  tutti quic-10k chat-fanout.toml
+  tutti wt-10k chat-fanout.toml --transport webtransport
+  sio ws-10k chat-fanout.toml
+  sio wss-10k chat-fanout.toml --tls 1
+  tutti quic-40k chat-fanout-40k.toml
+  tutti wt-40k chat-fanout-40k.toml --transport webtransport
+  sio ws-40k chat-fanout-40k.toml --rate 40000
+  sio wss-40k chat-fanout-40k.toml --rate 40000 --tls 1
+fi
 if [ "$KNEE" = 1 ]; then
   tutti knee knee.toml
   sio knee-ws knee.toml
@@ -112,6 +125,21 @@ if [ "$KNEE" = 1 ]; then
       --scenario-file "$SCEN/knee.toml" --quiet --json "$OUT/sio-knee-wss-pinned.json" --tls 1 --server-cpus 0) >/dev/null || true
     (cd "$SIO" && log "socket.io knee-ws-pinned" && timeout 900 taskset -c "$OTHERS" node load.js \
       --scenario-file "$SCEN/knee.toml" --quiet --json "$OUT/sio-knee-ws-pinned.json" --server-cpus 0) >/dev/null || true
+  fi
+fi
+if [ "$CONNECTS" = 1 ]; then
+  sed 's/^connections = 10000$/connections = 3000/' "$SCEN/idle.toml" > "$OUT/idle-3000.toml"
+  tutti idle-quic idle.toml
+  tutti idle-wt "$OUT/idle-3000.toml" --transport webtransport
+  tutti reconnect-ecdsa reconnect.toml
+  if command -v openssl >/dev/null; then
+    mkdir -p "$OUT/rsa"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+      -keyout "$OUT/rsa/key.pem" -out "$OUT/rsa/cert.pem" 2>/dev/null
+    printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$OUT/rsa/cert.pem" "$OUT/rsa/key.pem" > "$OUT/rsa.toml"
+    tutti reconnect-rsa reconnect.toml --server-config "$OUT/rsa.toml"
+  else
+    log "no openssl: the RSA reconnect storm is skipped"
   fi
 fi
 
@@ -141,6 +169,23 @@ knee() { # label file
     | ([ .knee.steps // [] | .[] | select(.pass) ] | max_by(.offered_deliveries_per_sec) | .server_cpu_us_per_delivery? // null) as $cpu
     | [ $l, ($k | round | tostring),
         ($cpu | if . == null then "?" else (. * 10 | round / 10 | tostring) end) ]
+    | "| " + join(" | ") + " |"' "$f"
+}
+connects() { # label file: connect rate, memory per connection, reconnect storms
+  local f=$OUT/$2
+  [ -f "$f" ] || { printf '| %s | (no report) | | | | | |\n' "$1"; return; }
+  jq -r --arg l "$1" '
+    def r(n): if . == null then "" else (. * n | round / n | tostring) end;
+    .details as $d
+    | [ $l,
+        (.connections.connects_per_sec | r(1) | split(".")[0]),
+        ((.server.rss_per_conn_bytes // null) | if . == null then "" else (. / 1024 | r(10)) end),
+        ($d.reconnect_resumed_per_sec | r(1) | split(".")[0]),
+        ($d.reconnect_full_per_sec | r(1) | split(".")[0]),
+        (if $d.reconnect_full_per_sec then ($d.reconnect_resumed_per_sec / $d.reconnect_full_per_sec | r(100)) else "" end),
+        (if $d.server_cpu_ms_per_resumed_connect then
+           ($d.server_cpu_ms_per_resumed_connect | r(100)) + " / " + ($d.server_cpu_ms_per_full_connect | r(100))
+         else "" end) ]
     | "| " + join(" | ") + " |"' "$f"
 }
 cpu() { # file: the window CPU per delivery, or nothing
@@ -173,16 +218,24 @@ if [ "$PAIRS" -gt 0 ]; then
   log "reports in $OUT"
   exit 0
 fi
+# Each table is printed when its part ran (or, with --table, left reports).
+some() { # files...: whether any of these reports exists
+  local f
+  for f in "$@"; do [ -f "$OUT/$f" ] && return 0; done
+  return 1
+}
 {
-  echo "| run | server CPU per delivery (us, measured window) | deliveries/s | p50 ms | p99 ms |"
-  echo "| --- | --- | --- | --- | --- |"
-  for r in "Tutti raw QUIC, 10k|tutti-quic-10k" "Tutti WebTransport, 10k|tutti-wt-10k" \
-           "Socket.IO ws://, 10k|sio-ws-10k" "Socket.IO wss://, 10k|sio-wss-10k" \
-           "Tutti raw QUIC, 40k|tutti-quic-40k" "Tutti WebTransport, 40k|tutti-wt-40k" \
-           "Socket.IO ws://, 40k|sio-ws-40k" "Socket.IO wss://, 40k|sio-wss-40k"; do
-    row "${r%%|*}" "${r#*|}.json"
-  done
-  if [ "$KNEE" = 1 ]; then
+  if [ "$CHAT" = 1 ] && some tutti-quic-10k.json sio-ws-10k.json tutti-quic-40k.json; then
+    echo "| run | server CPU per delivery (us, measured window) | deliveries/s | p50 ms | p99 ms |"
+    echo "| --- | --- | --- | --- | --- |"
+    for r in "Tutti raw QUIC, 10k|tutti-quic-10k" "Tutti WebTransport, 10k|tutti-wt-10k" \
+             "Socket.IO ws://, 10k|sio-ws-10k" "Socket.IO wss://, 10k|sio-wss-10k" \
+             "Tutti raw QUIC, 40k|tutti-quic-40k" "Tutti WebTransport, 40k|tutti-wt-40k" \
+             "Socket.IO ws://, 40k|sio-ws-40k" "Socket.IO wss://, 40k|sio-wss-40k"; do
+      row "${r%%|*}" "${r#*|}.json"
+    done
+  fi
+  if [ "$KNEE" = 1 ] && some tutti-knee.json sio-knee-ws.json sio-knee-wss.json; then
     echo
     echo "| knee | deliveries/s | server CPU per delivery at the knee (us) |"
     echo "| --- | --- | --- |"
@@ -190,6 +243,16 @@ fi
              "Socket.IO wss://, shared cores|sio-knee-wss" "Tutti raw QUIC, pinned|tutti-knee-pinned" \
              "Socket.IO ws://, pinned|sio-knee-ws-pinned" "Socket.IO wss://, pinned|sio-knee-wss-pinned"; do
       knee "${r%%|*}" "${r#*|}.json"
+    done
+  fi
+  if [ "$CONNECTS" = 1 ] && some tutti-idle-quic.json tutti-idle-wt.json tutti-reconnect-ecdsa.json; then
+    echo
+    echo "| connects (Tutti) | connect rate (/s) | server memory per connection (KiB) | resumed reconnects (/s) | full reconnects (/s) | resumed / full | server CPU per connect, resumed / full (ms) |"
+    echo "| --- | --- | --- | --- | --- | --- | --- |"
+    for r in "raw QUIC, 10,000 idle|tutti-idle-quic" "WebTransport, 3,000 idle|tutti-idle-wt" \
+             "raw QUIC, mass reconnect, ECDSA P-256|tutti-reconnect-ecdsa" \
+             "raw QUIC, mass reconnect, RSA-2048|tutti-reconnect-rsa"; do
+      connects "${r%%|*}" "${r#*|}.json"
     done
   fi
 } | tee "$OUT/table.md"

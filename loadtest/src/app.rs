@@ -85,6 +85,12 @@ pub struct RunArgs {
     /// under `taskset -c` on the other CPUs.
     #[arg(long, requires = "spawn", value_delimiter = ',')]
     pub server_cpus: Vec<usize>,
+    /// With --spawn: a TOML file merged into each spawned server's configuration,
+    /// its keys winning over the run's own (e.g. `[tls]` with a certificate of
+    /// another kind, or `[store] commit_interval`). Paths in it are taken from the
+    /// directory tutti-load runs in; absolute ones are safest.
+    #[arg(long, requires = "spawn")]
+    pub server_config: Option<PathBuf>,
     /// Worker threads of the generator [default: the number of CPUs].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -102,6 +108,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         (None, None) => TransportKind::Quic,
     };
     target::pin_servers_to(&args.server_cpus);
+    if let Some(path) = &args.server_config {
+        target::merge_into_server_config(path)?;
+    }
     let mut target = if args.spawn {
         let bin = match &args.server_bin {
             Some(b) => b.clone(),

@@ -459,6 +459,48 @@ pub fn pin_servers_to(cpus: &[usize]) {
     let _ = SERVER_CPUS.set(cpus.to_vec());
 }
 
+/// Settings merged into every spawned server's configuration (`--server-config`).
+static SERVER_CONFIG: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+
+/// Reads `path` (TOML) to be merged into the configuration of every server this run
+/// spawns; its keys win over the run's own.
+pub fn merge_into_server_config(path: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the server configuration {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("parsing the server configuration {}", path.display()))?;
+    let _ = SERVER_CONFIG.set(table);
+    Ok(())
+}
+
+/// Merges `extra` into `base`: tables key by key, any other value replaced.
+fn merge_tables(base: &mut toml::Table, extra: &toml::Table) {
+    for (key, value) in extra {
+        match (base.get_mut(key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(e)) => merge_tables(b, e),
+            _ => {
+                base.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// The configuration a spawned server starts with: what every scenario needs,
+/// then `--server-config`.
+fn spawned_server_config() -> String {
+    // The scenarios put users into rooms directly (no invitations to accept),
+    // and every simulated client comes from this one address, which the
+    // server's default `limits.max_connections_per_address` would refuse past 1,024.
+    let mut config: toml::Table = toml::from_str(
+        "[rooms]\njoin_policy = \"open\"\n[limits]\nmax_connections_per_address = 1000000\n",
+    )
+    .expect("the built-in configuration is TOML");
+    if let Some(extra) = SERVER_CONFIG.get() {
+        merge_tables(&mut config, extra);
+    }
+    toml::to_string(&config).expect("a TOML table serialises")
+}
+
 /// Sets the CPU affinity of the child `cmd` will start to the configured server CPUs.
 fn pin(cmd: &mut tokio::process::Command) {
     let Some(cpus) = SERVER_CPUS.get().filter(|c| !c.is_empty()).cloned() else {
@@ -489,14 +531,8 @@ fn serve_command(
     secret: &str,
     api_key: &str,
 ) -> anyhow::Result<tokio::process::Command> {
-    // The scenarios put users into rooms directly (no invitations to accept),
-    // and every simulated client comes from this one address, which the
-    // server's default `limits.max_connections_per_address` would refuse past 1,024.
     let config = dir.join("tutti.toml");
-    std::fs::write(
-        &config,
-        "[rooms]\njoin_policy = \"open\"\n[limits]\nmax_connections_per_address = 1000000\n",
-    )?;
+    std::fs::write(&config, spawned_server_config())?;
     let stderr = std::fs::File::create(dir.join("server.log"))?;
     let mut cmd = tokio::process::Command::new(server_bin);
     pin(&mut cmd);
@@ -624,5 +660,28 @@ mod tests {
             Some([0xab; 32])
         );
         assert_eq!(parse_banner_line("  data: x"), (None, None, None));
+    }
+
+    #[test]
+    fn server_config_merges_table_by_table_and_wins() {
+        let mut base: toml::Table =
+            toml::from_str("[rooms]\njoin_policy = \"open\"\n[limits]\nmax_connections_per_address = 1000000\nmax_connections = 5\n")
+                .unwrap();
+        let extra: toml::Table = toml::from_str(
+            "[limits]\nmax_connections = 7\n[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n",
+        )
+        .unwrap();
+        merge_tables(&mut base, &extra);
+        assert_eq!(base["rooms"]["join_policy"].as_str(), Some("open"));
+        assert_eq!(
+            base["limits"]["max_connections_per_address"].as_integer(),
+            Some(1_000_000)
+        );
+        assert_eq!(base["limits"]["max_connections"].as_integer(), Some(7));
+        assert_eq!(base["tls"]["cert"].as_str(), Some("/c.pem"));
+        // Without --server-config, the built-in settings alone.
+        let plain: toml::Table = toml::from_str(&spawned_server_config()).unwrap();
+        assert_eq!(plain["rooms"]["join_policy"].as_str(), Some("open"));
+        assert!(plain.get("tls").is_none());
     }
 }
