@@ -363,8 +363,6 @@ export class TuttiClient {
   private heartbeat?: ReturnType<typeof setInterval>;
   private getToken?: () => string | Promise<string>;
   private refreshTimer?: ReturnType<typeof setTimeout>;
-  /** Server clock minus local clock, from Welcome (for the token's expiry). */
-  private skewMs = 0;
   /** Welcome's server time and `performance.now()` when it arrived (0: none yet). */
   private serverTimeAtWelcome = 0;
   private welcomeAt = 0;
@@ -506,7 +504,6 @@ export class TuttiClient {
     }
     if (limits?.maxInflightRequests) this.maxInflight = limits.maxInflightRequests;
     if (welcome.serverTimeMs > 0n) {
-      this.skewMs = Number(welcome.serverTimeMs) - Date.now();
       this.serverTimeAtWelcome = Number(welcome.serverTimeMs);
       this.welcomeAt = performance.now();
     }
@@ -641,7 +638,7 @@ export class TuttiClient {
     this.refreshTimer = undefined;
     const getToken = this.getToken;
     if (!getToken || this.tokenExpiresAtMs <= 0 || this.reason) return;
-    const left = this.tokenExpiresAtMs - (Date.now() + this.skewMs);
+    const left = this.tokenExpiresAtMs - this.serverNow();
     const delay = retry ? left / 2 : left - Math.min(60_000, left / 2);
     if (left <= 1_000) return;
     this.refreshTimer = setTimeout(() => {
