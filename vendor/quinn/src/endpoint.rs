@@ -421,23 +421,55 @@ impl EndpointInner {
         incoming: proto::Incoming,
         server_config: Option<Arc<ServerConfig>>,
     ) -> Result<Connecting, ConnectionError> {
-        let mut state = self.state.lock().unwrap();
         let mut response_buffer = Vec::new();
-        let now = state.runtime.now();
-        match state
-            .inner
-            .accept(incoming, now, &mut response_buffer, server_config)
-        {
-            Ok((handle, conn)) => {
-                state.stats.accepted_handshakes += 1;
-                let socket = state.socket.clone();
-                let runtime = state.runtime.clone();
-                Ok(state
-                    .recv_state
-                    .connections
-                    .insert(handle, conn, socket, runtime))
+        let (handle, mut conn, first, queue, socket, runtime, endpoint_events) = {
+            let mut state = self.state.lock().unwrap();
+            let now = state.runtime.now();
+            match state
+                .inner
+                .accept_deferred(incoming, now, &mut response_buffer, server_config)
+            {
+                Ok((handle, conn, first)) => {
+                    // Registered now, so that the datagrams routed to the
+                    // connection from here on wait in its queue until its driver
+                    // runs, behind the first packet.
+                    let queue = state.recv_state.connections.register(handle);
+                    let socket = state.socket.clone();
+                    let runtime = state.runtime.clone();
+                    let events = state.recv_state.connections.sender.clone();
+                    (handle, conn, first, queue, socket, runtime, events)
+                }
+                Err(error) => {
+                    if let Some(transmit) = error.response {
+                        respond(transmit, &response_buffer, &*state.socket);
+                    }
+                    return Err(error.cause);
+                }
             }
-            Err(error) => {
+        };
+        // The first packet (the client's ClientHello: the server's key exchange, and
+        // with a full handshake its certificate signature) is processed without the
+        // endpoint's lock, which the endpoint driver needs for every datagram of
+        // every connection: handshakes no longer stall established connections, and
+        // several run at once on a multi-threaded runtime.
+        match first.process(&mut conn) {
+            Ok(()) => {
+                self.state.lock().unwrap().stats.accepted_handshakes += 1;
+                Ok(Connecting::new(
+                    handle,
+                    conn,
+                    endpoint_events,
+                    queue,
+                    socket,
+                    runtime,
+                ))
+            }
+            Err(failed) => {
+                let mut state = self.state.lock().unwrap();
+                state.recv_state.connections.senders.remove(&handle);
+                let error = state
+                    .inner
+                    .first_packet_failed(failed, &mut response_buffer);
                 if let Some(transmit) = error.response {
                     respond(transmit, &response_buffer, &*state.socket);
                 }
@@ -611,6 +643,16 @@ impl ConnectionSet {
         socket: Arc<dyn AsyncUdpSocket>,
         runtime: Arc<dyn Runtime>,
     ) -> Connecting {
+        let recv = self.register(handle);
+        Connecting::new(handle, conn, self.sender.clone(), recv, socket, runtime)
+    }
+
+    /// Makes the queue of events for the connection `handle` and routes its
+    /// events there; the receiver goes to the connection's driver.
+    fn register(
+        &mut self,
+        handle: ConnectionHandle,
+    ) -> crate::event_queue::Receiver<Box<ConnectionEvent>> {
         // The events are boxed: a `ConnectionEvent` is about 176 bytes, and a
         // queue keeps the slots it grew to, so boxed a slot is a pointer
         // (`event_queue`, vendor/quinn/PATCHES.md).
@@ -623,7 +665,7 @@ impl ConnectionSet {
             debug_assert!(sent.is_ok(), "the receiver is right here");
         }
         self.senders.insert(handle, send);
-        Connecting::new(handle, conn, self.sender.clone(), recv, socket, runtime)
+        recv
     }
 
     fn is_empty(&self) -> bool {

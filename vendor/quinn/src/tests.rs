@@ -212,9 +212,11 @@ fn export_keying_material() {
         // lets its rustls connection go after the handshake and no longer exports
         // keying material; a client still does.
         let mut i_buf = [0u8; 64];
-        assert!(incoming_conn
-            .export_keying_material(&mut i_buf, b"asdf", b"qwer")
-            .is_err());
+        assert!(
+            incoming_conn
+                .export_keying_material(&mut i_buf, b"asdf", b"qwer")
+                .is_err()
+        );
         let mut o_buf = [0u8; 64];
         outgoing_conn
             .export_keying_material(&mut o_buf, b"asdf", b"qwer")
@@ -1111,4 +1113,138 @@ unsafe fn wake_by_ref_waker(data: *const ()) {
 
 unsafe fn drop_waker(data: *const ()) {
     drop(Arc::<WakeCounter>::from_raw(data as *const WakeCounter));
+}
+
+/// Tutti's change to `EndpointInner::accept` (PATCHES.md): the first packet of a
+/// connection, the client's ClientHello, is processed without the endpoint's lock.
+/// Here the server's certificate resolver, which rustls calls while processing it,
+/// blocks the second handshake until released; meanwhile the first connection
+/// exchanges data both ways, which needs the endpoint driver, and so its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn established_connection_runs_while_a_handshake_processes_its_first_packet() {
+    use rustls::server::{ClientHello, ResolvesServerCert};
+    use rustls::sign::CertifiedKey;
+    use std::sync::{Mutex, mpsc};
+
+    #[derive(Debug)]
+    struct Gate {
+        key: Arc<CertifiedKey>,
+        calls: AtomicUsize,
+        entered: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+        release: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl ResolvesServerCert for Gate {
+        fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                if let Some(entered) = self.entered.lock().unwrap().take() {
+                    let _ = entered.send(());
+                }
+                // Bounded, so that a stalled test fails rather than hangs.
+                let _ = self
+                    .release
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(std::time::Duration::from_secs(20));
+            }
+            Some(self.key.clone())
+        }
+    }
+
+    let _guard = subscribe();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let provider = Arc::new(default_provider());
+    let key = PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let certified = CertifiedKey::from_der(vec![cert.cert.der().clone()], key, &provider).unwrap();
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    let gate = Gate {
+        key: Arc::new(certified),
+        calls: AtomicUsize::new(0),
+        entered: Mutex::new(Some(entered_tx)),
+        release: Mutex::new(release_rx),
+    };
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(gate));
+    let server_config = crate::ServerConfig::with_crypto(Arc::new(
+        crate::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+    ));
+    let server =
+        Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+    let server_addr = server.local_addr().unwrap();
+
+    // The server echoes every bidirectional stream of every connection.
+    let accepting = tokio::spawn({
+        let server = server.clone();
+        async move {
+            while let Some(incoming) = server.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok(stream) = conn.accept_bi().await {
+                        tokio::spawn(echo(stream));
+                    }
+                });
+            }
+        }
+    });
+
+    let mut roots = RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let client_config = ClientConfig::with_root_certificates(Arc::new(roots)).unwrap();
+    let client = Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+    let round_trip = |conn: crate::Connection, msg: &'static [u8]| async move {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(msg).await.unwrap();
+        send.finish().unwrap();
+        recv.read_to_end(usize::MAX).await.unwrap()
+    };
+    let limit = Duration::from_secs(5);
+
+    let first = timeout(
+        limit,
+        client
+            .connect_with(client_config.clone(), server_addr, "localhost")
+            .unwrap(),
+    )
+    .await
+    .expect("the first handshake")
+    .unwrap();
+    assert_eq!(
+        timeout(limit, round_trip(first.clone(), b"one"))
+            .await
+            .unwrap(),
+        b"one"
+    );
+
+    let second = tokio::spawn(
+        client
+            .connect_with(client_config, server_addr, "localhost")
+            .unwrap(),
+    );
+    timeout(limit, entered_rx)
+        .await
+        .expect("the second handshake reaches the certificate resolver")
+        .unwrap();
+    // The second handshake holds a worker thread in the resolver now.
+    assert_eq!(
+        timeout(limit, round_trip(first.clone(), b"two"))
+            .await
+            .expect("the established connection stalled behind a handshake"),
+        b"two"
+    );
+
+    release_tx.send(()).unwrap();
+    let second = timeout(limit, second)
+        .await
+        .expect("the second handshake")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        timeout(limit, round_trip(second, b"three")).await.unwrap(),
+        b"three"
+    );
+    accepting.abort();
 }
