@@ -1396,13 +1396,6 @@ pub struct FirstPacketFailed {
     close: InitialCloseArgs,
 }
 
-impl FirstPacketFailed {
-    /// Why the packet failed
-    pub fn cause(&self) -> &ConnectionError {
-        &self.cause
-    }
-}
-
 impl fmt::Debug for FirstPacketFailed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FirstPacketFailed")

@@ -430,6 +430,9 @@ impl EndpointInner {
                 .accept_deferred(incoming, now, &mut response_buffer, server_config)
             {
                 Ok((handle, conn, first)) => {
+                    // Counted now, under the lock taken anyway, and taken back
+                    // if the first packet fails.
+                    state.stats.accepted_handshakes += 1;
                     // Registered now, so that the datagrams routed to the
                     // connection from here on wait in its queue until its driver
                     // runs, behind the first packet.
@@ -453,19 +456,17 @@ impl EndpointInner {
         // every connection: handshakes no longer stall established connections, and
         // several run at once on a multi-threaded runtime.
         match first.process(&mut conn) {
-            Ok(()) => {
-                self.state.lock().unwrap().stats.accepted_handshakes += 1;
-                Ok(Connecting::new(
-                    handle,
-                    conn,
-                    endpoint_events,
-                    queue,
-                    socket,
-                    runtime,
-                ))
-            }
+            Ok(()) => Ok(Connecting::new(
+                handle,
+                conn,
+                endpoint_events,
+                queue,
+                socket,
+                runtime,
+            )),
             Err(failed) => {
                 let mut state = self.state.lock().unwrap();
+                state.stats.accepted_handshakes -= 1;
                 state.recv_state.connections.senders.remove(&handle);
                 let error = state
                     .inner
