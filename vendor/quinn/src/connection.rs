@@ -16,11 +16,12 @@ use bytes::Bytes;
 use pin_project_lite::pin_project;
 use rustc_hash::FxHashMap;
 use thiserror::Error;
-use tokio::sync::{Notify, futures::Notified, mpsc, oneshot};
+use tokio::sync::{Notify, futures::Notified, oneshot};
 use tracing::{Instrument, Span, debug_span};
 
 use crate::{
     ConnectionEvent, Duration, Instant, VarInt,
+    endpoint::EndpointLink,
     mutex::Mutex,
     recv_stream::RecvStream,
     runtime::{AsyncTimer, AsyncUdpSocket, Runtime, UdpPoller},
@@ -28,8 +29,8 @@ use crate::{
     udp_transmit,
 };
 use proto::{
-    ConnectionError, ConnectionHandle, ConnectionStats, Dir, EndpointEvent, Side, StreamEvent,
-    StreamId, congestion::Controller,
+    ConnectionError, ConnectionHandle, ConnectionStats, Dir, Side, StreamEvent, StreamId,
+    congestion::Controller,
 };
 
 /// In-progress connection attempt future
@@ -44,7 +45,7 @@ impl Connecting {
     pub(crate) fn new(
         handle: ConnectionHandle,
         conn: proto::Connection,
-        endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
+        endpoint: EndpointLink,
         conn_events: crate::event_queue::Receiver<Box<ConnectionEvent>>,
         socket: Arc<dyn AsyncUdpSocket>,
         runtime: Arc<dyn Runtime>,
@@ -54,7 +55,7 @@ impl Connecting {
         let conn = ConnectionRef::new(
             handle,
             conn,
-            endpoint_events,
+            endpoint,
             conn_events,
             on_handshake_data_send,
             on_connected_send,
@@ -264,11 +265,14 @@ impl Future for ConnectionDriver {
             conn.terminate(e, &self.conn.shared);
             return Poll::Ready(Ok(()));
         }
+        // The endpoint's answers to what the datagrams raised (connection ids to
+        // issue) go out with this round's packets (`EndpointLink`).
+        conn.handle_endpoint_events();
         let mut keep_going = conn.drive_transmit(cx)?;
         // If a timer expires, there might be more to transmit. When we transmit something, we
         // might need to reset a timer. Hence, we must loop until neither happens.
         keep_going |= conn.drive_timer(cx);
-        conn.forward_endpoint_events();
+        conn.handle_endpoint_events();
         conn.forward_app_events(&self.conn.shared);
 
         if !conn.inner.is_drained() {
@@ -898,7 +902,7 @@ impl ConnectionRef {
     fn new(
         handle: ConnectionHandle,
         conn: proto::Connection,
-        endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
+        endpoint: EndpointLink,
         conn_events: crate::event_queue::Receiver<Box<ConnectionEvent>>,
         on_handshake_data: oneshot::Sender<()>,
         on_connected: oneshot::Sender<bool>,
@@ -916,7 +920,7 @@ impl ConnectionRef {
                 timer: None,
                 timer_deadline: None,
                 conn_events,
-                endpoint_events,
+                endpoint,
                 blocked_writers: FxHashMap::default(),
                 blocked_readers: FxHashMap::default(),
                 stopped: FxHashMap::default(),
@@ -998,7 +1002,7 @@ pub(crate) struct State {
     timer: Option<Pin<Box<dyn AsyncTimer>>>,
     timer_deadline: Option<Instant>,
     conn_events: crate::event_queue::Receiver<Box<ConnectionEvent>>,
-    endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
+    endpoint: EndpointLink,
     pub(crate) blocked_writers: FxHashMap<StreamId, Waker>,
     pub(crate) blocked_readers: FxHashMap<StreamId, Waker>,
     pub(crate) stopped: FxHashMap<StreamId, Arc<Notify>>,
@@ -1089,11 +1093,8 @@ impl State {
         Ok(false)
     }
 
-    fn forward_endpoint_events(&mut self) {
-        while let Some(event) = self.inner.poll_endpoint_events() {
-            // If the endpoint driver is gone, noop.
-            let _ = self.endpoint_events.send((self.handle, event));
-        }
+    fn handle_endpoint_events(&mut self) {
+        self.endpoint.handle_events(self.handle, &mut self.inner);
     }
 
     /// If this returns `Err`, the endpoint is dead, so the driver should exit immediately.
@@ -1280,9 +1281,8 @@ impl Drop for State {
     fn drop(&mut self) {
         if !self.inner.is_drained() {
             // Ensure the endpoint can tidy up
-            let _ = self
-                .endpoint_events
-                .send((self.handle, proto::EndpointEvent::drained()));
+            self.endpoint
+                .send(self.handle, proto::EndpointEvent::drained());
         }
     }
 }

@@ -9,7 +9,7 @@ use std::{
     pin::Pin,
     str,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll, Waker},
@@ -230,10 +230,13 @@ impl Endpoint {
 
         let socket = endpoint.socket.clone();
         endpoint.stats.outgoing_handshakes += 1;
-        Ok(endpoint
-            .recv_state
-            .connections
-            .insert(ch, conn, socket, self.runtime.clone()))
+        Ok(endpoint.recv_state.connections.insert(
+            ch,
+            conn,
+            Arc::downgrade(&self.inner.0),
+            socket,
+            self.runtime.clone(),
+        ))
     }
 
     /// Switch to a new UDP socket
@@ -416,13 +419,16 @@ pub(crate) struct EndpointInner {
 }
 
 impl EndpointInner {
+    /// Accepts `incoming`. `endpoint` is this endpoint, which the connection
+    /// keeps in its [`EndpointLink`].
     pub(crate) fn accept(
         &self,
         incoming: proto::Incoming,
         server_config: Option<Arc<ServerConfig>>,
+        endpoint: Weak<Self>,
     ) -> Result<Connecting, ConnectionError> {
         let mut response_buffer = Vec::new();
-        let (handle, mut conn, first, queue, socket, runtime, endpoint_events) = {
+        let (handle, mut conn, first, queue, socket, runtime, link) = {
             let mut state = self.state.lock().unwrap();
             let now = state.runtime.now();
             match state
@@ -439,8 +445,8 @@ impl EndpointInner {
                     let queue = state.recv_state.connections.register(handle);
                     let socket = state.socket.clone();
                     let runtime = state.runtime.clone();
-                    let events = state.recv_state.connections.sender.clone();
-                    (handle, conn, first, queue, socket, runtime, events)
+                    let link = state.recv_state.connections.link(endpoint);
+                    (handle, conn, first, queue, socket, runtime, link)
                 }
                 Err(error) => {
                     if let Some(transmit) = error.response {
@@ -456,14 +462,7 @@ impl EndpointInner {
         // every connection: handshakes no longer stall established connections, and
         // several run at once on a multi-threaded runtime.
         match first.process(&mut conn) {
-            Ok(()) => Ok(Connecting::new(
-                handle,
-                conn,
-                endpoint_events,
-                queue,
-                socket,
-                runtime,
-            )),
+            Ok(()) => Ok(Connecting::new(handle, conn, link, queue, socket, runtime)),
             Err(failed) => {
                 let mut state = self.state.lock().unwrap();
                 state.stats.accepted_handshakes -= 1;
@@ -641,11 +640,21 @@ impl ConnectionSet {
         &mut self,
         handle: ConnectionHandle,
         conn: proto::Connection,
+        endpoint: Weak<EndpointInner>,
         socket: Arc<dyn AsyncUdpSocket>,
         runtime: Arc<dyn Runtime>,
     ) -> Connecting {
         let recv = self.register(handle);
-        Connecting::new(handle, conn, self.sender.clone(), recv, socket, runtime)
+        let link = self.link(endpoint);
+        Connecting::new(handle, conn, link, recv, socket, runtime)
+    }
+
+    /// The link a new connection of this set keeps to `endpoint`.
+    fn link(&self, endpoint: Weak<EndpointInner>) -> EndpointLink {
+        EndpointLink {
+            events: self.sender.clone(),
+            endpoint,
+        }
     }
 
     /// Makes the queue of events for the connection `handle` and routes its
@@ -671,6 +680,75 @@ impl ConnectionSet {
 
     fn is_empty(&self) -> bool {
         self.senders.is_empty()
+    }
+}
+
+/// A connection's way to its endpoint, for the events it raises there (connection
+/// ids to issue or retire, its end).
+///
+/// The events are handled as soon as the connection raises them, in its driver,
+/// under the endpoint's lock; upstream quinn sent them over a channel to the
+/// endpoint driver, whose answer came back through the connection's queue a task
+/// switch or two later. A connection's first connection ids (NEW_CONNECTION_ID
+/// frames, asked for when the handshake reaches the keys for them) then came
+/// after the packets of that moment had gone out, and went in a datagram of their
+/// own, which the peer acknowledged; answered at once, they travel with those
+/// packets: in a server's handshake flight and in a client's Finished
+/// (vendor/quinn/PATCHES.md). The channel is still used when the endpoint is gone
+/// and by a connection dropped without draining.
+#[derive(Debug)]
+pub(crate) struct EndpointLink {
+    /// The endpoint driver's channel.
+    events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
+    /// The endpoint, when it is still there.
+    endpoint: Weak<EndpointInner>,
+}
+
+impl EndpointLink {
+    /// Sends `event` through the endpoint driver's channel.
+    pub(crate) fn send(&self, handle: ConnectionHandle, event: EndpointEvent) {
+        // If the endpoint driver is gone, noop.
+        let _ = self.events.send((handle, event));
+    }
+
+    /// Handles the endpoint events `conn` has raised, as the endpoint driver
+    /// would, and gives `conn` the endpoint's answers. Takes the endpoint's lock
+    /// only when there is an event; the caller may hold the connection's lock (the
+    /// endpoint never takes a connection's lock while holding its own).
+    pub(crate) fn handle_events(&self, handle: ConnectionHandle, conn: &mut proto::Connection) {
+        let Some(mut event) = conn.poll_endpoint_events() else {
+            return;
+        };
+        let Some(endpoint) = self.endpoint.upgrade() else {
+            loop {
+                self.send(handle, event);
+                match conn.poll_endpoint_events() {
+                    Some(next) => event = next,
+                    None => return,
+                }
+            }
+        };
+        let mut state = endpoint.state.lock().unwrap();
+        loop {
+            if event.is_drained() {
+                state.recv_state.connections.senders.remove(&handle);
+                if state.recv_state.connections.is_empty() {
+                    endpoint.shared.idle.notify_waiters();
+                    // A driver whose endpoint handles are all dropped ends once
+                    // its last connection is gone: let it see that.
+                    if let Some(driver) = &state.driver {
+                        driver.wake_by_ref();
+                    }
+                }
+            }
+            if let Some(answer) = state.inner.handle_event(handle, event) {
+                conn.handle_event(answer);
+            }
+            match conn.poll_endpoint_events() {
+                Some(next) => event = next,
+                None => return,
+            }
+        }
     }
 }
 
@@ -724,6 +802,17 @@ impl Future for Accept<'_> {
 pub(crate) struct EndpointRef(Arc<EndpointInner>);
 
 impl EndpointRef {
+    /// Accepts `incoming` ([`EndpointInner::accept`]), the connection linked to
+    /// this endpoint.
+    pub(crate) fn accept(
+        &self,
+        incoming: proto::Incoming,
+        server_config: Option<Arc<ServerConfig>>,
+    ) -> Result<Connecting, ConnectionError> {
+        self.0
+            .accept(incoming, server_config, Arc::downgrade(&self.0))
+    }
+
     pub(crate) fn new(
         socket: Arc<dyn AsyncUdpSocket>,
         inner: proto::Endpoint,

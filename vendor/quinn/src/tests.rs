@@ -1248,3 +1248,99 @@ async fn established_connection_runs_while_a_handshake_processes_its_first_packe
     );
     accepting.abort();
 }
+
+/// Tutti's `EndpointLink` (PATCHES.md): a connection's first connection ids
+/// (NEW_CONNECTION_ID frames) travel with the handshake, the server's in its
+/// handshake flight and the client's with its Finished. Sent through the endpoint
+/// driver, they came back after those packets had gone out, and each side sent
+/// them in a datagram of its own. Here every datagram after the handshake's is
+/// lost (the server sends one, its flight; the client two, its Initial and its
+/// Finished), so each side has the other's ids only if they came with those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_ids_travel_with_the_handshake() {
+    use crate::{AsyncUdpSocket, Runtime, UdpPoller, udp::RecvMeta, udp::Transmit};
+    use std::{io::IoSliceMut, pin::Pin, task::Poll};
+
+    /// Sends its first `limit` datagrams, one per `try_send`, and loses the rest.
+    #[derive(Debug)]
+    struct SendsAtMost {
+        inner: Arc<dyn AsyncUdpSocket>,
+        limit: usize,
+        sent: AtomicUsize,
+    }
+
+    impl AsyncUdpSocket for SendsAtMost {
+        fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+            self.inner.clone().create_io_poller()
+        }
+        fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+            match self.sent.fetch_add(1, Ordering::SeqCst) < self.limit {
+                true => self.inner.try_send(transmit),
+                false => Ok(()),
+            }
+        }
+        fn poll_recv(
+            &self,
+            cx: &mut std::task::Context,
+            bufs: &mut [IoSliceMut<'_>],
+            meta: &mut [RecvMeta],
+        ) -> Poll<io::Result<usize>> {
+            self.inner.poll_recv(cx, bufs, meta)
+        }
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            self.inner.local_addr()
+        }
+        fn max_transmit_segments(&self) -> usize {
+            1
+        }
+    }
+
+    let _guard = subscribe();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let key = PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let server_config =
+        crate::ServerConfig::with_single_cert(vec![cert.cert.der().clone()], key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let client_config = ClientConfig::with_root_certificates(Arc::new(roots)).unwrap();
+    let endpoint = |server_config: Option<crate::ServerConfig>, limit: usize| {
+        let socket = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).unwrap();
+        let socket = Arc::new(SendsAtMost {
+            inner: TokioRuntime.wrap_udp_socket(socket).unwrap(),
+            limit,
+            sent: AtomicUsize::new(0),
+        });
+        Endpoint::new_with_abstract_socket(
+            EndpointConfig::default(),
+            server_config,
+            socket,
+            Arc::new(TokioRuntime),
+        )
+        .unwrap()
+    };
+    let server = endpoint(Some(server_config), 1);
+    let client = endpoint(None, 2);
+
+    let accepting = async { server.accept().await.unwrap().await.unwrap() };
+    let connecting = async {
+        client
+            .connect_with(client_config, server.local_addr().unwrap(), "localhost")
+            .unwrap()
+            .await
+            .unwrap()
+    };
+    let (on_server, on_client) = timeout(Duration::from_secs(10), async {
+        tokio::join!(accepting, connecting)
+    })
+    .await
+    .expect("the handshake needs no datagram but the three sent");
+    let (on_server, on_client) = (on_server.stats(), on_client.stats());
+    assert!(
+        on_client.frame_rx.new_connection_id > 0,
+        "the server's connection ids did not come with its handshake flight: {on_client:?}"
+    );
+    assert!(
+        on_server.frame_rx.new_connection_id > 0,
+        "the client's connection ids did not come with its Finished: {on_server:?}"
+    );
+}
