@@ -4,17 +4,18 @@
 #
 #   loadtest/baselines/storm-chat.sh [--server-bin PATH] [--workers N] [--rsa] [--storms N] [--rounds N]
 #
-# Starts `tutti serve` on free loopback ports (data on /dev/shm, a generated
+# Runs chat-fanout.toml (1,000 clients, 10,000 deliveries/s) against a server
+# `tutti-load --spawn` starts on free loopback ports (data on /dev/shm, a generated
 # development certificate, or with --rsa an RSA-2048 one made with openssl;
-# `worker_threads = N` with --workers), then runs chat-fanout.toml (1,000 clients,
-# 10,000 deliveries/s) against it from one generator and, once its ramp-up and
-# warm-up are over (22 s in), --storms runs of reconnect.toml (default 3) from a
-# second generator: 2,000 connects, all closed, all reopened resuming their TLS
-# sessions, all closed, all reopened with full handshakes. Prints the chat
-# latency over its measured window (30 s, which the storms fill) and each storm's
-# rates. With --rounds N it repeats the whole thing N times, each on a fresh
-# server. JSON reports go to loadtest/results/storm-chat-<UTC time>/. Loopback
-# only; every run has a timeout.
+# `worker_threads = N` with --workers), and, once its ramp-up and warm-up are
+# over (22 s in), --storms runs of reconnect.toml (default 3) against the same
+# server from a second generator (`tutti-load run --alongside`): 2,000 connects,
+# all closed, all reopened resuming their TLS sessions, all closed, all reopened
+# with full handshakes. Prints the chat latency over its measured window (30 s,
+# which the storms fill) and each storm's rates. With --rounds N it repeats the
+# whole thing N times, each on a fresh server. JSON reports go to
+# loadtest/results/storm-chat-<UTC time>/ (the storms' inside each chat report,
+# under details.alongside). Loopback only; every run has a timeout.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
     --rsa) RSA=1 ;;
     --storms) STORMS=$2; shift ;;
     --rounds) ROUNDS=$2; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "storm-chat.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -47,75 +48,39 @@ OUT=$ROOT/loadtest/results/storm-chat-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 log() { echo "[storm-chat $(date -u +%H:%M:%S)] $*" >&2; }
 
-DIR=""
-SERVER=""
-cleanup() {
-  [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
-  [ -n "$DIR" ] && rm -rf "$DIR"
+# The spawned server's extra configuration (tutti-load run --server-config).
+{
+  [ -n "$WORKERS" ] && echo "worker_threads = $WORKERS"
+  if [ "$RSA" = 1 ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+      -keyout "$OUT/key.pem" -out "$OUT/cert.pem" 2>/dev/null
+    printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$OUT/cert.pem" "$OUT/key.pem"
+  fi
   true
-}
-trap cleanup EXIT
+} > "$OUT/server.toml"
 
-round() { # round number
-  local r=$1
-  DIR=$(mktemp -d "$SHM/tutti-storm-chat.XXXXXX")
-  {
-    [ -n "$WORKERS" ] && echo "worker_threads = $WORKERS"
-    printf '[rooms]\njoin_policy = "open"\n[limits]\nmax_connections_per_address = 1000000\n'
-    if [ "$RSA" = 1 ]; then
-      openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
-        -keyout "$DIR/key.pem" -out "$DIR/cert.pem" 2>/dev/null
-      printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$DIR/cert.pem" "$DIR/key.pem"
-    fi
-  } > "$DIR/tutti.toml"
-  TUTTI_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-  TUTTI_API_KEY=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-  export TUTTI_JWT_SECRET TUTTI_API_KEY
-  TUTTI_LOG=warn "$BIN" serve --config "$DIR/tutti.toml" --listen 127.0.0.1:0 --http 127.0.0.1:0 \
-    --data-dir "$DIR/data" --cert-dir "$DIR/certs" --web-dir "$DIR/web" > "$DIR/banner" 2> "$DIR/server.log" &
-  SERVER=$!
-  local quic="" http=""
-  for _ in $(seq 100); do # the banner, within 10 s
-    quic=$(sed -n 's/^ *raw quic: *\([^ ]*\).*/\1/p' "$DIR/banner")
-    http=$(sed -n 's|^ *page: *http://\([^/]*\)/.*|\1|p' "$DIR/banner")
-    [ -n "$quic" ] && [ -n "$http" ] && break
-    kill -0 "$SERVER" 2>/dev/null || { cat "$DIR/server.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  [ -n "$quic" ] || { echo "storm-chat.sh: the server printed no address" >&2; exit 1; }
-  local target=(--target "$quic" --http "$http" --server-pid "$SERVER" -q)
-  log "round $r: chat fan-out against $quic"
-  timeout 300 "$LOAD" run "$ROOT/loadtest/scenarios/chat-fanout.toml" "${target[@]}" \
-    --json "$OUT/chat-$r.json" >/dev/null &
-  local chat=$!
+for r in $(seq "$ROUNDS"); do
+  log "round $r: chat fan-out, with $STORMS reconnect storms from 22 s in"
   # chat-fanout.toml ramps up for 10 s and warms up for 10 s before its measured
   # 30 s; the storms start 2 s into that window.
-  sleep 22
-  for s in $(seq "$STORMS"); do
-    log "round $r: reconnect storm $s"
-    timeout 120 "$LOAD" run "$ROOT/loadtest/scenarios/reconnect.toml" "${target[@]}" \
-      --json "$OUT/storm-$r-$s.json" >/dev/null || true
-  done
-  wait "$chat" || true
-  kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null || true
-  SERVER=""
-  rm -rf "$DIR"
-  DIR=""
-}
-
-for r in $(seq "$ROUNDS"); do round "$r"; done
+  timeout 600 "$LOAD" run "$ROOT/loadtest/scenarios/chat-fanout.toml" --spawn --spawn-dir "$SHM" \
+    --server-bin "$BIN" --server-config "$OUT/server.toml" --timeout 8m -q \
+    --alongside "$ROOT/loadtest/scenarios/reconnect.toml" --alongside-after 22s \
+    --alongside-runs "$STORMS" --json "$OUT/chat-$r.json" >/dev/null || true
+done
 
 echo "| round | chat p50 (ms) | p99 | p99.9 | max | lost | storms: first connect, resumed, full (/s) |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 for r in $(seq "$ROUNDS"); do
-  storms=$(for f in "$OUT"/storm-"$r"-*.json; do
-    [ -f "$f" ] && jq -r '"\(.connections.connects_per_sec|floor), \(.details.reconnect_resumed_per_sec|floor), \(.details.reconnect_full_per_sec|floor)"' "$f"
-  done | paste -sd ';' | sed 's/;/; /g')
   if [ -f "$OUT/chat-$r.json" ]; then
-    jq -r --arg r "$r" --arg s "$storms" \
-      '"| \($r) | \(.latency_ms.p50) | \(.latency_ms.p99) | \(.latency_ms.p999) | \(.latency_ms.max) | \(.messages.lost) | \($s) |"' \
+    jq -r --arg r "$r" '
+      ([.details.alongside[]? |
+        if .error then "error: \(.error)"
+        else "\(.connections.connects_per_sec|floor), \(.details.reconnect_resumed_per_sec|floor), \(.details.reconnect_full_per_sec|floor)"
+        end] | join("; ")) as $s |
+      "| \($r) | \(.latency_ms.p50) | \(.latency_ms.p99) | \(.latency_ms.p999) | \(.latency_ms.max) | \(.messages.lost) | \($s) |"' \
       "$OUT/chat-$r.json"
   else
-    echo "| $r | (no report) | | | | | $storms |"
+    echo "| $r | (no report) | | | | | |"
   fi
 done

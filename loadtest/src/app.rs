@@ -97,6 +97,20 @@ pub struct RunArgs {
     /// Abort the run if it takes longer than this (e.g. 10m).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
     pub timeout: Duration,
+    /// Another scenario to run against the same server while this one runs, from a
+    /// second `tutti-load` process (its own CPU, its own report), e.g. reconnect
+    /// storms during chat fan-out. Its reports go into this run's JSON report
+    /// (`details.alongside`) and a line each into its table. Not with --cluster or
+    /// --nodes.
+    #[arg(long, conflicts_with_all = ["cluster", "nodes"])]
+    pub alongside: Option<PathBuf>,
+    /// When the --alongside scenario starts, after this run's start (e.g. 22s, to
+    /// land in chat-fanout.toml's measured window).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s", requires = "alongside")]
+    pub alongside_after: Duration,
+    /// How many times the --alongside scenario runs, one after another.
+    #[arg(long, default_value_t = 1, requires = "alongside")]
+    pub alongside_runs: usize,
 }
 
 /// Runs the scenario; `Ok(pass)`.
@@ -183,6 +197,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     stats::live().errors.reset();
     stats::live().sends.reset();
     stats::live().deliveries.reset();
+    let alongside = match &args.alongside {
+        Some(path) => Some(crate::alongside::Alongside::start(
+            path.clone(),
+            &ctx.target,
+            args.alongside_after,
+            args.alongside_runs,
+            args.timeout,
+        )?),
+        None => None,
+    };
     let progress = progress::start(args.quiet);
     let result = tokio::time::timeout(args.timeout, async {
         match ctx.scenario.kind {
@@ -198,6 +222,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     })
     .await;
     progress.stop().await;
+    // The alongside runs still need the server: wait for them before stopping it.
+    let alongside = match alongside {
+        Some(a) => Some(a.finish(args.timeout).await),
+        None => None,
+    };
     let server_cpu = match (server_cpu0, procstat::cpu_secs_of(&server_pids)) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -219,10 +248,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     if let Err(e) = target.stop().await {
         tracing::warn!(error = %e, "stopping the server");
     }
-    let outcome = match result {
+    let mut outcome = match result {
         Ok(r) => r?,
         Err(_) => anyhow::bail!("the run did not finish within --timeout {:?}", args.timeout),
     };
+    if let Some(reports) = &alongside {
+        outcome
+            .extra
+            .insert("alongside".into(), serde_json::Value::from(reports.clone()));
+    }
 
     let (name, kind, date, params) = info_base;
     let generator_bound = outcome.late.scheduled > 0
@@ -241,6 +275,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     };
     let verdicts = slo::evaluate(&spec, &measured(kind, &outcome));
     print!("{}", report::table(&info, &outcome, &verdicts));
+    if let Some(reports) = &alongside {
+        print!("{}", crate::alongside::summary(reports));
+    }
     if let Some(path) = &args.json {
         let v = report::to_json(&info, &outcome, &verdicts);
         std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")

@@ -2,6 +2,7 @@
 //! runners that drive the real server through the native client, SLO verdicts and
 //! reports (table, JSON, `.hgrm`, SVG). `main.rs` only parses the command line.
 
+pub mod alongside;
 pub mod app;
 pub mod http;
 pub mod outcome;

@@ -21,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once, at start-up: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a scenario file and judge it against its SLOs.

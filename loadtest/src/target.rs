@@ -26,6 +26,9 @@ pub struct Target {
     pub pin: [u8; 32],
     /// Mints the clients' tokens.
     pub auth: Auth,
+    /// The secret `auth` was made with, for a second `tutti-load` against the same
+    /// server (`--alongside`).
+    pub token_secret: Secret,
     /// The server API key, if known.
     pub api_key: Option<String>,
     /// The transport clients use.
@@ -52,6 +55,16 @@ struct Spawned {
     dir: tempfile::TempDir,
     /// With `--cluster`: the other nodes, then the NATS server.
     others: Vec<tokio::process::Child>,
+}
+
+/// A secret kept out of `Debug` output.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// How to find an already running server.
@@ -92,6 +105,7 @@ impl Target {
                 SecretSource::Configured,
                 Duration::ZERO,
             ),
+            token_secret: Secret(e.secret.clone()),
             api_key: e.api_key,
             transport,
             server_pid: e.pid,
@@ -189,6 +203,7 @@ impl Target {
             http: Some(http),
             pin,
             auth: Auth::new(secret.as_bytes(), SecretSource::Configured, Duration::ZERO),
+            token_secret: Secret(secret.clone()),
             api_key: Some(api_key),
             transport,
             server_pid: pid,
@@ -356,6 +371,7 @@ impl Target {
             http: first_http,
             pin: addrs[0].1,
             auth: Auth::new(secret.as_bytes(), SecretSource::Configured, Duration::ZERO),
+            token_secret: Secret(secret.clone()),
             api_key: Some(api_key),
             transport,
             server_pid: pid,

@@ -144,10 +144,37 @@ fn check(scenario: &str, transport: &str, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn smoke_over_quic_passes_its_slos() {
-    let r = check("smoke.toml", "quic", &[]);
+    // With a small mass reconnect from a second generator against the same
+    // server (`--alongside`), started once the smoke's measured window is over.
+    let storm = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join("smoke-reconnect.toml");
+    let storm = storm.to_str().unwrap();
+    let r = check(
+        "smoke.toml",
+        "quic",
+        &["--alongside", storm, "--alongside-after", "10s"],
+    );
     // The scenario's option reached the run: its sends carried client message
     // ids (the idempotent send), and `check` saw each delivered exactly once.
     assert_eq!(r["params"]["chat"]["client_message_ids"], true);
+    let alongside = r["details"]["alongside"]
+        .as_array()
+        .expect("alongside reports");
+    assert_eq!(alongside.len(), 1, "{alongside:?}");
+    let storm = &alongside[0];
+    assert_eq!(storm["scenario"], "smoke-reconnect", "{storm}");
+    assert_eq!(storm["pass"], true, "{storm}");
+    assert_eq!(storm["connections"]["established"], 20, "{storm}");
+    for kind in ["resumed", "full"] {
+        assert_eq!(
+            storm["details"][format!("reconnect_{kind}_established")],
+            20,
+            "{storm}"
+        );
+    }
+    // The second generator read the same server's CPU time.
+    assert_eq!(storm["server"]["pid"], r["server"]["pid"], "{storm}");
 }
 
 /// Collaboration through the harness: documents created under the ids the
