@@ -4,7 +4,7 @@
 //! established sessions see while thousands of clients reconnect
 //! (loadtest/baselines/storm-chat.sh).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::target::Target;
 
 /// What a child run needs to reach the server.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Reach {
     args: Vec<String>,
     secret: crate::target::Secret,
@@ -98,7 +98,7 @@ impl Alongside {
 }
 
 /// One child run: its JSON report (whether or not it passed its SLOs).
-async fn run_once(exe: &PathBuf, reach: &Reach, timeout: Duration) -> anyhow::Result<Value> {
+async fn run_once(exe: &Path, reach: &Reach, timeout: Duration) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
     let json = dir.path().join("report.json");
     let mut cmd = tokio::process::Command::new(exe);

@@ -551,6 +551,17 @@ impl State {
         Ok(poll_res.keep_going)
     }
 
+    /// Forgets the drained connection `ch`'s queue; when it was the last, tells
+    /// `wait_idle` and returns true.
+    fn forget_drained(&mut self, ch: ConnectionHandle, shared: &Shared) -> bool {
+        self.recv_state.connections.senders.remove(&ch);
+        let idle = self.recv_state.connections.is_empty();
+        if idle {
+            shared.idle.notify_waiters();
+        }
+        idle
+    }
+
     fn handle_events(&mut self, cx: &mut Context, shared: &Shared) -> bool {
         for _ in 0..IO_LOOP_BOUND {
             let (ch, event) = match self.events.poll_recv(cx) {
@@ -562,10 +573,7 @@ impl State {
             };
 
             if event.is_drained() {
-                self.recv_state.connections.senders.remove(&ch);
-                if self.recv_state.connections.is_empty() {
-                    shared.idle.notify_waiters();
-                }
+                self.forget_drained(ch, shared);
             }
             let Some(event) = self.inner.handle_event(ch, event) else {
                 continue;
@@ -730,15 +738,11 @@ impl EndpointLink {
         };
         let mut state = endpoint.state.lock().unwrap();
         loop {
-            if event.is_drained() {
-                state.recv_state.connections.senders.remove(&handle);
-                if state.recv_state.connections.is_empty() {
-                    endpoint.shared.idle.notify_waiters();
-                    // A driver whose endpoint handles are all dropped ends once
-                    // its last connection is gone: let it see that.
-                    if let Some(driver) = &state.driver {
-                        driver.wake_by_ref();
-                    }
+            // A driver whose endpoint handles are all dropped ends once its last
+            // connection is gone: let it see that.
+            if event.is_drained() && state.forget_drained(handle, &endpoint.shared) {
+                if let Some(driver) = &state.driver {
+                    driver.wake_by_ref();
                 }
             }
             if let Some(answer) = state.inner.handle_event(handle, event) {
