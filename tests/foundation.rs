@@ -596,6 +596,61 @@ async fn rotated_certificate_is_served_without_restart(t: TransportKind) {
     assert!(body.contains(&tutti::util::hex(&new_pin)), "{body}");
 }
 
+/// The native client lets the server open the streams the protocol has it open,
+/// one push stream per kind (with a little room), and no bidirectional stream:
+/// not quinn's default of 100 of each, whose state every connection would set up.
+/// A bare QUIC server stands in for Tutti's, to try opening more.
+#[tokio::test]
+async fn a_native_client_lets_the_server_open_only_its_push_streams() {
+    use futures_util::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = std::sync::Arc::new(
+        tutti::tls::CertStore::from_config(&tutti::tls::TlsConfig {
+            cert_dir: dir.path().to_owned(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let tls = certs.server_config(&[tutti::protocol::ALPN_NATIVE]);
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let server = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let config = tutti::client::ClientConfig::new(
+        addr,
+        TransportKind::Quic,
+        Trust::Pinned(vec![certs.pin()]),
+        "",
+    );
+    let (session, conn) = tokio::time::timeout(Duration::from_secs(10), async {
+        let accept = async { server.accept().await.unwrap().await.unwrap() };
+        tokio::join!(connect_transport(&config), accept)
+    })
+    .await
+    .expect("the client connects to the bare server");
+    let _session = session.unwrap();
+    // Opening a stream the peer allows completes at once; one it does not allow
+    // waits for credit that never comes.
+    assert!(
+        conn.open_bi().now_or_never().is_none(),
+        "the client allows no bidirectional stream from the server"
+    );
+    let kinds = StreamKind::Analytics as usize;
+    let mut opened = Vec::new();
+    while let Some(stream) = conn.open_uni().now_or_never() {
+        opened.push(stream.unwrap());
+        assert!(opened.len() <= 64, "the client allows quinn's 100 streams");
+    }
+    assert!(
+        (kinds..=2 * kinds).contains(&opened.len()),
+        "{} unidirectional streams allowed for {kinds} push kinds",
+        opened.len()
+    );
+}
+
 #[tokio::test]
 async fn http_side_port_health_readiness_metrics_and_pin() {
     let s = TestServer::start().await;

@@ -46,6 +46,12 @@ use crate::transport::{RecvStream, SendStream, Session, TransportKind};
 /// its push streams and the server sees a slow consumer.
 const EVENT_QUEUE: usize = 16 * 1024;
 
+/// Unidirectional streams the server may have open to a raw QUIC client at once:
+/// one push stream per [`StreamKind`] (six kinds), with room for kinds a newer
+/// server adds. The server opens no bidirectional stream. quinn's default, 100 of
+/// each, makes every connection set up state for 200 streams that never come.
+const SERVER_UNI_STREAMS: u32 = 8;
+
 /// How to reach and authenticate to a server.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -426,7 +432,10 @@ pub async fn connect_transport(config: &ClientConfig) -> Result<Session, ClientE
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 let mut qc = quinn::ClientConfig::new(Arc::new(crypto));
                 let mut transport = quinn::TransportConfig::default();
-                transport.keep_alive_interval(Some(config.keep_alive));
+                transport
+                    .keep_alive_interval(Some(config.keep_alive))
+                    .max_concurrent_bidi_streams(0u32.into())
+                    .max_concurrent_uni_streams(SERVER_UNI_STREAMS.into());
                 qc.transport_config(Arc::new(transport));
                 let conn = endpoint
                     .connect_with(qc, config.addr, &config.server_name)
