@@ -174,7 +174,7 @@ knee() { # label file
 }
 connects() { # label file: connect rate, memory per connection, reconnect storms
   local f=$OUT/$2
-  [ -f "$f" ] || { printf '| %s | (no report) | | | | | |\n' "$1"; return; }
+  [ -f "$f" ] || { printf '| %s | (no report) | | | | | | |\n' "$1"; return; }
   jq -r --arg l "$1" '
     def r(n): if . == null then "" else (. * n | round / n | tostring) end;
     .details as $d
@@ -186,6 +186,9 @@ connects() { # label file: connect rate, memory per connection, reconnect storms
         (if $d.reconnect_full_per_sec then ($d.reconnect_resumed_per_sec / $d.reconnect_full_per_sec | r(100)) else "" end),
         (if $d.server_cpu_ms_per_resumed_connect then
            ($d.server_cpu_ms_per_resumed_connect | r(100)) + " / " + ($d.server_cpu_ms_per_full_connect | r(100))
+         else "" end),
+        (if $d.generator_cpu_ms_per_resumed_connect then
+           ($d.generator_cpu_ms_per_resumed_connect | r(100)) + " / " + ($d.generator_cpu_ms_per_full_connect | r(100))
          else "" end) ]
     | "| " + join(" | ") + " |"' "$f"
 }
@@ -248,8 +251,8 @@ some() { # files...: whether any of these reports exists
   fi
   if [ "$CONNECTS" = 1 ] && some tutti-idle-quic.json tutti-idle-wt.json tutti-reconnect-ecdsa.json; then
     echo
-    echo "| connects (Tutti) | connect rate (/s) | server memory per connection (KiB) | resumed reconnects (/s) | full reconnects (/s) | resumed / full | server CPU per connect, resumed / full (ms) |"
-    echo "| --- | --- | --- | --- | --- | --- | --- |"
+    echo "| connects (Tutti) | connect rate (/s) | server memory per connection (KiB) | resumed reconnects (/s) | full reconnects (/s) | resumed / full | server CPU per connect, resumed / full (ms) | generator CPU per connect, resumed / full (ms) |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
     for r in "raw QUIC, 10,000 idle|tutti-idle-quic" "WebTransport, 3,000 idle|tutti-idle-wt" \
              "raw QUIC, mass reconnect, ECDSA P-256|tutti-reconnect-ecdsa" \
              "raw QUIC, mass reconnect, RSA-2048|tutti-reconnect-rsa"; do

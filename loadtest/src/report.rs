@@ -342,9 +342,11 @@ pub fn table(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> String {
                 &mut t,
                 &format!("reconnect storm, {name}"),
                 format!(
-                    "{rate:.0}/s ({} connected), server cpu {} per connect",
+                    "{rate:.0}/s ({} connected), cpu per connect: server {}, generator {}",
                     get(format!("reconnect_{name}_established")).unwrap_or(0.0),
                     get(format!("server_cpu_ms_per_{name}_connect"))
+                        .map_or("?".into(), |ms| format!("{ms:.2} ms")),
+                    get(format!("generator_cpu_ms_per_{name}_connect"))
                         .map_or("?".into(), |ms| format!("{ms:.2} ms"))
                 ),
             );

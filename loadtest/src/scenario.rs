@@ -367,7 +367,7 @@ pub struct IdleParams {
     /// After the hold: close every connection and reconnect them all at once
     /// (a mass disconnect), first with the TLS sessions of the first connects
     /// (resumed handshakes), then again without (full handshakes); reports both
-    /// rates and the server CPU per connect of each.
+    /// rates and the CPU per connect of the server and of the generator for each.
     pub reconnect: bool,
 }
 

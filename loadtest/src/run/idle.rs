@@ -62,14 +62,20 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
             .map(|c| c.clone().map(ClientConfig::with_new_tls_sessions))
             .collect();
         let full = storm(ctx, &fresh, "full").await;
-        for (name, (rate, cpu_ms, established)) in [("resumed", resumed), ("full", full)] {
+        for (name, storm) in [("resumed", resumed), ("full", full)] {
             o.extra
-                .insert(format!("reconnect_{name}_per_sec"), rate.into());
-            o.extra
-                .insert(format!("reconnect_{name}_established"), established.into());
-            if let Some(ms) = cpu_ms {
+                .insert(format!("reconnect_{name}_per_sec"), storm.rate.into());
+            o.extra.insert(
+                format!("reconnect_{name}_established"),
+                storm.established.into(),
+            );
+            if let Some(ms) = storm.server_cpu_ms {
                 o.extra
                     .insert(format!("server_cpu_ms_per_{name}_connect"), ms.into());
+            }
+            if let Some(ms) = storm.generator_cpu_ms {
+                o.extra
+                    .insert(format!("generator_cpu_ms_per_{name}_connect"), ms.into());
             }
         }
     }
@@ -90,30 +96,43 @@ fn watch(pool: &Pool) -> Vec<tokio::task::JoinHandle<()>> {
         .collect()
 }
 
-/// Reconnects every client at once (no ramp): the rate of connects, the server's
-/// CPU milliseconds per connect, and how many connected; then closes them again.
-async fn storm(
-    ctx: &Ctx,
-    configs: &[Option<ClientConfig>],
-    label: &str,
-) -> (f64, Option<f64>, u64) {
+/// What one reconnect storm measured.
+struct Storm {
+    /// Connects per second.
+    rate: f64,
+    /// The server's CPU milliseconds per connect.
+    server_cpu_ms: Option<f64>,
+    /// This generator's CPU milliseconds per connect: a client's side of the same
+    /// handshakes. On shared cores it bounds the rate as much as the server does.
+    generator_cpu_ms: Option<f64>,
+    /// How many connected.
+    established: u64,
+}
+
+/// Reconnects every client at once (no ramp), measures it, then closes them again.
+async fn storm(ctx: &Ctx, configs: &[Option<ClientConfig>], label: &str) -> Storm {
     let p = &ctx.scenario.idle;
     let pids = ctx.target.server_pids();
-    let cpu = || procstat::cpu_secs_of(&pids);
+    let server_cpu = || procstat::cpu_secs_of(&pids);
+    let generator_cpu = || procstat::cpu_secs(std::process::id());
     live().set_phase(format!("idle: reconnecting all ({label} handshakes)"));
-    let before = cpu();
+    let before = (server_cpu(), generator_cpu());
     let mut pool = connect_configs(configs, Duration::ZERO, p.connect_concurrency).await;
-    let after = cpu();
-    let rate = pool.established as f64 / pool.connect_secs.max(1e-9);
-    let cpu_ms = match (before, after) {
+    let after = (server_cpu(), generator_cpu());
+    let per_connect = |b: Option<f64>, a: Option<f64>| match (b, a) {
         (Some(b), Some(a)) if pool.established > 0 => {
             Some((a - b) * 1000.0 / pool.established as f64)
         }
         _ => None,
     };
-    let established = pool.established;
+    let storm = Storm {
+        rate: pool.established as f64 / pool.connect_secs.max(1e-9),
+        server_cpu_ms: per_connect(before.0, after.0),
+        generator_cpu_ms: per_connect(before.1, after.1),
+        established: pool.established,
+    };
     let watchers = watch(&pool);
     pool.close_all();
     join_within(watchers, Duration::from_secs(5)).await;
-    (rate, cpu_ms, established)
+    storm
 }
