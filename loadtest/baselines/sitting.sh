@@ -145,9 +145,7 @@ if [ "$CONNECTS" = 1 ]; then
   # A throwaway RSA-2048 key and certificate for this sitting only (the results
   # directory is not kept in git).
   mkdir -p "$OUT/rsa"
-  if openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
-      -keyout "$OUT/rsa/key.pem" -out "$OUT/rsa/cert.pem" 2>/dev/null; then
-    printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$OUT/rsa/cert.pem" "$OUT/rsa/key.pem" > "$OUT/rsa.toml"
+  if "$ROOT/loadtest/baselines/rsa-tls.sh" "$OUT/rsa" > "$OUT/rsa.toml"; then
     tutti reconnect-rsa reconnect.toml --server-config "$OUT/rsa.toml"
   else
     log "openssl could not make an RSA certificate: the RSA reconnect storm is skipped"

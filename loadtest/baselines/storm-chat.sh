@@ -52,9 +52,7 @@ log() { echo "[storm-chat $(date -u +%H:%M:%S)] $*" >&2; }
 {
   [ -n "$WORKERS" ] && echo "worker_threads = $WORKERS"
   if [ "$RSA" = 1 ]; then
-    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
-      -keyout "$OUT/key.pem" -out "$OUT/cert.pem" 2>/dev/null
-    printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$OUT/cert.pem" "$OUT/key.pem"
+    "$ROOT/loadtest/baselines/rsa-tls.sh" "$OUT"
   fi
   true
 } > "$OUT/server.toml"
