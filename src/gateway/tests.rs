@@ -163,6 +163,47 @@ async fn pipelined_requests_are_answered_by_id() {
     }
 }
 
+/// Waits (virtual time) until `done`, for at most a second.
+async fn until(mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("not done within a second");
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_sessions_are_sampled_by_one_task_and_forgotten_when_they_end() {
+    let h = Harness::new(|_| {});
+    let samples = || h.gateway.metrics.rtt.snapshot().len();
+    let open = || super::lock(&h.gateway.sampled).len();
+    let started = tokio::time::Instant::now();
+    let ann = h.client("ann").await;
+    let bob = h.client("bob").await;
+    // Each is sampled as it opens.
+    assert_eq!((samples(), open()), (2, 2));
+
+    // Both, once each, at the first interval; nothing before it.
+    tokio::time::sleep_until(started + super::RTT_SAMPLE_EVERY - Duration::from_millis(1)).await;
+    assert_eq!(samples(), 2);
+    until(|| samples() == 4).await;
+
+    // An ended session leaves the sampled ones; the other is sampled alone.
+    bob.close();
+    until(|| open() == 1).await;
+    tokio::time::sleep_until(started + 2 * super::RTT_SAMPLE_EVERY - Duration::from_millis(1))
+        .await;
+    assert_eq!(samples(), 4);
+    until(|| samples() == 5).await;
+
+    ann.close();
+    until(|| open() == 0).await;
+    tokio::time::sleep(2 * super::RTT_SAMPLE_EVERY).await;
+    assert_eq!(samples(), 5);
+}
+
 // Real time here: the writer commits on a thread of its own, which virtual time
 // would not wait for.
 #[tokio::test]
