@@ -382,6 +382,11 @@ impl Config {
         if self.timeouts.ack_delay > TimeoutsConfig::MAX_ACK_DELAY {
             return bad("timeouts.ack_delay must be at most 1s");
         }
+        if self.timeouts.heartbeat >= self.timeouts.idle {
+            return bad(
+                "timeouts.heartbeat must be shorter than timeouts.idle: its keep-alives keep idle connections open",
+            );
+        }
         if self.limits.max_frame_size < 1024 || self.limits.max_frame_size > 16 << 20 {
             return bad("limits.max_frame_size must be between 1 KiB and 16 MiB");
         }
@@ -473,6 +478,16 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_heartbeat_as_long_as_the_idle_timeout_is_refused() {
+        let mut c = Config::default();
+        c.timeouts.heartbeat = c.timeouts.idle;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("timeouts.heartbeat"), "{err}");
+        c.timeouts.heartbeat = c.timeouts.idle - Duration::from_millis(1);
+        c.validate().unwrap();
     }
 
     #[test]

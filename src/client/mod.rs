@@ -71,7 +71,13 @@ pub struct ClientConfig {
     pub max_frame_size: usize,
     /// Bound on connecting, the handshake and each request.
     pub timeout: Duration,
-    /// QUIC keep-alive interval (keeps an idle session open).
+    /// QUIC keep-alive interval (keeps an idle session open). 15 s by default:
+    /// longer than a server's default heartbeat (10 s), whose keep-alives reset
+    /// this timer, so that an idle connection costs one PING and its ACK per
+    /// heartbeat; a backstop for a server whose heartbeat is longer, and within
+    /// the 30 s idle timeout. At 5 s, every idle client sent a PING of its own
+    /// every 5 s, and holding 10,000 idle connections cost the server half again
+    /// as much CPU (docs/BENCHMARKS.md, "Idle connections").
     pub keep_alive: Duration,
     /// A UDP endpoint to share with other connections; `None` binds a new one for
     /// this connection. See [`ClientEndpoint`].
@@ -120,7 +126,7 @@ impl ClientConfig {
             resume: HashMap::new(),
             max_frame_size: 16 << 20,
             timeout: Duration::from_secs(10),
-            keep_alive: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(15),
             endpoint: None,
             tls_sessions: Some(Arc::default()),
         }
