@@ -14,8 +14,9 @@
 #      with the server and generator sharing every core;
 #   3. the same knees pinned: the server on CPU 0 (`--server-cpus 0`), the
 #      generator on the other CPUs (`taskset -c 1-`);
-#   4. connects (Tutti): 10,000 idle raw QUIC connections and 3,000 WebTransport
-#      ones (idle.toml: connect rate, server memory per connection), and a mass
+#   4. connects: 10,000 idle raw QUIC connections and 3,000 WebTransport ones, and
+#      10,000 idle Socket.IO ws:// and wss:// ones (idle.toml: connect rate, server
+#      memory and CPU per idle connection), and a mass
 #      reconnect (reconnect.toml: resumed against full handshakes) with the
 #      generated ECDSA P-256 certificate and with an RSA-2048 one (made here with
 #      openssl, passed through `tutti-load run --server-config`).
@@ -141,6 +142,8 @@ if [ "$CONNECTS" = 1 ]; then
   sed 's/^connections = 10000$/connections = 3000/' "$SCEN/idle.toml" > "$OUT/idle-3000.toml"
   tutti idle-quic idle.toml
   tutti idle-wt "$OUT/idle-3000.toml" --transport webtransport
+  sio idle-ws idle.toml
+  sio idle-wss idle.toml --tls 1
   tutti reconnect-ecdsa reconnect.toml
   # A throwaway RSA-2048 key and certificate for this sitting only (the results
   # directory is not kept in git).
@@ -180,15 +183,17 @@ knee() { # label file
         ($cpu | if . == null then "?" else (. * 10 | round / 10 | tostring) end) ]
     | "| " + join(" | ") + " |"' "$f"
 }
-connects() { # label file: connect rate, memory per connection, reconnect storms
+connects() { # label file: connect rate, memory and CPU per idle connection, reconnect storms
   local f=$OUT/$2
-  [ -f "$f" ] || { printf '| %s | (no report) | | | | | | |\n' "$1"; return; }
+  [ -f "$f" ] || { printf '| %s | (no report) | | | | | | | |\n' "$1"; return; }
   jq -r --arg l "$1" '
     def r(n): if . == null then "" else (. * n | round / n | tostring) end;
     .details as $d
     | [ $l,
         (.connections.connects_per_sec | r(1) | split(".")[0]),
         ((.server.rss_per_conn_bytes // null) | if . == null then "" else (. / 1024 | r(10)) end),
+        (if $d.reconnect_resumed_per_sec then "" else
+           ($d.server_idle_cpu_us_per_conn_per_sec // .server.idle_cpu_us_per_conn_per_sec) | r(100) end),
         ($d.reconnect_resumed_per_sec | r(1) | split(".")[0]),
         ($d.reconnect_full_per_sec | r(1) | split(".")[0]),
         (if $d.reconnect_full_per_sec then ($d.reconnect_resumed_per_sec / $d.reconnect_full_per_sec | r(100)) else "" end),
@@ -259,11 +264,12 @@ some() { # files...: whether any of these reports exists
   fi
   if [ "$CONNECTS" = 1 ] && some tutti-idle-quic.json tutti-idle-wt.json tutti-reconnect-ecdsa.json; then
     echo
-    echo "| connects (Tutti) | connect rate (/s) | server memory per connection (KiB) | resumed reconnects (/s) | full reconnects (/s) | resumed / full | server CPU per connect, resumed / full (ms) | generator CPU per connect, resumed / full (ms) |"
-    echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
-    for r in "raw QUIC, 10,000 idle|tutti-idle-quic" "WebTransport, 3,000 idle|tutti-idle-wt" \
-             "raw QUIC, mass reconnect, ECDSA P-256|tutti-reconnect-ecdsa" \
-             "raw QUIC, mass reconnect, RSA-2048|tutti-reconnect-rsa"; do
+    echo "| connects | connect rate (/s) | server memory per connection (KiB) | server CPU per idle connection (us/s) | resumed reconnects (/s) | full reconnects (/s) | resumed / full | server CPU per connect, resumed / full (ms) | generator CPU per connect, resumed / full (ms) |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    for r in "Tutti raw QUIC, 10,000 idle|tutti-idle-quic" "Tutti WebTransport, 3,000 idle|tutti-idle-wt" \
+             "Socket.IO ws://, 10,000 idle|sio-idle-ws" "Socket.IO wss://, 10,000 idle|sio-idle-wss" \
+             "Tutti raw QUIC, mass reconnect, ECDSA P-256|tutti-reconnect-ecdsa" \
+             "Tutti raw QUIC, mass reconnect, RSA-2048|tutti-reconnect-rsa"; do
       connects "${r%%|*}" "${r#*|}.json"
     done
   fi

@@ -352,6 +352,21 @@ pub fn table(info: &RunInfo, o: &Outcome, slo: &[Verdict]) -> String {
             );
         }
     }
+    let idle_cpu = |side: &str| {
+        o.extra
+            .get(&format!("{side}_idle_cpu_us_per_conn_per_sec"))
+            .and_then(|v| v.as_f64())
+    };
+    if let Some(server) = idle_cpu("server") {
+        row(
+            &mut t,
+            "cpu per idle connection",
+            format!(
+                "server {server:.2} us/s, generator {}",
+                idle_cpu("generator").map_or("?".into(), |g| format!("{g:.2} us/s"))
+            ),
+        );
+    }
     if let Some(r) = o.rss_per_conn {
         row(
             &mut t,

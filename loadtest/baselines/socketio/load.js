@@ -747,21 +747,35 @@ async function scenarioIdle(a) {
       const busyC = machineBusySecs();
       const busyConn = busy0 !== null && busyC !== null ? busyC.proc + busyC.irq - busy0.proc - busy0.irq : null;
       log(a, `  connected ${conn.established}/${conn.attempted} in ${conn.connect_secs} s (${conn.connects_per_sec}/s)`);
-      await sleep(a.hold * 1000);
+      // what holding the connections costs: server and generator CPU over the last
+      // two thirds of the hold (the first third lets the connects' tail settle), as
+      // tutti-load measures it
+      await sleep((a.hold * 1000) / 3);
+      const st0 = await Promise.all(workers.map((w) => w.call({ cmd: 'status' }, 10000)));
+      const cpuH = procCpuSecs(server.pid);
+      const th = wall();
+      await sleep((a.hold * 1000 * 2) / 3);
       const rss1 = procRssBytes(server.pid);
       const cpu1 = procCpuSecs(server.pid);
+      const holdSecs = (wall() - th) / 1000;
       const st = await Promise.all(workers.map((w) => w.call({ cmd: 'status' }, 10000)));
+      const genHold = st.reduce((s, x) => s + x.cpuSecs, 0) - st0.reduce((s, x) => s + x.cpuSecs, 0);
+      const perConnSec = (secs) => (conn.established > 0 && secs !== null ? round((secs * 1e6) / holdSecs / conn.established, 3) : null);
       conn.dropped = st.reduce((s, x) => s + x.dropped, 0);
       const genCpu = st.reduce((s, x) => s + x.cpuSecs, 0);
       const perConn = conn.established > 0 ? Math.round((rss1 - rss0) / conn.established) : null;
       log(a, `  server rss before ${rss0} after hold ${rss1} -> ${perConn} bytes/conn, dropped ${conn.dropped}`);
+      const idleCpu = perConnSec(cpuH !== null && cpu1 !== null ? cpu1 - cpuH : null);
+      log(a, `  cpu per idle connection: server ${idleCpu} us/s, generator ${perConnSec(genHold)} us/s`);
       runs.push({
         n, loadavg_at_start: load0, connections: conn,
         server: {
           pid: server.pid, cpu_secs: round(cpu1 - cpu0, 2), connect_cpu_secs: round(cpuC - cpu0, 2),
           rss_bytes: rss1, rss_before_bytes: rss0, rss_per_conn_bytes: perConn,
+          hold_cpu_secs: cpuH !== null && cpu1 !== null ? round(cpu1 - cpuH, 3) : null,
+          idle_cpu_us_per_conn_per_sec: idleCpu,
         },
-        generator: { cpu_secs: round(genCpu, 2), behind_schedule_max_ms: 0, generator_bound: false, workers: a.workers, client: a.client },
+        generator: { cpu_secs: round(genCpu, 2), idle_cpu_us_per_conn_per_sec: perConnSec(genHold), behind_schedule_max_ms: 0, generator_bound: false, workers: a.workers, client: a.client },
         machine_busy_cpu_util_while_connecting: busyConn !== null ? round(busyConn / connWall, 3) : null,
         pass: pct(conn.established - conn.dropped, conn.attempted) > a.stabilityPct,
       });

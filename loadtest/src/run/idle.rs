@@ -1,6 +1,9 @@
 //! Idle connections: open `connections` sessions, hold them, and report the connect
-//! rate and the server's resident memory per connection (RSS growth from before the
-//! first connect to the end of the hold, divided by the connections established).
+//! rate, the server's resident memory per connection (RSS growth from before the
+//! first connect to the end of the hold, divided by the connections established),
+//! and what holding them costs: the CPU of the server and of this generator over
+//! the last two thirds of the hold, per connection and second (keep-alives,
+//! acknowledgements, timers).
 
 use std::time::Duration;
 
@@ -34,7 +37,19 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let mut pool = connect_configs(&configs, p.ramp_up, p.connect_concurrency).await;
     let watchers = watch(&pool);
     live().set_phase(format!("idle: holding {} connections", pool.established));
-    tokio::time::sleep(p.hold).await;
+    let pids = ctx.target.server_pids();
+    let cpu = || {
+        (
+            procstat::cpu_secs_of(&pids),
+            procstat::cpu_secs(std::process::id()),
+        )
+    };
+    // The first third of the hold lets the connects' tail settle; the CPU of
+    // holding them is measured over the rest.
+    tokio::time::sleep(p.hold / 3).await;
+    let held_from = (cpu(), std::time::Instant::now());
+    tokio::time::sleep(p.hold - p.hold / 3).await;
+    let held = (cpu(), held_from.1.elapsed().as_secs_f64());
     let rss_after = pid.and_then(procstat::rss_bytes);
     let mut o = Outcome {
         attempted: pool.attempted,
@@ -50,6 +65,21 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
     }
     if let Some(l) = limit {
         o.extra.insert("open_file_limit".into(), l.into());
+    }
+    let ((server_from, generator_from), _) = held_from;
+    let ((server_to, generator_to), secs) = held;
+    for (side, from, to) in [
+        ("server", server_from, server_to),
+        ("generator", generator_from, generator_to),
+    ] {
+        if let (Some(from), Some(to)) = (from, to)
+            && pool.established > 0
+            && secs > 0.0
+        {
+            let us = (to - from) * 1e6 / secs / pool.established as f64;
+            o.extra
+                .insert(format!("{side}_idle_cpu_us_per_conn_per_sec"), us.into());
+        }
     }
     pool.close_all();
     join_within(watchers, Duration::from_secs(5)).await;
