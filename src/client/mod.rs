@@ -77,7 +77,10 @@ pub struct ClientConfig {
     /// heartbeat; a backstop for a server whose heartbeat is longer, and within
     /// the 30 s idle timeout. At 5 s, every idle client sent a PING of its own
     /// every 5 s, and holding 10,000 idle connections cost the server half again
-    /// as much CPU (docs/BENCHMARKS.md, "Idle connections").
+    /// as much CPU (docs/BENCHMARKS.md, "Idle connections"). On an idle
+    /// connection, a server that vanishes without a word is noticed after at most
+    /// this plus the idle timeout (a PING sent after the last packet received
+    /// restarts the idle timer once); a request notices sooner, at `timeout`.
     pub keep_alive: Duration,
     /// A UDP endpoint to share with other connections; `None` binds a new one for
     /// this connection. See [`ClientEndpoint`].
