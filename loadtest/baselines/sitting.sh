@@ -74,9 +74,9 @@ if [ "$BUILD" = 1 ]; then
 fi
 command -v jq >/dev/null || { echo "sitting.sh: jq is required" >&2; exit 1; }
 [ -x "$LOAD" ] || { echo "sitting.sh: no $LOAD: run without --skip-build" >&2; exit 1; }
-# The Socket.IO runs need the baseline's packages, also with --skip-build (which
-# would otherwise leave every Socket.IO row of the sitting empty).
-if [ "$CHAT" = 1 ] || [ "$KNEE" = 1 ] || [ "$PAIRS" -gt 0 ]; then
+# The Socket.IO runs (chat, knees, idle connections) need the baseline's packages,
+# also with --skip-build (which would otherwise leave every Socket.IO row empty).
+if [ "$CHAT" = 1 ] || [ "$KNEE" = 1 ] || [ "$CONNECTS" = 1 ] || [ "$PAIRS" -gt 0 ]; then
   command -v node >/dev/null || { echo "sitting.sh: node is required for the Socket.IO runs" >&2; exit 1; }
   if [ ! -d "$SIO/node_modules" ]; then
     log "installing the Socket.IO baseline's packages (npm ci)"

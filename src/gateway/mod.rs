@@ -907,7 +907,7 @@ impl Connection {
     /// Adds the bytes moved since the last report to the metrics.
     fn report_transfer(&self) {
         let (rx, tx) = self.session.transferred();
-        let mut last = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = lock(&self.reported);
         self.metrics
             .transferred(rx.saturating_sub(last.0), tx.saturating_sub(last.1));
         *last = (rx, tx);

@@ -759,10 +759,10 @@ async function scenarioIdle(a) {
       const cpu1 = procCpuSecs(server.pid);
       const holdSecs = (wall() - th) / 1000;
       const st = await Promise.all(workers.map((w) => w.call({ cmd: 'status' }, 10000)));
-      const genHold = st.reduce((s, x) => s + x.cpuSecs, 0) - st0.reduce((s, x) => s + x.cpuSecs, 0);
-      const perConnSec = (secs) => (conn.established > 0 && secs !== null ? round((secs * 1e6) / holdSecs / conn.established, 3) : null);
       conn.dropped = st.reduce((s, x) => s + x.dropped, 0);
       const genCpu = st.reduce((s, x) => s + x.cpuSecs, 0);
+      const genHold = genCpu - st0.reduce((s, x) => s + x.cpuSecs, 0);
+      const perConnSec = (secs) => (conn.established > 0 && secs !== null ? round((secs * 1e6) / holdSecs / conn.established, 3) : null);
       const perConn = conn.established > 0 ? Math.round((rss1 - rss0) / conn.established) : null;
       log(a, `  server rss before ${rss0} after hold ${rss1} -> ${perConn} bytes/conn, dropped ${conn.dropped}`);
       const idleCpu = perConnSec(cpuH !== null && cpu1 !== null ? cpu1 - cpuH : null);

@@ -38,18 +38,12 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let watchers = watch(&pool);
     live().set_phase(format!("idle: holding {} connections", pool.established));
     let pids = ctx.target.server_pids();
-    let cpu = || {
-        (
-            procstat::cpu_secs_of(&pids),
-            procstat::cpu_secs(std::process::id()),
-        )
-    };
     // The first third of the hold lets the connects' tail settle; the CPU of
     // holding them is measured over the rest.
     tokio::time::sleep(p.hold / 3).await;
-    let held_from = (cpu(), std::time::Instant::now());
+    let (held_from, started) = (cpu_now(&pids), std::time::Instant::now());
     tokio::time::sleep(p.hold - p.hold / 3).await;
-    let held = (cpu(), held_from.1.elapsed().as_secs_f64());
+    let (held_to, held_secs) = (cpu_now(&pids), started.elapsed().as_secs_f64());
     let rss_after = pid.and_then(procstat::rss_bytes);
     let mut o = Outcome {
         attempted: pool.attempted,
@@ -66,17 +60,15 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
     if let Some(l) = limit {
         o.extra.insert("open_file_limit".into(), l.into());
     }
-    let ((server_from, generator_from), _) = held_from;
-    let ((server_to, generator_to), secs) = held;
     for (side, from, to) in [
-        ("server", server_from, server_to),
-        ("generator", generator_from, generator_to),
+        ("server", held_from.0, held_to.0),
+        ("generator", held_from.1, held_to.1),
     ] {
         if let (Some(from), Some(to)) = (from, to)
             && pool.established > 0
-            && secs > 0.0
+            && held_secs > 0.0
         {
-            let us = (to - from) * 1e6 / secs / pool.established as f64;
+            let us = (to - from) * 1e6 / held_secs / pool.established as f64;
             o.extra
                 .insert(format!("{side}_idle_cpu_us_per_conn_per_sec"), us.into());
         }
@@ -126,6 +118,14 @@ fn watch(pool: &Pool) -> Vec<tokio::task::JoinHandle<()>> {
         .collect()
 }
 
+/// CPU seconds so far of the server's processes and of this generator.
+fn cpu_now(server_pids: &[u32]) -> (Option<f64>, Option<f64>) {
+    (
+        procstat::cpu_secs_of(server_pids),
+        procstat::cpu_secs(std::process::id()),
+    )
+}
+
 /// What one reconnect storm measured.
 struct Storm {
     /// Connects per second.
@@ -143,12 +143,10 @@ struct Storm {
 async fn storm(ctx: &Ctx, configs: &[Option<ClientConfig>], label: &str) -> Storm {
     let p = &ctx.scenario.idle;
     let pids = ctx.target.server_pids();
-    let server_cpu = || procstat::cpu_secs_of(&pids);
-    let generator_cpu = || procstat::cpu_secs(std::process::id());
     live().set_phase(format!("idle: reconnecting all ({label} handshakes)"));
-    let before = (server_cpu(), generator_cpu());
+    let before = cpu_now(&pids);
     let mut pool = connect_configs(configs, Duration::ZERO, p.connect_concurrency).await;
-    let after = (server_cpu(), generator_cpu());
+    let after = cpu_now(&pids);
     let per_connect = |b: Option<f64>, a: Option<f64>| match (b, a) {
         (Some(b), Some(a)) if pool.established > 0 => {
             Some((a - b) * 1000.0 / pool.established as f64)
