@@ -16,6 +16,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::protocol::v1::{Push, StreamKind};
+use crate::util::UnpoisonedRw;
 
 /// The client does not read its pushes fast enough: its queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -111,7 +112,7 @@ impl Hub {
         if sub.is_remote() {
             return;
         }
-        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let mut topics = self.topics.writing();
         let first = !topics.contains_key(topic);
         topics
             .entry(topic.to_owned())
@@ -125,7 +126,7 @@ impl Hub {
 
     /// Removes a session from `topic`.
     pub fn unsubscribe(&self, topic: &str, session_id: &str) {
-        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let mut topics = self.topics.writing();
         if let Some(subs) = topics.get_mut(topic) {
             subs.remove(session_id);
             if subs.is_empty() {
@@ -137,7 +138,7 @@ impl Hub {
 
     /// The sessions subscribed to `topic`.
     pub fn subscribers(&self, topic: &str) -> Vec<Arc<dyn Subscriber>> {
-        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+        let topics = self.topics.reading();
         topics
             .get(topic)
             .map(|s| s.values().cloned().collect())

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::transport::TransportKind;
+use crate::util::Unpoisoned;
 
 /// Shards per histogram: more than the threads that record at once.
 const SHARDS: usize = 16;
@@ -74,10 +75,7 @@ impl Latency {
         }
         let us = (d.as_micros() as u64).clamp(1, MAX_US);
         let shard = SHARD.with(|s| *s);
-        let mut h = self.shards[shard]
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut h = self.shards[shard].0.locked();
         h.get_or_insert_with(histogram).saturating_record(us);
     }
 
@@ -85,7 +83,7 @@ impl Latency {
     pub fn snapshot(&self) -> Histogram<u64> {
         let mut all = histogram();
         for s in &self.shards {
-            if let Some(h) = &*s.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            if let Some(h) = &*s.0.locked() {
                 let _ = all.add(h);
             }
         }

@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 
 use crate::clock::duration_str;
 pub use crate::crypto::{crypto_provider, sha256};
+use crate::util::UnpoisonedRw;
 
 /// Certificate settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -192,7 +193,7 @@ impl CertStore {
             return Ok(());
         };
         let next = generated.create(now)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        *self.current.writing() = next;
         tracing::info!(pin = %self.pin_hex(), "certificate rotated");
         Ok(())
     }
@@ -233,10 +234,7 @@ impl CertStore {
     }
 
     fn read(&self) -> Current {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.reading().clone()
     }
 }
 

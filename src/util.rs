@@ -33,3 +33,42 @@ pub fn unix_millis() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Locking a mutex that survives a poisoned lock.
+///
+/// A panic while a `std::sync` lock is held poisons it, and every later `lock()`
+/// returns an error. Tutti's critical sections leave their data consistent
+/// wherever a panic could occur, so a later holder takes the data as it is
+/// rather than spreading one task's panic to every request that touches the
+/// same lock.
+pub trait Unpoisoned<T: ?Sized> {
+    /// Locks, taking the data as it is if a holder panicked.
+    fn locked(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T: ?Sized> Unpoisoned<T> for std::sync::Mutex<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Reading and writing an `RwLock` that survives a poisoned lock, as
+/// [`Unpoisoned`] does for a mutex.
+pub trait UnpoisonedRw<T: ?Sized> {
+    /// Takes a read guard, taking the data as it is if a writer panicked.
+    fn reading(&self) -> std::sync::RwLockReadGuard<'_, T>;
+    /// Takes the write guard, taking the data as it is if a writer panicked.
+    fn writing(&self) -> std::sync::RwLockWriteGuard<'_, T>;
+}
+
+impl<T: ?Sized> UnpoisonedRw<T> for std::sync::RwLock<T> {
+    fn reading(&self) -> std::sync::RwLockReadGuard<'_, T> {
+        self.read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    fn writing(&self) -> std::sync::RwLockWriteGuard<'_, T> {
+        self.write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
+use tutti::util::Unpoisoned;
 
 use crate::stats::live;
 
@@ -68,7 +69,7 @@ pub fn start(quiet: bool) -> Progress {
             let (sends, deliveries) = (l.sends.get(), l.deliveries.get());
             let msg = format!(
                 "{} | conns {}/{} | {:.0} sends/s | {:.0} deliveries/s | errors {}",
-                l.phase.lock().unwrap_or_else(|e| e.into_inner()),
+                l.phase.locked(),
                 l.connected.get(),
                 l.attempted.get(),
                 (sends - last_sends) as f64 / dt,

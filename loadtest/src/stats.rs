@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
+use tutti::util::Unpoisoned;
 
 /// Microseconds since the first call in this process (monotonic; senders and
 /// receivers share the clock, so a difference is a one-way latency).
@@ -41,9 +42,7 @@ impl Default for Latencies {
 impl Latencies {
     /// Records one latency; `shard` is any number stable per recording task.
     pub fn record(&self, shard: usize, us: u64) {
-        let mut h = self.shards[shard % self.shards.len()]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut h = self.shards[shard % self.shards.len()].locked();
         h.saturating_record(us.max(1));
     }
 
@@ -51,7 +50,7 @@ impl Latencies {
     pub fn merged(&self) -> Histogram<u64> {
         let mut out = new_histogram();
         for s in &self.shards {
-            let h = s.lock().unwrap_or_else(|e| e.into_inner());
+            let h = s.locked();
             out.add(&*h).expect("same bounds");
         }
         out
@@ -60,7 +59,7 @@ impl Latencies {
     /// Forgets everything recorded.
     pub fn reset(&self) {
         for s in &self.shards {
-            s.lock().unwrap_or_else(|e| e.into_inner()).reset();
+            s.locked().reset();
         }
     }
 }
@@ -273,7 +272,7 @@ pub struct Live {
 impl Live {
     /// Sets the phase label.
     pub fn set_phase(&self, p: impl Into<String>) {
-        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = p.into();
+        *self.phase.locked() = p.into();
     }
 }
 

@@ -41,6 +41,7 @@ use crate::protocol::{
     ALPN_NATIVE, CloseCode, FrameDecoder, PROTOCOL_VERSION, WEBTRANSPORT_PATH, encode_frame,
 };
 use crate::transport::{RecvStream, SendStream, Session, TransportKind};
+use crate::util::Unpoisoned;
 
 /// Pushed events that wait for the application; past this the client stops reading
 /// its push streams and the server sees a slow consumer.
@@ -371,12 +372,7 @@ impl Shared {
                 false
             }
         });
-        let waiters: Vec<_> = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .collect();
+        let waiters: Vec<_> = self.pending.locked().drain().collect();
         for (_, tx) in waiters {
             let _ = tx.send(Err(ClientError::Closed(closed.clone())));
         }
@@ -680,11 +676,7 @@ impl Client {
     pub async fn request(&self, body: request::Body) -> Result<response::Body, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        self.shared.pending.locked().insert(id, tx);
         if self.shared.closed.borrow().is_some() {
             self.forget(id);
             return Err(self.shared.closed_error());
@@ -710,11 +702,7 @@ impl Client {
     }
 
     fn forget(&self, id: u64) {
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        self.shared.pending.locked().remove(&id);
     }
 
     /// Diagnostics: the server returns `payload` (and pushes it when `push`).
@@ -845,11 +833,7 @@ impl Client {
         static NONCE: AtomicU64 = AtomicU64::new(1);
         let nonce = NONCE.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.shared
-            .pings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(nonce, tx);
+        self.shared.pings.locked().insert(nonce, tx);
         let sent = Instant::now();
         let dgram = Datagram {
             kind: Some(datagram::Kind::Ping(v1::DatagramPing {
@@ -868,11 +852,7 @@ impl Client {
                 .map_err(|_| self.shared.closed_error())
         }
         .await;
-        self.shared
-            .pings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&nonce);
+        self.shared.pings.locked().remove(&nonce);
         result.map(|()| sent.elapsed())
     }
 
@@ -971,11 +951,7 @@ async fn control_reader(
         let Ok(frame) = frame else { break };
         match frame.kind {
             Some(server_frame::Kind::Response(r)) => {
-                let tx = shared
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&r.id);
+                let tx = shared.pending.locked().remove(&r.id);
                 if let Some(tx) = tx {
                     let result = match r.body {
                         Some(response::Body::Error(e)) => Err(ClientError::Server(e)),
@@ -1038,11 +1014,7 @@ async fn datagram_reader(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
             }
             _ => continue,
         };
-        let tx = shared
-            .pings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&p.nonce);
+        let tx = shared.pings.locked().remove(&p.nonce);
         if let Some(tx) = tx {
             let _ = tx.send(());
         }

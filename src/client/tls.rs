@@ -8,6 +8,8 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
+use crate::util::Unpoisoned;
+
 /// How the client decides to trust the server's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trust {
@@ -45,7 +47,7 @@ impl Default for TlsSessions {
 impl TlsSessions {
     /// The rustls config for `trust` and `alpn`, the same one every time.
     pub(crate) fn config(&self, trust: &Trust, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut configs = self.configs.locked();
         if let Some((_, _, c)) = configs.iter().find(|(t, a, _)| t == trust && a == alpn) {
             return c.clone();
         }

@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 
 use crate::hub::{Broker, Hub};
 use crate::protocol::v1::StreamKind;
+use crate::util::Unpoisoned;
 
 const ORIGIN: &str = "Tutti-Origin";
 const EXCEPT: &str = "Tutti-Except";
@@ -102,14 +103,14 @@ impl Broker for NatsBroker {
                 hub.deliver_datagram(&topic_owned, &header(EXCEPT), &msg.payload);
             }
         });
-        let mut subs = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut subs = self.subscriptions.locked();
         if let Some(old) = subs.insert(topic.to_owned(), task) {
             old.abort();
         }
     }
 
     fn unsubscribe(&self, topic: &str) {
-        let mut subs = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut subs = self.subscriptions.locked();
         if let Some(task) = subs.remove(topic) {
             // Dropping the NATS subscription unsubscribes.
             task.abort();

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::protocol::ErrorCode;
 use crate::services::replica::{Command, Op, Outcome, RemoteSession, Replicator};
 use crate::services::{ServiceError, ServiceResult, Services, SessionCtx};
+use crate::util::Unpoisoned;
 
 type Pending = HashMap<u64, (Option<SessionCtx>, oneshot::Sender<Outcome>)>;
 
@@ -321,12 +322,7 @@ impl CommandLog {
             _ => Vec::new(),
         };
         let mine = (command.origin == self.node)
-            .then(|| {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&command.id)
-            })
+            .then(|| self.pending.locked().remove(&command.id))
             .flatten();
         let (ctx, reply) = match mine {
             Some((ctx, reply)) => (ctx, Some(reply)),
@@ -436,15 +432,9 @@ impl Replicator for CommandLog {
                 op: Some(op),
             };
             let (tx, rx) = oneshot::channel();
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, (ctx, tx));
+            self.pending.locked().insert(id, (ctx, tx));
             let forget = || {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                self.pending.locked().remove(&id);
             };
             let received = self.received.load(Ordering::Relaxed);
             let seq = match self.publish(&command).await {

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::services::Services;
 use crate::services::replica::{Op, Replicator};
+use crate::util::Unpoisoned;
 
 /// How long a starting node waits for the cluster log to become available.
 const JOIN_PATIENCE: Duration = Duration::from_secs(30);
@@ -343,7 +344,7 @@ impl Cluster {
     /// The live nodes, this one included, ordered by id.
     pub fn nodes(&self) -> Vec<NodeInfo> {
         let ttl = self.config.node_ttl;
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let nodes = self.nodes.locked();
         let mut out: Vec<NodeInfo> = nodes
             .values()
             .filter(|(_, seen)| seen.elapsed() < ttl)
@@ -419,7 +420,7 @@ impl Cluster {
     }
 
     fn saw(&self, entry: jetstream::kv::Entry) {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut nodes = self.nodes.locked();
         match entry.operation {
             jetstream::kv::Operation::Put => {
                 if let Ok(info) = serde_json::from_slice::<NodeInfo>(&entry.value) {
@@ -444,7 +445,7 @@ impl Cluster {
 
     async fn expire(&self) {
         let gone: Vec<String> = {
-            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut nodes = self.nodes.locked();
             let ttl = self.config.node_ttl;
             let gone: Vec<String> = nodes
                 .iter()

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::util::Unpoisoned;
+
 /// How many sessions each key (a user, an IP address) has open.
 #[derive(Debug)]
 pub struct Tally<K> {
@@ -27,7 +29,7 @@ impl<K: Hash + Eq + Clone> Tally<K> {
     /// Counts one more session of `key` if it has fewer than `max`; the session
     /// counts until the guard is dropped. `None` when `key` is at `max` already.
     pub fn enter(&self, key: K, max: usize) -> Option<TallyGuard<'_, K>> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.counts.locked();
         let n = counts.get(&key).copied().unwrap_or(0);
         if n >= max {
             return None;
@@ -38,14 +40,14 @@ impl<K: Hash + Eq + Clone> Tally<K> {
 
     /// Sessions of `key` now.
     pub fn count(&self, key: &K) -> usize {
-        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = self.counts.locked();
         counts.get(key).copied().unwrap_or(0)
     }
 
     /// Keys with at least one session (entries are removed at zero, so the map
     /// never holds more keys than there are sessions).
     pub fn keys(&self) -> usize {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.counts.locked().len()
     }
 }
 
@@ -58,7 +60,7 @@ pub struct TallyGuard<'a, K: Hash + Eq> {
 
 impl<K: Hash + Eq> Drop for TallyGuard<'_, K> {
     fn drop(&mut self) {
-        let mut counts = self.tally.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.tally.counts.locked();
         if let Some(n) = counts.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {

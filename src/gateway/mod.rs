@@ -36,6 +36,7 @@ use crate::protocol::v1::{
 use crate::protocol::{CloseCode, ErrorCode, FrameDecoder, PROTOCOL_VERSION};
 use crate::services::{ServiceError, Services, SessionCtx};
 use crate::transport::{Accepted, RecvStream, SendStream, Session};
+use crate::util::Unpoisoned;
 use crate::util::unix_millis;
 use limits::{ByteBudget, Tally};
 
@@ -824,19 +825,15 @@ struct Sampled<'a> {
 
 impl<'a> Sampled<'a> {
     fn new(gateway: &'a Gateway, id: u64, conn: &Arc<Connection>) -> Self {
-        lock(&gateway.sampled).insert(id, conn.clone());
+        gateway.sampled.locked().insert(id, conn.clone());
         Self { gateway, id }
     }
 }
 
 impl Drop for Sampled<'_> {
     fn drop(&mut self) {
-        lock(&self.gateway.sampled).remove(&self.id);
+        self.gateway.sampled.locked().remove(&self.id);
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Every [`RTT_SAMPLE_EVERY`], records each open session's round-trip estimate
@@ -853,7 +850,7 @@ async fn sample_sessions(gateway: std::sync::Weak<Gateway>, stop: CancellationTo
             _ = every.tick() => {}
         }
         let open: Vec<Arc<Connection>> = match gateway.upgrade() {
-            Some(g) => lock(&g.sampled).values().cloned().collect(),
+            Some(g) => g.sampled.locked().values().cloned().collect(),
             None => return,
         };
         for (i, conn) in open.iter().enumerate() {
@@ -907,7 +904,7 @@ impl Connection {
     /// Adds the bytes moved since the last report to the metrics.
     fn report_transfer(&self) {
         let (rx, tx) = self.session.transferred();
-        let mut last = lock(&self.reported);
+        let mut last = self.reported.locked();
         self.metrics
             .transferred(rx.saturating_sub(last.0), tx.saturating_sub(last.1));
         *last = (rx, tx);

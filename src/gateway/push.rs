@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::protocol::v1::{Push, PushStreamHeader, StreamKind};
 use crate::protocol::{encode_frame, encoded_frame};
 use crate::transport::{SendStream, Session};
+use crate::util::Unpoisoned;
 
 pub use crate::hub::SlowConsumer;
 
@@ -169,7 +170,7 @@ impl PushQueues {
     /// Writes `frame` (its bytes already taken from the budget) now, or queues it.
     fn offer(&self, kind: StreamKind, frame: Bytes) -> Result<(), Refused> {
         let shared = &self.0;
-        let mut kinds = shared.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kinds = shared.kinds.locked();
         let kinds = kinds.as_mut().ok_or(Refused::Gone)?;
         let i = kind as usize;
         if kinds.len() <= i {
@@ -220,13 +221,7 @@ impl PushQueues {
 
     /// Stops every drain task; later pushes are refused.
     pub fn abort(&self) {
-        let kinds = self
-            .0
-            .kinds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_default();
+        let kinds = self.0.kinds.locked().take().unwrap_or_default();
         for task in kinds.iter().filter_map(|k| k.drain.as_ref()) {
             task.abort();
         }
@@ -256,7 +251,7 @@ async fn drain(shared: Arc<Shared>, kind: StreamKind, stream: Option<SendStream>
     let mut queued_at = Vec::new();
     loop {
         {
-            let mut kinds = shared.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kinds = shared.kinds.locked();
             let Some(k) = kinds.as_mut().and_then(|k| k.get_mut(kind as usize)) else {
                 return;
             };
@@ -293,7 +288,7 @@ async fn drain(shared: Arc<Shared>, kind: StreamKind, stream: Option<SendStream>
 
 /// The stream of `kind` failed: what waits is dropped and later pushes refused.
 fn fail(shared: &Shared, kind: StreamKind) {
-    let mut kinds = shared.kinds.lock().unwrap_or_else(|e| e.into_inner());
+    let mut kinds = shared.kinds.locked();
     if let Some(k) = kinds.as_mut().and_then(|k| k.get_mut(kind as usize)) {
         let dropped: usize = k.queue.drain(..).map(|(f, _)| f.len()).sum();
         shared.bytes.release(dropped);

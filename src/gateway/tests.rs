@@ -20,6 +20,7 @@ use crate::services::{ServiceDeps, Services, ServicesConfig};
 use crate::store::{Store, Writer};
 use crate::transport::memory::{PairConfig, pair};
 use crate::transport::{Accepted, Session, TransportKind};
+use crate::util::Unpoisoned;
 
 /// A gateway over real services, and a way to open sessions to it.
 struct Harness {
@@ -178,7 +179,7 @@ async fn until(mut done: impl FnMut() -> bool) {
 async fn open_sessions_are_sampled_by_one_task_and_forgotten_when_they_end() {
     let h = Harness::new(|_| {});
     let samples = || h.gateway.metrics.rtt.snapshot().len();
-    let open = || super::lock(&h.gateway.sampled).len();
+    let open = || h.gateway.sampled.locked().len();
     let started = tokio::time::Instant::now();
     let ann = h.client("ann").await;
     let bob = h.client("bob").await;

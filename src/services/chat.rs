@@ -48,6 +48,7 @@ use crate::protocol::v1::{self, StreamKind, push, room_event};
 use crate::store::dedup::{self, Dedup, Retention};
 use crate::store::registry::Loaded;
 use crate::store::{AppendError, OffsetLog, RedbLog, StoreError};
+use crate::util::Unpoisoned;
 use futures_util::future::BoxFuture;
 
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("chat_rooms");
@@ -521,8 +522,7 @@ impl ChatService {
             return;
         }
         self.subscribed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .entry(sub.session_id().to_owned())
             .or_default()
             .insert(room.to_owned());
@@ -530,12 +530,7 @@ impl ChatService {
     }
 
     fn unsubscribe(&self, session: &str, room: &str) {
-        if let Some(rooms) = self
-            .subscribed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(session)
-        {
+        if let Some(rooms) = self.subscribed.locked().get_mut(session) {
             rooms.remove(room);
         }
         self.deps.hub.unsubscribe(&topic(room), session);
@@ -545,17 +540,13 @@ impl ChatService {
     pub fn disconnected(&self, ctx: &SessionCtx) {
         let rooms = self
             .subscribed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .remove(ctx.session_id())
             .unwrap_or_default();
         for room in rooms {
             self.deps.hub.unsubscribe(&topic(&room), ctx.session_id());
         }
-        self.typing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(ctx.session_id());
+        self.typing.locked().remove(ctx.session_id());
     }
 
     fn sessions_of(&self, user: &str) -> Vec<Arc<dyn Subscriber>> {
@@ -1320,8 +1311,7 @@ impl ChatService {
                             Ok(l) => last = l,
                             Err(AppendError::Conflict { actual, .. }) if last == base => {
                                 // Nothing written yet; the room is caught up below.
-                                *out.lock().unwrap_or_else(|e| e.into_inner()) =
-                                    (Vec::new(), Some(actual));
+                                *out.locked() = (Vec::new(), Some(actual));
                                 return Ok(());
                             }
                             Err(e) => return Err(append_failed(e)),
@@ -1342,12 +1332,11 @@ impl ChatService {
                             table.insert((user, id.as_str()), mark)?;
                         }
                     }
-                    *out.lock().unwrap_or_else(|e| e.into_inner()) = (outcomes, None);
+                    *out.locked() = (outcomes, None);
                     Ok(())
                 })
                 .await?;
-            let (outcomes, moved) =
-                std::mem::take(&mut *result.lock().unwrap_or_else(|e| e.into_inner()));
+            let (outcomes, moved) = std::mem::take(&mut *result.locked());
             match moved {
                 None => return Ok(outcomes),
                 Some(actual) if actual > room.last_offset && attempts < 3 => {
@@ -1715,15 +1704,14 @@ impl ChatService {
     pub fn typing(&self, ctx: &SessionCtx, mut t: v1::ChatTyping) {
         let subscribed = self
             .subscribed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .get(ctx.session_id())
             .is_some_and(|rooms| rooms.contains(&t.room_id));
         if !subscribed {
             return;
         }
         {
-            let mut typing = self.typing.lock().unwrap_or_else(|e| e.into_inner());
+            let mut typing = self.typing.locked();
             let now = Instant::now();
             let (start, count) = typing
                 .entry(ctx.session_id().to_owned())
@@ -1773,11 +1761,7 @@ impl ChatService {
         now: u64,
         budget: usize,
     ) -> ServiceResult<(u64, u64)> {
-        let after = self
-            .prune_cursor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let after = self.prune_cursor.locked().clone();
         let mut rooms: Vec<(String, bool)> = Vec::new();
         {
             let txn = self.deps.store.db().begin_read()?;
@@ -1793,7 +1777,7 @@ impl ChatService {
             }
         }
         // The next batch goes on after this one, or starts over at the end.
-        *self.prune_cursor.lock().unwrap_or_else(|e| e.into_inner()) = if rooms.len() < budget {
+        *self.prune_cursor.locked() = if rooms.len() < budget {
             String::new()
         } else {
             rooms.last().map(|(id, _)| id.clone()).unwrap_or_default()
@@ -1894,11 +1878,11 @@ impl ChatService {
                 if gone {
                     txn.open_table(ROOMS)?.remove(room_id.as_str())?;
                 }
-                *result.lock().unwrap_or_else(|e| e.into_inner()) = (n, gone);
+                *result.locked() = (n, gone);
                 Ok(())
             })
             .await?;
-        let (n, gone) = *out.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, gone) = *out.locked();
         if gone {
             // Under the room's lock: whoever waits for it finds no participant
             // (NOT_FOUND), and later callers find no room.

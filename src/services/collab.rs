@@ -43,6 +43,7 @@ use crate::protocol::ot_wire::{op_from_wire, op_to_wire};
 use crate::protocol::v1::{self, DocRole, StreamKind, push};
 use crate::store::registry::Loaded;
 use crate::store::{RedbLog, StoreError};
+use crate::util::Unpoisoned;
 
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_docs");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("collab_snapshots");
@@ -601,8 +602,8 @@ impl CollabService {
             ));
         }
         let participants = {
-            let cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
-            let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let cursors = self.cursors.locked();
+            let remote = self.remote.locked();
             d.present
                 .iter()
                 .chain(remote.docs.get(&d.id).into_iter().flatten())
@@ -621,7 +622,7 @@ impl CollabService {
         {
             // Checked again where it is recorded: opens running at once cannot
             // pass the limit together.
-            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sessions = self.sessions.locked();
             let open = sessions.entry(ctx.session_id().to_owned()).or_default();
             if open.len() >= self.config.max_open_docs && !open.contains_key(&d.id) {
                 return Err(ServiceError::new(
@@ -679,8 +680,7 @@ impl CollabService {
     pub fn require_open(&self, ctx: &SessionCtx, doc_id: &str) -> ServiceResult<()> {
         let open = self
             .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .get(ctx.session_id())
             .is_some_and(|docs| docs.contains_key(doc_id));
         if open {
@@ -694,7 +694,7 @@ impl CollabService {
     }
 
     fn check_open_count(&self, ctx: &SessionCtx, doc_id: &str) -> ServiceResult<()> {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = self.sessions.locked();
         let Some(open) = sessions.get(ctx.session_id()) else {
             return Ok(());
         };
@@ -718,8 +718,7 @@ impl CollabService {
     ) -> ServiceResult<v1::DocCloseResponse> {
         let handle = self
             .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .get_mut(ctx.session_id())
             .and_then(|docs| docs.remove(&req.doc_id));
         if let Some(handle) = handle {
@@ -732,8 +731,7 @@ impl CollabService {
     pub async fn disconnected(&self, ctx: &SessionCtx) {
         let docs = self
             .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .remove(ctx.session_id())
             .unwrap_or_default();
         for handle in docs.values() {
@@ -745,8 +743,7 @@ impl CollabService {
         let mut d = handle.lock().await;
         self.deps.hub.unsubscribe(&topic(&d.id), ctx.session_id());
         self.cursors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .remove(&(d.id.clone(), ctx.session_id().to_owned()));
         if d.present.remove(ctx.session_id()).is_some() {
             self.publish_presence(&d.id, ctx.user_id(), ctx.session_id(), false);
@@ -785,15 +782,9 @@ impl CollabService {
             d.present.remove(&session);
             self.deps.hub.unsubscribe(&topic(&d.id), &session);
             self.cursors
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .locked()
                 .remove(&(d.id.clone(), session.clone()));
-            if let Some(docs) = self
-                .sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_mut(&session)
-            {
+            if let Some(docs) = self.sessions.locked().get_mut(&session) {
                 docs.remove(&d.id);
             }
             self.publish_presence(&d.id, user, &session, false);
@@ -801,7 +792,7 @@ impl CollabService {
         // Other nodes' sessions of the user: every node applies the same share
         // command, so each tells its own sessions that they left.
         let remote: Vec<String> = {
-            let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = self.remote.locked();
             let gone: Vec<String> = r
                 .docs
                 .get(&d.id)
@@ -821,17 +812,13 @@ impl CollabService {
     /// document. This node's sessions that have it open see the change, and later
     /// opens list the session among the participants.
     pub fn remote_presence(&self, session: &str, user: &str, doc_id: &str, joined: bool) {
-        let local = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(session);
+        let local = self.sessions.locked().contains_key(session);
         if local {
             // This node's own session, whose proposal timed out here.
             return;
         }
         let changed = {
-            let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = self.remote.locked();
             if joined {
                 let docs = r.sessions.entry(session.to_owned()).or_default();
                 // The proposing node enforced the limit; this only bounds memory.
@@ -858,7 +845,7 @@ impl CollabService {
     /// leaves every document it had open.
     pub fn remote_gone(&self, session: &str, user: &str) {
         let docs: Vec<String> = {
-            let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = self.remote.locked();
             let docs: Vec<String> = r
                 .sessions
                 .get(session)
@@ -902,8 +889,7 @@ impl CollabService {
             self.load(&req.doc_id).await?
         } else {
             self.sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .locked()
                 .get(ctx.session_id())
                 .and_then(|docs| docs.get(&req.doc_id).cloned())
         };
@@ -1162,10 +1148,7 @@ impl CollabService {
             // Memory is ahead of the disk now: retire this copy. The commit may
             // still have reached the disk (an fsync that wrote, then reported an
             // error): the next copy pushes what is stored past `base`.
-            self.retired
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(d.id.clone(), base);
+            self.retired.locked().insert(d.id.clone(), base);
             d.broken = true;
             self.docs.forget(&d.id).await;
             return Err(ServiceError::from(e));
@@ -1202,8 +1185,7 @@ impl CollabService {
     pub fn cursor(&self, ctx: &SessionCtx, mut c: v1::DocCursor) {
         let open = self
             .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .get(ctx.session_id())
             .is_some_and(|docs| docs.contains_key(&c.doc_id));
         if !open {
@@ -1214,7 +1196,7 @@ impl CollabService {
         let now = Instant::now();
         let min_gap = Duration::from_secs(1) / self.config.cursor_rate.max(1);
         let relay = {
-            let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cursors = self.cursors.locked();
             let state = cursors
                 .entry((c.doc_id.clone(), c.session_id.clone()))
                 .or_insert_with(|| CursorState {
@@ -1249,7 +1231,7 @@ impl CollabService {
     fn settle(&self) {
         let now = Instant::now();
         let due: Vec<v1::DocCursor> = {
-            let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cursors = self.cursors.locked();
             cursors
                 .values_mut()
                 .filter(|s| !s.settled && now - s.last_move >= self.config.cursor_settle)
@@ -1278,11 +1260,7 @@ impl CollabService {
         let read = || {
             let mut doc = self.read_doc(id)?;
             if let Some(d) = &mut doc {
-                d.unpublished_after = self
-                    .retired
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(id);
+                d.unpublished_after = self.retired.locked().remove(id);
             }
             Ok::<_, StoreError>(doc)
         };
@@ -1375,11 +1353,7 @@ impl CollabService {
     /// of documents that are gone. Returns (dedup rows, access rows) removed.
     async fn prune_batch(&self, budget: usize) -> ServiceResult<(u64, u64)> {
         let history = self.config.history as u64;
-        let [after_clients, after_access] = self
-            .prune_cursors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let [after_clients, after_access] = self.prune_cursors.locked().clone();
         let mut stale_clients: Vec<(String, String, (u64, u64))> = Vec::new();
         let mut stale_access: Vec<(String, String)> = Vec::new();
         let (mut next_clients, mut next_access) = (None, None);
@@ -1436,7 +1410,7 @@ impl CollabService {
                 next_access = None;
             }
         }
-        *self.prune_cursors.lock().unwrap_or_else(|e| e.into_inner()) = [
+        *self.prune_cursors.locked() = [
             next_clients.unwrap_or_default(),
             next_access.unwrap_or_default(),
         ];
@@ -1468,11 +1442,11 @@ impl CollabService {
                         n.1 += 1;
                     }
                 }
-                *out.lock().unwrap_or_else(|e| e.into_inner()) = n;
+                *out.locked() = n;
                 Ok(())
             })
             .await?;
-        let n = *counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = *counts.locked();
         Ok(n)
     }
 }

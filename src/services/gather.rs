@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use super::{ServiceError, ServiceResult};
 use crate::protocol::ErrorCode;
+use crate::util::Unpoisoned;
 
 /// A queued request and where its answer goes.
 type Entry<T, R> = (T, oneshot::Sender<R>);
@@ -87,7 +88,7 @@ impl<T, R> Gather<T, R> {
     /// Queues `request` under `key`.
     pub(crate) fn join<'a>(&'a self, key: &'a str, request: T) -> Ticket<'a, T, R> {
         let (tx, rx) = oneshot::channel();
-        let mut queues = self.lock();
+        let mut queues = self.queues.locked();
         // The key is copied only for a queue that starts here.
         match queues.get_mut(key) {
             Some(queue) => queue.push_back((request, tx)),
@@ -147,7 +148,7 @@ impl<T, R> Gather<T, R> {
     /// Takes up to `max` requests queued under `key`, oldest first, skipping
     /// those whose caller gave up. Answer each through its sender.
     pub(crate) fn take(&self, key: &str, max: usize) -> Vec<Entry<T, R>> {
-        let mut queues = self.lock();
+        let mut queues = self.queues.locked();
         let Some(queue) = queues.get_mut(key) else {
             return Vec::new();
         };
@@ -168,11 +169,7 @@ impl<T, R> Gather<T, R> {
     /// Requests queued under `key` (for tests).
     #[cfg(test)]
     pub(crate) fn queued(&self, key: &str) -> usize {
-        self.lock().get(key).map_or(0, VecDeque::len)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queues<T, R>> {
-        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+        self.queues.locked().get(key).map_or(0, VecDeque::len)
     }
 }
 
@@ -206,7 +203,7 @@ impl<T, R> Drop for Ticket<'_, T, R> {
         }
         // Closed first, so `take` and the sweep below both see it as given up.
         self.rx.close();
-        let mut queues = self.gather.lock();
+        let mut queues = self.gather.queues.locked();
         if let Some(queue) = queues.get_mut(self.key) {
             queue.retain(|(_, tx)| !tx.is_closed());
             if queue.is_empty() {
@@ -244,7 +241,7 @@ mod tests {
         assert_eq!(g.take("k", 2).len(), 2);
         assert_eq!(g.queued("k"), 3);
         assert_eq!(g.take("k", 10).len(), 3);
-        assert!(g.lock().is_empty(), "an empty queue is removed");
+        assert!(g.queues.locked().is_empty(), "an empty queue is removed");
     }
 
     #[test]
@@ -259,7 +256,7 @@ mod tests {
         drop(taken);
         assert_eq!(second.try_answer(), Answer::Dropped, "its server went away");
         drop(g.join("k", 3));
-        assert!(g.lock().is_empty());
+        assert!(g.queues.locked().is_empty());
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1::{self, request, response};
 use crate::store::{Store, Writer};
+use crate::util::Unpoisoned;
 
 /// A failed request: a typed code, a message, and optional details.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,11 +150,11 @@ pub(super) async fn prune(
         deps.writer
             .write(move |txn| {
                 let n = records.prune_in(txn, now, keep)?;
-                *out.lock().unwrap_or_else(|e| e.into_inner()) = n;
+                *out.locked() = n;
                 Ok(())
             })
             .await?;
-        let n = *pruned.lock().unwrap_or_else(|e| e.into_inner());
+        let n = *pruned.locked();
         counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         total += n;
         if n < crate::store::dedup::PRUNE_BATCH {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::catch_up::{CatchUpStream, catch_up};
 use super::gather::Gather;
 use super::{ServiceDeps, ServiceError, ServiceResult, SessionCtx, append_failed, corrupt};
+use crate::util::Unpoisoned;
 use futures_util::future::BoxFuture;
 
 use crate::ids::UserId;
@@ -449,8 +450,7 @@ impl NotifyService {
                             Ok(l) => at = l,
                             Err(AppendError::Conflict { actual, .. }) if at == base => {
                                 // Nothing written yet; caught up below.
-                                *out.lock().unwrap_or_else(|e| e.into_inner()) =
-                                    (Vec::new(), Some(actual));
+                                *out.locked() = (Vec::new(), Some(actual));
                                 return Ok(());
                             }
                             Err(e) => return Err(append_failed(e)),
@@ -464,12 +464,11 @@ impl NotifyService {
                         txn.open_table(STATE)?
                             .insert(u.as_str(), (at, unread + (at - base)))?;
                     }
-                    *out.lock().unwrap_or_else(|e| e.into_inner()) = (outcomes, None);
+                    *out.locked() = (outcomes, None);
                     Ok(())
                 })
                 .await?;
-            let (outcomes, moved) =
-                std::mem::take(&mut *result.lock().unwrap_or_else(|e| e.into_inner()));
+            let (outcomes, moved) = std::mem::take(&mut *result.locked());
             match moved {
                 None => break outcomes,
                 // Notifications whose request was abandoned while their commit was
@@ -695,11 +694,7 @@ impl NotifyService {
         if r.user_notifications == 0 && r.notification_age.is_none() {
             return Ok(0);
         }
-        let after = self
-            .prune_cursor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let after = self.prune_cursor.locked().clone();
         let mut users = Vec::new();
         {
             let txn = self.deps.store.db().begin_read()?;
@@ -712,7 +707,7 @@ impl NotifyService {
                 users.push(entry?.0.value().to_owned());
             }
         }
-        *self.prune_cursor.lock().unwrap_or_else(|e| e.into_inner()) = if users.len() < budget {
+        *self.prune_cursor.locked() = if users.len() < budget {
             String::new()
         } else {
             users.last().cloned().unwrap_or_default()

@@ -31,6 +31,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Deserialize;
 
 use super::chat::ChatService;
+use crate::util::Unpoisoned;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
@@ -262,7 +263,7 @@ impl PresenceService {
     }
 
     fn live(&self) -> MutexGuard<'_, LiveTable> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+        self.live.locked()
     }
 
     // ---- sessions -------------------------------------------------------------
@@ -587,11 +588,11 @@ impl PresenceService {
                     }
                     Decision::Unchanged(_) | Decision::Failed(..) => {}
                 }
-                *result.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
+                *result.locked() = Some(decision);
                 Ok(())
             })
             .await?;
-        let decision = out.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let decision = out.locked().take();
         decision.ok_or_else(|| ServiceError::internal("contact write decided nothing"))
     }
 

@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use super::{ServiceError, ServiceResult};
 use crate::clock::Clock;
+use crate::util::Unpoisoned;
 
 /// One rate: a burst and a sustained rate per second.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -279,7 +280,7 @@ impl RateLimits {
             return Ok(());
         }
         let now = self.clock.now_ms();
-        let mut map = kind.shard(user).lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = kind.shard(user).locked();
         let taken = match map.get_mut(user) {
             Some(bucket) => bucket.take(kind.rate, 1, now),
             None => {
@@ -316,7 +317,7 @@ impl RateLimits {
         self.kind(action)
             .shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| s.locked().len())
             .sum()
     }
 }

@@ -46,6 +46,7 @@ use super::notify::NotifyService;
 use super::replica::{Op, Outcome, Prune, Replicator};
 use super::{Background, ServiceError, ServiceResult};
 use crate::clock::Clock;
+use crate::util::Unpoisoned;
 
 /// What is kept how long (`[retention]` in the configuration file).
 #[derive(Debug, Clone, Deserialize)]
@@ -311,8 +312,7 @@ impl Retention {
                 return Ok(false);
             }
         }
-        let mut steps =
-            std::mem::take(&mut *self.retried.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut steps = std::mem::take(&mut *self.retried.locked());
         match self.apply_steps(full, now, &mut steps).await {
             Ok(more) => {
                 if full {
@@ -321,7 +321,7 @@ impl Retention {
                 Ok(more)
             }
             Err(e) => {
-                *self.retried.lock().unwrap_or_else(|e| e.into_inner()) = steps;
+                *self.retried.locked() = steps;
                 Err(e)
             }
         }
@@ -394,10 +394,10 @@ pub(crate) async fn restoring_cursor<C: Clone, T>(
     cursor: &std::sync::Mutex<C>,
     work: impl std::future::Future<Output = ServiceResult<T>>,
 ) -> ServiceResult<T> {
-    let before = cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let before = cursor.locked().clone();
     let result = work.await;
     if result.is_err() {
-        *cursor.lock().unwrap_or_else(|e| e.into_inner()) = before;
+        *cursor.locked() = before;
     }
     result
 }

@@ -7,6 +7,7 @@
 //! operation on that `Database` returns `StorageError::PreviousIo` until it is
 //! dropped and opened again. [`super::Store::reopen`] does that.
 
+use crate::util::{Unpoisoned, UnpoisonedRw};
 use std::fs::File;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -111,7 +112,7 @@ impl FaultSwitch {
     }
 
     fn arm_needle(&self, needle: &[u8], durable_sync: u64) {
-        *self.0.needle.lock().unwrap_or_else(|e| e.into_inner()) = Some(needle.to_vec());
+        *self.0.needle.locked() = Some(needle.to_vec());
         self.0.syncs_since_needle.store(u64::MAX, Ordering::SeqCst);
         self.0.durable_sync.store(durable_sync, Ordering::SeqCst);
         self.arm(Fault::FsyncAfterSync);
@@ -119,7 +120,7 @@ impl FaultSwitch {
 
     /// Notes a write of `data` (for [`FaultSwitch::arm_durable_failure`]).
     fn wrote(&self, data: &[u8]) {
-        let needle = self.0.needle.lock().unwrap_or_else(|e| e.into_inner());
+        let needle = self.0.needle.locked();
         if let Some(n) = needle.as_deref()
             && self.0.syncs_since_needle.load(Ordering::SeqCst) == u64::MAX
             && data.windows(n.len()).any(|w| w == n)
@@ -130,7 +131,7 @@ impl FaultSwitch {
 
     /// From now on, storage works again.
     pub fn disarm(&self) {
-        *self.0.needle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.0.needle.locked() = None;
         self.0.armed.store(OFF, Ordering::SeqCst);
     }
 
@@ -147,13 +148,7 @@ impl FaultSwitch {
     /// Whether the fsync now makes a commit durable: the header was written twice
     /// since the last such fsync (see [`Fault::FsyncAfterSync`]).
     fn commit_is_flushing(&self) -> bool {
-        if self
-            .0
-            .needle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-        {
+        if self.0.needle.locked().is_some() {
             let syncs = &self.0.syncs_since_needle;
             let seen = syncs.load(Ordering::SeqCst);
             if seen == u64::MAX {
@@ -318,12 +313,12 @@ impl DeadBackend {
 impl StorageBackend for DeadBackend {
     fn len(&self) -> Result<u64, std::io::Error> {
         self.check()?;
-        Ok(self.bytes.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+        Ok(self.bytes.reading().len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
         self.check()?;
-        let bytes = self.bytes.read().unwrap_or_else(|e| e.into_inner());
+        let bytes = self.bytes.reading();
         let start = usize::try_from(offset).map_err(std::io::Error::other)?;
         let src = bytes
             .get(start..start + out.len())
@@ -335,10 +330,7 @@ impl StorageBackend for DeadBackend {
     fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
         self.check()?;
         let len = usize::try_from(len).map_err(std::io::Error::other)?;
-        self.bytes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .resize(len, 0);
+        self.bytes.writing().resize(len, 0);
         Ok(())
     }
 
@@ -348,7 +340,7 @@ impl StorageBackend for DeadBackend {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         self.check()?;
-        let mut bytes = self.bytes.write().unwrap_or_else(|e| e.into_inner());
+        let mut bytes = self.bytes.writing();
         let start = usize::try_from(offset).map_err(std::io::Error::other)?;
         let dst = bytes
             .get_mut(start..start + data.len())

@@ -13,6 +13,7 @@ mod writer;
 pub use offset_log::{AppendError, Entry, Epoch, OffsetLog, Position, RedbLog};
 pub use writer::{CommitObserver, Hold, Target, Writer, WriterOptions, WriterProbe};
 
+use crate::util::{Unpoisoned, UnpoisonedRw};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -236,15 +237,11 @@ impl Store {
     /// if the open fails (the disk is still full), it stays so and this can be
     /// called again.
     pub fn reopen(&self) -> Result<(), StoreError> {
-        let _one = self
-            .inner
-            .reopening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _one = self.inner.reopening.locked();
         self.retire_now();
         let db = open_file(&self.inner.path, self.inner.faults.as_ref())?;
         Self::init_meta(&db)?;
-        *self.inner.db.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(db);
+        *self.inner.db.writing() = Arc::new(db);
         self.inner.reopens.fetch_add(1, Ordering::AcqRel);
         self.inner.unavailable.store(false, Ordering::Release);
         tracing::info!(path = %self.inner.path.display(), "database reopened");
@@ -256,20 +253,13 @@ impl Store {
     /// database's cache) until [`Store::reopen`] succeeds.
     pub fn retire(&self) {
         self.mark_unavailable();
-        let _one = self
-            .inner
-            .reopening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _one = self.inner.reopening.locked();
         self.retire_now();
     }
 
     /// Puts the stand-in in place of the database and drops the database.
     fn retire_now(&self) {
-        let failed = std::mem::replace(
-            &mut *self.inner.db.write().unwrap_or_else(|e| e.into_inner()),
-            stand_in(),
-        );
+        let failed = std::mem::replace(&mut *self.inner.db.writing(), stand_in());
         // The failed database keeps the file locked until its last handle is
         // dropped; handles are taken for one read at a time.
         let deadline = Instant::now() + RELEASE_WAIT;
@@ -344,11 +334,7 @@ impl Store {
     /// The database, for services that own tables in it. Take it for one
     /// transaction at a time: after a storage failure it is replaced.
     pub fn db(&self) -> Arc<Database> {
-        self.inner
-            .db
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.db.reading().clone()
     }
 
     /// The schema version on disk.

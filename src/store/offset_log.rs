@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{Store, StoreError, Writer};
+use crate::util::Unpoisoned;
 
 /// The identity of one incarnation of a stream. A resume position is an offset and
 /// the epoch it was read in.
@@ -320,11 +321,11 @@ impl RedbLog {
                         e
                     }
                 };
-                *out.lock().unwrap_or_else(|e| e.into_inner()) = epoch;
+                *out.locked() = epoch;
                 Ok(())
             })
             .await?;
-        let epoch = *found.lock().unwrap_or_else(|e| e.into_inner());
+        let epoch = *found.locked();
         Ok(Epoch(epoch))
     }
 }
@@ -349,11 +350,11 @@ impl OffsetLog for RedbLog {
                     if let Err(AppendError::Store(e)) = r {
                         return Err(e);
                     }
-                    *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    *out.locked() = Some(r);
                     Ok(())
                 })
                 .await?;
-            let r = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let r = outcome.locked().take();
             r.unwrap_or_else(|| {
                 Err(AppendError::Store(StoreError::Write(
                     "the append did not run".into(),

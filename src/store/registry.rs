@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::cache::{Cache, CacheSpec};
+use crate::util::Unpoisoned;
 
 /// A loaded entity behind its lock.
 pub type Loaded<T> = Arc<tokio::sync::Mutex<T>>;
@@ -48,7 +49,7 @@ impl<T: Send + Sync + 'static> Registry<T> {
     ) -> Result<Option<Loaded<T>>, E> {
         let weight;
         let handle = {
-            let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+            let mut loaded = self.loaded.locked();
             if let Some(h) = loaded.get(id).and_then(Weak::upgrade) {
                 return Ok(Some(h));
             }
@@ -71,10 +72,7 @@ impl<T: Send + Sync + 'static> Registry<T> {
 
     /// Drops an entity (its in-memory copy is stale): the next caller loads it anew.
     pub async fn forget(&self, id: &str) {
-        self.loaded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.loaded.locked().remove(id);
         self.hot.invalidate(id).await;
     }
 }

@@ -19,6 +19,7 @@ use redb::{Database, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Store, StoreError};
+use crate::util::Unpoisoned;
 
 /// Writes queued at most; past this, callers wait (backpressure).
 const QUEUE: usize = 16 * 1024;
@@ -130,9 +131,12 @@ struct Gate {
 impl Gate {
     /// Blocks the writer thread while a hold is alive.
     fn wait_open(&self) {
-        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut holds = self.holds.locked();
         while *holds > 0 {
-            holds = self.released.wait(holds).unwrap_or_else(|e| e.into_inner());
+            holds = self
+                .released
+                .wait(holds)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 }
@@ -145,7 +149,7 @@ pub struct Hold(Arc<Gate>);
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let mut holds = self.0.holds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut holds = self.0.holds.locked();
         *holds -= 1;
         if *holds == 0 {
             self.0.released.notify_all();
@@ -209,7 +213,7 @@ impl Writer {
     /// the queue. Lets a test put a request's commit "in flight" for as long as it
     /// needs, and an operator pause writes.
     pub fn hold(&self) -> Hold {
-        *self.gate.holds.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        *self.gate.holds.locked() += 1;
         Hold(self.gate.clone())
     }
 

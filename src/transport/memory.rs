@@ -23,6 +23,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::TransportKind;
 use super::session::{CloseInfo, RecvStream, SendStream, Session, SessionError, Transport};
+use crate::util::Unpoisoned;
 
 /// Datagrams queued per direction before new ones are dropped.
 const DATAGRAM_QUEUE: usize = 256;
@@ -59,7 +60,7 @@ struct Shared {
 
 impl Shared {
     fn close(&self, info: CloseInfo) {
-        let mut slot = self.info.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.info.locked();
         if slot.is_none() {
             *slot = Some(info);
         }
@@ -68,14 +69,10 @@ impl Shared {
     }
 
     fn info(&self) -> CloseInfo {
-        self.info
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or(CloseInfo {
-                code: None,
-                reason: "closed".into(),
-            })
+        self.info.locked().clone().unwrap_or(CloseInfo {
+            code: None,
+            reason: "closed".into(),
+        })
     }
 
     fn error(&self) -> SessionError {

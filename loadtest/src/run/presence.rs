@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tutti::client::{Client, ClientError, Event};
 use tutti::protocol::v1::{self, PresenceStatus, StreamKind, push, request};
+use tutti::util::Unpoisoned;
 
 use super::{Ctx, connect_all, ended, join_within};
 use crate::outcome::{Messages, Outcome};
@@ -127,7 +128,7 @@ pub async fn run_with(ctx: &Ctx, p: &PresenceParams, tag: &str) -> anyhow::Resul
                         away = !away;
                         let sent = now_us();
                         {
-                            let mut ch = shared.changes.lock().unwrap_or_else(|e| e.into_inner());
+                            let mut ch = shared.changes.locked();
                             let e = ch.entry(user.clone()).or_insert((0, 0, 0));
                             *e = (status as i32, e.1 + 1, sent);
                         }
@@ -215,12 +216,7 @@ async fn receiver(
             continue;
         };
         live().deliveries.inc();
-        let change = shared
-            .changes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&state.user_id)
-            .copied();
+        let change = shared.changes.locked().get(&state.user_id).copied();
         if let Some((status, version, sent)) = change
             && status == state.status
             && counted.get(&state.user_id) != Some(&version)

@@ -34,6 +34,7 @@ use crate::clock::Clock;
 use crate::protocol::ErrorCode;
 use crate::protocol::v1;
 use crate::store::StoreError;
+use crate::util::Unpoisoned;
 
 /// (series, minute start ms) → count.
 const MINUTES: TableDefinition<(&str, u64), u64> = TableDefinition::new("analytics_minutes");
@@ -420,7 +421,7 @@ impl AnalyticsService {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     fn bucket_ms(&self) -> u64 {
@@ -984,12 +985,7 @@ impl AnalyticsService {
 
     /// The node is stopping: ends the metrics streams and writes what is pending.
     async fn finish(&self) {
-        for (_, task) in self
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-        {
+        for (_, task) in self.streams.locked().drain() {
             task.abort();
         }
         self.end_feeds();

@@ -24,6 +24,7 @@ use super::hll::Hll;
 use super::{AnalyticsService, ServiceResult, SessionCtx};
 use crate::hub::Subscriber;
 use crate::protocol::v1::{self, Push, StreamKind, push};
+use crate::util::Unpoisoned;
 
 /// How long a node waits for the others' answers to a query.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -331,7 +332,7 @@ impl AnalyticsService {
         send: impl Fn(v1::MetricsUpdate) + Send + 'static,
     ) {
         let now = self.clock.now_ms();
-        let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut feeds = self.feeds.locked();
         // A stream notices its lease ran out only when it has an update to send:
         // end the expired ones here (every renewal of any stream comes here).
         feeds.retain(|_, f| {
@@ -382,7 +383,7 @@ impl AnalyticsService {
 
     /// Ends every remote metrics stream (the node is stopping).
     pub(super) fn end_feeds(&self) {
-        for (_, f) in self.feeds.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        for (_, f) in self.feeds.locked().drain() {
             f.task.abort();
         }
     }

@@ -20,6 +20,7 @@ use crate::metrics::{Metrics, Percentiles, VALUE_NAMES};
 use crate::protocol::ErrorCode;
 use crate::protocol::v1;
 use crate::services::{ServiceError, ServiceResult, SessionCtx};
+use crate::util::Unpoisoned;
 
 /// Event types one subscription may name at most.
 const MAX_EVENT_TYPES: usize = 64;
@@ -74,7 +75,7 @@ impl AnalyticsService {
     ) -> ServiceResult<v1::MetricsSubscribeResponse> {
         let (stream, metrics) = Stream::from_request(self.clone(), &req)?;
         let interval_ms = stream.interval_ms;
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut streams = self.streams.locked();
         if let Some(old) = streams.remove(ctx.session_id()) {
             old.abort();
         } else if streams.len() >= self.config.max_metrics_subscribers {
@@ -96,12 +97,7 @@ impl AnalyticsService {
 
     /// Ends the session's metrics subscription, if any.
     pub(super) fn stop_stream(&self, session_id: &str) {
-        if let Some(task) = self
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(session_id)
-        {
+        if let Some(task) = self.streams.locked().remove(session_id) {
             task.abort();
         }
     }
