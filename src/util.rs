@@ -72,3 +72,31 @@ impl<T: ?Sized> UnpoisonedRw<T> for std::sync::RwLock<T> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, RwLock};
+
+    use super::{Unpoisoned, UnpoisonedRw};
+
+    #[test]
+    fn a_lock_poisoned_by_a_panic_still_gives_its_data() {
+        let m = Mutex::new(1);
+        let rw = RwLock::new(1);
+        let _ = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut a = m.lock().unwrap();
+                let mut b = rw.write().unwrap();
+                *a = 2;
+                *b = 2;
+                panic!("a holder panics");
+            })
+            .join()
+        });
+        assert!(m.is_poisoned() && rw.is_poisoned());
+        assert_eq!(*m.locked(), 2, "the update made before the panic stays");
+        assert_eq!(*rw.reading(), 2);
+        *rw.writing() = 3;
+        assert_eq!(*rw.reading(), 3);
+    }
+}
