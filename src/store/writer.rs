@@ -131,13 +131,12 @@ struct Gate {
 impl Gate {
     /// Blocks the writer thread while a hold is alive.
     fn wait_open(&self) {
-        let mut holds = self.holds.locked();
-        while *holds > 0 {
-            holds = self
-                .released
-                .wait(holds)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
+        let holds = self.holds.locked();
+        drop(
+            self.released
+                .wait_while(holds, |holds| *holds > 0)
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
     }
 }
 
