@@ -109,10 +109,17 @@ impl TestServer {
         c
     }
 
+    /// Connects `user`, and waits for a first answer. The server subscribes a
+    /// session to its streams after the Welcome and reads its requests only once
+    /// that is done, so from the answer on the client misses nothing published
+    /// (without the round trip, an event published in between would reach a
+    /// client that resumes nothing only through history).
     pub async fn connect(&self, transport: TransportKind, user: &str) -> Client {
-        Client::connect(self.client_config(transport, &self.token(user)))
+        let c = Client::connect(self.client_config(transport, &self.token(user)))
             .await
-            .expect("client connects")
+            .expect("client connects");
+        c.echo(vec![], false).await.expect("a first answer");
+        c
     }
 
     /// `GET path` on the HTTP port: (status, body).
