@@ -3,6 +3,7 @@
 #
 #   loadtest/baselines/sitting.sh [--skip-build] [--no-knee] [--no-pinned] [--no-connects]
 #   loadtest/baselines/sitting.sh [--skip-build] --connects-only
+#   loadtest/baselines/sitting.sh [--skip-build] [--no-pinned] --knees-only
 #   loadtest/baselines/sitting.sh [--skip-build] --pairs=N
 #   loadtest/baselines/sitting.sh --table=loadtest/results/sitting-...   (the table again)
 #
@@ -45,7 +46,8 @@ for a in "$@"; do
     --no-pinned) PINNED=0 ;;
     --no-connects) CONNECTS=0 ;;
     --connects-only) CHAT=0; KNEE=0 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    --knees-only) CHAT=0; CONNECTS=0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "sitting.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done

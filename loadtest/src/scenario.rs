@@ -172,6 +172,7 @@ impl Scenario {
         let k = &self.knee;
         anyhow::ensure!(k.factor > 1.0, "knee.factor must be above 1");
         anyhow::ensure!(k.max_steps > 0, "knee.max_steps must be positive");
+        anyhow::ensure!(k.bisections <= 8, "knee.bisections must be at most 8");
         anyhow::ensure!(
             k.start_deliveries_per_sec > 0.0,
             "knee.start_deliveries_per_sec must be positive"
@@ -294,8 +295,12 @@ pub struct KneeParams {
     pub start_deliveries_per_sec: f64,
     /// Each step multiplies the rate by this.
     pub factor: f64,
-    /// Steps at most before the bisection.
+    /// Steps at most before the bisections.
     pub max_steps: usize,
+    /// Geometric bisections between the last passing and the first failing step
+    /// (each takes the square root of the ratio between them: with `factor` 1.5,
+    /// one leaves the knee within 22%, three within 5%).
+    pub bisections: usize,
     /// Warm-up of each step.
     #[serde(with = "dur")]
     pub step_warm_up: Duration,
@@ -310,6 +315,7 @@ impl Default for KneeParams {
             start_deliveries_per_sec: 5_000.0,
             factor: 1.5,
             max_steps: 8,
+            bisections: 1,
             step_warm_up: Duration::from_secs(3),
             step_measure: Duration::from_secs(10),
         }
@@ -522,9 +528,10 @@ mod tests {
         let s = Scenario::parse(
             "name = \"f\"\nkind = \"knee\"\ntransport = \"webtransport\"\n\
              [chat]\nclients = 50\nroom_size = 5\nmeasure = \"1500ms\"\n\
-             [knee]\nfactor = 2.0\n[slo]\nlatency_p99_ms = 50\n",
+             [knee]\nfactor = 2.0\nbisections = 3\n[slo]\nlatency_p99_ms = 50\n",
         )
         .unwrap();
+        assert_eq!(s.knee.bisections, 3);
         assert_eq!(s.chat.measure, Duration::from_millis(1500));
         assert_eq!(s.knee.factor, 2.0);
         assert_eq!(s.slo.latency_p99_ms, 50.0);
@@ -544,6 +551,9 @@ mod tests {
         );
         assert!(
             Scenario::parse("name = \"x\"\nkind = \"chat_fanout\"\ntransport = \"tcp\"\n").is_err()
+        );
+        assert!(
+            Scenario::parse("name = \"x\"\nkind = \"knee\"\n[knee]\nbisections = 9\n").is_err()
         );
     }
 

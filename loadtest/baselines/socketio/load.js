@@ -107,6 +107,7 @@ const DEFAULTS = {
   start: 10000,
   factor: 1.5,
   maxSteps: 8,
+  bisections: 1,        // geometric bisections after the first failing step
   stepWarmup: null,     // s; null: --warmup
   stepDuration: null,   // s; null: --duration
   // [idle]
@@ -180,6 +181,7 @@ function fromScenarioFile(file) {
   o.start = k.start_deliveries_per_sec ?? 5000;
   o.factor = k.factor ?? 1.5;
   o.maxSteps = k.max_steps ?? 8;
+  o.bisections = k.bisections ?? 1;
   o.stepWarmup = parseDuration(k.step_warm_up ?? '3s');
   o.stepDuration = parseDuration(k.step_measure ?? '10s');
   if (o.scenario === 'idle') {
@@ -235,6 +237,7 @@ function parseArgs(argv) {
   if (a.serverCpus !== null && !/^[0-9,-]+$/.test(String(a.serverCpus))) throw new Error('--server-cpus: a CPU list such as 0 or 0-1');
   if (a.factor <= 1) throw new Error('--factor must be above 1');
   if (a.maxSteps < 1 || a.maxSteps > 30) throw new Error('--max-steps must be 1..30');
+  if (!Number.isInteger(a.bisections) || a.bisections < 0 || a.bisections > 8) throw new Error('--bisections must be 0..8');
   for (const k of ['warmup', 'duration', 'drain', 'stepWarmup', 'stepDuration', 'hold', 'rampUp', 'idleRampUp']) {
     if (a[k] < 0 || a[k] > 3600) throw new Error(`--${k}: 0..3600 s`);
   }
@@ -698,10 +701,12 @@ async function scenarioKnee(a) {
       const r = await runStep(rate);
       if (r.pass) { best = r; lo = rate; rate *= a.factor; } else { last = r; hi = rate; break; }
     }
-    if (lo !== null && hi !== null) {
-      const mid = Math.sqrt(lo * hi); // one bisection, geometric like the ladder (as tutti-load)
+    // Geometric bisections, like the ladder (as tutti-load): each takes the square
+    // root of the ratio between the last passing and the first failing rate.
+    for (let i = 0; lo !== null && hi !== null && i < a.bisections; i++) {
+      const mid = Math.sqrt(lo * hi);
       const r = await runStep(mid);
-      if (r.pass) best = r;
+      if (r.pass) { best = r; lo = mid; } else { last = r; hi = mid; }
     }
     const cpu = await runCpu(world);
     for (const r of [best, last]) if (r) applyRunCpu(r, cpu);
@@ -710,9 +715,9 @@ async function scenarioKnee(a) {
   }
   const shown = best || last;
   return report(a, 'knee', {
-    ...fanoutParams(a), start_deliveries_per_sec: a.start, factor: a.factor, max_steps: a.maxSteps,
+    ...fanoutParams(a), start_deliveries_per_sec: a.start, factor: a.factor, max_steps: a.maxSteps, bisections: a.bisections,
     step_warmup_secs: a.stepWarmup, step_duration_secs: a.stepDuration,
-    rule: 'one set of connections; step the rate up by factor until a step fails (delivery <= slo, p99 >= slo, a dropped connection), then one geometric bisection; the knee is the achieved rate of the highest passing step; before each step, wait (at most 60 s) until no message has arrived for 1 s',
+    rule: 'one set of connections; step the rate up by factor until a step fails (delivery <= slo, p99 >= slo, a dropped connection), then `bisections` geometric bisections; the knee is the achieved rate of the highest passing step; before each step, wait (at most 60 s) until no message has arrived for 1 s',
   }, {
     ...(shown ? strip(shown) : {}),
     knee: {

@@ -1,11 +1,11 @@
 //! The knee search: chat fan-out on one set of connections, stepping the offered
 //! rate up by `factor` until a step breaks an SLO (delivery, p99 latency, or a
-//! dropped connection), then one bisection between the last passing and the first
-//! failing rate. The knee is the highest passing rate. Before every step after the
-//! first, the run waits (at most `SETTLE_MAX`, 60 s) until no message has arrived for
-//! `SETTLE_QUIET` (1 s): a failed step leaves a backlog in the server, which would
-//! otherwise be charged to the next step (the Socket.IO baseline's `load.js` waits
-//! the same way).
+//! dropped connection), then `bisections` geometric bisections between the last
+//! passing and the first failing rate. The knee is the highest passing rate.
+//! Before every step after the first, the run waits (at most `SETTLE_MAX`, 60 s)
+//! until no message has arrived for `SETTLE_QUIET` (1 s): a failed step leaves a
+//! backlog in the server, which would otherwise be charged to the next step (the
+//! Socket.IO baseline's `load.js` waits the same way).
 
 use super::Ctx;
 use super::chat::{Phase, World, setup};
@@ -43,14 +43,20 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
             break;
         }
     }
-    if let (Some(l), Some(h)) = (lo, hi) {
-        // One bisection, geometric: the ladder is a ratio ladder.
-        let mid = f64::sqrt(l * h);
-        let (step, phase) = step(ctx, &world, mid, steps.len() + 1).await;
-        if step.pass {
-            best = Some((mid, phase));
+    if let (Some(mut l), Some(mut h)) = (lo, hi) {
+        // Geometric bisections: the ladder is a ratio ladder, and each one takes the
+        // square root of the ratio between the last passing and first failing rate.
+        for _ in 0..k.bisections {
+            let mid = f64::sqrt(l * h);
+            let (step, phase) = step(ctx, &world, mid, steps.len() + 1).await;
+            if step.pass {
+                best = Some((mid, phase));
+                l = mid;
+            } else {
+                h = mid;
+            }
+            steps.push(step);
         }
-        steps.push(step);
     }
     let mut o = Outcome::default();
     world.connections(&mut o);
