@@ -701,6 +701,7 @@ async function scenarioKnee(a) {
       const r = await runStep(rate);
       if (r.pass) { best = r; lo = rate; rate *= a.factor; } else { last = r; hi = rate; break; }
     }
+    if (lo !== null && hi === null) log(a, `every step passed: the knee is above ${Math.round(lo)}/s (raise max_steps)`);
     // Geometric bisections, like the ladder (as tutti-load): each takes the square
     // root of the ratio between the last passing and the first failing rate.
     for (let i = 0; lo !== null && hi !== null && i < a.bisections; i++) {

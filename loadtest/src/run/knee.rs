@@ -43,6 +43,12 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
             break;
         }
     }
+    if hi.is_none() && lo.is_some() {
+        tracing::warn!(
+            rate = lo,
+            "every step passed: the knee is above the last one (raise knee.max_steps)"
+        );
+    }
     if let (Some(mut l), Some(mut h)) = (lo, hi) {
         // Geometric bisections: the ladder is a ratio ladder, and each one takes the
         // square root of the ratio between the last passing and first failing rate.
