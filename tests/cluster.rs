@@ -269,14 +269,11 @@ impl Node {
         c
     }
 
-    /// Connects `user`, and waits for a first answer: requests are read only once
-    /// the session's subscriptions are in place, so from then on it misses nothing.
+    /// Connects `user` with [`support::connect_subscribed`].
     async fn connect(&self, transport: TransportKind, user: &str) -> Client {
-        let c = Client::connect(self.config(transport, user))
+        support::connect_subscribed(self.config(transport, user))
             .await
-            .unwrap_or_else(|e| panic!("{user} connects to {}: {e}", self.id));
-        c.echo(vec![], false).await.unwrap();
-        c
+            .unwrap_or_else(|e| panic!("{user} connects to {}: {e}", self.id))
     }
 
     async fn api(&self, method: &str, path: &str, json: Option<&str>) -> (u16, String) {

@@ -599,6 +599,7 @@ async fn an_api_notification_with_an_idempotency_key_is_created_once() {
         let http = s.server().http_addr();
         // Subscribed once connected (the helper waits for a first answer).
         let bob = s.connect(TransportKind::Quic, "bob").await;
+        assert!(all_notifications(&bob).await.is_empty());
         let body = r#"{"user_id":"bob","kind":"k","title":"once"}"#;
         let (status, replayed, first) = notify(http, &key, Some("order-17"), body).await;
         assert_eq!((status, replayed.as_str()), (201, "false"), "{first}");

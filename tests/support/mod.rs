@@ -109,17 +109,11 @@ impl TestServer {
         c
     }
 
-    /// Connects `user`, and waits for a first answer. The server subscribes a
-    /// session to its streams after the Welcome and reads its requests only once
-    /// that is done, so from the answer on the client misses nothing published
-    /// (without the round trip, an event published in between would reach a
-    /// client that resumes nothing only through history).
+    /// Connects `user` with [`connect_subscribed`].
     pub async fn connect(&self, transport: TransportKind, user: &str) -> Client {
-        let c = Client::connect(self.client_config(transport, &self.token(user)))
+        connect_subscribed(self.client_config(transport, &self.token(user)))
             .await
-            .expect("client connects");
-        c.echo(vec![], false).await.expect("a first answer");
-        c
+            .expect("client connects")
     }
 
     /// `GET path` on the HTTP port: (status, body).
@@ -267,4 +261,17 @@ pub async fn all_messages(c: &Client, room: &str) -> Vec<v1::ChatMessage> {
         }
     }
     out
+}
+
+/// Connects, and waits for a first answer. The server subscribes a session to its
+/// streams after the Welcome and reads its requests only once that is done, so
+/// from the answer on the client misses nothing published (without the round
+/// trip, an event published in between would reach a client that resumes nothing
+/// only through history; docs/PROTOCOL.md, "Handshake").
+pub async fn connect_subscribed(
+    config: ClientConfig,
+) -> Result<Client, tutti::client::ClientError> {
+    let c = Client::connect(config).await?;
+    c.echo(vec![], false).await?;
+    Ok(c)
 }
