@@ -13,16 +13,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::TestServer;
+use support::{EVENT_WAIT, TestServer};
 use tutti::client::{Client, ClientError, Event};
 use tutti::protocol::ErrorCode;
 use tutti::protocol::v1::{
     self, ContactState, PresenceStatus, StreamKind, push, request, response,
 };
 use tutti::transport::TransportKind;
-
-/// Bound on waiting for one pushed event.
-const EVENT_WAIT: Duration = Duration::from_secs(10);
 
 async fn req(c: &Client, body: request::Body) -> Result<response::Body, ClientError> {
     c.request(body).await
@@ -192,17 +189,6 @@ async fn assert_quiet(s: &TestServer, t: TransportKind, c: &Client, user: &str, 
     );
 }
 
-/// Waits until the server has at most `n` sessions (each ends with `disconnected`).
-async fn wait_sessions(s: &TestServer, n: usize) {
-    tokio::time::timeout(EVENT_WAIT, async {
-        while s.server().sessions() > n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the session did not end");
-}
-
 /// Makes `a` and `b` accepted contacts, `b` being the long-lived client `bc`; `a`
 /// uses a session of its own, closed again, and `bc` sees `a` go offline.
 async fn befriend(s: &TestServer, t: TransportKind, a: &str, bc: &Client, b: &str) {
@@ -259,7 +245,7 @@ async fn a_user_is_online_until_the_last_device_leaves(t: TransportKind) {
     // (no event to wait for here: a short sleep, then a marker).
     let n = s.server().sessions();
     drop(laptop);
-    wait_sessions(&s, n - 1).await;
+    s.wait_sessions(n - 1).await;
     tokio::time::sleep(grace * 3).await;
     assert_eq!(get_one(&bob, "alice").await.status(), PresenceStatus::Away);
     assert_quiet(&s, t, &bob, "bob", "one-left").await;
@@ -305,7 +291,7 @@ async fn a_reconnect_within_grace_does_not_flap(t: TransportKind) {
     );
     let n = s.server().sessions();
     drop(first);
-    wait_sessions(&s, n - 1).await;
+    s.wait_sessions(n - 1).await;
     let left = Instant::now();
     // Back within the grace period: Bob hears only the new status, no OFFLINE and
     // no second ONLINE.

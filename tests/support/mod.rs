@@ -18,6 +18,9 @@ pub const TRANSPORTS: [TransportKind; 2] = [TransportKind::Quic, TransportKind::
 /// A bound on any single test, so a hang fails fast.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A bound on waiting for one event (a push, a session's end).
+pub const EVENT_WAIT: Duration = Duration::from_secs(10);
+
 /// A server for one test.
 pub struct TestServer {
     pub server: Option<RunningServer>,
@@ -144,6 +147,20 @@ impl TestServer {
             Some(&self.api_key()),
         )
         .await
+    }
+
+    /// Waits until the server holds at most `n` sessions. A session the client
+    /// closed, or one the server refused, holds its place (and its user's and
+    /// address's) until the server has seen the connection close, a moment
+    /// after the client has.
+    pub async fn wait_sessions(&self, n: usize) {
+        tokio::time::timeout(EVENT_WAIT, async {
+            while self.server().sessions() > n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the sessions did not end");
     }
 
     pub async fn shutdown(&mut self) {
