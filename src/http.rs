@@ -159,7 +159,10 @@ pub async fn serve(
         let stop = stop.clone();
         let open = OpenConnection::new(metrics.clone());
         connections.spawn(async move {
-            let (_slot, _open) = (slot, open);
+            // Dropped in reverse: the place is free before the count of open
+            // connections falls, so whoever sees that count fall can use it.
+            let _open = open;
+            let _slot = slot;
             let mut builder = hyper::server::conn::http1::Builder::new();
             // axum::serve has no header timeout; hyper's own connection builder
             // does, once it has a timer.
