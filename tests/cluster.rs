@@ -759,7 +759,10 @@ async fn chatter(
     killed: Arc<OnceLock<Instant>>,
     start: Arc<tokio::sync::Barrier>,
 ) -> ChatReport {
-    let config = |(addr, pin): (SocketAddr, [u8; 32]), resume: u64| {
+    // A reconnect always resumes the room, from 0 when nothing arrived yet: a
+    // new session subscribes only after its Welcome, so without a resume what is
+    // sent in between would never reach it.
+    let config = |(addr, pin): (SocketAddr, [u8; 32]), resume: Option<u64>| {
         let mut c = ClientConfig::new(
             addr,
             TransportKind::Quic,
@@ -767,8 +770,8 @@ async fn chatter(
             token(&user),
         );
         c.timeout = Duration::from_secs(2);
-        if resume > 0 {
-            c.resume.insert(format!("room/{room}"), resume);
+        if let Some(offset) = resume {
+            c.resume.insert(format!("room/{room}"), offset);
         }
         c
     };
@@ -777,7 +780,7 @@ async fn chatter(
     let mut known = nodes.clone();
     let mut report = ChatReport::default();
     let mut at = home;
-    let mut client = Client::connect(config(known[at % known.len()], 0))
+    let mut client = Client::connect(config(known[at % known.len()], None))
         .await
         .unwrap();
     // Subscribed once a first request is answered.
@@ -818,7 +821,7 @@ async fn chatter(
                     tokio::time::sleep(Duration::from_millis(u64::from(c.retry_after_ms))).await;
                 }
                 let resume = report.received.last().copied().unwrap_or(0);
-                client = reconnect(&mut known, &mut at, |n| config(n, resume)).await;
+                client = reconnect(&mut known, &mut at, |n| config(n, Some(resume))).await;
                 // The next round resends the same message (same client message id).
             }
         }
@@ -840,7 +843,7 @@ async fn chatter(
                     known = learn(&closed.nodes);
                 }
                 let resume = report.received.last().copied().unwrap_or(0);
-                client = reconnect(&mut known, &mut at, |n| config(n, resume)).await;
+                client = reconnect(&mut known, &mut at, |n| config(n, Some(resume))).await;
             }
         }
     }
