@@ -780,11 +780,9 @@ async fn chatter(
     let mut known = nodes.clone();
     let mut report = ChatReport::default();
     let mut at = home;
-    let mut client = Client::connect(config(known[at % known.len()], None))
+    let mut client = support::connect_subscribed(config(known[at % known.len()], None))
         .await
         .unwrap();
-    // Subscribed once a first request is answered.
-    client.echo(vec![], false).await.unwrap();
     // Everyone is connected before anyone sends: each must receive every message.
     start.wait().await;
     let mut failed_at: Option<Instant> = None;

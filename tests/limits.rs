@@ -478,15 +478,8 @@ async fn http_headers_must_arrive_in_time_and_connections_are_capped() {
     // The cap frees a place when the server has dropped the connection, which
     // may be a moment after the client saw it close.
     assert!(get_when_free(addr, "/healthz").await.is_some());
-    // That request's place too (freed before the count of open connections falls).
-    let metrics = s.server().metrics();
-    tokio::time::timeout(support::EVENT_WAIT, async {
-        while metrics.value("http.connections").unwrap() > 0.0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the server dropped the connection");
+    // That request's place too.
+    s.wait_http_closed().await;
     // Over the cap a connection is closed at once, unanswered.
     let mut held = Vec::new();
     for _ in 0..2 {

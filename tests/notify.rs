@@ -86,7 +86,6 @@ async fn an_api_notification_finishes_after_its_caller_hangs_up(t: TransportKind
     // No writes but the request's own while the writer is held.
     let s = TestServer::start_without_background_writes().await;
     let device = s.connect(t, "ann").await;
-    let metrics = s.server().metrics();
     let writer = s.server().writer().clone();
     let hold = writer.hold();
     let body = serde_json::json!({"user_id": "ann", "kind": "k", "title": "abandoned"}).to_string();
@@ -104,9 +103,7 @@ async fn an_api_notification_finishes_after_its_caller_hangs_up(t: TransportKind
     }
     // The backend hangs up, and the server sees its connection end.
     drop(caller);
-    while metrics.value("http.connections").unwrap() > 0.0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    s.wait_http_closed().await;
     drop(hold);
     let pushed = tokio::time::timeout(Duration::from_secs(5), next_notification(&device))
         .await

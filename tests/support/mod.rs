@@ -154,13 +154,18 @@ impl TestServer {
     /// address's) until the server has seen the connection close, a moment
     /// after the client has.
     pub async fn wait_sessions(&self, n: usize) {
-        tokio::time::timeout(EVENT_WAIT, async {
-            while self.server().sessions() > n {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        wait_until("the sessions to end", || self.server().sessions() <= n).await;
+    }
+
+    /// Waits until the HTTP port has no connection open: the server frees a
+    /// connection's place under `limits.http_max_connections` before its count
+    /// falls, a moment after the client saw the connection close.
+    pub async fn wait_http_closed(&self) {
+        let metrics = self.server().metrics();
+        wait_until("the HTTP connections to close", || {
+            metrics.value("http.connections").unwrap() == 0.0
         })
-        .await
-        .expect("the sessions did not end");
+        .await;
     }
 
     pub async fn shutdown(&mut self) {
@@ -291,4 +296,16 @@ pub async fn connect_subscribed(
     let c = Client::connect(config).await?;
     c.echo(vec![], false).await?;
     Ok(c)
+}
+
+/// Waits (at most [`EVENT_WAIT`]) until `done` holds, for a state of the server
+/// that no event announces; panics with `what` if it does not.
+pub async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    tokio::time::timeout(EVENT_WAIT, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
